@@ -1,0 +1,775 @@
+"""The Twisted client for amaters' native protocol.
+
+::
+
+    from amaters.client import connect
+
+    async def main(reactor):
+        client = await connect(reactor, "127.0.0.1", 7878, ca_cert="amaters-data/tls/ca.pem")
+        await client.set("users", b"alice", b"ciphertext...")
+        value = await client.get("users", b"alice")          # bytes, or None when missing
+        async for chunk in client.scan("users", b"a", b"b"):  # streamed in bounded chunks
+            for key, value in chunk:
+                ...
+        await client.close()
+
+Every method returns a Deferred (awaitable in ``async def`` code run by Twisted).  Requests are
+pipelined on one connection and may complete out of order; each has a timeout.  Errors are
+:class:`amaters.errors.AmatersError` subclasses carrying ``code``, ``category`` and ``retryable``,
+whether the server sent them or the client detected them (connection refused or lost, TLS failure,
+timeout).
+
+With ``cipher=AESGCMCipher.from_file(path)`` values are encrypted before they leave the client and
+decrypted after they arrive, so the server only ever stores ciphertext.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import attrs
+from google.protobuf.message import DecodeError
+from OpenSSL import SSL
+from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from amaters import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS, __version__
+from amaters.crypto import AESGCMCipher
+from amaters.errors import (
+    AmatersError,
+    ErrorCode,
+    MalformedMessage,
+    NetworkError,
+    ProtocolError,
+    RequestTimeout,
+)
+from amaters.proto import aql_pb2, envelope_pb2, query_pb2, types_pb2
+from amaters.proto.convert import (
+    blob_from_proto,
+    blob_to_proto,
+    error_from_proto,
+    version_from_proto,
+    version_to_proto,
+)
+from amaters.protocols.framing import FrameReceiver, frame_header
+from amaters.types import CipherBlob
+
+Envelope = envelope_pb2.Envelope
+KeyLike = bytes | str
+
+DEFAULT_PORT = 7878
+CLIENT_NAME = f"amaters-py/{__version__}"
+
+
+def _key(key: KeyLike) -> bytes:
+    return key.encode() if isinstance(key, str) else bytes(key)
+
+
+def _connection_error(reason: Failure | None, where: str) -> AmatersError:
+    """The AmatersError for a connection that failed or ended."""
+    value = reason.value if reason is not None else None
+    if isinstance(value, AmatersError):
+        return value
+    if isinstance(value, SSL.Error):
+        return NetworkError(
+            f"TLS with {where} failed: {_ssl_reason(value)}", code=ErrorCode.NETWORK_TLS_HANDSHAKE
+        )
+    if isinstance(value, error.ConnectionRefusedError):
+        return NetworkError(
+            f"{where} refused the connection (is the server running?)",
+            code=ErrorCode.NETWORK_CONNECTION_REFUSED,
+        )
+    if isinstance(value, (error.TimeoutError, defer.TimeoutError, defer.CancelledError)):
+        return RequestTimeout(f"connecting to {where} timed out")
+    if isinstance(value, error.DNSLookupError):
+        return NetworkError(f"cannot resolve {where}", code=ErrorCode.NETWORK_DNS_FAILED)
+    if isinstance(value, error.ConnectionDone):
+        return NetworkError(f"the connection to {where} was closed", code=ErrorCode.NETWORK_CONNECTION_RESET)
+    detail = str(value) if value is not None else "unknown reason"
+    return NetworkError(
+        f"the connection to {where} was lost: {detail}", code=ErrorCode.NETWORK_CONNECTION_RESET
+    )
+
+
+def _ssl_reason(e: SSL.Error) -> str:
+    try:
+        parts = [str(item[2]) for item in e.args[0] if len(item) >= 3]
+    except (IndexError, TypeError):
+        parts = []
+    return "; ".join(parts) or str(e) or "handshake failed"
+
+
+@attrs.frozen
+class ServerInfo:
+    """What ``server_info()`` answers."""
+
+    version: tuple[int, int, int]
+    supported_versions: tuple[tuple[int, int, int], ...]
+    capabilities: tuple[str, ...]
+    uptime_seconds: int
+
+
+@attrs.frozen
+class HandshakeInfo:
+    """What the server said in the handshake."""
+
+    version: tuple[int, int, int]
+    supported_versions: tuple[tuple[int, int, int], ...]
+    capabilities: tuple[str, ...]
+    principal: str
+    roles: tuple[str, ...]
+    server_name: str
+
+
+@attrs.frozen
+class BatchOp:
+    """One query of a :meth:`AmatersClient.batch`: build with ``BatchOp.get/set/delete``."""
+
+    kind: Literal["get", "set", "delete"]
+    collection: str
+    key: bytes = attrs.field(repr=False)
+    value: bytes | None = attrs.field(default=None, repr=False)
+
+    @classmethod
+    def get(cls, collection: str, key: KeyLike) -> BatchOp:
+        return cls("get", collection, _key(key))
+
+    @classmethod
+    def set(cls, collection: str, key: KeyLike, value: bytes) -> BatchOp:
+        return cls("set", collection, _key(key), value)
+
+    @classmethod
+    def delete(cls, collection: str, key: KeyLike) -> BatchOp:
+        return cls("delete", collection, _key(key))
+
+
+class _Pending:
+    __slots__ = ("deferred", "timer")
+
+    def __init__(self, deferred: defer.Deferred[Any], timer: IDelayedCall | None) -> None:
+        self.deferred = deferred
+        self.timer = timer
+
+
+class ScanStream:
+    """An async iterator over a RANGE's chunks (lists of ``(key, value)``), as the server streams them.
+
+    ``cancel()`` asks the server to stop; iteration then ends after chunks already on their way.
+    ``total_count`` is the server's count once the stream has ended.
+    """
+
+    #: Chunks buffered before the client stops reading from the connection.
+    MAX_BUFFERED = 8
+
+    def __init__(self, client: AmatersClient, request_id: int, collection: str) -> None:
+        self._client = client
+        self._protocol = client._protocol
+        self.request_id = request_id
+        self.collection = collection
+        self._queue: collections.deque[list[tuple[bytes, bytes]]] = collections.deque()
+        self._waiter: defer.Deferred[None] | None = None
+        self._error: AmatersError | None = None
+        self._done = False
+        self._cancelled = False
+        self._paused = False
+        self.total_count: int | None = None
+        self._ended: defer.Deferred[None] = defer.Deferred()
+
+    # Called by the protocol.
+    def _feed(self, envelope: envelope_pb2.Envelope) -> bool:
+        """Take one frame; return True when the stream is over."""
+        kind = envelope.WhichOneof("body")
+        if kind == "error":
+            return self._fail(error_from_proto(envelope.error))
+        if kind != "stream":
+            return self._fail(ProtocolError(f"unexpected {kind} frame in a stream"))
+        response = envelope.stream
+        which = response.WhichOneof("chunk")
+        if which == "batch":
+            if not self._cancelled:
+                try:
+                    pairs = [
+                        (kv.key.data, self._client._open_value(self.collection, kv.key.data, kv.value))
+                        for kv in response.batch.values
+                    ]
+                except AmatersError as e:
+                    return self._fail(e)
+                self._queue.append(pairs)
+                if len(self._queue) >= self.MAX_BUFFERED and not self._paused:
+                    self._paused = True
+                    self._protocol.transport.pauseProducing()  # type: ignore[union-attr]
+            self._wake()
+            return False
+        if which == "end":
+            self.total_count = response.end.total_count
+            self._finish()
+            return True
+        if which == "error":
+            return self._fail(error_from_proto(response.error))
+        if which == "value":
+            kv = response.value
+            self._queue.append(
+                [(kv.key.data, self._client._open_value(self.collection, kv.key.data, kv.value))]
+            )
+            self._wake()
+            return False
+        return self._fail(MalformedMessage("a stream frame without a chunk"))
+
+    def _fail(self, err: AmatersError) -> bool:
+        self._error = err
+        self._finish()
+        return True
+
+    def _finish(self) -> None:
+        self._done = True
+        self._resume()
+        self._wake()
+        if not self._ended.called:
+            self._ended.callback(None)
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.callback(None)
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            transport = self._protocol.transport
+            if transport is not None and self._protocol.connected:
+                transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def __aiter__(self) -> ScanStream:
+        return self
+
+    async def __anext__(self) -> list[tuple[bytes, bytes]]:
+        while not self._queue and not self._done:
+            self._waiter = defer.Deferred()
+            await self._waiter
+        if self._queue:
+            chunk = self._queue.popleft()
+            if self._paused and len(self._queue) <= 1:
+                self._resume()
+            return chunk
+        if self._error is not None:
+            raise self._error
+        raise StopAsyncIteration
+
+    def cancel(self) -> defer.Deferred[None]:
+        """Ask the server to stop; fires when the stream has ended.  Buffered chunks are dropped."""
+        if not self._done and not self._cancelled:
+            self._cancelled = True
+            self._queue.clear()
+            self._resume()
+            d = self._client._request(
+                Envelope(cancel_stream=envelope_pb2.CancelStreamRequest(stream_id=self.request_id))
+            )
+            d.addErrback(lambda _: None)  # the stream's own end (or the connection's) settles it
+        return self._ended
+
+
+class AmatersClientProtocol(FrameReceiver):
+    """Frames in and out, request ids, pending requests and their timeouts."""
+
+    _log = Logger()
+    MAX_LENGTH = 2**31 - 1
+
+    def __init__(self, clock: Any, timeout: float | None, where: str = "the server") -> None:
+        self.clock = clock
+        self.timeout = timeout
+        self.where = where
+        self._next_id = 1
+        self._pending: dict[int, _Pending] = {}
+        self._streams: dict[int, ScanStream] = {}
+        self._closed: defer.Deferred[None] = defer.Deferred()
+        self._last_error: AmatersError | None = None
+        self.connected = False
+
+    def connectionMade(self) -> None:
+        self.connected = True
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.connected = False
+        err = self._last_error or _connection_error(reason, self.where)
+        pending, self._pending = self._pending, {}
+        for item in pending.values():
+            if item.timer is not None and item.timer.active():
+                item.timer.cancel()
+            item.deferred.errback(Failure(err))  # type: ignore[no-untyped-call]
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream._fail(err)
+        if not self._closed.called:
+            self._closed.callback(None)
+
+    def stringReceived(self, frame: bytes) -> None:
+        envelope = Envelope()
+        try:
+            envelope.ParseFromString(frame)
+        except DecodeError:
+            self._last_error = MalformedMessage("the server sent a frame that is not a valid Envelope")
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        request_id = envelope.request_id
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            if stream._feed(envelope):
+                del self._streams[request_id]
+            return
+        item = self._pending.pop(request_id, None)
+        if item is None:
+            if request_id == 0 and envelope.WhichOneof("body") == "error":
+                # About the connection, not a request (oversize or malformed frame, shutdown...).
+                self._last_error = error_from_proto(envelope.error)
+            return  # the answer to a request that timed out
+        if item.timer is not None and item.timer.active():
+            item.timer.cancel()
+        if envelope.WhichOneof("body") == "error":
+            item.deferred.errback(Failure(error_from_proto(envelope.error)))  # type: ignore[no-untyped-call]
+        else:
+            item.deferred.callback(envelope)
+
+    def frameTooLarge(self, length: int) -> None:
+        self._last_error = ProtocolError(
+            f"the server sent a frame of {length} bytes, over the client's limit"
+        )
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def request(self, envelope: envelope_pb2.Envelope, timeout: float | None = None) -> defer.Deferred[Any]:
+        """Send a request; the Deferred fires with the response Envelope or fails with AmatersError."""
+        if not self.connected:
+            return defer.fail(
+                self._last_error
+                or NetworkError(f"not connected to {self.where}", code=ErrorCode.NETWORK_CONNECTION_RESET)
+            )
+        request_id = self._next_id
+        self._next_id += 1
+        envelope.request_id = request_id
+        d: defer.Deferred[Any] = defer.Deferred()
+        timer = None
+        timeout = self.timeout if timeout is None else timeout
+        if timeout:
+            timer = self.clock.callLater(timeout, self._expired, request_id, timeout)
+        self._pending[request_id] = _Pending(d, timer)
+        payload = envelope.SerializeToString()
+        self.transport.write(frame_header(len(payload)) + payload)  # type: ignore[union-attr]
+        return d
+
+    def open_stream(self, envelope: envelope_pb2.Envelope, stream_factory: Any) -> ScanStream:
+        request_id = self._next_id
+        self._next_id += 1
+        envelope.request_id = request_id
+        stream: ScanStream = stream_factory(request_id)
+        if not self.connected:
+            stream._fail(
+                self._last_error
+                or NetworkError(f"not connected to {self.where}", code=ErrorCode.NETWORK_CONNECTION_RESET)
+            )
+            return stream
+        self._streams[request_id] = stream
+        payload = envelope.SerializeToString()
+        self.transport.write(frame_header(len(payload)) + payload)  # type: ignore[union-attr]
+        return stream
+
+    def _expired(self, request_id: int, timeout: float) -> None:
+        item = self._pending.pop(request_id, None)
+        if item is not None:
+            late = RequestTimeout(f"no answer from {self.where} within {timeout:g} s")
+            item.deferred.errback(Failure(late))  # type: ignore[no-untyped-call]
+
+    def close(self) -> defer.Deferred[None]:
+        if self.connected:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        return self._closed
+
+
+def _result(envelope: envelope_pb2.Envelope, field: str) -> Any:
+    kind = envelope.WhichOneof("body")
+    if kind != field:
+        raise ProtocolError(f"expected a {field} answer, got {kind}")
+    return getattr(envelope, field)
+
+
+def _query_result(envelope: envelope_pb2.Envelope) -> query_pb2.QueryResult:
+    response: aql_pb2.QueryResponse = _result(envelope, "query_response")
+    if response.WhichOneof("response") == "error":
+        raise error_from_proto(response.error)
+    return response.result
+
+
+class AmatersClient:
+    """A connected, handshaken client.  Build it with :func:`connect`."""
+
+    def __init__(
+        self,
+        protocol: AmatersClientProtocol,
+        handshake: HandshakeInfo,
+        cipher: AESGCMCipher | None = None,
+        clock: Any = None,
+    ) -> None:
+        self._protocol = protocol
+        self.handshake = handshake
+        self.cipher = cipher
+        self._clock = clock or protocol.clock
+
+    # -- values -------------------------------------------------------------------------------
+
+    def _seal(self, collection: str, key: bytes, value: bytes) -> types_pb2.CipherBlob:
+        data = self.cipher.encrypt(value, collection, key) if self.cipher is not None else value
+        return blob_to_proto(CipherBlob.wrap(bytes(data), created_at=int(time.time())))
+
+    def _open_value(self, collection: str, key: bytes, blob: types_pb2.CipherBlob) -> bytes:
+        if self.cipher is not None:
+            return self.cipher.decrypt(blob.data, collection, key)
+        return blob.data
+
+    def _request(self, envelope: envelope_pb2.Envelope, timeout: float | None = None) -> defer.Deferred[Any]:
+        return self._protocol.request(envelope, timeout)
+
+    def _query(self, query: query_pb2.Query, timeout: float | None = None) -> defer.Deferred[Any]:
+        d = self._request(Envelope(query=aql_pb2.QueryRequest(query=query)), timeout)
+        d.addCallback(_query_result)
+        return d
+
+    # -- key-value ----------------------------------------------------------------------------
+
+    def set(
+        self, collection: str, key: KeyLike, value: bytes, *, timeout: float | None = None
+    ) -> defer.Deferred[None]:
+        """Store ``value`` under ``key`` (replacing any previous value)."""
+        k = _key(key)
+        try:
+            blob = self._seal(collection, k, value)
+        except Exception:
+            return defer.fail()
+        d = self._query(
+            query_pb2.Query(
+                set=query_pb2.SetQuery(collection=collection, key=types_pb2.Key(data=k), value=blob)
+            ),
+            timeout,
+        )
+        d.addCallback(lambda _: None)
+        return d
+
+    def get_blob(
+        self, collection: str, key: KeyLike, *, timeout: float | None = None
+    ) -> defer.Deferred[CipherBlob | None]:
+        """The stored CipherBlob (data exactly as stored, with its metadata), or None when missing."""
+        d = self._query(
+            query_pb2.Query(get=query_pb2.GetQuery(collection=collection, key=types_pb2.Key(data=_key(key)))),
+            timeout,
+        )
+
+        def blob(result: query_pb2.QueryResult) -> CipherBlob | None:
+            single = result.single
+            return blob_from_proto(single.value) if single.HasField("value") else None
+
+        d.addCallback(blob)
+        return d
+
+    def get(
+        self, collection: str, key: KeyLike, *, timeout: float | None = None
+    ) -> defer.Deferred[bytes | None]:
+        """The value (decrypted with the client's cipher), or None when the key does not exist."""
+        k = _key(key)
+        d = self._query(
+            query_pb2.Query(get=query_pb2.GetQuery(collection=collection, key=types_pb2.Key(data=k))), timeout
+        )
+
+        def value(result: query_pb2.QueryResult) -> bytes | None:
+            single = result.single
+            if not single.HasField("value"):
+                return None
+            return self._open_value(collection, k, single.value)
+
+        d.addCallback(value)
+        return d
+
+    def delete(self, collection: str, key: KeyLike, *, timeout: float | None = None) -> defer.Deferred[bool]:
+        """Delete ``key``; True if it existed."""
+        d = self._query(
+            query_pb2.Query(
+                delete=query_pb2.DeleteQuery(collection=collection, key=types_pb2.Key(data=_key(key)))
+            ),
+            timeout,
+        )
+        d.addCallback(lambda result: result.success.affected_rows > 0)
+        return d
+
+    def scan(
+        self, collection: str, start: KeyLike = b"", end: KeyLike | None = None, limit: int | None = None
+    ) -> ScanStream:
+        """Stream ``[start, end)`` ascending (``end`` None: to the end) as chunks; see :class:`ScanStream`."""
+        query = query_pb2.RangeQuery(collection=collection, start=types_pb2.Key(data=_key(start)))
+        if end is not None:
+            query.end.data = _key(end)
+        if limit is not None:
+            query.limit = limit
+        envelope = Envelope(query=aql_pb2.QueryRequest(query=query_pb2.Query(range=query)))
+        return self._protocol.open_stream(
+            envelope, lambda request_id: ScanStream(self, request_id, collection)
+        )
+
+    def range(
+        self, collection: str, start: KeyLike = b"", end: KeyLike | None = None, limit: int | None = None
+    ) -> defer.Deferred[list[tuple[bytes, bytes]]]:
+        """Every ``(key, value)`` in ``[start, end)`` ascending, at most ``limit``, as one list."""
+        stream = self.scan(collection, start, end, limit)
+
+        async def collect() -> list[tuple[bytes, bytes]]:
+            found: list[tuple[bytes, bytes]] = []
+            async for chunk in stream:
+                found.extend(chunk)
+            return found
+
+        return defer.Deferred.fromCoroutine(collect())
+
+    def batch(self, ops: Sequence[BatchOp], *, timeout: float | None = None) -> defer.Deferred[list[Any]]:
+        """Apply GETs, SETs and DELETEs atomically.  Results per op: value or None, None, bool."""
+        queries = []
+        try:
+            for op in ops:
+                key = types_pb2.Key(data=op.key)
+                if op.kind == "get":
+                    queries.append(query_pb2.Query(get=query_pb2.GetQuery(collection=op.collection, key=key)))
+                elif op.kind == "set":
+                    blob = self._seal(op.collection, op.key, op.value or b"")
+                    queries.append(
+                        query_pb2.Query(set=query_pb2.SetQuery(collection=op.collection, key=key, value=blob))
+                    )
+                else:
+                    queries.append(
+                        query_pb2.Query(delete=query_pb2.DeleteQuery(collection=op.collection, key=key))
+                    )
+        except Exception:
+            return defer.fail()
+        d = self._request(Envelope(batch=aql_pb2.BatchRequest(queries=queries)), timeout)
+
+        def results(envelope: envelope_pb2.Envelope) -> list[Any]:
+            response: aql_pb2.BatchResponse = _result(envelope, "batch_response")
+            if response.WhichOneof("response") == "error":
+                raise error_from_proto(response.error)
+            out: list[Any] = []
+            for op, result in zip(ops, response.results.results, strict=False):
+                if op.kind == "get":
+                    single = result.single
+                    out.append(
+                        self._open_value(op.collection, op.key, single.value)
+                        if single.HasField("value")
+                        else None
+                    )
+                elif op.kind == "set":
+                    out.append(None)
+                else:
+                    out.append(result.success.affected_rows > 0)
+            return out
+
+        d.addCallback(results)
+        return d
+
+    # -- collections and server ---------------------------------------------------------------
+
+    def create_collection(self, name: str) -> defer.Deferred[bool]:
+        """Create a collection; True if created, False if it already existed."""
+        d = self._request(Envelope(create_collection=envelope_pb2.CreateCollectionRequest(name=name)))
+        d.addCallback(lambda e: _result(e, "collection_response").changed)
+        return d
+
+    def drop_collection(self, name: str) -> defer.Deferred[bool]:
+        """Drop a collection and everything in it; True if it existed."""
+        d = self._request(Envelope(drop_collection=envelope_pb2.DropCollectionRequest(name=name)))
+        d.addCallback(lambda e: _result(e, "collection_response").changed)
+        return d
+
+    def list_collections(self) -> defer.Deferred[list[str]]:
+        d = self._request(Envelope(list_collections=envelope_pb2.ListCollectionsRequest()))
+        d.addCallback(lambda e: list(_result(e, "collection_response").names))
+        return d
+
+    def server_info(self) -> defer.Deferred[ServerInfo]:
+        d = self._request(Envelope(server_info=aql_pb2.ServerInfoRequest()))
+
+        def info(envelope: envelope_pb2.Envelope) -> ServerInfo:
+            r: aql_pb2.ServerInfoResponse = _result(envelope, "server_info_response")
+            return ServerInfo(
+                version_from_proto(r.version),
+                tuple(version_from_proto(v) for v in r.supported_versions),
+                tuple(r.capabilities),
+                r.uptime_seconds,
+            )
+
+        d.addCallback(info)
+        return d
+
+    def health_check(self) -> defer.Deferred[tuple[bool, str]]:
+        """(serving, message) as the server sees itself."""
+        d = self._request(Envelope(health_check=aql_pb2.HealthCheckRequest()))
+
+        def health(envelope: envelope_pb2.Envelope) -> tuple[bool, str]:
+            r: aql_pb2.HealthCheckResponse = _result(envelope, "health_check_response")
+            return r.status == aql_pb2.HEALTH_SERVING, r.message
+
+        d.addCallback(health)
+        return d
+
+    def ping(self, payload: bytes = b"") -> defer.Deferred[float]:
+        """Round trip; fires with the seconds it took."""
+        started = self._clock.seconds()
+        d = self._request(Envelope(ping=envelope_pb2.Ping(payload=payload)))
+        d.addCallback(lambda e: (_result(e, "pong"), self._clock.seconds() - started)[1])
+        return d
+
+    def close(self) -> defer.Deferred[None]:
+        """Close the connection; fires once it is closed.  Requests still pending fail."""
+        return self._protocol.close()
+
+    @property
+    def closed(self) -> bool:
+        return not self._protocol.connected
+
+
+async def _handshake(
+    protocol: AmatersClientProtocol, client_name: str, token: str | None, api_key: str | None
+) -> HandshakeInfo:
+    credentials = envelope_pb2.Credentials()
+    if token:
+        credentials.bearer_token = token
+    elif api_key:
+        credentials.api_key = api_key
+    envelope = Envelope(
+        handshake=envelope_pb2.Handshake(
+            version=version_to_proto(PROTOCOL_VERSION),
+            client_name=client_name,
+            credentials=credentials,
+            supported_versions=[version_to_proto(v) for v in SUPPORTED_PROTOCOL_VERSIONS],
+        )
+    )
+    response = await protocol.request(envelope)
+    r: envelope_pb2.HandshakeResponse = _result(response, "handshake_response")
+    return HandshakeInfo(
+        version_from_proto(r.version),
+        tuple(version_from_proto(v) for v in r.supported_versions),
+        tuple(r.capabilities),
+        r.principal_name,
+        tuple(r.roles),
+        r.server_name,
+    )
+
+
+def connect(
+    reactor: Any,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    *,
+    ca_cert: str | None = None,
+    client_cert: str | None = None,
+    client_key: str | None = None,
+    token: str | None = None,
+    api_key: str | None = None,
+    plaintext: bool = False,
+    timeout: float | None = 30.0,
+    cipher: AESGCMCipher | None = None,
+    client_name: str = CLIENT_NAME,
+) -> defer.Deferred[AmatersClient]:
+    """Connect, verify the server's certificate (for ``host``), handshake; fires with the client.
+
+    ``ca_cert`` is the CA to trust (e.g. the server's generated ``<data_dir>/tls/ca.pem``); None
+    trusts the platform's CA store.  ``plaintext=True`` skips TLS (only for a server with
+    ``tls.enabled = false``).  ``timeout`` bounds the connection, the handshake and each request
+    (None: no limit).
+    """
+    return defer.Deferred.fromCoroutine(
+        _connect(
+            reactor,
+            host,
+            port,
+            ca_cert,
+            client_cert,
+            client_key,
+            token,
+            api_key,
+            plaintext,
+            timeout,
+            cipher,
+            client_name,
+        )
+    )
+
+
+async def _connect(
+    reactor: Any,
+    host: str,
+    port: int,
+    ca_cert: str | None,
+    client_cert: str | None,
+    client_key: str | None,
+    token: str | None,
+    api_key: str | None,
+    plaintext: bool,
+    timeout: float | None,
+    cipher: AESGCMCipher | None,
+    client_name: str,
+) -> AmatersClient:
+    where = f"{host}:{port}"
+    endpoint: Any = HostnameEndpoint(reactor, host, port, timeout=timeout or 30)
+    if not plaintext:
+        from amaters.protocols.tlsctx import client_tls_options
+
+        try:
+            options = client_tls_options(host, ca_cert, client_cert=client_cert, client_key=client_key)
+        except OSError as e:
+            raise NetworkError(
+                f"cannot read TLS files: {e.strerror or e}: {e.filename}",
+                code=ErrorCode.NETWORK_TLS_HANDSHAKE,
+            ) from None
+        except AmatersError:
+            raise
+        except Exception as e:
+            raise NetworkError(f"cannot load TLS files: {e}", code=ErrorCode.NETWORK_TLS_HANDSHAKE) from None
+        endpoint = wrapClientTLS(options, endpoint)
+    protocol = AmatersClientProtocol(reactor, timeout, where)
+    try:
+        await connectProtocol(endpoint, protocol)  # type: ignore[no-untyped-call]
+    except Exception:
+        raise _connection_error(Failure(), where) from None  # type: ignore[no-untyped-call]
+    try:
+        handshake = await _handshake(protocol, client_name, token, api_key)
+    except BaseException:
+        await protocol.close()
+        raise
+    return AmatersClient(protocol, handshake, cipher, reactor)
+
+
+def batch_ops(items: Iterable[tuple[str, str, KeyLike, bytes | None]]) -> list[BatchOp]:
+    """Build BatchOps from ``(kind, collection, key, value)`` tuples."""
+    out = []
+    for kind, collection, key, value in items:
+        if kind == "set":
+            out.append(BatchOp.set(collection, key, value or b""))
+        elif kind == "get":
+            out.append(BatchOp.get(collection, key))
+        elif kind == "delete":
+            out.append(BatchOp.delete(collection, key))
+        else:
+            raise ValueError(f"unknown batch operation {kind!r}")
+    return out
+
+
+__all__ = [
+    "DEFAULT_PORT",
+    "AmatersClient",
+    "AmatersClientProtocol",
+    "BatchOp",
+    "HandshakeInfo",
+    "ScanStream",
+    "ServerInfo",
+    "batch_ops",
+    "connect",
+]

@@ -1,0 +1,606 @@
+"""Configuration: a frozen attrs model built from defaults, a TOML file, the environment and ``--set``.
+
+Sources, lowest precedence first:
+
+1. built-in defaults (the field defaults below);
+2. the TOML file given with ``--config``;
+3. environment variables ``AMATERS_<SECTION>__<KEY>`` (nested sections joined by ``__``, e.g.
+   ``AMATERS_WEB__LISTEN`` or ``AMATERS_AUTH__JWT__SECRET``);
+4. command-line overrides ``--set section.key=value`` (repeatable).
+
+:func:`load_config` validates everything at once and raises :class:`ConfigError` listing every
+problem, each naming the key path, the bad value and what is allowed.  Unknown keys are errors with a
+"did you mean" hint.  Relative paths resolve against the config file's folder (or the working
+directory when there is no file).  The result is immutable; a reload builds a new one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+ENV_PREFIX = "AMATERS_"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` lists every problem found, one line each."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def setting(
+    default: Any,
+    doc: str,
+    *,
+    path: bool = False,
+    reloadable: bool = False,
+    secret: bool = False,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    check: Callable[[Any], str | None] | None = None,
+) -> Any:
+    """Declare one configuration key with its default and documentation.
+
+    ``path`` marks values resolved against the config file's folder; ``secret`` values are redacted
+    when shown; ``check`` returns an error text (what is allowed) or None.
+    """
+    meta = {
+        "doc": doc,
+        "path": path,
+        "reloadable": reloadable,
+        "secret": secret,
+        "minimum": minimum,
+        "maximum": maximum,
+        "check": check,
+    }
+    if isinstance(default, (list, dict)):
+        value = default
+        return attrs.field(factory=lambda: type(value)(value), metadata=meta)
+    return attrs.field(default=default, metadata=meta)
+
+
+def section(cls: type) -> Any:
+    """Declare a nested section field with the section's defaults."""
+    return attrs.field(factory=cls, metadata={"section": True})
+
+
+def _check_endpoint(value: str) -> str | None:
+    # Parse with a memory reactor: validates the string without binding anything.
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    try:
+        serverFromString(MemoryReactor(), value)
+    except Exception as e:  # the parser raises ValueError, KeyError, TypeError...
+        return f"a Twisted server endpoint string like 'tcp:7878:interface=127.0.0.1' ({e})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+@attrs.frozen
+class ServerConfig:
+    listen: str = setting(
+        "tcp:7878:interface=127.0.0.1",
+        "Endpoint of the native protocol listener (Twisted endpoint string). TLS is applied from [tls].",
+        check=_check_endpoint,
+    )
+    data_dir: str = setting("./amaters-data", "Directory for data, generated TLS files and locks.", path=True)
+    pid_file: str = setting(
+        "", "PID file written by `amaters start` (empty: <data_dir>/amaters.pid).", path=True
+    )
+    log_file: str = setting(
+        "", "Log file used by `amaters start` when daemonized (empty: <data_dir>/amaters.log).", path=True
+    )
+    shutdown_timeout: float = setting(
+        30.0, "Seconds a graceful stop may take to drain requests and flush.", minimum=0.0
+    )
+
+
+@attrs.frozen
+class TLSConfig:
+    enabled: bool = setting(
+        True, "Serve the native protocol over TLS. false gives plain TCP (local development only)."
+    )
+    cert: str = setting(
+        "",
+        "Server certificate chain (PEM). Empty: generated under <data_dir>/tls/ on first start.",
+        path=True,
+        reloadable=True,
+    )
+    key: str = setting("", "Server private key (PEM).", path=True, reloadable=True)
+    ca: str = setting("", "CA bundle (PEM) used to verify client certificates.", path=True, reloadable=True)
+    client_auth: Literal["none", "optional", "required"] = setting(
+        "none", "Whether clients must present a certificate signed by [tls].ca.", reloadable=True
+    )
+    crl: str = setting(
+        "", "Certificate revocation list (PEM) checked for client certificates.", path=True, reloadable=True
+    )
+    watch: bool = setting(False, "Reload certificates when the files change.")
+
+
+@attrs.frozen
+class StorageConfig:
+    backend: Literal["memory", "rocksdb"] = setting(
+        "rocksdb",
+        "Storage engine: rocksdb (durable, on disk under <data_dir>/db) or memory (ephemeral, for tests).",
+    )
+    sync: Literal["always", "interval", "none"] = setting(
+        "always",
+        "Durability: always = acknowledge a write after the WAL is fsynced (group commit: writes that"
+        " arrive during an fsync share the next one); interval = fsync every sync_interval_ms (a power"
+        " loss may lose that much); none = leave it to the OS. All three survive a process crash.",
+    )
+    sync_interval_ms: int = setting(100, "WAL fsync period for sync = interval.", minimum=1)
+    auto_create_collections: bool = setting(True, "Create a collection on its first SET.")
+    flush_interval_s: float = setting(
+        10.0, "Period of the storage flusher's gauges (storage statistics for metrics).", minimum=0.05
+    )
+    block_cache_bytes: int = setting(64 * 1024 * 1024, "RocksDB block cache size in bytes.", minimum=0)
+    write_buffer_bytes: int = setting(
+        64 * 1024 * 1024,
+        "RocksDB memtable size per collection before it is flushed to disk.",
+        minimum=64 * 1024,
+    )
+    range_chunk_size: int = setting(256, "Entries per streamed RANGE chunk.", minimum=1, maximum=100_000)
+    range_chunk_bytes: int = setting(
+        4 * 1024 * 1024,
+        "Bytes per RANGE chunk read from RocksDB; a chunk ends early at this size (at least one entry).",
+        minimum=1,
+    )
+    point_reads_in_pool: bool = setting(
+        False,
+        "Run GETs in the io thread pool instead of the reactor thread (for data far larger than memory,"
+        " where a GET may wait for the disk). Off: a cached GET takes ~1 µs, a pool hop ~100 µs.",
+    )
+
+
+@attrs.frozen
+class CORSConfig:
+    allowed_origins: list[str] = setting(
+        [], "Origins allowed to call the ops site from a browser (empty: none, '*': any).", reloadable=True
+    )
+
+
+@attrs.frozen
+class WebConfig:
+    enabled: bool = setting(True, "Serve the ops site (health probes, metrics, admin API).")
+    listen: str = setting("tcp:7879:interface=127.0.0.1", "Endpoint of the ops site.", check=_check_endpoint)
+    liveness_max_lag: float = setting(
+        5.0, "Reactor lag in seconds above which /livez answers 503.", minimum=0.0, reloadable=True
+    )
+    cors: CORSConfig = section(CORSConfig)
+
+
+@attrs.frozen
+class LoggingConfig:
+    level: Literal["debug", "info", "warn", "error", "critical"] = setting(
+        "info", "Lowest level logged.", reloadable=True
+    )
+    format: Literal["text", "json"] = setting("text", "Log line format.", reloadable=True)
+    file: str = setting("", "Log file (empty: standard output, or twistd's log).", path=True)
+    max_bytes: int = setting(100 * 1024 * 1024, "Rotate the log file at this size.", minimum=1024)
+    max_files: int = setting(10, "Rotated log files kept.", minimum=1)
+    rotate: Literal["size", "daily"] = setting("size", "Rotation policy.")
+    slow_request_ms: int = setting(
+        1000, "Requests slower than this are logged as warnings (0: off).", minimum=0, reloadable=True
+    )
+
+
+@attrs.frozen
+class LimitsConfig:
+    max_frame_bytes: int = setting(
+        64 * 1024 * 1024,
+        "Largest frame accepted; larger gets an error frame and the connection closes.",
+        minimum=1024,
+        maximum=2**31 - 1,
+    )
+    max_key_bytes: int = setting(64 * 1024, "Largest key.", minimum=1, reloadable=True)
+    max_value_bytes: int = setting(
+        32 * 1024 * 1024, "Largest value (ciphertext) accepted.", minimum=0, reloadable=True
+    )
+    max_inflight_per_connection: int = setting(
+        128, "Requests in flight per connection before it stops reading.", minimum=1, reloadable=True
+    )
+    max_batch_ops: int = setting(10_000, "Most operations in one BATCH.", minimum=1, reloadable=True)
+    handshake_timeout: float = setting(
+        10.0, "Seconds a new connection has to finish TLS and the handshake.", minimum=0.1, reloadable=True
+    )
+    idle_timeout: float = setting(
+        300.0,
+        "Seconds without any frame before a connection is closed (0: never).",
+        minimum=0.0,
+        reloadable=True,
+    )
+    request_timeout: float = setting(
+        60.0, "Seconds a request may run before it is answered with a timeout.", minimum=0.1, reloadable=True
+    )
+
+
+@attrs.frozen
+class AuthConfig:
+    enabled: bool = setting(False, "Require every connection to authenticate.", reloadable=False)
+    allow_unauthenticated_remote: bool = setting(
+        False, "Allow a non-loopback listener with auth disabled (protected mode off)."
+    )
+
+
+@attrs.frozen
+class RetryConfig:
+    max_attempts: int = setting(
+        3,
+        "Attempts for transient backend errors of idempotent operations.",
+        minimum=1,
+        maximum=20,
+        reloadable=True,
+    )
+    base_delay_ms: int = setting(10, "First retry delay.", minimum=0, reloadable=True)
+    max_delay_ms: int = setting(1000, "Largest retry delay.", minimum=0, reloadable=True)
+    jitter: float = setting(
+        0.2, "Random fraction added to or removed from each delay.", minimum=0.0, maximum=1.0, reloadable=True
+    )
+
+
+@attrs.frozen
+class Config:
+    server: ServerConfig = section(ServerConfig)
+    tls: TLSConfig = section(TLSConfig)
+    storage: StorageConfig = section(StorageConfig)
+    web: WebConfig = section(WebConfig)
+    logging: LoggingConfig = section(LoggingConfig)
+    limits: LimitsConfig = section(LimitsConfig)
+    auth: AuthConfig = section(AuthConfig)
+    retry: RetryConfig = section(RetryConfig)
+    #: The file this config was read from ('' when none); not a settable key.
+    source: str = attrs.field(default="", metadata={"internal": True})
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.server.data_dir)
+
+    @property
+    def pid_file(self) -> Path:
+        return Path(self.server.pid_file) if self.server.pid_file else self.data_dir / "amaters.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return Path(self.server.log_file) if self.server.log_file else self.data_dir / "amaters.log"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+@attrs.frozen
+class Sources:
+    """Where a configuration comes from, kept so a reload can read the same sources again."""
+
+    path: str | None = None
+    overrides: tuple[str, ...] = ()
+    environ: Mapping[str, str] | None = None
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """Split ``section.key=value`` into its dotted path and its raw value."""
+    name, sep, value = text.partition("=")
+    name = name.strip()
+    if not sep or not name:
+        raise ValueError(f"--set {text!r}: expected section.key=value")
+    if "." not in name or any(not part for part in name.split(".")):
+        raise ValueError(f"--set {text!r}: the key must be section.key (e.g. server.listen)")
+    return name, value
+
+
+def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``AMATERS_SECTION__KEY=value`` pairs from the environment, as (dotted path, raw value)."""
+    found = []
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :]
+        if "__" not in rest:
+            continue  # e.g. AMATERS_CONFIG: not a key
+        found.append((".".join(p.lower() for p in rest.split("__")), value))
+    return sorted(found)
+
+
+def _schema(cls: type) -> dict[str, attrs.Attribute[Any]]:
+    attrs.resolve_types(cls)
+    return {a.name: a for a in attrs.fields(cls) if not a.metadata.get("internal")}
+
+
+def _suggest(name: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _convert(value: Any, tp: Any, from_text: bool) -> Any:
+    """Convert ``value`` to ``tp``; raise ValueError with what is allowed."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, str) and value.lower() in choices:
+            return value.lower()
+        raise ValueError("one of " + ", ".join(repr(c) for c in choices))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ValueError("true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError("an integer")
+        if isinstance(value, int):
+            return value
+        if from_text and isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", ""))
+            except ValueError:
+                pass
+        raise ValueError("an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if from_text and isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ValueError("a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError("a string")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if from_text and isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = tomllib.loads(f"v = {text}")["v"]
+                except tomllib.TOMLDecodeError:
+                    raise ValueError('a list, e.g. ["a", "b"] or a,b') from None
+            else:
+                value = [v.strip() for v in text.split(",") if v.strip()]
+        if isinstance(value, list):
+            return [_convert(v, item, from_text) for v in value]
+        if isinstance(value, str) and item is str:
+            return [value]
+        raise ValueError("a list")
+    if origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ValueError("a table")
+    if origin in (typing.Union, types.UnionType):
+        last: ValueError | None = None
+        for option in typing.get_args(tp):
+            try:
+                return _convert(value, option, from_text)
+            except ValueError as e:
+                last = e
+        raise last or ValueError("a valid value")
+    raise ValueError(f"a {tp}")
+
+
+def _flatten_text_overrides(pairs: Iterable[tuple[str, str]], tree: dict[str, Any], texts: set[str]) -> None:
+    for dotted, value in pairs:
+        parts = dotted.split(".")
+        node = tree
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                nxt = node[part] = {}
+            node = nxt
+        node[parts[-1]] = value
+        texts.add(dotted)
+
+
+def _build(
+    cls: type,
+    raw: Mapping[str, Any],
+    prefix: str,
+    texts: set[str],
+    base_dir: Path,
+    problems: list[str],
+) -> Any:
+    schema = _schema(cls)
+    kwargs: dict[str, Any] = {}
+    for name in raw:
+        if name not in schema:
+            problems.append(f"{prefix}{name}: unknown key{_suggest(name, schema)}")
+    for name, attribute in schema.items():
+        path = f"{prefix}{name}"
+        if attribute.metadata.get("section"):
+            sub = raw.get(name, {})
+            if not isinstance(sub, Mapping):
+                problems.append(f"{path}: {sub!r} is not allowed; expected a section (table)")
+                sub = {}
+            assert attribute.type is not None
+            kwargs[name] = _build(attribute.type, sub, path + ".", texts, base_dir, problems)
+            continue
+        if name not in raw:
+            value = attribute.default
+            if isinstance(value, attrs.Factory):  # type: ignore[arg-type]
+                value = value.factory()  # type: ignore[union-attr]
+        else:
+            try:
+                value = _convert(raw[name], attribute.type, path in texts)
+            except ValueError as e:
+                shown = "<redacted>" if attribute.metadata.get("secret") else repr(raw[name])
+                problems.append(f"{path}: {shown} is not allowed; expected {e}")
+                continue
+        meta = attribute.metadata
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            lo, hi = meta.get("minimum"), meta.get("maximum")
+            if lo is not None and value < lo:
+                problems.append(f"{path}: {value!r} is not allowed; expected at least {lo}")
+                continue
+            if hi is not None and value > hi:
+                problems.append(f"{path}: {value!r} is not allowed; expected at most {hi}")
+                continue
+        if meta.get("check") is not None and name in raw:
+            message = meta["check"](value)
+            if message:
+                problems.append(f"{path}: {value!r} is not allowed; expected {message}")
+                continue
+        if meta.get("path") and isinstance(value, str) and value:
+            value = str((base_dir / os.path.expanduser(value)).resolve())
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _cross_checks(config: Config, problems: list[str]) -> None:
+    if bool(config.tls.cert) != bool(config.tls.key):
+        problems.append("tls.cert/tls.key: both must be set, or neither (then a certificate is generated)")
+    if config.tls.client_auth != "none" and not config.tls.ca:
+        problems.append(
+            f"tls.client_auth: {config.tls.client_auth!r} needs tls.ca (the CA that signs client certificates)"
+        )
+    if config.tls.client_auth != "none" and not config.tls.enabled:
+        problems.append("tls.client_auth: client certificates need tls.enabled = true")
+    for name in ("cert", "key", "ca", "crl"):
+        value = getattr(config.tls, name)
+        if value and not Path(value).is_file():
+            problems.append(f"tls.{name}: {value!r} is not a readable file")
+    if config.server.listen == config.web.listen and config.web.enabled:
+        problems.append("web.listen: must differ from server.listen")
+    if (
+        not config.auth.enabled
+        and not config.auth.allow_unauthenticated_remote
+        and not is_loopback_endpoint(config.server.listen)
+    ):
+        problems.append(
+            f"server.listen: {config.server.listen!r} is reachable from other hosts while auth.enabled"
+            " is false; bind interface=127.0.0.1, enable auth, or set"
+            " auth.allow_unauthenticated_remote = true (protected mode)"
+        )
+    if config.retry.max_delay_ms < config.retry.base_delay_ms:
+        problems.append("retry.max_delay_ms: must be at least retry.base_delay_ms")
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build and validate a Config from defaults, ``path``, ``environ`` and ``--set`` ``overrides``.
+
+    Raises ConfigError listing every problem.  Reads only the file at ``path``.
+    """
+    problems: list[str] = []
+    tree: dict[str, Any] = {}
+    base_dir = Path.cwd()
+    source = ""
+    if path:
+        p = Path(path)
+        source = str(p.resolve())
+        base_dir = p.resolve().parent
+        try:
+            with p.open("rb") as f:
+                tree = tomllib.load(f)
+        except FileNotFoundError:
+            problems.append(f"{path}: no such config file")
+        except IsADirectoryError:
+            problems.append(f"{path}: is a directory, not a config file")
+        except PermissionError:
+            problems.append(f"{path}: permission denied")
+        except tomllib.TOMLDecodeError as e:
+            problems.append(f"{path}: not valid TOML: {e}")
+        except UnicodeDecodeError:
+            problems.append(f"{path}: not UTF-8 text")
+    texts: set[str] = set()
+    _flatten_text_overrides(env_overrides(os.environ if environ is None else environ), tree, texts)
+    parsed = []
+    for text in overrides:
+        try:
+            parsed.append(parse_override(text))
+        except ValueError as e:
+            problems.append(str(e))
+    _flatten_text_overrides(parsed, tree, texts)
+    config: Config = _build(Config, tree, "", texts, base_dir, problems)
+    config = attrs.evolve(config, source=source)
+    if not problems:
+        _cross_checks(config, problems)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def default_config() -> Config:
+    """The built-in defaults, with paths resolved against the working directory."""
+    return load_config(None, (), {})
+
+
+def iter_settings(cls: type = Config, prefix: str = "") -> Iterable[tuple[str, attrs.Attribute[Any]]]:
+    """Every settable key as (dotted path, attrs attribute), in declaration order."""
+    for name, attribute in _schema(cls).items():
+        if attribute.metadata.get("section"):
+            assert attribute.type is not None
+            yield from iter_settings(attribute.type, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", attribute
+
+
+def to_dict(config: Any, *, redact: bool = True) -> dict[str, Any]:
+    """The config as nested dicts (TOML-shaped), secrets redacted unless ``redact`` is False."""
+    out: dict[str, Any] = {}
+    for attribute in attrs.fields(type(config)):
+        if attribute.metadata.get("internal"):
+            continue
+        value = getattr(config, attribute.name)
+        if attribute.metadata.get("section"):
+            out[attribute.name] = to_dict(value, redact=redact)
+        elif redact and attribute.metadata.get("secret") and value:
+            out[attribute.name] = "<redacted>"
+        else:
+            out[attribute.name] = value
+    return out
+
+
+def reloadable_differences(old: Config, new: Config) -> tuple[list[str], list[str]]:
+    """Keys that changed between two configs, split into (reloadable, needs restart)."""
+    reloadable: list[str] = []
+    restart: list[str] = []
+    for dotted, attribute in iter_settings():
+        a, b = old, new
+        for part in dotted.split("."):
+            a, b = getattr(a, part), getattr(b, part)
+        if a != b:
+            (reloadable if attribute.metadata.get("reloadable") else restart).append(dotted)
+    return reloadable, restart
+
+
+def is_loopback_endpoint(description: str) -> bool:
+    """Whether a server endpoint string binds only loopback (or a unix socket)."""
+    parts = re.split(r"(?<!\\):", description)
+    kind = parts[0].lower()
+    if kind == "unix":
+        return True
+    interface = ""
+    for part in parts[1:]:
+        if part.startswith("interface="):
+            interface = part.split("=", 1)[1]
+    if not interface:
+        return False
+    interface = interface.replace("\\", "")
+    return interface.startswith("127.") or interface in ("::1", "localhost")

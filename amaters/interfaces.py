@@ -1,0 +1,142 @@
+"""The zope interfaces that separate amaters' parts.
+
+Every method that may do I/O returns a Deferred; failures are documented per method and are always
+:class:`amaters.errors.AmatersError` subclasses, so the pipeline can answer a client without
+guessing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from amaters.types import CipherBlob, WriteOp
+
+# Interfaces use zope's convention: methods have no ``self``.
+# mypy-zope understands this.
+
+
+class IRangeCursor(Interface):
+    """A forward cursor over ``[start, end)`` of one collection, read in bounded chunks.
+
+    The cursor holds at most one chunk in memory at a time, so a range over millions of keys does not
+    load them all.  It sees a consistent point-in-time view where the backend can give one.
+    """
+
+    def next_chunk() -> object:
+        """
+        Read the next chunk.
+
+        :return: Deferred firing with a list of ``(key, CipherBlob)`` in ascending key order; an empty
+            list means the cursor is exhausted.  Fails with ``Corrupted`` if a stored value's checksum
+            does not match, ``StorageIOError`` on I/O failure.
+        """
+
+    def close() -> None:
+        """Release the cursor's resources.  Safe to call twice and after exhaustion."""
+
+
+class IStorageBackend(Interface):
+    """Where bytes live: collections of ``key -> CipherBlob``.
+
+    Collections are real namespaces: the same key in two collections is two entries.  All methods
+    except ``stats_now`` return Deferreds.  Unknown collections fail with ``NotFound`` (code
+    ``STORAGE_NOT_FOUND``) except where noted.  Keys are non-empty bytes compared bytewise.
+    """
+
+    name = Attribute("Short backend name, e.g. 'memory' or 'rocksdb'.")
+
+    def open() -> object:
+        """Open (or create) the store.  Deferred firing with None; fails with ``StorageError``."""
+
+    def close() -> object:
+        """Flush what is pending and close.  Deferred firing with None.  Safe to call twice."""
+
+    def create_collection(name: str) -> object:
+        """Create a collection.  Deferred firing True if created, False if it already existed."""
+
+    def drop_collection(name: str) -> object:
+        """Drop a collection and all its entries.  Deferred firing True if it existed, else False."""
+
+    def list_collections() -> object:
+        """Deferred firing with the sorted list of collection names."""
+
+    def has_collection(name: str) -> bool:
+        """Whether the collection exists (answered from memory, no I/O)."""
+
+    def get(collection: str, key: bytes) -> object:
+        """Deferred firing with the CipherBlob, or None when the key is absent.
+
+        Fails with ``Corrupted`` if the stored checksum does not match the stored data.
+        """
+
+    def put(collection: str, key: bytes, value: CipherBlob) -> object:
+        """Store ``value`` (a CipherBlob).  Deferred firing None once durable per the sync mode.
+
+        Fails with ``StorageFull`` or ``StorageIOError``; nothing is acknowledged that was not written.
+        """
+
+    def delete(collection: str, key: bytes) -> object:
+        """Delete a key.  Deferred firing True if it existed, else False (durable per sync mode)."""
+
+    def write_batch(ops: Iterable[WriteOp]) -> object:
+        """Apply a sequence of ``WriteOp`` atomically: all or none.  Deferred firing None when durable.
+
+        Fails with ``NotFound`` if any op names a missing collection (and then nothing is applied).
+        """
+
+    def scan(collection: str, start: bytes, end: bytes | None, limit: int | None, chunk_size: int) -> object:
+        """An ``IRangeCursor`` over ``[start, end)`` (``end`` None: to the end), at most ``limit`` entries.
+
+        Returned synchronously; fails (raises) with ``NotFound`` for a missing collection.
+        """
+
+    def sync() -> object:
+        """Make every acknowledged write durable (fsync the WAL).  Deferred firing None."""
+
+    def flush() -> object:
+        """Persist in-memory state (memtables) and sync.  Deferred firing None."""
+
+    def stats() -> object:
+        """Deferred firing with a dict: ``keys`` per collection (estimate), ``bytes`` total, etc."""
+
+    def snapshot(destination: str) -> object:
+        """Write a consistent point-in-time copy into the new directory ``destination``.
+
+        Deferred firing None; fails with ``InvalidOperation`` where the backend cannot.
+        """
+
+
+class IPrincipal(Interface):
+    """An authenticated (or anonymous) party: the avatar a cred login returns."""
+
+    id = Attribute("Stable identifier (str).")
+    name = Attribute("Display name (str).")
+    roles = Attribute("Role names (tuple of str).")
+    auth_method = Attribute("How the principal authenticated: 'anonymous', 'jwt', 'api_key', 'mtls'.")
+
+
+class IAuditSink(Interface):
+    """Where audit events go.  Must never raise into the caller and never block the reactor."""
+
+    def emit(event: object) -> None:
+        """Record one audit event (a mapping of JSON-serialisable fields)."""
+
+
+class IFHEEvaluator(Interface):
+    """Homomorphic evaluation on ciphertexts with a client's public evaluation keys.
+
+    Implementations run the heavy work in a thread pool and return Deferreds.
+    """
+
+    def has_key_set(key_set_id: str) -> bool:
+        """Whether evaluation keys with this id are known to the server."""
+
+    def evaluate_predicate(key_set_id: str, predicate: object, value: bytes) -> object:
+        """Deferred firing with the encrypted boolean (bytes) of ``predicate`` on ``value``."""
+
+    def apply_update(key_set_id: str, predicate: object, updates: object, value: bytes) -> object:
+        """Deferred firing with the new ciphertext: ``select(predicate, updated(value), value)``."""

@@ -1,0 +1,1 @@
+"""Network protocols: the native framed protocol over TLS, its client, TLS helpers."""

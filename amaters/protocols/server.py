@@ -1,0 +1,1080 @@
+"""The native protocol server: one :class:`AmatersServerProtocol` per connection, its factory, and
+the ``listener`` service that binds it (TLS by default) and drains it on stop.
+
+A connection's life (``docs/protocol.md`` has the wire details):
+
+1. The first frame must be a ``Handshake``.  A different major protocol version gets
+   ``PROTOCOL_UNSUPPORTED_VERSION`` and the connection closes; otherwise the credentials go to the
+   ``authenticate`` hook, and the answer carries the server's versions, capabilities and the
+   principal.  No handshake within ``limits.handshake_timeout``: an error frame, then close.
+2. Requests may be pipelined; each is answered with its request id, in completion order.  With
+   ``limits.max_inflight_per_connection`` requests unanswered the connection stops reading; it
+   resumes as answers go out.  It also stops reading while the transport's write buffer is full
+   (a client that does not read its answers cannot make the server buffer without bound).
+3. RANGE answers stream as ``StreamBatch`` frames then one ``StreamEnd``; the next chunk is read
+   from storage only while the transport accepts writes; ``CancelStream`` ends a stream early.
+4. A bad request gets an error answer and the connection stays open; only protocol violations
+   (no handshake first, an oversize frame) close it.  A frame that is not a valid Envelope gets
+   ``PROTOCOL_MALFORMED_MESSAGE`` with request id 0 and the connection stays usable.
+5. On shutdown the listener stops accepting, new requests get ``SERVER_SHUTTING_DOWN``, requests
+   in flight finish, and connections close, all within ``server.shutdown_timeout``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from google.protobuf.message import DecodeError
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IPushProducer, ISSLTransport
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from amaters import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS, __version__
+from amaters.errors import (
+    AmatersError,
+    AuthError,
+    MalformedMessage,
+    ProtocolError,
+    RequestTimeout,
+    ServerError,
+    ShuttingDown,
+    SizeExceeded,
+    UnsupportedVersion,
+)
+from amaters.interfaces import IPrincipal, IRangeCursor
+from amaters.proto import aql_pb2, envelope_pb2
+from amaters.proto.convert import (
+    error_to_proto,
+    fill_key_values,
+    fill_result,
+    version_from_proto,
+    version_to_proto,
+)
+from amaters.protocols.framing import FrameReceiver, frame_header
+from amaters.query import operations as ops
+from amaters.query.executor import CAPABILITIES
+from amaters.query.pipeline import NOT_YET, QueryPipeline, RequestContext, immediate_result
+
+if TYPE_CHECKING:
+    from amaters.config import Config, LimitsConfig
+
+Envelope = envelope_pb2.Envelope
+
+
+# -- principals and authentication ---------------------------------------------------------------
+
+
+@implementer(IPrincipal)
+@attrs.frozen
+class Principal:
+    """A principal as the protocol sees it (auth may return any IPrincipal provider)."""
+
+    id: str
+    name: str
+    roles: tuple[str, ...]
+    auth_method: str
+
+
+ANONYMOUS = Principal(id="anonymous", name="anonymous", roles=("admin",), auth_method="anonymous")
+
+
+@attrs.frozen
+class Credentials:
+    """What a client presented in its handshake.  The secret never appears in ``repr``."""
+
+    kind: str  # "bearer_token" | "api_key"
+    secret: str = attrs.field(repr=False)
+
+
+#: ``authenticate(credentials, peer_certificate, source_address) -> Deferred[IPrincipal]``; fails
+#: with an AuthError subclass to refuse.
+Authenticator = Callable[[Credentials | None, Any, str], "defer.Deferred[IPrincipal]"]
+
+
+def default_authenticator(auth_enabled: bool) -> Authenticator:
+    """Until the auth issue plugs in twisted.cred: anonymous admin when auth is disabled, else refuse."""
+
+    def anonymous(
+        credentials: Credentials | None, peer_certificate: Any, source: str
+    ) -> defer.Deferred[IPrincipal]:
+        return defer.succeed(ANONYMOUS)
+
+    def refuse(
+        credentials: Credentials | None, peer_certificate: Any, source: str
+    ) -> defer.Deferred[IPrincipal]:
+        return defer.fail(
+            AuthError("authentication is enabled but no authentication method is configured on this server")
+        )
+
+    return refuse if auth_enabled else anonymous
+
+
+@attrs.define
+class Session:
+    """Per-connection state after a successful handshake."""
+
+    principal: IPrincipal
+    client_name: str
+    version: tuple[int, int, int]
+    credentials: Credentials | None = None
+    peer_certificate: Any = None
+
+
+# -- the protocol --------------------------------------------------------------------------------
+
+_HANDSHAKE, _AUTHENTICATING, _READY, _CLOSING = "handshake", "authenticating", "ready", "closing"
+
+
+@implementer(IPushProducer)
+class _WriteFlow:
+    """Registered with the transport: learns when its write buffer is full and drained again."""
+
+    def __init__(self, protocol: AmatersServerProtocol) -> None:
+        self.protocol = protocol
+
+    def pauseProducing(self) -> None:
+        self.protocol._write_paused(True)
+
+    def resumeProducing(self) -> None:
+        self.protocol._write_paused(False)
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _RangeStream:
+    """One RANGE answer in progress: reads a chunk ahead so the last batch says has_more=False."""
+
+    __slots__ = (
+        "cancelled",
+        "ctx",
+        "cursor",
+        "done",
+        "held",
+        "protocol",
+        "pumping",
+        "reading",
+        "request_id",
+        "sent",
+        "sequence",
+    )
+
+    def __init__(self, protocol: AmatersServerProtocol, request_id: int, ctx: RequestContext) -> None:
+        self.protocol = protocol
+        self.request_id = request_id
+        self.ctx = ctx
+        self.cursor: Any = None  # an IRangeCursor once the range is open
+        self.held: list[Any] | None = None
+        self.sent = 0
+        self.sequence = 0
+        self.cancelled = False
+        self.done = False
+        self.pumping = False
+        self.reading = False
+
+    def start(self, cursor: IRangeCursor) -> None:
+        self.cursor = cursor
+        self.pump()
+
+    def pump(self) -> None:
+        """Read and send chunks while the transport accepts writes."""
+        if self.pumping or self.reading or self.done or self.cursor is None:
+            return
+        self.pumping = True
+        try:
+            while not self.done:
+                if self.cancelled:
+                    self._end()
+                    return
+                if self.protocol._write_blocked:
+                    return  # resumed by the protocol when the transport drains
+                self.reading = True
+                d = self.cursor.next_chunk()
+                d.addCallbacks(self._chunk, self._failed)
+                if self.reading:
+                    return  # not ready yet: _chunk continues the pump
+        finally:
+            self.pumping = False
+
+    def _chunk(self, chunk: list[Any]) -> None:
+        self.reading = False
+        if self.done:
+            return
+        if self.cancelled:
+            self._end()
+            return
+        if not chunk:
+            if self.held:
+                self._send_batch(self.held, False)
+            self.held = None
+            self._end()
+            return
+        if self.held:
+            self._send_batch(self.held, True)
+        self.held = list(chunk)
+        if not self.pumping:
+            self.pump()
+
+    def _failed(self, failure: Failure) -> None:
+        self.reading = False
+        if self.done:
+            return
+        error = self.protocol._as_amaters_error(failure, "range")
+        self.protocol._send(
+            Envelope(
+                request_id=self.request_id,
+                stream=aql_pb2.StreamResponse(error=error_to_proto(error), sequence=self.sequence),
+            )
+        )
+        self._finish()
+
+    def _send_batch(self, chunk: list[Any], has_more: bool) -> None:
+        envelope = Envelope(request_id=self.request_id)
+        stream = envelope.stream
+        stream.sequence = self.sequence
+        batch = stream.batch
+        fill_key_values(batch.values, chunk)
+        batch.has_more = has_more
+        self.protocol._send(envelope)
+        self.sequence += 1
+        self.sent += len(chunk)
+
+    def _end(self) -> None:
+        self.protocol._send(
+            Envelope(
+                request_id=self.request_id,
+                stream=aql_pb2.StreamResponse(
+                    end=aql_pb2.StreamEnd(total_count=self.sent), sequence=self.sequence
+                ),
+            )
+        )
+        self._finish()
+
+    def _finish(self) -> None:
+        self.done = True
+        self.held = None
+        if self.cursor is not None:
+            self.cursor.close()
+        self.protocol._stream_finished(self)
+
+    def abandon(self) -> None:
+        """The connection is gone: release the cursor, send nothing."""
+        self.done = True
+        self.held = None
+        if self.cursor is not None:
+            self.cursor.close()
+
+
+class AmatersServerProtocol(FrameReceiver):
+    """One client connection of the native protocol."""
+
+    _log = Logger()
+    factory: AmatersServerFactory
+
+    def __init__(self) -> None:
+        self._state = _HANDSHAKE
+        self.session: Session | None = None
+        self._inflight = 0
+        self._reading_paused = False
+        self._write_blocked = False
+        self._out: list[bytes] | None = None
+        self._streams: dict[int, _RangeStream] = {}
+        self._timers: dict[int, IDelayedCall] = {}
+        self._timed_out: set[int] = set()
+        self._handshake_timer: IDelayedCall | None = None
+        self._idle_timer: IDelayedCall | None = None
+        self._last_activity = 0.0
+        self._source = ""
+        self._flow: _WriteFlow | None = None
+        self._lost = False
+
+    # -- connection lifecycle -----------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        self.MAX_LENGTH = factory.limits.max_frame_bytes
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        host = getattr(peer, "host", None)
+        self._source = f"{host}:{getattr(peer, 'port', '')}" if host else str(peer)
+        factory.connection_made(self)
+        clock = factory.clock
+        self._last_activity = clock.seconds()
+        self._handshake_timer = clock.callLater(factory.limits.handshake_timeout, self._handshake_expired)
+        self._flow = _WriteFlow(self)
+        self.transport.registerProducer(self._flow, True)  # type: ignore[union-attr]
+        if factory.draining:
+            self._refuse_and_close(0, ShuttingDown("the server is shutting down"))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
+        self._state = _CLOSING
+        for timer in (self._handshake_timer, self._idle_timer, *self._timers.values()):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timers.clear()
+        for stream in list(self._streams.values()):
+            stream.abandon()
+        self._streams.clear()
+        self._inflight = 0
+        self.factory.connection_lost(self)
+
+    def _close(self) -> None:
+        """Flush what was written, then close (TLS close_notify included)."""
+        if self._lost:
+            return
+        self._state = _CLOSING
+        self._flush_out()
+        transport: Any = self.transport
+        if self._flow is not None:
+            self._flow = None
+            transport.unregisterProducer()
+        transport.loseConnection()
+
+    def abort(self) -> None:
+        """Drop the connection now (used when a drain runs out of time)."""
+        if not self._lost:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
+    # -- timers -------------------------------------------------------------------------------
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if self._state in (_HANDSHAKE, _AUTHENTICATING):
+            self._refuse_and_close(
+                0,
+                RequestTimeout(f"no handshake within {self.factory.limits.handshake_timeout:g} s; closing"),
+            )
+
+    def _schedule_idle(self) -> None:
+        idle = self.factory.limits.idle_timeout
+        if idle > 0 and not self._lost:
+            self._idle_timer = self.factory.clock.callLater(idle, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        idle = self.factory.limits.idle_timeout
+        if idle <= 0 or self._lost:
+            return
+        clock = self.factory.clock
+        quiet = clock.seconds() - self._last_activity
+        if quiet >= idle and self._inflight == 0:
+            self._log.debug("Closing idle connection from {source}", source=self._source)
+            self._close()
+            return
+        wait = idle - quiet if quiet < idle else idle
+        self._idle_timer = clock.callLater(wait, self._idle_check)
+
+    # -- frames in ----------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self._last_activity = self.factory.clock.seconds()
+        super().dataReceived(data)
+
+    def stringReceived(self, frame: bytes) -> None:
+        if self._state is _CLOSING:
+            return
+        if self._out is None:
+            self._out = []
+        envelope = Envelope()
+        try:
+            envelope.ParseFromString(frame)
+        except DecodeError:
+            self._send_error(0, MalformedMessage("the frame is not a valid Envelope message"))
+            return
+        kind = envelope.WhichOneof("body")
+        request_id = envelope.request_id
+        if self._state is not _READY:
+            self._before_ready(request_id, kind, envelope)
+            return
+        handler = _HANDLERS.get(kind)  # type: ignore[arg-type]
+        if handler is None:
+            self._send_error(request_id, _unknown_request(kind))
+            return
+        if self.factory.draining:
+            self._send_error(request_id, ShuttingDown("the server is shutting down; retry on another server"))
+            return
+        try:
+            handler(self, request_id, getattr(envelope, kind))  # type: ignore[arg-type]
+        except Exception:
+            error = self._as_amaters_error(Failure(), kind or "request")  # type: ignore[no-untyped-call]
+            self._send_error(request_id, error)
+
+    def framesDelivered(self) -> None:
+        self._flush_out()
+
+    def frameTooLarge(self, length: int) -> None:
+        limit = self.MAX_LENGTH
+        self._log.warn(
+            "Closing connection from {source}: frame of {length} bytes over the {limit}-byte limit",
+            source=self._source,
+            length=length,
+            limit=limit,
+        )
+        self._refuse_and_close(
+            0, SizeExceeded(f"frame of {length} bytes exceeds limits.max_frame_bytes ({limit}); closing")
+        )
+
+    # -- frames out ---------------------------------------------------------------------------
+
+    def _send(self, envelope: envelope_pb2.Envelope) -> None:
+        if self._lost:
+            return
+        payload = envelope.SerializeToString()
+        out = self._out
+        if out is not None:
+            # Inside a run of frame deliveries: answers go out together when it ends.
+            out.append(frame_header(len(payload)))
+            out.append(payload)
+        else:
+            self.transport.write(frame_header(len(payload)) + payload)  # type: ignore[union-attr]
+
+    def _flush_out(self) -> None:
+        out = self._out
+        self._out = None
+        if out and not self._lost:
+            self.transport.write(b"".join(out))  # type: ignore[union-attr]
+
+    def _send_error(self, request_id: int, error: AmatersError) -> None:
+        self._send(Envelope(request_id=request_id, error=error_to_proto(error)))
+
+    def _refuse_and_close(self, request_id: int, error: AmatersError) -> None:
+        if self._lost or self._state is _CLOSING:
+            return
+        self._send_error(request_id, error)
+        self._close()
+
+    def _as_amaters_error(self, failure: Failure, what: str) -> AmatersError:
+        if isinstance(failure.value, AmatersError):
+            return failure.value
+        self._log.failure(
+            "Unexpected error handling {what} from {source}", failure, what=what, source=self._source
+        )
+        return ServerError("internal server error; the server log has the details")
+
+    # -- handshake ----------------------------------------------------------------------------
+
+    def _before_ready(self, request_id: int, kind: str | None, envelope: envelope_pb2.Envelope) -> None:
+        if self._state is _AUTHENTICATING:
+            # Frames pipelined behind the handshake wait (pauseFrames); this cannot happen.
+            self._send_error(request_id, ProtocolError("the handshake is still in progress"))
+            return
+        if kind != "handshake":
+            self._refuse_and_close(request_id, ProtocolError("the first frame must be a Handshake"))
+            return
+        handshake = envelope.handshake
+        client_version = version_from_proto(handshake.version)
+        if client_version[0] != PROTOCOL_VERSION[0]:
+            supported = ", ".join(".".join(map(str, v)) for v in SUPPORTED_PROTOCOL_VERSIONS)
+            self._refuse_and_close(
+                request_id,
+                UnsupportedVersion(
+                    f"protocol version {'.'.join(map(str, client_version))} is not supported;"
+                    f" this server speaks {supported}"
+                ),
+            )
+            return
+        if self.factory.draining:
+            self._refuse_and_close(request_id, ShuttingDown("the server is shutting down"))
+            return
+        credentials = None
+        which = handshake.credentials.WhichOneof("kind")
+        if which is not None:
+            credentials = Credentials(which, getattr(handshake.credentials, which))
+        peer_certificate = None
+        transport = self.transport
+        if ISSLTransport.providedBy(transport):
+            peer_certificate = transport.getPeerCertificate()
+        self._state = _AUTHENTICATING
+        self.pauseFrames()  # requests pipelined behind the handshake wait for its outcome
+        client_name = handshake.client_name[:200]
+        version = (PROTOCOL_VERSION[0], min(client_version[1], PROTOCOL_VERSION[1]), 0)
+        try:
+            d = self.factory.authenticate(credentials, peer_certificate, self._source)
+        except Exception:
+            d = defer.fail()
+        d.addCallbacks(
+            self._authenticated,
+            self._not_authenticated,
+            callbackArgs=(request_id, client_name, version, credentials, peer_certificate),
+            errbackArgs=(request_id,),
+        )
+
+    def _authenticated(
+        self,
+        principal: IPrincipal,
+        request_id: int,
+        client_name: str,
+        version: tuple[int, int, int],
+        credentials: Credentials | None,
+        peer_certificate: Any,
+    ) -> None:
+        if self._lost or self._state is not _AUTHENTICATING:
+            return
+        self.session = Session(principal, client_name, version, credentials, peer_certificate)
+        self._state = _READY
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+        self._log.info(
+            "Accepted {client} from {source} as {principal} ({method})",
+            client=client_name,
+            source=self._source,
+            principal=principal.name,
+            method=principal.auth_method,
+        )
+        self._send(
+            Envelope(
+                request_id=request_id,
+                handshake_response=envelope_pb2.HandshakeResponse(
+                    version=version_to_proto(version),
+                    supported_versions=[version_to_proto(v) for v in SUPPORTED_PROTOCOL_VERSIONS],
+                    capabilities=CAPABILITIES,
+                    principal_name=principal.name,
+                    roles=list(principal.roles),
+                    server_name=f"amaters {__version__}",
+                ),
+            )
+        )
+        self._schedule_idle()
+        self._flush_out()
+        self.resumeFrames()
+
+    def _not_authenticated(self, failure: Failure, request_id: int) -> None:
+        if self._lost:
+            return
+        if isinstance(failure.value, AuthError):
+            error: AmatersError = failure.value
+            self._log.info(
+                "Refused connection from {source}: {reason}", source=self._source, reason=error.message
+            )
+        else:
+            self._log.failure("Authentication failed unexpectedly for {source}", failure, source=self._source)
+            error = AuthError("authentication failed")
+        self._state = _HANDSHAKE
+        self._refuse_and_close(request_id, error)
+        self._flush_out()
+
+    # -- flow control -------------------------------------------------------------------------
+
+    def _request_started(self) -> None:
+        self._inflight += 1
+        if self._inflight >= self.factory.limits.max_inflight_per_connection:
+            self._update_reading()
+
+    def _request_finished(self) -> None:
+        if self._lost:
+            return
+        self._inflight -= 1
+        if self._reading_paused:
+            self._update_reading()
+        if self._inflight == 0 and self.factory.draining:
+            self._flush_out()
+            self._close()
+
+    def _update_reading(self) -> None:
+        if self._lost or self._state is _CLOSING:
+            return
+        pause = self._write_blocked or self._inflight >= self.factory.limits.max_inflight_per_connection
+        if pause and not self._reading_paused:
+            self._reading_paused = True
+            self.pauseFrames()
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+        elif not pause and self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+            self.resumeFrames()
+
+    def _write_paused(self, paused: bool) -> None:
+        self._write_blocked = paused
+        self._update_reading()
+        if not paused:
+            for stream in list(self._streams.values()):
+                stream.pump()
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _context(self, request_id: int) -> RequestContext:
+        session = self.session
+        assert session is not None
+        # The request's bytes arrived at _last_activity: a good start time, and no clock call.
+        return RequestContext(request_id, session.principal, self._source, self._last_activity, session)
+
+    def _track(self, request_id: int, d: defer.Deferred[Any], what: str) -> None:
+        """Count ``d`` as in flight and answer with a timeout error if it runs too long."""
+        self._request_started()
+        if not d.called:
+            timeout = self.factory.limits.request_timeout
+            self._timers[request_id] = self.factory.clock.callLater(
+                timeout, self._request_expired, request_id, what, timeout
+            )
+
+    def _untrack(self, request_id: int) -> bool:
+        """The request finished: whether it still needs an answer (it did not time out).
+
+        The caller sends the answer, then calls ``_request_finished`` (which may close the
+        connection when draining, so it must come after the answer).
+        """
+        timer = self._timers.pop(request_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        if request_id in self._timed_out:
+            self._timed_out.discard(request_id)
+            return False
+        return True
+
+    def _request_expired(self, request_id: int, what: str, timeout: float) -> None:
+        self._timers.pop(request_id, None)
+        self._timed_out.add(request_id)
+        self._log.warn(
+            "A {what} request from {source} ran longer than {timeout} s",
+            what=what,
+            source=self._source,
+            timeout=timeout,
+        )
+        self._send_error(
+            request_id,
+            RequestTimeout(f"the {what} request did not finish within {timeout:g} s on the server"),
+        )
+
+    def _on_query(self, request_id: int, request: aql_pb2.QueryRequest) -> None:
+        pipeline = self.factory.pipeline
+        try:
+            op = pipeline.decode_query(request.query)
+        except AmatersError as e:
+            self._send_query_error(request_id, e)
+            return
+        ctx = self._context(request_id)
+        if type(op) is ops.Range:
+            self._start_range(request_id, ctx, op)
+            return
+        d = pipeline.execute(ctx, op)
+        result = immediate_result(d)
+        if result is not NOT_YET:
+            # Answered synchronously (memory backend, cache hit): skip the callback machinery.
+            self._answer_query(request_id, op.name, result)
+            return
+        self._track(request_id, d, op.name)
+        d.addCallbacks(
+            self._query_done, self._query_failed, callbackArgs=(request_id, op), errbackArgs=(request_id, op)
+        )
+
+    def _answer_query(self, request_id: int, op_name: str, result: Any) -> None:
+        envelope = Envelope(request_id=request_id)
+        fill_result(envelope.query_response.result, op_name, result)
+        self._send(envelope)
+
+    def _query_done(self, result: Any, request_id: int, op: Any) -> None:
+        if self._untrack(request_id):
+            self._answer_query(request_id, op.name, result)
+        self._request_finished()
+
+    def _query_failed(self, failure: Failure, request_id: int, op: Any) -> None:
+        if self._untrack(request_id):
+            self._send_query_error(request_id, self._as_amaters_error(failure, op.name))
+        self._request_finished()
+
+    def _send_query_error(self, request_id: int, error: AmatersError) -> None:
+        self._send(
+            Envelope(request_id=request_id, query_response=aql_pb2.QueryResponse(error=error_to_proto(error)))
+        )
+
+    def _on_batch(self, request_id: int, request: aql_pb2.BatchRequest) -> None:
+        pipeline = self.factory.pipeline
+        try:
+            op = pipeline.decode_batch(request)
+        except AmatersError as e:
+            self._send_batch_error(request_id, e)
+            return
+        d = pipeline.execute(self._context(request_id), op)
+        self._track(request_id, d, "batch")
+        d.addCallbacks(
+            self._batch_done, self._batch_failed, callbackArgs=(request_id, op), errbackArgs=(request_id,)
+        )
+
+    def _batch_done(self, results: list[Any], request_id: int, op: ops.Batch) -> None:
+        if self._untrack(request_id):
+            envelope = Envelope(request_id=request_id)
+            out = envelope.batch_response.results
+            out.SetInParent()
+            add = out.results.add
+            for item, result in zip(op.ops, results, strict=True):
+                fill_result(add(), item.name, result)
+            self._send(envelope)
+        self._request_finished()
+
+    def _batch_failed(self, failure: Failure, request_id: int) -> None:
+        if self._untrack(request_id):
+            self._send_batch_error(request_id, self._as_amaters_error(failure, "batch"))
+        self._request_finished()
+
+    def _send_batch_error(self, request_id: int, error: AmatersError) -> None:
+        self._send(
+            Envelope(request_id=request_id, batch_response=aql_pb2.BatchResponse(error=error_to_proto(error)))
+        )
+
+    # -- streams ------------------------------------------------------------------------------
+
+    def _start_range(self, request_id: int, ctx: RequestContext, op: ops.Range) -> None:
+        if request_id in self._streams:
+            self._send_stream_error(
+                request_id, ProtocolError("a stream with this request id is already running")
+            )
+            return
+        stream = _RangeStream(self, request_id, ctx)
+        self._streams[request_id] = stream
+        self._request_started()
+        d = self.factory.pipeline.open_range(ctx, op)
+        d.addCallbacks(self._range_opened, self._range_failed, callbackArgs=(stream,), errbackArgs=(stream,))
+
+    def _range_opened(self, cursor: IRangeCursor, stream: _RangeStream) -> None:
+        if stream.done or self._lost:
+            cursor.close()
+            return
+        stream.start(cursor)
+
+    def _range_failed(self, failure: Failure, stream: _RangeStream) -> None:
+        if stream.done or self._lost:
+            return
+        stream._failed(failure)
+
+    def _stream_finished(self, stream: _RangeStream) -> None:
+        if self._streams.pop(stream.request_id, None) is not None:
+            self._request_finished()
+
+    def _send_stream_error(self, request_id: int, error: AmatersError) -> None:
+        self._send(
+            Envelope(request_id=request_id, stream=aql_pb2.StreamResponse(error=error_to_proto(error)))
+        )
+
+    def _on_cancel_stream(self, request_id: int, request: envelope_pb2.CancelStreamRequest) -> None:
+        stream = self._streams.get(request.stream_id)
+        found = stream is not None and not stream.cancelled and not stream.done
+        if stream is not None and found:
+            stream.cancelled = True
+            # A stream waiting for its cursor, or for a chunk, ends when that arrives; one waiting
+            # for the transport to drain ends now.
+            if stream.cursor is not None and not stream.reading and not stream.pumping:
+                stream._end()
+        self._send(
+            Envelope(
+                request_id=request_id,
+                cancel_stream_response=envelope_pb2.CancelStreamResponse(cancelled=found),
+            )
+        )
+
+    # -- everything else ----------------------------------------------------------------------
+
+    def _run_simple(
+        self, request_id: int, op: ops.Operation, render: Callable[[Any], envelope_pb2.Envelope]
+    ) -> None:
+        d = self.factory.pipeline.execute(self._context(request_id), op)
+        self._track(request_id, d, op.name)
+
+        def done(result: Any) -> None:
+            if self._untrack(request_id):
+                envelope = render(result)
+                envelope.request_id = request_id
+                self._send(envelope)
+            self._request_finished()
+
+        def failed(failure: Failure) -> None:
+            if self._untrack(request_id):
+                self._send_error(request_id, self._as_amaters_error(failure, op.name))
+            self._request_finished()
+
+        d.addCallbacks(done, failed)
+
+    def _on_create_collection(self, request_id: int, request: envelope_pb2.CreateCollectionRequest) -> None:
+        name = self.factory.pipeline.decode_collection(request.name)
+        self._run_simple(request_id, ops.CreateCollection(name), _collection_changed)
+
+    def _on_drop_collection(self, request_id: int, request: envelope_pb2.DropCollectionRequest) -> None:
+        name = self.factory.pipeline.decode_collection(request.name)
+        self._run_simple(request_id, ops.DropCollection(name), _collection_changed)
+
+    def _on_list_collections(self, request_id: int, request: envelope_pb2.ListCollectionsRequest) -> None:
+        self._run_simple(
+            request_id,
+            ops.ListCollections(),
+            lambda names: Envelope(collection_response=envelope_pb2.CollectionResponse(names=names)),
+        )
+
+    def _on_server_info(self, request_id: int, request: aql_pb2.ServerInfoRequest) -> None:
+        self._run_simple(request_id, ops.ServerInfo(), _server_info_envelope)
+
+    def _on_health_check(self, request_id: int, request: aql_pb2.HealthCheckRequest) -> None:
+        service_name = request.service if request.HasField("service") else None
+        self._run_simple(request_id, ops.HealthCheck(service_name), _health_envelope)
+
+    def _on_ping(self, request_id: int, request: envelope_pb2.Ping) -> None:
+        self._send(Envelope(request_id=request_id, pong=envelope_pb2.Pong(payload=request.payload)))
+
+
+def _unknown_request(kind: str | None) -> AmatersError:
+    if kind is None:
+        return ProtocolError("the envelope carries no request")
+    if kind == "handshake":
+        return ProtocolError("the handshake is already done")
+    return ProtocolError(f"{kind} is not a request a client may send")
+
+
+def _collection_changed(changed: bool) -> envelope_pb2.Envelope:
+    return Envelope(collection_response=envelope_pb2.CollectionResponse(changed=changed))
+
+
+def _server_info_envelope(info: ops.ServerInfoResult) -> envelope_pb2.Envelope:
+    return Envelope(
+        server_info_response=aql_pb2.ServerInfoResponse(
+            version=version_to_proto(info.version),
+            supported_versions=[version_to_proto(v) for v in info.supported_versions],
+            capabilities=info.capabilities,
+            uptime_seconds=info.uptime_seconds,
+        )
+    )
+
+
+def _health_envelope(health: ops.HealthResult) -> envelope_pb2.Envelope:
+    status = aql_pb2.HEALTH_SERVING if health.serving else aql_pb2.HEALTH_NOT_SERVING
+    return Envelope(health_check_response=aql_pb2.HealthCheckResponse(status=status, message=health.message))
+
+
+_HANDLERS: dict[str, Callable[[AmatersServerProtocol, int, Any], None]] = {
+    "query": AmatersServerProtocol._on_query,
+    "batch": AmatersServerProtocol._on_batch,
+    "cancel_stream": AmatersServerProtocol._on_cancel_stream,
+    "create_collection": AmatersServerProtocol._on_create_collection,
+    "drop_collection": AmatersServerProtocol._on_drop_collection,
+    "list_collections": AmatersServerProtocol._on_list_collections,
+    "server_info": AmatersServerProtocol._on_server_info,
+    "health_check": AmatersServerProtocol._on_health_check,
+    "ping": AmatersServerProtocol._on_ping,
+}
+
+
+# -- the factory ---------------------------------------------------------------------------------
+
+
+class AmatersServerFactory(Factory):
+    """Builds connections; tracks them so a drain can wait for (or cut) every one."""
+
+    protocol = AmatersServerProtocol  # type: ignore[assignment]
+    noisy = False
+    _log = Logger()
+
+    def __init__(
+        self,
+        pipeline: QueryPipeline,
+        limits: LimitsConfig,
+        clock: Any,
+        authenticate: Authenticator | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.limits = limits
+        self.clock = clock
+        self.authenticate: Authenticator = authenticate or default_authenticator(False)
+        self.connections: set[AmatersServerProtocol] = set()
+        self.draining = False
+        self._drained: list[defer.Deferred[None]] = []
+
+    def update_limits(self, limits: LimitsConfig) -> None:
+        """Reloaded limits: new frames and new connections use them."""
+        self.limits = limits
+        self.pipeline.update_limits(limits)
+
+    def connection_made(self, protocol: AmatersServerProtocol) -> None:
+        self.connections.add(protocol)
+
+    def connection_lost(self, protocol: AmatersServerProtocol) -> None:
+        self.connections.discard(protocol)
+        if not self.connections and self._drained:
+            waiters, self._drained = self._drained, []
+            for d in waiters:
+                d.callback(None)
+
+    def start_drain(self) -> defer.Deferred[None]:
+        """Refuse new requests, close idle connections now and busy ones when they finish.
+
+        The Deferred fires when every connection is closed.
+        """
+        self.draining = True
+        d: defer.Deferred[None] = defer.Deferred()
+        if not self.connections:
+            d.callback(None)
+            return d
+        self._drained.append(d)
+        for protocol in list(self.connections):
+            if protocol._inflight == 0:
+                protocol._close()
+        return d
+
+    def abort_all(self) -> None:
+        for protocol in list(self.connections):
+            protocol.abort()
+
+
+# -- the listener service ------------------------------------------------------------------------
+
+
+class ListenerService(service.Service):
+    """The ``listener`` service: binds ``server.listen`` (TLS unless ``tls.enabled`` is false).
+
+    ``is_accepting`` feeds readiness; ``port`` is the listening port (``port.getHost().port`` gives
+    the bound port number when listening on port 0); ``tls`` is the swappable TLS creator.
+    """
+
+    name = "listener"
+    _log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        pipeline: QueryPipeline,
+        authenticate: Authenticator | None = None,
+    ) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.pipeline = pipeline
+        self.factory = AmatersServerFactory(
+            pipeline,
+            config.limits,
+            reactor,
+            authenticate or default_authenticator(config.auth.enabled),
+        )
+        self.port: IListeningPort | None = None
+        self.tls: Any = None
+        self.tls_files: Any = None
+
+    @property
+    def is_accepting(self) -> bool:
+        return bool(self.running) and self.port is not None and not self.factory.draining
+
+    def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
+        super().startService()  # type: ignore[no-untyped-call]
+        return defer.Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        config = self.config
+        endpoint = serverFromString(self.reactor, config.server.listen)  # type: ignore[no-untyped-call]
+        factory: Any = self.factory
+        if config.tls.enabled:
+            from amaters.protocols.certs import ensure_server_tls
+            from amaters.protocols.tlsctx import ReloadableServerTLS, server_tls_options
+
+            files = ensure_server_tls(config)
+            self.tls_files = files
+            if files.generated:
+                self._log.info(
+                    "Generated a private CA and server certificate under {directory}",
+                    directory=str(files.cert.parent),
+                )
+            self._log.info(
+                "TLS certificate {cert}, key {key}; clients trust CA {ca} (SHA-256 {fingerprint})",
+                cert=str(files.cert),
+                key=str(files.key),
+                ca=str(files.ca) if files.ca else "(configured externally)",
+                fingerprint=files.ca_fingerprint or "-",
+            )
+            options = server_tls_options(
+                files.cert,
+                files.key,
+                client_ca=config.tls.ca or None,
+                client_auth=config.tls.client_auth,
+            )
+            self.tls = ReloadableServerTLS(options)
+            factory = TLSMemoryBIOFactory(self.tls, False, factory, clock=self.reactor)
+            factory.tls_creator = self.tls  # held on the wrapper so reload can swap certificates
+        else:
+            self._log.warn("TLS is disabled (tls.enabled = false): traffic is not encrypted in transit")
+        self.port = await endpoint.listen(factory)
+        host = self.port.getHost()
+        self._log.info(
+            "Listening for the native protocol on {host}:{port} ({security})",
+            host=getattr(host, "host", str(host)),
+            port=getattr(host, "port", ""),
+            security="TLS" if config.tls.enabled else "plain TCP",
+        )
+
+    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
+        super().stopService()  # type: ignore[no-untyped-call]
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        port, self.port = self.port, None
+        if port is not None:
+            await defer.maybeDeferred(port.stopListening)
+        drained = self.factory.start_drain()
+        busy = len(self.factory.connections)
+        if busy:
+            self._log.info("Draining {count} connection(s)", count=busy)
+        timeout = self.config.server.shutdown_timeout
+        timer = self.reactor.callLater(timeout, self._drain_expired)
+        try:
+            await drained
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    def _drain_expired(self) -> None:
+        left = len(self.factory.connections)
+        if left:
+            self._log.warn(
+                "Shutdown timeout: closing {count} connection(s) with requests still running", count=left
+            )
+            self.factory.abort_all()
+
+
+def build_listener(config: Config, reactor: Any, root: Any) -> ListenerService:
+    """The listener with its pipeline and executor over ``root.backend`` (used by ``amaters.tap``).
+
+    Sets ``root.pipeline`` so later features can add pipeline stages.
+    """
+    from amaters.query.executor import QueryExecutor
+
+    def server_info() -> ops.ServerInfoResult:
+        started = getattr(root, "started_at", None)
+        uptime = int(reactor.seconds() - started) if started is not None else 0
+        return ops.ServerInfoResult(
+            PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS, CAPABILITIES, max(uptime, 0)
+        )
+
+    def health() -> ops.HealthResult:
+        if getattr(root, "draining", False):
+            return ops.HealthResult(False, "shutting down")
+        if getattr(root, "ready", True):
+            return ops.HealthResult(True, "serving")
+        return ops.HealthResult(False, "starting")
+
+    executor = QueryExecutor(
+        root.backend,
+        auto_create_collections=config.storage.auto_create_collections,
+        range_chunk_size=config.storage.range_chunk_size,
+        server_info=server_info,
+        health=health,
+    )
+    pipeline = QueryPipeline(executor, config.limits)
+    root.pipeline = pipeline
+    return ListenerService(config, reactor, pipeline)
+
+
+__all__ = [
+    "ANONYMOUS",
+    "CAPABILITIES",
+    "AmatersServerFactory",
+    "AmatersServerProtocol",
+    "Authenticator",
+    "Credentials",
+    "ListenerService",
+    "Principal",
+    "Session",
+    "build_listener",
+    "default_authenticator",
+]

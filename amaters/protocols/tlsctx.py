@@ -1,0 +1,131 @@
+"""TLS context factories for the native protocol, server and client.
+
+Both sides use Twisted's :class:`~twisted.internet.ssl.CertificateOptions` (its default ciphers, TLS
+1.2 at least, ALPN ``amaters/1``).  The server side is wrapped in :class:`ReloadableServerTLS`, the
+connection creator handed to ``TLSMemoryBIOFactory``: reload swaps the options inside it, so new
+connections use new certificates while existing ones keep theirs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from OpenSSL import SSL, crypto
+from twisted.internet import ssl
+from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
+from zope.interface import implementer
+
+from amaters.errors import InvalidCertificate
+
+#: The ALPN protocol id of the native protocol.
+ALPN_PROTOCOL = b"amaters/1"
+
+
+def _split_pem_certificates(pem: bytes) -> list[bytes]:
+    marker = b"-----END CERTIFICATE-----"
+    parts = []
+    for block in pem.split(marker):
+        start = block.find(b"-----BEGIN CERTIFICATE-----")
+        if start != -1:
+            parts.append(block[start:] + marker + b"\n")
+    return parts
+
+
+def load_certificates(path: str | Path) -> list[ssl.Certificate]:
+    """Every certificate in a PEM file, in file order (leaf first for a chain)."""
+    data = Path(path).read_bytes()
+    blocks = _split_pem_certificates(data)
+    if not blocks:
+        raise InvalidCertificate(f"{path}: no PEM certificate found")
+    return [ssl.Certificate.loadPEM(block) for block in blocks]
+
+
+def load_trust_root(path: str | Path) -> IOpenSSLTrustRoot:
+    """Trust exactly the CA certificates in a PEM bundle."""
+    certificates = load_certificates(path)
+    return ssl.trustRootFromCertificates(certificates)  # type: ignore[no-untyped-call]
+
+
+def server_tls_options(
+    cert_file: str | Path,
+    key_file: str | Path,
+    *,
+    client_ca: str | Path | None = None,
+    client_auth: Literal["none", "optional", "required"] = "none",
+) -> ssl.CertificateOptions:
+    """Server options: the certificate chain in ``cert_file`` (leaf first) and its key.
+
+    With ``client_auth`` "optional" or "required", client certificates are verified against
+    ``client_ca``; "required" refuses a TLS handshake without one.
+    """
+    chain = load_certificates(cert_file)
+    key = ssl.KeyPair.load(Path(key_file).read_bytes(), crypto.FILETYPE_PEM)
+    extra: dict[str, object] = {}
+    if client_auth != "none":
+        if not client_ca:
+            raise ValueError("client certificate verification needs a CA file")
+        if client_auth == "required":
+            extra["trustRoot"] = load_trust_root(client_ca)  # implies verify + require
+        else:
+            # Twisted refuses trustRoot with requireCertificate=False; the older arguments express
+            # "verify a certificate if one is offered".
+            extra["verify"] = True
+            extra["caCerts"] = [c.original for c in load_certificates(client_ca)]
+            extra["requireCertificate"] = False
+    return ssl.CertificateOptions(
+        privateKey=key.original,
+        certificate=chain[0].original,
+        extraCertChain=[c.original for c in chain[1:]],
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableProtocols=[ALPN_PROTOCOL],
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableServerTLS:
+    """A server connection creator whose options can be swapped (certificate reload).
+
+    Each new connection takes the options current at accept time; connections already open keep
+    the context they were created with.
+    """
+
+    def __init__(self, options: ssl.CertificateOptions) -> None:
+        self.options = options
+
+    def swap(self, options: ssl.CertificateOptions) -> None:
+        """Use ``options`` for connections accepted from now on."""
+        options.getContext()  # fail here, not on the next accept, if the new material is bad
+        self.options = options
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        return SSL.Connection(self.options.getContext(), None)
+
+
+def client_tls_options(
+    hostname: str,
+    ca_file: str | Path | None,
+    *,
+    client_cert: str | Path | None = None,
+    client_key: str | Path | None = None,
+) -> IOpenSSLClientConnectionCreator:
+    """Client options verifying the server's certificate for ``hostname`` (a name or an IP).
+
+    ``ca_file`` None trusts the platform's CA store.  ``client_cert``/``client_key`` present a client
+    certificate (mutual TLS); the key may be in ``client_cert`` itself.
+    """
+    trust = load_trust_root(ca_file) if ca_file else ssl.platformTrust()  # type: ignore[no-untyped-call]
+    client_certificate = None
+    if client_cert:
+        cert_pem = Path(client_cert).read_bytes()
+        key_pem = Path(client_key).read_bytes() if client_key else cert_pem
+        client_certificate = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)  # type: ignore[no-untyped-call]
+    return ssl.optionsForClientTLS(
+        hostname,
+        trustRoot=trust,
+        clientCertificate=client_certificate,
+        acceptableProtocols=[ALPN_PROTOCOL],
+        extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
+    )

@@ -1,0 +1,244 @@
+"""The operations themselves, over an :class:`~amaters.interfaces.IStorageBackend`.
+
+The executor knows operations, not policy: it trusts that :mod:`amaters.query.validation` and the
+pipeline's stages have already accepted the request.  Every method returns a Deferred failing only
+with :class:`~amaters.errors.AmatersError` subclasses that the backend or the executor raise.
+
+Rules it implements:
+
+- collections are created on their first SET when ``storage.auto_create_collections`` is true;
+  then reads and deletes on a collection that does not exist yet behave as on an empty one.  When
+  it is false, every operation on a missing collection fails with ``STORAGE_NOT_FOUND``.
+- GET of a missing key is ``None``, not an error; DELETE tells whether the key existed.
+- BATCH is atomic: every write is collected first and applied with one ``write_batch``; reads in a
+  batch see the batch's earlier writes.  Collections a batch auto-creates are dropped again if the
+  write fails, so a failed batch leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from amaters.errors import AmatersError, NotFound
+from amaters.interfaces import IRangeCursor, IStorageBackend
+from amaters.query import operations as ops
+from amaters.types import CipherBlob, WriteOp
+
+#: What this server offers, announced in the handshake and in ServerInfo.
+CAPABILITIES = (
+    "get",
+    "set",
+    "delete",
+    "range.stream",
+    "range.cancel",
+    "batch.atomic",
+    "collections",
+    "server_info",
+    "health_check",
+    "ping",
+)
+
+
+class _EmptyCursor:
+    """The cursor of a range over a collection that does not exist (yet)."""
+
+    def next_chunk(self) -> defer.Deferred[list[Any]]:
+        return defer.succeed([])
+
+    def close(self) -> None:
+        pass
+
+
+class QueryExecutor:
+    """Runs :mod:`amaters.query.operations` against a storage backend."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        backend: IStorageBackend,
+        *,
+        auto_create_collections: bool = True,
+        range_chunk_size: int = 256,
+        server_info: Callable[[], ops.ServerInfoResult] | None = None,
+        health: Callable[[], ops.HealthResult] | None = None,
+    ) -> None:
+        # Typed loosely: the interface's methods are declared as returning ``object``.
+        self.backend: Any = backend
+        self.auto_create_collections = auto_create_collections
+        self.range_chunk_size = range_chunk_size
+        self._server_info = server_info
+        self._health = health
+        self._dispatch: dict[type, Callable[[Any], defer.Deferred[Any]]] = {
+            ops.Get: self.get,
+            ops.Set: self.set,
+            ops.Delete: self.delete,
+            ops.Batch: self.batch,
+            ops.CreateCollection: self.create_collection,
+            ops.DropCollection: self.drop_collection,
+            ops.ListCollections: self.list_collections,
+            ops.ServerInfo: self.server_info,
+            ops.HealthCheck: self.health_check,
+            ops.Range: self.range_list,
+        }
+
+    def execute(self, op: ops.Operation) -> defer.Deferred[Any]:
+        """Run any operation (RANGE as a complete list; streams use :meth:`open_range`)."""
+        return self._dispatch[type(op)](op)
+
+    # -- single keys --------------------------------------------------------------------------
+
+    def _missing(self, collection: str) -> NotFound:
+        return NotFound(f"collection {collection!r} does not exist")
+
+    def get(self, op: ops.Get) -> defer.Deferred[CipherBlob | None]:
+        backend = self.backend
+        if not backend.has_collection(op.collection):
+            if self.auto_create_collections:
+                return defer.succeed(None)
+            return defer.fail(self._missing(op.collection))
+        return backend.get(op.collection, op.key)
+
+    def set(self, op: ops.Set) -> defer.Deferred[None]:
+        backend = self.backend
+        if backend.has_collection(op.collection):
+            return backend.put(op.collection, op.key, op.value)
+        if not self.auto_create_collections:
+            return defer.fail(self._missing(op.collection))
+        d: defer.Deferred[Any] = defer.maybeDeferred(backend.create_collection, op.collection)
+        d.addCallback(lambda _: backend.put(op.collection, op.key, op.value))
+        return d
+
+    def delete(self, op: ops.Delete) -> defer.Deferred[bool]:
+        backend = self.backend
+        if not backend.has_collection(op.collection):
+            if self.auto_create_collections:
+                return defer.succeed(False)
+            return defer.fail(self._missing(op.collection))
+        return backend.delete(op.collection, op.key)
+
+    # -- ranges -------------------------------------------------------------------------------
+
+    def open_range(self, op: ops.Range) -> IRangeCursor:
+        """A cursor over the range, read chunk by chunk (raises ``NotFound`` synchronously)."""
+        if not self.backend.has_collection(op.collection):
+            if self.auto_create_collections:
+                return _EmptyCursor()  # type: ignore[return-value]
+            raise self._missing(op.collection)
+        if op.limit == 0 or (op.end is not None and op.start >= op.end):
+            return _EmptyCursor()  # type: ignore[return-value]
+        return self.backend.scan(  # type: ignore[no-any-return]
+            op.collection, op.start, op.end, op.limit, self.range_chunk_size
+        )
+
+    def range_list(self, op: ops.Range) -> defer.Deferred[list[tuple[bytes, CipherBlob]]]:
+        """The whole range as one list (for callers that do not stream)."""
+        return defer.Deferred.fromCoroutine(self._range_list(op))
+
+    async def _range_list(self, op: ops.Range) -> list[tuple[bytes, CipherBlob]]:
+        cursor = self.open_range(op)
+        found: list[tuple[bytes, CipherBlob]] = []
+        try:
+            while True:
+                chunk = await cursor.next_chunk()  # type: ignore[misc]
+                if not chunk:
+                    return found
+                found.extend(chunk)
+        finally:
+            cursor.close()
+
+    # -- batches ------------------------------------------------------------------------------
+
+    def batch(self, op: ops.Batch) -> defer.Deferred[list[Any]]:
+        return defer.Deferred.fromCoroutine(self._batch(op))
+
+    async def _batch(self, batch: ops.Batch) -> list[Any]:
+        backend = self.backend
+        to_create: list[str] = []
+        for name in sorted(batch.collections):
+            if backend.has_collection(name):
+                continue
+            if not self.auto_create_collections:
+                raise self._missing(name)
+            if any(isinstance(o, ops.Set) and o.collection == name for o in batch.ops):
+                to_create.append(name)
+
+        # What this batch has written so far: (collection, key) -> blob, or None when deleted.
+        overlay: dict[tuple[str, bytes], CipherBlob | None] = {}
+        writes: list[WriteOp] = []
+        results: list[Any] = []
+        missing = object()
+
+        async def current(collection: str, key: bytes) -> CipherBlob | None:
+            seen = overlay.get((collection, key), missing)
+            if seen is not missing:
+                return seen  # type: ignore[return-value]
+            if not backend.has_collection(collection):
+                return None
+            value: CipherBlob | None = await backend.get(collection, key)
+            return value
+
+        for item in batch.ops:
+            if isinstance(item, ops.Get):
+                results.append(await current(item.collection, item.key))
+            elif isinstance(item, ops.Set):
+                overlay[(item.collection, item.key)] = item.value
+                writes.append(WriteOp.put(item.collection, item.key, item.value))
+                results.append(None)
+            else:
+                existed = await current(item.collection, item.key) is not None
+                overlay[(item.collection, item.key)] = None
+                if backend.has_collection(item.collection) or item.collection in to_create:
+                    writes.append(WriteOp.delete(item.collection, item.key))
+                results.append(existed)
+
+        if not writes:
+            return results
+        created: list[str] = []
+        try:
+            for name in to_create:
+                if await backend.create_collection(name):
+                    created.append(name)
+            await backend.write_batch(writes)
+        except BaseException:
+            for name in created:
+                try:
+                    await backend.drop_collection(name)
+                except Exception:
+                    self._log.failure(
+                        "Could not drop collection {collection} after a failed batch", collection=name
+                    )
+            raise
+        return results
+
+    # -- collections and server ---------------------------------------------------------------
+
+    def create_collection(self, op: ops.CreateCollection) -> defer.Deferred[bool]:
+        return defer.maybeDeferred(self.backend.create_collection, op.collection)
+
+    def drop_collection(self, op: ops.DropCollection) -> defer.Deferred[bool]:
+        return defer.maybeDeferred(self.backend.drop_collection, op.collection)
+
+    def list_collections(self, op: ops.ListCollections) -> defer.Deferred[list[str]]:
+        return defer.maybeDeferred(self.backend.list_collections)
+
+    def server_info(self, op: ops.ServerInfo) -> defer.Deferred[ops.ServerInfoResult]:
+        if self._server_info is None:
+            from amaters import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS
+
+            return defer.succeed(
+                ops.ServerInfoResult(PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS, CAPABILITIES, 0)
+            )
+        return defer.succeed(self._server_info())
+
+    def health_check(self, op: ops.HealthCheck) -> defer.Deferred[ops.HealthResult]:
+        if self._health is None:
+            return defer.succeed(ops.HealthResult(True, "serving"))
+        return defer.succeed(self._health())
+
+
+__all__ = ["CAPABILITIES", "AmatersError", "QueryExecutor"]

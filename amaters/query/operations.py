@@ -1,0 +1,156 @@
+"""The operations a client can ask for, as validated values (no keys or values in their repr).
+
+:mod:`amaters.query.validation` builds these from protobuf requests (and is the only place that
+decides what is acceptable); :class:`~amaters.query.executor.QueryExecutor` runs them; pipeline
+stages see them (``op.name``, ``op.collection``, ``op.kind``) to authorize, count and audit.
+Keys and values never appear in ``repr`` output, so an operation can be logged safely.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import attrs
+
+from amaters.types import CipherBlob
+
+#: What an operation needs, for RBAC: read < write < admin.
+Access = Literal["read", "write", "admin"]
+
+
+def _hidden(value: object) -> str:
+    return "<hidden>"
+
+
+@attrs.frozen(slots=True)
+class Get:
+    """Read one key; the result is the CipherBlob or None."""
+
+    name: ClassVar[str] = "get"
+    kind: ClassVar[Access] = "read"
+    collection: str
+    key: bytes = attrs.field(repr=_hidden)
+
+
+@attrs.frozen(slots=True)
+class Set:
+    """Store one value (replacing any previous one)."""
+
+    name: ClassVar[str] = "set"
+    kind: ClassVar[Access] = "write"
+    collection: str
+    key: bytes = attrs.field(repr=_hidden)
+    value: CipherBlob = attrs.field(repr=_hidden)
+
+
+@attrs.frozen(slots=True)
+class Delete:
+    """Delete one key; the result says whether it existed."""
+
+    name: ClassVar[str] = "delete"
+    kind: ClassVar[Access] = "write"
+    collection: str
+    key: bytes = attrs.field(repr=_hidden)
+
+
+@attrs.frozen(slots=True)
+class Range:
+    """Keys in ``[start, end)`` ascending, at most ``limit``; the result is an IRangeCursor.
+
+    ``end`` None means to the end of the collection.
+    """
+
+    name: ClassVar[str] = "range"
+    kind: ClassVar[Access] = "read"
+    collection: str
+    start: bytes = attrs.field(repr=_hidden)
+    end: bytes | None = attrs.field(repr=_hidden)
+    limit: int | None = None
+
+
+BatchItem = Get | Set | Delete
+
+
+@attrs.frozen(slots=True)
+class Batch:
+    """Reads and writes applied atomically: every write or none; reads see earlier writes."""
+
+    name: ClassVar[str] = "batch"
+    ops: tuple[BatchItem, ...]
+
+    @property
+    def kind(self) -> Access:
+        return "write" if any(op.kind == "write" for op in self.ops) else "read"
+
+    @property
+    def collection(self) -> str | None:
+        names = {op.collection for op in self.ops}
+        return names.pop() if len(names) == 1 else None
+
+    @property
+    def collections(self) -> frozenset[str]:
+        return frozenset(op.collection for op in self.ops)
+
+
+@attrs.frozen(slots=True)
+class CreateCollection:
+    name: ClassVar[str] = "create_collection"
+    kind: ClassVar[Access] = "admin"
+    collection: str
+
+
+@attrs.frozen(slots=True)
+class DropCollection:
+    name: ClassVar[str] = "drop_collection"
+    kind: ClassVar[Access] = "admin"
+    collection: str
+
+
+@attrs.frozen(slots=True)
+class ListCollections:
+    name: ClassVar[str] = "list_collections"
+    kind: ClassVar[Access] = "read"
+    collection: ClassVar[None] = None
+
+
+@attrs.frozen(slots=True)
+class ServerInfo:
+    name: ClassVar[str] = "server_info"
+    kind: ClassVar[Access] = "read"
+    collection: ClassVar[None] = None
+
+
+@attrs.frozen(slots=True)
+class HealthCheck:
+    name: ClassVar[str] = "health_check"
+    kind: ClassVar[Access] = "read"
+    collection: ClassVar[None] = None
+    service: str | None = None
+
+
+Operation = (
+    Get
+    | Set
+    | Delete
+    | Range
+    | Batch
+    | CreateCollection
+    | DropCollection
+    | ListCollections
+    | ServerInfo
+    | HealthCheck
+)
+
+
+@attrs.frozen
+class ServerInfoResult:
+    version: tuple[int, int, int]
+    supported_versions: tuple[tuple[int, int, int], ...]
+    capabilities: tuple[str, ...]
+    uptime_seconds: int
+
+
+@attrs.frozen
+class HealthResult:
+    serving: bool
+    message: str

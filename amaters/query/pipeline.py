@@ -1,0 +1,285 @@
+"""The QueryPipeline: the one path every request takes from a protocol to the executor.
+
+::
+
+    protocol ──decode──▶ validation (limits, input rules)      QueryPipeline.decode_*
+             ──execute─▶ stage.before(ctx, op) for each stage   auth/RBAC, rate limit, cache, ...
+                         QueryExecutor                           the operation
+                         stage.after(ctx, op, outcome)           metrics, audit, slow-request log
+             ◀────────── result (or an AmatersError failure)
+
+Later features plug in as stages (:class:`IPipelineStage`) with :meth:`QueryPipeline.add_stage`
+instead of editing the protocol or the executor.  A stage's ``before`` may refuse a request by
+raising an :class:`~amaters.errors.AmatersError` (or returning a Deferred that fails with one), and
+may answer it instead of the executor by setting ``ctx.result`` (a cache hit).  ``after`` runs for
+every request that reached the stages, successful or not, and must not raise: the pipeline logs
+anything it raises and carries on.
+
+Unexpected exceptions from a stage or the executor are logged with their traceback here and turned
+into ``SERVER_INTERNAL`` with a generic message: tracebacks never reach a client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface, implementer
+
+from amaters.config import LimitsConfig
+from amaters.errors import AmatersError, ServerError
+from amaters.interfaces import IPrincipal, IRangeCursor
+from amaters.proto import aql_pb2, query_pb2
+from amaters.query import operations as ops
+from amaters.query.executor import QueryExecutor
+from amaters.query.validation import Validator
+
+_NO_RESULT: Any = object()
+
+#: What :func:`immediate_result` returns for a Deferred that has not succeeded yet.
+NOT_YET: Any = object()
+
+
+def immediate_result(d: defer.Deferred[Any]) -> Any:
+    """The result of ``d`` if it has already succeeded, else :data:`NOT_YET`.
+
+    Most reads from the memory backend (and cache hits) are answered synchronously; taking the
+    result directly saves the callback machinery on the hottest path.  A failed Deferred is left
+    alone so the caller's errback consumes (and handles) the failure.
+    """
+    if d.called and not d.paused:
+        result = d.result
+        if not isinstance(result, (Failure, defer.Deferred)):
+            return result
+    return NOT_YET
+
+
+class RequestContext:
+    """What the pipeline and its stages know about one request.  Never holds keys or values.
+
+    ``annotations`` is a free-form dict stages share (e.g. a trace span, a cache key).
+    """
+
+    __slots__ = (
+        "annotations",
+        "principal",
+        "protocol",
+        "request_id",
+        "result",
+        "session",
+        "source",
+        "started",
+    )
+
+    def __init__(
+        self,
+        request_id: int,
+        principal: IPrincipal,
+        source: str = "",
+        started: float = 0.0,
+        session: Any = None,
+        protocol: str = "native",
+    ) -> None:
+        self.request_id = request_id
+        self.principal = principal
+        self.source = source
+        self.started = started
+        self.session = session
+        self.protocol = protocol
+        self.result: Any = _NO_RESULT
+        self.annotations: dict[str, Any] = {}
+
+    @property
+    def answered(self) -> bool:
+        """Whether a stage has already set the result (the executor is then skipped)."""
+        return self.result is not _NO_RESULT
+
+
+class IPipelineStage(Interface):
+    """One policy step around the executor (auth, RBAC, rate limit, cache, metrics, audit...)."""
+
+    name = Attribute("Short unique name, used to order stages and in logs.")
+
+    def before(ctx: RequestContext, op: ops.Operation) -> object:
+        """Inspect a request before it runs.
+
+        Return None to continue (or a Deferred firing None), raise or fail with an AmatersError to
+        refuse, or set ``ctx.result`` to answer in place of the executor.
+        """
+
+    def after(ctx: RequestContext, op: ops.Operation, outcome: object) -> None:
+        """Observe the outcome: the result, or a Failure wrapping an AmatersError.  Never raises."""
+
+
+@implementer(IPipelineStage)
+class PipelineStage:
+    """A stage that does nothing: subclass it and override ``before`` and/or ``after``."""
+
+    name = "noop"
+
+    def before(self, ctx: RequestContext, op: ops.Operation) -> object:
+        return None
+
+    def after(self, ctx: RequestContext, op: ops.Operation, outcome: object) -> None:
+        return None
+
+
+class QueryPipeline:
+    """Validation, then stages, then the executor.  Shared by every protocol front end."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        executor: QueryExecutor,
+        limits: LimitsConfig,
+        stages: Sequence[IPipelineStage] = (),
+    ) -> None:
+        self.executor = executor
+        self.validator = Validator(limits)
+        self._stages: list[IPipelineStage] = []
+        self._befores: tuple[IPipelineStage, ...] = ()
+        self._afters: tuple[IPipelineStage, ...] = ()
+        for stage in stages:
+            self.add_stage(stage)
+
+    # -- configuration ------------------------------------------------------------------------
+
+    @property
+    def limits(self) -> LimitsConfig:
+        return self.validator.limits
+
+    def update_limits(self, limits: LimitsConfig) -> None:
+        """Apply reloaded limits to requests decoded from now on."""
+        self.validator.limits = limits
+
+    @property
+    def stages(self) -> tuple[IPipelineStage, ...]:
+        return tuple(self._stages)
+
+    def add_stage(
+        self, stage: IPipelineStage, *, before: str | None = None, after: str | None = None
+    ) -> None:
+        """Insert a stage: at the end, or just before/after the stage with that name."""
+        names = [s.name for s in self._stages]
+        if stage.name in names:
+            raise ValueError(f"a pipeline stage named {stage.name!r} is already installed")
+        if before is not None:
+            index = names.index(before)
+        elif after is not None:
+            index = names.index(after) + 1
+        else:
+            index = len(self._stages)
+        self._stages.insert(index, stage)
+        self._refresh()
+
+    def remove_stage(self, name: str) -> None:
+        self._stages = [s for s in self._stages if s.name != name]
+        self._refresh()
+
+    def _refresh(self) -> None:
+        # Skip the no-op halves of stages on the hot path.
+        self._befores = tuple(
+            s for s in self._stages if getattr(type(s), "before", None) is not PipelineStage.before
+        )
+        self._afters = tuple(
+            s for s in self._stages if getattr(type(s), "after", None) is not PipelineStage.after
+        )
+
+    # -- decoding (validation) ----------------------------------------------------------------
+
+    def decode_query(self, query: query_pb2.Query) -> ops.Operation:
+        """The validated operation for a Query; raises AmatersError."""
+        return self.validator.query(query)
+
+    def decode_batch(self, request: aql_pb2.BatchRequest) -> ops.Batch:
+        return self.validator.batch(request)
+
+    def decode_collection(self, name: str) -> str:
+        return self.validator.collection(name)
+
+    # -- execution ----------------------------------------------------------------------------
+
+    def execute(self, ctx: RequestContext, op: ops.Operation) -> defer.Deferred[Any]:
+        """Run ``op`` through the stages and the executor.  Fails only with AmatersError."""
+        try:
+            for stage in self._befores:
+                waiting = stage.before(ctx, op)
+                if waiting is not None:
+                    return self._finish(ctx, op, self._continue(ctx, op, stage, waiting))
+                if ctx.result is not _NO_RESULT:
+                    return self._finish(ctx, op, defer.succeed(ctx.result))
+            d = self.executor.execute(op)
+        except AmatersError:
+            d = defer.fail()
+        except Exception:
+            d = defer.fail()
+        return self._finish(ctx, op, d)
+
+    def open_range(self, ctx: RequestContext, op: ops.Range) -> defer.Deferred[IRangeCursor]:
+        """Run the stages for a RANGE and open its cursor (streamed by the caller)."""
+        try:
+            for stage in self._befores:
+                waiting = stage.before(ctx, op)
+                if waiting is not None:
+                    d: defer.Deferred[Any] = defer.Deferred.fromCoroutine(
+                        self._await_then(ctx, op, stage, waiting, self._open_cursor)
+                    )
+                    return self._finish(ctx, op, d)
+            d = defer.succeed(self.executor.open_range(op))
+        except Exception:
+            d = defer.fail()
+        return self._finish(ctx, op, d)
+
+    def _open_cursor(self, op: ops.Range) -> defer.Deferred[IRangeCursor]:
+        return defer.maybeDeferred(self.executor.open_range, op)
+
+    def _continue(
+        self, ctx: RequestContext, op: ops.Operation, stage: IPipelineStage, waiting: object
+    ) -> defer.Deferred[Any]:
+        return defer.Deferred.fromCoroutine(self._await_then(ctx, op, stage, waiting, self.executor.execute))
+
+    async def _await_then(
+        self,
+        ctx: RequestContext,
+        op: Any,
+        stage: IPipelineStage,
+        waiting: object,
+        run: Any,
+    ) -> Any:
+        await waiting  # type: ignore[misc]
+        stages = self._befores
+        for later in stages[stages.index(stage) + 1 :] if stage in stages else ():
+            if ctx.result is not _NO_RESULT:
+                break
+            more = later.before(ctx, op)
+            if more is not None:
+                await more  # type: ignore[misc]
+        if ctx.result is not _NO_RESULT:
+            return ctx.result
+        return await run(op)
+
+    def _finish(self, ctx: RequestContext, op: ops.Operation, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
+        if not self._afters and immediate_result(d) is not NOT_YET:
+            return d  # already succeeded and nothing observes it: nothing to add
+        d.addErrback(self._sanitize, op)
+        if self._afters:
+            d.addBoth(self._run_afters, ctx, op)
+        return d
+
+    def _sanitize(self, failure: Failure, op: ops.Operation) -> Failure:
+        if isinstance(failure.value, AmatersError):
+            return failure
+        self._log.failure("Unexpected error in {op} request", failure, op=op.name)
+        return Failure(ServerError("internal server error; the server log has the details"))  # type: ignore[no-untyped-call]
+
+    def _run_afters(self, outcome: object, ctx: RequestContext, op: ops.Operation) -> object:
+        for stage in self._afters:
+            try:
+                stage.after(ctx, op, outcome)
+            except Exception:
+                self._log.failure("Pipeline stage {stage} failed in after()", stage=stage.name)
+        return outcome

@@ -1,0 +1,151 @@
+"""Input rules: what a client may send, turned from protobuf requests into validated operations.
+
+Every rule raises an :class:`~amaters.errors.AmatersError` with a precise code and a message that
+names the rule (never the key or value):
+
+- collection names: ``[A-Za-z0-9_.-]{1,128}`` → ``VALIDATION_INVALID_COLLECTION``;
+- keys: 1 to ``limits.max_key_bytes`` bytes → ``VALIDATION_INVALID_KEY`` / ``VALIDATION_SIZE_EXCEEDED``;
+- values: at most ``limits.max_value_bytes`` → ``VALIDATION_SIZE_EXCEEDED``; the CRC32 in
+  ``CipherMetadata.checksum`` must match the data → ``VALIDATION_INVALID_VALUE``;
+- a batch: at most ``limits.max_batch_ops`` of GET, SET and DELETE;
+- FILTER and UPDATE need an FHE evaluator → ``COMPUTE_INVALID_OPERATION``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from amaters.config import LimitsConfig
+from amaters.errors import (
+    AmatersError,
+    InvalidCollection,
+    InvalidKey,
+    InvalidOperation,
+    InvalidValue,
+    MissingField,
+    ProtocolError,
+    SizeExceeded,
+)
+from amaters.proto import aql_pb2, query_pb2, types_pb2
+from amaters.proto.convert import blob_from_proto
+from amaters.query import operations as ops
+from amaters.types import CipherBlob, crc32
+
+COLLECTION_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+_FHE_MISSING = (
+    "{what} needs the FHE evaluator, which this server does not have configured"
+    " (install amaters[fhe] and enable [fhe]); the key-value operations work without it"
+)
+
+
+class Validator:
+    """Checks requests against the current limits; ``limits`` may be replaced on reload."""
+
+    # Names seen valid, so the regular expression runs once per collection, not per request.
+    _MAX_REMEMBERED = 4096
+
+    def __init__(self, limits: LimitsConfig) -> None:
+        self.limits = limits
+        self._valid_names: set[str] = set()
+
+    def collection(self, name: str) -> str:
+        if name in self._valid_names:
+            return name
+        if not COLLECTION_NAME.fullmatch(name):
+            if not name:
+                raise InvalidCollection("a collection name is required")
+            raise InvalidCollection(
+                "collection names are 1 to 128 characters of A-Z, a-z, 0-9, '_', '.' and '-'"
+            )
+        if len(self._valid_names) < self._MAX_REMEMBERED:
+            self._valid_names.add(name)
+        return name
+
+    def key(self, message: types_pb2.Key, what: str = "key") -> bytes:
+        data = message.data
+        if not data:
+            raise InvalidKey(f"the {what} must not be empty")
+        if len(data) > self.limits.max_key_bytes:
+            raise SizeExceeded(f"the {what} is {len(data)} bytes; the limit is {self.limits.max_key_bytes}")
+        return data
+
+    def bound(self, message: types_pb2.Key, what: str) -> bytes:
+        """A range bound: may be empty (open), but no longer than a key."""
+        data = message.data
+        if len(data) > self.limits.max_key_bytes:
+            raise SizeExceeded(
+                f"the range {what} is {len(data)} bytes; the limit is {self.limits.max_key_bytes}"
+            )
+        return data
+
+    def value(self, message: types_pb2.CipherBlob) -> CipherBlob:
+        blob = blob_from_proto(message)
+        if len(blob.data) > self.limits.max_value_bytes:
+            raise SizeExceeded(
+                f"the value is {len(blob.data)} bytes; the limit is {self.limits.max_value_bytes}"
+            )
+        if crc32(blob.data) != blob.checksum:
+            raise InvalidValue(
+                "the value's CRC32 (metadata.checksum) does not match its data;"
+                " it was corrupted in transit or the checksum was not set"
+            )
+        return blob
+
+    def query(self, query: query_pb2.Query) -> ops.Operation:
+        """The operation a Query asks for.  RANGE gives :class:`~amaters.query.operations.Range`."""
+        which = query.WhichOneof("query")
+        if which == "get":
+            # The hottest request: the common case inlined, the rules applied by the helpers.
+            get = query.get
+            name = get.collection
+            if name not in self._valid_names:
+                self.collection(name)
+            key = get.key.data
+            if not key or len(key) > self.limits.max_key_bytes:
+                self.key(get.key)
+            return ops.Get(name, key)
+        if which == "set":
+            s = query.set
+            if not s.HasField("value"):
+                raise MissingField("SET needs a value")
+            return ops.Set(self.collection(s.collection), self.key(s.key), self.value(s.value))
+        if which == "delete":
+            d = query.delete
+            return ops.Delete(self.collection(d.collection), self.key(d.key))
+        if which == "range":
+            r = query.range
+            end = self.bound(r.end, "end")
+            return ops.Range(
+                self.collection(r.collection),
+                self.bound(r.start, "start"),
+                end or None,
+                r.limit if r.HasField("limit") else None,
+            )
+        if which == "filter":
+            self.collection(query.filter.collection)
+            raise InvalidOperation(_FHE_MISSING.format(what="FILTER"))
+        if which == "update":
+            self.collection(query.update.collection)
+            raise InvalidOperation(_FHE_MISSING.format(what="UPDATE"))
+        raise MissingField("the query names no operation (get, set, delete, range, filter, update)")
+
+    def batch(self, request: aql_pb2.BatchRequest) -> ops.Batch:
+        """A batch of GET, SET and DELETE, every item validated before anything runs."""
+        queries = request.queries
+        if not queries:
+            raise MissingField("a batch needs at least one query")
+        if len(queries) > self.limits.max_batch_ops:
+            raise SizeExceeded(
+                f"the batch has {len(queries)} queries; the limit is {self.limits.max_batch_ops}"
+            )
+        items: list[ops.BatchItem] = []
+        for index, query in enumerate(queries):
+            try:
+                op = self.query(query)
+            except AmatersError as e:
+                e.message = f"batch query {index}: {e.message}"
+                raise
+            if not isinstance(op, (ops.Get, ops.Set, ops.Delete)):
+                raise ProtocolError(f"batch query {index}: only GET, SET and DELETE may be batched")
+            items.append(op)
+        return ops.Batch(tuple(items))

@@ -1,0 +1,207 @@
+"""Service plumbing: an AsyncMultiService that awaits its children, thread-pool services, helpers.
+
+Twisted's ``MultiService`` starts children without waiting for them and drops stop failures on the
+floor; a database must not report "ready" before its storage is open, nor exit 0 when a flush
+failed.  :class:`AsyncMultiService` starts children in order, awaiting each, and stops them in
+reverse, awaiting each and reporting every failure.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorThreads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+log = Logger()
+
+
+def deferred(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, defer.Deferred[T]]:
+    """Wrap an ``async def`` so that calling it returns a Deferred (the Twisted boundary)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> defer.Deferred[T]:
+        return defer.Deferred.fromCoroutine(fn(*args, **kwargs))
+
+    return wrapper
+
+
+def log_failure(message: str, logger: Logger = log) -> Callable[[Failure], None]:
+    """An errback that logs a failure (for Deferreds nobody else awaits)."""
+
+    def errback(failure: Failure) -> None:
+        logger.failure(message, failure)
+
+    return errback
+
+
+class StartupError(Exception):
+    """A child service failed to start; the tree stops what it had started."""
+
+
+class StopErrors(Exception):
+    """One or more children failed to stop cleanly; ``failures`` maps name to Failure."""
+
+    def __init__(self, failures: dict[str, Failure]) -> None:
+        self.failures = failures
+        super().__init__("; ".join(f"{name}: {f.getErrorMessage()}" for name, f in failures.items()))
+
+
+class AsyncMultiService(service.MultiService):
+    """A MultiService whose start and stop await each child, in order and in reverse.
+
+    ``startService`` returns a Deferred (twistd ignores it, so :meth:`whenStarted` exposes it);
+    if a child fails to start, the children already started are stopped in reverse and the failure
+    is reported.  ``stopService`` stops every running child even when some fail, then fails with
+    :class:`StopErrors` naming each.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._started: list[service.IService] = []
+        self._start_d: defer.Deferred[None] | None = None
+        self._start_waiters: list[defer.Deferred[None]] = []
+        self.state = "stopped"  # stopped | starting | running | stopping
+
+    def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
+        service.Service.startService(self)
+        self.state = "starting"
+        self._start_d = defer.Deferred.fromCoroutine(self._start_children())
+        self._start_d.addBoth(self._notify_started)
+        return self._start_d
+
+    async def _start_children(self) -> None:
+        self._started = []
+        for child in list(self):
+            if self.state != "starting":
+                return  # stop was requested while starting
+            try:
+                await defer.maybeDeferred(child.startService)
+            except BaseException as e:
+                name = getattr(child, "name", None) or repr(child)
+                log.failure("Service {name} failed to start", Failure(), name=name)
+                await self._stop_started()
+                self.state = "stopped"
+                raise StartupError(f"{name} failed to start: {e}") from e
+            self._started.append(child)
+        self.state = "running"
+
+    def _notify_started(self, result: object) -> object:
+        waiters, self._start_waiters = self._start_waiters, []
+        for w in waiters:
+            if isinstance(result, Failure):
+                w.errback(result)
+            else:
+                w.callback(None)
+        return result
+
+    def whenStarted(self) -> defer.Deferred[None]:
+        """A Deferred firing when every child has started (or failing if one did not)."""
+        if self.state == "running":
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._start_waiters.append(d)
+        return d
+
+    async def _stop_started(self) -> dict[str, Failure]:
+        failures: dict[str, Failure] = {}
+        for child in reversed(self._started):
+            name = getattr(child, "name", None) or repr(child)
+            try:
+                await defer.maybeDeferred(child.stopService)
+            except BaseException:
+                f = Failure()
+                log.failure("Service {name} failed to stop", f, name=name)
+                failures[name] = f
+        self._started = []
+        return failures
+
+    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
+        service.Service.stopService(self)
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self.state == "starting" and self._start_d is not None:
+            # Let the child that is starting finish, then stop what started.
+            self.state = "stopping"
+            try:
+                await self._start_d
+            except Exception:
+                pass
+        self.state = "stopping"
+        failures = await self._stop_started()
+        self.state = "stopped"
+        if failures:
+            raise StopErrors(failures)
+
+
+class ThreadPoolService(service.Service):
+    """A named thread pool whose lifetime is a service's: started on start, joined on stop.
+
+    ``run(f, *args)`` runs ``f`` in the pool and returns a Deferred.  With ``synchronous=True``
+    (unit tests) the call runs inline and the Deferred has already fired.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorThreads,
+        name: str,
+        min_threads: int = 0,
+        max_threads: int = 4,
+        synchronous: bool = False,
+    ) -> None:
+        self.name = name
+        self._reactor = reactor
+        self._synchronous = synchronous
+        self.pool = ThreadPool(min_threads, max_threads, name=f"amaters-{name}")
+
+    def startService(self) -> None:
+        super().startService()
+        if not self._synchronous:
+            self.pool.start()
+
+    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
+        super().stopService()
+        if self._synchronous or not self.pool.started:
+            return defer.succeed(None)
+        # ThreadPool.stop joins the workers; join from a helper thread so work still running can
+        # deliver its results through callFromThread while we wait.
+        import threading
+
+        done: defer.Deferred[None] = defer.Deferred()
+        reactor: Any = self._reactor
+
+        def join() -> None:
+            self.pool.stop()
+            reactor.callFromThread(done.callback, None)
+
+        threading.Thread(target=join, name=f"amaters-{self.name}-stop", daemon=True).start()
+        return done
+
+    def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
+        if self._synchronous:
+            return defer.maybeDeferred(f, *args, **kwargs)
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self._reactor, self.pool, f, *args, **kwargs)  # type: ignore[arg-type]
+
+
+async def await_all(items: list[Awaitable[Any]]) -> None:
+    """Await every item, raising the first failure after all have finished."""
+    first: BaseException | None = None
+    for item in items:
+        try:
+            await item
+        except BaseException as e:
+            first = first or e
+    if first is not None:
+        raise first

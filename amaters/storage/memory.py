@@ -1,0 +1,180 @@
+"""The ``memory`` backend: a sorted map per collection, for tests and ephemeral use.
+
+Nothing is durable: a restart loses everything.  Every method answers at once (``succeed``/``fail``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from sortedcontainers import SortedDict
+from twisted.internet import defer
+from zope.interface import implementer
+
+from amaters.errors import AmatersError, Corrupted, NotFound, StorageError
+from amaters.interfaces import IRangeCursor, IStorageBackend
+from amaters.types import CipherBlob, KeyValue, WriteKind, WriteOp
+
+
+def _check(collection: str, key: bytes, blob: CipherBlob) -> CipherBlob:
+    if not blob.checksum_ok():
+        raise Corrupted(f"stored value of a key in collection {collection!r} fails its CRC32 check")
+    return blob
+
+
+@implementer(IRangeCursor)
+class MemoryCursor:
+    """A cursor over a sorted map; it resumes after the last key it returned."""
+
+    def __init__(
+        self,
+        collection: str,
+        data: SortedDict,
+        start: bytes,
+        end: bytes | None,
+        limit: int | None,
+        chunk_size: int,
+    ) -> None:
+        self._collection = collection
+        self._data = data
+        self._next = start
+        self._inclusive = True
+        self._end = end
+        self._remaining = limit
+        self._chunk_size = max(1, chunk_size)
+        self._done = end is not None and start >= end
+
+    def next_chunk(self) -> defer.Deferred[list[KeyValue]]:
+        if self._done:
+            return defer.succeed([])
+        want = self._chunk_size
+        if self._remaining is not None:
+            want = min(want, self._remaining)
+        keys = self._data.irange(
+            minimum=self._next,
+            maximum=self._end,
+            inclusive=(self._inclusive, False),
+        )
+        chunk: list[KeyValue] = []
+        try:
+            for key in keys:
+                chunk.append((key, _check(self._collection, key, self._data[key])))
+                if len(chunk) >= want:
+                    break
+        except AmatersError:
+            self._done = True
+            return defer.fail()
+        if chunk:
+            self._next = chunk[-1][0]
+            self._inclusive = False
+        if self._remaining is not None:
+            self._remaining -= len(chunk)
+            if self._remaining <= 0:
+                self._done = True
+        if len(chunk) < want:
+            self._done = True
+        return defer.succeed(chunk)
+
+    def close(self) -> None:
+        self._done = True
+
+
+@implementer(IStorageBackend)
+class MemoryBackend:
+    """Collections of sorted ``key -> CipherBlob`` maps held in memory."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self._collections: dict[str, SortedDict] = {}
+        self._open = False
+
+    def open(self) -> defer.Deferred[None]:
+        self._open = True
+        return defer.succeed(None)
+
+    def close(self) -> defer.Deferred[None]:
+        self._open = False
+        return defer.succeed(None)
+
+    def _collection(self, name: str) -> SortedDict:
+        try:
+            return self._collections[name]
+        except KeyError:
+            raise NotFound(f"collection {name!r} does not exist") from None
+
+    def create_collection(self, name: str) -> defer.Deferred[bool]:
+        if name in self._collections:
+            return defer.succeed(False)
+        self._collections[name] = SortedDict()
+        return defer.succeed(True)
+
+    def drop_collection(self, name: str) -> defer.Deferred[bool]:
+        return defer.succeed(self._collections.pop(name, None) is not None)
+
+    def list_collections(self) -> defer.Deferred[list[str]]:
+        return defer.succeed(sorted(self._collections))
+
+    def has_collection(self, name: str) -> bool:
+        return name in self._collections
+
+    def get(self, collection: str, key: bytes) -> defer.Deferred[CipherBlob | None]:
+        try:
+            blob = self._collection(collection).get(key)
+            return defer.succeed(None if blob is None else _check(collection, key, blob))
+        except StorageError:
+            return defer.fail()
+
+    def put(self, collection: str, key: bytes, value: CipherBlob) -> defer.Deferred[None]:
+        try:
+            self._collection(collection)[key] = value
+        except StorageError:
+            return defer.fail()
+        return defer.succeed(None)
+
+    def delete(self, collection: str, key: bytes) -> defer.Deferred[bool]:
+        try:
+            existed = self._collection(collection).pop(key, None) is not None
+        except StorageError:
+            return defer.fail()
+        return defer.succeed(existed)
+
+    def write_batch(self, ops: Iterable[WriteOp]) -> defer.Deferred[None]:
+        ops = list(ops)
+        try:
+            targets = [self._collection(op.collection) for op in ops]
+        except StorageError:
+            return defer.fail()
+        for op, target in zip(ops, targets, strict=True):
+            if op.kind is WriteKind.PUT:
+                target[op.key] = op.value
+            else:
+                target.pop(op.key, None)
+        return defer.succeed(None)
+
+    def scan(
+        self,
+        collection: str,
+        start: bytes,
+        end: bytes | None,
+        limit: int | None,
+        chunk_size: int,
+    ) -> MemoryCursor:
+        return MemoryCursor(collection, self._collection(collection), start, end, limit, chunk_size)
+
+    def sync(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def flush(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def stats(self) -> defer.Deferred[dict[str, Any]]:
+        keys = {name: len(data) for name, data in self._collections.items()}
+        size = sum(len(k) + len(v.data) for data in self._collections.values() for k, v in data.items())
+        return defer.succeed({"backend": self.name, "keys": keys, "bytes": size})
+
+    def snapshot(self, destination: str) -> defer.Deferred[None]:
+        from amaters.errors import InvalidOperation
+
+        return defer.fail(InvalidOperation("the memory backend keeps no files to snapshot"))

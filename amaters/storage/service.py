@@ -1,0 +1,47 @@
+"""The ``storage`` service: opens the backend on start; flushes and closes it on stop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from amaters.interfaces import IStorageBackend
+
+
+class StorageService(service.Service):
+    """Owns an :class:`IStorageBackend`'s lifetime.  ``is_open`` feeds readiness."""
+
+    name = "storage"
+    _log = Logger()
+
+    def __init__(self, backend: IStorageBackend) -> None:
+        self.backend = backend
+        self.is_open = False
+
+    def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
+        super().startService()
+        d: defer.Deferred[Any] = defer.maybeDeferred(self.backend.open)  # type: ignore[call-overload]
+
+        def opened(_: object) -> None:
+            self.is_open = True
+            self._log.info("Storage backend {backend} open", backend=self.backend.name)
+
+        d.addCallback(opened)
+        return d
+
+    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if not self.is_open:
+            return
+        self.is_open = False
+        try:
+            await defer.maybeDeferred(self.backend.flush)  # type: ignore[call-overload]
+        finally:
+            await defer.maybeDeferred(self.backend.close)  # type: ignore[call-overload]
+        self._log.info("Storage backend {backend} closed", backend=self.backend.name)

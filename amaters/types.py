@@ -1,0 +1,81 @@
+"""Plain value types shared by the protocol, the executor and the storage backends."""
+
+from __future__ import annotations
+
+import enum
+import zlib
+from collections.abc import Sequence
+
+import attrs
+
+
+class Compression(enum.IntEnum):
+    """How a CipherBlob's data is compressed (AmateRS ``CompressionType``)."""
+
+    NONE = 0
+    LZ4 = 1
+    ZSTD = 2
+
+
+def crc32(data: bytes) -> int:
+    """CRC32 (IEEE, as zlib and AmateRS compute it) of ``data`` as an unsigned 32-bit int."""
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+@attrs.frozen(slots=True)
+class CipherBlob:
+    """An encrypted value with its metadata, as stored and as sent on the wire.
+
+    ``data`` is opaque ciphertext (possibly compressed as ``compression`` says); ``checksum`` is the
+    CRC32 of ``data`` exactly as stored; ``size`` is the uncompressed size.
+    """
+
+    data: bytes
+    checksum: int
+    size: int = 0
+    compression: Compression = Compression.NONE
+    created_at: int = 0
+    version: int | None = None
+
+    @classmethod
+    def wrap(cls, data: bytes, *, created_at: int = 0, version: int | None = None) -> CipherBlob:
+        """A blob for uncompressed ``data`` with a correct checksum and size."""
+        return cls(
+            data=data,
+            checksum=crc32(data),
+            size=len(data),
+            compression=Compression.NONE,
+            created_at=created_at,
+            version=version,
+        )
+
+    def checksum_ok(self) -> bool:
+        """Whether ``checksum`` matches ``data``."""
+        return crc32(self.data) == self.checksum
+
+
+class WriteKind(enum.Enum):
+    PUT = "put"
+    DELETE = "delete"
+
+
+@attrs.frozen(slots=True)
+class WriteOp:
+    """One write of an atomic batch: a put (with ``value``) or a delete."""
+
+    kind: WriteKind
+    collection: str
+    key: bytes
+    value: CipherBlob | None = None
+
+    @classmethod
+    def put(cls, collection: str, key: bytes, value: CipherBlob) -> WriteOp:
+        return cls(WriteKind.PUT, collection, key, value)
+
+    @classmethod
+    def delete(cls, collection: str, key: bytes) -> WriteOp:
+        return cls(WriteKind.DELETE, collection, key, None)
+
+
+KeyValue = tuple[bytes, CipherBlob]
+Chunk = Sequence[KeyValue]

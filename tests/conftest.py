@@ -1,0 +1,50 @@
+"""Shared fixtures: the clean-reactor check every test runs under, and temporary data dirs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+
+def _reactor_leftovers() -> list[str]:
+    from twisted.internet import reactor
+
+    found: list[str] = []
+    for call in reactor.getDelayedCalls():  # type: ignore[attr-defined]
+        if call.active():
+            found.append(f"pending call {call}")
+    for selectable in reactor.getReaders() + reactor.getWriters():  # type: ignore[attr-defined]
+        # The reactor's own waker and pytest-twisted's greenlet plumbing are not leaks.
+        name = type(selectable).__name__
+        if name in ("_UnixWaker", "_SocketWaker", "_SIGCHLDWaker", "Waker"):
+            continue
+        found.append(f"open {name} {selectable}")
+    return found
+
+
+@pytest.fixture(autouse=True)
+def clean_reactor(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves listening ports, connections or timers behind on the global reactor.
+
+    pytest-twisted, unlike trial, does not notice them; a leak would otherwise surface as a
+    confusing failure in some later test.
+    """
+    before = set(_reactor_leftovers())
+    yield
+    if request.node.get_closest_marker("allow_dirty_reactor"):
+        return
+    leftovers = [item for item in _reactor_leftovers() if item not in before]
+    if leftovers:
+        from twisted.internet import reactor
+
+        # Clean up so the next test starts fresh, then fail this one.
+        for call in reactor.getDelayedCalls():  # type: ignore[attr-defined]
+            if call.active():
+                call.cancel()
+        for selectable in reactor.removeAll():  # type: ignore[attr-defined]
+            try:
+                selectable.connectionLost(None)
+            except Exception:
+                pass
+        pytest.fail("test left the reactor dirty:\n  " + "\n  ".join(leftovers))

@@ -1,0 +1,56 @@
+"""Packaging: the wheel ships the twistd plugin (and no plugin cache); a fresh virtualenv gets
+working ``twistd amaters`` and ``amaters`` commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_wheel_contents_and_fresh_virtualenv(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheels),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    (wheel,) = wheels.glob("amaters-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "twisted/plugins/amaters_plugin.py" in names
+    assert "twisted/plugins/__init__.py" not in names
+    assert "twisted/__init__.py" not in names
+    assert not [n for n in names if n.endswith("dropin.cache")]
+    assert "amaters/py.typed" in names
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = venv / "bin" / "pip"
+    subprocess.run([str(pip), "install", "-q", str(wheel)], check=True, timeout=600, cwd=tmp_path)
+    twistd_help = subprocess.run(
+        [str(venv / "bin" / "twistd"), "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert "amaters" in twistd_help.stdout
+    version = subprocess.run(
+        [str(venv / "bin" / "amaters"), "version"], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert version.returncode == 0 and version.stdout.startswith("amaters ")

@@ -1,0 +1,69 @@
+"""The amaters command's server-management commands (no server needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from amaters import __version__
+from amaters.cli import main
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["version"]) == 0
+    assert capsys.readouterr().out.strip() == f"amaters {__version__}"
+    assert main(["version", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "protocol 1.0.0" in out and "twisted" in out
+
+
+def test_validate_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text('[logging]\nlevel = "debug"\n')
+    assert main(["validate-config", str(path)]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+def test_validate_config_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An invalid file exits 2 and lists each problem on stderr."""
+    path = tmp_path / "a.toml"
+    path.write_text('[logging]\nlevel = "loud"\n[server]\nlisen = "x"\n')
+    assert main(["validate-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "logging.level: 'loud' is not allowed" in err
+    assert "server.lisen: unknown key (did you mean 'listen'?)" in err
+    assert "2 problem(s) found" in err
+
+
+def test_validate_config_show(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate-config", "--show", "--set", "logging.format=json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["logging"]["format"] == "json"
+
+
+def test_status_when_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--set", f"server.data_dir={tmp_path}", "--format", "json"]) == 1
+    assert json.loads(capsys.readouterr().out) == {
+        "running": False,
+        "pid": None,
+        "ready": False,
+        "detail": "not running",
+    }
+
+
+def test_stop_when_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stop", "--set", f"server.data_dir={tmp_path}"]) == 0
+    assert "not running" in capsys.readouterr().out
+
+
+def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage" in capsys.readouterr().err
+
+
+def test_bad_config_on_start_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["start", "--set", "storage.sync=sometimes", "--set", f"server.data_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "storage.sync" in err and "Traceback" not in err

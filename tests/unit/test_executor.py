@@ -1,0 +1,383 @@
+"""QueryExecutor, QueryPipeline stages and the input rules, over the memory backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from amaters.config import LimitsConfig
+from amaters.errors import (
+    AmatersError,
+    InvalidCollection,
+    InvalidKey,
+    InvalidOperation,
+    InvalidValue,
+    MissingField,
+    NotFound,
+    PermissionDenied,
+    ProtocolError,
+    ServerError,
+    SizeExceeded,
+    StorageFull,
+)
+from amaters.proto import aql_pb2, query_pb2, types_pb2
+from amaters.protocols.server import ANONYMOUS
+from amaters.query import operations as ops
+from amaters.query.executor import QueryExecutor
+from amaters.query.pipeline import PipelineStage, QueryPipeline, RequestContext
+from amaters.query.validation import Validator
+from amaters.storage.memory import MemoryBackend
+from amaters.types import CipherBlob, WriteOp, crc32
+
+
+class FailingWrites(MemoryBackend):
+    """A memory backend whose write_batch fails like a full disk."""
+
+    def write_batch(self, ops: Any) -> defer.Deferred[None]:
+        return defer.fail(StorageFull("disk full"))
+
+
+def value(data: bytes) -> CipherBlob:
+    return CipherBlob.wrap(data)
+
+
+def run(d: defer.Deferred[Any]) -> Any:
+    """The result of an already-fired Deferred (the memory backend answers synchronously)."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred did not fire"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def executor(backend: MemoryBackend | None = None, auto_create: bool = True) -> QueryExecutor:
+    backend = backend or MemoryBackend()
+    backend.open()
+    return QueryExecutor(backend, auto_create_collections=auto_create, range_chunk_size=2)
+
+
+# -- executor ----------------------------------------------------------------------------------
+
+
+def test_get_of_a_missing_key_is_none() -> None:
+    """GET of a key (or collection) never written is None, not an error."""
+    ex = executor()
+    assert run(ex.execute(ops.Get("c", b"k"))) is None
+    run(ex.execute(ops.Set("c", b"other", value(b"v"))))
+    assert run(ex.execute(ops.Get("c", b"k"))) is None
+
+
+def test_set_creates_the_collection_and_overwrites() -> None:
+    """The first SET creates the collection; a second SET replaces the value."""
+    ex = executor()
+    run(ex.execute(ops.Set("c", b"k", value(b"1"))))
+    run(ex.execute(ops.Set("c", b"k", value(b"2"))))
+    assert run(ex.execute(ops.ListCollections())) == ["c"]
+    assert run(ex.execute(ops.Get("c", b"k"))).data == b"2"
+
+
+def test_without_auto_create_missing_collections_are_not_found() -> None:
+    """With auto-create off, every operation on a missing collection fails with STORAGE_NOT_FOUND."""
+    ex = executor(auto_create=False)
+    for op in (ops.Get("c", b"k"), ops.Set("c", b"k", value(b"v")), ops.Delete("c", b"k")):
+        with pytest.raises(NotFound):
+            run(ex.execute(op))
+    with pytest.raises(NotFound):
+        ex.open_range(ops.Range("c", b"", None))
+    run(ex.execute(ops.CreateCollection("c")))
+    run(ex.execute(ops.Set("c", b"k", value(b"v"))))
+
+
+def test_delete_reports_whether_the_key_existed() -> None:
+    """DELETE is True for an existing key and False after it is gone."""
+    ex = executor()
+    run(ex.execute(ops.Set("c", b"k", value(b"v"))))
+    assert run(ex.execute(ops.Delete("c", b"k"))) is True
+    assert run(ex.execute(ops.Delete("c", b"k"))) is False
+
+
+def test_range_is_half_open_ascending_and_limited() -> None:
+    """RANGE [0005, 0015) over 20 keys gives 0005..0014 in order; limit cuts it; start > end is empty."""
+    ex = executor()
+    for i in range(20):
+        run(ex.execute(ops.Set("c", b"%04d" % i, value(b"%d" % i))))
+    keys = [k for k, _ in run(ex.execute(ops.Range("c", b"0005", b"0015")))]
+    assert keys == [b"%04d" % i for i in range(5, 15)]
+    assert len(run(ex.execute(ops.Range("c", b"0005", b"0015", 3)))) == 3
+    assert run(ex.execute(ops.Range("c", b"0015", b"0005"))) == []
+    assert run(ex.execute(ops.Range("c", b"", None, 0))) == []
+    assert len(run(ex.execute(ops.Range("c", b"", None)))) == 20
+
+
+def test_batch_reads_see_earlier_writes_of_the_batch() -> None:
+    """Inside a batch, GET after SET sees the new value and GET after DELETE sees nothing."""
+    ex = executor()
+    run(ex.execute(ops.Set("c", b"a", value(b"old"))))
+    batch = ops.Batch(
+        (
+            ops.Get("c", b"a"),
+            ops.Set("c", b"a", value(b"new")),
+            ops.Get("c", b"a"),
+            ops.Delete("c", b"a"),
+            ops.Get("c", b"a"),
+            ops.Delete("c", b"a"),
+            ops.Set("d", b"x", value(b"in a new collection")),
+        )
+    )
+    results = run(ex.execute(batch))
+    assert results[0].data == b"old"
+    assert results[1] is None
+    assert results[2].data == b"new"
+    assert results[3] is True
+    assert results[4] is None
+    assert results[5] is False
+    assert run(ex.execute(ops.Get("c", b"a"))) is None
+    assert run(ex.execute(ops.Get("d", b"x"))).data == b"in a new collection"
+
+
+def test_failed_batch_applies_nothing_and_creates_no_collection() -> None:
+    """When the atomic write fails, no write is visible and auto-created collections are dropped."""
+    backend = FailingWrites()
+    ex = executor(backend)
+    run(ex.execute(ops.CreateCollection("c")))
+    batch = ops.Batch((ops.Set("c", b"a", value(b"1")), ops.Set("new", b"b", value(b"2"))))
+    with pytest.raises(StorageFull):
+        run(ex.execute(batch))
+    assert run(ex.execute(ops.ListCollections())) == ["c"]
+    assert run(ex.execute(ops.Get("c", b"a"))) is None
+
+
+def test_batch_uses_one_atomic_backend_write() -> None:
+    """All writes of a batch reach the backend as one write_batch call."""
+    calls: list[list[WriteOp]] = []
+
+    class Recording(MemoryBackend):
+        def write_batch(self, ops: Any) -> defer.Deferred[None]:
+            calls.append(list(ops))
+            return super().write_batch(ops)
+
+    ex = executor(Recording())
+    run(ex.execute(ops.Batch(tuple(ops.Set("c", b"%d" % i, value(b"v")) for i in range(5)))))
+    assert len(calls) == 1 and len(calls[0]) == 5
+
+
+def test_operations_hide_keys_and_values_in_repr() -> None:
+    """An operation can be logged: its repr shows the collection but not the key or the value."""
+    text = repr(ops.Set("users", b"alice-secret-key", value(b"secret value")))
+    assert "users" in text and "alice" not in text and "secret value" not in text
+
+
+# -- validation --------------------------------------------------------------------------------
+
+
+@given(st.from_regex(r"[A-Za-z0-9_.\-]{1,128}", fullmatch=True))
+def test_valid_collection_names_pass(name: str) -> None:
+    """Every name of 1 to 128 characters from [A-Za-z0-9_.-] is accepted."""
+    assert Validator(LimitsConfig()).collection(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "a b", "a/b", "é", "x" * 129, "semi;colon", "new\nline"])
+def test_invalid_collection_names_are_refused(name: str) -> None:
+    """Names outside the rule get VALIDATION_INVALID_COLLECTION."""
+    with pytest.raises(InvalidCollection):
+        Validator(LimitsConfig()).collection(name)
+
+
+def get_query(collection: str, key: bytes) -> query_pb2.Query:
+    return query_pb2.Query(get=query_pb2.GetQuery(collection=collection, key=types_pb2.Key(data=key)))
+
+
+def set_query(collection: str, key: bytes, data: bytes, checksum: int | None = None) -> query_pb2.Query:
+    blob = types_pb2.CipherBlob(
+        data=data, metadata=types_pb2.CipherMetadata(checksum=crc32(data) if checksum is None else checksum)
+    )
+    return query_pb2.Query(
+        set=query_pb2.SetQuery(collection=collection, key=types_pb2.Key(data=key), value=blob)
+    )
+
+
+def test_key_and_value_limits() -> None:
+    """Keys must be 1..max_key_bytes; values at most max_value_bytes with a matching CRC32."""
+    v = Validator(LimitsConfig(max_key_bytes=4, max_value_bytes=10))
+    assert v.query(get_query("c", b"1234")) == ops.Get("c", b"1234")
+    with pytest.raises(InvalidKey):
+        v.query(get_query("c", b""))
+    with pytest.raises(SizeExceeded):
+        v.query(get_query("c", b"12345"))
+    assert v.query(set_query("c", b"k", b"")).value.data == b""
+    with pytest.raises(SizeExceeded):
+        v.query(set_query("c", b"k", b"x" * 11))
+    with pytest.raises(InvalidValue):
+        v.query(set_query("c", b"k", b"abc", checksum=crc32(b"abd")))
+    with pytest.raises(MissingField):
+        v.query(query_pb2.Query(set=query_pb2.SetQuery(collection="c", key=types_pb2.Key(data=b"k"))))
+    with pytest.raises(MissingField):
+        v.query(query_pb2.Query())
+
+
+def test_filter_and_update_name_the_missing_evaluator() -> None:
+    """FILTER and UPDATE are refused with COMPUTE_INVALID_OPERATION naming the FHE evaluator."""
+    v = Validator(LimitsConfig())
+    for q in (
+        query_pb2.Query(filter=query_pb2.FilterQuery(collection="c")),
+        query_pb2.Query(update=query_pb2.UpdateQuery(collection="c")),
+    ):
+        with pytest.raises(InvalidOperation, match="FHE evaluator"):
+            v.query(q)
+
+
+def test_batch_rules() -> None:
+    """A batch needs 1..max_batch_ops items, only GET/SET/DELETE, and names the bad item."""
+    v = Validator(LimitsConfig(max_batch_ops=2))
+    with pytest.raises(MissingField):
+        v.batch(aql_pb2.BatchRequest())
+    with pytest.raises(SizeExceeded):
+        v.batch(aql_pb2.BatchRequest(queries=[get_query("c", b"k")] * 3))
+    ranged = query_pb2.Query(range=query_pb2.RangeQuery(collection="c"))
+    with pytest.raises(ProtocolError, match="batch query 1"):
+        v.batch(aql_pb2.BatchRequest(queries=[get_query("c", b"k"), ranged]))
+    with pytest.raises(InvalidKey, match="batch query 0"):
+        v.batch(aql_pb2.BatchRequest(queries=[get_query("c", b"")]))
+
+
+# -- pipeline stages ---------------------------------------------------------------------------
+
+
+def pipeline(*stages: Any) -> QueryPipeline:
+    return QueryPipeline(executor(), LimitsConfig(), stages)
+
+
+def ctx() -> RequestContext:
+    return RequestContext(1, ANONYMOUS, "127.0.0.1:1")
+
+
+def test_stage_can_refuse_before_the_executor_runs() -> None:
+    """A stage raising an AmatersError refuses the request; the executor never runs."""
+
+    class DenyWrites(PipelineStage):
+        name = "rbac"
+
+        def before(self, ctx: RequestContext, op: ops.Operation) -> object:
+            if op.kind == "write":
+                raise PermissionDenied(f"{ctx.principal.name} may not write")
+            return None
+
+    p = pipeline(DenyWrites())
+    with pytest.raises(PermissionDenied):
+        run(p.execute(ctx(), ops.Set("c", b"k", value(b"v"))))
+    assert run(p.execute(ctx(), ops.Get("c", b"k"))) is None
+    assert run(p.execute(ctx(), ops.ListCollections())) == []
+
+
+def test_stage_can_answer_in_place_of_the_executor() -> None:
+    """A stage that sets ctx.result (a cache hit) answers; later stages' before() do not run."""
+    seen: list[str] = []
+
+    class Cache(PipelineStage):
+        name = "cache"
+
+        def before(self, ctx: RequestContext, op: ops.Operation) -> object:
+            ctx.result = value(b"cached")
+            return None
+
+    class Later(PipelineStage):
+        name = "later"
+
+        def before(self, ctx: RequestContext, op: ops.Operation) -> object:
+            seen.append("later")
+            return None
+
+    p = pipeline(Cache(), Later())
+    assert run(p.execute(ctx(), ops.Get("c", b"k"))).data == b"cached"
+    assert seen == []
+
+
+def test_asynchronous_stage_and_after_hooks_see_every_outcome() -> None:
+    """A stage may wait (Deferred); after() sees results and failures; a crashing after() is contained."""
+    gate: defer.Deferred[None] = defer.Deferred()
+    outcomes: list[Any] = []
+
+    class Slow(PipelineStage):
+        name = "slow"
+
+        def before(self, ctx: RequestContext, op: ops.Operation) -> object:
+            return gate
+
+    class Observe(PipelineStage):
+        name = "metrics"
+
+        def after(self, ctx: RequestContext, op: ops.Operation, outcome: object) -> None:
+            outcomes.append(outcome)
+
+    class Broken(PipelineStage):
+        name = "broken"
+
+        def after(self, ctx: RequestContext, op: ops.Operation, outcome: object) -> None:
+            raise RuntimeError("metrics bug")
+
+    class NoDrops(PipelineStage):
+        name = "no-drops"
+
+        def before(self, ctx: RequestContext, op: ops.Operation) -> object:
+            if op.name == "drop_collection":
+                raise PermissionDenied("no")
+            return None
+
+    p = pipeline(Slow(), NoDrops(), Observe(), Broken())
+    d = p.execute(ctx(), ops.Set("c", b"k", value(b"v")))
+    assert not d.called
+    gate.callback(None)
+    assert run(d) is None
+    with pytest.raises(PermissionDenied):
+        run(p.execute(ctx(), ops.DropCollection("c")))
+    assert outcomes[0] is None
+    assert isinstance(outcomes[1], Failure) and outcomes[1].check(PermissionDenied)
+
+
+def test_unexpected_errors_become_server_internal() -> None:
+    """A non-AmatersError from a stage becomes SERVER_INTERNAL with a generic message."""
+
+    class Buggy(PipelineStage):
+        name = "buggy"
+
+        def before(self, ctx: RequestContext, op: ops.Operation) -> object:
+            raise KeyError("internal detail")
+
+    p = pipeline(Buggy())
+    with pytest.raises(ServerError) as info:
+        run(p.execute(ctx(), ops.Get("c", b"k")))
+    assert "internal detail" not in info.value.message
+    assert isinstance(info.value, AmatersError)
+
+
+def test_stages_are_ordered_by_name() -> None:
+    """add_stage inserts at the end or before/after a named stage; duplicates are refused."""
+
+    def stage(n: str) -> PipelineStage:
+        s = PipelineStage()
+        s.name = n
+        return s
+
+    p = pipeline(stage("auth"), stage("metrics"))
+    p.add_stage(stage("rbac"), after="auth")
+    p.add_stage(stage("rate"), before="rbac")
+    assert [s.name for s in p.stages] == ["auth", "rate", "rbac", "metrics"]
+    with pytest.raises(ValueError):
+        p.add_stage(stage("auth"))
+    p.remove_stage("rate")
+    assert [s.name for s in p.stages] == ["auth", "rbac", "metrics"]
+
+
+def test_reloaded_limits_apply_to_new_requests() -> None:
+    """update_limits changes what the next request is validated against."""
+    p = pipeline()
+    assert p.decode_query(get_query("c", b"12345"))
+    p.update_limits(LimitsConfig(max_key_bytes=4))
+    with pytest.raises(SizeExceeded):
+        p.decode_query(get_query("c", b"12345"))

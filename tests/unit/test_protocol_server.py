@@ -1,0 +1,651 @@
+"""The native protocol server on a StringTransport: handshake, framing, pipelining, streams, drain."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import attrs
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogEvent, globalLogPublisher
+
+from amaters.config import LimitsConfig
+from amaters.errors import AuthError, ErrorCategory, ErrorCode
+from amaters.proto import aql_pb2, envelope_pb2, query_pb2, types_pb2
+from amaters.protocols.framing import FrameDecoder, encode_frame
+from amaters.protocols.server import (
+    ANONYMOUS,
+    AmatersServerFactory,
+    AmatersServerProtocol,
+    Credentials,
+    default_authenticator,
+)
+from amaters.query.executor import QueryExecutor
+from amaters.query.pipeline import QueryPipeline
+from amaters.storage.memory import MemoryBackend
+from amaters.types import CipherBlob, crc32
+
+Envelope = envelope_pb2.Envelope
+
+
+class GatedBackend(MemoryBackend):
+    """A memory backend whose get/put answer only when the test releases them (when gated)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gated = False
+        self.waiting: list[tuple[defer.Deferred[Any], defer.Deferred[Any]]] = []
+        self.explode = False
+
+    def _gate(self, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
+        if not self.gated:
+            return d
+        held: defer.Deferred[Any] = defer.Deferred()
+        self.waiting.append((d, held))
+        return held
+
+    def release(self, index: int = 0) -> None:
+        inner, held = self.waiting.pop(index)
+        inner.chainDeferred(held)
+
+    def get(self, collection: str, key: bytes) -> defer.Deferred[CipherBlob | None]:
+        if self.explode:
+            raise RuntimeError("disk on fire at /secret/path")
+        return self._gate(super().get(collection, key))
+
+    def put(self, collection: str, key: bytes, value: CipherBlob) -> defer.Deferred[None]:
+        return self._gate(super().put(collection, key, value))
+
+    def scan(
+        self, collection: str, start: bytes, end: bytes | None, limit: int | None, chunk_size: int
+    ) -> Any:
+        cursor = super().scan(collection, start, end, limit, chunk_size)
+        backend = self
+
+        class GatedCursor:
+            closed = False
+
+            def next_chunk(self) -> defer.Deferred[Any]:
+                return backend._gate(cursor.next_chunk())
+
+            def close(self) -> None:
+                self.closed = True
+                backend.cursors_closed += 1
+                cursor.close()
+
+        return GatedCursor()
+
+    cursors_closed = 0
+
+
+@attrs.define
+class Harness:
+    protocol: AmatersServerProtocol
+    transport: StringTransport
+    factory: AmatersServerFactory
+    backend: GatedBackend
+    clock: Clock
+    decoder: FrameDecoder
+
+    def send(self, envelope: envelope_pb2.Envelope) -> None:
+        self.protocol.dataReceived(encode_frame(envelope.SerializeToString()))
+
+    def send_many(self, envelopes: list[envelope_pb2.Envelope]) -> None:
+        self.protocol.dataReceived(b"".join(encode_frame(e.SerializeToString()) for e in envelopes))
+
+    def received(self) -> list[envelope_pb2.Envelope]:
+        data = self.transport.value()
+        self.transport.clear()
+        out = []
+        for frame in self.decoder.feed(data):
+            envelope = Envelope()
+            envelope.ParseFromString(frame)
+            out.append(envelope)
+        return out
+
+    def handshake(self, major: int = 1, token: str | None = None) -> envelope_pb2.Envelope:
+        hs = envelope_pb2.Handshake(version=types_pb2.Version(major=major), client_name="test")
+        if token:
+            hs.credentials.bearer_token = token
+        self.send(Envelope(request_id=1, handshake=hs))
+        (answer,) = self.received()
+        return answer
+
+    @property
+    def closing(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+
+def make(limits: LimitsConfig | None = None, authenticate: Any = None, chunk_size: int = 3) -> Harness:
+    limits = limits or LimitsConfig()
+    clock = Clock()
+    backend = GatedBackend()
+    backend.open()
+    pipeline = QueryPipeline(QueryExecutor(backend, range_chunk_size=chunk_size), limits)
+    factory = AmatersServerFactory(pipeline, limits, clock, authenticate)
+    protocol = factory.buildProtocol(None)
+    assert isinstance(protocol, AmatersServerProtocol)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return Harness(protocol, transport, factory, backend, clock, FrameDecoder(2**31 - 1))
+
+
+def ready(**kwargs: Any) -> Harness:
+    h = make(**kwargs)
+    assert h.handshake().WhichOneof("body") == "handshake_response"
+    return h
+
+
+def key(data: bytes) -> types_pb2.Key:
+    return types_pb2.Key(data=data)
+
+
+def blob(data: bytes, checksum: int | None = None) -> types_pb2.CipherBlob:
+    return types_pb2.CipherBlob(
+        data=data,
+        metadata=types_pb2.CipherMetadata(
+            size=len(data), checksum=crc32(data) if checksum is None else checksum
+        ),
+    )
+
+
+def q_set(
+    rid: int, collection: str, k: bytes, v: bytes, checksum: int | None = None
+) -> envelope_pb2.Envelope:
+    return Envelope(
+        request_id=rid,
+        query=aql_pb2.QueryRequest(
+            query=query_pb2.Query(
+                set=query_pb2.SetQuery(collection=collection, key=key(k), value=blob(v, checksum))
+            )
+        ),
+    )
+
+
+def q_get(rid: int, collection: str, k: bytes) -> envelope_pb2.Envelope:
+    return Envelope(
+        request_id=rid,
+        query=aql_pb2.QueryRequest(
+            query=query_pb2.Query(get=query_pb2.GetQuery(collection=collection, key=key(k)))
+        ),
+    )
+
+
+def q_range(
+    rid: int, collection: str, start: bytes, end: bytes, limit: int | None = None
+) -> envelope_pb2.Envelope:
+    r = query_pb2.RangeQuery(collection=collection, start=key(start), end=key(end))
+    if limit is not None:
+        r.limit = limit
+    return Envelope(request_id=rid, query=aql_pb2.QueryRequest(query=query_pb2.Query(range=r)))
+
+
+def query_error(envelope: envelope_pb2.Envelope) -> Any:
+    assert envelope.WhichOneof("body") == "query_response"
+    assert envelope.query_response.WhichOneof("response") == "error"
+    return envelope.query_response.error
+
+
+def fill(h: Harness, collection: str, count: int) -> None:
+    h.send_many([q_set(1000 + i, collection, b"%04d" % i, b"v%d" % i) for i in range(count)])
+    assert len(h.received()) == count
+
+
+# -- handshake ---------------------------------------------------------------------------------
+
+
+def test_handshake_answers_versions_capabilities_and_principal() -> None:
+    """A valid handshake gets the server's version, capabilities and the anonymous admin principal."""
+    h = make()
+    answer = h.handshake()
+    assert answer.request_id == 1
+    response = answer.handshake_response
+    assert (response.version.major, response.version.minor) == (1, 0)
+    assert [(v.major, v.minor, v.patch) for v in response.supported_versions] == [(1, 0, 0)]
+    assert "range.stream" in response.capabilities and "batch.atomic" in response.capabilities
+    assert response.principal_name == "anonymous"
+    assert list(response.roles) == ["admin"]
+    assert response.server_name.startswith("amaters ")
+    assert not h.closing
+
+
+def test_other_major_version_is_refused_and_closed() -> None:
+    """A handshake with another major version gets PROTOCOL_UNSUPPORTED_VERSION, then the close."""
+    h = make()
+    answer = h.handshake(major=2)
+    assert answer.error.code == ErrorCode.PROTOCOL_UNSUPPORTED_VERSION
+    assert "1.0.0" in answer.error.message
+    assert h.closing
+
+
+def test_request_before_handshake_is_a_protocol_violation() -> None:
+    """Anything but a Handshake first gets PROTOCOL_INVALID_REQUEST and the connection closes."""
+    h = make()
+    h.send(q_get(7, "c", b"k"))
+    (answer,) = h.received()
+    assert answer.request_id == 7
+    assert answer.error.code == ErrorCode.PROTOCOL_INVALID_REQUEST
+    assert h.closing
+
+
+def test_auth_enabled_without_a_method_refuses() -> None:
+    """With auth enabled and no authentication plugged in, the handshake fails with AUTH_FAILED."""
+    h = make(authenticate=default_authenticator(True))
+    answer = h.handshake()
+    assert answer.error.code == ErrorCode.AUTH_FAILED
+    assert answer.error.category == ErrorCategory.AUTH
+    assert h.closing
+
+
+def test_authenticate_hook_gets_credentials_and_source() -> None:
+    """The authenticate hook receives the presented credentials and the peer address."""
+    seen: list[tuple[Credentials | None, Any, str]] = []
+
+    def authenticate(credentials: Credentials | None, cert: Any, source: str) -> defer.Deferred[Any]:
+        seen.append((credentials, cert, source))
+        if credentials is None or credentials.secret != "good":
+            return defer.fail(AuthError("bad token"))
+        return defer.succeed(ANONYMOUS)
+
+    h = make(authenticate=authenticate)
+    assert h.handshake(token="good").WhichOneof("body") == "handshake_response"
+    assert seen[0][0] == Credentials("bearer_token", "good")
+    assert "good" not in repr(seen[0][0])
+    assert seen[0][2].startswith("192.168.1.1:")
+    h2 = make(authenticate=authenticate)
+    answer = h2.handshake(token="bad")
+    assert answer.error.code == ErrorCode.AUTH_FAILED and answer.error.message == "bad token"
+
+
+def test_requests_pipelined_behind_a_slow_handshake_wait_for_it() -> None:
+    """Frames sent right after the handshake run only once authentication has succeeded."""
+    pending: defer.Deferred[Any] = defer.Deferred()
+    h = make(authenticate=lambda c, p, s: pending)
+    hs = Envelope(request_id=1, handshake=envelope_pb2.Handshake(version=types_pb2.Version(major=1)))
+    h.send_many([hs, q_set(2, "c", b"k", b"v"), q_get(3, "c", b"k")])
+    assert h.received() == []
+    pending.callback(ANONYMOUS)
+    answers = h.received()
+    assert [a.request_id for a in answers] == [1, 2, 3]
+    assert answers[2].query_response.result.single.value.data == b"v"
+
+
+def test_no_handshake_in_time_closes() -> None:
+    """A connection that does not finish its handshake within handshake_timeout is closed."""
+    h = make(limits=LimitsConfig(handshake_timeout=5.0))
+    h.clock.advance(4.9)
+    assert not h.closing
+    h.clock.advance(0.2)
+    (answer,) = h.received()
+    assert answer.error.code == ErrorCode.NETWORK_TIMEOUT
+    assert h.closing
+
+
+# -- framing -----------------------------------------------------------------------------------
+
+
+def test_malformed_frame_gets_an_error_and_the_connection_stays_usable() -> None:
+    """Bytes that are not an Envelope get PROTOCOL_MALFORMED_MESSAGE (id 0); the next request works."""
+    h = ready()
+    h.protocol.dataReceived(encode_frame(b"\xff\xff\xff\xff not protobuf"))
+    h.send(q_get(5, "c", b"k"))
+    bad, good = h.received()
+    assert bad.request_id == 0 and bad.error.code == ErrorCode.PROTOCOL_MALFORMED_MESSAGE
+    assert good.request_id == 5 and good.query_response.result.HasField("single")
+    assert not h.closing
+
+
+def test_oversize_frame_gets_an_error_frame_then_close() -> None:
+    """A length prefix over max_frame_bytes is answered with VALIDATION_SIZE_EXCEEDED, then closed."""
+    h = ready(limits=LimitsConfig(max_frame_bytes=2048))
+    h.protocol.dataReceived(struct.pack(">I", 4096) + b"x" * 100)
+    (answer,) = h.received()
+    assert answer.error.code == ErrorCode.VALIDATION_SIZE_EXCEEDED
+    assert "2048" in answer.error.message
+    assert h.closing
+
+
+def test_empty_envelope_is_an_invalid_request_not_a_close() -> None:
+    """An envelope without a request kind is answered with PROTOCOL_INVALID_REQUEST and nothing else."""
+    h = ready()
+    h.send(Envelope(request_id=9))
+    (answer,) = h.received()
+    assert answer.request_id == 9 and answer.error.code == ErrorCode.PROTOCOL_INVALID_REQUEST
+    assert not h.closing
+
+
+# -- operations --------------------------------------------------------------------------------
+
+
+def test_set_get_delete() -> None:
+    """SET then GET returns the blob with its metadata; DELETE reports 1, then 0."""
+    h = ready()
+    h.send(q_set(2, "c", b"k", b"value"))
+    h.send(q_get(3, "c", b"k"))
+    h.send(
+        Envelope(
+            request_id=4,
+            query=aql_pb2.QueryRequest(
+                query=query_pb2.Query(delete=query_pb2.DeleteQuery(collection="c", key=key(b"k")))
+            ),
+        )
+    )
+    h.send(
+        Envelope(
+            request_id=5,
+            query=aql_pb2.QueryRequest(
+                query=query_pb2.Query(delete=query_pb2.DeleteQuery(collection="c", key=key(b"k")))
+            ),
+        )
+    )
+    h.send(q_get(6, "c", b"k"))
+    s, g, d1, d2, g2 = h.received()
+    assert s.query_response.result.success.affected_rows == 1
+    value = g.query_response.result.single.value
+    assert value.data == b"value" and value.metadata.checksum == crc32(b"value") and value.metadata.size == 5
+    assert d1.query_response.result.success.affected_rows == 1
+    assert d2.query_response.result.success.affected_rows == 0
+    assert g2.query_response.result.HasField("single")
+    assert not g2.query_response.result.single.HasField("value")
+
+
+def test_bad_requests_get_precise_errors_and_keep_the_connection() -> None:
+    """Invalid collection, empty key, bad checksum, FILTER: each a clear error; nothing closes."""
+    h = ready(limits=LimitsConfig(max_key_bytes=8))
+    h.send(q_get(2, "bad name", b"k"))
+    h.send(q_get(3, "c", b""))
+    h.send(q_get(4, "c", b"123456789"))
+    h.send(q_set(5, "c", b"k", b"v", checksum=1234))
+    h.send(
+        Envelope(
+            request_id=6,
+            query=aql_pb2.QueryRequest(query=query_pb2.Query(filter=query_pb2.FilterQuery(collection="c"))),
+        )
+    )
+    answers = [query_error(a) for a in h.received()]
+    assert [a.code for a in answers] == [
+        ErrorCode.VALIDATION_INVALID_COLLECTION,
+        ErrorCode.VALIDATION_INVALID_KEY,
+        ErrorCode.VALIDATION_SIZE_EXCEEDED,
+        ErrorCode.VALIDATION_INVALID_VALUE,
+        ErrorCode.COMPUTE_INVALID_OPERATION,
+    ]
+    assert "FHE evaluator" in answers[4].message
+    assert all(a.category == ErrorCategory.CLIENT_ERROR for a in answers)
+    assert not h.closing
+
+
+def test_unexpected_errors_are_logged_not_sent() -> None:
+    """A crash in the backend reaches the client as SERVER_INTERNAL with a generic message only."""
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        h = ready()
+        fill(h, "c", 1)
+        h.backend.explode = True
+        h.send(q_get(2, "c", b"0000"))
+        (answer,) = h.received()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    error = query_error(answer)
+    assert error.code == ErrorCode.SERVER_INTERNAL
+    assert "secret" not in error.message and "Traceback" not in error.message
+    assert any("log_failure" in e for e in events)
+    assert not h.closing
+
+
+def test_collections_and_server_requests() -> None:
+    """Create, list and drop collections; ServerInfo, HealthCheck and Ping answer."""
+    h = ready()
+    h.send(Envelope(request_id=2, create_collection=envelope_pb2.CreateCollectionRequest(name="a")))
+    h.send(Envelope(request_id=3, create_collection=envelope_pb2.CreateCollectionRequest(name="a")))
+    h.send(Envelope(request_id=4, list_collections=envelope_pb2.ListCollectionsRequest()))
+    h.send(Envelope(request_id=5, drop_collection=envelope_pb2.DropCollectionRequest(name="a")))
+    h.send(Envelope(request_id=6, create_collection=envelope_pb2.CreateCollectionRequest(name="no/slash")))
+    h.send(Envelope(request_id=7, server_info=aql_pb2.ServerInfoRequest()))
+    h.send(Envelope(request_id=8, health_check=aql_pb2.HealthCheckRequest()))
+    h.send(Envelope(request_id=9, ping=envelope_pb2.Ping(payload=b"hi")))
+    c1, c2, listed, dropped, bad, info, health, pong = h.received()
+    assert c1.collection_response.changed and not c2.collection_response.changed
+    assert list(listed.collection_response.names) == ["a"]
+    assert dropped.collection_response.changed
+    assert bad.error.code == ErrorCode.VALIDATION_INVALID_COLLECTION
+    assert info.server_info_response.version.major == 1
+    assert health.health_check_response.status == aql_pb2.HEALTH_SERVING
+    assert pong.pong.payload == b"hi"
+
+
+def test_batch_is_atomic_and_reads_see_earlier_writes() -> None:
+    """A batch's GET sees its own earlier SET; a batch with one bad item applies nothing."""
+    h = ready()
+
+    def q(**kw: Any) -> query_pb2.Query:
+        return query_pb2.Query(**kw)
+
+    good = aql_pb2.BatchRequest(
+        queries=[
+            q(set=query_pb2.SetQuery(collection="b", key=key(b"x"), value=blob(b"1"))),
+            q(get=query_pb2.GetQuery(collection="b", key=key(b"x"))),
+            q(delete=query_pb2.DeleteQuery(collection="b", key=key(b"x"))),
+            q(get=query_pb2.GetQuery(collection="b", key=key(b"x"))),
+        ]
+    )
+    bad = aql_pb2.BatchRequest(
+        queries=[
+            q(set=query_pb2.SetQuery(collection="b", key=key(b"y"), value=blob(b"2"))),
+            q(set=query_pb2.SetQuery(collection="b", key=key(b"z"), value=blob(b"3", checksum=7))),
+        ]
+    )
+    h.send(Envelope(request_id=2, batch=good))
+    h.send(Envelope(request_id=3, batch=bad))
+    h.send(q_get(4, "b", b"y"))
+    ok, refused, after = h.received()
+    results = ok.batch_response.results.results
+    assert results[0].success.affected_rows == 1
+    assert results[1].single.value.data == b"1"
+    assert results[2].success.affected_rows == 1
+    assert not results[3].single.HasField("value")
+    assert refused.batch_response.error.code == ErrorCode.VALIDATION_INVALID_VALUE
+    assert "batch query 1" in refused.batch_response.error.message
+    assert not after.query_response.result.single.HasField("value")
+
+
+# -- pipelining and flow control ---------------------------------------------------------------
+
+
+def test_pipelined_requests_are_answered_in_completion_order() -> None:
+    """Two slow GETs answered in the order they complete, each with its own request id."""
+    h = ready()
+    fill(h, "c", 2)
+    h.backend.gated = True
+    h.send_many([q_get(10, "c", b"0000"), q_get(11, "c", b"0001")])
+    assert h.received() == []
+    h.backend.release(1)
+    h.backend.release(0)
+    first, second = h.received()
+    assert (first.request_id, second.request_id) == (11, 10)
+    assert first.query_response.result.single.value.data == b"v1"
+    assert second.query_response.result.single.value.data == b"v0"
+
+
+def test_inflight_limit_stops_reading_until_answers_drain() -> None:
+    """At max_inflight_per_connection the transport is paused and later frames wait; answers resume it."""
+    h = ready(limits=LimitsConfig(max_inflight_per_connection=2))
+    fill(h, "c", 3)
+    h.backend.gated = True
+    h.send_many([q_get(10, "c", b"0000"), q_get(11, "c", b"0001"), q_get(12, "c", b"0002")])
+    assert h.transport.producerState == "paused"
+    assert len(h.backend.waiting) == 2
+    h.backend.release(0)
+    # One answer out: the third frame is read and started, which reaches the limit again.
+    assert len(h.backend.waiting) == 2
+    assert h.transport.producerState == "paused"
+    h.backend.release(0)
+    assert h.transport.producerState == "producing"
+    h.backend.release(0)
+    assert [a.request_id for a in h.received()] == [10, 11, 12]
+
+
+def test_slow_request_is_answered_with_a_timeout_and_its_late_result_dropped() -> None:
+    """After request_timeout a pending request gets NETWORK_TIMEOUT; its real result is not sent."""
+    h = ready(limits=LimitsConfig(request_timeout=2.0))
+    fill(h, "c", 1)
+    h.backend.gated = True
+    h.send(q_get(10, "c", b"0000"))
+    h.clock.advance(2.0)
+    (answer,) = h.received()
+    assert answer.request_id == 10 and answer.error.code == ErrorCode.NETWORK_TIMEOUT
+    assert answer.error.category == ErrorCategory.RETRYABLE
+    h.backend.release(0)
+    assert h.received() == []
+
+
+def test_idle_connection_is_closed() -> None:
+    """A connection with no frames for idle_timeout is closed; activity postpones it."""
+    h = ready(limits=LimitsConfig(idle_timeout=10.0))
+    h.clock.advance(6)
+    h.send(envelope_pb2.Envelope(request_id=2, ping=envelope_pb2.Ping()))
+    h.clock.advance(6)
+    assert not h.closing
+    h.clock.advance(5)
+    assert h.closing
+
+
+# -- streams -----------------------------------------------------------------------------------
+
+
+def test_range_streams_batches_then_end() -> None:
+    """RANGE [0002, 0009) with chunk size 3: batches of 3, 3, 1 (has_more true, true, false), End(7)."""
+    h = ready(chunk_size=3)
+    fill(h, "c", 10)
+    h.send(q_range(20, "c", b"0002", b"0009"))
+    frames = h.received()
+    assert all(f.request_id == 20 for f in frames)
+    batches = [f.stream.batch for f in frames[:-1]]
+    assert [[kv.key.data for kv in b.values] for b in batches] == [
+        [b"0002", b"0003", b"0004"],
+        [b"0005", b"0006", b"0007"],
+        [b"0008"],
+    ]
+    assert [b.has_more for b in batches] == [True, True, False]
+    assert [f.stream.sequence for f in frames] == [0, 1, 2, 3]
+    assert frames[-1].stream.end.total_count == 7
+
+
+def test_range_with_start_after_end_is_empty() -> None:
+    """start > end yields just StreamEnd(0), not an error."""
+    h = ready()
+    fill(h, "c", 5)
+    h.send(q_range(20, "c", b"0004", b"0001"))
+    (end,) = h.received()
+    assert end.stream.end.total_count == 0
+
+
+def test_range_waits_while_the_transport_is_full() -> None:
+    """No chunk is read while the transport has paused its producer; resuming continues the stream."""
+    h = ready(chunk_size=2)
+    fill(h, "c", 6)
+    producer = h.transport.producer
+    producer.pauseProducing()
+    h.send(q_range(20, "c", b"", b""))
+    assert h.received() == []
+    producer.resumeProducing()
+    frames = h.received()
+    assert frames[-1].stream.end.total_count == 6
+
+
+def test_cancel_ends_a_stream_early() -> None:
+    """CancelStream stops a stream between chunks: StreamEnd with what was sent, cancelled=true."""
+    h = ready(chunk_size=2)
+    fill(h, "c", 6)
+    h.backend.gated = True
+    h.send(q_range(20, "c", b"", b""))
+    h.backend.release(0)  # first chunk read (held back to learn whether more follow)
+    h.backend.release(0)  # second chunk read: the first goes out
+    h.send(Envelope(request_id=21, cancel_stream=envelope_pb2.CancelStreamRequest(stream_id=20)))
+    h.send(Envelope(request_id=22, cancel_stream=envelope_pb2.CancelStreamRequest(stream_id=99)))
+    h.backend.release(0)  # the third read completes after the cancel: the stream ends
+    frames = h.received()
+    stream = [f.stream for f in frames if f.request_id == 20]
+    assert [kv.key.data for kv in stream[0].batch.values] == [b"0000", b"0001"]
+    assert stream[-1].end.total_count == 2
+    assert len(stream) == 2
+    by_id = {f.request_id: f for f in frames}
+    assert by_id[21].cancel_stream_response.cancelled
+    assert not by_id[22].cancel_stream_response.cancelled
+    assert h.backend.cursors_closed == 1
+    assert h.backend.waiting == []
+
+
+def test_stream_cursor_is_released_when_the_connection_drops() -> None:
+    """A connection lost mid-stream closes the stream's cursor and sends nothing more."""
+    h = ready(chunk_size=2)
+    fill(h, "c", 6)
+    h.backend.gated = True
+    h.send(q_range(20, "c", b"", b""))
+    h.protocol.connectionLost(Exception("gone"))  # type: ignore[arg-type]
+    assert h.backend.cursors_closed == 1
+    h.backend.release(0)
+    assert h.received() == []
+
+
+def test_frames_wait_while_the_client_does_not_read() -> None:
+    """While the transport's write buffer is full the server reads no further requests."""
+    h = ready()
+    producer = h.transport.producer
+    producer.pauseProducing()
+    assert h.transport.producerState == "paused"
+    h.send(envelope_pb2.Envelope(request_id=2, ping=envelope_pb2.Ping()))
+    assert h.received() == []
+    producer.resumeProducing()
+    assert [f.request_id for f in h.received()] == [2]
+
+
+# -- drain -------------------------------------------------------------------------------------
+
+
+def test_drain_refuses_new_requests_finishes_old_ones_then_closes() -> None:
+    """During a drain new requests get SERVER_SHUTTING_DOWN, the in-flight one completes, then close."""
+    h = ready()
+    fill(h, "c", 1)
+    h.backend.gated = True
+    h.send(q_get(10, "c", b"0000"))
+    drained = h.factory.start_drain()
+    h.send(q_get(11, "c", b"0000"))
+    (refused,) = h.received()
+    assert refused.request_id == 11 and refused.error.code == ErrorCode.SERVER_SHUTTING_DOWN
+    assert refused.error.category == ErrorCategory.RETRYABLE
+    assert not h.closing
+    h.backend.release(0)
+    (done,) = h.received()
+    assert done.request_id == 10 and done.query_response.result.single.value.data == b"v0"
+    assert h.closing
+    assert not drained.called
+    h.protocol.connectionLost(Exception("closed"))  # type: ignore[arg-type]
+    assert drained.called
+
+
+def test_drain_closes_idle_connections_at_once() -> None:
+    """A connection with nothing in flight is closed as soon as the drain starts."""
+    h = ready()
+    h.factory.start_drain()
+    assert h.closing
+
+
+@pytest.mark.parametrize("kind", ["query", "batch"])
+def test_shutdown_error_is_retryable(kind: str) -> None:
+    """SERVER_SHUTTING_DOWN answers carry the RETRYABLE category for every request kind."""
+    h = ready()
+    h.backend.gated = True
+    h.send(q_set(10, "c", b"k", b"v"))
+    h.factory.start_drain()
+    if kind == "query":
+        h.send(q_get(11, "c", b"k"))
+    else:
+        h.send(Envelope(request_id=11, batch=aql_pb2.BatchRequest()))
+    (answer,) = h.received()
+    assert answer.error.code == ErrorCode.SERVER_SHUTTING_DOWN
+    assert answer.error.category == ErrorCategory.RETRYABLE
