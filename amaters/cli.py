@@ -228,6 +228,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if running and ready else EXIT_FAIL
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    config = _load(args)
+    pid = _read_pid(config.pid_file)
+    if pid is None or not _alive(pid):
+        _err(f"not running (no live pid in {config.pid_file})")
+        return EXIT_FAIL
+    os.kill(pid, signal.SIGHUP)
+    print(f"reload requested (SIGHUP to pid {pid}); the server logs what changed or why it refused")
+    return EXIT_OK
+
+
 # -- parser ----------------------------------------------------------------------------------
 
 
@@ -268,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="SIGKILL it after the timeout")
     p.set_defaults(func=cmd_stop)
 
+    p = sub.add_parser("reload", parents=[config_opts], help="re-read the configuration (SIGHUP)")
+    p.set_defaults(func=cmd_reload)
+
     p = sub.add_parser("status", parents=[config_opts], help="is the server running and ready?")
     p.add_argument("--format", choices=["human", "json"], default="human")
     p.set_defaults(func=cmd_status)
@@ -278,6 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_client_commands(sub)
+
+    from amaters.auth.cli import add_auth_commands
+
+    add_auth_commands(sub)
+
+    from amaters.ops.snapshot_cli import add_snapshot_commands
+
+    add_snapshot_commands(sub)
     return parser
 
 

@@ -158,7 +158,7 @@ class StorageConfig:
     range_chunk_size: int = setting(256, "Entries per streamed RANGE chunk.", minimum=1, maximum=100_000)
     range_chunk_bytes: int = setting(
         4 * 1024 * 1024,
-        "Bytes per RANGE chunk read from RocksDB; a chunk ends early at this size (at least one entry).",
+        "Most bytes per RANGE chunk read from RocksDB (a single larger entry comes in a chunk of its own).",
         minimum=1,
     )
     point_reads_in_pool: bool = setting(
@@ -176,13 +176,37 @@ class CORSConfig:
 
 
 @attrs.frozen
+class WebTLSConfig:
+    enabled: bool = setting(False, "Serve the ops site over HTTPS.")
+    cert: str = setting(
+        "",
+        "Certificate chain (PEM) for the ops site. Empty: the native listener's ([tls].cert, or the"
+        " one generated under <data_dir>/tls/).",
+        path=True,
+    )
+    key: str = setting("", "Private key (PEM) for web.tls.cert.", path=True)
+
+
+@attrs.frozen
 class WebConfig:
     enabled: bool = setting(True, "Serve the ops site (health probes, metrics, admin API).")
     listen: str = setting("tcp:7879:interface=127.0.0.1", "Endpoint of the ops site.", check=_check_endpoint)
     liveness_max_lag: float = setting(
-        5.0, "Reactor lag in seconds above which /livez answers 503.", minimum=0.0, reloadable=True
+        5.0,
+        "Reactor lag in seconds above which /livez and /healthz answer 503 (0: never).",
+        minimum=0.0,
+        reloadable=True,
+    )
+    metrics_max_collections: int = setting(
+        20,
+        "Collections named in the amaters_storage_keys metric (the largest; the rest are summed as"
+        ' collection="other").',
+        minimum=1,
+        maximum=1000,
+        reloadable=True,
     )
     cors: CORSConfig = section(CORSConfig)
+    tls: WebTLSConfig = section(WebTLSConfig)
 
 
 @attrs.frozen
@@ -191,13 +215,59 @@ class LoggingConfig:
         "info", "Lowest level logged.", reloadable=True
     )
     format: Literal["text", "json"] = setting("text", "Log line format.", reloadable=True)
-    file: str = setting("", "Log file (empty: standard output, or twistd's log).", path=True)
-    max_bytes: int = setting(100 * 1024 * 1024, "Rotate the log file at this size.", minimum=1024)
-    max_files: int = setting(10, "Rotated log files kept.", minimum=1)
-    rotate: Literal["size", "daily"] = setting("size", "Rotation policy.")
+    file: str = setting(
+        "",
+        "Log file, rotated per logging.rotate (empty: where twistd logs: standard output under"
+        " `twistd -n`, else twistd's --logfile).",
+        path=True,
+    )
+    max_bytes: int = setting(
+        100 * 1024 * 1024, "Rotate the log file at this size (rotate = size).", minimum=1024
+    )
+    max_files: int = setting(10, "Rotated log files kept besides the current one.", minimum=1)
+    rotate: Literal["size", "daily"] = setting(
+        "size", "Rotation policy for logging.file: at max_bytes, or at midnight (local time)."
+    )
     slow_request_ms: int = setting(
         1000, "Requests slower than this are logged as warnings (0: off).", minimum=0, reloadable=True
     )
+
+
+def _check_tracing_exporter(value: str) -> str | None:
+    if value != "otlp":
+        return None
+    from amaters.ops.tracing import otlp_exporter_available
+
+    if otlp_exporter_available():
+        return None
+    return (
+        "'console' or 'none': 'otlp' needs the OpenTelemetry OTLP exporter, which is not installed"
+        " (pip install opentelemetry-exporter-otlp-proto-http)"
+    )
+
+
+@attrs.frozen
+class TracingConfig:
+    enabled: bool = setting(False, "Record an OpenTelemetry span for every request.")
+    exporter: Literal["otlp", "console", "none"] = setting(
+        "none",
+        "Where spans go: otlp (OTLP over HTTP; needs opentelemetry-exporter-otlp-proto-http), console"
+        " (the server log), none (spans are only sampled and propagated).",
+        check=_check_tracing_exporter,
+    )
+    otlp_endpoint: str = setting(
+        "",
+        "OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces (empty: the exporter's default or"
+        " OTEL_EXPORTER_OTLP_TRACES_ENDPOINT).",
+    )
+    sample_ratio: float = setting(
+        1.0,
+        "Fraction of traces recorded when the client sent no trace context (a client's sampling"
+        " decision is followed).",
+        minimum=0.0,
+        maximum=1.0,
+    )
+    service_name: str = setting("amaters", "service.name resource attribute on every span.")
 
 
 @attrs.frozen
@@ -228,6 +298,212 @@ class LimitsConfig:
     request_timeout: float = setting(
         60.0, "Seconds a request may run before it is answered with a timeout.", minimum=0.1, reloadable=True
     )
+    # -- protection (protection issue); docs/limits.md explains each ---------------------------
+    max_connections: int = setting(
+        10_000,
+        "Open native protocol connections, in total; more are closed at once, before TLS (0: no limit).",
+        minimum=0,
+        reloadable=True,
+    )
+    max_connections_per_ip: int = setting(
+        256,
+        "Open connections from one source address; more are closed at once, before TLS (0: no limit).",
+        minimum=0,
+        reloadable=True,
+    )
+    frame_timeout: float = setting(
+        60.0,
+        "Seconds a frame may take to arrive once its first bytes have; a client that sends part of a"
+        " frame and stalls is disconnected (0: never).",
+        minimum=0.0,
+        reloadable=True,
+    )
+    close_timeout: float = setting(
+        10.0,
+        "Seconds a connection being closed by the server may take to flush its last answers before it"
+        " is cut (a peer that does not read cannot keep it open).",
+        minimum=0.1,
+        reloadable=True,
+    )
+    max_buffered_response_bytes: int = setting(
+        64 * 1024 * 1024,
+        "Answer bytes a connection may hold for a client that is not reading them (beyond the"
+        " transport's own buffer); one more frame is always allowed. Past it the connection is closed.",
+        minimum=64 * 1024,
+        reloadable=True,
+    )
+    shed_lag_ms: int = setting(
+        1000,
+        "Reactor lag (ms) above which new requests are refused with SERVER_OVERLOADED (0: off).",
+        minimum=0,
+        reloadable=True,
+    )
+    max_queued: int = setting(
+        10_000,
+        "Requests in progress server-wide above which new ones are refused with SERVER_OVERLOADED"
+        " (0: off).",
+        minimum=0,
+        reloadable=True,
+    )
+
+
+@attrs.frozen
+class RateLimitConfig:
+    per_client_rps: float = setting(
+        0.0,
+        "Requests per second each client may make: per principal, or per source address when"
+        " anonymous (0: no limit). A BATCH costs one per operation.",
+        minimum=0.0,
+        reloadable=True,
+    )
+    per_client_burst: int = setting(
+        0,
+        "Requests a client may make at once before per_client_rps applies (0: one second's worth).",
+        minimum=0,
+        reloadable=True,
+    )
+    global_rps: float = setting(
+        0.0, "Requests per second for the whole server (0: no limit).", minimum=0.0, reloadable=True
+    )
+    global_burst: int = setting(
+        0, "Requests at once before global_rps applies (0: one second's worth).", minimum=0, reloadable=True
+    )
+
+
+@attrs.frozen
+class CacheConfig:
+    max_bytes: int = setting(
+        0,
+        "Query cache for GET results, in bytes (LRU; 0: off). Measured: RocksDB's block cache already"
+        " serves hot keys in microseconds (docs/limits.md).",
+        minimum=0,
+        reloadable=True,
+    )
+    max_entry_bytes: int = setting(
+        1024 * 1024, "Values larger than this are not cached.", minimum=0, reloadable=True
+    )
+
+
+def _check_frame_algorithms(value: list[str]) -> str | None:
+    if all(name in ("zstd", "lz4") for name in value) and len(set(value)) == len(value):
+        return None
+    return "a list of distinct names from zstd, lz4"
+
+
+@attrs.frozen
+class CompressionConfig:
+    verify_blobs: bool = setting(
+        True,
+        "On SET, check that an lz4 or zstd CipherBlob decompresses to exactly metadata.size bytes.",
+        reloadable=True,
+    )
+    pool_threshold_bytes: int = setting(
+        256 * 1024,
+        "Compressed blobs larger than this are checked in the cpu thread pool, not the reactor.",
+        minimum=0,
+        reloadable=True,
+    )
+    frames: list[str] = setting(
+        [],
+        "Per-frame compression the server accepts, in order of preference (zstd, lz4); a client"
+        " asks for it in its handshake (empty: off; ciphertext does not compress, see docs/limits.md).",
+        reloadable=True,
+        check=_check_frame_algorithms,
+    )
+    frame_threshold_bytes: int = setting(
+        64 * 1024,
+        "Frames smaller than this are never compressed.",
+        minimum=0,
+        reloadable=True,
+    )
+
+
+#: JWT algorithms amaters accepts (``none`` never): HMAC, RSA PKCS#1 v1.5, ECDSA, and EdDSA.
+JWT_ALGORITHMS = (
+    "HS256",
+    "HS384",
+    "HS512",
+    "RS256",
+    "RS384",
+    "RS512",
+    "ES256",
+    "ES384",
+    "EdDSA",
+)
+
+
+def _check_jwt_algorithms(value: list[str]) -> str | None:
+    unknown = [a for a in value if a not in JWT_ALGORITHMS]
+    if unknown or len(set(value)) != len(value):
+        return "a list of distinct names from " + ", ".join(JWT_ALGORITHMS) + " (exact spelling)"
+    return None
+
+
+def _check_role_map(value: dict[str, Any]) -> str | None:
+    allowed = 'a table of "id:<identity>" or "org:<organization>" = ["role", ...]'
+    for name, roles in value.items():
+        prefix, sep, rest = str(name).partition(":")
+        if not sep or prefix not in ("id", "org") or not rest:
+            return allowed
+        if not isinstance(roles, list) or not all(isinstance(r, str) and r for r in roles):
+            return allowed
+    return None
+
+
+@attrs.frozen
+class JWTConfig:
+    algorithms: list[str] = setting(
+        [],
+        "Accepted JWT algorithms (HS256/384/512, RS256/384/512, ES256/384, EdDSA). Empty: the ones"
+        " the configured keys allow (HS256 for a secret; RS256, ES256/ES384 or EdDSA from the public"
+        " key's type). HS* need auth.jwt.secret, the others auth.jwt.public_key of the matching type.",
+        reloadable=True,
+        check=_check_jwt_algorithms,
+    )
+    secret: str = setting(
+        "",
+        "HMAC secret for HS* tokens (at least as many bytes as the hash: 32, 48, 64).",
+        secret=True,
+        reloadable=True,
+    )
+    secret_file: str = setting(
+        "", "File holding the HMAC secret (instead of auth.jwt.secret).", path=True, reloadable=True
+    )
+    public_key: str = setting(
+        "",
+        "PEM public key (RSA >= 2048 bits, EC P-256/P-384, Ed25519/Ed448) verifying RS*/ES*/EdDSA tokens.",
+        path=True,
+        reloadable=True,
+    )
+    issuer: str = setting("", "Required `iss` claim (empty: not checked).", reloadable=True)
+    audience: list[str] = setting(
+        [],
+        "Accepted `aud` values, a string or a list (empty: not checked); a token must name one of them.",
+        reloadable=True,
+    )
+    leeway: float = setting(
+        30.0,
+        "Seconds of clock skew allowed when checking `exp` and `nbf`.",
+        minimum=0.0,
+        maximum=3600.0,
+        reloadable=True,
+    )
+
+
+@attrs.frozen
+class MTLSConfig:
+    allowed_organizations: list[str] = setting(
+        [],
+        "Client certificates must name one of these organizations (O=) (empty: any).",
+        reloadable=True,
+    )
+    role_map: dict[str, list[str]] = setting(
+        {},
+        'Roles of certificate holders: "id:<identity>" (CN, else first SAN) or "org:<organization>"'
+        ' = ["role", ...]; a holder gets the roles of both.',
+        reloadable=True,
+        check=_check_role_map,
+    )
 
 
 @attrs.frozen
@@ -236,6 +512,36 @@ class AuthConfig:
     allow_unauthenticated_remote: bool = setting(
         False, "Allow a non-loopback listener with auth disabled (protected mode off)."
     )
+    api_keys_file: str = setting(
+        "",
+        "API keys (TOML or JSON): entries {id, name, key_hash, roles, expires_at?}.",
+        path=True,
+        reloadable=True,
+    )
+    api_key_pepper: str = setting(
+        "",
+        "Server secret that API key hashes are keyed with (HMAC-SHA256; at least 16 bytes).",
+        secret=True,
+        reloadable=True,
+    )
+    api_key_pepper_file: str = setting(
+        "", "File holding the API key pepper (instead of auth.api_key_pepper).", path=True, reloadable=True
+    )
+    roles_file: str = setting(
+        "",
+        "Custom roles (TOML or JSON) besides the built-in admin, user and reader.",
+        path=True,
+        reloadable=True,
+    )
+    max_failures_per_minute: int = setting(
+        10,
+        "Failed logins allowed per source address per minute; more are refused with a retryable"
+        " AUTH_FAILED carrying retry_after (0: no limit).",
+        minimum=0,
+        reloadable=True,
+    )
+    jwt: JWTConfig = section(JWTConfig)
+    mtls: MTLSConfig = section(MTLSConfig)
 
 
 @attrs.frozen
@@ -255,15 +561,76 @@ class RetryConfig:
 
 
 @attrs.frozen
+class AuditConfig:
+    enabled: bool = setting(
+        False,
+        "Write the audit log: logins, denials, admin operations, writes, security violations.",
+        reloadable=True,
+    )
+    path: str = setting("", "Audit log file (empty: <data_dir>/audit.log).", path=True, reloadable=True)
+    max_bytes: int = setting(
+        100 * 1024 * 1024, "Rotate the audit log at this size.", minimum=1024, reloadable=True
+    )
+    max_files: int = setting(
+        10, "Audit log files kept, the current one included.", minimum=2, reloadable=True
+    )
+    log_reads: bool = setting(False, "Also audit successful reads (GET, RANGE, ...).", reloadable=True)
+    log_writes: bool = setting(True, "Audit successful writes (SET, DELETE, BATCH).", reloadable=True)
+
+
+@attrs.frozen
+class S3Config:
+    endpoint_url: str = setting(
+        "",
+        "S3-compatible endpoint for snapshot archives, e.g. https://minio.internal:9000 (empty: AWS S3"
+        " in snapshot.s3.region). Credentials come from the standard AWS environment/profile chain.",
+        check=lambda v: None if not v or v.startswith(("http://", "https://")) else "an http:// or https:// URL",
+    )
+    bucket: str = setting("", "Bucket receiving snapshot archives (empty: no S3 uploads).")
+    prefix: str = setting("amaters/snapshots/", "Key prefix of snapshot archives in the bucket.")
+    region: str = setting("", "S3 region (empty: from AWS_REGION, AWS_DEFAULT_REGION or the AWS profile).")
+    multipart_threshold_bytes: int = setting(
+        64 * 1024 * 1024,
+        "Archives at least this large are uploaded in parts of this size (S3's smallest part is 5 MiB).",
+        minimum=5 * 1024 * 1024,
+    )
+
+
+@attrs.frozen
+class SnapshotConfig:
+    interval: float = setting(
+        0.0, "Seconds between scheduled snapshots (0: no scheduled snapshots).", minimum=0.0
+    )
+    keep: int = setting(
+        7,
+        "Local snapshot archives kept; after each new snapshot the oldest beyond this are deleted"
+        " (0: keep all).",
+        minimum=0,
+    )
+    dir: str = setting("", "Directory of snapshot archives (empty: <data_dir>/snapshots).", path=True)
+    compression: Literal["zstd", "none"] = setting(
+        "zstd", "Compression of snapshot archives (tar + zstd, or plain tar)."
+    )
+    upload: bool = setting(False, "Upload scheduled snapshots to [snapshot.s3] (needs snapshot.s3.bucket).")
+    s3: S3Config = section(S3Config)
+
+
+@attrs.frozen
 class Config:
     server: ServerConfig = section(ServerConfig)
     tls: TLSConfig = section(TLSConfig)
     storage: StorageConfig = section(StorageConfig)
     web: WebConfig = section(WebConfig)
     logging: LoggingConfig = section(LoggingConfig)
+    tracing: TracingConfig = section(TracingConfig)
     limits: LimitsConfig = section(LimitsConfig)
+    rate_limit: RateLimitConfig = section(RateLimitConfig)
+    cache: CacheConfig = section(CacheConfig)
+    compression: CompressionConfig = section(CompressionConfig)
     auth: AuthConfig = section(AuthConfig)
+    audit: AuditConfig = section(AuditConfig)
     retry: RetryConfig = section(RetryConfig)
+    snapshot: SnapshotConfig = section(SnapshotConfig)
     #: The file this config was read from ('' when none); not a settable key.
     source: str = attrs.field(default="", metadata={"internal": True})
 
@@ -496,6 +863,10 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
         )
     if config.retry.max_delay_ms < config.retry.base_delay_ms:
         problems.append("retry.max_delay_ms: must be at least retry.base_delay_ms")
+    # Authentication material (keys, roles, API keys files) is read and checked by amaters.auth.
+    from amaters.auth.settings import auth_problems
+
+    problems.extend(auth_problems(config))
 
 
 def load_config(

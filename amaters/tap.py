@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from amaters import __version__
 from amaters.config import Config, ConfigError, Sources, load_config
+from amaters.ops.reload import Reloader, ReloaderService
 from amaters.service import AsyncMultiService, ThreadPoolService
 from amaters.storage import build_backend
 from amaters.storage.service import StorageService
@@ -78,6 +79,7 @@ class AmatersService(AsyncMultiService):
         self.sources = sources or Sources(config.source or None)
         self.reactor = reactor
         self.started_at: float | None = None
+        self.reloader: Reloader | None = None
 
     @property
     def ready(self) -> bool:
@@ -170,6 +172,8 @@ def build_service(
 
         reactor = global_reactor
     root = AmatersService(config, reactor, sources)
+    # Components whose settings SIGHUP may change register here (see amaters.ops.reload).
+    root.reloader = Reloader(root)
     pools = PoolsService(reactor, synchronous_pools)
     pools.setServiceParent(root)
     backend = build_backend(config, reactor, pools)
@@ -183,16 +187,27 @@ def build_service(
     FlusherService.from_config(backend, config.storage, reactor).setServiceParent(root)
     # -- end storage flusher ---------------------------------------------------------------
 
+    # -- snapshots (operations issue) -----------------------------------------------------
+    # Scheduled snapshots every snapshot.interval seconds; stops (awaiting a running snapshot)
+    # before the storage closes.
+    if config.storage.backend == "rocksdb" and config.snapshot.interval > 0:
+        from amaters.storage.snapshot import SnapshotScheduler
+
+        SnapshotScheduler(backend, config, pools, reactor).setServiceParent(root)
+    # -- end snapshots ---------------------------------------------------------------------
+
     from amaters.web.ops import OpsService
 
     if config.web.enabled:
         OpsService(config, reactor, root).setServiceParent(root)
 
     # -- auth (auth issue): portal, RBAC and audit, attached to root before the listener --
-    # -- end auth --------------------------------------------------------------------------
+    # "audit" and "auth" start before the listener (keys and roles are loaded when they start) and
+    # stop after it.  root.audit is the audit sink; root.authenticator the handshake's login hook.
+    from amaters.auth.service import build_auth
 
-    # -- observability (observability issue): metrics, logging, tracing --------------------
-    # -- end observability -----------------------------------------------------------------
+    auth = build_auth(config, reactor, root)
+    # -- end auth --------------------------------------------------------------------------
 
     # -- protocol listener (protocol issue) -----------------------------------------------
     # The native protocol: QueryExecutor over the backend, behind root.pipeline (later issues add
@@ -201,6 +216,38 @@ def build_service(
 
     build_listener(config, reactor, root).setServiceParent(root)  # type: ignore[no-untyped-call]
     # -- end protocol listener -------------------------------------------------------------
+
+    # -- protection (protection issue) ----------------------------------------------------
+    # Query cache in front of the executor, shedding and rate-limit stages first in
+    # root.pipeline, compressed-blob checks, connection limits outside TLS, per-frame compression;
+    # all registered with root.reloader.  docs/limits.md lists every limit.
+    from amaters.protect.wiring import install_protection
+
+    install_protection(root, config, reactor)
+    # -- end protection --------------------------------------------------------------------
+
+    # -- auth stages (auth issue): RBAC first in root.pipeline, then audit; login hook ---------
+    auth.install(root.pipeline, root.getServiceNamed("listener"))  # type: ignore[attr-defined]
+    # -- end auth stages -------------------------------------------------------------------
+
+    # -- observability (observability issue): metrics, logging, tracing --------------------
+    # After the listener: it adds pipeline stages to root.pipeline and hooks the listener.  It
+    # places its services itself: "logging" first (starts first, stops last), "lagmonitor",
+    # "tracing" and "metrics" just before the listener (they stop after it has drained).
+    from amaters.ops.observability import install_observability
+
+    install_observability(root, config, reactor)
+    # -- end observability -----------------------------------------------------------------
+
+    # TLS rotation on reload, and on file change with tls.watch.
+    from amaters.ops.tlsreload import CertificateWatcher, TLSReloader
+
+    root.reloader.register(TLSReloader(root.getServiceNamed("listener")))
+    if config.tls.enabled and config.tls.watch:
+        CertificateWatcher(lambda: root.config, root.reloader.reload, reactor).setServiceParent(root)
+
+    # Last to start, first to stop: SIGHUP reloads only while everything else runs.
+    ReloaderService(root.reloader, reactor).setServiceParent(root)
     return root
 
 

@@ -1,7 +1,10 @@
 """Retries of transient backend errors, for idempotent operations only, on the reactor's clock.
 
 A transient error is one that may go away by itself: :class:`~amaters.errors.StorageIOError`
-(``STORAGE_IO``, category RETRYABLE), for example an I/O error on a WAL sync.  A full disk
+(``STORAGE_IO``, category RETRYABLE), for example an I/O error on a WAL sync, and a backend's
+:class:`~amaters.errors.Overloaded` (a RocksDB write stall: writes never wait on the reactor thread,
+they fail at once and are retried here after a delay, which is RocksDB's own "slowdown" done
+without blocking).  A full disk
 (``STORAGE_FULL``), corruption, a missing collection or a bad request is never retried: trying
 again would fail the same way, only later.
 
@@ -28,7 +31,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from amaters.errors import StorageIOError
+from amaters.errors import Overloaded, StorageIOError
 from amaters.interfaces import IRangeCursor, IStorageBackend
 from amaters.types import CipherBlob, WriteOp
 
@@ -38,8 +41,9 @@ log = Logger()
 
 
 def is_transient(error: BaseException) -> bool:
-    """Whether ``error`` may succeed when tried again: a retryable ``StorageIOError``."""
-    return isinstance(error, StorageIOError) and error.retryable
+    """Whether ``error`` may succeed when tried again: a retryable ``StorageIOError``, or a
+    backend's ``Overloaded`` (a RocksDB write stall, which ends when a flush catches up)."""
+    return isinstance(error, (StorageIOError, Overloaded)) and error.retryable
 
 
 @attrs.frozen

@@ -98,9 +98,20 @@ def error_to_proto(error: AmatersError) -> errors_pb2.ErrorResponse:
     if error.details:
         message.details = error.details
     if error.retry_after_ms is not None:
-        # The wire field is in seconds; round up so a client never retries too early.
+        # Upstream's field is in whole seconds: round up so a client never retries too early.  The
+        # exact milliseconds go in amaters' own retry_after_ms field (ignored by upstream clients).
         message.retry_after = (error.retry_after_ms + 999) // 1000
+        message.retry_after_ms = error.retry_after_ms
     return message
+
+
+def _retry_after_ms(message: errors_pb2.ErrorResponse) -> int | None:
+    """The retry hint in milliseconds: amaters' exact field, else upstream's seconds."""
+    if message.HasField("retry_after_ms"):
+        return message.retry_after_ms
+    if message.HasField("retry_after"):
+        return message.retry_after * 1000
+    return None
 
 
 def error_from_proto(message: errors_pb2.ErrorResponse) -> AmatersError:
@@ -109,7 +120,7 @@ def error_from_proto(message: errors_pb2.ErrorResponse) -> AmatersError:
         int(message.code),
         message.message,
         category=int(message.category),
-        retry_after_ms=message.retry_after * 1000 if message.HasField("retry_after") else None,
+        retry_after_ms=_retry_after_ms(message),
         details=message.details if message.HasField("details") else None,
     )
 

@@ -10,7 +10,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Envelope(_message.Message):
-    __slots__ = ("request_id", "handshake", "query", "batch", "server_info", "health_check", "create_collection", "drop_collection", "list_collections", "cancel_stream", "ping", "handshake_response", "query_response", "batch_response", "stream", "server_info_response", "health_check_response", "collection_response", "cancel_stream_response", "pong", "error")
+    __slots__ = ("request_id", "handshake", "query", "batch", "server_info", "health_check", "create_collection", "drop_collection", "list_collections", "cancel_stream", "ping", "handshake_response", "query_response", "batch_response", "stream", "server_info_response", "health_check_response", "collection_response", "cancel_stream_response", "pong", "error", "compressed", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     HANDSHAKE_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +39,8 @@ class Envelope(_message.Message):
     CANCEL_STREAM_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     PONG_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSED_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     handshake: Handshake
     query: _aql_pb2.QueryRequest
@@ -53,7 +62,19 @@ class Envelope(_message.Message):
     cancel_stream_response: CancelStreamResponse
     pong: Pong
     error: _errors_pb2.ErrorResponse
-    def __init__(self, request_id: _Optional[int] = ..., handshake: _Optional[_Union[Handshake, _Mapping]] = ..., query: _Optional[_Union[_aql_pb2.QueryRequest, _Mapping]] = ..., batch: _Optional[_Union[_aql_pb2.BatchRequest, _Mapping]] = ..., server_info: _Optional[_Union[_aql_pb2.ServerInfoRequest, _Mapping]] = ..., health_check: _Optional[_Union[_aql_pb2.HealthCheckRequest, _Mapping]] = ..., create_collection: _Optional[_Union[CreateCollectionRequest, _Mapping]] = ..., drop_collection: _Optional[_Union[DropCollectionRequest, _Mapping]] = ..., list_collections: _Optional[_Union[ListCollectionsRequest, _Mapping]] = ..., cancel_stream: _Optional[_Union[CancelStreamRequest, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., handshake_response: _Optional[_Union[HandshakeResponse, _Mapping]] = ..., query_response: _Optional[_Union[_aql_pb2.QueryResponse, _Mapping]] = ..., batch_response: _Optional[_Union[_aql_pb2.BatchResponse, _Mapping]] = ..., stream: _Optional[_Union[_aql_pb2.StreamResponse, _Mapping]] = ..., server_info_response: _Optional[_Union[_aql_pb2.ServerInfoResponse, _Mapping]] = ..., health_check_response: _Optional[_Union[_aql_pb2.HealthCheckResponse, _Mapping]] = ..., collection_response: _Optional[_Union[CollectionResponse, _Mapping]] = ..., cancel_stream_response: _Optional[_Union[CancelStreamResponse, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., error: _Optional[_Union[_errors_pb2.ErrorResponse, _Mapping]] = ...) -> None: ...
+    compressed: CompressedFrame
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, request_id: _Optional[int] = ..., handshake: _Optional[_Union[Handshake, _Mapping]] = ..., query: _Optional[_Union[_aql_pb2.QueryRequest, _Mapping]] = ..., batch: _Optional[_Union[_aql_pb2.BatchRequest, _Mapping]] = ..., server_info: _Optional[_Union[_aql_pb2.ServerInfoRequest, _Mapping]] = ..., health_check: _Optional[_Union[_aql_pb2.HealthCheckRequest, _Mapping]] = ..., create_collection: _Optional[_Union[CreateCollectionRequest, _Mapping]] = ..., drop_collection: _Optional[_Union[DropCollectionRequest, _Mapping]] = ..., list_collections: _Optional[_Union[ListCollectionsRequest, _Mapping]] = ..., cancel_stream: _Optional[_Union[CancelStreamRequest, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., handshake_response: _Optional[_Union[HandshakeResponse, _Mapping]] = ..., query_response: _Optional[_Union[_aql_pb2.QueryResponse, _Mapping]] = ..., batch_response: _Optional[_Union[_aql_pb2.BatchResponse, _Mapping]] = ..., stream: _Optional[_Union[_aql_pb2.StreamResponse, _Mapping]] = ..., server_info_response: _Optional[_Union[_aql_pb2.ServerInfoResponse, _Mapping]] = ..., health_check_response: _Optional[_Union[_aql_pb2.HealthCheckResponse, _Mapping]] = ..., collection_response: _Optional[_Union[CollectionResponse, _Mapping]] = ..., cancel_stream_response: _Optional[_Union[CancelStreamResponse, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., error: _Optional[_Union[_errors_pb2.ErrorResponse, _Mapping]] = ..., compressed: _Optional[_Union[CompressedFrame, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class CompressedFrame(_message.Message):
+    __slots__ = ("algorithm", "size", "data")
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    algorithm: _types_pb2.CompressionType
+    size: int
+    data: bytes
+    def __init__(self, algorithm: _Optional[_Union[_types_pb2.CompressionType, str]] = ..., size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Credentials(_message.Message):
     __slots__ = ("bearer_token", "api_key")
@@ -64,34 +85,49 @@ class Credentials(_message.Message):
     def __init__(self, bearer_token: _Optional[str] = ..., api_key: _Optional[str] = ...) -> None: ...
 
 class Handshake(_message.Message):
-    __slots__ = ("version", "client_name", "credentials", "supported_versions", "capabilities")
+    __slots__ = ("version", "client_name", "credentials", "supported_versions", "capabilities", "frame_compression", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
     CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
     SUPPORTED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    FRAME_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     version: _types_pb2.Version
     client_name: str
     credentials: Credentials
     supported_versions: _containers.RepeatedCompositeFieldContainer[_types_pb2.Version]
     capabilities: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[_Union[_types_pb2.Version, _Mapping]] = ..., client_name: _Optional[str] = ..., credentials: _Optional[_Union[Credentials, _Mapping]] = ..., supported_versions: _Optional[_Iterable[_Union[_types_pb2.Version, _Mapping]]] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
+    frame_compression: _containers.RepeatedScalarFieldContainer[str]
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, version: _Optional[_Union[_types_pb2.Version, _Mapping]] = ..., client_name: _Optional[str] = ..., credentials: _Optional[_Union[Credentials, _Mapping]] = ..., supported_versions: _Optional[_Iterable[_Union[_types_pb2.Version, _Mapping]]] = ..., capabilities: _Optional[_Iterable[str]] = ..., frame_compression: _Optional[_Iterable[str]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class HandshakeResponse(_message.Message):
-    __slots__ = ("version", "supported_versions", "capabilities", "principal_name", "roles", "server_name")
+    __slots__ = ("version", "supported_versions", "capabilities", "principal_name", "roles", "server_name", "frame_compression", "frame_compression_threshold")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SUPPORTED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     PRINCIPAL_NAME_FIELD_NUMBER: _ClassVar[int]
     ROLES_FIELD_NUMBER: _ClassVar[int]
     SERVER_NAME_FIELD_NUMBER: _ClassVar[int]
+    FRAME_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    FRAME_COMPRESSION_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     version: _types_pb2.Version
     supported_versions: _containers.RepeatedCompositeFieldContainer[_types_pb2.Version]
     capabilities: _containers.RepeatedScalarFieldContainer[str]
     principal_name: str
     roles: _containers.RepeatedScalarFieldContainer[str]
     server_name: str
-    def __init__(self, version: _Optional[_Union[_types_pb2.Version, _Mapping]] = ..., supported_versions: _Optional[_Iterable[_Union[_types_pb2.Version, _Mapping]]] = ..., capabilities: _Optional[_Iterable[str]] = ..., principal_name: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., server_name: _Optional[str] = ...) -> None: ...
+    frame_compression: str
+    frame_compression_threshold: int
+    def __init__(self, version: _Optional[_Union[_types_pb2.Version, _Mapping]] = ..., supported_versions: _Optional[_Iterable[_Union[_types_pb2.Version, _Mapping]]] = ..., capabilities: _Optional[_Iterable[str]] = ..., principal_name: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., server_name: _Optional[str] = ..., frame_compression: _Optional[str] = ..., frame_compression_threshold: _Optional[int] = ...) -> None: ...
 
 class CreateCollectionRequest(_message.Message):
     __slots__ = ("name",)

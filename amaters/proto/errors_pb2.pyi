@@ -84,15 +84,17 @@ CATEGORY_CLIENT_ERROR: ErrorCategory
 CATEGORY_SERVER_ERROR: ErrorCategory
 
 class ErrorResponse(_message.Message):
-    __slots__ = ("code", "message", "details", "retry_after", "category")
+    __slots__ = ("code", "message", "details", "retry_after", "category", "retry_after_ms")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     DETAILS_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_FIELD_NUMBER: _ClassVar[int]
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     code: ErrorCode
     message: str
     details: str
     retry_after: int
     category: ErrorCategory
-    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., details: _Optional[str] = ..., retry_after: _Optional[int] = ..., category: _Optional[_Union[ErrorCategory, str]] = ...) -> None: ...
+    retry_after_ms: int
+    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., details: _Optional[str] = ..., retry_after: _Optional[int] = ..., category: _Optional[_Union[ErrorCategory, str]] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...

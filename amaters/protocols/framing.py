@@ -174,6 +174,12 @@ class FrameReceiver(Int32StringReceiver):
     def framesPaused(self) -> bool:
         return self._frames_paused
 
+    @property
+    def bufferedBytes(self) -> int:
+        """Bytes received and not yet delivered as frames (a partial frame, or paused frames)."""
+        chunks = self._rx_chunks_size if self._rx_chunks is not None else 0
+        return len(self._rx) + chunks
+
     def frameTooLarge(self, length: int) -> None:
         """A length prefix over ``MAX_LENGTH`` arrived.  No further frame is delivered.
 

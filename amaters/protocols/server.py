@@ -22,6 +22,7 @@ A connection's life (``docs/protocol.md`` has the wire details):
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -126,6 +127,27 @@ class Session:
     version: tuple[int, int, int]
     credentials: Credentials | None = None
     peer_certificate: Any = None
+    #: W3C trace context the handshake carried (parents the spans of requests that carry none).
+    trace_context: dict[str, str] | None = None
+    #: The cred logout of the principal (called once, when the connection ends).
+    logout: Callable[[], None] | None = None
+
+    def end(self) -> None:
+        """Log the principal out (once)."""
+        logout, self.logout = self.logout, None
+        if logout is not None:
+            logout()
+
+
+def _peer_certificate_chain(transport: Any) -> Any:
+    """The client's certificate as the authenticator gets it: None, the leaf, or the leaf followed
+    by the chain OpenSSL verified it with (so intermediates the client sent can be checked again)."""
+    leaf = transport.getPeerCertificate()
+    if leaf is None:
+        return None
+    handle: Any = transport.getHandle() if hasattr(transport, "getHandle") else None
+    chain = handle.get_verified_chain() if hasattr(handle, "get_verified_chain") else None
+    return [leaf, *chain[1:]] if chain else leaf
 
 
 # -- the protocol --------------------------------------------------------------------------------
@@ -295,6 +317,19 @@ class AmatersServerProtocol(FrameReceiver):
         self._source = ""
         self._flow: _WriteFlow | None = None
         self._lost = False
+        # Protection (docs/limits.md): bytes seen at all, the frame and close deadlines, answers
+        # held while the transport's buffer is full, and the negotiated per-frame compression.
+        self._received_any = False
+        self._frames_seen = 0
+        self._frame_timer: IDelayedCall | None = None
+        self._close_timer: IDelayedCall | None = None
+        self._held: collections.deque[bytes] = collections.deque()
+        self._held_bytes = 0
+        self._offered_compression: list[str] = []
+        self._frame_codec = ""
+        self._frame_threshold = 0
+        # The trace context of the request being dispatched (Envelope.trace_context), for _context.
+        self._trace_context: dict[str, str] | None = None
 
     # -- connection lifecycle -----------------------------------------------------------------
 
@@ -316,14 +351,27 @@ class AmatersServerProtocol(FrameReceiver):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         self._state = _CLOSING
-        for timer in (self._handshake_timer, self._idle_timer, *self._timers.values()):
+        for timer in (
+            self._handshake_timer,
+            self._idle_timer,
+            self._frame_timer,
+            self._close_timer,
+            *self._timers.values(),
+        ):
             if timer is not None and timer.active():
                 timer.cancel()
+        self._held.clear()
+        self._held_bytes = 0
         self._timers.clear()
         for stream in list(self._streams.values()):
             stream.abandon()
         self._streams.clear()
         self._inflight = 0
+        if self.session is not None:
+            try:
+                self.session.end()
+            except Exception:
+                self._log.failure("Logging out {source} failed", source=self._source)
         self.factory.connection_lost(self)
 
     def _close(self) -> None:
@@ -336,7 +384,22 @@ class AmatersServerProtocol(FrameReceiver):
         if self._flow is not None:
             self._flow = None
             transport.unregisterProducer()
+        held, self._held = self._held, collections.deque()
+        self._held_bytes = 0
+        for data in held:
+            transport.write(data)  # bounded by limits.max_buffered_response_bytes
+        if self._close_timer is None:
+            # A peer that does not read would keep a closing connection open forever.
+            self._close_timer = self.factory.clock.callLater(
+                self.factory.limits.close_timeout, self._close_expired
+            )
         transport.loseConnection()
+
+    def _close_expired(self) -> None:
+        self._close_timer = None
+        if not self._lost:
+            self._log.info("Cutting connection from {source}: it did not close in time", source=self._source)
+            self.abort()
 
     def abort(self) -> None:
         """Drop the connection now (used when a drain runs out of time)."""
@@ -347,6 +410,16 @@ class AmatersServerProtocol(FrameReceiver):
 
     def _handshake_expired(self) -> None:
         self._handshake_timer = None
+        if self._state in (_HANDSHAKE, _AUTHENTICATING) and not self._received_any and _tls_pending(self):
+            # The TLS handshake itself has not finished (slowloris): nothing can be sent; cut it.
+            self._log.info(
+                "Dropping connection from {source}: no handshake within {timeout} s",
+                source=self._source,
+                timeout=self.factory.limits.handshake_timeout,
+            )
+            self._state = _CLOSING
+            self.abort()
+            return
         if self._state in (_HANDSHAKE, _AUTHENTICATING):
             self._refuse_and_close(
                 0,
@@ -376,11 +449,42 @@ class AmatersServerProtocol(FrameReceiver):
 
     def dataReceived(self, data: bytes) -> None:
         self._last_activity = self.factory.clock.seconds()
+        self._received_any = True
         super().dataReceived(data)
+        if self.bufferedBytes and not self.framesPaused:
+            if self._frame_timer is None and not self._lost and self._state is not _CLOSING:
+                self._start_frame_timer()
+        elif self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
+
+    def _start_frame_timer(self) -> None:
+        timeout = self.factory.limits.frame_timeout
+        if timeout > 0:
+            self._frame_timer = self.factory.clock.callLater(
+                timeout, self._frame_expired, self._frames_seen, timeout
+            )
+
+    def _frame_expired(self, seen: int, timeout: float) -> None:
+        self._frame_timer = None
+        if self._lost or self._state is _CLOSING or self.framesPaused or not self.bufferedBytes:
+            return
+        if self._frames_seen != seen:
+            self._start_frame_timer()  # frames are arriving; this is a new one
+            return
+        self._log.info(
+            "Closing connection from {source}: a frame did not arrive within {timeout} s",
+            source=self._source,
+            timeout=timeout,
+        )
+        self._refuse_and_close(
+            0, RequestTimeout(f"a frame did not arrive completely within {timeout:g} s; closing")
+        )
 
     def stringReceived(self, frame: bytes) -> None:
         if self._state is _CLOSING:
             return
+        self._frames_seen += 1
         if self._out is None:
             self._out = []
         envelope = Envelope()
@@ -390,6 +494,12 @@ class AmatersServerProtocol(FrameReceiver):
             self._send_error(0, MalformedMessage("the frame is not a valid Envelope message"))
             return
         kind = envelope.WhichOneof("body")
+        if kind == "compressed":
+            inner = self._uncompress(envelope)
+            if inner is None:
+                return
+            envelope = inner
+            kind = envelope.WhichOneof("body")
         request_id = envelope.request_id
         if self._state is not _READY:
             self._before_ready(request_id, kind, envelope)
@@ -401,6 +511,7 @@ class AmatersServerProtocol(FrameReceiver):
         if self.factory.draining:
             self._send_error(request_id, ShuttingDown("the server is shutting down; retry on another server"))
             return
+        self._trace_context = dict(envelope.trace_context) if envelope.trace_context else None
         try:
             handler(self, request_id, getattr(envelope, kind))  # type: ignore[arg-type]
         except Exception:
@@ -428,19 +539,70 @@ class AmatersServerProtocol(FrameReceiver):
         if self._lost:
             return
         payload = envelope.SerializeToString()
+        if self._frame_codec and len(payload) >= self._frame_threshold:
+            from amaters.protect.compression import compress_frame
+
+            payload = compress_frame(payload, self._frame_codec) or payload
         out = self._out
         if out is not None:
             # Inside a run of frame deliveries: answers go out together when it ends.
             out.append(frame_header(len(payload)))
             out.append(payload)
         else:
-            self.transport.write(frame_header(len(payload)) + payload)  # type: ignore[union-attr]
+            self._write(frame_header(len(payload)) + payload)
 
     def _flush_out(self) -> None:
         out = self._out
         self._out = None
         if out and not self._lost:
-            self.transport.write(b"".join(out))  # type: ignore[union-attr]
+            self._write(b"".join(out))
+
+    def _write(self, data: bytes) -> None:
+        """Write, or hold while the transport's buffer is full (bounded; see _write_paused)."""
+        if not self._write_blocked and not self._held:
+            self.transport.write(data)  # type: ignore[union-attr]
+            return
+        held = self._held
+        held.append(data)
+        self._held_bytes += len(data)
+        if self._held_bytes > self.factory.limits.max_buffered_response_bytes and len(held) > 1:
+            self._log.warn(
+                "Closing connection from {source}: {size} bytes of answers wait for a client that"
+                " does not read them (limits.max_buffered_response_bytes)",
+                source=self._source,
+                size=self._held_bytes,
+            )
+            held.clear()
+            self._held_bytes = 0
+            self._state = _CLOSING
+            self.abort()
+
+    @property
+    def buffered_response_bytes(self) -> int:
+        """Answer bytes not yet sent: held here, plus what the transports below still buffer."""
+        return self._held_bytes + _unsent_bytes(self.transport)
+
+    def _uncompress(self, envelope: envelope_pb2.Envelope) -> envelope_pb2.Envelope | None:
+        """The Envelope inside a compressed one (None: an error was answered)."""
+        if not self._frame_codec:
+            self._send_error(0, ProtocolError("per-frame compression was not negotiated"))
+            return None
+        from amaters.protect.compression import decompress_frame
+
+        try:
+            payload = decompress_frame(envelope.compressed, self.MAX_LENGTH)
+            inner = Envelope()
+            inner.ParseFromString(payload)
+        except AmatersError as e:
+            self._send_error(0, e)
+            return None
+        except DecodeError:
+            self._send_error(0, MalformedMessage("a compressed frame does not hold a valid Envelope"))
+            return None
+        if inner.WhichOneof("body") == "compressed":
+            self._send_error(inner.request_id, ProtocolError("a compressed frame holds another one"))
+            return None
+        return inner
 
     def _send_error(self, request_id: int, error: AmatersError) -> None:
         self._send(Envelope(request_id=request_id, error=error_to_proto(error)))
@@ -491,10 +653,12 @@ class AmatersServerProtocol(FrameReceiver):
         peer_certificate = None
         transport = self.transport
         if ISSLTransport.providedBy(transport):
-            peer_certificate = transport.getPeerCertificate()
+            peer_certificate = _peer_certificate_chain(transport)
         self._state = _AUTHENTICATING
         self.pauseFrames()  # requests pipelined behind the handshake wait for its outcome
         client_name = handshake.client_name[:200]
+        self._offered_compression = list(handshake.frame_compression)[:8]
+        self._trace_context = dict(handshake.trace_context) if handshake.trace_context else None
         version = (PROTOCOL_VERSION[0], min(client_version[1], PROTOCOL_VERSION[1]), 0)
         try:
             d = self.factory.authenticate(credentials, peer_certificate, self._source)
@@ -516,9 +680,21 @@ class AmatersServerProtocol(FrameReceiver):
         credentials: Credentials | None,
         peer_certificate: Any,
     ) -> None:
+        logout = getattr(principal, "logout", None)  # cred avatars (amaters.auth) carry their logout
         if self._lost or self._state is not _AUTHENTICATING:
+            if callable(logout):
+                logout()  # the connection ended while the login was in progress
             return
-        self.session = Session(principal, client_name, version, credentials, peer_certificate)
+        self.session = Session(
+            principal,
+            client_name,
+            version,
+            credentials,
+            peer_certificate,
+            self._trace_context,
+            logout if callable(logout) else None,
+        )
+        self._trace_context = None
         self._state = _READY
         if self._handshake_timer is not None and self._handshake_timer.active():
             self._handshake_timer.cancel()
@@ -530,6 +706,9 @@ class AmatersServerProtocol(FrameReceiver):
             principal=principal.name,
             method=principal.auth_method,
         )
+        policy = self.factory.frame_compression
+        codec = policy.negotiate(self._offered_compression) if policy is not None else ""
+        threshold = policy.threshold if policy is not None and codec else 0
         self._send(
             Envelope(
                 request_id=request_id,
@@ -540,9 +719,13 @@ class AmatersServerProtocol(FrameReceiver):
                     principal_name=principal.name,
                     roles=list(principal.roles),
                     server_name=f"amaters {__version__}",
+                    frame_compression=codec,
+                    frame_compression_threshold=threshold,
                 ),
             )
         )
+        # From the next frame on, both sides may compress (the answer above is never compressed).
+        self._frame_codec, self._frame_threshold = codec, threshold
         self._schedule_idle()
         self._flush_out()
         self.resumeFrames()
@@ -594,6 +777,11 @@ class AmatersServerProtocol(FrameReceiver):
 
     def _write_paused(self, paused: bool) -> None:
         self._write_blocked = paused
+        held = self._held
+        while held and not self._write_blocked and not self._lost:
+            data = held.popleft()
+            self._held_bytes -= len(data)
+            self.transport.write(data)  # type: ignore[union-attr]
         self._update_reading()
         if not paused:
             for stream in list(self._streams.values()):
@@ -605,7 +793,10 @@ class AmatersServerProtocol(FrameReceiver):
         session = self.session
         assert session is not None
         # The request's bytes arrived at _last_activity: a good start time, and no clock call.
-        return RequestContext(request_id, session.principal, self._source, self._last_activity, session)
+        ctx = RequestContext(request_id, session.principal, self._source, self._last_activity, session)
+        if self._trace_context:
+            ctx.annotations["trace_context"] = self._trace_context
+        return ctx
 
     def _track(self, request_id: int, d: defer.Deferred[Any], what: str) -> None:
         """Count ``d`` as in flight and answer with a timeout error if it runs too long."""
@@ -818,6 +1009,43 @@ class AmatersServerProtocol(FrameReceiver):
         self._send(Envelope(request_id=request_id, pong=envelope_pb2.Pong(payload=request.payload)))
 
 
+def _tls_pending(protocol: Any) -> bool:
+    """Whether the TLS handshake below ``protocol`` has not finished (False without TLS).
+
+    Reads TLSMemoryBIOProtocol's handshake flag through any wrappers in between (metrics).
+    """
+    transport = protocol.transport
+    for _ in range(8):
+        if transport is None:
+            return False
+        done = getattr(transport, "_handshakeDone", None)
+        if done is not None:
+            return not done
+        transport = getattr(transport, "transport", None)
+    return False
+
+
+def _unsent_bytes(transport: Any) -> int:
+    """Bytes written to ``transport`` (and the transports it wraps) but not yet sent.
+
+    Reads Twisted's buffers (TLS's pre-handshake buffer and the socket's write buffer): an
+    estimate for metrics and tests, not an interface.
+    """
+    total = 0
+    seen = 0
+    while transport is not None and seen < 8:
+        seen += 1
+        app_buffer = getattr(transport, "_appSendBuffer", None)
+        if app_buffer:
+            total += sum(len(chunk) for chunk in app_buffer)
+        data = getattr(transport, "dataBuffer", None)
+        if isinstance(data, bytes):
+            total += len(data) - int(getattr(transport, "offset", 0))
+            total += int(getattr(transport, "_tempDataLen", 0))
+        transport = getattr(transport, "transport", None)
+    return total
+
+
 def _unknown_request(kind: str | None) -> AmatersError:
     if kind is None:
         return ProtocolError("the envelope carries no request")
@@ -880,6 +1108,8 @@ class AmatersServerFactory(Factory):
         self.limits = limits
         self.clock = clock
         self.authenticate: Authenticator = authenticate or default_authenticator(False)
+        #: Per-frame compression a handshake may negotiate (None: never; amaters.protect sets it).
+        self.frame_compression: Any = None
         self.connections: set[AmatersServerProtocol] = set()
         self.draining = False
         self._drained: list[defer.Deferred[None]] = []
@@ -952,6 +1182,10 @@ class ListenerService(service.Service):
         self.port: IListeningPort | None = None
         self.tls: Any = None
         self.tls_files: Any = None
+        #: Wraps the protocol factory inside TLS when listening (the observability metrics).
+        self.wrap_factory: Callable[[Any], Any] | None = None
+        #: Wraps the listening factory outside TLS (the connection limits: refuse before TLS work).
+        self.gate_factory: Callable[[Any], Any] | None = None
 
     @property
     def is_accepting(self) -> bool:
@@ -964,7 +1198,7 @@ class ListenerService(service.Service):
     async def _start(self) -> None:
         config = self.config
         endpoint = serverFromString(self.reactor, config.server.listen)  # type: ignore[no-untyped-call]
-        factory: Any = self.factory
+        factory: Any = self.factory if self.wrap_factory is None else self.wrap_factory(self.factory)
         if config.tls.enabled:
             from amaters.protocols.certs import ensure_server_tls
             from amaters.protocols.tlsctx import ReloadableServerTLS, server_tls_options
@@ -988,12 +1222,15 @@ class ListenerService(service.Service):
                 files.key,
                 client_ca=config.tls.ca or None,
                 client_auth=config.tls.client_auth,
+                crl=config.tls.crl or None,
             )
             self.tls = ReloadableServerTLS(options)
             factory = TLSMemoryBIOFactory(self.tls, False, factory, clock=self.reactor)
             factory.tls_creator = self.tls  # held on the wrapper so reload can swap certificates
         else:
             self._log.warn("TLS is disabled (tls.enabled = false): traffic is not encrypted in transit")
+        if self.gate_factory is not None:
+            factory = self.gate_factory(factory)
         self.port = await endpoint.listen(factory)
         host = self.port.getHost()
         self._log.info(
@@ -1062,7 +1299,8 @@ def build_listener(config: Config, reactor: Any, root: Any) -> ListenerService:
     )
     pipeline = QueryPipeline(executor, config.limits)
     root.pipeline = pipeline
-    return ListenerService(config, reactor, pipeline)
+    # amaters.auth sets root.authenticator (cred portal) when auth.enabled; else the default.
+    return ListenerService(config, reactor, pipeline, getattr(root, "authenticator", None))
 
 
 __all__ = [

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from cryptography import x509
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet._sslverify import IOpenSSLTrustRoot
@@ -54,11 +55,14 @@ def server_tls_options(
     *,
     client_ca: str | Path | None = None,
     client_auth: Literal["none", "optional", "required"] = "none",
+    crl: str | Path | None = None,
 ) -> ssl.CertificateOptions:
     """Server options: the certificate chain in ``cert_file`` (leaf first) and its key.
 
     With ``client_auth`` "optional" or "required", client certificates are verified against
-    ``client_ca``; "required" refuses a TLS handshake without one.
+    ``client_ca``; "required" refuses a TLS handshake without one.  With ``crl`` (PEM, one or more
+    CRLs), a client certificate is also checked for revocation: its issuer must have a current CRL
+    in the file, or the handshake fails (OpenSSL's CRL_CHECK).
     """
     chain = load_certificates(cert_file)
     key = ssl.KeyPair.load(Path(key_file).read_bytes(), crypto.FILETYPE_PEM)
@@ -74,7 +78,7 @@ def server_tls_options(
             extra["verify"] = True
             extra["caCerts"] = [c.original for c in load_certificates(client_ca)]
             extra["requireCertificate"] = False
-    return ssl.CertificateOptions(
+    options = ssl.CertificateOptions(
         privateKey=key.original,
         certificate=chain[0].original,
         extraCertChain=[c.original for c in chain[1:]],
@@ -82,6 +86,33 @@ def server_tls_options(
         acceptableProtocols=[ALPN_PROTOCOL],
         **extra,  # type: ignore[arg-type]
     )
+    if crl and client_auth != "none":
+        _install_crls(options, crl)
+    return options
+
+
+def load_crls(path: str | Path) -> list[x509.CertificateRevocationList]:
+    """Every CRL in a PEM file."""
+    data = Path(path).read_bytes()
+    marker = b"-----END X509 CRL-----"
+    crls = []
+    for block in data.split(marker):
+        start = block.find(b"-----BEGIN X509 CRL-----")
+        if start != -1:
+            crls.append(x509.load_pem_x509_crl(block[start:] + marker + b"\n"))
+    if not crls:
+        raise InvalidCertificate(f"{path}: no PEM CRL found")
+    return crls
+
+
+def _install_crls(options: ssl.CertificateOptions, path: str | Path) -> None:
+    # CertificateOptions builds its context once and keeps it: the CRLs added to that context's
+    # store apply to every connection made with these options.
+    store = options.getContext().get_cert_store()
+    assert store is not None
+    for crl in load_crls(path):
+        store.add_crl(crl)
+    store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
 
 
 @implementer(IOpenSSLServerConnectionCreator)

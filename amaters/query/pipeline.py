@@ -21,7 +21,7 @@ into ``SERVER_INTERNAL`` with a generic message: tracebacks never reach a client
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -143,6 +143,7 @@ class QueryPipeline:
         self._stages: list[IPipelineStage] = []
         self._befores: tuple[IPipelineStage, ...] = ()
         self._afters: tuple[IPipelineStage, ...] = ()
+        self._rejection_observers: list[Callable[[str | None, AmatersError], None]] = []
         for stage in stages:
             self.add_stage(stage)
 
@@ -191,15 +192,39 @@ class QueryPipeline:
 
     # -- decoding (validation) ----------------------------------------------------------------
 
+    def add_rejection_observer(self, observer: Callable[[str | None, AmatersError], None]) -> None:
+        """Call ``observer(op_name, error)`` for every request validation refuses (such requests
+        never reach the stages; metrics count them here).  ``op_name`` is None when unknown."""
+        self._rejection_observers.append(observer)
+
+    def _rejected(self, op_name: str | None, error: AmatersError) -> None:
+        for observer in self._rejection_observers:
+            try:
+                observer(op_name, error)
+            except Exception:
+                self._log.failure("Rejection observer {observer!r} failed", observer=observer)
+
     def decode_query(self, query: query_pb2.Query) -> ops.Operation:
         """The validated operation for a Query; raises AmatersError."""
-        return self.validator.query(query)
+        try:
+            return self.validator.query(query)
+        except AmatersError as e:
+            self._rejected(query.WhichOneof("query"), e)
+            raise
 
     def decode_batch(self, request: aql_pb2.BatchRequest) -> ops.Batch:
-        return self.validator.batch(request)
+        try:
+            return self.validator.batch(request)
+        except AmatersError as e:
+            self._rejected("batch", e)
+            raise
 
     def decode_collection(self, name: str) -> str:
-        return self.validator.collection(name)
+        try:
+            return self.validator.collection(name)
+        except AmatersError as e:
+            self._rejected(None, e)
+            raise
 
     # -- execution ----------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ class MemoryCursor:
         self._end = end
         self._remaining = limit
         self._chunk_size = max(1, chunk_size)
-        self._done = end is not None and start >= end
+        self._done = (end is not None and start >= end) or (limit is not None and limit <= 0)
 
     def next_chunk(self) -> defer.Deferred[list[KeyValue]]:
         if self._done:

@@ -6,7 +6,9 @@ Layout and mapping:
   keeps a second server off it;
 - each collection is a column family named ``c:<collection>``; the ``default`` column family holds
   internal metadata (the on-disk format version), so no collection name is reserved;
-- values are :mod:`amaters.storage.codec` records (CipherBlob metadata, data, two CRCs).
+- values are :mod:`amaters.storage.codec` records (CipherBlob metadata, data, two CRCs);
+- ``<data_dir>/FORMAT`` (:mod:`amaters.storage.formatfile`) is checked before the database opens,
+  and the format version is stored again inside it.
 
 Threads (measured on this machine, see ``docs/storage.md``): RocksDB reads and unsynced writes from
 the memtable or block cache take about 1-3 µs, while a hop to a pool thread and back costs about
@@ -52,6 +54,7 @@ from amaters.errors import (
     ErrorCategory,
     InvalidValue,
     NotFound,
+    Overloaded,
     StorageError,
     StorageFull,
     StorageIOError,
@@ -60,6 +63,7 @@ from amaters.errors import (
 from amaters.interfaces import IRangeCursor, IStorageBackend
 from amaters.storage import codec
 from amaters.storage.groupcommit import BlockingRunner, GroupCommitter
+from amaters.storage.formatfile import check_data_dir, stamp_data_dir
 from amaters.storage.lock import DataDirLock, DataDirLocked
 from amaters.types import CipherBlob, KeyValue, WriteKind, WriteOp
 
@@ -93,6 +97,14 @@ def map_error(error: BaseException, action: str) -> AmatersError:
         return Unavailable(f"{action}: the storage is closed", details=text)
     if "No space left" in text or "ENOSPC" in text:
         return StorageFull(f"{action}: the disk is full; the write was not applied", details=text)
+    if "Write stall" in text or text.startswith("Result incomplete"):
+        # WriteOptions.no_slowdown: RocksDB would have blocked this write until flushes or
+        # compactions catch up (or forever, while they fail on a full disk).
+        return Overloaded(
+            f"{action}: storage is stalled waiting for flushes or compaction; retry shortly",
+            retry_after_ms=100,
+            details=text,
+        )
     if text.startswith("Corruption"):
         return Corrupted(f"{action}: RocksDB reports corrupted data", details=text)
     if "lock hold by current process" in text or ("LOCK" in text and "unavailable" in text.lower()):
@@ -135,8 +147,8 @@ class RocksDBCursor:
     """Reads ``[start, end)`` of one column family in chunks, from the iterator's snapshot.
 
     Each chunk is read and CRC-checked in the io pool.  A chunk holds at most ``chunk_size``
-    entries and stops early once it holds ``chunk_bytes`` of keys and records (never fewer than one
-    entry), so only an empty chunk means the end.  Calling ``next_chunk`` again before the previous
+    entries and at most ``chunk_bytes`` of keys and records, except that a single larger entry
+    makes a chunk of its own; so a chunk may be short, and only an empty chunk means the end.  Calling ``next_chunk`` again before the previous
     chunk arrived is an error.
     """
 
@@ -206,10 +218,12 @@ class RocksDBCursor:
             while it.valid():
                 key: bytes = it.key()
                 record: bytes = it.value()
+                if chunk and size + len(key) + len(record) > self._chunk_bytes:
+                    break  # this entry starts the next chunk
                 chunk.append((key, codec.decode(record, where=where)))
                 size += len(key) + len(record)
                 it.next()
-                if len(chunk) >= want or size >= self._chunk_bytes:
+                if len(chunk) >= want:
                     break
             exhausted = not it.valid()
             if exhausted:
@@ -280,6 +294,9 @@ class RocksDBBackend:
         self._close_d: defer.Deferred[None] | None = None
         self._write_opts = rocksdict.WriteOptions()
         self._write_opts.sync = False
+        # A write that would stall (memtables full while flushes fail or lag) fails at once instead
+        # of blocking the reactor thread; see map_error.
+        self._write_opts.no_slowdown = True
         #: Every WAL sync (per-write group commit, the flusher's interval syncs, ``sync()``).
         self.group_commit = GroupCommitter(self._sync_blocking, io)
         self._last_error_log = float("-inf")
@@ -321,12 +338,20 @@ class RocksDBBackend:
         table.set_cache_index_and_filter_blocks(True)
         options.set_block_based_table_factory(table)
         options.set_write_buffer_size(self.settings.write_buffer_bytes)
+        # A third memtable absorbs bursts while one is being flushed (writes never wait: see
+        # no_slowdown in map_error).
+        options.set_max_write_buffer_number(3)
         return options
 
     def _open_blocking(self) -> tuple[Any, Any, dict[str, _Collection]]:
         self._lock.acquire()
         db: Any = None
         try:
+            # <data_dir>/FORMAT: refuse an older or newer layout before RocksDB touches it.  A new
+            # directory is stamped before its database exists, so a crash in between leaves a
+            # directory that still opens.
+            check_data_dir(self._lock.data_dir, self.path, FORMAT_VERSION)
+            stamp_data_dir(self._lock.data_dir, FORMAT_VERSION)
             self.path.mkdir(parents=True, exist_ok=True)
             cache = rocksdict.Cache(max(self.settings.block_cache_bytes, 1))
             options = self._options(cache)
@@ -338,6 +363,8 @@ class RocksDBBackend:
             # every WAL file alive (and restarts would replay them all).
             options.set_max_total_wal_size(max(4 * self.settings.write_buffer_bytes, 64 * 1024 * 1024))
             options.set_wal_recovery_mode(rocksdict.DBRecoveryMode.point_in_time())
+            # One memory budget for the memtables of all collections together.
+            options.set_db_write_buffer_size(4 * self.settings.write_buffer_bytes)
             names: list[str] = [_DEFAULT_CF]
             if (self.path / "CURRENT").exists():
                 names = rocksdict.Rdict.list_cf(str(self.path), rocksdict.Options(raw_mode=True))
@@ -373,6 +400,9 @@ class RocksDBBackend:
             synced = rocksdict.WriteOptions()
             synced.sync = True
             db.put(_FORMAT_KEY, str(FORMAT_VERSION).encode(), synced)
+            # Into an SST file now: an unflushed default column family would keep every WAL file
+            # alive until max_total_wal_size forces a flush.
+            db.flush(True)
             return
         try:
             version = int(stored)
@@ -438,9 +468,26 @@ class RocksDBBackend:
 
     def _failed(self, error: BaseException, action: str) -> defer.Deferred[Any]:
         mapped = map_error(error, action)
+        if isinstance(mapped, Overloaded):
+            mapped = self._stall_cause(mapped, action)
         if not isinstance(mapped, (NotFound, Unavailable, InvalidValue)):
             self._log_storage_error(mapped)
         return defer.fail(mapped)
+
+    def _stall_cause(self, stalled: AmatersError, action: str) -> AmatersError:
+        """A write stall on a (nearly) full disk is a full disk: flushes fail for lack of space, the
+        memtables fill up, and RocksDB stops writes rather than failing them."""
+        try:
+            fs = os.statvfs(self.path)
+        except OSError:
+            return stalled
+        free = fs.f_bavail * fs.f_frsize
+        if free >= 2 * self.settings.write_buffer_bytes:
+            return stalled
+        return StorageFull(
+            f"{action}: the disk is full ({free} bytes free); the write was not applied",
+            details=stalled.details,
+        )
 
     def _log_storage_error(self, error: AmatersError) -> None:
         # A full disk fails every write; one line per second is enough.

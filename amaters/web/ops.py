@@ -1,8 +1,23 @@
-"""The Klein ops site on ``web.listen``: ``/health``, ``/healthz``, ``/livez``, ``/readyz``.
+"""The Klein ops site on ``web.listen``: probes, ``/health`` and Prometheus ``/metrics``.
 
-Probes follow Kubernetes conventions: ``/livez`` (and ``/healthz``) say the process is alive;
-``/readyz`` answers 200 only when every service has started and no stop has begun, so a load balancer
-stops sending traffic the moment a drain begins.  Errors are JSON; tracebacks are never shown.
+Probes follow Kubernetes conventions:
+
+- ``/livez`` (and its older name ``/healthz``): the process is alive.  200 unless the reactor is
+  wedged: the event loop's lag (:class:`amaters.ops.lag.LagMonitor`) above ``web.liveness_max_lag``
+  gives 503, so a liveness probe restarts a server stuck in a blocking call.
+- ``/readyz``: 200 only while the service tree is running, storage is open and the listener is
+  accepting; 503 while starting and from the moment a drain begins, so a load balancer stops
+  sending traffic before connections close.
+- ``/health``: JSON with the overall status (healthy, degraded, unhealthy, starting, shutting_down),
+  version, uptime and each component's status and message; 200 when healthy or degraded, else 503.
+- ``/metrics``: the project's own ``CollectorRegistry`` in Prometheus text format (OpenMetrics when
+  the scraper asks for it).
+
+Every answer is JSON except ``/metrics``; unknown paths are 404 and wrong methods 405 (with
+``Allow``), as JSON.  Tracebacks are never shown.  CORS: a request whose ``Origin`` is in
+``web.cors.allowed_origins`` (or any origin with ``"*"``) gets ``Access-Control-Allow-Origin``; a
+preflight ``OPTIONS`` is answered 204 for an allowed origin and 403 otherwise.  Settings read on
+each request (CORS origins, the lag limit) follow a configuration reload.
 """
 
 from __future__ import annotations
@@ -21,6 +36,13 @@ from twisted.web.server import Site
 
 from amaters import __version__
 from amaters.config import Config
+
+#: Methods each route answers (besides OPTIONS, which every known path answers).
+ROUTE_METHODS = ("GET", "HEAD")
+_ALLOW = ", ".join((*ROUTE_METHODS, "OPTIONS"))
+#: Request headers a browser may send cross-origin (the probes take none of their own).
+_CORS_HEADERS = "Accept, Content-Type"
+_PREFLIGHT_MAX_AGE = "600"
 
 
 class Root(Protocol):
@@ -41,6 +63,18 @@ class Root(Protocol):
     def getServiceNamed(self, name: str) -> Any: ...
 
 
+class LagSource(Protocol):
+    """The reactor lag, in seconds (:class:`amaters.ops.lag.LagMonitor`)."""
+
+    def current_lag(self) -> float: ...
+
+
+class MetricsSource(Protocol):
+    """The Prometheus exposition (:class:`amaters.web.metrics.Metrics`)."""
+
+    def exposition(self, accept: str | None = None) -> tuple[bytes, str]: ...
+
+
 def _json(request: IRequest, status: int, body: dict[str, Any]) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
@@ -48,25 +82,59 @@ def _json(request: IRequest, status: int, body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True).encode() + b"\n"
 
 
+def _header(request: IRequest, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    if value is None:
+        return None
+    return value.decode("latin-1") if isinstance(value, bytes) else str(value)
+
+
 class OpsAPI:
-    """The ops routes, bound to the state they report on (no global app object)."""
+    """The ops routes, bound to the state they report on (no global app object).
+
+    ``metrics`` and ``lag`` are attached by the observability wiring; without them ``/metrics``
+    answers 503 and liveness does not check the lag.
+    """
 
     app = Klein()
     _log = Logger()
 
-    def __init__(self, root: Root, clock: Any) -> None:
+    def __init__(
+        self,
+        root: Root,
+        clock: Any,
+        metrics: MetricsSource | None = None,
+        lag: LagSource | None = None,
+    ) -> None:
         self.root = root
         self.clock = clock
+        self.metrics = metrics
+        self.lag = lag
 
-    # -- helpers ---------------------------------------------------------------------------
+    # -- state -----------------------------------------------------------------------------
+
+    def _child(self, name: str) -> Any:
+        try:
+            return self.root.getServiceNamed(name)
+        except KeyError:
+            return None
+
+    def reactor_lag(self) -> float | None:
+        """The current reactor lag, or None when no monitor is attached."""
+        return self.lag.current_lag() if self.lag is not None else None
+
+    def wedged(self) -> bool:
+        """Whether the reactor lag is above ``web.liveness_max_lag`` (0 disables the check)."""
+        limit = self.root.config.web.liveness_max_lag
+        lag = self.reactor_lag()
+        return limit > 0 and lag is not None and lag > limit
 
     def components(self) -> dict[str, dict[str, str]]:
-        """Each named service's status, for /health."""
+        """Each component's status and message, for /health."""
         found: dict[str, dict[str, str]] = {}
-        for name in ("storage", "listener", "web"):
-            try:
-                child = self.root.getServiceNamed(name)
-            except KeyError:
+        for name in ("storage", "flusher", "listener", "web"):
+            child = self._child(name)
+            if child is None:
                 continue
             running = bool(getattr(child, "running", False))
             status = "healthy" if running else "unhealthy"
@@ -76,37 +144,86 @@ class OpsAPI:
             if name == "listener" and running and not getattr(child, "is_accepting", True):
                 status, message = "unhealthy", "not accepting connections"
             found[name] = {"status": status, "message": message}
+        lag = self.reactor_lag()
+        if lag is not None:
+            limit = self.root.config.web.liveness_max_lag
+            if self.wedged():
+                found["reactor"] = {
+                    "status": "unhealthy",
+                    "message": f"event loop lag {lag:.3f} s exceeds web.liveness_max_lag ({limit:g} s)",
+                }
+            elif limit > 0 and lag > limit / 2:
+                found["reactor"] = {"status": "degraded", "message": f"event loop lag {lag:.3f} s"}
+            else:
+                found["reactor"] = {"status": "healthy", "message": f"event loop lag {lag:.3f} s"}
         return found
 
-    def overall(self) -> str:
+    def overall(self, components: dict[str, dict[str, str]]) -> str:
         if self.root.draining or (self.root.state in ("stopping", "stopped") and self.root.started_at):
             return "shutting_down"
         if self.root.state == "starting":
             return "starting"
-        statuses = {c["status"] for c in self.components().values()}
+        statuses = {c["status"] for c in components.values()}
         if "unhealthy" in statuses:
             return "unhealthy"
         if "degraded" in statuses:
             return "degraded"
         return "healthy"
 
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, reason): running, storage open and listener accepting."""
+        if not self.root.ready:
+            return False, "draining" if self.root.draining else self.root.state
+        storage = self._child("storage")
+        if storage is not None and not getattr(storage, "is_open", True):
+            return False, "storage_not_open"
+        listener = self._child("listener")
+        if listener is not None and not getattr(listener, "is_accepting", True):
+            return False, "listener_not_accepting"
+        return True, "ready"
+
+    # -- CORS ------------------------------------------------------------------------------
+
+    def _allowed_origin(self, request: IRequest) -> str | None:
+        """The Access-Control-Allow-Origin value for this request's Origin, or None."""
+        origin = _header(request, b"origin")
+        if origin is None:
+            return None
+        allowed = self.root.config.web.cors.allowed_origins
+        if "*" in allowed:
+            return "*"
+        return origin if origin in allowed else None
+
+    def _cors(self, request: IRequest) -> None:
+        request.setHeader(b"vary", b"Origin")
+        allow = self._allowed_origin(request)
+        if allow is not None:
+            request.setHeader(b"access-control-allow-origin", allow.encode("latin-1"))
+
     # -- routes ----------------------------------------------------------------------------
 
-    @app.route("/healthz", methods=["GET", "HEAD"])
-    @app.route("/livez", methods=["GET", "HEAD"])
+    @app.route("/healthz", methods=list(ROUTE_METHODS))
+    @app.route("/livez", methods=list(ROUTE_METHODS))
     def livez(self, request: IRequest) -> bytes:
+        self._cors(request)
+        if self.wedged():
+            lag = self.reactor_lag() or 0.0
+            return _json(request, 503, {"status": "wedged", "reactor_lag_seconds": round(lag, 3)})
         return _json(request, 200, {"status": "alive"})
 
-    @app.route("/readyz", methods=["GET", "HEAD"])
+    @app.route("/readyz", methods=list(ROUTE_METHODS))
     def readyz(self, request: IRequest) -> bytes:
-        if self.root.ready:
+        self._cors(request)
+        ready, reason = self.readiness()
+        if ready:
             return _json(request, 200, {"status": "ready"})
-        reason = "draining" if self.root.draining else self.root.state
         return _json(request, 503, {"status": "not_ready", "reason": reason})
 
-    @app.route("/health", methods=["GET", "HEAD"])
+    @app.route("/health", methods=list(ROUTE_METHODS))
     def health(self, request: IRequest) -> bytes:
-        status = self.overall()
+        self._cors(request)
+        components = self.components()
+        status = self.overall(components)
         uptime = 0.0
         if self.root.started_at is not None:
             uptime = max(0.0, self.clock.seconds() - self.root.started_at)
@@ -114,24 +231,83 @@ class OpsAPI:
             "status": status,
             "version": __version__,
             "uptime_seconds": round(uptime, 3),
-            "components": self.components(),
+            "components": components,
         }
         return _json(request, 200 if status in ("healthy", "degraded") else 503, body)
 
+    @app.route("/metrics", methods=list(ROUTE_METHODS))
+    def metrics_route(self, request: IRequest) -> bytes:
+        self._cors(request)
+        if self.metrics is None:
+            return _json(request, 503, {"error": "metrics_unavailable", "status": 503})
+        body, content_type = self.metrics.exposition(_header(request, b"accept"))
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", content_type.encode("latin-1"))
+        request.setHeader(b"cache-control", b"no-store")
+        return body
+
+    @app.route("/health", methods=["OPTIONS"])
+    @app.route("/healthz", methods=["OPTIONS"])
+    @app.route("/livez", methods=["OPTIONS"])
+    @app.route("/readyz", methods=["OPTIONS"])
+    @app.route("/metrics", methods=["OPTIONS"])
+    def preflight(self, request: IRequest) -> bytes:
+        """CORS preflight (or a plain OPTIONS): which methods and headers a browser may use."""
+        request.setHeader(b"allow", _ALLOW.encode())
+        request.setHeader(b"vary", b"Origin")
+        if _header(request, b"origin") is None:
+            request.setResponseCode(204)
+            return b""
+        allow = self._allowed_origin(request)
+        if allow is None:
+            return _json(request, 403, {"error": "origin_not_allowed", "status": 403})
+        request.setResponseCode(204)
+        request.setHeader(b"access-control-allow-origin", allow.encode("latin-1"))
+        request.setHeader(b"access-control-allow-methods", _ALLOW.encode())
+        request.setHeader(b"access-control-allow-headers", _CORS_HEADERS.encode())
+        request.setHeader(b"access-control-max-age", _PREFLIGHT_MAX_AGE.encode())
+        return b""
+
     @app.handle_errors(Exception)
     def errors(self, request: IRequest, failure: Any) -> bytes:
-        from werkzeug.exceptions import HTTPException
+        from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+        self._cors(request)
         exc = failure.value
         if isinstance(exc, HTTPException):
             code = exc.code or 500
+            if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+                request.setHeader(b"allow", ", ".join(exc.valid_methods).encode())
             return _json(request, code, {"error": exc.name.lower().replace(" ", "_"), "status": code})
         self._log.failure("Ops site request failed", failure)
         return _json(request, 500, {"error": "internal_error", "status": 500})
 
 
+class QuietSite(Site):
+    """A Site that logs each request as a debug event instead of twisted.web's info access line.
+
+    (The native protocol's access log is the ``amaters.access`` debug event; probes polled every
+    few seconds would otherwise fill the log.)
+    """
+
+    _request_log = Logger()
+    displayTracebacks = False
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        self._request_log.debug(
+            "Ops site {method} {path} {code}",
+            method=request.method.decode("latin-1", "replace"),
+            path=request.path.decode("latin-1", "replace")[:200],
+            code=request.code,
+        )
+
+
 class OpsService(service.Service):
-    """Serves :class:`OpsAPI` on ``web.listen``; binds when started, stops listening when stopped."""
+    """Serves :class:`OpsAPI` on ``web.listen`` (HTTPS with ``web.tls.enabled``); binds when started.
+
+    :meth:`observe` attaches the metrics and the lag monitor (the observability wiring calls it).
+    """
 
     name = "web"
     _log = Logger()
@@ -142,21 +318,51 @@ class OpsService(service.Service):
         self.api = OpsAPI(root, reactor)
         self.port: IListeningPort | None = None
 
+    def observe(self, metrics: MetricsSource | None, lag: LagSource | None) -> None:
+        """Serve ``metrics`` on /metrics and check ``lag`` in the liveness probes."""
+        self.api.metrics = metrics
+        self.api.lag = lag
+
     def site(self) -> Site:
-        resource = self.api.app.resource()
-        site = Site(resource)
-        site.displayTracebacks = False
-        site.noisy = False
-        return site
+        return QuietSite(self.api.app.resource())
+
+    def _factory(self) -> Any:
+        site = self.site()
+        settings = self.config.web.tls
+        if not settings.enabled:
+            return site
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from amaters.protocols.tlsctx import server_tls_options
+
+        if settings.cert:
+            cert, key = settings.cert, settings.key
+        else:
+            from amaters.protocols.certs import ensure_server_tls
+
+            files = ensure_server_tls(self.config)
+            cert, key = str(files.cert), str(files.key)
+        options = server_tls_options(cert, key)
+        return TLSMemoryBIOFactory(options, False, site, clock=self.reactor)
 
     def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
         super().startService()
-        endpoint = serverFromString(self.reactor, self.config.web.listen)
-        d = endpoint.listen(self.site())
+        try:
+            endpoint = serverFromString(self.reactor, self.config.web.listen)
+            factory = self._factory()
+        except Exception:
+            return defer.fail()
+        d = endpoint.listen(factory)
 
         def listening(port: IListeningPort) -> None:
             self.port = port
-            self._log.info("Ops site listening on {address}", address=str(port.getHost()))
+            host = port.getHost()
+            self._log.info(
+                "Ops site listening on {host}:{port} ({scheme})",
+                host=getattr(host, "host", str(host)),
+                port=getattr(host, "port", ""),
+                scheme="https" if self.config.web.tls.enabled else "http",
+            )
 
         d.addCallback(listening)
         return d

@@ -7,6 +7,8 @@ from typing import Any
 
 import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -649,3 +651,18 @@ def test_shutdown_error_is_retryable(kind: str) -> None:
     (answer,) = h.received()
     assert answer.error.code == ErrorCode.SERVER_SHUTTING_DOWN
     assert answer.error.category == ErrorCategory.RETRYABLE
+
+
+# -- fuzzing -----------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=8), st.booleans())
+def test_arbitrary_bytes_never_crash_the_server(chunks: list[bytes], handshake_first: bool) -> None:
+    """Random frames (before or after a handshake) are answered or refused, never raised."""
+    h = ready() if handshake_first else make()
+    for chunk in chunks:
+        h.protocol.dataReceived(encode_frame(chunk))
+        h.protocol.dataReceived(chunk)
+    for answer in h.received():
+        assert answer.WhichOneof("body") is not None

@@ -1,0 +1,121 @@
+"""The pipeline stages that enforce RBAC on every request and write the request audit trail.
+
+- :class:`AuthorizationStage` (``rbac``), first in the pipeline: refuses a request its principal's
+  roles do not allow with ``AUTH_INSUFFICIENT_PERMISSIONS`` naming the operation and resource, and
+  audits the denial.  It runs before any cache, so a cached answer is never served to a principal
+  who may not read it.
+- :class:`AuditStage` (``audit``): after each request, audits admin operations (success or
+  failure), writes (when ``audit.log_writes``), reads (only when ``audit.log_reads``), and every
+  failed request.  Denials were audited by the RBAC stage already.
+
+Audit events name the operation and the resource, never a key or a value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.python.failure import Failure
+
+from amaters.auth.audit import audit_event
+from amaters.auth.rbac import Permission, RBACPolicy, required_access
+from amaters.config import AuditConfig
+from amaters.errors import AmatersError, PermissionDenied
+from amaters.interfaces import IAuditSink
+from amaters.query.pipeline import PipelineStage, RequestContext
+
+#: ``ctx.annotations`` key set on a request the RBAC stage refused.
+DENIED = "auth.denied"
+
+
+class AuthorizationStage(PipelineStage):
+    """Deny by default: a request runs only when the principal's roles grant all it needs.
+
+    ``policy`` may be replaced at any time (a reload); requests use the one current when they
+    arrive.
+    """
+
+    name = "rbac"
+
+    def __init__(self, policy: RBACPolicy, audit: IAuditSink) -> None:
+        self.policy = policy
+        self.audit = audit
+
+    def before(self, ctx: RequestContext, op: Any) -> object:
+        principal = ctx.principal
+        roles = principal.roles
+        missing = self.policy.denial(roles, op)
+        if missing is None:
+            return None
+        shown_roles = ", ".join(roles) if roles else "none"
+        error = PermissionDenied(
+            f"{principal.name!r} (roles: {shown_roles}) may not {missing.operation} on"
+            f" {missing.resource}: it needs {missing.permission.label} permission"
+        )
+        ctx.annotations[DENIED] = True
+        self.audit.emit(
+            audit_event(
+                "authorization",
+                "denied",
+                principal=principal.id,
+                auth_method=principal.auth_method,
+                action=missing.operation,
+                resource=missing.resource,
+                source=ctx.source,
+                error=f"{error.code.name}: {error.message}",
+            )
+        )
+        raise error
+
+
+def _resource(op: Any) -> str:
+    resources = list(dict.fromkeys(access.resource for access in required_access(op)))
+    return ",".join(resources) if resources else "server"
+
+
+class AuditStage(PipelineStage):
+    """Audits what requests did: admin operations, writes, failures, and reads when asked to.
+
+    ``settings`` (``[audit]``) may be replaced at any time (a reload).
+    """
+
+    name = "audit"
+
+    def __init__(self, audit: IAuditSink, settings: AuditConfig) -> None:
+        self.audit = audit
+        self.settings = settings
+
+    def after(self, ctx: RequestContext, op: Any, outcome: object) -> None:
+        if ctx.annotations.get(DENIED):
+            return
+        needs = max((access.permission for access in required_access(op)), default=Permission.ADMIN)
+        failed = isinstance(outcome, Failure)
+        if not failed:
+            if needs is Permission.READ and not self.settings.log_reads:
+                return
+            if needs is Permission.WRITE and not self.settings.log_writes:
+                return
+        error = None
+        if failed:
+            assert isinstance(outcome, Failure)
+            value = outcome.value
+            if isinstance(value, AmatersError):
+                error = f"{value.code.name}: {value.message}"
+            else:
+                error = "internal error"
+        principal = ctx.principal
+        self.audit.emit(
+            audit_event(
+                "admin" if needs is Permission.ADMIN else "authorization",
+                "failure" if failed else "success",
+                principal=principal.id,
+                auth_method=principal.auth_method,
+                action=str(getattr(op, "name", type(op).__name__)),
+                resource=_resource(op),
+                source=ctx.source,
+                error=error,
+            )
+        )
+
+
+__all__ = ["DENIED", "AuditStage", "AuthorizationStage"]

@@ -1,0 +1,1 @@
+"""Operations: reload, logging, retry, snapshots' plumbing and other operator-facing machinery."""

@@ -1,0 +1,197 @@
+"""Observability pipeline stages: metrics, the access log (with slow-request warnings), and spans.
+
+Each is an :class:`~amaters.query.pipeline.IPipelineStage` added to ``root.pipeline``; the pipeline
+runs every stage's ``after`` for every request that reached the stages, successful or not, with the
+outcome already turned into an :class:`~amaters.errors.AmatersError` failure when it failed.
+
+A request's duration runs from ``ctx.started`` (when its bytes arrived) to the ``after`` call (when
+its answer is ready).  For ``range`` that is until its stream opens: the chunks that follow are
+paced by the client.  None of these stages ever sees or records a key or a value: operations expose
+only ``name``, ``collection`` and ``kind``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+from amaters.errors import AmatersError, ErrorCode
+from amaters.ops.tracing import extract_context
+from amaters.query import operations as ops
+from amaters.query.pipeline import PipelineStage, RequestContext
+from amaters.web.metrics import Metrics
+
+#: Where the access log events go (a namespace of its own, so it can be filtered apart).
+ACCESS_LOG_NAMESPACE = "amaters.access"
+
+#: ``ctx.annotations`` key a protocol sets to the W3C trace context (``traceparent``,
+#: ``tracestate``) a client sent with a request.
+TRACE_CONTEXT = "trace_context"
+
+_SPAN = "otel.span"
+
+
+def outcome_error(outcome: object) -> AmatersError | None:
+    """The error a request failed with, or None if it succeeded."""
+    if isinstance(outcome, Failure):
+        error = outcome.value
+        if isinstance(error, AmatersError):
+            return error
+        return AmatersError("internal server error", code=ErrorCode.SERVER_INTERNAL)
+    return None
+
+
+def elapsed(ctx: RequestContext, clock: IReactorTime) -> float | None:
+    """Seconds since the request arrived, or None when the protocol did not record its arrival."""
+    if ctx.started <= 0:
+        return None
+    return max(0.0, clock.seconds() - ctx.started)
+
+
+def _principal_name(ctx: RequestContext) -> str:
+    return str(getattr(ctx.principal, "name", "") or "-")
+
+
+class MetricsStage(PipelineStage):
+    """Counts every request in ``amaters_requests_total`` and times it by operation."""
+
+    name = "metrics"
+
+    def __init__(self, metrics: Metrics, clock: IReactorTime) -> None:
+        self.metrics = metrics
+        self.clock = clock
+
+    def after(self, ctx: RequestContext, op: ops.Operation, outcome: object) -> None:
+        error = outcome_error(outcome)
+        self.metrics.request_finished(
+            op.name, elapsed(ctx, self.clock), int(error.code) if error is not None else None
+        )
+
+
+class AccessLogStage(PipelineStage):
+    """One debug event per request (op, collection, status, duration, principal, source), and a
+    warning for a request slower than ``logging.slow_request_ms``.
+
+    ``slow_request_ms()`` reads the current setting (reloadable); ``debug_enabled()`` says whether a
+    debug event in :data:`ACCESS_LOG_NAMESPACE` would be written, so a server at level info does
+    not build an event per request only to drop it.
+    """
+
+    name = "accesslog"
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        slow_request_ms: Callable[[], int],
+        debug_enabled: Callable[[], bool] = lambda: True,
+    ) -> None:
+        # An instance attribute: as a class attribute, Logger's descriptor would replace the
+        # namespace with the class name.
+        self._log = Logger(namespace=ACCESS_LOG_NAMESPACE)
+        self.clock = clock
+        self.slow_request_ms = slow_request_ms
+        self.debug_enabled = debug_enabled
+
+    def after(self, ctx: RequestContext, op: ops.Operation, outcome: object) -> None:
+        duration = elapsed(ctx, self.clock)
+        duration_ms = round(duration * 1000.0, 3) if duration is not None else -1.0
+        threshold = self.slow_request_ms()
+        slow = threshold > 0 and duration_ms >= threshold
+        if not slow and not self.debug_enabled():
+            return
+        error = outcome_error(outcome)
+        fields: dict[str, Any] = {
+            "op": op.name,
+            "collection": op.collection or "-",
+            "status": "ok" if error is None else "error",
+            "error_code": error.code.name if error is not None else None,
+            "duration_ms": duration_ms,
+            "principal": _principal_name(ctx),
+            "source": ctx.source or "-",
+            "request_id": ctx.request_id,
+            "protocol": ctx.protocol,
+        }
+        if slow:
+            self._log.warn(
+                "Slow {op} request on {collection}: {duration_ms} ms (logging.slow_request_ms ="
+                " {threshold}), {status}, by {principal} from {source}",
+                threshold=threshold,
+                **fields,
+            )
+        else:
+            self._log.emit(
+                LogLevel.debug,
+                "{op} {collection} {status} {duration_ms} ms by {principal} from {source}",
+                **fields,
+            )
+
+
+class TracingStage(PipelineStage):
+    """One OpenTelemetry span per request: ``amaters <op>``, kind SERVER, with op, collection,
+    principal, status and error code attributes, from arrival to answer.
+
+    The parent is the client's W3C trace context when the protocol put one in
+    ``ctx.annotations["trace_context"]`` (or on the session, from the handshake); the span is
+    kept in ``ctx.annotations`` between ``before`` and ``after``.  Install it first, so its span covers
+    the other stages.
+    """
+
+    name = "tracing"
+
+    def __init__(self, tracer: Tracer, clock: IReactorTime) -> None:
+        self.tracer = tracer
+        self.clock = clock
+
+    def _start(self, ctx: RequestContext, op: ops.Operation) -> Span:
+        carrier = ctx.annotations.get(TRACE_CONTEXT) or getattr(ctx.session, "trace_context", None)
+        attributes: dict[str, str | int] = {
+            "db.system": "amaters",
+            "db.operation.name": op.name,
+            "amaters.op": op.name,
+            "amaters.request_id": ctx.request_id,
+            "amaters.protocol": ctx.protocol,
+            "enduser.id": _principal_name(ctx),
+        }
+        if op.collection:
+            attributes["db.collection.name"] = op.collection
+            attributes["amaters.collection"] = op.collection
+        if isinstance(op, ops.Batch):
+            attributes["amaters.batch.size"] = len(op.ops)
+        start = int(ctx.started * 1e9) if ctx.started > 0 else None
+        span = self.tracer.start_span(
+            f"amaters {op.name}",
+            context=extract_context(carrier),
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+            start_time=start,
+        )
+        ctx.annotations[_SPAN] = span
+        return span
+
+    def before(self, ctx: RequestContext, op: ops.Operation) -> object:
+        self._start(ctx, op)
+        return None
+
+    def after(self, ctx: RequestContext, op: ops.Operation, outcome: object) -> None:
+        span = ctx.annotations.pop(_SPAN, None)
+        if span is None:  # refused by a stage that ran before this one
+            span = self._start(ctx, op)
+            ctx.annotations.pop(_SPAN, None)
+        error = outcome_error(outcome)
+        duration = elapsed(ctx, self.clock)
+        if duration is not None:
+            span.set_attribute("amaters.duration_ms", round(duration * 1000.0, 3))
+        if error is None:
+            span.set_attribute("amaters.status", "ok")
+            span.set_status(Status(StatusCode.OK))
+        else:
+            span.set_attribute("amaters.status", "error")
+            span.set_attribute("amaters.error_code", error.code.name)
+            span.set_status(Status(StatusCode.ERROR, error.code.name))
+        end = int(self.clock.seconds() * 1e9) if ctx.started > 0 else None
+        span.end(end_time=end)

@@ -1,0 +1,298 @@
+"""Prometheus metrics: one :class:`Metrics` object owning its own ``CollectorRegistry``.
+
+Nothing here touches ``prometheus_client``'s global ``REGISTRY``: the registry is created per
+:class:`Metrics` instance and served by the ops site's ``/metrics`` route, so tests (and several
+servers in one process) never share or leak series.
+
+Label values are always from small fixed sets (operation names, error code names, authentication
+methods) or, for ``amaters_storage_keys``, the largest ``max_collections`` collection names with the
+rest summed as ``other``.  Keys, values, tokens and peer addresses never become labels.
+``docs/observability.md`` lists every metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from amaters import __version__
+from amaters.errors import AmatersError, ErrorCode
+
+#: Every operation name a pipeline request can carry (``Operation.name``); anything else is "other".
+OPERATIONS = (
+    "get",
+    "set",
+    "delete",
+    "range",
+    "batch",
+    "create_collection",
+    "drop_collection",
+    "list_collections",
+    "server_info",
+    "health_check",
+    "filter",
+    "update",
+)
+
+#: Authentication methods as the handshake presents them; anything else is "other".
+AUTH_METHODS = ("bearer_token", "api_key", "certificate", "anonymous")
+
+#: Request latency buckets (seconds): 100 µs (a cached GET) to 30 s (a request near its timeout).
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+#: WAL fsync buckets (seconds): a fast NVMe fsync is ~50 µs, a struggling disk seconds.
+FSYNC_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+#: Writes acknowledged by one fsync.
+GROUP_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def operation_label(name: str) -> str:
+    """The ``op`` label for an operation name (bounded: unknown names become "other")."""
+    return name if name in OPERATIONS else "other"
+
+
+def error_code_label(code: int) -> str:
+    """The ``code`` label for an error code: its lower-case name, e.g. ``storage_not_found``."""
+    try:
+        return ErrorCode(code).name.lower()
+    except ValueError:
+        return "unknown"
+
+
+def auth_method_label(method: str | None) -> str:
+    """The ``method`` label for an authentication method ("none" when no credentials were sent)."""
+    if not method:
+        return "none"
+    return method if method in AUTH_METHODS else "other"
+
+
+class StorageCollector(Collector):
+    """``amaters_storage_keys{collection}`` and ``amaters_storage_bytes`` from the latest storage stats.
+
+    The storage flusher hands every ``backend.stats()`` reading to :meth:`update`; a scrape reports
+    the most recent one (nothing before the first).  Only the ``max_collections`` largest collections
+    get their own label; the others are summed under ``collection="other"``, so a deployment with
+    thousands of collections does not produce thousands of series.
+    """
+
+    def __init__(self, max_collections: int = 20) -> None:
+        self.max_collections = max_collections
+        self._stats: Mapping[str, Any] | None = None
+
+    def update(self, stats: Mapping[str, Any]) -> None:
+        """Remember a ``backend.stats()`` result (called on the reactor thread)."""
+        self._stats = stats
+
+    def describe(self) -> Iterable[Metric]:
+        return [
+            GaugeMetricFamily("amaters_storage_keys", _KEYS_HELP, labels=["collection"]),
+            GaugeMetricFamily("amaters_storage_bytes", _BYTES_HELP),
+        ]
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self._stats
+        if stats is None:
+            return []
+        keys = GaugeMetricFamily("amaters_storage_keys", _KEYS_HELP, labels=["collection"])
+        counts = stats.get("keys") or {}
+        ranked = sorted(counts.items(), key=lambda item: (-int(item[1]), item[0]))
+        named, rest = ranked[: self.max_collections], ranked[self.max_collections :]
+        for name, count in named:
+            # A real collection named "other" would collide with the overflow bucket; summing them
+            # keeps the series well-formed (one sample per label value).
+            if name == "other" and rest:
+                rest.append((name, count))
+                continue
+            keys.add_metric([name], float(count))
+        if rest:
+            keys.add_metric(["other"], float(sum(int(count) for _, count in rest)))
+        size = GaugeMetricFamily("amaters_storage_bytes", _BYTES_HELP)
+        size.add_metric([], float(stats.get("bytes") or 0))
+        return [keys, size]
+
+
+_KEYS_HELP = "Keys stored per collection (an estimate for rocksdb), as of the last storage reading."
+_BYTES_HELP = "Bytes the storage uses (SST files and memtables for rocksdb), as of the last reading."
+
+
+class Metrics:
+    """Every amaters metric, registered on this object's own ``registry``."""
+
+    def __init__(self, *, max_collections: int = 20, process: bool = True) -> None:
+        registry = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "amaters_requests",
+            "Requests answered, by operation and outcome (status is ok or error).",
+            ["op", "status"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "amaters_request_duration_seconds",
+            "Time from a request's arrival to its answer, by operation (range: until its stream opens).",
+            ["op"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.errors = Counter(
+            "amaters_errors",
+            "Requests answered with an error, by error code name.",
+            ["code"],
+            registry=registry,
+        )
+        self.rate_limited = Counter(
+            "amaters_rate_limited",
+            "Requests refused because a rate limit was reached (SERVER_OVERLOADED).",
+            registry=registry,
+        )
+        self.auth_failures = Counter(
+            "amaters_auth_failures",
+            "Handshakes refused by authentication, by the credential type presented.",
+            ["method"],
+            registry=registry,
+        )
+        self.connections_active = Gauge(
+            "amaters_connections_active", "Native protocol connections open now.", registry=registry
+        )
+        self.connections = Counter(
+            "amaters_connections", "Native protocol connections accepted.", registry=registry
+        )
+        self.bytes_received = Counter(
+            "amaters_bytes_received",
+            "Bytes received on native protocol connections (frames, before TLS decryption).",
+            registry=registry,
+        )
+        self.bytes_sent = Counter(
+            "amaters_bytes_sent",
+            "Bytes sent on native protocol connections (frames, before TLS encryption).",
+            registry=registry,
+        )
+        self.storage = StorageCollector(max_collections)
+        registry.register(self.storage)
+        self.fsync_duration = Histogram(
+            "amaters_storage_fsync_duration_seconds",
+            "Duration of each write-ahead-log fsync (group commit, interval sync, flush).",
+            buckets=FSYNC_BUCKETS,
+            registry=registry,
+        )
+        self.group_commit_size = Histogram(
+            "amaters_storage_group_commit_size",
+            "Writes acknowledged by each write-ahead-log fsync.",
+            buckets=GROUP_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.fsync_failures = Counter(
+            "amaters_storage_fsync_failures",
+            "Write-ahead-log fsyncs that failed (their writes were answered with an error).",
+            registry=registry,
+        )
+        self.reactor_lag = Gauge(
+            "amaters_reactor_lag_seconds",
+            "How late the reactor ran the last lag probe: time the event loop was busy or blocked.",
+            registry=registry,
+        )
+        self.build_info = Gauge(
+            "amaters_build_info",
+            "Always 1; the version label says which build runs.",
+            ["version"],
+            registry=registry,
+        )
+        self.build_info.labels(version=__version__).set(1)
+        for op in OPERATIONS:
+            # Every operation's series exist from the start, so rate() works before the first error.
+            self.requests.labels(op=op, status="ok")
+            self.requests.labels(op=op, status="error")
+            self.request_duration.labels(op=op)
+        for method in (*AUTH_METHODS, "none"):
+            self.auth_failures.labels(method=method)
+        if process:
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+
+    # -- recording ------------------------------------------------------------------------------
+
+    def request_finished(self, op: str, duration: float | None, error_code: int | None) -> None:
+        """Count one answered request; ``error_code`` None means it succeeded."""
+        label = operation_label(op)
+        self.requests.labels(op=label, status="ok" if error_code is None else "error").inc()
+        if duration is not None and duration >= 0:
+            self.request_duration.labels(op=label).observe(duration)
+        if error_code is not None:
+            self.errors.labels(code=error_code_label(error_code)).inc()
+            if error_code == ErrorCode.SERVER_OVERLOADED:
+                self.rate_limited.inc()
+
+    def request_rejected(self, op: str | None, error: AmatersError) -> None:
+        """A pipeline rejection observer: validation refused a request (counted, not timed)."""
+        self.request_finished(op or "other", None, int(error.code))
+
+    def storage_synced(self, group_size: int, duration: float, ok: bool) -> None:
+        """A group-commit observer: one WAL fsync of ``group_size`` writes took ``duration`` seconds."""
+        if ok:
+            self.fsync_duration.observe(duration)
+            self.group_commit_size.observe(group_size)
+        else:
+            self.fsync_failures.inc()
+
+    # -- exposition -----------------------------------------------------------------------------
+
+    def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The registry rendered for a scrape with this ``Accept`` header: (body, content type).
+
+        Prometheus' text format unless the scraper asks for OpenMetrics.  The text format leaves
+        out the ``*_created`` series: it can only show them as separate gauges, one more series per
+        counter and histogram child that no dashboard uses (OpenMetrics carries them as metadata).
+        """
+        encoder, content_type = choose_encoder(accept or "")
+        if content_type.startswith("application/openmetrics-text"):
+            return encoder(self.registry), content_type
+        return encoder(_WithoutCreated(self.registry)), content_type
+
+
+class _WithoutCreated(Collector):
+    """A view of a registry without the ``_created`` samples of counters and histograms."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self.registry.collect():
+            if metric.type in ("counter", "histogram", "summary", "gaugehistogram"):
+                kept = [s for s in metric.samples if not s.name.endswith("_created")]
+                if len(kept) != len(metric.samples):
+                    copy = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+                    copy.samples = kept
+                    metric = copy
+            yield metric

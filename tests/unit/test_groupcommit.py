@@ -1,0 +1,193 @@
+"""Group commit: one sync at a time, every waiting write sharing the next sync."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet import defer
+from twisted.logger import capturedLogs
+
+from amaters.errors import StorageIOError
+from amaters.storage.groupcommit import GroupCommitter
+
+
+class ManualRunner:
+    """A BlockingRunner whose calls run only when the test says so (one "pool thread" each)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...], defer.Deferred[Any]]] = []
+        self.max_in_flight = 0
+
+    def run(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.calls.append((f, args, d))
+        self.max_in_flight = max(self.max_in_flight, len(self.calls))
+        return d
+
+    def finish_one(self) -> None:
+        f, args, d = self.calls.pop(0)
+        try:
+            result = f(*args)
+        except Exception:
+            d.errback()
+        else:
+            d.callback(result)
+
+
+class FakeSync:
+    """A sync that counts its calls and can be told to fail."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.fail_with: Exception | None = None
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.fail_with is not None:
+            raise self.fail_with
+
+
+def make(timer: Callable[[], float] | None = None) -> tuple[GroupCommitter, ManualRunner, FakeSync]:
+    runner, sync = ManualRunner(), FakeSync()
+    ticks = iter(range(0, 10_000, 2))  # each sync "takes" 2 s of the fake timer
+    committer = GroupCommitter(sync, runner, timer or (lambda: float(next(ticks))))
+    return committer, runner, sync
+
+
+def test_a_request_is_acknowledged_only_after_a_sync() -> None:
+    """The first request starts a sync at once and fires when that sync has finished."""
+    committer, runner, sync = make()
+    d = committer.request()
+    assert len(runner.calls) == 1 and not d.called
+    runner.finish_one()
+    assert d.called and sync.calls == 1
+    assert committer.syncs == 1 and committer.synced_writes == 1
+
+
+def test_requests_during_a_sync_share_the_next_one() -> None:
+    """Writes arriving while a sync runs are all acknowledged by the one sync after it."""
+    committer, runner, sync = make()
+    first = committer.request()
+    waiting = [committer.request() for _ in range(5)]
+    assert len(runner.calls) == 1, "no second sync while one runs"
+    runner.finish_one()
+    assert first.called
+    assert not any(d.called for d in waiting), "a sync that started before them does not count"
+    assert len(runner.calls) == 1
+    runner.finish_one()
+    assert all(d.called for d in waiting)
+    assert sync.calls == 2
+    assert committer.last_group_size == 5 and committer.max_group_size == 5
+    assert committer.synced_writes == 6
+
+
+def test_failed_sync_fails_its_whole_group_and_the_next_group_proceeds() -> None:
+    """If the sync fails, every request of that group fails with its error; later ones still work."""
+    committer, runner, sync = make()
+    sync.fail_with = StorageIOError("syncing the write-ahead log: I/O error")
+    group = [committer.request() for _ in range(3)]
+    runner.finish_one()  # the first request's sync fails
+    runner.finish_one()  # the other two share the next, which fails too
+    errors: list[Any] = []
+    for d in group:
+        d.addErrback(lambda f: errors.append(f.value))
+    assert len(errors) == 3 and all(isinstance(e, StorageIOError) for e in errors)
+    assert committer.failed_syncs == 2 and committer.synced_writes == 0
+    sync.fail_with = None
+    ok = committer.request()
+    runner.finish_one()
+    assert ok.called and committer.synced_writes == 1
+
+
+def test_observers_see_group_size_and_duration() -> None:
+    """Each sync reports (group size, duration, ok) to observers; durations come from the timer."""
+    committer, runner, _ = make()
+    seen: list[tuple[int, float, bool]] = []
+    committer.add_observer(lambda size, duration, ok: seen.append((size, duration, ok)))
+    committer.request()
+    committer.request()
+    committer.request()
+    runner.finish_one()
+    runner.finish_one()
+    assert seen == [(1, 2.0, True), (2, 2.0, True)]
+    assert committer.last_sync_seconds == 2.0 and committer.total_sync_seconds == 4.0
+
+
+def test_a_failing_observer_is_logged_and_does_not_lose_acknowledgements() -> None:
+    """An observer that raises is logged; the writes are acknowledged anyway."""
+    committer, runner, _ = make()
+
+    def broken(size: int, duration: float, ok: bool) -> None:
+        raise RuntimeError("observer bug")
+
+    committer.add_observer(broken)
+    with capturedLogs() as events:
+        d = committer.request()
+        runner.finish_one()
+    assert d.called
+    assert any("observer" in str(e.get("log_format", "")) for e in events)
+    for e in events:  # the logged failure is expected here
+        if "log_failure" in e:
+            e["log_failure"].cleanFailure()
+
+
+def test_idle_waits_for_queued_syncs() -> None:
+    """idle() fires only when no sync is running or queued."""
+    committer, runner, _ = make()
+    assert committer.idle().called
+    committer.request()
+    committer.request()
+    idle = committer.idle()
+    runner.finish_one()
+    assert not idle.called
+    runner.finish_one()
+    assert idle.called
+
+
+def test_a_request_from_an_acknowledgement_callback_gets_its_own_sync() -> None:
+    """A write issued from another write's acknowledgement waits for a sync started after it."""
+    committer, runner, sync = make()
+    later: list[defer.Deferred[None]] = []
+    committer.request().addCallback(lambda _: later.append(committer.request()))
+    runner.finish_one()
+    assert len(later) == 1 and not later[0].called
+    runner.finish_one()
+    assert later[0].called and sync.calls == 2
+
+
+@given(st.lists(st.sampled_from(["request", "finish"]), max_size=60))
+def test_every_request_is_covered_by_a_sync_that_started_after_it(actions: list[str]) -> None:
+    """For any interleaving of writes and sync completions, a write is acknowledged by a sync that
+    started after it, every write is acknowledged, and at most one sync is ever in flight."""
+    runner, sync = ManualRunner(), FakeSync()
+    committer = GroupCommitter(sync, runner, lambda: 0.0)
+    started_before: dict[int, int] = {}  # request -> syncs started (finished + running) before it
+    acked_by: dict[int, int] = {}  # request -> number of the sync that acknowledged it
+    for i, action in enumerate(actions):
+        if action == "request":
+            started_before[i] = committer.syncs + len(runner.calls)
+            committer.request().addCallback(lambda _, i=i: acked_by.__setitem__(i, committer.syncs))
+        elif runner.calls:
+            runner.finish_one()
+        assert len(runner.calls) <= 1
+    while runner.calls:
+        runner.finish_one()
+    assert set(acked_by) == set(started_before)
+    for i, before in started_before.items():
+        assert acked_by[i] > before
+
+
+@pytest.mark.parametrize("group", [1, 10, 100])
+def test_group_size_follows_concurrency(group: int) -> None:
+    """N writes that arrive during one sync are acknowledged by exactly one more sync."""
+    committer, runner, sync = make()
+    committer.request()
+    ds = [committer.request() for _ in range(group)]
+    runner.finish_one()
+    runner.finish_one()
+    assert all(d.called for d in ds)
+    assert sync.calls == 2 and committer.last_group_size == group
