@@ -45,10 +45,12 @@ from amaters.crypto import AESGCMCipher
 from amaters.errors import (
     AmatersError,
     ErrorCode,
+    InvalidValue,
     MalformedMessage,
     NetworkError,
     ProtocolError,
     RequestTimeout,
+    ShuttingDown,
 )
 from amaters.proto import aql_pb2, envelope_pb2, query_pb2, types_pb2
 from amaters.proto.convert import (
@@ -59,7 +61,7 @@ from amaters.proto.convert import (
     version_to_proto,
 )
 from amaters.protocols.framing import FrameReceiver, frame_header
-from amaters.types import CipherBlob
+from amaters.types import CipherBlob, Compression
 
 Envelope = envelope_pb2.Envelope
 KeyLike = bytes | str
@@ -126,6 +128,8 @@ class HandshakeInfo:
     principal: str
     roles: tuple[str, ...]
     server_name: str
+    #: The per-frame compression negotiated ("": none).
+    frame_compression: str = ""
 
 
 @attrs.frozen
@@ -291,6 +295,13 @@ class AmatersClientProtocol(FrameReceiver):
         self._closed: defer.Deferred[None] = defer.Deferred()
         self._last_error: AmatersError | None = None
         self.connected = False
+        #: Per-frame compression negotiated in the handshake ("": none) and from what size.
+        self.frame_codec = ""
+        self.frame_threshold = 0
+        #: When a frame last went out or came in (for keep-alive pings).
+        self.last_activity = clock.seconds() if clock is not None else 0.0
+        #: Set when the server announced it is shutting down: new requests fail at once with it.
+        self.going_away: ShuttingDown | None = None
 
     def connectionMade(self) -> None:
         self.connected = True
@@ -310,10 +321,17 @@ class AmatersClientProtocol(FrameReceiver):
             self._closed.callback(None)
 
     def stringReceived(self, frame: bytes) -> None:
+        self.last_activity = self.clock.seconds()
         envelope = Envelope()
         try:
             envelope.ParseFromString(frame)
-        except DecodeError:
+            if envelope.WhichOneof("body") == "compressed" and self.frame_codec:
+                from amaters.protect.compression import decompress_frame
+
+                inner = Envelope()
+                inner.ParseFromString(decompress_frame(envelope.compressed, self.MAX_LENGTH))
+                envelope = inner
+        except (DecodeError, AmatersError):
             self._last_error = MalformedMessage("the server sent a frame that is not a valid Envelope")
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
@@ -322,12 +340,18 @@ class AmatersClientProtocol(FrameReceiver):
         if stream is not None:
             if stream._feed(envelope):
                 del self._streams[request_id]
+                if self.going_away is not None:
+                    self._close_if_done()
             return
         item = self._pending.pop(request_id, None)
         if item is None:
             if request_id == 0 and envelope.WhichOneof("body") == "error":
                 # About the connection, not a request (oversize or malformed frame, shutdown...).
                 self._last_error = error_from_proto(envelope.error)
+                if isinstance(self._last_error, ShuttingDown):
+                    # The server is draining: send nothing more, close once answers are in.
+                    self.going_away = self._last_error
+                    self._close_if_done()
             return  # the answer to a request that timed out
         if item.timer is not None and item.timer.active():
             item.timer.cancel()
@@ -335,6 +359,12 @@ class AmatersClientProtocol(FrameReceiver):
             item.deferred.errback(Failure(error_from_proto(envelope.error)))  # type: ignore[no-untyped-call]
         else:
             item.deferred.callback(envelope)
+        if self.going_away is not None:
+            self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        if self.connected and not self._pending and not self._streams:
+            self.transport.loseConnection()  # type: ignore[union-attr]
 
     def frameTooLarge(self, length: int) -> None:
         self._last_error = ProtocolError(
@@ -349,6 +379,8 @@ class AmatersClientProtocol(FrameReceiver):
                 self._last_error
                 or NetworkError(f"not connected to {self.where}", code=ErrorCode.NETWORK_CONNECTION_RESET)
             )
+        if self.going_away is not None:
+            return defer.fail(self.going_away)
         request_id = self._next_id
         self._next_id += 1
         envelope.request_id = request_id
@@ -358,15 +390,26 @@ class AmatersClientProtocol(FrameReceiver):
         if timeout:
             timer = self.clock.callLater(timeout, self._expired, request_id, timeout)
         self._pending[request_id] = _Pending(d, timer)
-        payload = envelope.SerializeToString()
-        self.transport.write(frame_header(len(payload)) + payload)  # type: ignore[union-attr]
+        self._write_envelope(envelope)
         return d
+
+    def _write_envelope(self, envelope: envelope_pb2.Envelope) -> None:
+        payload = envelope.SerializeToString()
+        if self.frame_codec and len(payload) >= self.frame_threshold:
+            from amaters.protect.compression import compress_frame
+
+            payload = compress_frame(payload, self.frame_codec) or payload
+        self.last_activity = self.clock.seconds()
+        self.transport.write(frame_header(len(payload)) + payload)  # type: ignore[union-attr]
 
     def open_stream(self, envelope: envelope_pb2.Envelope, stream_factory: Any) -> ScanStream:
         request_id = self._next_id
         self._next_id += 1
         envelope.request_id = request_id
         stream: ScanStream = stream_factory(request_id)
+        if self.going_away is not None:
+            stream._fail(self.going_away)
+            return stream
         if not self.connected:
             stream._fail(
                 self._last_error
@@ -374,8 +417,7 @@ class AmatersClientProtocol(FrameReceiver):
             )
             return stream
         self._streams[request_id] = stream
-        payload = envelope.SerializeToString()
-        self.transport.write(frame_header(len(payload)) + payload)  # type: ignore[union-attr]
+        self._write_envelope(envelope)
         return stream
 
     def _expired(self, request_id: int, timeout: float) -> None:
@@ -418,17 +460,38 @@ class AmatersClient:
         self.handshake = handshake
         self.cipher = cipher
         self._clock = clock or protocol.clock
+        self._keepalive_call: IDelayedCall | None = None
+        self._keepalive_interval = 0.0
 
     # -- values -------------------------------------------------------------------------------
 
-    def _seal(self, collection: str, key: bytes, value: bytes) -> types_pb2.CipherBlob:
-        data = self.cipher.encrypt(value, collection, key) if self.cipher is not None else value
-        return blob_to_proto(CipherBlob.wrap(bytes(data), created_at=int(time.time())))
+    def _seal(
+        self, collection: str, key: bytes, value: bytes, compression: Compression = Compression.NONE
+    ) -> types_pb2.CipherBlob:
+        data = bytes(self.cipher.encrypt(value, collection, key) if self.cipher is not None else value)
+        if compression == Compression.NONE:
+            return blob_to_proto(CipherBlob.wrap(data, created_at=int(time.time())))
+        from amaters.protect.compression import compress_blob_data
+        from amaters.types import crc32
+
+        stored = compress_blob_data(data, compression)
+        return blob_to_proto(
+            CipherBlob(stored, crc32(stored), len(data), compression, created_at=int(time.time()))
+        )
 
     def _open_value(self, collection: str, key: bytes, blob: types_pb2.CipherBlob) -> bytes:
+        data = blob.data
+        try:
+            compression = Compression(int(blob.metadata.compression))
+        except ValueError:
+            raise InvalidValue(f"unknown value compression {int(blob.metadata.compression)}") from None
+        if compression != Compression.NONE:
+            from amaters.protect.compression import decompress_blob_data
+
+            data = decompress_blob_data(data, compression, int(blob.metadata.size))
         if self.cipher is not None:
-            return self.cipher.decrypt(blob.data, collection, key)
-        return blob.data
+            return self.cipher.decrypt(data, collection, key)
+        return data
 
     def _request(self, envelope: envelope_pb2.Envelope, timeout: float | None = None) -> defer.Deferred[Any]:
         return self._protocol.request(envelope, timeout)
@@ -441,12 +504,22 @@ class AmatersClient:
     # -- key-value ----------------------------------------------------------------------------
 
     def set(
-        self, collection: str, key: KeyLike, value: bytes, *, timeout: float | None = None
+        self,
+        collection: str,
+        key: KeyLike,
+        value: bytes,
+        *,
+        timeout: float | None = None,
+        compression: Literal["none", "lz4", "zstd"] = "none",
     ) -> defer.Deferred[None]:
-        """Store ``value`` under ``key`` (replacing any previous value)."""
+        """Store ``value`` under ``key`` (replacing any previous value).
+
+        ``compression`` compresses the stored bytes (after encryption, so only worth it for
+        ciphertext that compresses; AES-GCM output does not: see docs/limits.md).
+        """
         k = _key(key)
         try:
-            blob = self._seal(collection, k, value)
+            blob = self._seal(collection, k, value, Compression[compression.upper()])
         except Exception:
             return defer.fail()
         d = self._query(
@@ -628,7 +701,43 @@ class AmatersClient:
 
     def close(self) -> defer.Deferred[None]:
         """Close the connection; fires once it is closed.  Requests still pending fail."""
+        self.stop_keepalive()
         return self._protocol.close()
+
+    # -- keep-alive ---------------------------------------------------------------------------
+
+    def start_keepalive(self, interval: float) -> None:
+        """PING whenever ``interval`` seconds pass without traffic, until the connection closes."""
+        self.stop_keepalive()
+        self._keepalive_interval = interval
+        self._keepalive_call = self._clock.callLater(interval, self._keepalive_tick)
+        self._protocol._closed.addBoth(self._keepalive_closed)
+
+    def stop_keepalive(self) -> None:
+        call, self._keepalive_call = self._keepalive_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _keepalive_failed(self, failure: Failure) -> None:
+        # The connection is going away (its own error reaches the caller's requests).
+        AmatersClientProtocol._log.debug("Keep-alive ping failed: {error}", error=failure.value)
+
+    def _keepalive_closed(self, result: object) -> object:
+        self.stop_keepalive()
+        return result
+
+    def _keepalive_tick(self) -> None:
+        self._keepalive_call = None
+        protocol = self._protocol
+        if not protocol.connected:
+            return
+        interval = self._keepalive_interval
+        quiet = self._clock.seconds() - protocol.last_activity
+        if quiet >= interval:
+            d = self.ping()
+            d.addErrback(self._keepalive_failed)
+            quiet = 0.0
+        self._keepalive_call = self._clock.callLater(max(interval - quiet, 0.001), self._keepalive_tick)
 
     @property
     def closed(self) -> bool:
@@ -636,7 +745,11 @@ class AmatersClient:
 
 
 async def _handshake(
-    protocol: AmatersClientProtocol, client_name: str, token: str | None, api_key: str | None
+    protocol: AmatersClientProtocol,
+    client_name: str,
+    token: str | None,
+    api_key: str | None,
+    frame_compression: Sequence[str] = (),
 ) -> HandshakeInfo:
     credentials = envelope_pb2.Credentials()
     if token:
@@ -649,10 +762,16 @@ async def _handshake(
             client_name=client_name,
             credentials=credentials,
             supported_versions=[version_to_proto(v) for v in SUPPORTED_PROTOCOL_VERSIONS],
+            frame_compression=list(frame_compression),
         )
     )
     response = await protocol.request(envelope)
     r: envelope_pb2.HandshakeResponse = _result(response, "handshake_response")
+    if r.frame_compression:
+        if r.frame_compression not in frame_compression:
+            raise ProtocolError(f"the server chose frame compression {r.frame_compression!r}, not offered")
+        protocol.frame_codec = r.frame_compression
+        protocol.frame_threshold = r.frame_compression_threshold
     return HandshakeInfo(
         version_from_proto(r.version),
         tuple(version_from_proto(v) for v in r.supported_versions),
@@ -660,6 +779,7 @@ async def _handshake(
         r.principal_name,
         tuple(r.roles),
         r.server_name,
+        r.frame_compression,
     )
 
 
@@ -677,13 +797,19 @@ def connect(
     timeout: float | None = 30.0,
     cipher: AESGCMCipher | None = None,
     client_name: str = CLIENT_NAME,
+    frame_compression: Sequence[str] = (),
+    keepalive: float | None = None,
+    bind_address: str | None = None,
 ) -> defer.Deferred[AmatersClient]:
     """Connect, verify the server's certificate (for ``host``), handshake; fires with the client.
 
     ``ca_cert`` is the CA to trust (e.g. the server's generated ``<data_dir>/tls/ca.pem``); None
     trusts the platform's CA store.  ``plaintext=True`` skips TLS (only for a server with
     ``tls.enabled = false``).  ``timeout`` bounds the connection, the handshake and each request
-    (None: no limit).
+    (None: no limit).  ``frame_compression`` offers per-frame compression ("zstd", "lz4"; the
+    server decides).  ``keepalive`` sends a PING after that many seconds without traffic, so the
+    server's ``limits.idle_timeout`` does not close a connection kept for later use.
+    ``bind_address`` is the local address to connect from (on hosts with several).
     """
     return defer.Deferred.fromCoroutine(
         _connect(
@@ -699,6 +825,9 @@ def connect(
             timeout,
             cipher,
             client_name,
+            tuple(frame_compression),
+            keepalive,
+            bind_address,
         )
     )
 
@@ -716,9 +845,13 @@ async def _connect(
     timeout: float | None,
     cipher: AESGCMCipher | None,
     client_name: str,
+    frame_compression: Sequence[str] = (),
+    keepalive: float | None = None,
+    bind_address: str | None = None,
 ) -> AmatersClient:
     where = f"{host}:{port}"
-    endpoint: Any = HostnameEndpoint(reactor, host, port, timeout=timeout or 30)
+    bind = (bind_address, 0) if bind_address else None
+    endpoint: Any = HostnameEndpoint(reactor, host, port, timeout=timeout or 30, bindAddress=bind)
     if not plaintext:
         from amaters.protocols.tlsctx import client_tls_options
 
@@ -740,11 +873,14 @@ async def _connect(
     except Exception:
         raise _connection_error(Failure(), where) from None  # type: ignore[no-untyped-call]
     try:
-        handshake = await _handshake(protocol, client_name, token, api_key)
+        handshake = await _handshake(protocol, client_name, token, api_key, frame_compression)
     except BaseException:
         await protocol.close()
         raise
-    return AmatersClient(protocol, handshake, cipher, reactor)
+    client = AmatersClient(protocol, handshake, cipher, reactor)
+    if keepalive:
+        client.start_keepalive(keepalive)
+    return client
 
 
 def batch_ops(items: Iterable[tuple[str, str, KeyLike, bytes | None]]) -> list[BatchOp]:

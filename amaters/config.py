@@ -64,10 +64,11 @@ def setting(
         "maximum": maximum,
         "check": check,
     }
+    # Secrets never appear in repr(config) (tracebacks and debug logs print it).
     if isinstance(default, (list, dict)):
         value = default
-        return attrs.field(factory=lambda: type(value)(value), metadata=meta)
-    return attrs.field(default=default, metadata=meta)
+        return attrs.field(factory=lambda: type(value)(value), metadata=meta, repr=not secret)
+    return attrs.field(default=default, metadata=meta, repr=not secret)
 
 
 def section(cls: type) -> Any:
@@ -340,8 +341,7 @@ class LimitsConfig:
     )
     max_queued: int = setting(
         10_000,
-        "Requests in progress server-wide above which new ones are refused with SERVER_OVERLOADED"
-        " (0: off).",
+        "Requests in progress server-wide above which new ones are refused with SERVER_OVERLOADED (0: off).",
         minimum=0,
         reloadable=True,
     )
@@ -373,9 +373,10 @@ class RateLimitConfig:
 @attrs.frozen
 class CacheConfig:
     max_bytes: int = setting(
-        0,
-        "Query cache for GET results, in bytes (LRU; 0: off). Measured: RocksDB's block cache already"
-        " serves hot keys in microseconds (docs/limits.md).",
+        64 * 1024 * 1024,
+        "Query cache for GET results, in bytes (LRU; 0: off). Per process: keep it 0 when several"
+        " servers share storage. Measured 2.3-2.7x faster hot GETs than RocksDB's block cache alone"
+        " (docs/limits.md).",
         minimum=0,
         reloadable=True,
     )
@@ -584,7 +585,9 @@ class S3Config:
         "",
         "S3-compatible endpoint for snapshot archives, e.g. https://minio.internal:9000 (empty: AWS S3"
         " in snapshot.s3.region). Credentials come from the standard AWS environment/profile chain.",
-        check=lambda v: None if not v or v.startswith(("http://", "https://")) else "an http:// or https:// URL",
+        check=lambda v: (
+            None if not v or v.startswith(("http://", "https://")) else "an http:// or https:// URL"
+        ),
     )
     bucket: str = setting("", "Bucket receiving snapshot archives (empty: no S3 uploads).")
     prefix: str = setting("amaters/snapshots/", "Key prefix of snapshot archives in the bucket.")

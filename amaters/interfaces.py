@@ -31,7 +31,8 @@ class IRangeCursor(Interface):
         Read the next chunk.
 
         :return: Deferred firing with a list of ``(key, CipherBlob)`` in ascending key order; an empty
-            list means the cursor is exhausted.  Fails with ``Corrupted`` if a stored value's checksum
+            list means the cursor is exhausted (a shorter chunk does not: a backend may end a chunk
+            early, e.g. at a byte budget).  Call it again only after the previous chunk arrived.  Fails with ``Corrupted`` if a stored value's checksum
             does not match, ``StorageIOError`` on I/O failure.
         """
 
@@ -43,7 +44,7 @@ class IStorageBackend(Interface):
     """Where bytes live: collections of ``key -> CipherBlob``.
 
     Collections are real namespaces: the same key in two collections is two entries.  All methods
-    except ``stats_now`` return Deferreds.  Unknown collections fail with ``NotFound`` (code
+    except ``has_collection`` and ``scan`` return Deferreds.  Unknown collections fail with ``NotFound`` (code
     ``STORAGE_NOT_FOUND``) except where noted.  Keys are non-empty bytes compared bytewise.
     """
 

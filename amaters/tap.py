@@ -226,7 +226,7 @@ def build_service(
     install_protection(root, config, reactor)
     # -- end protection --------------------------------------------------------------------
 
-    # -- auth stages (auth issue): RBAC first in root.pipeline, then audit; login hook ---------
+    # -- auth stages (auth issue): RBAC after admission stages in root.pipeline; audit; login --
     auth.install(root.pipeline, root.getServiceNamed("listener"))  # type: ignore[attr-defined]
     # -- end auth stages -------------------------------------------------------------------
 

@@ -32,7 +32,9 @@ class FsyncRate:
         return asdict(self)
 
 
-def measure(directory: str | Path, seconds: float = 2.0, max_fsyncs: int = 100_000, record: int = 4096) -> FsyncRate:
+def measure(
+    directory: str | Path, seconds: float = 2.0, max_fsyncs: int = 100_000, record: int = 4096
+) -> FsyncRate:
     """Append ``record`` bytes and fdatasync, repeatedly, for ``seconds`` or ``max_fsyncs`` times."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

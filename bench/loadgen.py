@@ -93,6 +93,8 @@ class LoadResult:
     label: str
     spec: dict[str, Any]
     ops: int = 0
+    #: Every operation answered, warm-up and drain included (``ops`` counts only the window).
+    completed_total: int = 0
     elapsed_s: float = 0.0
     ops_per_s: float | None = None
     p50_ms: float | None = None
@@ -125,7 +127,7 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     """The nearest-rank percentile of already sorted values (``fraction`` in [0, 1])."""
     if not sorted_values:
         raise ValueError("no values")
-    rank = max(0, min(len(sorted_values) - 1, int(round(fraction * len(sorted_values) + 0.5)) - 1))
+    rank = max(0, min(len(sorted_values) - 1, round(fraction * len(sorted_values) + 0.5) - 1))
     return sorted_values[rank]
 
 
@@ -165,8 +167,9 @@ class _Driver:
     """Keeps ``pipeline`` requests in flight per connection and records completions in the window."""
 
     def __init__(self, reactor: Any, clients: list[Any], job: _Job, progress: Any) -> None:
-        from amaters.client import BatchOp
         from twisted.internet import defer
+
+        from amaters.client import BatchOp
 
         self.reactor = reactor
         self.clients = clients
@@ -322,6 +325,7 @@ class _Driver:
         start, end = self.window
         return {
             "ops": self.count,
+            "completed": self.completed,
             "elapsed": max(0.0, end - start) if end else 0.0,
             "latencies": self.latencies.tobytes(),
             "errors": self.errors,
@@ -342,8 +346,9 @@ class _Shared:
 
 
 async def _connect_all(reactor: Any, job: _Job) -> list[Any]:
-    from amaters.client import connect
     from twisted.internet import defer
+
+    from amaters.client import connect
 
     target = job.target
     attempts = [
@@ -365,7 +370,9 @@ async def _connect_all(reactor: Any, job: _Job) -> list[Any]:
     if failures:
         for client in clients:
             await client.close()
-        raise RuntimeError(f"{len(failures)} of {job.connections} connections failed: {failures[0].getErrorMessage()}")
+        raise RuntimeError(
+            f"{len(failures)} of {job.connections} connections failed: {failures[0].getErrorMessage()}"
+        )
     return clients
 
 
@@ -381,8 +388,9 @@ async def _wait_for_start(reactor: Any, shared: _Shared, deadline: float) -> flo
 
 async def _fill(reactor: Any, clients: list[Any], job: _Job, shared: _Shared) -> dict[str, Any]:
     """Write keys ``key_range`` as BATCHes of ``batch_size`` SETs, ``pipeline`` batches per connection."""
-    from amaters.client import BatchOp
     from twisted.internet import defer
+
+    from amaters.client import BatchOp
 
     spec = job.spec
     lo, hi = job.key_range
@@ -413,9 +421,7 @@ async def _fill(reactor: Any, clients: list[Any], job: _Job, shared: _Shared) ->
             state["done"] += last - first
             shared.counts[job.index] = state["done"]
 
-    lanes = [
-        defer.Deferred.fromCoroutine(lane(client)) for client in clients for _ in range(spec.pipeline)
-    ]
+    lanes = [defer.Deferred.fromCoroutine(lane(client)) for client in clients for _ in range(spec.pipeline)]
     await defer.gatherResults(lanes, consumeErrors=True)
     elapsed = time.perf_counter() - started
     return {
@@ -602,7 +608,9 @@ def run(
     result.server_rss_mb_start = meters.rss_mb(meters.rss_start)
     result.server_rss_mb_end = meters.rss_mb(meters.rss_end)
     result.server_rss_mb_max = meters.rss_mb(meters.rss_max)
-    result.bottleneck = judge_bottleneck(result.server_cpu_pct, result.generator_cpu_pct, result.machine_cpu_pct)
+    result.bottleneck = judge_bottleneck(
+        result.server_cpu_pct, result.generator_cpu_pct, result.machine_cpu_pct
+    )
     return result
 
 
@@ -751,6 +759,7 @@ def _aggregate(result: LoadResult, outcomes: list[dict[str, Any]], mode: str) ->
         chunk.frombytes(outcome["latencies"])
         latencies.extend(chunk)
         result.ops += outcome["ops"]
+        result.completed_total += outcome.get("completed", outcome["ops"])
         result.errors += outcome["errors"]
         for sample in outcome["error_samples"]:
             if len(result.error_samples) < 5 and sample not in result.error_samples:

@@ -130,5 +130,7 @@ def benchmark(
             )
         )
     if not found:
-        raise RuntimeError(f"redis-benchmark printed no results: {completed.stdout[:500]} {completed.stderr[:500]}")
+        raise RuntimeError(
+            f"redis-benchmark printed no results: {completed.stdout[:500]} {completed.stderr[:500]}"
+        )
     return found

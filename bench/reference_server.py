@@ -91,7 +91,9 @@ class ReferenceProtocol(FrameReceiver):
         return True
 
     def _error(self, request_id: int, code: int, message: str) -> None:
-        self._write(Envelope(request_id=request_id, error=errors_pb2.ErrorResponse(code=code, message=message)))
+        self._write(
+            Envelope(request_id=request_id, error=errors_pb2.ErrorResponse(code=code, message=message))
+        )
 
     def _write(self, envelope: Any) -> None:
         payload = envelope.SerializeToString()

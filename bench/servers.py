@@ -164,7 +164,9 @@ class AmatersServer(_Process):
 
     name = "amaters"
 
-    def __init__(self, workdir: Path, settings: Mapping[str, Any] | None = None, label: str = "amaters") -> None:
+    def __init__(
+        self, workdir: Path, settings: Mapping[str, Any] | None = None, label: str = "amaters"
+    ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.label = label
@@ -197,7 +199,13 @@ class AmatersServer(_Process):
     def argv(self) -> list[str]:
         twistd_args = ["-n", "--pidfile=", "amaters", "--config", str(self.config_path)]
         if os.environ.get(PROFILE_ENV, "") == "cprofile":
-            return [sys.executable, "-m", "bench._profiled_twistd", str(self.workdir / "server.prof"), *twistd_args]
+            return [
+                sys.executable,
+                "-m",
+                "bench._profiled_twistd",
+                str(self.workdir / "server.prof"),
+                *twistd_args,
+            ]
         return [sys.executable, "-c", TWISTD, *twistd_args]
 
     def start(self, timeout: float = 60.0) -> AmatersServer:
@@ -341,7 +349,18 @@ class SyscallCounter:
         if not self.available:
             return
         self._process = subprocess.Popen(
-            ["perf", "stat", "-x", ",", "-o", str(self.out), "-e", ",".join(self.EVENTS), "-p", str(self.pid)],
+            [
+                "perf",
+                "stat",
+                "-x",
+                ",",
+                "-o",
+                str(self.out),
+                "-e",
+                ",".join(self.EVENTS),
+                "-p",
+                str(self.pid),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

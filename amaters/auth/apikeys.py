@@ -155,6 +155,7 @@ def load_api_keys(path: str) -> dict[str, APIKeyEntry]:
 
 
 def check_pepper(pepper: bytes) -> None:
+    """Raise AuthConfigError when ``pepper`` is too short to be a secret."""
     if len(pepper) < MIN_PEPPER_BYTES:
         raise AuthConfigError(
             [f"auth.api_key_pepper: must be at least {MIN_PEPPER_BYTES} bytes (this one has {len(pepper)})"]

@@ -150,6 +150,7 @@ class AuditLog:
 
     @property
     def is_open(self) -> bool:
+        """Whether the file is open (events are queued until it is)."""
         return self._file is not None
 
     def open(self) -> None:
@@ -273,12 +274,14 @@ class AuditService(service.Service):
 
     @property
     def enabled(self) -> bool:
+        """Whether events are written (``audit.enabled``)."""
         return isinstance(self.sink, AuditLog)
 
     def emit(self, event: object) -> None:
         self.sink.emit(event)
 
     def flush(self) -> None:
+        """Write queued events now (tests and shutdown; normally the next reactor turn does it)."""
         if isinstance(self.sink, AuditLog):
             self.sink.flush()
 

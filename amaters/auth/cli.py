@@ -41,23 +41,53 @@ def _err(message: str) -> None:
     print(f"amaters auth: {message}", file=sys.stderr)
 
 
+def _pepper_settings(args: argparse.Namespace) -> tuple[str, str]:
+    """``auth.api_key_pepper`` and ``auth.api_key_pepper_file`` from the configuration's sources.
+
+    Only these two keys are read (with the usual precedence: file, environment, ``--set``), so the
+    first key can be made before the keys file the configuration names exists.
+    """
+    import tomllib
+    from pathlib import Path
+
+    from amaters.config import env_overrides, parse_override
+
+    values: dict[str, str] = {}
+    base = Path.cwd()
+    if args.config:
+        path = Path(args.config)
+        base = path.resolve().parent
+        try:
+            tree = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise _Refused(f"cannot read the configuration {args.config}: {type(e).__name__}") from None
+        section = tree.get("auth", {})
+        if isinstance(section, dict):
+            for name in ("api_key_pepper", "api_key_pepper_file"):
+                if isinstance(section.get(name), str):
+                    values[name] = section[name]
+    pairs = env_overrides(os.environ)
+    for text in args.set or []:
+        try:
+            pairs.append(parse_override(text))
+        except ValueError as e:
+            raise _Refused(str(e)) from None
+    for dotted, value in pairs:
+        if dotted in ("auth.api_key_pepper", "auth.api_key_pepper_file"):
+            values[dotted.split(".", 1)[1]] = value
+    pepper_file = values.get("api_key_pepper_file", "")
+    if pepper_file:
+        pepper_file = str((base / os.path.expanduser(pepper_file)).resolve())
+    return values.get("api_key_pepper", ""), pepper_file
+
+
 def _pepper(args: argparse.Namespace) -> bytes:
     try:
         if args.pepper_file:
             pepper = read_secret("", args.pepper_file, "--pepper-file", "--pepper-file")
         else:
-            from amaters.config import ConfigError, load_config
-
-            try:
-                config = load_config(args.config, args.set or [], os.environ)
-            except ConfigError as e:
-                raise _Refused("invalid configuration: " + "; ".join(e.problems)) from None
-            pepper = read_secret(
-                config.auth.api_key_pepper,
-                config.auth.api_key_pepper_file,
-                "auth.api_key_pepper",
-                "auth.api_key_pepper_file",
-            )
+            value, file = _pepper_settings(args)
+            pepper = read_secret(value, file, "auth.api_key_pepper", "auth.api_key_pepper_file")
         if pepper is None:
             raise _Refused(
                 "no pepper: give --pepper-file, or a configuration (--config, --set or"
@@ -102,6 +132,7 @@ def _toml_string(text: str) -> str:
 
 
 def cmd_new_key(args: argparse.Namespace) -> int:
+    """``amaters auth new-key``: print a new key and its keys-file entry."""
     pepper = _pepper(args)
     expires = _expiry(args)
     try:
@@ -149,6 +180,7 @@ def _read_key() -> str:
 
 
 def cmd_hash_key(args: argparse.Namespace) -> int:
+    """``amaters auth hash-key``: print the key_hash of the key on standard input."""
     pepper = _pepper(args)
     print(hash_api_key(pepper, _read_key()))
     return EXIT_OK

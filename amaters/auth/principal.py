@@ -70,18 +70,24 @@ class IClientCertificate(ICredentials):
 @implementer(IBearerToken)
 @attrs.frozen
 class BearerToken:
+    """A bearer token from the handshake (never shown in ``repr``)."""
+
     token: str = attrs.field(repr=False)
 
 
 @implementer(IAPIKey)
 @attrs.frozen
 class APIKey:
+    """An API key from the handshake (never shown in ``repr``)."""
+
     key: str = attrs.field(repr=False)
 
 
 @implementer(IClientCertificate)
 @attrs.frozen
 class ClientCertificate:
+    """The certificate a client presented, and the chain it came with."""
+
     certificate: x509.Certificate
     chain: tuple[x509.Certificate, ...] = ()
 

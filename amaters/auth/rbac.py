@@ -53,15 +53,18 @@ class Permission(enum.IntEnum):
 
     @property
     def label(self) -> str:
+        """The permission as written in roles files and messages: read, write or admin."""
         return self.name.lower()
 
 
 SERVER = "server"
+_UNKNOWN: Any = object()
 COLLECTION_PREFIX = "collection:"
 ROLE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 def collection_resource(name: str) -> str:
+    """The resource name of a collection: ``collection:<name>``."""
     return COLLECTION_PREFIX + name
 
 
@@ -82,6 +85,7 @@ class Grant:
     permission: Permission
 
     def matches(self, resource: str) -> bool:
+        """Whether the grant's pattern covers ``resource`` (globs match collection names only)."""
         pattern = self.pattern
         if pattern == "*":
             return True
@@ -92,11 +96,14 @@ class Grant:
         return False
 
     def allows(self, resource: str, permission: Permission) -> bool:
+        """Whether the grant covers ``resource`` at ``permission`` or higher."""
         return self.permission >= permission and self.matches(resource)
 
 
 @attrs.frozen
 class Role:
+    """A named set of grants, plus the roles whose grants it inherits."""
+
     name: str
     grants: tuple[Grant, ...] = ()
     inherits: tuple[str, ...] = ()
@@ -202,6 +209,7 @@ class RBACPolicy:
         self.roles: Mapping[str, Role] = roles
         self._effective = {name: self._resolve(name) for name in roles}
         self._cache: dict[tuple[tuple[str, ...], str, Permission], bool] = {}
+        self._denials: dict[tuple[tuple[str, ...], type, Any], Any] = {}
 
     def _resolve(self, name: str) -> tuple[Grant, ...]:
         seen: set[str] = set()
@@ -236,6 +244,19 @@ class RBACPolicy:
 
     def denial(self, roles: Sequence[str], op: Any) -> Access | None:
         """The first thing ``op`` needs that ``roles`` do not grant, or None when all is granted."""
+        if getattr(op, "name", None) == "batch":
+            return self._first_denied(roles, op)
+        # Hot path: what a single operation needs depends only on its type and collection.
+        key = (tuple(roles), type(op), getattr(op, "collection", None))
+        found = self._denials.get(key, _UNKNOWN)
+        if found is _UNKNOWN:
+            found = self._first_denied(roles, op)
+            if len(self._denials) >= self.CACHE_SIZE:
+                self._denials.clear()
+            self._denials[key] = found
+        return found  # type: ignore[no-any-return]
+
+    def _first_denied(self, roles: Sequence[str], op: Any) -> Access | None:
         for access in required_access(op):
             if not self.allowed(roles, access.resource, access.permission):
                 return access

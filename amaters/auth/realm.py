@@ -92,6 +92,7 @@ class AmatersRealm:
 
     @property
     def session_count(self) -> int:
+        """Sessions logged in and not yet logged out."""
         return sum(self.active.values())
 
 

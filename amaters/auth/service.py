@@ -40,6 +40,9 @@ from amaters.config import Config, ConfigError
 from amaters.errors import Unavailable
 from amaters.interfaces import IPrincipal
 
+#: Stages that admit or refuse requests before anything else (amaters.protect): RBAC follows them.
+ADMISSION_STAGES = ("shed", "ratelimit")
+
 
 def build_checkers(material: AuthMaterial, config: Config, clock: IReactorTime) -> list[ICredentialsChecker]:
     """One checker per configured login method."""
@@ -104,14 +107,22 @@ class AuthService(service.Service):
     # -- wiring ---------------------------------------------------------------------------------
 
     def install(self, pipeline: Any, listener: Any = None) -> None:
-        """Put the RBAC stage first in ``pipeline`` (auth enabled) and the audit stage after it.
+        """Put the RBAC stage in ``pipeline`` (auth enabled) and the audit stage right after it.
+
+        RBAC goes right after the admission stages (load shedding, rate limits: cheap refusals that
+        protect the server) and before every other stage, so no work (value compression, a cache
+        lookup, the executor) is done for a request that will be denied.
 
         With auth enabled, ``listener``'s connections authenticate through :meth:`authenticate`.
         """
         self.pipeline = pipeline
         if self.config.auth.enabled:
-            first = pipeline.stages[0].name if pipeline.stages else None
-            pipeline.add_stage(self.authorization, before=first)
+            names = [stage.name for stage in pipeline.stages]
+            admission = [name for name in names if name in ADMISSION_STAGES]
+            if admission:
+                pipeline.add_stage(self.authorization, after=admission[-1])
+            else:
+                pipeline.add_stage(self.authorization, before=names[0] if names else None)
             if listener is not None:
                 listener.factory.authenticate = self.authenticate
         self._sync_audit_stage(self.config)

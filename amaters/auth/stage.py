@@ -1,9 +1,10 @@
 """The pipeline stages that enforce RBAC on every request and write the request audit trail.
 
-- :class:`AuthorizationStage` (``rbac``), first in the pipeline: refuses a request its principal's
-  roles do not allow with ``AUTH_INSUFFICIENT_PERMISSIONS`` naming the operation and resource, and
-  audits the denial.  It runs before any cache, so a cached answer is never served to a principal
-  who may not read it.
+- :class:`AuthorizationStage` (``rbac``), right after the admission stages (load shedding, rate
+  limits): refuses a request its principal's roles do not allow with
+  ``AUTH_INSUFFICIENT_PERMISSIONS`` naming the operation and resource, and audits the denial.  It
+  runs before any other work (value compression, the cache, the executor), so a cached answer is
+  never served to a principal who may not read it.
 - :class:`AuditStage` (``audit``): after each request, audits admin operations (success or
   failure), writes (when ``audit.log_writes``), reads (only when ``audit.log_reads``), and every
   failed request.  Denials were audited by the RBAC stage already.

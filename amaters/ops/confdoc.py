@@ -60,7 +60,7 @@ def render() -> str:
             current = section
             lines += ["", f"## [{section}]", "", "| key | type | default | reloadable | meaning |", "|---|---|---|---|---|"]
         meta = attribute.metadata
-        default = attribute.default
+        default: Any = attribute.default
         if hasattr(default, "factory"):
             default = default.factory()
         doc = str(meta.get("doc", "")).replace("|", "\\|")

@@ -80,18 +80,21 @@ class Reloader:
     def register(self, component: Reconfigurable) -> None:
         self.components.append(component)
 
-    def reload(self) -> defer.Deferred[ReloadResult]:
-        """Reload now, or after the reload already running (reloads never overlap)."""
+    def reload(self, principal: str = "operator (signal)") -> defer.Deferred[ReloadResult]:
+        """Reload now, or after the reload already running (reloads never overlap).
+
+        ``principal`` names who asked, for the audit log.
+        """
         if self._running is not None:
             previous = self._running
             d: defer.Deferred[ReloadResult] = defer.Deferred()
 
             def again(_: object) -> None:
-                self.reload().chainDeferred(d)
+                self.reload(principal).chainDeferred(d)
 
             previous.addBoth(again)
             return d
-        running = defer.Deferred.fromCoroutine(self._reload())
+        running = defer.Deferred.fromCoroutine(self._reload(principal))
         if not running.called:
             self._running = running
 
@@ -102,7 +105,7 @@ class Reloader:
             running.addBoth(done)
         return running
 
-    def _audit(self, result: ReloadResult) -> None:
+    def _audit(self, result: ReloadResult, principal: str) -> None:
         audit = getattr(self.root, "audit", None)
         if audit is None:
             return
@@ -110,10 +113,10 @@ class Reloader:
             "event_type": "config_change",
             "result": "success" if result.ok else "failure",
             "action": "reload",
-            "resource": "server",
-            "principal": "operator",
+            # Setting names only (never values): what changed.
+            "resource": "config:" + (",".join(result.applied) or "-"),
+            "principal": principal,
             "auth_method": "local",
-            "details": {"applied": list(result.applied), "need_restart": list(result.need_restart)},
             "error": "; ".join(result.errors) or None,
         }
         try:
@@ -121,7 +124,7 @@ class Reloader:
         except Exception:
             self._log.failure("Could not write the reload audit event")
 
-    async def _reload(self) -> ReloadResult:
+    async def _reload(self, principal: str) -> ReloadResult:
         old: Config = self.root.config
         environ = os.environ if self._environ is None else self._environ
         try:
@@ -132,7 +135,7 @@ class Reloader:
                 "Reload refused, configuration invalid; nothing changed: {problems}",
                 problems="; ".join(e.problems),
             )
-            return self._finish(result)
+            return self._finish(result, principal)
         reloadable, restart = reloadable_differences(old, new)
         # Settings that need a restart keep their running values; apply only the reloadable ones.
         effective = _merge_reloadable(old, new, reloadable)
@@ -154,7 +157,7 @@ class Reloader:
             self._log.error(
                 "Reload refused; nothing changed: {problems}", problems="; ".join(errors)
             )
-            return self._finish(result)
+            return self._finish(result, principal)
         for commit in commits:
             try:
                 commit()
@@ -169,11 +172,11 @@ class Reloader:
             count=len(commits),
             restart=f"; needs restart to apply: {', '.join(restart)}" if restart else "",
         )
-        return self._finish(result)
+        return self._finish(result, principal)
 
-    def _finish(self, result: ReloadResult) -> ReloadResult:
+    def _finish(self, result: ReloadResult, principal: str) -> ReloadResult:
         self.last = result
-        self._audit(result)
+        self._audit(result, principal)
         return result
 
 

@@ -29,6 +29,7 @@ import attrs
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from amaters.errors import Overloaded, StorageIOError
@@ -77,31 +78,36 @@ async def call_with_retry(
     transient: Callable[[BaseException], bool] = is_transient,
     rng: random.Random | None = None,
     what: str = "storage operation",
+    first_error: BaseException | None = None,
 ) -> Any:
     """Call ``f(*args)`` (a Deferred, coroutine or plain value) and retry transient failures.
 
     Non-idempotent calls and non-transient errors are never retried; after ``max_attempts`` the last
-    error is raised.  Cancelling the returned Deferred cancels the wait between attempts.
+    error is raised.  ``first_error`` is the failure of a first attempt the caller already made
+    (the loop then starts by waiting and retrying).  Cancelling the returned Deferred cancels the wait between attempts.
     """
     rng = rng or random.Random()
     attempt = 1
+    error = first_error
     while True:
-        try:
-            return await defer.maybeDeferred(f, *args)
-        except Exception as e:
-            if not idempotent or not transient(e) or attempt >= policy.max_attempts:
-                raise
+        if error is not None:
+            if not idempotent or not transient(error) or attempt >= policy.max_attempts:
+                raise error
             wait = policy.delay(attempt, rng)
             log.info(
                 "Retrying {what} in {wait:.3f}s after {error} (attempt {attempt} of {attempts})",
                 what=what,
                 wait=wait,
-                error=str(e),
+                error=str(error),
                 attempt=attempt + 1,
                 attempts=policy.max_attempts,
             )
             await task.deferLater(clock, wait, lambda: None)
             attempt += 1
+        try:
+            return await defer.maybeDeferred(f, *args)
+        except Exception as e:
+            error = e
 
 
 @implementer(IStorageBackend)
@@ -131,9 +137,26 @@ class RetryingBackend:
         return str(self.inner.name)
 
     def _retry(self, what: str, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        return defer.Deferred.fromCoroutine(
-            call_with_retry(self._clock, self.policy, f, *args, idempotent=True, rng=self._rng, what=what)
-        )
+        # Fast path: the first attempt runs directly and, when it has already succeeded (most reads
+        # and writes of an in-process engine), its Deferred is returned as it is; the retry
+        # coroutine only starts after a failure.
+        first: defer.Deferred[Any] = defer.maybeDeferred(f, *args)
+        if first.called and not isinstance(first.result, Failure):  # type: ignore[attr-defined]
+            return first
+        return defer.Deferred.fromCoroutine(self._after_first(what, first, f, *args))
+
+    async def _after_first(
+        self, what: str, first: defer.Deferred[Any], f: Callable[..., Any], *args: Any
+    ) -> Any:
+        try:
+            return await first
+        except Exception as error:
+            policy = self.policy
+            if policy.max_attempts <= 1 or not is_transient(error):
+                raise
+            return await call_with_retry(
+                self._clock, policy, f, *args, idempotent=True, rng=self._rng, what=what, first_error=error
+            )
 
     def _once(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         return defer.maybeDeferred(f, *args)

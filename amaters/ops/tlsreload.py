@@ -42,6 +42,7 @@ def build_server_options(config: Config) -> Any:
             files.key,
             client_ca=config.tls.ca or None,
             client_auth=config.tls.client_auth,
+            crl=config.tls.crl or None,
         )
         options.getContext()  # loads and cross-checks certificate, key and CA now
     except ConfigError:

@@ -55,9 +55,7 @@ _READ_ONLY: frozenset[type] = frozenset(
 def cache_key(collection: str, key: bytes) -> bytes:
     """BLAKE3 of the length-prefixed collection name and key (32 bytes)."""
     name = collection.encode()
-    return blake3(
-        len(name).to_bytes(4, "big") + name + len(key).to_bytes(4, "big") + key
-    ).digest()
+    return blake3(len(name).to_bytes(4, "big") + name + len(key).to_bytes(4, "big") + key).digest()
 
 
 class _Entry:

@@ -54,7 +54,9 @@ class ProtectionCollector(Collector):
             found.append(requests)
             found.append(
                 CounterMetricFamily(
-                    "amaters_cache_evictions", "Query cache entries evicted for space.", value=stats["evictions"]
+                    "amaters_cache_evictions",
+                    "Query cache entries evicted for space.",
+                    value=stats["evictions"],
                 )
             )
             found.append(
@@ -64,11 +66,17 @@ class ProtectionCollector(Collector):
                     value=stats["invalidations"],
                 )
             )
-            found.append(GaugeMetricFamily("amaters_cache_entries", "Query cache entries.", value=stats["entries"]))
-            found.append(GaugeMetricFamily("amaters_cache_bytes", "Query cache size in bytes.", value=stats["bytes"]))
+            found.append(
+                GaugeMetricFamily("amaters_cache_entries", "Query cache entries.", value=stats["entries"])
+            )
+            found.append(
+                GaugeMetricFamily("amaters_cache_bytes", "Query cache size in bytes.", value=stats["bytes"])
+            )
             found.append(
                 GaugeMetricFamily(
-                    "amaters_cache_max_bytes", "Query cache bound (cache.max_bytes; 0: off).", value=stats["max_bytes"]
+                    "amaters_cache_max_bytes",
+                    "Query cache bound (cache.max_bytes; 0: off).",
+                    value=stats["max_bytes"],
                 )
             )
         refused = CounterMetricFamily(
@@ -82,7 +90,9 @@ class ProtectionCollector(Collector):
             refused.add_metric(["global_rate"], self.limiter.refused_global)
             found.append(
                 GaugeMetricFamily(
-                    "amaters_rate_limit_buckets", "Client rate-limit buckets held.", value=self.limiter.bucket_count
+                    "amaters_rate_limit_buckets",
+                    "Client rate-limit buckets held.",
+                    value=self.limiter.bucket_count,
                 )
             )
             any_refused = True

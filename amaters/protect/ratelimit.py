@@ -210,4 +210,12 @@ class RateLimitStage(PipelineStage):
         raise Overloaded(f"{which} rate limit is reached; retry in {wait} ms", retry_after_ms=wait)
 
 
-__all__ = ["SWEEP_INTERVAL", "RateLimitStage", "Refusal", "RateLimiter", "TokenBucket", "client_of", "request_cost"]
+__all__ = [
+    "SWEEP_INTERVAL",
+    "RateLimitStage",
+    "RateLimiter",
+    "Refusal",
+    "TokenBucket",
+    "client_of",
+    "request_cost",
+]

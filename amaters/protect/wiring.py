@@ -110,7 +110,15 @@ def install_protection(root: Any, config: Config, reactor: Any) -> Protection:
     protection = Protection(cache, limiter, shedder, connections, frames, blobs, lag, collector)
     reloader = getattr(root, "reloader", None)
     if reloader is not None:
-        for component in (ListenerLimits(listener.factory), limiter, shedder, connections, cache, frames, blobs):
+        for component in (
+            ListenerLimits(listener.factory),
+            limiter,
+            shedder,
+            connections,
+            cache,
+            frames,
+            blobs,
+        ):
             reloader.register(component)
     ProtectionService(root, protection).setServiceParent(root)
     root.protection = protection

@@ -154,6 +154,9 @@ def _peer_certificate_chain(transport: Any) -> Any:
 
 _HANDSHAKE, _AUTHENTICATING, _READY, _CLOSING = "handshake", "authenticating", "ready", "closing"
 
+#: Answers batched during a run of frame deliveries are written once they reach this size.
+_OUT_BATCH_BYTES = 256 * 1024
+
 
 @implementer(IPushProducer)
 class _WriteFlow:
@@ -308,6 +311,7 @@ class AmatersServerProtocol(FrameReceiver):
         self._reading_paused = False
         self._write_blocked = False
         self._out: list[bytes] | None = None
+        self._out_size = 0
         self._streams: dict[int, _RangeStream] = {}
         self._timers: dict[int, IDelayedCall] = {}
         self._timed_out: set[int] = set()
@@ -545,15 +549,22 @@ class AmatersServerProtocol(FrameReceiver):
             payload = compress_frame(payload, self._frame_codec) or payload
         out = self._out
         if out is not None:
-            # Inside a run of frame deliveries: answers go out together when it ends.
+            # Inside a run of frame deliveries: answers go out together when it ends, or once
+            # they are large (so that a full transport stops the run before it grows).
             out.append(frame_header(len(payload)))
             out.append(payload)
+            self._out_size += len(payload)
+            if self._out_size >= _OUT_BATCH_BYTES:
+                self._out = []
+                self._out_size = 0
+                self._write(b"".join(out))
         else:
             self._write(frame_header(len(payload)) + payload)
 
     def _flush_out(self) -> None:
         out = self._out
         self._out = None
+        self._out_size = 0
         if out and not self._lost:
             self._write(b"".join(out))
 
@@ -606,6 +617,23 @@ class AmatersServerProtocol(FrameReceiver):
 
     def _send_error(self, request_id: int, error: AmatersError) -> None:
         self._send(Envelope(request_id=request_id, error=error_to_proto(error)))
+
+    def going_away(self) -> None:
+        """The server began draining: tell the client (an error frame for request id 0 with
+        SERVER_SHUTTING_DOWN), keep answering what it already sent, and let it close first.
+
+        A well-behaved client stops sending, waits for its outstanding answers and closes; requests
+        it sent before it read the notice get SERVER_SHUTTING_DOWN, so none is cut off unanswered.
+        A connection still handshaking is refused and closed at once.
+        """
+        if self._lost or self._state is _CLOSING:
+            return
+        notice = ShuttingDown("the server is shutting down; finish outstanding requests and reconnect elsewhere")
+        if self._state is not _READY:
+            self._refuse_and_close(0, notice)
+            return
+        self._send_error(0, notice)
+        self._flush_out()
 
     def _refuse_and_close(self, request_id: int, error: AmatersError) -> None:
         if self._lost or self._state is _CLOSING:
@@ -758,7 +786,7 @@ class AmatersServerProtocol(FrameReceiver):
         self._inflight -= 1
         if self._reading_paused:
             self._update_reading()
-        if self._inflight == 0 and self.factory.draining:
+        if self._inflight == 0 and self.factory.draining and self.factory.drain_grace_over:
             self._flush_out()
             self._close()
 
@@ -1112,6 +1140,10 @@ class AmatersServerFactory(Factory):
         self.frame_compression: Any = None
         self.connections: set[AmatersServerProtocol] = set()
         self.draining = False
+        #: While draining, idle connections are closed by the server only after a grace period
+        #: (clients told of the shutdown close first).
+        self.drain_grace_over = False
+        self._grace_timer: Any = None
         self._drained: list[defer.Deferred[None]] = []
 
     def update_limits(self, limits: LimitsConfig) -> None:
@@ -1125,25 +1157,38 @@ class AmatersServerFactory(Factory):
     def connection_lost(self, protocol: AmatersServerProtocol) -> None:
         self.connections.discard(protocol)
         if not self.connections and self._drained:
+            if self._grace_timer is not None and self._grace_timer.active():
+                self._grace_timer.cancel()
+            self._grace_timer = None
             waiters, self._drained = self._drained, []
             for d in waiters:
                 d.callback(None)
 
-    def start_drain(self) -> defer.Deferred[None]:
-        """Refuse new requests, close idle connections now and busy ones when they finish.
+    def start_drain(self, grace: float = 2.0) -> defer.Deferred[None]:
+        """Refuse new requests and announce the shutdown on every connection.
 
-        The Deferred fires when every connection is closed.
+        Clients close their connections once their outstanding requests are answered; after
+        ``grace`` seconds the server closes the idle ones that are still open, and busy ones when
+        they finish.  The Deferred fires when every connection is closed.
         """
         self.draining = True
         d: defer.Deferred[None] = defer.Deferred()
         if not self.connections:
+            self.drain_grace_over = True
             d.callback(None)
             return d
         self._drained.append(d)
         for protocol in list(self.connections):
+            protocol.going_away()
+        self._grace_timer = self.clock.callLater(grace, self._end_drain_grace)
+        return d
+
+    def _end_drain_grace(self) -> None:
+        self._grace_timer = None
+        self.drain_grace_over = True
+        for protocol in list(self.connections):
             if protocol._inflight == 0:
                 protocol._close()
-        return d
 
     def abort_all(self) -> None:
         for protocol in list(self.connections):
@@ -1248,12 +1293,13 @@ class ListenerService(service.Service):
         port, self.port = self.port, None
         if port is not None:
             await defer.maybeDeferred(port.stopListening)
-        drained = self.factory.start_drain()
+        timeout = self.config.server.shutdown_timeout
+        drained = self.factory.start_drain(grace=min(2.0, timeout / 2))
         busy = len(self.factory.connections)
         if busy:
             self._log.info("Draining {count} connection(s)", count=busy)
-        timeout = self.config.server.shutdown_timeout
-        timer = self.reactor.callLater(timeout, self._drain_expired)
+        # Leave a fifth of the shutdown budget for the storage flush that follows.
+        timer = self.reactor.callLater(timeout * 0.8, self._drain_expired)
         try:
             await drained
         finally:

@@ -288,8 +288,14 @@ class QueryPipeline:
         return await run(op)
 
     def _finish(self, ctx: RequestContext, op: ops.Operation, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
-        if not self._afters and immediate_result(d) is not NOT_YET:
-            return d  # already succeeded and nothing observes it: nothing to add
+        result = immediate_result(d)
+        if result is not NOT_YET:
+            # Already succeeded (memory backend, RocksDB point read, cache hit): run the afters now
+            # rather than through two more callbacks.  Same order and outcome as addBoth on a fired
+            # Deferred, at a fraction of the cost on the hottest path.
+            if self._afters:
+                self._run_afters(result, ctx, op)
+            return d
         d.addErrback(self._sanitize, op)
         if self._afters:
             d.addBoth(self._run_afters, ctx, op)

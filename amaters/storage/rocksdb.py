@@ -62,8 +62,8 @@ from amaters.errors import (
 )
 from amaters.interfaces import IRangeCursor, IStorageBackend
 from amaters.storage import codec
-from amaters.storage.groupcommit import BlockingRunner, GroupCommitter
 from amaters.storage.formatfile import check_data_dir, stamp_data_dir
+from amaters.storage.groupcommit import BlockingRunner, GroupCommitter
 from amaters.storage.lock import DataDirLock, DataDirLocked
 from amaters.types import CipherBlob, KeyValue, WriteKind, WriteOp
 
@@ -87,31 +87,39 @@ def map_error(error: BaseException, action: str) -> AmatersError:
     """The :class:`AmatersError` for an exception rocksdict raised while doing ``action``.
 
     rocksdict raises plain ``Exception`` with RocksDB's status text ("IO error: No space left on
-    device: ...", "Corruption: ...").  The client sees ``action`` and a short cause, never the file
-    paths in RocksDB's text; that text goes to ``details`` for the server log.
+    device: ...", "Corruption: ...").  The client sees ``action`` and a short cause, never RocksDB's
+    text (it names files); the original exception becomes the error's ``__cause__``, which the
+    server log shows.
     """
     if isinstance(error, AmatersError):
         return error
-    text = str(error)
+    mapped = _map(str(error), error, action)
+    # Only the text is wanted: the traceback's frames would keep column family handles and
+    # iterators alive, and rocksdict does not close a database while any of them lives.
+    error.__traceback__ = None
+    mapped.__cause__ = error
+    return mapped
+
+
+def _map(text: str, error: BaseException, action: str) -> AmatersError:
     if isinstance(error, rocksdict.DbClosedError):
-        return Unavailable(f"{action}: the storage is closed", details=text)
+        return Unavailable(f"{action}: the storage is closed")
     if "No space left" in text or "ENOSPC" in text:
-        return StorageFull(f"{action}: the disk is full; the write was not applied", details=text)
+        return StorageFull(f"{action}: the disk is full; the write was not applied")
     if "Write stall" in text or text.startswith("Result incomplete"):
         # WriteOptions.no_slowdown: RocksDB would have blocked this write until flushes or
         # compactions catch up (or forever, while they fail on a full disk).
         return Overloaded(
             f"{action}: storage is stalled waiting for flushes or compaction; retry shortly",
             retry_after_ms=100,
-            details=text,
         )
     if text.startswith("Corruption"):
-        return Corrupted(f"{action}: RocksDB reports corrupted data", details=text)
+        return Corrupted(f"{action}: RocksDB reports corrupted data")
     if "lock hold by current process" in text or ("LOCK" in text and "unavailable" in text.lower()):
         return DataDirLocked(f"{action}: the database is already open (RocksDB LOCK is held)")
     if text.startswith("IO error") or isinstance(error, OSError):
-        return StorageIOError(f"{action}: I/O error", details=text)
-    return StorageError(f"{action}: storage error", category=ErrorCategory.SERVER_ERROR, details=text)
+        return StorageIOError(f"{action}: I/O error")
+    return StorageError(f"{action}: storage error", category=ErrorCategory.SERVER_ERROR)
 
 
 @attrs.define
@@ -300,6 +308,9 @@ class RocksDBBackend:
         #: Every WAL sync (per-write group commit, the flusher's interval syncs, ``sync()``).
         self.group_commit = GroupCommitter(self._sync_blocking, io)
         self._last_error_log = float("-inf")
+        #: Writes applied so far, and how many of them the last completed fsync covered.
+        self._writes_applied = 0
+        self._writes_synced = 0
         self._errors_not_logged = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -484,10 +495,9 @@ class RocksDBBackend:
         free = fs.f_bavail * fs.f_frsize
         if free >= 2 * self.settings.write_buffer_bytes:
             return stalled
-        return StorageFull(
-            f"{action}: the disk is full ({free} bytes free); the write was not applied",
-            details=stalled.details,
-        )
+        full = StorageFull(f"{action}: the disk is full ({free} bytes free); the write was not applied")
+        full.__cause__ = stalled.__cause__
+        return full
 
     def _log_storage_error(self, error: AmatersError) -> None:
         # A full disk fails every write; one line per second is enough.
@@ -496,10 +506,10 @@ class RocksDBBackend:
             self._errors_not_logged += 1
             return
         self._log.warn(
-            "Storage error {code}: {message} ({details}); {suppressed} similar errors not logged",
+            "Storage error {code}: {message} ({cause}); {suppressed} similar errors not logged",
             code=error.code.name,
             message=error.message,
-            details=error.details or "",
+            cause=str(error.__cause__) if error.__cause__ is not None else "",
             suppressed=self._errors_not_logged,
         )
         self._last_error_log = now
@@ -507,6 +517,7 @@ class RocksDBBackend:
 
     def _durable(self) -> defer.Deferred[None]:
         """Fires when what has been written so far is as durable as ``storage.sync`` promises."""
+        self._writes_applied += 1
         if self.settings.sync != "always":
             return defer.succeed(None)
         d = self.group_commit.request()
@@ -522,10 +533,14 @@ class RocksDBBackend:
         db = self._db
         if db is None:
             raise Unavailable("the storage is closed")
+        # Writes counted so far have all been applied (the reactor thread counts a write after
+        # RocksDB took it), so this fsync covers them.
+        covered = self._writes_applied
         try:
             db.flush_wal(True)
         except Exception as e:
             raise map_error(e, "syncing the write-ahead log") from e
+        self._writes_synced = covered
 
     # -- collections --------------------------------------------------------------------------
 
@@ -640,7 +655,7 @@ class RocksDBBackend:
         except AmatersError:
             return defer.fail()
         try:
-            existed = target.rdict.get(key) is not None
+            existed = key in target.rdict  # a pinned lookup: the value is not copied out
             if existed:
                 target.rdict.delete(key, self._write_opts)
         except Exception as e:
@@ -703,6 +718,10 @@ class RocksDBBackend:
             self._require_open()
         except AmatersError:
             return defer.fail()
+        if self._writes_synced == self._writes_applied:
+            # Nothing written since the last completed fsync (an idle server under
+            # sync=interval would otherwise fsync ten times a second for nothing).
+            return defer.succeed(None)
         d = self.group_commit.request()
         d.addErrback(self._sync_failed)
         return d

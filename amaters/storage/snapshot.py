@@ -74,6 +74,7 @@ SUFFIXES = {"zstd": ".tar.zst", "none": ".tar"}
 CHECKSUM_SUFFIX = ".sha256"
 PARTIAL_SUFFIX = ".partial"
 WORK_PREFIX = ".tmp-"
+_STAGING_PREFIX = ".restoring-"
 ARCHIVE_PATTERN = re.compile(r"^amaters-\d{8}T\d{6}\.\d{3}Z\.tar(\.zst)?$")
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -520,6 +521,9 @@ def pack_blocking(
         os.replace(partial, final)
         _write_checksum_file(final, hashed.digest.hexdigest())
         formatfile.fsync_directory(directory)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise SnapshotError(f"cannot write snapshot {name} into {str(directory)!r}: {e.strerror or e}") from e
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -635,13 +639,17 @@ class _ArchiveReader:
     def read_member(self, member: tarfile.TarInfo, stream: IO[bytes], sink: Callable[[bytes], object]) -> str:
         """Feed ``member``'s bytes to ``sink``; its sha256."""
         digest = hashlib.sha256()
-        try:
-            while chunk := stream.read(_CHUNK):
-                digest.update(chunk)
-                sink(chunk)
-        except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError) as e:
-            raise SnapshotCorrupted(f"{self.label} is damaged while reading {member.name} ({e})") from None
-        return digest.hexdigest()
+        while True:
+            try:
+                chunk = stream.read(_CHUNK)
+            except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError) as e:
+                raise SnapshotCorrupted(
+                    f"{self.label} is damaged while reading {member.name} ({e})"
+                ) from None
+            if not chunk:
+                return digest.hexdigest()
+            digest.update(chunk)
+            sink(chunk)  # outside the try: a failed write is not a damaged archive
 
     def manifest(self, members: Iterator[tuple[tarfile.TarInfo, IO[bytes] | None]]) -> Manifest:
         try:
@@ -754,28 +762,46 @@ def restore_archive(
 ) -> Manifest:
     """Restore the archive into ``into`` (absent or empty) after verifying it (blocking).
 
-    The files are extracted into a temporary directory beside ``into`` and checked again while they
-    are written; then the database is opened read-only and its key counts compared with the
-    manifest; only then do they move into ``into``.  On any failure ``into`` is left as it was.
+    The files are extracted into a staging directory and checked again while they are written;
+    then the database is opened read-only and its key counts compared with the manifest; only then
+    do they move into place.  The staging directory is inside ``into`` when it exists (an empty
+    mounted volume: renames never cross file systems), else beside it.  On any failure ``into`` is
+    left as it was.
     """
-    into = into.absolute()
+    into = into.resolve() if into.is_symlink() else into.absolute()
     _check_restore_target(into)
     manifest = verify_archive(path, progress)
+    existed = into.is_dir()
     into.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{into.name}.restoring-", dir=into.parent))
+    staging = Path(
+        tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{into.name}-", dir=into if existed else into.parent)
+    )
     try:
 
         def open_sink(entry: FileEntry) -> tuple[Callable[[bytes], object], Callable[[], None]]:
             target = staging / entry.path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            f = target.open("xb")
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                f = target.open("xb")
+            except OSError as e:
+                raise SnapshotError(f"cannot restore into {str(into)!r}: {e.strerror}") from None
+
+            def write(chunk: bytes) -> None:
+                try:
+                    f.write(chunk)
+                except OSError as e:
+                    raise SnapshotError(f"cannot restore into {str(into)!r}: {e.strerror}") from None
 
             def close() -> None:
-                f.flush()
-                os.fsync(f.fileno())
-                f.close()
+                try:
+                    f.flush()
+                    os.fsync(f.fileno())
+                except OSError as e:
+                    raise SnapshotError(f"cannot restore into {str(into)!r}: {e.strerror}") from None
+                finally:
+                    f.close()
 
-            return f.write, close
+            return write, close
 
         _walk_archive(path, progress, "extracting", open_sink)
         if check_keys and manifest.collections is not None:
@@ -791,14 +817,14 @@ def restore_archive(
                 )
         for directory in [staging, *[p for p in staging.rglob("*") if p.is_dir()]]:
             formatfile.fsync_directory(directory)
-        _check_restore_target(into)
-        if into.exists():
+        _check_restore_target(into, ignore=staging)
+        if existed:
             for child in staging.iterdir():
                 os.replace(child, into / child.name)
             formatfile.fsync_directory(into)
         else:
             os.replace(staging, into)
-        formatfile.fsync_directory(into.parent)
+            formatfile.fsync_directory(into.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
@@ -808,10 +834,10 @@ def _describe(counts: dict[str, int]) -> str:
     return f"{len(counts)} collections, {sum(counts.values())} keys"
 
 
-def _check_restore_target(into: Path) -> None:
-    if into.is_symlink() or (into.exists() and not into.is_dir()):
+def _check_restore_target(into: Path, ignore: Path | None = None) -> None:
+    if into.exists() and not into.is_dir():
         raise SnapshotError(f"cannot restore into {str(into)!r}: it exists and is not a directory")
-    if into.is_dir() and any(into.iterdir()):
+    if into.is_dir() and any(child != ignore for child in into.iterdir()):
         raise SnapshotError(
             f"refusing to restore into {str(into)!r}: the directory is not empty (restore into an"
             " empty or new directory, then point server.data_dir at it)"
@@ -1007,6 +1033,8 @@ class SnapshotScheduler(service.Service):
         #: The most recent snapshot written by this service, and the last failure's message.
         self.last_snapshot: SnapshotInfo | None = None
         self.last_error: str | None = None
+        #: Clock time of the last successful snapshot (for a "last backup age" gauge).
+        self.last_success_at: float | None = None
 
     def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
         super().startService()  # type: ignore[no-untyped-call]
@@ -1083,6 +1111,7 @@ class SnapshotScheduler(service.Service):
         self.successes += 1
         self.last_error = None
         self.last_snapshot = info
+        self.last_success_at = self.clock.seconds()
         self._log.info(
             "Scheduled snapshot {archive} written: {size} bytes, {keys} keys, in {seconds:.1f}s{remote}",
             archive=info.name,

@@ -123,3 +123,18 @@ def test_problems_are_one_line_without_secrets(
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     assert main(["auth", "hash-key", "--pepper-file", str(good)]) == 2
     assert "no key" in capsys.readouterr().err
+
+
+def test_first_key_before_the_keys_file_exists(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --config, only the pepper settings are read: the keys file it names may not exist yet,
+    and a relative pepper file is found next to the configuration file."""
+    (tmp_path / "pepper").write_text(PEPPER + "\n")
+    config = tmp_path / "server.toml"
+    config.write_text('[auth]\nenabled = true\napi_keys_file = "keys.toml"\napi_key_pepper_file = "pepper"\n')
+    monkeypatch.chdir(tmp_path.parent)
+    monkeypatch.delenv("AMATERS_AUTH__API_KEY_PEPPER", raising=False)
+    assert main(["auth", "new-key", "--config", str(config), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["entry"]["key_hash"] == hash_api_key(PEPPER.encode(), data["key"])

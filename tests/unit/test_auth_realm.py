@@ -329,3 +329,41 @@ def test_private_keys_in_public_key_setting_are_not_echoed(tmp_path: Path) -> No
     with pytest.raises(ConfigError) as caught:
         load_config(None, [f"auth.jwt.public_key={path}"], {})
     assert data.decode().splitlines()[1] not in str(caught.value)
+
+
+def test_service_tree_wiring(tmp_path: Path) -> None:
+    """With auth on, 'audit' and 'auth' start before the listener, the listener logs in through the
+    auth service, RBAC is the first pipeline stage; with auth and audit off, no stage is added."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from amaters.tap import build_service
+
+    config = load_config(
+        None,
+        [
+            f"server.data_dir={tmp_path}",
+            "storage.backend=memory",
+            "auth.enabled=true",
+            f"auth.jwt.secret={SECRET}",
+            "audit.enabled=true",
+        ],
+        {},
+    )
+    root = build_service(config, MemoryReactorClock())
+    names = [child.name for child in root]
+    assert names.index("audit") < names.index("auth") < names.index("listener")
+    assert root.authenticator == root.auth.authenticate
+    stages = [stage.name for stage in root.pipeline.stages]
+    assert "rbac" in stages and "audit" in stages
+    assert stages.index("rbac") < stages.index("audit")
+    # After the admission stages (shedding, rate limits), before everything else that does work.
+    assert next(s for s in stages if s not in ("tracing", "shed", "ratelimit")) == "rbac"
+    assert stages.index("rbac") > stages.index("ratelimit")
+    assert root.auth in root.reloader.components
+    assert not (tmp_path / "audit.log").exists()  # wiring does no I/O
+
+    plain = build_service(
+        load_config(None, [f"server.data_dir={tmp_path}", "storage.backend=memory"], {}), MemoryReactorClock()
+    )
+    assert not hasattr(plain, "authenticator")
+    assert not {"rbac", "audit"} & {stage.name for stage in plain.pipeline.stages}

@@ -222,3 +222,21 @@ def test_from_config() -> None:
     assert service.name == "flusher"
     assert (service.sync_mode, service.sync_interval_s, service.stats_interval_s) == ("interval", 0.25, 5.0)
     assert service.period == 0.25
+
+
+def test_service_tree_has_a_flusher_after_storage(tmp_path: Any) -> None:
+    """build_service wires a "flusher" over the tree's backend, started after storage (so it stops
+    before storage closes the backend), with the configured mode."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from amaters.config import load_config
+    from amaters.tap import build_service
+
+    config = load_config(None, [f"server.data_dir={tmp_path}", "storage.sync=interval"], {})
+    root = build_service(config, MemoryReactorClock())
+    names = [child.name for child in root]
+    assert names.index("storage") < names.index("flusher")
+    service = root.getServiceNamed("flusher")
+    assert isinstance(service, FlusherService)
+    assert service.backend is root.backend  # type: ignore[attr-defined]
+    assert service.sync_mode == "interval" and service.period == 0.1

@@ -282,6 +282,7 @@ def access_stage(
     events: list[LogEvent], clock: Clock, slow_ms: int = 1000, debug: bool = True
 ) -> AccessLogStage:
     stage = AccessLogStage(clock, lambda: slow_ms, lambda: debug)
+    assert stage._log.namespace == ACCESS_LOG_NAMESPACE
     stage._log = Logger(namespace=ACCESS_LOG_NAMESPACE, observer=events.append)
     return stage
 

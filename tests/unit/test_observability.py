@@ -89,6 +89,9 @@ class BusyConnection:
 
     _inflight = 1
 
+    def going_away(self) -> None:
+        """Told of the drain; it keeps its request running."""
+
     def _close(self) -> None:
         raise AssertionError("a busy connection is not closed by the drain")
 

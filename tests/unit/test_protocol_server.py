@@ -610,17 +610,23 @@ def test_frames_wait_while_the_client_does_not_read() -> None:
 
 
 def test_drain_refuses_new_requests_finishes_old_ones_then_closes() -> None:
-    """During a drain new requests get SERVER_SHUTTING_DOWN, the in-flight one completes, then close."""
+    """During a drain the client is told (a SERVER_SHUTTING_DOWN notice for request id 0), new
+    requests get SERVER_SHUTTING_DOWN, the in-flight one completes, and the server closes once the
+    grace period is over and nothing is in flight."""
     h = ready()
     fill(h, "c", 1)
     h.backend.gated = True
     h.send(q_get(10, "c", b"0000"))
-    drained = h.factory.start_drain()
+    drained = h.factory.start_drain(grace=2.0)
+    (notice,) = h.received()
+    assert notice.request_id == 0 and notice.error.code == ErrorCode.SERVER_SHUTTING_DOWN
     h.send(q_get(11, "c", b"0000"))
     (refused,) = h.received()
     assert refused.request_id == 11 and refused.error.code == ErrorCode.SERVER_SHUTTING_DOWN
     assert refused.error.category == ErrorCategory.RETRYABLE
     assert not h.closing
+    h.clock.advance(2.0)
+    assert not h.closing, "a busy connection is not cut when the grace period ends"
     h.backend.release(0)
     (done,) = h.received()
     assert done.request_id == 10 and done.query_response.result.single.value.data == b"v0"
@@ -630,11 +636,28 @@ def test_drain_refuses_new_requests_finishes_old_ones_then_closes() -> None:
     assert drained.called
 
 
-def test_drain_closes_idle_connections_at_once() -> None:
-    """A connection with nothing in flight is closed as soon as the drain starts."""
+def test_drain_lets_clients_close_idle_connections_first() -> None:
+    """An idle connection is told of the shutdown and left open for the client to close; the
+    server closes it itself only when the grace period ends."""
     h = ready()
-    h.factory.start_drain()
+    drained = h.factory.start_drain(grace=2.0)
+    (notice,) = h.received()
+    assert notice.request_id == 0 and notice.error.code == ErrorCode.SERVER_SHUTTING_DOWN
+    assert not h.closing
+    h.clock.advance(1.9)
+    assert not h.closing
+    h.clock.advance(0.1)
     assert h.closing
+    h.protocol.connectionLost(Exception("closed"))  # type: ignore[arg-type]
+    assert drained.called
+
+
+def test_drain_ends_when_clients_close_before_the_grace_period() -> None:
+    """When every client closes after the notice, the drain is over without waiting for the grace."""
+    h = ready()
+    drained = h.factory.start_drain(grace=30.0)
+    h.protocol.connectionLost(Exception("client closed"))  # type: ignore[arg-type]
+    assert drained.called
 
 
 @pytest.mark.parametrize("kind", ["query", "batch"])
@@ -644,6 +667,7 @@ def test_shutdown_error_is_retryable(kind: str) -> None:
     h.backend.gated = True
     h.send(q_set(10, "c", b"k", b"v"))
     h.factory.start_drain()
+    h.received()  # the notice
     if kind == "query":
         h.send(q_get(11, "c", b"k"))
     else:

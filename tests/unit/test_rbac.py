@@ -253,3 +253,17 @@ def test_cycles_are_detected_exactly(graph: dict[str, list[str]]) -> None:
             RBACPolicy(roles)
     else:
         RBACPolicy(roles)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    acyclic_roles(), st.lists(st.sampled_from(["admin", "user", "reader", "r0", "r1", "nobody"]), max_size=2)
+)
+def test_remembered_decisions_match_fresh_ones(roles: list[Role], principal_roles: list[str]) -> None:
+    """denial() remembers decisions per (roles, operation type, collection): asking twice, or asking
+    a policy that never saw the question, gives the same answer for every operation."""
+    remembering = RBACPolicy(roles)
+    for op, *_ in ALL_OPS:
+        first = remembering.denial(tuple(principal_roles), op)
+        assert remembering.denial(tuple(principal_roles), op) == first
+        assert RBACPolicy(roles).denial(tuple(principal_roles), op) == first

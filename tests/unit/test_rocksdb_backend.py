@@ -113,7 +113,11 @@ def test_restart_keeps_collections_values_and_metadata(tmp_path: Path, flush_fir
         ok(backend.create_collection(name))
     ok(backend.put("users", b"\x00\x01", blob))
     ok(backend.put("orders", b"o1", CipherBlob.wrap(b"", created_at=3)))
-    ok(backend.write_batch([WriteOp.put("orders", b"o2", CipherBlob.wrap(b"two")), WriteOp.delete("orders", b"o1")]))
+    ok(
+        backend.write_batch(
+            [WriteOp.put("orders", b"o2", CipherBlob.wrap(b"two")), WriteOp.delete("orders", b"o1")]
+        )
+    )
     ok(backend.put("gone", b"k", CipherBlob.wrap(b"v")))
     ok(backend.drop_collection("gone"))
     if flush_first:
@@ -284,6 +288,24 @@ def test_interval_and_none_acknowledge_without_syncing(tmp_path: Path, mode: str
     close_manual(backend, runner)
 
 
+def test_sync_with_nothing_new_does_not_fsync(tmp_path: Path) -> None:
+    """sync() after a completed fsync with no write since returns at once (an idle server under
+    sync=interval does not fsync every tick); the next write makes sync() fsync again."""
+    backend, runner = manual_backend(tmp_path, "interval")
+    assert ok(backend.sync()) is None
+    assert runner.calls == []
+    ok(backend.put("c", b"k", CipherBlob.wrap(b"v")))
+    d = backend.sync()
+    runner.finish_one()
+    ok(d)
+    assert ok(backend.sync()) is None
+    assert runner.calls == []
+    ok(backend.put("c", b"k2", CipherBlob.wrap(b"v")))
+    assert not backend.sync().called
+    runner.finish_all()
+    close_manual(backend, runner)
+
+
 def test_close_waits_for_pending_syncs(tmp_path: Path) -> None:
     """close() lets queued group commits finish before closing the database."""
     backend, runner = manual_backend(tmp_path, "always")
@@ -306,6 +328,7 @@ def test_point_reads_in_pool(tmp_path: Path) -> None:
     ok(d)
     d = backend.create_collection("c")
     runner.finish_all()
+    ok(d)
     ok(backend.put("c", b"k", CipherBlob.wrap(b"v")))
     got = backend.get("c", b"k")
     assert not got.called
@@ -373,8 +396,10 @@ def test_reading_a_chunk_twice_at_once_is_refused(tmp_path: Path) -> None:
     backend = backend_at(tmp_path, runner, sync="none")
     d = backend.open()
     runner.finish_all()
+    ok(d)
     d = backend.create_collection("c")
     runner.finish_all()
+    ok(d)
     ok(backend.put("c", b"k", CipherBlob.wrap(b"v")))
     cursor = backend.scan("c", b"", None, None, 10)
     first = cursor.next_chunk()
@@ -432,16 +457,23 @@ def test_stats_report_storage_gauges(tmp_path: Path) -> None:
         ("IO error: While fsync: a file descriptor: Input/output error", StorageIOError, True),
         ("Corruption: block checksum mismatch: stored = 1, computed = 2", Corrupted, False),
         ("Result incomplete: Write stall", Overloaded, True),
-        ("IO error: lock hold by current process, acquire time 1: /d/LOCK: No locks available", DataDirLocked, False),
+        (
+            "IO error: lock hold by current process, acquire time 1: /d/LOCK: No locks available",
+            DataDirLocked,
+            False,
+        ),
         ("Invalid argument: Column family not found", StorageError, False),
     ],
 )
 def test_rocksdb_errors_map_to_wire_errors(text: str, kind: type[StorageError], retryable: bool) -> None:
-    """RocksDB's status texts become the matching error class; paths stay out of the message."""
-    error = map_error(Exception(text), "writing to collection 'c'")
+    """RocksDB's status texts become the matching error class; RocksDB's text (file paths) stays
+    out of everything sent to clients and is kept as the cause for the server log."""
+    original = Exception(text)
+    error = map_error(original, "writing to collection 'c'")
     assert type(error) is kind
     assert error.retryable is retryable
-    assert "/d/" not in error.message
+    assert "/d/" not in error.message and error.details is None
+    assert error.__cause__ is original
     assert error.message.startswith("writing to collection 'c'")
     if kind is StorageError:
         assert error.category == ErrorCategory.SERVER_ERROR
@@ -480,3 +512,34 @@ async def test_group_commit_with_a_real_pool(tmp_path: Path) -> None:
     finally:
         await backend.close()
         await io.stopService()
+
+
+def test_build_backend_puts_rocksdb_under_the_data_dir(tmp_path: Path) -> None:
+    """storage.backend=rocksdb (the default) builds a RocksDB backend at <data_dir>/db, locked at
+    <data_dir>/LOCK, behind the retry policy of [retry]; nothing is opened yet."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from amaters.config import load_config
+    from amaters.ops.retry import RetryingBackend
+    from amaters.storage import build_backend, innermost
+
+    config = load_config(None, [f"server.data_dir={tmp_path}", "retry.max_attempts=5"], {})
+    assert config.storage.backend == "rocksdb"
+    pools = type("Pools", (), {"io": ThreadPoolService(Clock(), "io", synchronous=True)})()  # type: ignore[arg-type]
+    backend = build_backend(config, MemoryReactorClock(), pools)
+    assert isinstance(backend, RetryingBackend) and backend.policy.max_attempts == 5
+    inner = innermost(backend)
+    assert isinstance(inner, RocksDBBackend)
+    assert inner.path == tmp_path / "db"
+    assert inner.settings.sync == "always"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mapped_errors_do_not_keep_frames_alive() -> None:
+    """The RocksDB exception kept as the cause has no traceback: its frames would hold column
+    family handles or iterators, and rocksdict keeps the database open while any of them lives."""
+    try:
+        raise Exception("IO error: While fsync: Input/output error")
+    except Exception as e:
+        error = map_error(e, "syncing")
+    assert error.__cause__ is not None and error.__cause__.__traceback__ is None

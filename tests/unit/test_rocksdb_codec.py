@@ -25,7 +25,11 @@ blobs = st.builds(
 )
 
 
-@given(st.builds(lambda b: CipherBlob(b.data, crc32(b.data), b.size, b.compression, b.created_at, b.version), blobs))
+@given(
+    st.builds(
+        lambda b: CipherBlob(b.data, crc32(b.data), b.size, b.compression, b.created_at, b.version), blobs
+    )
+)
 def test_round_trip(blob: CipherBlob) -> None:
     """Every field of a blob, including an absent or zero version, survives encode/decode."""
     assert codec.decode(codec.encode(blob)) == blob

@@ -339,7 +339,7 @@ def test_restore_checks_key_counts(store: tuple[RocksDBBackend, Config], tmp_pat
     with pytest.raises(SnapshotCorrupted, match="the restored database holds 3 collections, 350 keys"):
         restore_archive(lying.path, target)
     assert not target.exists()
-    assert [p.name for p in tmp_path.iterdir() if "restoring" in p.name] == []
+    assert [p.name for p in tmp_path.iterdir() if ".restoring-" in p.name] == []
 
 
 # -- restore targets ---------------------------------------------------------------------------
@@ -375,7 +375,12 @@ def test_failed_restore_leaves_nothing(store: tuple[RocksDBBackend, Config], tmp
     with pytest.raises(SnapshotCorrupted):
         restore_archive(info.path, target)
     assert not target.exists()
-    assert not any("restoring" in p.name for p in tmp_path.iterdir())
+    assert not any(".restoring-" in p.name for p in tmp_path.iterdir())
+    # An existing empty directory (say, a mounted volume) stages inside itself, and stays empty.
+    target.mkdir()
+    with pytest.raises(SnapshotCorrupted):
+        restore_archive(info.path, target)
+    assert list(target.iterdir()) == []
 
 
 # -- listing and retention ---------------------------------------------------------------------
@@ -434,7 +439,7 @@ def test_scheduler_survives_a_failed_snapshot(store: tuple[RocksDBBackend, Confi
     clock.advance(1)
     assert scheduler.failures == 1 and scheduler.last_error == "disk on fire"
     clock.advance(60)
-    assert scheduler.successes == 1 and scheduler.last_error is None
+    assert scheduler.successes == 1 and scheduler.last_error is None and scheduler.last_success_at == 120
     assert scheduler.last_snapshot is not None and scheduler.last_snapshot.path.exists()
     assert scheduler.last_snapshot.name == "amaters-19700101T000200.000Z.tar"
     result_of(scheduler.stopService())
@@ -481,3 +486,48 @@ def test_scheduler_cleans_leftovers_on_start(store: tuple[RocksDBBackend, Config
     result_of(scheduler.startService())
     result_of(scheduler.stopService())
     assert sorted(p.name for p in directory.iterdir()) == sorted([kept.name, kept.name + ".sha256"])
+
+
+def test_on_reactor_moves_progress_to_the_reactor_thread() -> None:
+    """Progress reported from a pool thread is handed to reactor.callFromThread."""
+    import threading
+
+    from amaters.storage.snapshot import on_reactor
+
+    handed: list[tuple[Any, ...]] = []
+    called: list[tuple[int, int, str]] = []
+    reactor = SimpleNamespace(callFromThread=lambda f, *args: handed.append((f, *args)))
+    relay = on_reactor(reactor, lambda d, t, s: called.append((d, t, s)))
+    worker = threading.Thread(target=relay, args=(1, 2, "packing"))
+    worker.start()
+    worker.join()
+    assert called == [] and len(handed) == 1
+    f, *args = handed[0]
+    f(*args)
+    assert called == [(1, 2, "packing")]
+
+
+@pytest.mark.parametrize(
+    ("settings", "wired"),
+    [
+        (("snapshot.interval=3600",), True),
+        ((), False),
+        (("snapshot.interval=3600", "storage.backend=memory"), False),
+    ],
+)
+def test_service_tree_wires_the_scheduler(tmp_path: Path, settings: tuple[str, ...], wired: bool) -> None:
+    """The "snapshots" service is in the tree, after the flusher and before the ops site, only for
+    the rocksdb backend with snapshot.interval > 0; wiring does no I/O."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from amaters.tap import build_service
+
+    config = make_config(tmp_path / "data", *settings)
+    root = build_service(config, MemoryReactorClock(), synchronous_pools=True)
+    names = [child.name for child in root]
+    assert ("snapshots" in names) is wired
+    if wired:
+        assert names.index("flusher") < names.index("snapshots") < names.index("web")
+        scheduler = root.getServiceNamed("snapshots")
+        assert isinstance(scheduler, SnapshotScheduler) and scheduler.interval == 3600
+    assert not (tmp_path / "data").exists()

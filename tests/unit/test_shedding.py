@@ -1,0 +1,204 @@
+"""Load shedding (lag and queue) and connection limits, on fake clocks and memory reactors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import pytest
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from amaters.config import LimitsConfig, default_config
+from amaters.errors import ErrorCategory, Overloaded
+from amaters.ops.lag import LagMonitor
+from amaters.protect.connlimit import ConnectionLimiter, ConnectionLimitFactory
+from amaters.protect.shedding import LagSource, LoadShedder
+from amaters.protocols.server import ANONYMOUS
+from amaters.query import operations as ops
+from amaters.query.executor import QueryExecutor
+from amaters.query.pipeline import PipelineStage, QueryPipeline, RequestContext
+from amaters.storage.memory import MemoryBackend
+
+
+def ctx(n: int = 1) -> RequestContext:
+    return RequestContext(n, ANONYMOUS, "127.0.0.1:1")
+
+
+class Hold(PipelineStage):
+    """Keeps every request in progress until released."""
+
+    name = "hold"
+
+    def __init__(self) -> None:
+        self.held: list[defer.Deferred[None]] = []
+
+    def before(self, ctx: RequestContext, op: Any) -> object:
+        d: defer.Deferred[None] = defer.Deferred()
+        self.held.append(d)
+        return d
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for d in held:
+            d.callback(None)
+
+
+def pipeline_with(shedder: LoadShedder) -> tuple[QueryPipeline, Hold]:
+    backend = MemoryBackend()
+    backend.open()
+    pipeline = QueryPipeline(QueryExecutor(backend), LimitsConfig())
+    hold = Hold()
+    pipeline.add_stage(shedder)
+    pipeline.add_stage(hold)
+    return pipeline, hold
+
+
+def test_queue_limit_refuses_fast_then_recovers() -> None:
+    """At limits.max_queued requests in progress, new ones fail at once; once they finish, all is well."""
+    shedder = LoadShedder(LimitsConfig(max_queued=3, shed_lag_ms=0), lambda: 0.0)
+    pipeline, hold = pipeline_with(shedder)
+    running = [pipeline.execute(ctx(i), ops.Get("c", b"k")) for i in range(3)]
+    assert shedder.in_progress == 3
+    refused = pipeline.execute(ctx(9), ops.Get("c", b"k"))
+    failure = refused.result  # failed synchronously: no waiting in a queue
+    refused.addErrback(lambda _: None)
+    assert isinstance(failure.value, Overloaded)
+    assert failure.value.category == ErrorCategory.RETRYABLE and failure.value.retry_after_ms == 100
+    assert shedder.shed_queue == 1
+    hold.release()
+    for d in running:
+        assert d.called
+    assert shedder.in_progress == 0
+    ok = pipeline.execute(ctx(10), ops.Get("c", b"k"))
+    hold.release()
+    assert ok.called and shedder.in_progress == 0
+
+
+def test_lag_refuses_with_the_lag_as_retry_hint_and_health_is_exempt() -> None:
+    """Reactor lag over limits.shed_lag_ms refuses requests; HEALTH_CHECK and SERVER_INFO still pass."""
+    lag = [0.0]
+    shedder = LoadShedder(LimitsConfig(shed_lag_ms=200), lambda: lag[0])
+    assert shedder.before(ctx(), ops.Get("c", b"k")) is None
+    lag[0] = 0.75
+    with pytest.raises(Overloaded) as info:
+        shedder.before(ctx(), ops.Get("c", b"k"))
+    assert info.value.retry_after_ms == 750
+    assert "750 ms behind" in info.value.message
+    assert shedder.before(ctx(), ops.HealthCheck()) is None
+    assert shedder.before(ctx(), ops.ServerInfo()) is None
+    lag[0] = 60.0
+    with pytest.raises(Overloaded) as info:
+        shedder.before(ctx(), ops.Set("c", b"k", None))  # type: ignore[arg-type]
+    assert info.value.retry_after_ms == 5000  # capped
+    assert shedder.shed_lag == 2
+
+
+def test_refused_by_an_earlier_stage_is_not_counted() -> None:
+    """A request another stage refused before the shedder saw it does not change the count."""
+
+    class Refuse(PipelineStage):
+        name = "refuse"
+
+        def before(self, ctx: RequestContext, op: Any) -> object:
+            raise Overloaded("no")
+
+    shedder = LoadShedder(LimitsConfig(max_queued=5), lambda: 0.0)
+    backend = MemoryBackend()
+    backend.open()
+    pipeline = QueryPipeline(QueryExecutor(backend), LimitsConfig())
+    pipeline.add_stage(Refuse())
+    pipeline.add_stage(shedder)
+    d = pipeline.execute(ctx(), ops.Get("c", b"k"))
+    d.addErrback(lambda _: None)
+    assert shedder.in_progress == 0
+
+
+def test_shedder_reload() -> None:
+    """New shed_lag_ms / max_queued apply once committed; unrelated limit changes need nothing."""
+    shedder = LoadShedder(LimitsConfig(max_queued=1), lambda: 0.0)
+    old = default_config()
+    same = attrs.evolve(old, limits=attrs.evolve(old.limits, max_queued=1, max_key_bytes=10))
+    shedder.limits = same.limits
+    assert shedder.prepare_reload(old, same) is None
+    new = attrs.evolve(old, limits=attrs.evolve(old.limits, max_queued=0))
+    commit = shedder.prepare_reload(old, new)
+    assert commit is not None
+    commit()
+    assert shedder.limits.max_queued == 0
+
+
+def test_lag_source_uses_the_root_monitor_or_its_own() -> None:
+    """The lag comes from the root's lagmonitor service when present, else from a private monitor."""
+    clock = Clock()
+    root = service.MultiService()
+    source = LagSource(root, clock)
+    assert source() == 0.0
+    source.start()
+    assert source.monitor is not None and source._own is source.monitor
+    clock.advance(0.5)
+    clock.advance(2.0)  # the next probe is 1.5 s overdue
+    assert source() == pytest.approx(1.5)
+    source.stop()
+    assert not clock.getDelayedCalls()
+    shared = LagMonitor(clock, 0.5)
+    shared.setName("lagmonitor")
+    shared.setServiceParent(root)
+    shared.startService()
+    source = LagSource(root, clock)
+    source.start()
+    assert source.monitor is shared and source._own is None
+    source.stop()
+    shared.stopService()
+
+
+# -- connection limits -------------------------------------------------------------------------
+
+
+class Echo(Protocol):
+    pass
+
+
+def connect(factory: Any, host: str, port: int) -> Any:
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    if protocol is not None:
+        protocol.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", host, port)))
+    return protocol
+
+
+def test_connection_limits_total_and_per_address() -> None:
+    """Past max_connections_per_ip one address is refused (None: closed at once) while others connect;
+    past max_connections everyone is; closing a connection frees its slot."""
+    limiter = ConnectionLimiter(LimitsConfig(max_connections=4, max_connections_per_ip=2), Clock())
+    factory = ConnectionLimitFactory.wrapper(limiter)(Factory.forProtocol(Echo))
+    a1, a2 = connect(factory, "10.0.0.1", 1), connect(factory, "10.0.0.1", 2)
+    assert a1 is not None and a2 is not None
+    assert connect(factory, "10.0.0.1", 3) is None
+    assert limiter.refused_per_ip == 1
+    b1, b2 = connect(factory, "10.0.0.2", 1), connect(factory, "10.0.0.3", 1)
+    assert b1 is not None and b2 is not None and limiter.total == 4
+    assert connect(factory, "10.0.0.4", 1) is None
+    assert limiter.refused_total == 1
+    a1.connectionLost(None)
+    assert limiter.total == 3 and limiter.per_source["10.0.0.1"] == 1
+    assert connect(factory, "10.0.0.1", 4) is not None
+
+
+def test_connection_limits_zero_means_unlimited_and_reload() -> None:
+    """Limits of 0 admit everything; a reload tightens them for the next connection only."""
+    limiter = ConnectionLimiter(LimitsConfig(max_connections=0, max_connections_per_ip=0), Clock())
+    factory = ConnectionLimitFactory(Factory.forProtocol(Echo), limiter)
+    opened = [connect(factory, "10.0.0.1", i) for i in range(50)]
+    assert all(p is not None for p in opened)
+    old = default_config()
+    new = attrs.evolve(old, limits=attrs.evolve(old.limits, max_connections_per_ip=10))
+    commit = limiter.prepare_reload(old, new)
+    assert commit is not None
+    commit()
+    assert connect(factory, "10.0.0.1", 99) is None
+    assert limiter.total == 50  # nothing open was closed
+    assert limiter.prepare_reload(new, new) is None
