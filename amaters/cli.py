@@ -286,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["human", "json"], default="human")
     p.set_defaults(func=cmd_status)
 
+    from amaters.web.admin_cli import add_admin_commands
+
+    add_admin_commands(sub, [config_opts])
+
     try:
         from amaters.client_cli import add_client_commands
     except ImportError:

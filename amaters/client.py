@@ -55,8 +55,8 @@ from amaters.errors import (
 from amaters.proto import aql_pb2, envelope_pb2, query_pb2, types_pb2
 from amaters.proto.convert import (
     blob_from_proto,
-    blob_to_proto,
     error_from_proto,
+    fill_blob,
     version_from_proto,
     version_to_proto,
 )
@@ -446,6 +446,15 @@ def _query_result(envelope: envelope_pb2.Envelope) -> query_pb2.QueryResult:
     return response.result
 
 
+def _query_done(envelope: envelope_pb2.Envelope) -> None:
+    """A SET's answer: nothing, once it is known to be a success."""
+    _query_result(envelope)
+
+
+def _deleted(envelope: envelope_pb2.Envelope) -> bool:
+    return bool(_query_result(envelope).success.affected_rows > 0)
+
+
 class AmatersClient:
     """A connected, handshaken client.  Build it with :func:`connect`."""
 
@@ -468,23 +477,38 @@ class AmatersClient:
     def _seal(
         self, collection: str, key: bytes, value: bytes, compression: Compression = Compression.NONE
     ) -> types_pb2.CipherBlob:
+        message = types_pb2.CipherBlob()
+        self._seal_into(message, collection, key, value, compression)
+        return message
+
+    def _seal_into(
+        self,
+        out: types_pb2.CipherBlob,
+        collection: str,
+        key: bytes,
+        value: bytes,
+        compression: Compression = Compression.NONE,
+    ) -> None:
+        """Encrypt (with the client's cipher) and write the CipherBlob into ``out`` in place."""
         data = bytes(self.cipher.encrypt(value, collection, key) if self.cipher is not None else value)
         if compression == Compression.NONE:
-            return blob_to_proto(CipherBlob.wrap(data, created_at=int(time.time())))
+            fill_blob(out, CipherBlob.wrap(data, created_at=int(time.time())))
+            return
         from amaters.protect.compression import compress_blob_data
         from amaters.types import crc32
 
         stored = compress_blob_data(data, compression)
-        return blob_to_proto(
-            CipherBlob(stored, crc32(stored), len(data), compression, created_at=int(time.time()))
-        )
+        fill_blob(out, CipherBlob(stored, crc32(stored), len(data), compression, created_at=int(time.time())))
 
     def _open_value(self, collection: str, key: bytes, blob: types_pb2.CipherBlob) -> bytes:
         data = blob.data
+        stored_compression = int(blob.metadata.compression)
+        if not stored_compression:  # the common case: no enum lookup on every read
+            return self.cipher.decrypt(data, collection, key) if self.cipher is not None else data
         try:
-            compression = Compression(int(blob.metadata.compression))
+            compression = Compression(stored_compression)
         except ValueError:
-            raise InvalidValue(f"unknown value compression {int(blob.metadata.compression)}") from None
+            raise InvalidValue(f"unknown value compression {stored_compression}") from None
         if compression != Compression.NONE:
             from amaters.protect.compression import decompress_blob_data
 
@@ -518,17 +542,17 @@ class AmatersClient:
         ciphertext that compresses; AES-GCM output does not: see docs/limits.md).
         """
         k = _key(key)
+        # Built in place, level by level: nested keyword constructors copy every level again.
+        envelope = Envelope()
+        query = envelope.query.query.set
+        query.collection = collection
+        query.key.data = k
         try:
-            blob = self._seal(collection, k, value, Compression[compression.upper()])
+            self._seal_into(query.value, collection, k, value, Compression[compression.upper()])
         except Exception:
             return defer.fail()
-        d = self._query(
-            query_pb2.Query(
-                set=query_pb2.SetQuery(collection=collection, key=types_pb2.Key(data=k), value=blob)
-            ),
-            timeout,
-        )
-        d.addCallback(lambda _: None)
+        d = self._request(envelope, timeout)
+        d.addCallback(_query_done)
         return d
 
     def get_blob(
@@ -552,12 +576,14 @@ class AmatersClient:
     ) -> defer.Deferred[bytes | None]:
         """The value (decrypted with the client's cipher), or None when the key does not exist."""
         k = _key(key)
-        d = self._query(
-            query_pb2.Query(get=query_pb2.GetQuery(collection=collection, key=types_pb2.Key(data=k))), timeout
-        )
+        envelope = Envelope()
+        query = envelope.query.query.get
+        query.collection = collection
+        query.key.data = k
+        d = self._request(envelope, timeout)
 
-        def value(result: query_pb2.QueryResult) -> bytes | None:
-            single = result.single
+        def value(answer: envelope_pb2.Envelope) -> bytes | None:
+            single = _query_result(answer).single
             if not single.HasField("value"):
                 return None
             return self._open_value(collection, k, single.value)
@@ -567,13 +593,12 @@ class AmatersClient:
 
     def delete(self, collection: str, key: KeyLike, *, timeout: float | None = None) -> defer.Deferred[bool]:
         """Delete ``key``; True if it existed."""
-        d = self._query(
-            query_pb2.Query(
-                delete=query_pb2.DeleteQuery(collection=collection, key=types_pb2.Key(data=_key(key)))
-            ),
-            timeout,
-        )
-        d.addCallback(lambda result: result.success.affected_rows > 0)
+        envelope = Envelope()
+        query = envelope.query.query.delete
+        query.collection = collection
+        query.key.data = _key(key)
+        d = self._request(envelope, timeout)
+        d.addCallback(_deleted)
         return d
 
     def scan(

@@ -852,7 +852,7 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
         value = getattr(config.tls, name)
         if value and not Path(value).is_file():
             problems.append(f"tls.{name}: {value!r} is not a readable file")
-    if config.server.listen == config.web.listen and config.web.enabled:
+    if config.server.listen == config.web.listen and config.web.enabled and ":0:" not in config.web.listen:
         problems.append("web.listen: must differ from server.listen")
     if (
         not config.auth.enabled
@@ -864,6 +864,10 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
             " is false; bind interface=127.0.0.1, enable auth, or set"
             " auth.allow_unauthenticated_remote = true (protected mode)"
         )
+    if config.snapshot.upload and not config.snapshot.s3.bucket:
+        problems.append("snapshot.upload: needs snapshot.s3.bucket (the bucket to upload to)")
+    if config.snapshot.interval > 0 and config.storage.backend != "rocksdb":
+        problems.append("snapshot.interval: scheduled snapshots need storage.backend = rocksdb")
     if config.retry.max_delay_ms < config.retry.base_delay_ms:
         problems.append("retry.max_delay_ms: must be at least retry.base_delay_ms")
     # Authentication material (keys, roles, API keys files) is read and checked by amaters.auth.

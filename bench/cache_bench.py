@@ -64,7 +64,9 @@ async def run_one(reactor: Any, label: str, settings: list[str], args: argparse.
             await root.backend.flush()
             rng = random.Random(1)
             hot = keys[: max(1, len(keys) // 100)]
-            plan = [rng.choice(hot) if rng.random() < args.hot else rng.choice(keys) for _ in range(args.gets)]
+            plan = [
+                rng.choice(hot) if rng.random() < args.hot else rng.choice(keys) for _ in range(args.gets)
+            ]
             for k in plan[: args.gets // 10]:  # warm both caches
                 await pipeline.execute(ctx, ops.Get("bench", k))
             cache = root.protection.cache
@@ -93,13 +95,16 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         ("block cache only", [f"storage.block_cache_bytes={data}", "cache.max_bytes=0"]),
         ("query cache", [f"storage.block_cache_bytes={data}", f"cache.max_bytes={data}"]),
         ("small block cache", [f"storage.block_cache_bytes={small}", "cache.max_bytes=0"]),
-        ("small block cache + query cache", [f"storage.block_cache_bytes={small}", f"cache.max_bytes={data}"]),
+        (
+            "small block cache + query cache",
+            [f"storage.block_cache_bytes={small}", f"cache.max_bytes={data}"],
+        ),
     ]
     print(
         f"{args.keys} keys x {args.value_size} B, {args.gets} GETs, {args.hot:.0%} to 1% of the keys;"
         f" caches sized {data / 2**20:.1f} MiB"
     )
-    print(f"| configuration | GETs/s | µs/GET | query cache hit rate |\n|---|---:|---:|---:|")
+    print("| configuration | GETs/s | µs/GET | query cache hit rate |\n|---|---:|---:|---:|")
     results = []
     for label, settings in runs:
         result = await run_one(reactor, label, settings, args)

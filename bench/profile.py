@@ -21,7 +21,12 @@ from bench.servers import PROFILE_ENV, AmatersServer
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench profile", description=__doc__.splitlines()[0])
-    parser.add_argument("--op", default="get", choices=("get", "set", "range", "batch", "delete"))
+    parser.add_argument(
+        "--op",
+        default="get",
+        choices=("get", "set", "range", "batch", "delete", "scan"),
+        help="scan: one RANGE stream over the whole key space",
+    )
     parser.add_argument("-c", "--connections", type=int, default=50)
     parser.add_argument("-p", "--pipeline", type=int, default=1)
     parser.add_argument("-v", "--value-size", type=int, default=100)
@@ -73,13 +78,14 @@ def main(argv: list[str]) -> int:
                 pipeline=args.pipeline,
                 value_size=args.value_size,
                 keyspace=args.keyspace,
-                mix=((args.op, 1.0),),
+                mix=(("get" if args.op == "scan" else args.op, 1.0),),
                 duration=args.duration,
                 warmup=0.5,
                 collection="profile",
             )
+            mode = "scan" if args.op == "scan" else "load"
             result = loadgen.run(
-                "load", target, spec, workers=args.workers, server_pid=server.pid, label=f"profile {args.op}"
+                mode, target, spec, workers=args.workers, server_pid=server.pid, label=f"profile {args.op}"
             )
             print(loadgen.summary_line(result))
     finally:

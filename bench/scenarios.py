@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fnmatch
 import os
 import platform
 import secrets
@@ -76,7 +77,12 @@ class Settings:
     range_value_size: int = 1024
     rss_keys: int = 1_000_000
     fsync_seconds: float = 3.0
+    #: Only the protocol and durable scenarios whose names match one of these (fnmatch); empty: all.
+    match: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
+
+    def selected(self, name: str) -> bool:
+        return not self.match or any(fnmatch.fnmatchcase(name, pattern) for pattern in self.match)
 
     @classmethod
     def build(cls, quick: bool, out: Path, work: Path, workers: int, only: tuple[str, ...]) -> Settings:
@@ -325,6 +331,8 @@ class Suite:
                 for size in (100, 4096):
                     for pipeline in (1, 16):
                         label = f"{op}-{'100B' if size == 100 else '4KiB'}-P{pipeline}"
+                        if not s.selected(label):
+                            continue
                         spec = self._spec(
                             pipeline=pipeline, value_size=size, mix=((op, 1.0),), collection=f"v{size}"
                         )
@@ -381,6 +389,8 @@ class Suite:
             server.start()
             target = Target(port=server.port, plaintext=True)
             for clients in (1, 10, 50):
+                if not s.selected(f"durable-set-C{clients}"):
+                    continue
                 spec = self._spec(
                     connections=clients, pipeline=1, value_size=100, mix=(("set", 1.0),), collection="durable"
                 )
@@ -661,6 +671,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the servers' data dirs and logs")
     parser.add_argument("--duration", type=float, default=None, help="measured seconds per load run")
     parser.add_argument("--warmup", type=float, default=None, help="unmeasured seconds before each window")
+    parser.add_argument(
+        "--match", nargs="+", default=[], help="only protocol/durable scenarios matching these patterns"
+    )
+    parser.add_argument("--keys", type=int, default=None, help="keys for the RANGE/recovery and RSS blocks")
+    parser.add_argument("--keyspace", type=int, default=None, help="keys the GET/SET scenarios use")
     args = parser.parse_args(argv)
 
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -672,6 +687,14 @@ def main(argv: list[str]) -> int:
         settings.duration = args.duration
     if args.warmup is not None:
         settings.warmup = args.warmup
+    if args.keys is not None:
+        settings.range_keys = settings.rss_keys = args.keys
+        settings.notes.append(f"--keys {args.keys}: RANGE, recovery and RSS over {args.keys:,} keys")
+    if args.keyspace is not None:
+        settings.keyspace = args.keyspace
+    settings.match = tuple(args.match)
+    if settings.match:
+        settings.notes.append("--match: only scenarios matching " + ", ".join(settings.match))
     started = time.monotonic()
     began = datetime.datetime.now(datetime.UTC)
     load_before = os.getloadavg()

@@ -173,7 +173,8 @@ class Observability:
 
 
 def _insert_before(root: service.MultiService, child: service.IService, anchor: str | None) -> None:
-    """Add ``child`` to ``root`` just before the child named ``anchor`` (at the end if absent).
+    """Add ``child`` to ``root`` just before the child named ``anchor``; first when ``anchor`` is None
+    (at the end if there is no such child).
 
     Start order is list order and stop order its reverse, so the position decides what is still
     running while a neighbour starts or stops.
@@ -250,13 +251,11 @@ def install_observability(root: Any, config: Config, reactor: Any) -> Observabil
             stages.append(stage)
 
     # The listener: connections and bytes, authentication failures.
+    # (After auth has installed its authenticator: this wraps whichever is in place.)
     listener = _child(root, "listener")
     if listener is not None:
-        if hasattr(listener, "wrap_factory"):
-            listener.wrap_factory = MeteredFactory.wrapper(metrics)
-        factory = getattr(listener, "factory", None)
-        if factory is not None and hasattr(factory, "authenticate"):
-            factory.authenticate = counting_authenticator(factory.authenticate, metrics)
+        listener.wrap_factory = MeteredFactory.wrapper(metrics)
+        listener.factory.authenticate = counting_authenticator(listener.factory.authenticate, metrics)
 
     web = _child(root, "web")
     if web is not None and hasattr(web, "observe"):

@@ -227,11 +227,9 @@ def _create(args: argparse.Namespace, printer: ProgressPrinter) -> int:
     )
     try:
         wait(backend.open())
-    except DataDirLocked as e:
-        raise CommandError(
-            f"{e.message}. A running server is snapshotted through its admin API"
-            " (POST /admin/snapshots on the ops site)"
-        ) from None
+    except DataDirLocked:
+        # A running server holds the data dir: ask it, through its admin API.
+        return _create_through_server(args, config)
     try:
         # The lock is ours, so no snapshot is being written: remove what a crash left behind.
         clean_leftovers(snapshot_dir(config))
@@ -253,6 +251,29 @@ def _create(args: argparse.Namespace, printer: ProgressPrinter) -> int:
     )
     if info.remote:
         print(f"uploaded to {info.remote}")
+    return EXIT_OK
+
+
+def _create_through_server(args: argparse.Namespace, config: Config) -> int:
+    from amaters.web.admin_cli import AdminError, call_admin
+
+    print("the server is running: taking the snapshot through its admin API", file=sys.stderr)
+    try:
+        body = call_admin(config, "POST", "/snapshots" + ("?upload=1" if args.upload else ""))
+    except AdminError as e:
+        raise CommandError(
+            f"the data dir is in use by a running server and its admin API refused: {e}"
+            " (set AMATERS_TOKEN or AMATERS_API_KEY to an admin credential)"
+        ) from None
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return EXIT_OK
+    print(
+        f"{body['path']}: {len(body.get('collections') or {})} collections, {body['keys']} keys,"
+        f" {body['files']} files, {human_bytes(body['size'])}"
+    )
+    if body.get("remote"):
+        print(f"uploaded to {body['remote']}")
     return EXIT_OK
 
 

@@ -329,6 +329,7 @@ class AmatersServerProtocol(FrameReceiver):
         self._close_timer: IDelayedCall | None = None
         self._held: collections.deque[bytes] = collections.deque()
         self._held_bytes = 0
+        self._dropped = False
         self._offered_compression: list[str] = []
         self._frame_codec = ""
         self._frame_threshold = 0
@@ -573,6 +574,8 @@ class AmatersServerProtocol(FrameReceiver):
         if not self._write_blocked and not self._held:
             self.transport.write(data)  # type: ignore[union-attr]
             return
+        if self._dropped:
+            return
         held = self._held
         held.append(data)
         self._held_bytes += len(data)
@@ -586,6 +589,7 @@ class AmatersServerProtocol(FrameReceiver):
             held.clear()
             self._held_bytes = 0
             self._state = _CLOSING
+            self._dropped = True
             self.abort()
 
     @property

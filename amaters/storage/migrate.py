@@ -37,7 +37,7 @@ from amaters.config import Config
 from amaters.errors import ErrorCategory, StorageError
 from amaters.storage import codec, formatfile
 from amaters.storage.lock import DataDirLock
-from amaters.storage.rocksdb import _FORMAT_KEY, FORMAT_VERSION, column_family_name
+from amaters.storage.rocksdb import FORMAT_KEY, FORMAT_VERSION, column_family_name
 from amaters.storage.snapshot import (
     Pools,
     ProgressCallback,
@@ -120,7 +120,7 @@ def _step_0_to_1(data_dir: Path, db_path: Path, progress: ProgressCallback) -> N
         )
     db = rocksdict.Rdict(str(db_path), rocksdict.Options(raw_mode=True), column_families=families or None)
     try:
-        marker = db.get(_FORMAT_KEY)
+        marker = db.get(FORMAT_KEY)
         if marker is not None and marker != b"1":
             raise MigrationError(
                 f"{str(db_path)!r} has no FORMAT file but its database says format {marker!r};"
@@ -144,7 +144,7 @@ def _step_0_to_1(data_dir: Path, db_path: Path, progress: ProgressCallback) -> N
         progress(checked, checked, "checking records")
         synced = rocksdict.WriteOptions()
         synced.sync = True
-        db.put(_FORMAT_KEY, b"1", synced)
+        db.put(FORMAT_KEY, b"1", synced)
     finally:
         db.close()
 

@@ -73,7 +73,7 @@ SyncMode = Literal["always", "interval", "none"]
 
 #: The on-disk layout version (column family naming, metadata keys, record format).
 FORMAT_VERSION = 1
-_FORMAT_KEY = b"amaters:format_version"
+FORMAT_KEY = b"amaters:format_version"
 _COLLECTION_PREFIX = "c:"
 _DEFAULT_CF = "default"
 
@@ -400,7 +400,7 @@ class RocksDBBackend:
             raise map_error(e, f"opening the database at {str(self.path)!r}") from e
 
     def _check_format(self, db: Any, has_collections: bool) -> None:
-        stored = db.get(_FORMAT_KEY)
+        stored = db.get(FORMAT_KEY)
         if stored is None:
             if has_collections:
                 raise StorageError(
@@ -410,7 +410,7 @@ class RocksDBBackend:
                 )
             synced = rocksdict.WriteOptions()
             synced.sync = True
-            db.put(_FORMAT_KEY, str(FORMAT_VERSION).encode(), synced)
+            db.put(FORMAT_KEY, str(FORMAT_VERSION).encode(), synced)
             # Into an SST file now: an unflushed default column family would keep every WAL file
             # alive until max_total_wal_size forces a flush.
             db.flush(True)
@@ -742,6 +742,22 @@ class RocksDBBackend:
                 rdict.flush(True)
         except Exception as e:
             raise map_error(e, "flushing memtables") from e
+
+    def compact(self) -> defer.Deferred[None]:
+        """Compact every collection's whole key range (in the io pool; reads and writes go on)."""
+        try:
+            self._require_open()
+        except AmatersError:
+            return defer.fail()
+        targets = [c.rdict for c in self._collections.values()]
+        return self._io.run(self._compact_blocking, self._db, targets)
+
+    def _compact_blocking(self, db: Any, targets: list[Any]) -> None:
+        try:
+            for rdict in [db, *targets]:
+                rdict.compact_range(None, None)
+        except Exception as e:
+            raise map_error(e, "compacting") from e
 
     def stats(self) -> defer.Deferred[dict[str, Any]]:
         try:

@@ -173,7 +173,8 @@ class Metrics:
         )
         self.rate_limited = Counter(
             "amaters_rate_limited",
-            "Requests refused because a rate limit was reached (SERVER_OVERLOADED).",
+            "Requests refused with SERVER_OVERLOADED (rate limits, load shedding) and logins refused by"
+            " the login throttle.",
             registry=registry,
         )
         self.auth_failures = Counter(

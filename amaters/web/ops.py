@@ -23,6 +23,7 @@ each request (CORS origins, the lag limit) follow a configuration reload.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Protocol
 
 from klein import Klein
@@ -246,6 +247,15 @@ class OpsAPI:
         request.setHeader(b"cache-control", b"no-store")
         return body
 
+    @app.route("/admin/", branch=True)
+    def admin_route(self, request: IRequest) -> Any:
+        """The admin API (amaters.web.admin): authenticated, admin role, audited."""
+        if getattr(self, "_admin", None) is None:
+            from amaters.web.admin import AdminAPI
+
+            self._admin = AdminAPI(self.root)
+        return self._admin.app.resource()
+
     @app.route("/health", methods=["OPTIONS"])
     @app.route("/healthz", methods=["OPTIONS"])
     @app.route("/livez", methods=["OPTIONS"])
@@ -335,7 +345,14 @@ class OpsService(service.Service):
 
         from amaters.protocols.tlsctx import server_tls_options
 
-        if settings.cert:
+        if settings.cert or settings.key:
+            for name in ("cert", "key"):
+                value = getattr(settings, name)
+                if not value or not Path(value).is_file():
+                    raise ValueError(
+                        f"web.tls.{name}: {value!r} is not a readable file (set both web.tls.cert and"
+                        " web.tls.key, or neither to use the native listener's certificate)"
+                    )
             cert, key = settings.cert, settings.key
         else:
             from amaters.protocols.certs import ensure_server_tls
@@ -350,7 +367,8 @@ class OpsService(service.Service):
         try:
             endpoint = serverFromString(self.reactor, self.config.web.listen)
             factory = self._factory()
-        except Exception:
+        except Exception as e:
+            self._log.error("Cannot serve the ops site: {error}", error=str(e))
             return defer.fail()
         d = endpoint.listen(factory)
 

@@ -16,13 +16,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from test_protocol_tls import start_server
 from twisted.internet import defer, reactor, task
 
 from amaters.client import connect
 from amaters.errors import ErrorCategory, ErrorCode, NetworkError, Overloaded
 from amaters.query.pipeline import PipelineStage, RequestContext
-
-from test_protocol_tls import start_server  # noqa: I001 (a sibling test module)
 
 pytestmark = pytest.mark.integration
 

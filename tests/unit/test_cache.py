@@ -43,7 +43,7 @@ class Executor:
         self.version += 1
         v = self.version
         if isinstance(op, ops.DropCollection):
-            for (collection, key) in list(self.store):
+            for collection, key in list(self.store):
                 if collection == op.collection:
                     self.store[(collection, key)] = (v, blob(b"deleted:%d" % v))
             return True
@@ -244,9 +244,7 @@ def test_never_stale_after_a_write(actions: list[tuple[str, int, bool]], max_byt
             checks.append((d, acked.get((collection, key), 0)))
         elif kind in ("set", "delete"):
             collection, key = KEYS[n]
-            op: Any = (
-                ops.Set(collection, key, blob(b"new")) if kind == "set" else ops.Delete(collection, key)
-            )
+            op: Any = ops.Set(collection, key, blob(b"new")) if kind == "set" else ops.Delete(collection, key)
             executor.execute(op).addCallback(on_ack, [(collection, key)])
         elif kind == "batch":
             chosen = [KEYS[i] for i in range(3) if n & (1 << i)] or [KEYS[0]]
@@ -260,7 +258,7 @@ def test_never_stale_after_a_write(actions: list[tuple[str, int, bool]], max_byt
         elif inner.pending:
             inner.release(n % len(inner.pending))
         # Every entry of a key with no write in flight is the stored value.
-        for (collection, key) in KEYS:
+        for collection, key in KEYS:
             hashed = cache_key(collection, key)
             entry = cache._entries.get(hashed)
             if entry is not None and hashed not in cache._writing and not cache._collections_writing:

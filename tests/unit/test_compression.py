@@ -9,11 +9,11 @@ import attrs
 import lz4.frame
 import pytest
 import zstandard
+from test_protocol_server import make, q_get, q_set
 from twisted.internet import defer
 
 from amaters.config import CompressionConfig, LimitsConfig, default_config
 from amaters.errors import ErrorCode, InvalidValue, MalformedMessage, SizeExceeded
-from amaters.proto import envelope_pb2, types_pb2
 from amaters.protect.compression import (
     BlobCompressionStage,
     FrameCompressionPolicy,
@@ -24,13 +24,12 @@ from amaters.protect.compression import (
     decompress_frame,
     decompressed_length,
 )
+from amaters.proto import envelope_pb2, types_pb2
 from amaters.protocols.framing import encode_frame
 from amaters.protocols.server import ANONYMOUS
 from amaters.query import operations as ops
 from amaters.query.pipeline import RequestContext
 from amaters.types import CipherBlob, Compression, crc32
-
-from test_protocol_server import make, q_get, q_set  # noqa: I001 (a sibling test module)
 
 Envelope = envelope_pb2.Envelope
 TEXT = b'{"name": "alice", "balance": 100}\n' * 2000

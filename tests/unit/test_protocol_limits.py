@@ -4,12 +4,12 @@ keep-alive pings against the idle timeout."""
 
 from __future__ import annotations
 
+from test_protocol_server import make, q_get, q_set, ready
+
 from amaters.config import LimitsConfig
 from amaters.errors import ErrorCode
 from amaters.proto import envelope_pb2
 from amaters.protocols.framing import encode_frame
-
-from test_protocol_server import make, q_get, q_set, ready  # noqa: I001 (a sibling test module)
 
 Envelope = envelope_pb2.Envelope
 

@@ -8,8 +8,8 @@ from twisted.internet.task import Clock
 
 from amaters.config import Config, RateLimitConfig, default_config
 from amaters.errors import ErrorCategory, ErrorCode, Overloaded
-from amaters.proto.convert import error_from_proto, error_to_proto
 from amaters.protect.ratelimit import RateLimiter, RateLimitStage, client_of, request_cost
+from amaters.proto.convert import error_from_proto, error_to_proto
 from amaters.protocols.server import ANONYMOUS, Principal
 from amaters.query import operations as ops
 from amaters.query.pipeline import RequestContext
@@ -127,7 +127,9 @@ def test_stage_refuses_with_retryable_overloaded_and_retry_after_in_ms() -> None
 def test_identity_is_the_principal_or_the_source_address() -> None:
     """Authenticated clients share a bucket across connections; anonymous ones are per address."""
     alice = Principal("u-alice", "alice", ("user",), "api_key")
-    assert client_of(RequestContext(1, alice, "10.0.0.1:1")) == client_of(RequestContext(2, alice, "10.0.0.2:2"))
+    assert client_of(RequestContext(1, alice, "10.0.0.1:1")) == client_of(
+        RequestContext(2, alice, "10.0.0.2:2")
+    )
     assert client_of(RequestContext(1, alice, "10.0.0.1:1")) == "principal:u-alice"
     assert client_of(RequestContext(1, ANONYMOUS, "10.0.0.1:1")) == "address:10.0.0.1"
     assert client_of(RequestContext(1, ANONYMOUS, "10.0.0.1:2")) == "address:10.0.0.1"

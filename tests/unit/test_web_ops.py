@@ -363,16 +363,25 @@ def test_service_serves_https_with_web_tls(tmp_path: Path) -> None:
     ops.stopService()
 
 
-def test_service_with_missing_certificate_fails_to_start(tmp_path: Path) -> None:
-    """A web.tls certificate that cannot be read fails the start (no port is bound)."""
-    reactor = MemoryReactorClock()
+def test_service_with_bad_certificate_files_fails_to_start(tmp_path: Path) -> None:
+    """A web.tls certificate that is not PEM, or a key that is missing, fails the start with a
+    logged error (no port is bound)."""
     cert = tmp_path / "cert.pem"
     cert.write_text("not a certificate")
-    config = config_with(f"web.tls.cert={cert}", f"web.tls.key={cert}", "web.tls.enabled=true")
-    ops = OpsService(config, reactor, FakeRoot(config=config))
-    d = ops.startService()
-    failures: list[Any] = []
-    d.addErrback(failures.append)
-    assert failures
-    assert reactor.tcpServers == []
-    ops.stopService()
+    for settings, message in (
+        ([f"web.tls.cert={cert}", f"web.tls.key={cert}"], ""),
+        ([f"web.tls.cert={cert}"], "web.tls.key"),
+    ):
+        reactor = MemoryReactorClock()
+        config = config_with(*settings, "web.tls.enabled=true")
+        ops = OpsService(config, reactor, FakeRoot(config=config))
+        events: list[LogEvent] = []
+        ops._log = Logger(observer=events.append)  # type: ignore[misc]
+        d = ops.startService()
+        failures: list[Any] = []
+        d.addErrback(failures.append)
+        assert failures
+        assert reactor.tcpServers == []
+        assert [e["log_level"] for e in events] == [LogLevel.error]
+        assert message in events[0]["error"]
+        ops.stopService()

@@ -1,0 +1,142 @@
+"""The admin API on the ops site, over real HTTP against an in-process server with auth on."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import jwt
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor, task
+from twisted.web.client import HTTPConnectionPool
+
+from amaters.auth.apikeys import generate_api_key, hash_api_key
+from amaters.client import connect
+from amaters.config import Sources, load_config
+from amaters.tap import build_service
+
+pytestmark = pytest.mark.integration
+
+JWT_SECRET = "admin-api-test-secret-0123456789abcdef"
+PEPPER = "admin-api-pepper-0123456789"
+
+
+@attrs.define
+class Admin:
+    root: Any
+    base: str
+    port: int
+    admin_key: str
+    user_key: str
+    directory: Path
+    pool: HTTPConnectionPool
+
+    def token(self, roles: list[str]) -> str:
+        claims = {"sub": "op", "roles": roles, "exp": int(time.time()) + 300}
+        return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+
+    async def call(self, method: str, path: str, auth: str | None = None) -> tuple[int, Any]:
+        headers = {b"authorization": [auth.encode()]} if auth else {}
+        response = await treq.request(method, self.base + path, headers=headers, pool=self.pool)
+        body = await response.content()
+        return response.code, json.loads(body)
+
+    def audit(self) -> list[dict[str, Any]]:
+        self.root.audit.flush()
+        path = self.directory / "audit.log"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest_twisted.async_yield_fixture
+async def admin(tmp_path: Path) -> AsyncIterator[Admin]:
+    admin_id, admin_key = generate_api_key("ops")
+    user_id, user_key = generate_api_key("app")
+    (tmp_path / "keys.toml").write_text(
+        f'[[keys]]\nid = "{admin_id}"\nname = "ops"\nkey_hash = "{hash_api_key(PEPPER.encode(), admin_key)}"\n'
+        'roles = ["admin"]\n'
+        f'[[keys]]\nid = "{user_id}"\nname = "app"\nkey_hash = "{hash_api_key(PEPPER.encode(), user_key)}"\n'
+        'roles = ["user"]\n'
+    )
+    overrides = (
+            "server.listen=tcp:0:interface=127.0.0.1",
+            "web.listen=tcp:0:interface=127.0.0.1",
+            "storage.backend=rocksdb",
+            "storage.sync=none",
+            f"server.data_dir={tmp_path / 'data'}",
+            "auth.enabled=true",
+            f"auth.jwt.secret={JWT_SECRET}",
+            f"auth.api_keys_file={tmp_path / 'keys.toml'}",
+            f"auth.api_key_pepper={PEPPER}",
+            "audit.enabled=true",
+            f"audit.path={tmp_path / 'audit.log'}",
+            "snapshot.compression=none",
+    )
+    config = load_config(None, overrides, {})
+    # The same sources the server started from: a reload reads them again.
+    root = build_service(config, reactor, Sources(None, overrides, None))
+    await root.startService()
+    web_port = root.getServiceNamed("web").port.getHost().port
+    port = root.getServiceNamed("listener").port.getHost().port
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    try:
+        yield Admin(root, f"http://127.0.0.1:{web_port}/admin", port, admin_key, user_key, tmp_path, pool)
+    finally:
+        await pool.closeCachedConnections()
+        await task.deferLater(reactor, 0.1, lambda: None)  # the server side sees the close
+        await root.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_routes_need_an_admin(admin: Admin) -> None:
+    """No credentials: 401; a user's key: 403 (audited as denied); bad scheme: 401; JSON bodies."""
+    code, body = await admin.call("GET", "/status")
+    assert code == 401 and body["error"] == "auth_failed"
+    code, body = await admin.call("GET", "/status", f"ApiKey {admin.user_key}")
+    assert code == 403 and body["error"] == "auth_insufficient_permissions"
+    code, _ = await admin.call("GET", "/status", "Basic dXNlcjpwdw==")
+    assert code == 401
+    code, _ = await admin.call("GET", "/status", f"Bearer {admin.token(['reader'])}")
+    assert code == 403
+    denied = [e for e in admin.audit() if e["event_type"] == "admin" and e["result"] == "denied"]
+    assert denied and denied[-1]["action"] == "admin status"
+    assert admin.user_key not in json.dumps(admin.audit())
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_operations(admin: Admin) -> None:
+    """An admin (API key or JWT) reads status, collections and stats, compacts, reloads and takes
+    and lists snapshots; each call is audited."""
+    client = await connect(reactor, "127.0.0.1", admin.port, ca_cert=str(admin.directory / "data/tls/ca.pem"), api_key=admin.admin_key)
+    try:
+        for i in range(20):
+            await client.set("orders", b"k%02d" % i, b"v")
+    finally:
+        await client.close()
+    key = f"ApiKey {admin.admin_key}"
+    code, status = await admin.call("GET", "/status", key)
+    assert code == 200 and status["ready"] and status["backend"] == "rocksdb"
+    code, collections = await admin.call("GET", "/collections", f"Bearer {admin.token(['admin'])}")
+    assert code == 200 and collections["collections"][0]["name"] == "orders"
+    code, stats = await admin.call("GET", "/stats", key)
+    assert code == 200 and stats["backend"] == "rocksdb"
+    code, compacted = await admin.call("POST", "/compact", key)
+    assert code == 200 and compacted["compacted"] is True
+    code, reloaded = await admin.call("POST", "/reload", key)
+    assert code == 200 and reloaded["ok"] is True, reloaded
+    code, created = await admin.call("POST", "/snapshots", key)
+    assert code == 200 and created["keys"] == 20, created
+    assert created["collections"] == {"orders": 20}, created
+    code, listed = await admin.call("GET", "/snapshots", key)
+    assert code == 200 and [s["name"] for s in listed["snapshots"]] == [created["name"]]
+    code, missing = await admin.call("GET", "/nothing-here", key)
+    assert code == 404 and missing["error"] == "not_found"
+    actions = {e["action"] for e in admin.audit() if e["event_type"] == "admin" and e["result"] == "success"}
+    assert {"admin status", "admin compact", "admin reload", "admin snapshot create"} <= actions
+    reloads = [e for e in admin.audit() if e["event_type"] == "config_change"]
+    assert reloads and reloads[-1]["principal"].startswith("ops")
