@@ -139,6 +139,9 @@ def _twistd_args(args: argparse.Namespace, config: Config, foreground: bool) -> 
         argv += ["--nodaemon", "--pidfile", str(config.pid_file)]
     else:
         argv += ["--pidfile", str(config.pid_file), "--logfile", str(config.log_file)]
+    if config.logging.format == "json":
+        # twistd's own first lines (before our logging service starts) in JSON too.
+        argv += ["--logger", "amaters.ops.logging.twistd_json_observer"]
     argv.append("amaters")
     if args.config:
         argv += ["--config", str(Path(args.config).resolve())]

@@ -852,6 +852,14 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
         value = getattr(config.tls, name)
         if value and not Path(value).is_file():
             problems.append(f"tls.{name}: {value!r} is not a readable file")
+    if bool(config.web.tls.cert) != bool(config.web.tls.key):
+        problems.append(
+            "web.tls.cert/web.tls.key: both must be set, or neither (then the listener's certificate is used)"
+        )
+    for name in ("cert", "key"):
+        value = getattr(config.web.tls, name)
+        if value and not Path(value).is_file():
+            problems.append(f"web.tls.{name}: {value!r} is not a readable file")
     if config.server.listen == config.web.listen and config.web.enabled and ":0:" not in config.web.listen:
         problems.append("web.listen: must differ from server.listen")
     if (

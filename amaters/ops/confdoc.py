@@ -36,7 +36,7 @@ def _type_name(tp: Any) -> str:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     if origin is dict:
         return "table"
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, __import__("types").UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(tp, str(tp))
 
@@ -58,7 +58,13 @@ def render() -> str:
         section = dotted.rpartition(".")[0]
         if section != current:
             current = section
-            lines += ["", f"## [{section}]", "", "| key | type | default | reloadable | meaning |", "|---|---|---|---|---|"]
+            lines += [
+                "",
+                f"## [{section}]",
+                "",
+                "| key | type | default | reloadable | meaning |",
+                "|---|---|---|---|---|",
+            ]
         meta = attribute.metadata
         default: Any = attribute.default
         if hasattr(default, "factory"):

@@ -154,9 +154,7 @@ class Reloader:
                     commits.append(commit)
         if errors:
             result = ReloadResult(ok=False, errors=tuple(errors), need_restart=tuple(restart))
-            self._log.error(
-                "Reload refused; nothing changed: {problems}", problems="; ".join(errors)
-            )
+            self._log.error("Reload refused; nothing changed: {problems}", problems="; ".join(errors))
             return self._finish(result, principal)
         for commit in commits:
             try:

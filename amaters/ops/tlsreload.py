@@ -49,7 +49,9 @@ def build_server_options(config: Config) -> Any:
         raise
     except Exception as e:  # OpenSSL.SSL.Error, OSError, ValueError: all mean "bad material"
         detail = str(e) or type(e).__name__
-        raise ConfigError([f"tls: cannot use the new certificate material ({detail}); kept the old one"]) from None
+        raise ConfigError(
+            [f"tls: cannot use the new certificate material ({detail}); kept the old one"]
+        ) from None
     return options
 
 

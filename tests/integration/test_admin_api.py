@@ -64,18 +64,18 @@ async def admin(tmp_path: Path) -> AsyncIterator[Admin]:
         'roles = ["user"]\n'
     )
     overrides = (
-            "server.listen=tcp:0:interface=127.0.0.1",
-            "web.listen=tcp:0:interface=127.0.0.1",
-            "storage.backend=rocksdb",
-            "storage.sync=none",
-            f"server.data_dir={tmp_path / 'data'}",
-            "auth.enabled=true",
-            f"auth.jwt.secret={JWT_SECRET}",
-            f"auth.api_keys_file={tmp_path / 'keys.toml'}",
-            f"auth.api_key_pepper={PEPPER}",
-            "audit.enabled=true",
-            f"audit.path={tmp_path / 'audit.log'}",
-            "snapshot.compression=none",
+        "server.listen=tcp:0:interface=127.0.0.1",
+        "web.listen=tcp:0:interface=127.0.0.1",
+        "storage.backend=rocksdb",
+        "storage.sync=none",
+        f"server.data_dir={tmp_path / 'data'}",
+        "auth.enabled=true",
+        f"auth.jwt.secret={JWT_SECRET}",
+        f"auth.api_keys_file={tmp_path / 'keys.toml'}",
+        f"auth.api_key_pepper={PEPPER}",
+        "audit.enabled=true",
+        f"audit.path={tmp_path / 'audit.log'}",
+        "snapshot.compression=none",
     )
     config = load_config(None, overrides, {})
     # The same sources the server started from: a reload reads them again.
@@ -112,7 +112,13 @@ async def test_admin_routes_need_an_admin(admin: Admin) -> None:
 async def test_admin_operations(admin: Admin) -> None:
     """An admin (API key or JWT) reads status, collections and stats, compacts, reloads and takes
     and lists snapshots; each call is audited."""
-    client = await connect(reactor, "127.0.0.1", admin.port, ca_cert=str(admin.directory / "data/tls/ca.pem"), api_key=admin.admin_key)
+    client = await connect(
+        reactor,
+        "127.0.0.1",
+        admin.port,
+        ca_cert=str(admin.directory / "data/tls/ca.pem"),
+        api_key=admin.admin_key,
+    )
     try:
         for i in range(20):
             await client.set("orders", b"k%02d" % i, b"v")

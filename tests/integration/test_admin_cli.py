@@ -16,7 +16,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    s = ServerProcess(tmp_path, config_text='[storage]\nbackend = "rocksdb"\n[snapshot]\ncompression = "none"\n')
+    s = ServerProcess(
+        tmp_path, config_text='[storage]\nbackend = "rocksdb"\n[snapshot]\ncompression = "none"\n'
+    )
     try:
         yield s.start().wait_ready()
     finally:

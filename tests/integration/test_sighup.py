@@ -115,7 +115,9 @@ async def test_certificate_rotation_on_sighup(
         await old.close()
 
 
-def test_broken_certificate_keeps_the_old_one(tls_server: tuple[ServerProcess, Path, object, x509.Certificate]) -> None:
+def test_broken_certificate_keeps_the_old_one(
+    tls_server: tuple[ServerProcess, Path, object, x509.Certificate],
+) -> None:
     """A new key that does not match the certificate is refused; the old certificate keeps serving."""
     server, tls_dir, _, _ = tls_server
     ca = tls_dir / "ca.pem"
@@ -133,12 +135,68 @@ def test_broken_certificate_keeps_the_old_one(tls_server: tuple[ServerProcess, P
     assert served_fingerprint(server.port, ca) == before
 
 
-def test_invalid_config_file_is_refused(tls_server: tuple[ServerProcess, Path, object, x509.Certificate]) -> None:
+def test_invalid_config_file_is_refused(
+    tls_server: tuple[ServerProcess, Path, object, x509.Certificate],
+) -> None:
     """An invalid config on SIGHUP is refused with its problems logged; the server keeps serving."""
-    server, tls_dir, _, _ = tls_server
+    server, _tls_dir, _, _ = tls_server
     text = server.config_path.read_text()
     server.config_path.write_text(text + '[logging]\nlevel = "loud"\n')
     server.signal(signal.SIGHUP)
     wait_for_log(server, "Reload refused, configuration invalid")
     assert "logging.level: 'loud' is not allowed" in server.log()
     assert server.readyz() == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_applies_log_level_and_rate_limit(tmp_path: Path) -> None:
+    """SIGHUP on a running server applies a new logging level (debug access events appear) and a
+    new per-client rate limit (a burst gets retryable SERVER_OVERLOADED with retry_after); a later
+    invalid file changes neither."""
+    from twisted.internet import reactor
+
+    from amaters.client import connect
+    from amaters.errors import Overloaded
+
+    base = '[storage]\nbackend = "memory"\n[tls]\nenabled = false\n'
+    server = ServerProcess(tmp_path, config_text=base + '[logging]\nlevel = "info"\n')
+    try:
+        server.start().wait_ready()
+        client = await connect(reactor, "127.0.0.1", server.port, plaintext=True)
+        try:
+            for i in range(30):
+                await client.set("c", b"k%d" % i, b"v")
+            assert " set c ok " not in server.log()  # no debug access events at info
+
+            text = server.config_path.read_text().replace(
+                '[logging]\nlevel = "info"\n',
+                '[logging]\nlevel = "debug"\n[rate_limit]\nper_client_rps = 5\nper_client_burst = 5\n',
+            )
+            server.config_path.write_text(text)
+            server.signal(signal.SIGHUP)
+            wait_for_log(server, "Reloaded configuration; changed:")
+            changed = [line for line in server.log().splitlines() if "Reloaded configuration" in line][-1]
+            assert "logging.level" in changed and "rate_limit.per_client_rps" in changed
+
+            refused: list[Overloaded] = []
+            for i in range(20):
+                try:
+                    await client.set("c", b"burst%d" % i, b"v")
+                except Overloaded as e:
+                    refused.append(e)
+            assert refused, "the new rate limit was not applied"
+            assert all(e.retryable and e.retry_after_ms for e in refused)
+            wait_for_log(server, "by anonymous")  # a debug access event: the new level is live
+
+            # An invalid file is refused and the running settings stay as they were.
+            server.config_path.write_text(text.replace("per_client_rps = 5", "per_client_rps = -1"))
+            server.signal(signal.SIGHUP)
+            wait_for_log(server, "Reload refused, configuration invalid")
+            with pytest.raises(Overloaded):
+                for i in range(20):
+                    await client.set("c", b"again%d" % i, b"v")
+        finally:
+            await client.close()
+        assert server.stop() == 0
+    finally:
+        server.cleanup()
