@@ -217,15 +217,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = _load(args)
     pid = _read_pid(config.pid_file)
     running = pid is not None and _alive(pid)
-    ready, detail = _probe_ready(config) if running else (False, "not running")
+    if running:
+        ready, detail = _probe_ready(config)
+    else:
+        # No live pid file (e.g. started with twistd directly): the ops site still tells.
+        ready, detail = _probe_ready(config, timeout=1.0)
+        if ready:
+            running, pid = True, None
+            detail += f" (no live pid in {config.pid_file}: not started by `amaters start`)"
+        else:
+            detail = "not running"
     if args.format == "json":
         print(
             json.dumps(
-                {"running": running, "pid": pid if running else None, "ready": ready, "detail": detail}
+                {"running": running, "pid": pid, "ready": ready, "detail": detail}
             )
         )
     elif running:
-        print(f"amaters running (pid {pid}); {'ready' if ready else 'not ready'}: {detail}")
+        shown = f"pid {pid}" if pid is not None else "pid unknown"
+        print(f"amaters running ({shown}); {'ready' if ready else 'not ready'}: {detail}")
     else:
         print("amaters is not running")
     return EXIT_OK if running and ready else EXIT_FAIL
@@ -255,8 +265,16 @@ def _config_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    try:
+        from amaters.client_cli import client_options
+
+        top_parents = [client_options()]
+    except ImportError:
+        top_parents = []
     parser = argparse.ArgumentParser(
-        prog="amaters", description="amaters encrypted key-value database: server and client."
+        prog="amaters",
+        description="amaters encrypted key-value database: server and client.",
+        parents=top_parents,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     config_opts = _config_options()

@@ -48,9 +48,14 @@ def _err(message: str) -> None:
 # -- options ---------------------------------------------------------------------------------
 
 
-def client_options() -> argparse.ArgumentParser:
-    """The options every client command takes (a parent parser)."""
-    parent = argparse.ArgumentParser(add_help=False)
+def client_options(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The options every client command takes (a parent parser).
+
+    They are accepted before the command (``amaters --ca F get ...``, on the top-level parser, which
+    holds the defaults) and after it (``amaters get ... --ca F``): the command's copies use
+    ``suppress_defaults`` so that an option not given there keeps the top-level value.
+    """
+    parent = _OptionParser(add_help=False, suppress_defaults=suppress_defaults)
     group = parent.add_argument_group("connection")
     group.add_argument(
         "--server",
@@ -99,9 +104,40 @@ def client_options() -> argparse.ArgumentParser:
     return parent
 
 
+class _OptionParser(argparse.ArgumentParser):
+    """An ArgumentParser whose arguments can all default to "not given" (argparse.SUPPRESS)."""
+
+    def __init__(self, *args: Any, suppress_defaults: bool = False, **kwargs: Any) -> None:
+        self._suppress_defaults = suppress_defaults  # read by add_argument_group during __init__
+        super().__init__(*args, **kwargs)
+
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> Any:
+        group = super().add_argument_group(*args, **kwargs)
+        if self._suppress_defaults and args and args[0] == "connection":
+            _suppressing(group)
+        return group
+
+
+def _suppressing(container: Any) -> None:
+    add = container.add_argument
+    add_group = container.add_mutually_exclusive_group
+
+    def add_argument(*args: Any, **kwargs: Any) -> Any:
+        kwargs["default"] = argparse.SUPPRESS
+        return add(*args, **kwargs)
+
+    def add_mutually_exclusive_group(*args: Any, **kwargs: Any) -> Any:
+        group = add_group(*args, **kwargs)
+        _suppressing(group)
+        return group
+
+    container.add_argument = add_argument
+    container.add_mutually_exclusive_group = add_mutually_exclusive_group
+
+
 def add_client_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the client commands to the ``amaters`` command's subparsers."""
-    common = client_options()
+    common = client_options(suppress_defaults=True)
 
     p = subparsers.add_parser("set", parents=[common], help="store a value")
     p.add_argument("collection")

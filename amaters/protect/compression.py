@@ -118,6 +118,21 @@ def _zstd_complete(data: bytes) -> bool:
     return True
 
 
+def _read_at_most(data: bytes, limit: int) -> bytes:
+    """Up to ``limit`` bytes of zstd ``data`` decompressed (memory: about ``limit``)."""
+    reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True)
+    parts: list[bytes] = []
+    got = 0
+    with reader:
+        while got < limit:
+            chunk = reader.read(min(_CHUNK, limit - got))
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+    return b"".join(parts)
+
+
 def check_blob(blob: CipherBlob, max_value_bytes: int) -> None:
     """Raise unless a compressed ``blob`` decompresses to exactly ``blob.size`` bytes."""
     algorithm = blob.compression
@@ -170,14 +185,7 @@ def decompress_blob_data(data: bytes, algorithm: Compression, size: int) -> byte
     name = "lz4" if algorithm == Compression.LZ4 else "zstd"
     try:
         if algorithm == Compression.ZSTD:
-            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True)
-            with reader:
-                out = reader.read(size + 1)
-                while len(out) <= size:
-                    more = reader.read(size + 1 - len(out))
-                    if not more:
-                        break
-                    out += more
+            out = _read_at_most(data, size + 1)
             if len(out) == size and not _zstd_complete(data):
                 raise InvalidValue("the value's zstd data is truncated")
         elif algorithm == Compression.LZ4:
@@ -272,7 +280,11 @@ def decompress_frame(frame: envelope_pb2.CompressedFrame, limit: int) -> bytes:
     algorithm = int(frame.algorithm)
     try:
         if algorithm == Compression.ZSTD:
-            payload = zstandard.ZstdDecompressor().decompress(frame.data, max_output_size=size)
+            # Not ZstdDecompressor.decompress: it trusts the content size in the frame header over
+            # max_output_size, so a small frame could make it allocate gigabytes.
+            payload = _read_at_most(frame.data, size + 1)
+            if len(payload) == size and not _zstd_complete(frame.data):
+                raise MalformedMessage("a compressed frame's zstd data is truncated")
         elif algorithm == Compression.LZ4:
             decompressor = lz4.frame.LZ4FrameDecompressor()
             payload = decompressor.decompress(frame.data, max_length=size + 1)

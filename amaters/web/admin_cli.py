@@ -87,7 +87,9 @@ def cmd_admin(args: argparse.Namespace) -> int:
     else:
         method, path = ROUTES[args.action]
     try:
-        body = call_admin(config, method, path, token=args.token, api_key=args.api_key)
+        body = call_admin(
+            config, method, path, token=getattr(args, "token", None), api_key=getattr(args, "api_key", None)
+        )
     except AdminError as e:
         _err(str(e))
         return 1
@@ -103,8 +105,9 @@ def add_admin_commands(subparsers: Any, parents: list[argparse.ArgumentParser]) 
         "admin", parents=parents, help="call the running server's admin API (admin role)"
     )
     p.add_argument("action", choices=[*ROUTES, "snapshots"], help="what to do")
-    p.add_argument("--token", help="JWT bearer token (or AMATERS_TOKEN)")
-    p.add_argument("--api-key", help="API key (or AMATERS_API_KEY)")
+    # Default "not given": the same options before the command (top-level) keep their value.
+    p.add_argument("--token", default=argparse.SUPPRESS, help="JWT bearer token (or AMATERS_TOKEN)")
+    p.add_argument("--api-key", default=argparse.SUPPRESS, help="API key (or AMATERS_API_KEY)")
     p.add_argument("--create", action="store_true", help="snapshots: take one now")
     p.add_argument("--upload", action="store_true", help="snapshots --create: also upload to S3")
     p.add_argument("--remote", action="store_true", help="snapshots: list the S3 bucket")

@@ -44,7 +44,9 @@ def test_validate_config_show(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_status_when_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["status", "--set", f"server.data_dir={tmp_path}", "--format", "json"]) == 1
+    # Port 1: nothing listens there, so the readiness probe is refused at once.
+    args = ["--set", f"server.data_dir={tmp_path}", "--set", "web.listen=tcp:1:interface=127.0.0.1"]
+    assert main(["status", *args, "--format", "json"]) == 1
     assert json.loads(capsys.readouterr().out) == {
         "running": False,
         "pid": None,

@@ -236,3 +236,14 @@ def test_compressed_frames_without_negotiation_are_refused_but_the_connection_st
     h.send(q_get(3, "c", b"k"))
     (ok,) = h.received()
     assert ok.request_id == 3 and not h.closing
+
+
+def test_a_compressed_frame_bomb_is_refused_without_inflating_it() -> None:
+    """A small frame whose zstd header claims 1 GiB is refused after reading just past its declared
+    size (ZstdDecompressor.decompress would trust the header and allocate it all)."""
+    bomb = zstandard.ZstdCompressor().compress(bytes(256 * 1024 * 1024))
+    frame = envelope_pb2.CompressedFrame(algorithm=types_pb2.COMPRESSION_ZSTD, size=1000, data=bomb)
+    with pytest.raises(MalformedMessage):
+        decompress_frame(frame, 1 << 20)
+    with pytest.raises(InvalidValue):
+        decompress_blob_data(bomb, Compression.ZSTD, 1000)
