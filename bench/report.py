@@ -43,6 +43,11 @@ def _detail(item: dict[str, Any]) -> str:
         parts.append(f"{item['mb_per_s']:.1f} MB/s")
     if item.get("rss_growth_mb") is not None:
         parts.append(f"RSS +{item['rss_growth_mb']:.1f} MB")
+    if item.get("second_scan_rss_growth_mb") is not None:
+        parts.append(
+            f"warm-cache rescan {item.get('second_scan_mb_per_s') or 0:.1f} MB/s, RSS"
+            f" +{item['second_scan_rss_growth_mb']:.1f} MB"
+        )
     if item.get("startup_cold_s") is not None:
         parts.append(f"cold start {item['startup_cold_s']:.2f} s")
     if item.get("recovery_s") is not None:
@@ -60,6 +65,11 @@ def _detail(item: dict[str, Any]) -> str:
         )
     if item.get("server_cpu_pct") is not None:
         parts.append(f"server CPU {item['server_cpu_pct']:.0f}%")
+    if item.get("server_cpu_us_per_op") is not None:
+        reference = item.get("reference_server_cpu_us_per_op")
+        parts.append(
+            f"{item['server_cpu_us_per_op']:.0f} µs CPU/op" + (f" (ref {reference:.0f})" if reference else "")
+        )
     if item.get("generator_cpu_pct") is not None:
         parts.append(f"gen CPU {item['generator_cpu_pct']:.0f}%")
     if item.get("errors"):
@@ -145,7 +155,7 @@ def markdown(results: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(results: Sequence[dict[str, Any]], path: Path) -> bool:
+def plot(results: Sequence[dict[str, Any]], path: Path, title: str = "") -> bool:
     """Throughput and latency per scenario, amaters next to its reference (log scales).  False without matplotlib."""
     try:
         import matplotlib
@@ -195,6 +205,8 @@ def plot(results: Sequence[dict[str, Any]], path: Path) -> bool:
     latency.set_xlabel("latency ms (log)")
     latency.legend(loc="lower right", fontsize=8)
     latency.set_title("latency")
+    if title:
+        figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -207,4 +219,9 @@ def write(out: Path, results: Sequence[dict[str, Any]], meta: dict[str, Any]) ->
     (out / "results.json").write_text(json.dumps(list(results), indent=2, default=str) + "\n")
     (out / "run.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
     (out / "results.md").write_text(markdown(results, meta))
-    plot(results, out / "results.png")
+    machine = meta.get("machine", {})
+    title = (
+        f"amaters bench ({meta.get('mode', '?')}), {meta.get('date', '?')}, {machine.get('cores', '?')} cores;"
+        " ratio = amaters / reference ops/s (fsync-rate and range-stream have no reference)"
+    )
+    plot(results, out / "results.png", title)

@@ -296,10 +296,17 @@ class QueryPipeline:
             if self._afters:
                 self._run_afters(result, ctx, op)
             return d
-        d.addErrback(self._sanitize, op)
         if self._afters:
-            d.addBoth(self._run_afters, ctx, op)
+            d.addBoth(self._settle, ctx, op)  # one callback, not an errback and then a callback
+        else:
+            d.addErrback(self._sanitize, op)
         return d
+
+    def _settle(self, outcome: object, ctx: RequestContext, op: ops.Operation) -> object:
+        """Sanitize a failure, then run the afters on the outcome (what they see is what is sent)."""
+        if isinstance(outcome, Failure):
+            outcome = self._sanitize(outcome, op)
+        return self._run_afters(outcome, ctx, op)
 
     def _sanitize(self, failure: Failure, op: ops.Operation) -> Failure:
         if isinstance(failure.value, AmatersError):

@@ -512,7 +512,6 @@ def test_on_reactor_moves_progress_to_the_reactor_thread() -> None:
     [
         (("snapshot.interval=3600",), True),
         ((), False),
-        (("snapshot.interval=3600", "storage.backend=memory"), False),
     ],
 )
 def test_service_tree_wires_the_scheduler(tmp_path: Path, settings: tuple[str, ...], wired: bool) -> None:
@@ -531,3 +530,11 @@ def test_service_tree_wires_the_scheduler(tmp_path: Path, settings: tuple[str, .
         scheduler = root.getServiceNamed("snapshots")
         assert isinstance(scheduler, SnapshotScheduler) and scheduler.interval == 3600
     assert not (tmp_path / "data").exists()
+
+
+def test_scheduled_snapshots_need_rocksdb(tmp_path: Path) -> None:
+    """snapshot.interval with the memory backend is a configuration error, not a silent no-op."""
+    from amaters.config import ConfigError
+
+    with pytest.raises(ConfigError, match="scheduled snapshots need storage.backend = rocksdb"):
+        make_config(tmp_path / "data", "snapshot.interval=3600", "storage.backend=memory")

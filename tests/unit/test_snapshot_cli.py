@@ -107,18 +107,21 @@ def test_create_json(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert Path(info["path"]).is_file() and len(info["sha256"]) == 64 and info["remote"] is None
 
 
-def test_create_refuses_while_a_server_runs(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """With the data directory locked (a running server), create fails in one line pointing to the
-    admin API, and writes nothing."""
+def test_create_on_a_locked_data_dir_asks_the_running_server(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With the data directory locked (a running server), create asks that server's admin API; when
+    the API cannot be reached it fails with one error line and writes nothing."""
     lock = DataDirLock(data_dir)
     lock.acquire()
     try:
-        assert amaters(data_dir, "snapshot", "create") == 1
+        assert amaters(data_dir, "snapshot", "create", "--set", "web.listen=tcp:1:interface=127.0.0.1") == 1
     finally:
         lock.release()
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
-    assert err.startswith("amaters: data directory") and "POST /admin/snapshots" in err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "the server is running: taking the snapshot through its admin API"
+    assert len(err) == 2 and err[1].startswith("amaters: the data dir is in use by a running server")
+    assert "cannot reach the server" in err[1] and "Traceback" not in err[1]
     assert not list((data_dir / "snapshots").glob("amaters-*"))
 
 

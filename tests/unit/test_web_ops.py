@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 from twisted.application import service
@@ -15,7 +16,7 @@ from twisted.logger import LogEvent, Logger, LogLevel
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.test.requesthelper import DummyRequest
 
-from amaters.config import Config, default_config, load_config
+from amaters.config import Config, ConfigError, default_config, load_config
 from amaters.ops.lag import LagMonitor
 from amaters.web.metrics import Metrics
 from amaters.web.ops import OpsAPI, OpsService, QuietSite
@@ -368,10 +369,10 @@ def test_service_with_bad_certificate_files_fails_to_start(tmp_path: Path) -> No
     logged error (no port is bound)."""
     cert = tmp_path / "cert.pem"
     cert.write_text("not a certificate")
-    for settings, message in (
-        ([f"web.tls.cert={cert}", f"web.tls.key={cert}"], ""),
-        ([f"web.tls.cert={cert}"], "web.tls.key"),
-    ):
+    # A certificate without its key is already refused by config validation.
+    with pytest.raises(ConfigError, match=r"web\.tls\.cert/web\.tls\.key: both must be set"):
+        config_with(f"web.tls.cert={cert}", "web.tls.enabled=true")
+    for settings, message in (([f"web.tls.cert={cert}", f"web.tls.key={cert}"], ""),):
         reactor = MemoryReactorClock()
         config = config_with(*settings, "web.tls.enabled=true")
         ops = OpsService(config, reactor, FakeRoot(config=config))
