@@ -143,8 +143,11 @@ def judge_bottleneck(server_cpu: float | None, generator_cpu: float | None, mach
             f"generator-heavy: generators used {generator_cpu:.0f}% vs server {server_cpu:.0f}%"
             " (the ratio may understate the server)"
         )
-    if machine_cpu is not None and machine_cpu >= 90.0:
-        return f"machine CPU-saturated ({machine_cpu:.0f}% of {cores} cores); server {server_cpu:.0f}%"
+    if machine_cpu is not None and machine_cpu >= 90.0 * cores:
+        return (
+            f"machine CPU-saturated ({machine_cpu:.0f}% of {cores * 100}%, other processes included);"
+            f" server {server_cpu:.0f}%"
+        )
     return f"not CPU-bound (server {server_cpu:.0f}%, generators {generator_cpu:.0f}%): latency-bound"
 
 
@@ -308,10 +311,11 @@ class _Driver:
         ticker = task.LoopingCall(self.publish)
         ticker.clock = self.reactor
         ticker.start(0.1, now=False)
-        self.reactor.callLater(spec.warmup, self.begin_window)
-        self.reactor.callLater(spec.warmup + spec.duration, self.end_window)
-        if spec.warmup <= 0:
+        if spec.warmup > 0:
+            self.reactor.callLater(spec.warmup, self.begin_window)
+        else:
             self.begin_window()
+        self.reactor.callLater(spec.warmup + spec.duration, self.end_window)
         for client in self.clients:
             for _ in range(spec.pipeline):
                 self.issue(client)
