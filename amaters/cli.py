@@ -228,11 +228,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             detail = "not running"
     if args.format == "json":
-        print(
-            json.dumps(
-                {"running": running, "pid": pid, "ready": ready, "detail": detail}
-            )
-        )
+        print(json.dumps({"running": running, "pid": pid, "ready": ready, "detail": detail}))
     elif running:
         shown = f"pid {pid}" if pid is not None else "pid unknown"
         print(f"amaters running ({shown}); {'ready' if ready else 'not ready'}: {detail}")

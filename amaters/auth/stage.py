@@ -69,6 +69,21 @@ class AuthorizationStage(PipelineStage):
         raise error
 
 
+#: What a (non-batch) operation's ``kind`` needs; other kinds take the general path.
+_KIND_PERMISSION = {"read": Permission.READ, "write": Permission.WRITE, "admin": Permission.ADMIN}
+
+
+def _needed_permission(op: Any) -> Permission:
+    """The highest permission ``op`` needs: ``max`` over :func:`required_access`, without building
+    the :class:`Access` tuple for a single operation (every request asks)."""
+    if getattr(op, "name", None) != "batch":
+        kind = getattr(op, "kind", "")
+        permission = _KIND_PERMISSION.get(kind) if isinstance(kind, str) else None
+        if permission is not None:
+            return permission
+    return max((access.permission for access in required_access(op)), default=Permission.ADMIN)
+
+
 def _resource(op: Any) -> str:
     resources = list(dict.fromkeys(access.resource for access in required_access(op)))
     return ",".join(resources) if resources else "server"
@@ -89,7 +104,7 @@ class AuditStage(PipelineStage):
     def after(self, ctx: RequestContext, op: Any, outcome: object) -> None:
         if ctx.annotations.get(DENIED):
             return
-        needs = max((access.permission for access in required_access(op)), default=Permission.ADMIN)
+        needs = _needed_permission(op)
         failed = isinstance(outcome, Failure)
         if not failed:
             if needs is Permission.READ and not self.settings.log_reads:

@@ -213,6 +213,41 @@ def twistd_json_observer() -> ILogObserver:
 # -- the controller --------------------------------------------------------------------------------
 
 
+class LevelPredicate(LogLevelFilterPredicate):
+    """A :class:`~twisted.logger.LogLevelFilterPredicate` that remembers :meth:`enabled_for` answers.
+
+    The access log asks "is debug on for ``amaters.access``?" on every request; the answer only
+    changes when a level does, so it is kept per (level, namespace) and forgotten whenever
+    :meth:`setLogLevelForNamespace` or :meth:`clearLogLevels` changes the levels (a reload).
+    """
+
+    #: Remembered answers are few (fixed namespaces); past this many they are dropped and rebuilt.
+    MAX_DECISIONS = 1024
+
+    def __init__(self, defaultLogLevel: LogLevel = LogLevel.info) -> None:
+        self.decisions: dict[tuple[LogLevel, str], bool] = {}
+        super().__init__(defaultLogLevel)
+
+    def enabled_for(self, level: LogLevel, namespace: str = "") -> bool:
+        """Whether an event at ``level`` in ``namespace`` passes this filter."""
+        key = (level, namespace)
+        decision = self.decisions.get(key)
+        if decision is None:
+            decision = bool(level >= self.logLevelForNamespace(namespace))
+            if len(self.decisions) >= self.MAX_DECISIONS:
+                self.decisions.clear()
+            self.decisions[key] = decision
+        return decision
+
+    def setLogLevelForNamespace(self, namespace: str, level: LogLevel) -> None:  # type: ignore[override]
+        super().setLogLevelForNamespace(namespace, level)
+        self.decisions.clear()
+
+    def clearLogLevels(self) -> None:
+        super().clearLogLevels()
+        self.decisions.clear()
+
+
 def _observers_of(publisher: Any) -> list[ILogObserver]:
     # LogPublisher has no public way to list its observers; twistd's must be found to replace them.
     return list(getattr(publisher, "_observers", ()))
@@ -235,7 +270,7 @@ class LogController:
         self.publisher: LogPublisher = publisher if publisher is not None else globalLogPublisher
         self.clock = clock
         #: The level filter; :meth:`apply` changes it in place.
-        self.predicate = LogLevelFilterPredicate(LEVELS[settings.level])
+        self.predicate = LevelPredicate(LEVELS[settings.level])
         self._outputs = LogPublisher()
         #: What we add to the publisher: the level filter in front of our outputs.
         self.observer = FilteringLogObserver(self._outputs, [self.predicate])
@@ -247,8 +282,14 @@ class LogController:
     # -- queries --------------------------------------------------------------------------------
 
     def enabled_for(self, level: LogLevel, namespace: str = "") -> bool:
-        """Whether an event at ``level`` in ``namespace`` would be written (skip building it if not)."""
-        return bool(level >= self.predicate.logLevelForNamespace(namespace))
+        """Whether an event at ``level`` in ``namespace`` would be written (skip building it if not).
+
+        Cheap enough to ask per request: the answer is remembered until a level changes.
+        """
+        decision = self.predicate.decisions.get((level, namespace))
+        if decision is None:
+            return self.predicate.enabled_for(level, namespace)
+        return decision
 
     def format(self, event: Mapping[str, Any]) -> str | None:
         """Format ``event`` per the current ``logging.format``."""

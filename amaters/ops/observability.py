@@ -19,6 +19,7 @@ parts with ``root.reloader``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import attrs
@@ -244,7 +245,8 @@ def install_observability(root: Any, config: Config, reactor: Any) -> Observabil
             AccessLogStage(
                 reactor,
                 lambda: root.config.logging.slow_request_ms,
-                lambda: controller.enabled_for(LogLevel.debug, ACCESS_LOG_NAMESPACE),
+                # A partial rather than a lambda: one Python frame less on every request.
+                partial(controller.enabled_for, LogLevel.debug, ACCESS_LOG_NAMESPACE),
             ),
         ):
             pipeline.add_stage(stage)

@@ -137,26 +137,37 @@ class RetryingBackend:
         return str(self.inner.name)
 
     def _retry(self, what: str, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        # Fast path: the first attempt runs directly and, when it has already succeeded (most reads
-        # and writes of an in-process engine), its Deferred is returned as it is; the retry
-        # coroutine only starts after a failure.
+        # The first attempt runs directly and its Deferred is returned as it is, with one errback:
+        # when it has already succeeded (most reads and writes of an in-process engine) or is still
+        # pending (a write waiting for its group commit), nothing else is added to the common path.
+        # The retry loop (a coroutine) only starts after a transient failure.
         first: defer.Deferred[Any] = defer.maybeDeferred(f, *args)
-        if first.called and not isinstance(first.result, Failure):  # type: ignore[attr-defined]
+        if not first.called:
+            return first.addErrback(self._after_failure, what, f, args)
+        if not isinstance(first.result, Failure):  # type: ignore[attr-defined]
             return first
-        return defer.Deferred.fromCoroutine(self._after_first(what, first, f, *args))
+        # Failed at once: answer with a fresh Deferred (one that has not fired yet while retries are
+        # pending, rather than the first attempt's, which would look "called" while it waits).
+        first.addErrback(self._after_failure, what, f, args)
+        return defer.Deferred.fromCoroutine(self._after_first(first))
 
-    async def _after_first(
-        self, what: str, first: defer.Deferred[Any], f: Callable[..., Any], *args: Any
-    ) -> Any:
-        try:
-            return await first
-        except Exception as error:
-            policy = self.policy
-            if policy.max_attempts <= 1 or not is_transient(error):
-                raise
-            return await call_with_retry(
+    async def _after_first(self, first: defer.Deferred[Any]) -> Any:
+        return await first
+
+    def _after_failure(
+        self, failure: Failure, what: str, f: Callable[..., Any], args: tuple[Any, ...]
+    ) -> defer.Deferred[Any] | Failure:
+        error = failure.value
+        policy = self.policy
+        if policy.max_attempts <= 1 or not isinstance(error, Exception) or not is_transient(error):
+            return failure
+        # Returned from an errback, the retries' Deferred takes the place of the first attempt's
+        # result (and cancelling the caller's Deferred cancels the wait between attempts).
+        return defer.Deferred.fromCoroutine(
+            call_with_retry(
                 self._clock, policy, f, *args, idempotent=True, rng=self._rng, what=what, first_error=error
             )
+        )
 
     def _once(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         return defer.maybeDeferred(f, *args)

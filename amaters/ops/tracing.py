@@ -54,13 +54,17 @@ def otlp_exporter_available() -> bool:
     return True
 
 
+#: The context of a request without a parent: shared, as a Context cannot be changed.
+_NO_PARENT = Context()
+
+
 def extract_context(carrier: Mapping[str, str] | None) -> Context:
     """The parent context a client sent (``traceparent``/``tracestate``), or an empty one.
 
     Never the ambient context: a request's span has the client's parent or none.
     """
     if not carrier:
-        return Context()
+        return _NO_PARENT
     return PROPAGATOR.extract(carrier=dict(carrier), context=Context())
 
 

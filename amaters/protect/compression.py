@@ -214,7 +214,10 @@ class BlobCompressionStage(PipelineStage):
 
     def before(self, ctx: RequestContext, op: Any) -> object:
         kind = type(op)
-        if kind is not ops.Set and kind is not ops.Batch:
+        if kind is ops.Set:
+            if not op.value.compression:  # COMPRESSION_NONE: nothing to check
+                return None
+        elif kind is not ops.Batch:
             return None
         config = self.config
         if not config.verify_blobs:

@@ -78,7 +78,8 @@ class RateLimiter:
     """
 
     def __init__(self, config: RateLimitConfig, clock: IReactorTime) -> None:
-        self.config = config
+        self._watchers: list[Callable[[], None]] = []
+        self._config = config
         self.clock = clock
         self._buckets: dict[str, TokenBucket] = {}
         self._global: TokenBucket | None = None
@@ -88,8 +89,24 @@ class RateLimiter:
         self.refused_global = 0
 
     @property
+    def config(self) -> RateLimitConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: RateLimitConfig) -> None:
+        was = self.enabled
+        self._config = config
+        if self.enabled != was:
+            for watcher in list(self._watchers):
+                watcher()
+
+    def watch_enabled(self, watcher: Callable[[], None]) -> None:
+        """Call ``watcher()`` whenever new settings turn the limits on or off."""
+        self._watchers.append(watcher)
+
+    @property
     def enabled(self) -> bool:
-        return self.config.per_client_rps > 0 or self.config.global_rps > 0
+        return self._config.per_client_rps > 0 or self._config.global_rps > 0
 
     @property
     def bucket_count(self) -> int:
@@ -197,6 +214,15 @@ class RateLimitStage(PipelineStage):
 
     def __init__(self, limiter: RateLimiter) -> None:
         self.limiter = limiter
+
+    @property
+    def active(self) -> bool:
+        """Whether the pipeline calls :meth:`before`: not while every rate is 0 (no limit)."""
+        return self.limiter.enabled
+
+    def watch_active(self, watcher: Callable[[], None]) -> None:
+        """The pipeline re-reads :attr:`active` when a reload turns the limits on or off."""
+        self.limiter.watch_enabled(watcher)
 
     def before(self, ctx: RequestContext, op: Any) -> object:
         limiter = self.limiter

@@ -62,13 +62,15 @@ def blob_to_proto(blob: CipherBlob) -> types_pb2.CipherBlob:
     return message
 
 
+_COMPRESSION_BY_CODE: dict[int, Compression] = {int(member): member for member in Compression}
+
+
 def blob_from_proto(message: types_pb2.CipherBlob) -> CipherBlob:
     """The CipherBlob a message carries, exactly as sent (the checksum is not checked here)."""
     metadata = message.metadata
-    try:
-        compression = Compression(metadata.compression)
-    except ValueError:
-        compression = Compression.NONE
+    # A dict lookup, not Compression(...): the enum's constructor is slow, and this runs for every
+    # value received.  Unknown codes read as NONE, as before.
+    compression = _COMPRESSION_BY_CODE.get(metadata.compression, Compression.NONE)
     return CipherBlob(
         data=message.data,
         checksum=metadata.checksum,

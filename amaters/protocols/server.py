@@ -54,6 +54,7 @@ from amaters.interfaces import IPrincipal, IRangeCursor
 from amaters.proto import aql_pb2, envelope_pb2
 from amaters.proto.convert import (
     error_to_proto,
+    fill_blob,
     fill_key_values,
     fill_result,
     version_from_proto,
@@ -62,7 +63,7 @@ from amaters.proto.convert import (
 from amaters.protocols.framing import FrameReceiver, frame_header
 from amaters.query import operations as ops
 from amaters.query.executor import CAPABILITIES
-from amaters.query.pipeline import NOT_YET, QueryPipeline, RequestContext, immediate_result
+from amaters.query.pipeline import QueryPipeline, RequestContext
 
 if TYPE_CHECKING:
     from amaters.config import Config, LimitsConfig
@@ -456,7 +457,8 @@ class AmatersServerProtocol(FrameReceiver):
         self._last_activity = self.factory.clock.seconds()
         self._received_any = True
         super().dataReceived(data)
-        if self.bufferedBytes and not self.framesPaused:
+        # ``bufferedBytes`` and ``framesPaused`` read directly: this runs for every read.
+        if (self._rx or self._rx_chunks is not None) and not self._frames_paused:
             if self._frame_timer is None and not self._lost and self._state is not _CLOSING:
                 self._start_frame_timer()
         elif self._frame_timer is not None:
@@ -516,7 +518,8 @@ class AmatersServerProtocol(FrameReceiver):
         if self.factory.draining:
             self._send_error(request_id, ShuttingDown("the server is shutting down; retry on another server"))
             return
-        self._trace_context = dict(envelope.trace_context) if envelope.trace_context else None
+        trace_context = envelope.trace_context
+        self._trace_context = dict(trace_context) if trace_context else None
         try:
             handler(self, request_id, getattr(envelope, kind))  # type: ignore[arg-type]
         except Exception:
@@ -544,23 +547,25 @@ class AmatersServerProtocol(FrameReceiver):
         if self._lost:
             return
         payload = envelope.SerializeToString()
-        if self._frame_codec and len(payload) >= self._frame_threshold:
+        size = len(payload)
+        if self._frame_codec and size >= self._frame_threshold:
             from amaters.protect.compression import compress_frame
 
             payload = compress_frame(payload, self._frame_codec) or payload
+            size = len(payload)
         out = self._out
         if out is not None:
             # Inside a run of frame deliveries: answers go out together when it ends, or once
             # they are large (so that a full transport stops the run before it grows).
-            out.append(frame_header(len(payload)))
+            out.append(frame_header(size))
             out.append(payload)
-            self._out_size += len(payload)
+            self._out_size += size
             if self._out_size >= _OUT_BATCH_BYTES:
                 self._out = []
                 self._out_size = 0
                 self._write(b"".join(out))
         else:
-            self._write(frame_header(len(payload)) + payload)
+            self._write(frame_header(size) + payload)
 
     def _flush_out(self) -> None:
         out = self._out
@@ -632,7 +637,9 @@ class AmatersServerProtocol(FrameReceiver):
         """
         if self._lost or self._state is _CLOSING:
             return
-        notice = ShuttingDown("the server is shutting down; finish outstanding requests and reconnect elsewhere")
+        notice = ShuttingDown(
+            "the server is shutting down; finish outstanding requests and reconnect elsewhere"
+        )
         if self._state is not _READY:
             self._refuse_and_close(0, notice)
             return
@@ -878,12 +885,12 @@ class AmatersServerProtocol(FrameReceiver):
         if type(op) is ops.Range:
             self._start_range(request_id, ctx, op)
             return
-        d = pipeline.execute(ctx, op)
-        result = immediate_result(d)
-        if result is not NOT_YET:
+        done, outcome = pipeline.run(ctx, op)
+        if done:
             # Answered synchronously (memory backend, cache hit): skip the callback machinery.
-            self._answer_query(request_id, op.name, result)
+            self._answer_query(request_id, op.name, outcome)
             return
+        d: defer.Deferred[Any] = outcome
         self._track(request_id, d, op.name)
         d.addCallbacks(
             self._query_done, self._query_failed, callbackArgs=(request_id, op), errbackArgs=(request_id, op)
@@ -891,7 +898,10 @@ class AmatersServerProtocol(FrameReceiver):
 
     def _answer_query(self, request_id: int, op_name: str, result: Any) -> None:
         envelope = Envelope(request_id=request_id)
-        fill_result(envelope.query_response.result, op_name, result)
+        if op_name == "get" and result is not None:
+            fill_blob(envelope.query_response.result.single.value, result)  # the hottest answer
+        else:
+            fill_result(envelope.query_response.result, op_name, result)
         self._send(envelope)
 
     def _query_done(self, result: Any, request_id: int, op: Any) -> None:

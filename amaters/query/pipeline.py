@@ -15,6 +15,10 @@ may answer it instead of the executor by setting ``ctx.result`` (a cache hit).  
 every request that reached the stages, successful or not, and must not raise: the pipeline logs
 anything it raises and carries on.
 
+A stage that a reload can switch off (a rate limit of 0) may have an ``active`` attribute and a
+``watch_active(callback)`` method: the pipeline calls ``watch_active`` once and re-reads ``active``
+whenever the callback is called.  While inactive, its ``before`` is not called at all.
+
 Unexpected exceptions from a stage or the executor are logged with their traceback here and turned
 into ``SERVER_INTERNAL`` with a generic message: tracebacks never reach a client.
 """
@@ -50,9 +54,11 @@ def immediate_result(d: defer.Deferred[Any]) -> Any:
     result directly saves the callback machinery on the hottest path.  A failed Deferred is left
     alone so the caller's errback consumes (and handles) the failure.
     """
+    # While a Deferred waits on another one it is paused, so an unpaused result is never a
+    # Deferred (and checking for one costs an ABC instance check on every request).
     if d.called and not d.paused:
         result = d.result
-        if not isinstance(result, (Failure, defer.Deferred)):
+        if not isinstance(result, Failure):
             return result
     return NOT_YET
 
@@ -175,6 +181,11 @@ class QueryPipeline:
         else:
             index = len(self._stages)
         self._stages.insert(index, stage)
+        # A stage that can be switched off by a reload (a rate limit of 0) has an ``active``
+        # attribute and tells the pipeline when it changes: while inactive it costs no call at all.
+        watch = getattr(stage, "watch_active", None)
+        if watch is not None:
+            watch(self._refresh)
         self._refresh()
 
     def remove_stage(self, name: str) -> None:
@@ -184,7 +195,9 @@ class QueryPipeline:
     def _refresh(self) -> None:
         # Skip the no-op halves of stages on the hot path.
         self._befores = tuple(
-            s for s in self._stages if getattr(type(s), "before", None) is not PipelineStage.before
+            s
+            for s in self._stages
+            if getattr(type(s), "before", None) is not PipelineStage.before and getattr(s, "active", True)
         )
         self._afters = tuple(
             s for s in self._stages if getattr(type(s), "after", None) is not PipelineStage.after
@@ -230,19 +243,41 @@ class QueryPipeline:
 
     def execute(self, ctx: RequestContext, op: ops.Operation) -> defer.Deferred[Any]:
         """Run ``op`` through the stages and the executor.  Fails only with AmatersError."""
+        done, outcome = self.run(ctx, op)
+        if done:
+            return defer.succeed(outcome)
+        return outcome  # type: ignore[no-any-return]
+
+    def run(self, ctx: RequestContext, op: ops.Operation) -> tuple[bool, Any]:
+        """:meth:`execute` for callers on the hot path: ``(True, result)`` when the request has
+        already succeeded (memory backend, RocksDB point read, cache hit; the afters have run),
+        else ``(False, deferred)`` as :meth:`execute` would return it.
+
+        Same stages, order and outcome as :meth:`execute`, without building and unpacking a
+        Deferred when the answer is already known.
+        """
         try:
             for stage in self._befores:
                 waiting = stage.before(ctx, op)
                 if waiting is not None:
-                    return self._finish(ctx, op, self._continue(ctx, op, stage, waiting))
+                    return False, self._finish(ctx, op, self._continue(ctx, op, stage, waiting))
                 if ctx.result is not _NO_RESULT:
-                    return self._finish(ctx, op, defer.succeed(ctx.result))
+                    result = ctx.result
+                    if self._afters:
+                        self._run_afters(result, ctx, op)
+                    return True, result
             d = self.executor.execute(op)
-        except AmatersError:
-            d = defer.fail()
         except Exception:
-            d = defer.fail()
-        return self._finish(ctx, op, d)
+            return False, self._finish(ctx, op, defer.fail())
+        if d.called and not d.paused:
+            result = d.result
+            if not isinstance(result, Failure):
+                # Already succeeded: run the afters now rather than through more callbacks.
+                # Same order and outcome as addBoth on a fired Deferred, at a fraction of the cost.
+                if self._afters:
+                    self._run_afters(result, ctx, op)
+                return True, result
+        return False, self._finish(ctx, op, d)
 
     def open_range(self, ctx: RequestContext, op: ops.Range) -> defer.Deferred[IRangeCursor]:
         """Run the stages for a RANGE and open its cursor (streamed by the caller)."""

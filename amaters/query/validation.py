@@ -108,7 +108,14 @@ class Validator:
             s = query.set
             if not s.HasField("value"):
                 raise MissingField("SET needs a value")
-            return ops.Set(self.collection(s.collection), self.key(s.key), self.value(s.value))
+            # Inlined like GET, the rules in the same order: collection, key, value.
+            name = s.collection
+            if name not in self._valid_names:
+                self.collection(name)
+            key = s.key.data
+            if not key or len(key) > self.limits.max_key_bytes:
+                self.key(s.key)
+            return ops.Set(name, key, self.value(s.value))
         if which == "delete":
             d = query.delete
             return ops.Delete(self.collection(d.collection), self.key(d.key))

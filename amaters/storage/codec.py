@@ -21,6 +21,7 @@ wrong bytes.  Both checks are a few microseconds for small values and about 1 ms
 from __future__ import annotations
 
 import struct
+import zlib
 
 from amaters.errors import Corrupted, InvalidValue
 from amaters.types import CipherBlob, Compression, crc32
@@ -46,6 +47,25 @@ def encode(blob: CipherBlob) -> bytes:
     is reported as such when read.
     """
     version = blob.version
+    try:
+        header = _HEADER.pack(
+            RECORD_FORMAT_VERSION,
+            int(blob.compression),
+            _FLAG_HAS_VERSION if version is not None else 0,
+            blob.checksum,
+            blob.size,
+            blob.created_at,
+            0 if version is None else version,
+        )
+    except struct.error:
+        # struct refuses a negative or too wide field; find which one for the message.
+        _check_fields(blob)
+        raise
+    return b"".join((header, _HEADER_CRC.pack(zlib.crc32(header)), blob.data))
+
+
+def _check_fields(blob: CipherBlob) -> None:
+    version = blob.version
     for name, value, top in (
         ("checksum", blob.checksum, _U32_MAX),
         ("size", blob.size, _U64_MAX),
@@ -54,16 +74,6 @@ def encode(blob: CipherBlob) -> bytes:
     ):
         if not 0 <= value <= top:
             raise InvalidValue(f"value metadata field {name} is out of range (0..{top})")
-    header = _HEADER.pack(
-        RECORD_FORMAT_VERSION,
-        int(blob.compression),
-        _FLAG_HAS_VERSION if version is not None else 0,
-        blob.checksum,
-        blob.size,
-        blob.created_at,
-        0 if version is None else version,
-    )
-    return b"".join((header, _HEADER_CRC.pack(crc32(header)), blob.data))
 
 
 def decode(record: bytes, *, where: str = "a stored value") -> CipherBlob:

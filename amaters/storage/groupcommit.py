@@ -11,6 +11,14 @@ acknowledged before its WAL record is on disk.
 Under N concurrent writers the group size settles near N: one fsync (0.2-3 ms here) acknowledges
 every write that arrived while the previous one ran.  Each sync's group size and duration go to the
 counters below and to observers, so metrics can show writes per fsync.
+
+Given a ``clock`` (the reactor), a request that finds the committer idle does not start a sync at
+once but at the end of the current reactor turn (``callLater(0)``), after the reactor has handled
+every request that arrived in the same poll: what redis does by fsyncing before its event loop
+sleeps.  Without it a burst of N writes arriving together is split into a group of one (the first,
+which starts a sync by itself) and a group of N - 1, and under steady load the group sizes alternate
+between tiny and full.  The delay never acknowledges anything earlier: the sync still starts after
+every write it covers was applied.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -45,7 +54,10 @@ class GroupCommitter:
 
     ``sync`` raises an :class:`~amaters.errors.AmatersError` on failure; every request of that group
     then fails with it (their writes were applied but are not known to be durable, so none of them is
-    acknowledged).  ``timer`` measures each sync's duration in the pool thread.
+    acknowledged).  ``timer`` measures each sync's duration in the pool thread.  ``clock`` (optional)
+    delays a sync started from idle to the end of the current reactor turn (see the module's
+    docstring); without it such a sync starts at once.  ``on_error(failure)`` is called once per
+    failed sync, before its requests fail.
     """
 
     _log = Logger()
@@ -55,13 +67,19 @@ class GroupCommitter:
         sync: Callable[[], None],
         runner: BlockingRunner,
         timer: Callable[[], float] = time.perf_counter,
+        clock: IReactorTime | None = None,
+        on_error: Callable[[Failure], object] | None = None,
     ) -> None:
         self._sync = sync
         self._runner = runner
         self._timer = timer
+        self._clock = clock
+        self._on_error = on_error
         self._waiting: list[defer.Deferred[None]] = []
         self._idle_waiters: list[defer.Deferred[None]] = []
         self._running = False
+        #: A start is scheduled for the end of this reactor turn (only with a clock).
+        self._scheduled = False
         self._observers: list[SyncObserver] = []
         #: Syncs finished (successful or not).
         self.syncs = 0
@@ -100,13 +118,22 @@ class GroupCommitter:
         """
         d: defer.Deferred[None] = defer.Deferred()
         self._waiting.append(d)
-        if not self._running:
-            self._start()
+        if not self._running and not self._scheduled:
+            if self._clock is None:
+                self._start()
+            else:
+                self._scheduled = True
+                self._clock.callLater(0, self._scheduled_start)
         return d
+
+    def _scheduled_start(self) -> None:
+        self._scheduled = False
+        if self._waiting and not self._running:
+            self._start()
 
     def idle(self) -> defer.Deferred[None]:
         """A Deferred firing when no sync is running or queued (used before closing)."""
-        if not self._running and not self._waiting:
+        if not self._running and not self._waiting and not self._scheduled:
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
         self._idle_waiters.append(d)
@@ -156,14 +183,25 @@ class GroupCommitter:
                 observer(len(group), duration, ok)
             except Exception:
                 self._log.failure("Group commit observer {observer!r} failed", observer=observer)
-        for waiter in group:
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
+        # One pass per outcome: this loop runs once per acknowledged write.
+        if ok:
+            for waiter in group:
                 waiter.callback(None)
+        else:
+            assert isinstance(result, Failure)
+            if self._on_error is not None:
+                try:
+                    self._on_error(result)
+                except Exception:
+                    self._log.failure("Group commit error handler failed")
+            for waiter in group:
+                waiter.errback(result)
         if self._waiting and not self._running:
+            # Requests that arrived while the sync ran: start the next one now (their clients
+            # have waited a whole sync already).
+            self._scheduled = False
             self._start()
-        elif not self._running:
+        elif not self._running and not self._scheduled:
             idle, self._idle_waiters = self._idle_waiters, []
             for waiter in idle:
                 waiter.callback(None)

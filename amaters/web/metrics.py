@@ -12,7 +12,7 @@ rest summed as ``other``.  Keys, values, tokens and peer addresses never become 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -73,6 +73,9 @@ LATENCY_BUCKETS = (
 
 #: WAL fsync buckets (seconds): a fast NVMe fsync is ~50 µs, a struggling disk seconds.
 FSYNC_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+#: At most this many error codes get a remembered ``amaters_errors_total`` child.
+_MAX_CACHED_CODES = 256
 
 #: Writes acknowledged by one fsync.
 GROUP_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -230,11 +233,14 @@ class Metrics:
             registry=registry,
         )
         self.build_info.labels(version=__version__).set(1)
+        # The per-request path looks its children up here instead of calling ``labels()`` (which
+        # validates, sorts and locks on every call): op label -> (ok.inc, error.inc, observe).
+        self._by_op: dict[str, tuple[Callable[[], None], Callable[[], None], Callable[[float], None]]] = {}
+        #: Error code -> ``amaters_errors_total{code}.inc`` (error codes are a fixed enum).
+        self._by_code: dict[int, Callable[[], None]] = {}
         for op in OPERATIONS:
             # Every operation's series exist from the start, so rate() works before the first error.
-            self.requests.labels(op=op, status="ok")
-            self.requests.labels(op=op, status="error")
-            self.request_duration.labels(op=op)
+            self._op_children(op)
         for method in (*AUTH_METHODS, "none"):
             self.auth_failures.labels(method=method)
         if process:
@@ -244,14 +250,39 @@ class Metrics:
 
     # -- recording ------------------------------------------------------------------------------
 
+    def _op_children(
+        self, label: str
+    ) -> tuple[Callable[[], None], Callable[[], None], Callable[[float], None]]:
+        """The ``requests{op,status}`` increments and ``request_duration{op}`` observer for ``label``
+        (created, and remembered, on first use; labels are bounded by :func:`operation_label`)."""
+        children = self._by_op.get(label)
+        if children is None:
+            children = self._by_op[label] = (
+                self.requests.labels(op=label, status="ok").inc,
+                self.requests.labels(op=label, status="error").inc,
+                self.request_duration.labels(op=label).observe,
+            )
+        return children
+
     def request_finished(self, op: str, duration: float | None, error_code: int | None) -> None:
         """Count one answered request; ``error_code`` None means it succeeded."""
-        label = operation_label(op)
-        self.requests.labels(op=label, status="ok" if error_code is None else "error").inc()
+        children = self._by_op.get(op)
+        if children is None:  # "other", or an operation name outside OPERATIONS
+            children = self._op_children(operation_label(op))
+        ok, error, observe = children
+        if error_code is None:
+            ok()
+        else:
+            error()
         if duration is not None and duration >= 0:
-            self.request_duration.labels(op=label).observe(duration)
+            observe(duration)
         if error_code is not None:
-            self.errors.labels(code=error_code_label(error_code)).inc()
+            count = self._by_code.get(error_code)
+            if count is None:
+                count = self.errors.labels(code=error_code_label(error_code)).inc
+                if len(self._by_code) < _MAX_CACHED_CODES:  # codes are an enum; cap the unknown
+                    self._by_code[error_code] = count
+            count()
             if error_code == ErrorCode.SERVER_OVERLOADED:
                 self.rate_limited.inc()
 

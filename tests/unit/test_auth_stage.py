@@ -191,3 +191,41 @@ def test_server_information_is_readable_by_every_builtin_role(principal: Princip
     pipe, _ = pipeline()
     for op in (ops.ListCollections(), ops.ServerInfo(), ops.HealthCheck()):
         run(pipe, principal, op)
+
+
+def test_needed_permission_matches_required_access() -> None:
+    """The audit stage's shortcut for what an operation needs agrees with required_access for every
+    operation type, a batch (mixed, read-only, empty) and an operation of unknown kind."""
+    from amaters.auth.rbac import Permission, required_access
+    from amaters.auth.stage import _needed_permission
+
+    class Odd:
+        name = "odd"
+        kind = "READ"  # not a kind operations use: the general path decides
+        collection = "c"
+
+    class Unknown:
+        name = "unknown"
+        kind = "sideways"
+        collection = None
+
+    value = CipherBlob.wrap(b"v")
+    operations: list[Any] = [
+        ops.Get("c", b"k"),
+        ops.Set("c", b"k", value),
+        ops.Delete("c", b"k"),
+        ops.Range("c", b"a", b"z"),
+        ops.Batch((ops.Get("c", b"k"), ops.Set("d", b"k", value))),
+        ops.Batch((ops.Get("c", b"k"),)),
+        ops.Batch(()),
+        ops.CreateCollection("c"),
+        ops.DropCollection("c"),
+        ops.ListCollections(),
+        ops.ServerInfo(),
+        ops.HealthCheck(),
+        Odd(),
+        Unknown(),
+    ]
+    for op in operations:
+        expected = max((a.permission for a in required_access(op)), default=Permission.ADMIN)
+        assert _needed_permission(op) is expected, op

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
 from amaters.errors import StorageIOError
@@ -191,3 +192,73 @@ def test_group_size_follows_concurrency(group: int) -> None:
     runner.finish_one()
     assert all(d.called for d in ds)
     assert sync.calls == 2 and committer.last_group_size == group
+
+
+# -- with a clock: a sync from idle starts at the end of the reactor turn -----------------------
+
+
+def make_clocked() -> tuple[GroupCommitter, ManualRunner, FakeSync, Clock]:
+    runner, sync, clock = ManualRunner(), FakeSync(), Clock()
+    committer = GroupCommitter(sync, runner, lambda: 0.0, clock=clock)
+    return committer, runner, sync, clock
+
+
+def test_with_a_clock_requests_of_one_turn_share_the_first_sync() -> None:
+    """A burst of requests made in one reactor turn from idle is one group, not one plus the rest."""
+    committer, runner, sync, clock = make_clocked()
+    burst = [committer.request() for _ in range(5)]
+    assert runner.calls == [], "the sync waits for the end of the turn"
+    assert not committer.idle().called
+    clock.advance(0)
+    assert len(runner.calls) == 1
+    late = committer.request()  # applied after the sync started: not covered by it
+    runner.finish_one()
+    assert all(d.called for d in burst) and not late.called
+    assert committer.last_group_size == 5
+    assert len(runner.calls) == 1, "waiting requests start the next sync at once"
+    runner.finish_one()
+    assert late.called and sync.calls == 2
+    assert committer.idle().called
+    clock.advance(0)
+    assert runner.calls == []
+
+
+def test_with_a_clock_a_failed_sync_reports_once_and_fails_its_group() -> None:
+    """on_error sees each failed sync once; every request of the group fails."""
+    runner, sync, clock = ManualRunner(), FakeSync(), Clock()
+    seen: list[Any] = []
+    committer = GroupCommitter(sync, runner, lambda: 0.0, clock=clock, on_error=seen.append)
+    sync.fail_with = StorageIOError("syncing the write-ahead log: I/O error")
+    group = [committer.request() for _ in range(3)]
+    clock.advance(0)
+    runner.finish_one()
+    errors: list[Any] = []
+    for d in group:
+        d.addErrback(lambda f: errors.append(f.value))
+    assert len(seen) == 1 and len(errors) == 3
+    assert all(isinstance(e, StorageIOError) for e in errors)
+
+
+@given(st.lists(st.sampled_from(["request", "finish", "turn"]), max_size=60))
+def test_with_a_clock_every_request_is_covered_by_a_later_sync(actions: list[str]) -> None:
+    """The end-of-turn start keeps the guarantee: acknowledged only by a sync started after it."""
+    runner, sync, clock = ManualRunner(), FakeSync(), Clock()
+    committer = GroupCommitter(sync, runner, lambda: 0.0, clock=clock)
+    started_before: dict[int, int] = {}
+    acked_by: dict[int, int] = {}
+    for i, action in enumerate(actions):
+        if action == "request":
+            started_before[i] = committer.syncs + len(runner.calls)
+            committer.request().addCallback(lambda _, i=i: acked_by.__setitem__(i, committer.syncs))
+        elif action == "turn":
+            clock.advance(0)
+        elif runner.calls:
+            runner.finish_one()
+        assert len(runner.calls) <= 1
+    while runner.calls or clock.getDelayedCalls():
+        clock.advance(0)
+        if runner.calls:
+            runner.finish_one()
+    assert set(acked_by) == set(started_before)
+    for i, before in started_before.items():
+        assert acked_by[i] > before

@@ -335,3 +335,51 @@ def test_slow_request_warnings_off_at_zero() -> None:
     stage = access_stage(events, clock, slow_ms=0, debug=False)
     stage.after(RequestContext(1, ANONYMOUS, started=1.0), ops.ListCollections(), None)
     assert events == []
+
+
+def test_remembered_level_decisions_follow_level_changes(tmp_path: Path) -> None:
+    """enabled_for remembers its answer, and forgets it whenever a level changes: by a reload
+    (apply), per namespace on the predicate, or by clearing the namespace levels.  The access log's
+    wiring (a partial over enabled_for) sees each change on the next request."""
+    from functools import partial
+
+    controller = LogController(settings(level="info", file=str(tmp_path / "server.log")), LogPublisher())
+    debug_on = partial(controller.enabled_for, LogLevel.debug, ACCESS_LOG_NAMESPACE)
+    assert not debug_on()
+    assert not debug_on()  # remembered
+    controller.apply(settings(level="debug", file=str(tmp_path / "server.log")))
+    assert debug_on()
+    controller.apply(settings(level="warn", file=str(tmp_path / "server.log")))
+    assert not debug_on()
+    assert not controller.enabled_for(LogLevel.info, "amaters.other")
+    controller.predicate.setLogLevelForNamespace("amaters", LogLevel.debug)
+    assert debug_on()
+    assert controller.enabled_for(LogLevel.info, "amaters.other")
+    controller.predicate.clearLogLevels()  # back to the default level (warn, from the last apply)
+    assert not debug_on()
+    assert controller.enabled_for(LogLevel.warn, ACCESS_LOG_NAMESPACE)
+
+
+def test_slow_request_threshold_uses_the_rounded_duration() -> None:
+    """A request a hair under slow_request_ms whose duration rounds (to the µs the event shows) up
+    to the threshold warns; one clearly under it does not."""
+    events: list[LogEvent] = []
+    clock = Clock()
+    clock.advance(10)
+    stage = access_stage(events, clock, slow_ms=100, debug=False)
+    stage.after(RequestContext(1, ANONYMOUS, started=10 - 0.0999996), ops.Get("c", b"k"), None)
+    (event,) = events
+    assert (event["log_level"], event["duration_ms"]) == (LogLevel.warn, 100.0)
+    stage.after(RequestContext(2, ANONYMOUS, started=10 - 0.0999), ops.Get("c", b"k"), None)
+    assert len(events) == 1
+
+
+def test_access_log_without_arrival_time() -> None:
+    """A request whose protocol recorded no arrival time logs duration -1 and is never slow."""
+    events: list[LogEvent] = []
+    clock = Clock()
+    clock.advance(1000)
+    stage = access_stage(events, clock, slow_ms=1, debug=True)
+    stage.after(RequestContext(1, ANONYMOUS), ops.Get("c", b"k"), None)
+    (event,) = events
+    assert (event["log_level"], event["duration_ms"]) == (LogLevel.debug, -1.0)

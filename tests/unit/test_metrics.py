@@ -303,3 +303,31 @@ def test_requests_refused_by_validation_count_as_errors() -> None:
     assert sample(metrics, "amaters_requests_total", op="other", status="error") == 1.0
     assert sample(metrics, "amaters_errors_total", code="validation_invalid_collection") == 2.0
     assert sample(metrics, "amaters_request_duration_seconds_count", op="get") == 0.0
+
+
+def test_remembered_children_count_like_labels() -> None:
+    """request_finished, which keeps the label children it uses, gives the same series and values as
+    calling ``labels()`` each time: per op and status, per error code, "other" for unknown names
+    (created only when first used), and durations in the op's histogram."""
+    metrics = Metrics(process=False)
+    assert sample(metrics, "amaters_requests_total", op="other", status="ok") is None
+    for _ in range(3):
+        metrics.request_finished("get", 0.0002, None)
+    metrics.request_finished("set", 0.003, int(NotFound("gone").code))
+    metrics.request_finished("set", 0.003, int(NotFound("gone").code))
+    metrics.request_finished("nonsense", None, None)
+    metrics.request_finished("other", -1.0, None)  # a negative duration is not observed
+    assert sample(metrics, "amaters_requests_total", op="get", status="ok") == 3.0
+    assert sample(metrics, "amaters_requests_total", op="get", status="error") == 0.0
+    assert sample(metrics, "amaters_requests_total", op="set", status="error") == 2.0
+    assert sample(metrics, "amaters_requests_total", op="other", status="ok") == 2.0
+    assert sample(metrics, "amaters_errors_total", code="storage_not_found") == 2.0
+    assert sample(metrics, "amaters_request_duration_seconds_count", op="get") == 3.0
+    assert sample(metrics, "amaters_request_duration_seconds_bucket", op="get", le="0.00025") == 3.0
+    assert sample(metrics, "amaters_request_duration_seconds_bucket", op="get", le="0.0001") == 0.0
+    assert sample(metrics, "amaters_request_duration_seconds_count", op="set") == 2.0
+    assert sample(metrics, "amaters_request_duration_seconds_count", op="other") == 0.0
+    # The same children labels() hands out: counting through either shows in one series.
+    metrics.requests.labels(op="get", status="ok").inc()
+    metrics.request_finished("get", None, None)
+    assert sample(metrics, "amaters_requests_total", op="get", status="ok") == 5.0

@@ -154,3 +154,33 @@ def test_reload_changes_rates_for_the_next_request() -> None:
     assert commit is not None
     commit()
     assert not rl.enabled
+
+
+def test_pipeline_skips_the_stage_while_off_and_applies_it_after_a_reload() -> None:
+    """With every rate 0 the pipeline does not call the stage at all; a reload that sets a rate
+    puts it back in front of the executor (and one that clears the rates takes it out again)."""
+    from amaters.config import LimitsConfig
+    from amaters.query.executor import QueryExecutor
+    from amaters.query.pipeline import QueryPipeline
+    from amaters.storage.memory import MemoryBackend
+
+    old = default_config()
+    rl = RateLimiter(old.rate_limit, Clock())
+    stage = RateLimitStage(rl)
+    pipeline = QueryPipeline(QueryExecutor(MemoryBackend()), LimitsConfig(), [stage])
+    assert stage not in pipeline._befores
+    on = attrs.evolve(old, rate_limit=RateLimitConfig(per_client_rps=1, per_client_burst=1))
+    commit = rl.prepare_reload(old, on)
+    assert commit is not None
+    commit()
+    assert stage in pipeline._befores
+    get = ops.Get("c", b"k")
+    pipeline.execute(RequestContext(1, ANONYMOUS, "10.0.0.1:1"), get)
+    refused = pipeline.execute(RequestContext(2, ANONYMOUS, "10.0.0.1:1"), get)
+    assert isinstance(refused.result.value, Overloaded)
+    refused.addErrback(lambda failure: None)
+    commit = rl.prepare_reload(on, old)
+    assert commit is not None
+    commit()
+    assert stage not in pipeline._befores
+    assert pipeline.stages == (stage,)

@@ -220,3 +220,74 @@ def test_backend_uses_a_replaced_policy_for_new_calls() -> None:
     faults.fail_writes("io_error", count=1)
     result = outcome(retrying.put("c", b"k", CipherBlob.wrap(b"v")))
     assert isinstance(result, Failure) and result.check(StorageIOError)
+
+
+class PendingPuts(MemoryBackend):
+    """A memory backend whose puts answer later, like a write waiting for its group commit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[defer.Deferred[None]] = []
+        self.puts = 0
+
+    def put(self, collection: str, key: bytes, value: CipherBlob) -> defer.Deferred[None]:
+        self.puts += 1
+        d: defer.Deferred[None] = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+
+def pending_backends() -> tuple[RetryingBackend, PendingPuts, Clock]:
+    inner = PendingPuts()
+    clock = Clock()
+    retrying = RetryingBackend(inner, NO_JITTER, clock, rng=random.Random(3))
+    outcome(retrying.open())
+    outcome(retrying.create_collection("c"))
+    return retrying, inner, clock
+
+
+def test_backend_retries_a_pending_write_that_fails_later() -> None:
+    """A write whose durability fails after the call returned (a failed group commit) is retried."""
+    retrying, inner, clock = pending_backends()
+    d = retrying.put("c", b"k", CipherBlob.wrap(b"v"))
+    assert not d.called
+    inner.pending.pop(0).errback(StorageIOError("syncing the write-ahead log: I/O error"))
+    assert inner.puts == 1
+    clock.advance(0.01)
+    assert inner.puts == 2
+    inner.pending.pop(0).callback(None)
+    assert outcome(d) is None
+
+
+def test_backend_passes_on_a_pending_non_transient_failure() -> None:
+    """A pending write failing with a non-transient error fails at once, without a retry."""
+    retrying, inner, clock = pending_backends()
+    d = retrying.put("c", b"k", CipherBlob.wrap(b"v"))
+    inner.pending.pop(0).errback(StorageFull("disk full"))
+    result = outcome(d)
+    assert isinstance(result, Failure) and result.check(StorageFull)
+    assert inner.puts == 1 and clock.getDelayedCalls() == []
+
+
+def test_backend_pending_write_succeeds_without_retry_machinery() -> None:
+    """A pending write that succeeds is answered through the first attempt's own Deferred."""
+    retrying, inner, _ = pending_backends()
+    d = retrying.put("c", b"k", CipherBlob.wrap(b"v"))
+    first = inner.pending.pop(0)
+    assert d is first
+    first.callback(None)
+    assert outcome(d) is None and inner.puts == 1
+
+
+def test_cancelling_a_pending_write_between_attempts_stops_the_retries() -> None:
+    """Cancelling the caller's Deferred while it waits to retry cancels the wait."""
+    retrying, inner, clock = pending_backends()
+    d = retrying.put("c", b"k", CipherBlob.wrap(b"v"))
+    inner.pending.pop(0).errback(StorageIOError("io"))
+    assert clock.getDelayedCalls()
+    d.cancel()
+    assert clock.getDelayedCalls() == []
+    clock.advance(1)
+    assert inner.puts == 1
+    result = outcome(d)
+    assert isinstance(result, Failure) and result.check(defer.CancelledError)

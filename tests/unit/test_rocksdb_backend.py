@@ -274,6 +274,42 @@ def test_always_shares_one_sync_among_waiting_writes(tmp_path: Path) -> None:
     close_manual(backend, runner)
 
 
+def test_sync_at_end_of_turn_groups_the_writes_of_one_turn(tmp_path: Path) -> None:
+    """With sync_at_end_of_turn (a server's setting) writes of one reactor turn share one fsync,
+    which starts when the turn ends; nothing is acknowledged before that fsync finished."""
+    runner = ManualRunner()
+    clock = Clock()
+    backend = RocksDBBackend(
+        tmp_path / "db",
+        runner,
+        clock,
+        RocksDBSettings(sync="always", sync_at_end_of_turn=True),
+        lock_dir=tmp_path,
+    )
+    d = backend.open()
+    runner.finish_all()
+    ok(d)
+    d = backend.create_collection("c")
+    runner.finish_all()
+    ok(d)
+    writes = [backend.put("c", b"k%d" % i, CipherBlob.wrap(b"v")) for i in range(4)]
+    assert runner.calls == []
+    clock.advance(0)
+    assert len(runner.calls) == 1 and not any(w.called for w in writes)
+    runner.finish_one()
+    assert all(ok(w) is None for w in writes)
+    assert ok(backend.stats())["group_commit"]["max_group_size"] == 4
+    close_manual(backend, runner)
+
+
+def test_server_settings_sync_at_end_of_turn() -> None:
+    """The server's settings (from the config) start group commits at the end of the turn."""
+    from amaters.config import StorageConfig
+
+    assert RocksDBSettings.from_config(StorageConfig()).sync_at_end_of_turn
+    assert not RocksDBSettings().sync_at_end_of_turn
+
+
 @pytest.mark.parametrize("mode", ["interval", "none"])
 def test_interval_and_none_acknowledge_without_syncing(tmp_path: Path, mode: str) -> None:
     """Under interval and none a write is acknowledged once applied; only sync() fsyncs."""
@@ -387,6 +423,33 @@ def test_chunks_stop_at_the_byte_budget(tmp_path: Path) -> None:
     while chunk := ok(cursor.next_chunk()):
         sizes.append(len(chunk))
     assert sizes == [2, 2, 2, 1, 1]
+    ok(backend.close())
+
+
+def test_a_scan_does_not_fill_the_block_cache(tmp_path: Path) -> None:
+    """RANGE reads bypass the block cache (fill_cache=False): a full scan of data on disk leaves the
+    cache as it was, while point reads still fill it."""
+    backend = opened(tmp_path, sync="none")
+    ok(backend.create_collection("c"))
+    for i in range(2000):
+        ok(backend.put("c", b"%05d" % i, CipherBlob.wrap(b"x" * 1000)))
+    ok(backend.flush())
+    ok(backend.close())
+    backend = opened(tmp_path, sync="none")
+
+    def usage() -> int:
+        return int(ok(backend.stats())["block_cache_usage_bytes"])
+
+    before = usage()
+    cursor = backend.scan("c", b"", None, None, 256)
+    seen = 0
+    while chunk := ok(cursor.next_chunk()):
+        seen += len(chunk)
+    assert seen == 2000
+    assert usage() - before < 100_000  # the data is 2 MB
+    for i in range(0, 2000, 10):
+        assert ok(backend.get("c", b"%05d" % i)) is not None
+    assert usage() - before > 500_000
     ok(backend.close())
 
 

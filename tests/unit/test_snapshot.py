@@ -536,5 +536,5 @@ def test_scheduled_snapshots_need_rocksdb(tmp_path: Path) -> None:
     """snapshot.interval with the memory backend is a configuration error, not a silent no-op."""
     from amaters.config import ConfigError
 
-    with pytest.raises(ConfigError, match="scheduled snapshots need storage.backend = rocksdb"):
+    with pytest.raises(ConfigError, match=r"scheduled snapshots need storage\.backend = rocksdb"):
         make_config(tmp_path / "data", "snapshot.interval=3600", "storage.backend=memory")
