@@ -73,11 +73,31 @@ class MeteredProtocol(ProtocolWrapper):
         super().connectionLost(reason)
 
 
+class ConnectionMeter:
+    """The counting hooks a protocol calls itself (``AmatersServerProtocol._meter``): one shared
+    by every connection of a :class:`MeteredFactory`, each hook a single counter update."""
+
+    __slots__ = ("_active", "_connections", "closed", "received", "sent")
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._connections = metrics.connections.inc
+        self._active = metrics.connections_active
+        self.closed = metrics.connections_active.dec
+        self.received = metrics.bytes_received.inc
+        self.sent = metrics.bytes_sent.inc
+
+    def opened(self) -> None:
+        self._connections()
+        self._active.inc()
+
+
 class MeteredFactory(WrappingFactory):
     """Wraps the native protocol's factory: ``amaters_connections_*`` and ``amaters_bytes_*``.
 
     Applied inside TLS, so the byte counters count frames (what clients send and receive), not
-    TLS records.
+    TLS records.  A protocol with a ``_meter`` attribute (``AmatersServerProtocol``) counts for
+    itself through a :class:`ConnectionMeter` and is returned unwrapped, so no wrapper layer sits
+    in its data path; any other protocol is wrapped in a :class:`MeteredProtocol`.
     """
 
     protocol = MeteredProtocol
@@ -86,11 +106,21 @@ class MeteredFactory(WrappingFactory):
     def __init__(self, wrapped: IProtocolFactory, metrics: Metrics) -> None:
         super().__init__(wrapped)
         self.metrics = metrics
+        self.meter = ConnectionMeter(metrics)
 
     @classmethod
     def wrapper(cls, metrics: Metrics) -> Callable[[IProtocolFactory], MeteredFactory]:
         """A function wrapping a factory with these metrics (the listener's ``wrap_factory``)."""
         return lambda factory: cls(factory, metrics)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = self.wrappedFactory.buildProtocol(addr)
+        if protocol is None:
+            return None
+        if hasattr(protocol, "_meter"):
+            protocol._meter = self.meter
+            return protocol
+        return MeteredProtocol(self, protocol)  # type: ignore[arg-type]
 
 
 # -- authentication failures -------------------------------------------------------------------

@@ -19,8 +19,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IAddress, IProtocolFactory
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.python.failure import Failure
+from twisted.protocols.policies import WrappingFactory
 
 from amaters.config import Config, LimitsConfig
 
@@ -105,21 +104,34 @@ class ConnectionLimiter:
         return commit
 
 
-class _CountedConnection(ProtocolWrapper):
-    """Releases its slot in the limiter when the connection ends."""
+def _release_on_close(protocol: Any, limiter: ConnectionLimiter, source: str) -> None:
+    """Make ``protocol.connectionLost`` release its slot in ``limiter`` (once), then run as before.
 
-    source = ""
+    Only ``connectionLost`` is hooked (an instance attribute shadowing the method): reads and writes
+    go straight to the protocol, with no wrapper layer in between.
+    """
+    lost = protocol.connectionLost
+    released = False
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        factory: Any = self.factory
-        factory.limiter.release(self.source)
-        super().connectionLost(reason)
+    def connectionLost(reason: Any = None) -> None:
+        nonlocal released
+        if not released:
+            released = True
+            limiter.release(source)
+            # Unhook: breaks the protocol -> hook -> protocol cycle once the connection is gone.
+            vars(protocol).pop("connectionLost", None)
+        lost(reason)
+
+    protocol.connectionLost = connectionLost
 
 
 class ConnectionLimitFactory(WrappingFactory):
-    """Wraps a listening factory; ``buildProtocol`` returns None (close now) over a limit."""
+    """Wraps a listening factory; ``buildProtocol`` returns None (close now) over a limit.
 
-    protocol = _CountedConnection
+    An admitted connection is the wrapped factory's own protocol (no ProtocolWrapper in the data
+    path); only its ``connectionLost`` is hooked to release the slot, exactly once.
+    """
+
     noisy = False
 
     def __init__(self, wrapped: IProtocolFactory, limiter: ConnectionLimiter) -> None:
@@ -133,18 +145,18 @@ class ConnectionLimitFactory(WrappingFactory):
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         source = source_of(addr) if addr is not None else "unknown"
-        if not self.limiter.admit(source):
+        limiter = self.limiter
+        if not limiter.admit(source):
             return None
         try:
-            inner = self.wrappedFactory.buildProtocol(addr)
+            protocol = self.wrappedFactory.buildProtocol(addr)
         except BaseException:
-            self.limiter.release(source)
+            limiter.release(source)
             raise
-        if inner is None:
-            self.limiter.release(source)
+        if protocol is None:
+            limiter.release(source)
             return None
-        protocol = _CountedConnection(self, inner)  # type: ignore[arg-type]
-        protocol.source = source
+        _release_on_close(protocol, limiter, source)
         return protocol
 
 

@@ -304,6 +304,10 @@ class AmatersServerProtocol(FrameReceiver):
 
     _log = Logger()
     factory: AmatersServerFactory
+    #: Connection and byte counting (amaters.ops.observability sets it on each connection): an
+    #: object with ``opened()``, ``closed()``, ``received(n)`` and ``sent(n)``, called from the
+    #: protocol itself so that no wrapper layer sits in the data path.  None: nothing counted.
+    _meter: Any = None
 
     def __init__(self) -> None:
         self._state = _HANDSHAKE
@@ -340,6 +344,8 @@ class AmatersServerProtocol(FrameReceiver):
     # -- connection lifecycle -----------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        if self._meter is not None:
+            self._meter.opened()
         factory = self.factory
         self.MAX_LENGTH = factory.limits.max_frame_bytes
         peer = self.transport.getPeer()  # type: ignore[union-attr]
@@ -355,6 +361,8 @@ class AmatersServerProtocol(FrameReceiver):
             self._refuse_and_close(0, ShuttingDown("the server is shutting down"))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._meter is not None:
+            self._meter.closed()
         self._lost = True
         self._state = _CLOSING
         for timer in (
@@ -393,7 +401,7 @@ class AmatersServerProtocol(FrameReceiver):
         held, self._held = self._held, collections.deque()
         self._held_bytes = 0
         for data in held:
-            transport.write(data)  # bounded by limits.max_buffered_response_bytes
+            self._transport_write(data)  # bounded by limits.max_buffered_response_bytes
         if self._close_timer is None:
             # A peer that does not read would keep a closing connection open forever.
             self._close_timer = self.factory.clock.callLater(
@@ -454,6 +462,9 @@ class AmatersServerProtocol(FrameReceiver):
     # -- frames in ----------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        meter = self._meter
+        if meter is not None:
+            meter.received(len(data))
         self._last_activity = self.factory.clock.seconds()
         self._received_any = True
         super().dataReceived(data)
@@ -567,6 +578,12 @@ class AmatersServerProtocol(FrameReceiver):
         else:
             self._write(frame_header(size) + payload)
 
+    def _transport_write(self, data: bytes) -> None:
+        """Write to the transport now, counting the bytes (see ``_meter``)."""
+        if self._meter is not None:
+            self._meter.sent(len(data))
+        self.transport.write(data)  # type: ignore[union-attr]
+
     def _flush_out(self) -> None:
         out = self._out
         self._out = None
@@ -577,6 +594,9 @@ class AmatersServerProtocol(FrameReceiver):
     def _write(self, data: bytes) -> None:
         """Write, or hold while the transport's buffer is full (bounded; see _write_paused)."""
         if not self._write_blocked and not self._held:
+            meter = self._meter
+            if meter is not None:
+                meter.sent(len(data))
             self.transport.write(data)  # type: ignore[union-attr]
             return
         if self._dropped:
@@ -820,7 +840,7 @@ class AmatersServerProtocol(FrameReceiver):
         while held and not self._write_blocked and not self._lost:
             data = held.popleft()
             self._held_bytes -= len(data)
-            self.transport.write(data)  # type: ignore[union-attr]
+            self._transport_write(data)
         self._update_reading()
         if not paused:
             for stream in list(self._streams.values()):

@@ -21,8 +21,9 @@ from amaters.config import LimitsConfig
 from amaters.errors import AuthError, InvalidCollection, NotFound, Overloaded
 from amaters.ops.observability import MeteredFactory, MetricsService, counting_authenticator
 from amaters.ops.stages import MetricsStage
-from amaters.proto import query_pb2, types_pb2
-from amaters.protocols.server import ANONYMOUS, Credentials
+from amaters.proto import envelope_pb2, query_pb2, types_pb2
+from amaters.protocols.framing import encode_frame
+from amaters.protocols.server import ANONYMOUS, AmatersServerFactory, AmatersServerProtocol, Credentials
 from amaters.query import operations as ops
 from amaters.query.executor import QueryExecutor
 from amaters.query.pipeline import QueryPipeline, RequestContext
@@ -232,6 +233,36 @@ def test_metered_factory_counts_connections_and_bytes() -> None:
     assert transport.value() == b"1234512345abc"
     assert sample(metrics, "amaters_bytes_received_total") == 5.0
     assert sample(metrics, "amaters_bytes_sent_total") == 13.0
+    protocol.connectionLost(Failure(ConnectionError("gone")))
+    assert sample(metrics, "amaters_connections_active") == 0.0
+    assert sample(metrics, "amaters_connections_total") == 1.0
+
+
+def test_metered_factory_lets_the_native_protocol_count_for_itself() -> None:
+    """The native protocol is returned unwrapped (no wrapper layer in its data path) and counts
+    the connection and every frame byte in and out itself, exactly as the wrapper did."""
+    metrics = Metrics(process=False)
+    pipeline = QueryPipeline(QueryExecutor(MemoryBackend()), LimitsConfig())
+    inner = AmatersServerFactory(pipeline, LimitsConfig(), Clock())
+    factory = MeteredFactory(inner, metrics)
+    protocol = factory.buildProtocol(None)
+    assert isinstance(protocol, AmatersServerProtocol)
+    assert protocol.factory is inner
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    assert protocol.transport is transport
+    assert sample(metrics, "amaters_connections_total") == 1.0
+    assert sample(metrics, "amaters_connections_active") == 1.0
+    hello = envelope_pb2.Envelope(
+        request_id=1,
+        handshake=envelope_pb2.Handshake(version=types_pb2.Version(major=1), client_name="test"),
+    )
+    frame = encode_frame(hello.SerializeToString())
+    protocol.dataReceived(frame[:3])
+    protocol.dataReceived(frame[3:])
+    assert sample(metrics, "amaters_bytes_received_total") == float(len(frame))
+    assert transport.value()
+    assert sample(metrics, "amaters_bytes_sent_total") == float(len(transport.value()))
     protocol.connectionLost(Failure(ConnectionError("gone")))
     assert sample(metrics, "amaters_connections_active") == 0.0
     assert sample(metrics, "amaters_connections_total") == 1.0

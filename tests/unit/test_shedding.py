@@ -188,6 +188,22 @@ def test_connection_limits_total_and_per_address() -> None:
     assert connect(factory, "10.0.0.1", 4) is not None
 
 
+def test_connection_limits_add_no_wrapper_and_release_once() -> None:
+    """An admitted connection is the wrapped factory's own protocol (nothing in its data path);
+    its slot is released exactly once, however often connectionLost is called."""
+    limiter = ConnectionLimiter(LimitsConfig(max_connections=2, max_connections_per_ip=1), Clock())
+    factory = ConnectionLimitFactory(Factory.forProtocol(Echo), limiter)
+    protocol = connect(factory, "10.0.0.1", 1)
+    assert type(protocol) is Echo
+    assert protocol.transport is not None
+    protocol.dataReceived(b"x")  # straight to the protocol
+    assert limiter.total == 1 and limiter.per_source == {"10.0.0.1": 1}
+    protocol.connectionLost(None)
+    protocol.connectionLost(None)
+    assert limiter.total == 0 and limiter.per_source == {}
+    assert connect(factory, "10.0.0.1", 2) is not None
+
+
 def test_connection_limits_zero_means_unlimited_and_reload() -> None:
     """Limits of 0 admit everything; a reload tightens them for the next connection only."""
     limiter = ConnectionLimiter(LimitsConfig(max_connections=0, max_connections_per_ip=0), Clock())
