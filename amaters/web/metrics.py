@@ -12,6 +12,7 @@ rest summed as ``other``.  Keys, values, tokens and peer addresses never become 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -76,6 +77,47 @@ FSYNC_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0
 
 #: At most this many error codes get a remembered ``amaters_errors_total`` child.
 _MAX_CACHED_CODES = 256
+
+
+def _fast_inc(child: Any) -> Callable[[], None]:
+    """``child.inc`` for a labelled counter child, without its per-call checks.
+
+    ``Counter.inc()`` checks that the child has its labels (it has) and that the amount is not
+    negative (it is 1), then increments its value: this increments the value directly.  Falls back
+    to ``child.inc`` if the client library keeps its value elsewhere.
+    """
+    inc = getattr(getattr(child, "_value", None), "inc", None)
+    if not callable(inc):
+        return child.inc  # type: ignore[no-any-return]
+    return functools.partial(inc, 1)
+
+
+def _fast_observe(child: Any) -> Callable[[float], None]:
+    """``child.observe`` for a labelled histogram child, without its per-call label check.
+
+    The same updates as ``Histogram.observe(amount)`` without an exemplar: add the amount to the
+    sum, then count it in the first bucket whose upper bound it does not exceed.  Falls back to
+    ``child.observe`` if the client library keeps its values elsewhere.
+    """
+    try:
+        sum_inc = child._sum.inc
+        bounds = list(child._upper_bounds)
+        incs = [bucket.inc for bucket in child._buckets]
+    except AttributeError:
+        return child.observe  # type: ignore[no-any-return]
+    if len(bounds) != len(incs):
+        return child.observe  # type: ignore[no-any-return]
+    pairs = tuple(zip(bounds, incs, strict=True))
+
+    def observe(amount: float) -> None:
+        sum_inc(amount)
+        for bound, inc in pairs:
+            if amount <= bound:
+                inc(1)
+                break
+
+    return observe
+
 
 #: Writes acknowledged by one fsync.
 GROUP_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -258,9 +300,9 @@ class Metrics:
         children = self._by_op.get(label)
         if children is None:
             children = self._by_op[label] = (
-                self.requests.labels(op=label, status="ok").inc,
-                self.requests.labels(op=label, status="error").inc,
-                self.request_duration.labels(op=label).observe,
+                _fast_inc(self.requests.labels(op=label, status="ok")),
+                _fast_inc(self.requests.labels(op=label, status="error")),
+                _fast_observe(self.request_duration.labels(op=label)),
             )
         return children
 
