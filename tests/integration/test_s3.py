@@ -25,13 +25,10 @@ from typing import Any
 import pytest
 from harness import free_port
 from twisted.internet import defer
-from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 
 from amaters.cli import main
 from amaters.config import Config, load_config
-from amaters.service import ThreadPoolService
-from amaters.storage.rocksdb import RocksDBBackend, RocksDBSettings
+from amaters.storage.rocksdb import RocksDBBackend
 from amaters.storage.snapshot import (
     SnapshotCorrupted,
     SnapshotInfo,
@@ -48,6 +45,8 @@ try:
     import moto.server  # noqa: F401
 except ImportError:  # pragma: no cover - the test extras install both
     pytest.skip('moto[server] is not installed (pip install "moto[server]")', allow_module_level=True)
+
+from storage_helpers import open_backend, result_of, sync_pools  # noqa: E402
 
 from amaters.storage.s3 import S3Error, S3Settings, S3Store  # noqa: E402
 
@@ -137,31 +136,6 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def result_of(d: Any) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
-
-
-def sync_pools() -> Any:
-    clock = Clock()
-    return SimpleNamespace(
-        io=ThreadPoolService(clock, "io", synchronous=True),  # type: ignore[arg-type]
-        cpu=ThreadPoolService(clock, "cpu", synchronous=True),  # type: ignore[arg-type]
-    )
-
-
-def open_backend(data_dir: Path) -> RocksDBBackend:
-    clock = Clock()
-    pool = ThreadPoolService(clock, "io", synchronous=True)  # type: ignore[arg-type]
-    backend = RocksDBBackend(data_dir / "db", pool, clock, RocksDBSettings(sync="none"), lock_dir=data_dir)
-    result_of(backend.open())
-    return backend
 
 
 def dump(backend: RocksDBBackend) -> dict[str, list[tuple[bytes, CipherBlob]]]:

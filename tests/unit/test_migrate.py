@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import rocksdict
-from twisted.internet import defer
-from twisted.internet.task import Clock
-from twisted.python.failure import Failure
+from storage_helpers import open_backend, result_of, run, sync_pools
 
 from amaters import __version__
 from amaters.config import Config, load_config
 from amaters.errors import Corrupted
-from amaters.service import ThreadPoolService
 from amaters.storage import codec, formatfile
 from amaters.storage.formatfile import FormatMismatch
 from amaters.storage.lock import DataDirLock, DataDirLocked
@@ -34,7 +30,7 @@ from amaters.storage.migrate import (
     migrate_data_dir,
     plan,
 )
-from amaters.storage.rocksdb import FORMAT_VERSION, RocksDBBackend, RocksDBSettings
+from amaters.storage.rocksdb import FORMAT_VERSION, RocksDBBackend
 from amaters.storage.snapshot import read_manifest, restore_archive, snapshot_dir
 from amaters.types import CipherBlob
 
@@ -45,27 +41,6 @@ FIXTURE: dict[str, dict[bytes, CipherBlob]] = {
     "docs": {b"doc:1": CipherBlob.wrap(os.urandom(300), version=3), b"doc:2": CipherBlob.wrap(b"")},
     "empty": {},
 }
-
-
-def result_of(d: Any) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
-
-
-def run(coroutine: Any) -> Any:
-    return result_of(defer.Deferred.fromCoroutine(coroutine))
-
-
-def sync_pools() -> Any:
-    clock = Clock()
-    return SimpleNamespace(
-        io=ThreadPoolService(clock, "io", synchronous=True),  # type: ignore[arg-type]
-        cpu=ThreadPoolService(clock, "cpu", synchronous=True),  # type: ignore[arg-type]
-    )
 
 
 def make_config(data_dir: Path) -> Config:
@@ -88,14 +63,6 @@ def write_format_0(data_dir: Path, extra_families: tuple[str, ...] = (), bad_rec
             family.put(b"doc:broken", codec.encode(CipherBlob.wrap(b"fine"))[:-1] + b"X")
         del family
     db.close()
-
-
-def open_backend(data_dir: Path) -> RocksDBBackend:
-    clock = Clock()
-    io_pool = ThreadPoolService(clock, "io", synchronous=True)  # type: ignore[arg-type]
-    backend = RocksDBBackend(data_dir / "db", io_pool, clock, RocksDBSettings(sync="none"), lock_dir=data_dir)
-    result_of(backend.open())
-    return backend
 
 
 def read_everything(backend: RocksDBBackend) -> dict[str, dict[bytes, CipherBlob]]:

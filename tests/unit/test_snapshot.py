@@ -18,17 +18,16 @@ from typing import Any
 
 import pytest
 import zstandard
+from storage_helpers import open_backend, result_of, run, sync_pools
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 
 from amaters import __version__
 from amaters.config import Config, load_config
 from amaters.errors import InvalidOperation
-from amaters.service import ThreadPoolService
 from amaters.storage import formatfile
 from amaters.storage.memory import MemoryBackend
-from amaters.storage.rocksdb import FORMAT_VERSION, RocksDBBackend, RocksDBSettings
+from amaters.storage.rocksdb import FORMAT_VERSION, RocksDBBackend
 from amaters.storage.snapshot import (
     MANIFEST_NAME,
     SnapshotCorrupted,
@@ -47,37 +46,6 @@ from amaters.storage.snapshot import (
 from amaters.types import CipherBlob, Compression, WriteOp, crc32
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def result_of(d: Any) -> Any:
-    """The result of a Deferred that has already fired (raises its failure)."""
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
-
-
-def run(coroutine: Any) -> Any:
-    return result_of(defer.Deferred.fromCoroutine(coroutine))
-
-
-def sync_pools() -> Any:
-    clock = Clock()
-    return SimpleNamespace(
-        io=ThreadPoolService(clock, "io", synchronous=True),  # type: ignore[arg-type]
-        cpu=ThreadPoolService(clock, "cpu", synchronous=True),  # type: ignore[arg-type]
-    )
-
-
-def open_backend(data_dir: Path) -> RocksDBBackend:
-    """An open RocksDB backend on ``data_dir`` (sync "none": the tests need no fsync per write)."""
-    clock = Clock()
-    io_pool = ThreadPoolService(clock, "io", synchronous=True)  # type: ignore[arg-type]
-    backend = RocksDBBackend(data_dir / "db", io_pool, clock, RocksDBSettings(sync="none"), lock_dir=data_dir)
-    result_of(backend.open())
-    return backend
 
 
 def make_config(data_dir: Path, *settings: str) -> Config:

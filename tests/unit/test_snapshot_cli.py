@@ -8,11 +8,10 @@ import json
 import os
 import tarfile
 from pathlib import Path
-from typing import Any
 
 import pytest
+from storage_helpers import result_of
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 
 from amaters.cli import main
 from amaters.ops.snapshot_cli import ProgressPrinter
@@ -21,15 +20,6 @@ from amaters.storage import formatfile
 from amaters.storage.lock import DataDirLock
 from amaters.storage.rocksdb import RocksDBBackend, RocksDBSettings
 from amaters.types import CipherBlob
-
-
-def result_of(d: Any) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 def backend_on(data_dir: Path) -> RocksDBBackend:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer
+from storage_helpers import result_of
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
@@ -31,17 +31,6 @@ from amaters.storage.rocksdb import RocksDBBackend, RocksDBSettings
 from amaters.types import CipherBlob, Compression, WriteOp, crc32
 
 BACKENDS = ["memory", "rocksdb", "faults-rocksdb", "retrying-memory"]
-
-
-def result_of(d: Any) -> Any:
-    """The result of a Deferred that has already fired (fails the test otherwise)."""
-    assert isinstance(d, defer.Deferred)
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 def failure_of(d: Any, *types: type[BaseException]) -> Failure:
