@@ -21,9 +21,9 @@ Then it maps the certificate to a principal:
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -45,6 +45,8 @@ from amaters.auth.principal import (
 from amaters.config import MTLSConfig
 
 _CRL_BEGIN = b"-----BEGIN X509 CRL-----"
+T = TypeVar("T")
+
 _CERT_BEGIN = b"-----BEGIN CERTIFICATE-----"
 
 
@@ -59,6 +61,20 @@ def _pem_blocks(data: bytes, begin: bytes) -> list[bytes]:
         blocks.append(data[start : stop + len(end)] + b"\n")
         start = data.find(begin, stop)
     return blocks
+
+
+def _load_pem_objects(
+    path: str, key: str, begin: bytes, load: Callable[[bytes], T], what: str, problems: list[str]
+) -> list[T]:
+    """Every PEM block starting with ``begin`` in ``path``, loaded; problems go to ``problems``."""
+    try:
+        data = Path(path).read_bytes()
+        return [load(block) for block in _pem_blocks(data, begin)]
+    except OSError as e:
+        problems.append(f"{key}: cannot read {path!r} ({e.strerror or type(e).__name__})")
+    except ValueError:
+        problems.append(f"{key}: {path!r} holds a {what} that cannot be parsed")
+    return []
 
 
 class CertificateVerifier:
@@ -79,30 +95,17 @@ class CertificateVerifier:
     @classmethod
     def from_files(cls, ca_file: str, crl_file: str = "") -> CertificateVerifier:
         """The verifier for PEM files ``tls.ca`` and ``tls.crl``.  Raises AuthConfigError."""
-        problems = []
-        authorities: list[x509.Certificate] = []
+        problems: list[str] = []
+        authorities = _load_pem_objects(
+            ca_file, "tls.ca", _CERT_BEGIN, x509.load_pem_x509_certificate, "certificate", problems
+        )
+        if not authorities and not problems:
+            problems.append(f"tls.ca: {ca_file!r} holds no PEM certificate")
         crls: list[x509.CertificateRevocationList] = []
-        try:
-            data = Path(ca_file).read_bytes()
-            for block in _pem_blocks(data, _CERT_BEGIN):
-                authorities.append(x509.load_pem_x509_certificate(block))
-            if not authorities:
-                problems.append(f"tls.ca: {ca_file!r} holds no PEM certificate")
-        except OSError as e:
-            problems.append(f"tls.ca: cannot read {ca_file!r} ({e.strerror or type(e).__name__})")
-        except ValueError:
-            problems.append(f"tls.ca: {ca_file!r} holds a certificate that cannot be parsed")
         if crl_file:
-            try:
-                data = Path(crl_file).read_bytes()
-                for block in _pem_blocks(data, _CRL_BEGIN):
-                    crls.append(x509.load_pem_x509_crl(block))
-                if not crls:
-                    problems.append(f"tls.crl: {crl_file!r} holds no PEM CRL (-----BEGIN X509 CRL-----)")
-            except OSError as e:
-                problems.append(f"tls.crl: cannot read {crl_file!r} ({e.strerror or type(e).__name__})")
-            except ValueError:
-                problems.append(f"tls.crl: {crl_file!r} holds a CRL that cannot be parsed")
+            crls = _load_pem_objects(crl_file, "tls.crl", _CRL_BEGIN, x509.load_pem_x509_crl, "CRL", problems)
+            if not crls and not problems:
+                problems.append(f"tls.crl: {crl_file!r} holds no PEM CRL (-----BEGIN X509 CRL-----)")
         if problems:
             raise AuthConfigError(problems)
         return cls(authorities, crls)

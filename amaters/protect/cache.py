@@ -375,40 +375,28 @@ class CachingExecutor:
     def _write(self, keys: Sequence[bytes], op: ops.Operation) -> defer.Deferred[Any]:
         cache = self.cache
         cache.begin_write(keys)
-        try:
-            d: defer.Deferred[Any] = self.inner.execute(op)
-        except BaseException:
-            cache.end_write(keys)
-            raise
-
-        if d.called and not d.paused:
-            # Already finished (memory backend): what the callback would do now, without it.
-            cache.end_write(keys)
-            return d
-
-        def finished(result: Any) -> Any:
-            cache.end_write(keys)
-            return result
-
-        d.addBoth(finished)
-        return d
+        return self._execute_then(op, cache.end_write, keys)
 
     def _collection_write(self, collection: str | None, op: ops.Operation) -> defer.Deferred[Any]:
         cache = self.cache
         cache.begin_collection_write(collection)
+        return self._execute_then(op, cache.end_collection_write, collection)
+
+    def _execute_then(self, op: ops.Operation, end: Callable[[Any], None], what: Any) -> defer.Deferred[Any]:
+        """Execute ``op``, then ``end(what)`` once it has finished, whether it succeeded or not."""
         try:
             d: defer.Deferred[Any] = self.inner.execute(op)
         except BaseException:
-            cache.end_collection_write(collection)
+            end(what)
             raise
 
         if d.called and not d.paused:
             # Already finished (memory backend): what the callback would do now, without it.
-            cache.end_collection_write(collection)
+            end(what)
             return d
 
         def finished(result: Any) -> Any:
-            cache.end_collection_write(collection)
+            end(what)
             return result
 
         d.addBoth(finished)
