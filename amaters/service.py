@@ -8,8 +8,7 @@ reverse, awaiting each and reporting every failure.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 from twisted.application import service
@@ -23,16 +22,6 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 log = Logger()
-
-
-def deferred(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, defer.Deferred[T]]:
-    """Wrap an ``async def`` so that calling it returns a Deferred (the Twisted boundary)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> defer.Deferred[T]:
-        return defer.Deferred.fromCoroutine(fn(*args, **kwargs))
-
-    return wrapper
 
 
 def log_failure(message: str, logger: Logger = log) -> Callable[[Failure], None]:
@@ -193,15 +182,3 @@ class ThreadPoolService(service.Service):
         from twisted.internet.threads import deferToThreadPool
 
         return deferToThreadPool(self._reactor, self.pool, f, *args, **kwargs)  # type: ignore[arg-type]
-
-
-async def await_all(items: list[Awaitable[Any]]) -> None:
-    """Await every item, raising the first failure after all have finished."""
-    first: BaseException | None = None
-    for item in items:
-        try:
-            await item
-        except BaseException as e:
-            first = first or e
-    if first is not None:
-        raise first
