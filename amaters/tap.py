@@ -214,7 +214,11 @@ def build_service(
     # pipeline stages there), served by the "listener" service.  Last to start, first to stop.
     from amaters.protocols.server import build_listener
 
-    build_listener(config, reactor, root).setServiceParent(root)  # type: ignore[no-untyped-call]
+    from amaters.fhe.service import build_fhe
+
+    fhe = build_fhe(config, reactor, getattr(root, "metrics", None))
+    fhe.setServiceParent(root)  # type: ignore[no-untyped-call]
+    build_listener(config, reactor, root, fhe).setServiceParent(root)  # type: ignore[no-untyped-call]
     # -- end protocol listener -------------------------------------------------------------
 
     # -- protection (protection issue) ----------------------------------------------------

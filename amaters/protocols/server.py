@@ -862,6 +862,8 @@ class AmatersServerProtocol(FrameReceiver):
         self._request_started()
         if not d.called:
             timeout = self.factory.limits.request_timeout
+            if what in ("filter", "update", "upload_keys"):
+                timeout = max(timeout, self.factory.fhe_query_timeout)
             self._timers[request_id] = self.factory.clock.callLater(
                 timeout, self._request_expired, request_id, what, timeout
             )
@@ -1067,6 +1069,31 @@ class AmatersServerProtocol(FrameReceiver):
         service_name = request.service if request.HasField("service") else None
         self._run_simple(request_id, ops.HealthCheck(service_name), _health_envelope)
 
+    def _on_fhe_key_upload(self, request_id: int, request: envelope_pb2.FheKeyUpload) -> None:
+        from amaters.fhe.service import KeyUpload
+
+        chunk = KeyUpload(
+            key_set_id=request.key_set_id,
+            evaluator=request.evaluator,
+            schema=request.schema,
+            specs_sha256=request.specs_sha256,
+            total_size=request.total_size,
+            offset=request.offset,
+            data=request.data,
+            last=request.last,
+            warm_ciphertext=request.warm_ciphertext,
+        )
+
+        def render(result: Any) -> envelope_pb2.Envelope:
+            out = Envelope()
+            answer = out.fhe_key_upload_response
+            answer.received = result.received
+            answer.complete = result.complete
+            answer.already_present = result.already_present
+            return out
+
+        self._run_simple(request_id, ops.UploadKeys(chunk), render)
+
     def _on_ping(self, request_id: int, request: envelope_pb2.Ping) -> None:
         self._send(Envelope(request_id=request_id, pong=envelope_pb2.Pong(payload=request.payload)))
 
@@ -1146,6 +1173,7 @@ _HANDLERS: dict[str, Callable[[AmatersServerProtocol, int, Any], None]] = {
     "server_info": AmatersServerProtocol._on_server_info,
     "health_check": AmatersServerProtocol._on_health_check,
     "ping": AmatersServerProtocol._on_ping,
+    "fhe_key_upload": AmatersServerProtocol._on_fhe_key_upload,
 }
 
 
@@ -1170,6 +1198,8 @@ class AmatersServerFactory(Factory):
         self.limits = limits
         self.clock = clock
         self.authenticate: Authenticator = authenticate or default_authenticator(False)
+        #: FILTER, UPDATE and key uploads run up to this long (fhe.query_timeout).
+        self.fhe_query_timeout = 600.0
         #: Per-frame compression a handshake may negotiate (None: never; amaters.protect sets it).
         self.frame_compression: Any = None
         self.connections: set[AmatersServerProtocol] = set()
@@ -1349,7 +1379,7 @@ class ListenerService(service.Service):
             self.factory.abort_all()
 
 
-def build_listener(config: Config, reactor: Any, root: Any) -> ListenerService:
+def build_listener(config: Config, reactor: Any, root: Any, fhe: Any = None) -> ListenerService:
     """The listener with its pipeline and executor over ``root.backend`` (used by ``amaters.tap``).
 
     Sets ``root.pipeline`` so later features can add pipeline stages.
@@ -1376,11 +1406,17 @@ def build_listener(config: Config, reactor: Any, root: Any) -> ListenerService:
         range_chunk_size=config.storage.range_chunk_size,
         server_info=server_info,
         health=health,
+        fhe=fhe,
+        fhe_max_rows=config.fhe.max_rows_per_query,
+        fhe_query_timeout=config.fhe.query_timeout,
+        clock=reactor,
     )
     pipeline = QueryPipeline(executor, config.limits)
     root.pipeline = pipeline
     # amaters.auth sets root.authenticator (cred portal) when auth.enabled; else the default.
-    return ListenerService(config, reactor, pipeline, getattr(root, "authenticator", None))
+    listener = ListenerService(config, reactor, pipeline, getattr(root, "authenticator", None))
+    listener.factory.fhe_query_timeout = config.fhe.query_timeout
+    return listener
 
 
 __all__ = [

@@ -128,6 +128,44 @@ class HealthCheck:
     service: str | None = None
 
 
+@attrs.frozen(slots=True)
+class Filter:
+    """Evaluate an encrypted predicate on every encrypted row of the collection (at most
+    ``fhe.max_rows_per_query``; ``offset`` rows skipped, at most ``limit`` examined).  The result
+    is a list of ``(key, blob, encrypted boolean)``: only the client can tell which rows match."""
+
+    name: ClassVar[str] = "filter"
+    kind: ClassVar[Access] = "read"
+    collection: str
+    key_set_id: str
+    predicate: object = attrs.field(repr=_hidden)
+    limit: int | None = None
+    offset: int = 0
+
+
+@attrs.frozen(slots=True)
+class Update:
+    """Replace every encrypted row by ``select(predicate, updated, old)``; the result is the number
+    of rows examined (the server does not learn which changed)."""
+
+    name: ClassVar[str] = "update"
+    kind: ClassVar[Access] = "write"
+    collection: str
+    key_set_id: str
+    predicate: object = attrs.field(repr=_hidden)
+    updates: object = attrs.field(repr=_hidden)
+
+
+@attrs.frozen(slots=True)
+class UploadKeys:
+    """One chunk of a client's public evaluation keys (see amaters.fhe.service.KeyUpload)."""
+
+    name: ClassVar[str] = "upload_keys"
+    kind: ClassVar[Access] = "write"
+    collection: ClassVar[None] = None
+    chunk: object = attrs.field(repr=_hidden)
+
+
 Operation = (
     Get
     | Set
@@ -139,6 +177,9 @@ Operation = (
     | ListCollections
     | ServerInfo
     | HealthCheck
+    | Filter
+    | Update
+    | UploadKeys
 )
 
 

@@ -145,7 +145,7 @@ class QueryPipeline:
         stages: Sequence[IPipelineStage] = (),
     ) -> None:
         self.executor = executor
-        self.validator = Validator(limits)
+        self.validator = Validator(limits, executor.fhe_unavailable)
         self._stages: list[IPipelineStage] = []
         self._befores: tuple[IPipelineStage, ...] = ()
         self._afters: tuple[IPipelineStage, ...] = ()
