@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from amaters.client import DEFAULT_PORT, AmatersClient
+from amaters.fhe import cli as fhe_cli
 
 EXIT_OK = 0
 EXIT_MISSING = 1
@@ -101,6 +102,7 @@ def client_options(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="connection and request timeout (default: 10)",
     )
     group.add_argument("--hex", action="store_true", help="keys on the command line are hexadecimal")
+    fhe_cli.add_fhe_option(group)
     return parent
 
 
@@ -181,6 +183,7 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:  # type
         "--force", action="store_true", help="replace an existing file (its values become unreadable)"
     )
     p.set_defaults(func=cmd_keygen)
+    fhe_cli.add_fhe_commands(subparsers, common)
 
 
 # -- plumbing --------------------------------------------------------------------------------
@@ -284,6 +287,8 @@ def _run(args: argparse.Namespace, body: Callable[[AmatersClient], Coroutine[Any
 
 
 def cmd_set(args: argparse.Namespace) -> int:
+    if args.fhe_keys:
+        return fhe_cli.cmd_set(args)
     key = _key_arg(args, args.key)
     value = sys.stdin.buffer.read() if args.value == "-" else args.value.encode()
 
@@ -295,6 +300,8 @@ def cmd_set(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
+    if args.fhe_keys:
+        return fhe_cli.cmd_get(args)
     key = _key_arg(args, args.key)
 
     async def body(client: AmatersClient) -> int:
