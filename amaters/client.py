@@ -706,7 +706,7 @@ class AmatersClient:
         self, collection: str, key: KeyLike, keys: Any, *, timeout: float | None = None
     ) -> defer.Deferred[dict[str, int] | None]:
         """The decrypted record stored under ``key``, or None when missing."""
-        d = self.get_blob(collection, key, timeout=timeout)
+        d: defer.Deferred[Any] = self.get_blob(collection, key, timeout=timeout)
         d.addCallback(lambda blob: None if blob is None else keys.decrypt(blob.data))
         return d
 
@@ -785,7 +785,13 @@ class AmatersClient:
         return d
 
     def update(
-        self, collection: str, predicate: Any, updates: Sequence[Any], *, keys: Any, timeout: float | None = None
+        self,
+        collection: str,
+        predicate: Any,
+        updates: Sequence[Any],
+        *,
+        keys: Any,
+        timeout: float | None = None,
     ) -> defer.Deferred[int]:
         """Apply ``updates`` (``set_``, ``add``, ``mul``) to the rows ``predicate`` selects.
 

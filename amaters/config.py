@@ -635,7 +635,9 @@ class FHEConfig:
         minimum=1.0,
         reloadable=True,
     )
-    workers: int = setting(1, "Worker processes evaluating ciphertexts (one core each).", minimum=1, maximum=64)
+    workers: int = setting(
+        1, "Worker processes evaluating ciphertexts (one core each).", minimum=1, maximum=64
+    )
     max_rows_per_query: int = setting(
         10_000, "Most encrypted rows one FILTER or UPDATE may examine.", minimum=1, reloadable=True
     )

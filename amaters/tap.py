@@ -212,9 +212,8 @@ def build_service(
     # -- protocol listener (protocol issue) -----------------------------------------------
     # The native protocol: QueryExecutor over the backend, behind root.pipeline (later issues add
     # pipeline stages there), served by the "listener" service.  Last to start, first to stop.
-    from amaters.protocols.server import build_listener
-
     from amaters.fhe.service import build_fhe
+    from amaters.protocols.server import build_listener
 
     fhe = build_fhe(config, reactor, getattr(root, "metrics", None))
     fhe.setServiceParent(root)  # type: ignore[no-untyped-call]

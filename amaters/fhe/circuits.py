@@ -181,7 +181,9 @@ def compile_module(widths: tuple[int, ...]) -> Any:
         n = bits // 4
         samples = [np.zeros(n, dtype=np.int64), np.full(n, 15, dtype=np.int64)]
         samples += [rng.integers(0, 16, size=n) for _ in range(30)]
-        pairs = [(a, b) for a in samples[:2] for b in samples[:2]] + list(zip(samples, samples[::-1]))
+        pairs = [(a, b) for a in samples[:2] for b in samples[:2]] + list(
+            zip(samples, samples[::-1], strict=True)
+        )
         for name, f in operations(n, fhe).items():
             fname = function_name(name, bits)
             if name == "select":

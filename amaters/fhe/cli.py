@@ -237,7 +237,9 @@ def cmd_upload(args: argparse.Namespace) -> int:
     async def body(client: Any) -> int:
         stored = await client.upload_keys(keys)
         size = len(keys.evaluation_keys())
-        print(f"{'uploaded' if stored else 'already on the server:'} key set {keys.key_set_id.hex()} ({size} bytes)")
+        print(
+            f"{'uploaded' if stored else 'already on the server:'} key set {keys.key_set_id.hex()} ({size} bytes)"
+        )
         return EXIT_OK
 
     return _run(args, body)

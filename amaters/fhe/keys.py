@@ -48,9 +48,9 @@ class FheKeys:
             from concrete import fhe
 
             client = fhe.Client(fhe.ClientSpecs.deserialize(specs))
-            client._keys = fhe.Keys.deserialize(keyset)  # noqa: SLF001 - concrete has no setter for loaded keys
+            client._keys = fhe.Keys.deserialize(keyset)
             self._client = client
-            self._evaluation = bytes(client._keys.evaluation.serialize())  # noqa: SLF001
+            self._evaluation = bytes(client._keys.evaluation.serialize())
         elif kind == "cleartext-insecure":
             self._evaluation = keyset  # a public nonce: there is nothing secret
         else:
@@ -125,7 +125,7 @@ class FheKeys:
         """The secret LWE keys' bytes (for tests proving they never reach a server)."""
         if self.kind != "concrete":
             return []
-        keyset = self._client.keys._keyset  # noqa: SLF001
+        keyset = self._client.keys._keyset
         client_keys = keyset.get_client_keys()
         out = []
         for key in client_keys.get_secret_keys():
@@ -163,7 +163,7 @@ class FheKeys:
         if row.key_set_id != self.key_set_id:
             raise SchemaError("the record was encrypted under another key set")
         out = {}
-        for (name, bits), ciphertext in zip(row.schema.fields, row.fields):
+        for (name, bits), ciphertext in zip(row.schema.fields, row.fields, strict=True):
             out[name] = self._decrypt_chunks(ciphertext, bits)
         return out
 

@@ -36,7 +36,7 @@ class Record:
 
     def replace(self, values: dict[str, bytes]) -> Record:
         return attrs.evolve(
-            self, fields=tuple(values.get(n, f) for n, f in zip(self.schema.names, self.fields))
+            self, fields=tuple(values.get(n, f) for n, f in zip(self.schema.names, self.fields, strict=True))
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import attrs
 
@@ -35,10 +36,10 @@ class Schema:
         """A schema from ``"name:bits,..."`` or a mapping; raises :class:`SchemaError`."""
         if isinstance(spec, Schema):
             return spec
+        items: list[tuple[str, Any]] = []
         if isinstance(spec, Mapping):
             items = [(str(k), v) for k, v in spec.items()]
         else:
-            items = []
             for part in str(spec).split(","):
                 part = part.strip()
                 if not part:

@@ -32,7 +32,14 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from amaters.config import Config, FHEConfig
-from amaters.errors import AmatersError, ComputeError, ComputeTimeout, InvalidOperation, InvalidValue, NotFound
+from amaters.errors import (
+    AmatersError,
+    ComputeError,
+    ComputeTimeout,
+    InvalidOperation,
+    InvalidValue,
+    NotFound,
+)
 from amaters.fhe import engine, records
 from amaters.fhe.schema import Schema, SchemaError
 from amaters.interfaces import IFHEEvaluator
@@ -217,7 +224,7 @@ class FheService(service.Service):
             self._meta[key_set_id] = meta
         return meta
 
-    def upload_chunk(self, chunk: KeyUpload) -> defer.Deferred[UploadResult]:
+    def upload_chunk(self, chunk: KeyUpload) -> defer.Deferred[UploadResult]:  # type: ignore[override]
         """Store one chunk; on the last, verify, publish and warm the key set."""
         reason = self.unavailable("uploading FHE keys")
         if reason is not None:
@@ -226,7 +233,9 @@ class FheService(service.Service):
 
     async def _upload(self, chunk: KeyUpload) -> UploadResult:
         if chunk.evaluator != self.kind:
-            raise InvalidValue(f"the keys are for the {chunk.evaluator} evaluator; this server runs {self.kind}")
+            raise InvalidValue(
+                f"the keys are for the {chunk.evaluator} evaluator; this server runs {self.kind}"
+            )
         try:
             schema = Schema.parse(chunk.schema)
         except SchemaError as e:
@@ -249,7 +258,9 @@ class FheService(service.Service):
         if self.kind == "concrete":
             warm = await self._in_worker(attrs.evolve(job, action="warm", rows=(chunk.warm_ciphertext,)))
             self._observe(warm)
-        self._log.info("Stored FHE key set {id} ({size} bytes)", id=chunk.key_set_id[:16], size=chunk.total_size)
+        self._log.info(
+            "Stored FHE key set {id} ({size} bytes)", id=chunk.key_set_id[:16], size=chunk.total_size
+        )
         return UploadResult(received, True, False)
 
     @staticmethod
@@ -308,7 +319,7 @@ class FheService(service.Service):
             action=action,
         )
 
-    def evaluate(
+    def evaluate(  # type: ignore[override]
         self, key_set_id: str, action: str, tree: Any, updates: Any, rows: list[bytes], deadline: float
     ) -> defer.Deferred[list[bytes | None]]:
         """Per row: the encrypted boolean (filter) or the new record (update); None for rows of

@@ -52,7 +52,15 @@ _pack_length = struct.Struct(">I").pack
 
 #: Operations that change nothing stored.
 _READ_ONLY: frozenset[type] = frozenset(
-    {ops.Range, ops.ListCollections, ops.ServerInfo, ops.HealthCheck, ops.CreateCollection, ops.Filter, ops.UploadKeys}
+    {
+        ops.Range,
+        ops.ListCollections,
+        ops.ServerInfo,
+        ops.HealthCheck,
+        ops.CreateCollection,
+        ops.Filter,
+        ops.UploadKeys,
+    }
 )
 
 

@@ -45,7 +45,9 @@ class Validator:
     # Names seen valid, so the regular expression runs once per collection, not per request.
     _MAX_REMEMBERED = 4096
 
-    def __init__(self, limits: LimitsConfig, fhe_unavailable: Callable[[str], str | None] | None = None) -> None:
+    def __init__(
+        self, limits: LimitsConfig, fhe_unavailable: Callable[[str], str | None] | None = None
+    ) -> None:
         self.limits = limits
         #: Why FILTER/UPDATE cannot run (None: they can); absent: no FHE evaluator at all.
         self.fhe_unavailable = fhe_unavailable

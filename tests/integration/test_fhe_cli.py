@@ -22,7 +22,10 @@ def amaters(server: ServerProcess, cwd: Path, *args: str) -> subprocess.Complete
 
 @pytest.mark.parametrize(
     "evaluator",
-    ["cleartext-insecure", pytest.param("concrete", marks=pytest.mark.skipif(not HAVE_CONCRETE, reason="needs amaters[fhe]"))],
+    [
+        "cleartext-insecure",
+        pytest.param("concrete", marks=pytest.mark.skipif(not HAVE_CONCRETE, reason="needs amaters[fhe]")),
+    ],
 )
 def test_fhe_walkthrough_from_the_shell(tmp_path: Path, evaluator: str) -> None:
     """keygen, upload, set records, filter, update, filter and get: the docs' commands work and
@@ -34,9 +37,23 @@ def test_fhe_walkthrough_from_the_shell(tmp_path: Path, evaluator: str) -> None:
     server.start(env={"OMP_NUM_THREADS": "1"}).wait_ready(60)
     try:
         keygen = subprocess.run(
-            [sys.executable, "-m", "amaters.cli", "fhe", "keygen", "--schema", "age:8,balance:16"]
-            + ["--out", "my.fhe", "--evaluator", evaluator],
-            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+            [
+                sys.executable,
+                "-m",
+                "amaters.cli",
+                "fhe",
+                "keygen",
+                "--schema",
+                "age:8,balance:16",
+                "--out",
+                "my.fhe",
+                "--evaluator",
+                evaluator,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
         )
         assert keygen.returncode == 0, keygen.stderr
         assert (tmp_path / "my.fhe").stat().st_mode & 0o777 == 0o600
@@ -48,12 +65,18 @@ def test_fhe_walkthrough_from_the_shell(tmp_path: Path, evaluator: str) -> None:
         for name, record in people.items():
             done = amaters(server, tmp_path, "--fhe-keys", "my.fhe", "set", "people", name, record)
             assert done.returncode == 0, done.stderr
-        found = amaters(server, tmp_path, "--fhe-keys", "my.fhe", "filter", "people", "age > 30 and not balance == 0")
+        found = amaters(
+            server, tmp_path, "--fhe-keys", "my.fhe", "filter", "people", "age > 30 and not balance == 0"
+        )
         assert found.returncode == 0, found.stderr
         assert found.stdout == "alice\tage=42,balance=1000\n"
-        updated = amaters(server, tmp_path, "--fhe-keys", "my.fhe", "update", "people", "balance == 0", "balance+=5")
+        updated = amaters(
+            server, tmp_path, "--fhe-keys", "my.fhe", "update", "people", "balance == 0", "balance+=5"
+        )
         assert updated.returncode == 0 and updated.stdout == "3 encrypted rows examined\n", updated.stderr
-        found = amaters(server, tmp_path, "--fhe-keys", "my.fhe", "filter", "people", "balance < 10 or age <= 17")
+        found = amaters(
+            server, tmp_path, "--fhe-keys", "my.fhe", "filter", "people", "balance < 10 or age <= 17"
+        )
         assert found.stdout.splitlines() == ["bob\tage=17,balance=5", "carol\tage=65,balance=5"]
         got = amaters(server, tmp_path, "--fhe-keys", "my.fhe", "get", "people", "alice")
         assert got.stdout == "age=42,balance=1000\n"

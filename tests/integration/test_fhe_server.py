@@ -8,7 +8,6 @@ Python's own evaluation, and that the client's secret key reaches neither the wi
 from __future__ import annotations
 
 import importlib.util
-import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,7 +52,9 @@ def sent_frames(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     return frames
 
 
-async def run_scenario(server: ServerProcess, keys: Any, records: dict[bytes, dict[str, int]], predicates: list[Any]) -> int:
+async def run_scenario(
+    server: ServerProcess, keys: Any, records: dict[bytes, dict[str, int]], predicates: list[Any]
+) -> int:
     """Upload, store, FILTER with each predicate, UPDATE, FILTER again; checks against the oracle."""
     client = await connect(reactor, "127.0.0.1", server.port, ca_cert=str(server.ca_cert), timeout=600)
     evaluations = 0
@@ -100,7 +101,10 @@ async def test_cleartext_filter_and_update_through_the_server(tmp_path: Path) ->
         keys = FheKeys.generate("age:8,balance:16", evaluator="cleartext-insecure")
         rng = random.Random(7)
         records = {
-            f"k{i:02d}".encode(): {"age": rng.choice([0, 17, 30, 31, 255, rng.randrange(256)]), "balance": rng.choice([0, 65535, rng.randrange(65536)])}
+            f"k{i:02d}".encode(): {
+                "age": rng.choice([0, 17, 30, 31, 255, rng.randrange(256)]),
+                "balance": rng.choice([0, 65535, rng.randrange(65536)]),
+            }
             for i in range(20)
         }
         predicates = [
@@ -114,7 +118,10 @@ async def test_cleartext_filter_and_update_through_the_server(tmp_path: Path) ->
             before = {k: r for k, r in records.items()}
             await client.update("people", field("age") >= 0, [mul("balance", 3)], keys=keys)
             for k, r in before.items():
-                assert await client.get_record("people", k, keys) == {**r, "balance": r["balance"] * 3 % 65536}
+                assert await client.get_record("people", k, keys) == {
+                    **r,
+                    "balance": r["balance"] * 3 % 65536,
+                }
         finally:
             await client.close()
     finally:
