@@ -39,9 +39,15 @@ class _Numpy:
         return f
 
 
-def _concrete_lib() -> Any:
-    from concrete import fhe
+def concrete() -> Any:
+    """``concrete.fhe``, imported without its import-time deprecation warning about
+    ``pkg_resources`` (which would otherwise reach every CLI user's terminal)."""
+    import warnings
 
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pkg_resources.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        from concrete import fhe
     return fhe
 
 
@@ -164,7 +170,7 @@ def compile_module(widths: tuple[int, ...]) -> Any:
 
     Slow (seconds to a minute): callers run it off the reactor and cache the result on disk.
     """
-    fhe = _concrete_lib()
+    fhe = concrete()
     rng = np.random.default_rng(20240601)
     namespace: dict[str, Any] = {}
     inputsets: dict[str, list[Any]] = {}

@@ -25,7 +25,7 @@ from amaters.fhe.schema import SchemaError
 def circuit_cache_key(widths: tuple[int, ...]) -> str:
     """The circuit cache key: the field widths, our circuit version and concrete's version."""
     try:
-        from concrete import fhe
+        fhe = circuits.concrete()
 
         version = str(fhe.__version__)
     except ImportError:  # pragma: no cover - only reached when the extra is missing
@@ -69,7 +69,7 @@ class ConcreteBackend:
     kind = "concrete"
 
     def __init__(self, server: Any, evaluation_keys: Any) -> None:
-        from concrete import fhe
+        fhe = circuits.concrete()
 
         self._fhe = fhe
         self._server = server
@@ -169,7 +169,7 @@ def load_circuit(circuits_dir: str, widths: tuple[int, ...]) -> tuple[Any, bool]
     server = _servers.get(key)
     if server is not None:
         return server, True
-    from concrete import fhe
+    fhe = circuits.concrete()
 
     path = Path(circuits_dir) / f"{key}.zip"
     hit = path.exists()
@@ -195,7 +195,7 @@ def _load_keys(job: Job) -> tuple[Any, bool]:
     if entry is not None:
         _keys.move_to_end(job.key_set_id)
         return entry[0], False
-    from concrete import fhe
+    fhe = circuits.concrete()
 
     data = Path(job.keys_path).read_bytes()
     keys = fhe.EvaluationKeys.deserialize(data)

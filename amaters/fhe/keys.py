@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from amaters.fhe import circuits
 from amaters.fhe import predicate as predicates
 from amaters.fhe import records
 from amaters.fhe.schema import Schema, SchemaError, from_chunks, to_chunks
@@ -45,7 +46,7 @@ class FheKeys:
         self._client: Any = None
         self._evaluation: bytes | None = None
         if kind == "concrete":
-            from concrete import fhe
+            fhe = circuits.concrete()
 
             client = fhe.Client(fhe.ClientSpecs.deserialize(specs))
             client._keys = fhe.Keys.deserialize(keyset)
@@ -170,7 +171,7 @@ class FheKeys:
     def _decrypt_chunks(self, ciphertext: bytes, bits: int) -> int:
         if self.kind == "cleartext-insecure":
             return from_chunks(ciphertext)
-        from concrete import fhe
+        fhe = circuits.concrete()
 
         value = fhe.Value.deserialize(ciphertext)
         return from_chunks(np.atleast_1d(self._client.decrypt(value, function_name=f"add{bits}")))
@@ -179,7 +180,7 @@ class FheKeys:
         """An encrypted boolean the server returned (FILTER)."""
         if self.kind == "cleartext-insecure":
             return bool(ciphertext[0])
-        from concrete import fhe
+        fhe = circuits.concrete()
 
         return bool(int(self._client.decrypt(fhe.Value.deserialize(ciphertext), function_name="bnot")))
 
