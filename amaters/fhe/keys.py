@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from amaters.fhe import circuits
+from amaters.fhe import circuits, records
 from amaters.fhe import predicate as predicates
-from amaters.fhe import records
 from amaters.fhe.schema import Schema, SchemaError, from_chunks, to_chunks
 from amaters.proto import types_pb2
 
