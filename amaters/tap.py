@@ -215,7 +215,7 @@ def build_service(
     from amaters.fhe.service import build_fhe
     from amaters.protocols.server import build_listener
 
-    fhe = build_fhe(config, reactor, getattr(root, "metrics", None))
+    fhe = build_fhe(config, reactor)
     fhe.setServiceParent(root)  # type: ignore[no-untyped-call]
     build_listener(config, reactor, root, fhe).setServiceParent(root)  # type: ignore[no-untyped-call]
     # -- end protocol listener -------------------------------------------------------------
@@ -239,7 +239,8 @@ def build_service(
     # "tracing" and "metrics" just before the listener (they stop after it has drained).
     from amaters.ops.observability import install_observability
 
-    install_observability(root, config, reactor)
+    # The FHE service counts evaluations in the metrics built here.
+    fhe.metrics = install_observability(root, config, reactor).metrics
     # -- end observability -----------------------------------------------------------------
 
     # TLS rotation on reload, and on file change with tls.watch.

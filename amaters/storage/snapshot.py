@@ -947,6 +947,13 @@ def pack_offline_blocking(
     )
 
 
+def _copy_fhe_keys(data_dir: Path, work: Path) -> None:
+    """Uploaded FHE evaluation keys (public) travel with the data: ``fhe/keys`` minus partial uploads."""
+    source = data_dir / "fhe" / "keys"
+    if source.is_dir():
+        shutil.copytree(source, work / "fhe" / "keys", ignore=shutil.ignore_patterns("*.part"))
+
+
 async def create_snapshot(
     backend: Any,
     config: Config,
@@ -974,6 +981,7 @@ async def create_snapshot(
     try:
         report(0, 0, "checkpoint")
         await defer.maybeDeferred(backend.snapshot, str(work / "db"))
+        await pools.io.run(_copy_fhe_keys, Path(config.server.data_dir), work)
         info = await pools.cpu.run(
             _pack_checkpoint, work, directory, timestamp, config.snapshot.compression, FORMAT_VERSION, report
         )
