@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from harness import ServerProcess, http_get
+from harness import ServerProcess
 from twisted.internet import reactor
 
 from amaters import client as client_module
