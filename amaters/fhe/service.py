@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -119,15 +120,19 @@ class FheService(service.Service):
         super().startService()
         self._io.start()
         if self.kind == "concrete" and self.unavailable("FHE") is None:
-            import multiprocessing
-
-            self._processes = ProcessPoolExecutor(
-                max_workers=self.config.workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_worker_init,
-            )
+            self._processes = self._new_pool()
         else:
             self._log.info("FHE evaluator {kind}", kind=self.kind)
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        import multiprocessing
+
+        # Processes start on the first submit, not here.
+        return ProcessPoolExecutor(
+            max_workers=self.config.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init,
+        )
 
     def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
         super().stopService()
@@ -150,7 +155,14 @@ class FheService(service.Service):
         if self._processes is None:
             return defer.fail(InvalidOperation("the FHE workers are not running"))
         d: defer.Deferred[engine.JobResult] = defer.Deferred()
-        future = self._processes.submit(engine.run_job, job)
+        try:
+            future = self._processes.submit(engine.run_job, job)
+        except BrokenProcessPool:
+            # A worker died (killed, out of memory): replace the pool once, then go on.
+            self._log.warn("An FHE worker process died; starting new workers")
+            self._processes.shutdown(wait=False, cancel_futures=True)
+            self._processes = self._new_pool()
+            future = self._processes.submit(engine.run_job, job)
 
         def done(f: Future[engine.JobResult]) -> None:
             self._reactor.callFromThread(self._settle, f, d)
