@@ -24,7 +24,11 @@ def amaters(server: ServerProcess, cwd: Path, *args: str) -> subprocess.Complete
     "evaluator",
     [
         "cleartext-insecure",
-        pytest.param("concrete", marks=pytest.mark.skipif(not HAVE_CONCRETE, reason="needs amaters[fhe]")),
+        pytest.param(
+            "concrete",
+            # About 4 minutes of CLI processes each loading the keys: run with -m slow.
+            marks=[pytest.mark.slow, pytest.mark.skipif(not HAVE_CONCRETE, reason="needs amaters[fhe]")],
+        ),
     ],
 )
 def test_fhe_walkthrough_from_the_shell(tmp_path: Path, evaluator: str) -> None:
