@@ -39,6 +39,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from amaters import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS, __version__
+from amaters.auth.principal import (
+    ANONYMOUS,
+    Authenticator,
+    Credentials,
+    Principal,
+    default_authenticator,
+)
 from amaters.errors import (
     AmatersError,
     AuthError,
@@ -71,52 +78,7 @@ if TYPE_CHECKING:
 Envelope = envelope_pb2.Envelope
 
 
-# -- principals and authentication ---------------------------------------------------------------
-
-
-@implementer(IPrincipal)
-@attrs.frozen
-class Principal:
-    """A principal as the protocol sees it (auth may return any IPrincipal provider)."""
-
-    id: str
-    name: str
-    roles: tuple[str, ...]
-    auth_method: str
-
-
-ANONYMOUS = Principal(id="anonymous", name="anonymous", roles=("admin",), auth_method="anonymous")
-
-
-@attrs.frozen
-class Credentials:
-    """What a client presented in its handshake.  The secret never appears in ``repr``."""
-
-    kind: str  # "bearer_token" | "api_key"
-    secret: str = attrs.field(repr=False)
-
-
-#: ``authenticate(credentials, peer_certificate, source_address) -> Deferred[IPrincipal]``; fails
-#: with an AuthError subclass to refuse.
-Authenticator = Callable[[Credentials | None, Any, str], "defer.Deferred[IPrincipal]"]
-
-
-def default_authenticator(auth_enabled: bool) -> Authenticator:
-    """Until the auth issue plugs in twisted.cred: anonymous admin when auth is disabled, else refuse."""
-
-    def anonymous(
-        credentials: Credentials | None, peer_certificate: Any, source: str
-    ) -> defer.Deferred[IPrincipal]:
-        return defer.succeed(ANONYMOUS)
-
-    def refuse(
-        credentials: Credentials | None, peer_certificate: Any, source: str
-    ) -> defer.Deferred[IPrincipal]:
-        return defer.fail(
-            AuthError("authentication is enabled but no authentication method is configured on this server")
-        )
-
-    return refuse if auth_enabled else anonymous
+# -- sessions ------------------------------------------------------------------------------------
 
 
 @attrs.define
@@ -1165,13 +1127,14 @@ class AmatersServerFactory(Factory):
         limits: LimitsConfig,
         clock: Any,
         authenticate: Authenticator | None = None,
+        frame_compression: Any = None,
     ) -> None:
         self.pipeline = pipeline
         self.limits = limits
         self.clock = clock
         self.authenticate: Authenticator = authenticate or default_authenticator(False)
-        #: Per-frame compression a handshake may negotiate (None: never; amaters.protect sets it).
-        self.frame_compression: Any = None
+        #: Per-frame compression a handshake may negotiate (None: never).
+        self.frame_compression: Any = frame_compression
         self.connections: set[AmatersServerProtocol] = set()
         self.draining = False
         #: While draining, idle connections are closed by the server only after a grace period
@@ -1248,6 +1211,10 @@ class ListenerService(service.Service):
         reactor: Any,
         pipeline: QueryPipeline,
         authenticate: Authenticator | None = None,
+        *,
+        wrap_factory: Callable[[Any], Any] | None = None,
+        gate_factory: Callable[[Any], Any] | None = None,
+        frame_compression: Any = None,
     ) -> None:
         self.config = config
         self.reactor = reactor
@@ -1257,14 +1224,15 @@ class ListenerService(service.Service):
             config.limits,
             reactor,
             authenticate or default_authenticator(config.auth.enabled),
+            frame_compression,
         )
         self.port: IListeningPort | None = None
         self.tls: Any = None
         self.tls_files: Any = None
-        #: Wraps the protocol factory inside TLS when listening (the observability metrics).
-        self.wrap_factory: Callable[[Any], Any] | None = None
+        #: Wraps the protocol factory inside TLS when listening (connection and byte metrics).
+        self.wrap_factory = wrap_factory
         #: Wraps the listening factory outside TLS (the connection limits: refuse before TLS work).
-        self.gate_factory: Callable[[Any], Any] | None = None
+        self.gate_factory = gate_factory
 
     @property
     def is_accepting(self) -> bool:
@@ -1279,8 +1247,8 @@ class ListenerService(service.Service):
         endpoint = serverFromString(self.reactor, config.server.listen)  # type: ignore[no-untyped-call]
         factory: Any = self.factory if self.wrap_factory is None else self.wrap_factory(self.factory)
         if config.tls.enabled:
-            from amaters.protocols.certs import ensure_server_tls
-            from amaters.protocols.tlsctx import ReloadableServerTLS, server_tls_options
+            from amaters.tls.certs import ensure_server_tls
+            from amaters.tls.context import ReloadableServerTLS, server_tls_options
 
             files = ensure_server_tls(config)
             self.tls_files = files
@@ -1349,40 +1317,6 @@ class ListenerService(service.Service):
             self.factory.abort_all()
 
 
-def build_listener(config: Config, reactor: Any, root: Any) -> ListenerService:
-    """The listener with its pipeline and executor over ``root.backend`` (used by ``amaters.tap``).
-
-    Sets ``root.pipeline`` so later features can add pipeline stages.
-    """
-    from amaters.query.executor import QueryExecutor
-
-    def server_info() -> ops.ServerInfoResult:
-        started = getattr(root, "started_at", None)
-        uptime = int(reactor.seconds() - started) if started is not None else 0
-        return ops.ServerInfoResult(
-            PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS, CAPABILITIES, max(uptime, 0)
-        )
-
-    def health() -> ops.HealthResult:
-        if getattr(root, "draining", False):
-            return ops.HealthResult(False, "shutting down")
-        if getattr(root, "ready", True):
-            return ops.HealthResult(True, "serving")
-        return ops.HealthResult(False, "starting")
-
-    executor = QueryExecutor(
-        root.backend,
-        auto_create_collections=config.storage.auto_create_collections,
-        range_chunk_size=config.storage.range_chunk_size,
-        server_info=server_info,
-        health=health,
-    )
-    pipeline = QueryPipeline(executor, config.limits)
-    root.pipeline = pipeline
-    # amaters.auth sets root.authenticator (cred portal) when auth.enabled; else the default.
-    return ListenerService(config, reactor, pipeline, getattr(root, "authenticator", None))
-
-
 __all__ = [
     "ANONYMOUS",
     "CAPABILITIES",
@@ -1393,6 +1327,5 @@ __all__ = [
     "ListenerService",
     "Principal",
     "Session",
-    "build_listener",
     "default_authenticator",
 ]
