@@ -69,3 +69,36 @@ def test_bad_config_on_start_is_one_line(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["start", "--set", "storage.sync=sometimes", "--set", f"server.data_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "storage.sync" in err and "Traceback" not in err
+
+
+def test_command_groups_are_modules_with_add_commands() -> None:
+    """Every group in amaters.cli.GROUPS adds its commands through add_commands(subparsers)."""
+    import importlib
+
+    from amaters.cli import GROUPS, build_parser
+
+    for name in GROUPS:
+        assert callable(importlib.import_module(name).add_commands), name
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for command in ("start", "stop", "status", "get", "set", "admin", "snapshot", "migrate", "auth", "keygen"):
+        assert command in commands
+
+
+def test_no_module_imports_the_cli_package() -> None:
+    """Only entry points import amaters.cli: nothing under amaters/ outside the package itself."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2] / "amaters"
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.is_relative_to(root / "cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            if any(n == "amaters.cli" or n.startswith("amaters.cli.") for n in names):
+                offenders.append(str(path.relative_to(root)))
+    assert offenders == []

@@ -10,50 +10,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from amaters import PROTOCOL_VERSION, __version__
+from amaters.cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, config_options, endpoint_url, err, load
 from amaters.config import Config, ConfigError, load_config, to_dict
 
-EXIT_OK = 0
-EXIT_FAIL = 1
-EXIT_USAGE = 2
-
 TWISTD = "from twisted.scripts.twistd import run; run()"
-
-
-def _err(message: str) -> None:
-    print(f"amaters: {message}", file=sys.stderr)
-
-
-def _load(args: argparse.Namespace) -> Config:
-    return load_config(getattr(args, "config", None), getattr(args, "set", None) or [], os.environ)
-
-
-def _endpoint_url(description: str) -> str:
-    """http://host:port of a tcp server endpoint string (for probing the ops site)."""
-    parts = re.split(r"(?<!\\):", description)
-    port = next((p for p in parts[1:] if p.isdigit()), None)
-    host = "127.0.0.1"
-    for p in parts[1:]:
-        if p.startswith("interface="):
-            host = p.split("=", 1)[1].replace("\\", "") or host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    if port is None:
-        raise ValueError(f"cannot probe {description!r}: no TCP port")
-    return f"http://{host}:{port}"
 
 
 def _read_pid(path: Path) -> int | None:
@@ -84,7 +54,7 @@ def _probe_ready(config: Config, timeout: float = 2.0) -> tuple[bool, str]:
     if not config.web.enabled:
         return False, "ops site disabled (web.enabled = false)"
     try:
-        url = _endpoint_url(config.web.listen) + "/readyz"
+        url = endpoint_url(config.web.listen) + "/readyz"
     except ValueError as e:
         return False, str(e)
     try:
@@ -151,10 +121,10 @@ def _twistd_args(args: argparse.Namespace, config: Config, foreground: bool) -> 
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = load(args)
     pid = _read_pid(config.pid_file)
     if pid is not None and _alive(pid):
-        _err(f"already running (pid {pid}, pid file {config.pid_file})")
+        err(f"already running (pid {pid}, pid file {config.pid_file})")
         return EXIT_FAIL
     if pid is not None:
         config.pid_file.unlink(missing_ok=True)  # stale
@@ -166,13 +136,13 @@ def cmd_start(args: argparse.Namespace) -> int:
     result = subprocess.run(argv, capture_output=True, text=True)
     if result.returncode != 0:
         message = (result.stderr or result.stdout).strip().splitlines()
-        _err("failed to start: " + (" | ".join(message[-5:]) or f"twistd exit {result.returncode}"))
+        err("failed to start: " + (" | ".join(message[-5:]) or f"twistd exit {result.returncode}"))
         return EXIT_FAIL
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
         pid = _read_pid(config.pid_file)
         if pid is not None and not _alive(pid):
-            _err(f"server exited during start; see {config.log_file}")
+            err(f"server exited during start; see {config.log_file}")
             return EXIT_FAIL
         ready, _ = _probe_ready(config, timeout=1.0)
         if ready:
@@ -183,12 +153,12 @@ def cmd_start(args: argparse.Namespace) -> int:
     if pid is not None and _alive(pid):
         print(f"amaters started (pid {pid}) but not ready after {args.wait:g}s; see {config.log_file}")
         return EXIT_OK
-    _err(f"server did not start; see {config.log_file}")
+    err(f"server did not start; see {config.log_file}")
     return EXIT_FAIL
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = load(args)
     pid = _read_pid(config.pid_file)
     if pid is None or not _alive(pid):
         print("amaters is not running")
@@ -209,12 +179,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
         config.pid_file.unlink(missing_ok=True)
         print(f"amaters killed (pid {pid}) after {args.timeout:g}s")
         return EXIT_OK
-    _err(f"pid {pid} still running after {args.timeout:g}s (use --force to kill it)")
+    err(f"pid {pid} still running after {args.timeout:g}s (use --force to kill it)")
     return EXIT_FAIL
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = load(args)
     pid = _read_pid(config.pid_file)
     running = pid is not None and _alive(pid)
     if running:
@@ -238,10 +208,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = load(args)
     pid = _read_pid(config.pid_file)
     if pid is None or not _alive(pid):
-        _err(f"not running (no live pid in {config.pid_file})")
+        err(f"not running (no live pid in {config.pid_file})")
         return EXIT_FAIL
     os.kill(pid, signal.SIGHUP)
     print(f"reload requested (SIGHUP to pid {pid}); the server logs what changed or why it refused")
@@ -251,101 +221,34 @@ def cmd_reload(args: argparse.Namespace) -> int:
 # -- parser ----------------------------------------------------------------------------------
 
 
-def _config_options() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--config", "-c", metavar="FILE", help="TOML configuration file")
-    parent.add_argument(
-        "--set", action="append", metavar="SECTION.KEY=VALUE", help="override a setting (repeatable)"
-    )
-    return parent
+def add_commands(subparsers: Any) -> None:
+    """Add ``version``, ``validate-config``, ``start``, ``stop``, ``reload`` and ``status``."""
+    config_opts = config_options()
 
-
-def build_parser() -> argparse.ArgumentParser:
-    try:
-        from amaters.client_cli import client_options
-
-        top_parents = [client_options()]
-    except ImportError:
-        top_parents = []
-    parser = argparse.ArgumentParser(
-        prog="amaters",
-        description="amaters encrypted key-value database: server and client.",
-        parents=top_parents,
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    config_opts = _config_options()
-
-    p = sub.add_parser("version", help="print the version")
+    p = subparsers.add_parser("version", help="print the version")
     p.add_argument("-v", "--verbose", action="store_true", help="also print component versions")
     p.set_defaults(func=cmd_version)
 
-    p = sub.add_parser("validate-config", parents=[config_opts], help="check a configuration file")
+    p = subparsers.add_parser("validate-config", parents=[config_opts], help="check a configuration file")
     p.add_argument("file", nargs="?", help="TOML configuration file (default: --config or built-ins)")
     p.add_argument("--show", action="store_true", help="print the effective configuration (secrets redacted)")
     p.set_defaults(func=cmd_validate_config)
 
-    p = sub.add_parser(
+    p = subparsers.add_parser(
         "start", parents=[config_opts], help="start the server (daemonized unless --foreground)"
     )
     p.add_argument("--foreground", action="store_true", help="run in the foreground (logs to stdout)")
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for readiness")
     p.set_defaults(func=cmd_start)
 
-    p = sub.add_parser("stop", parents=[config_opts], help="stop the server (SIGTERM, then wait)")
+    p = subparsers.add_parser("stop", parents=[config_opts], help="stop the server (SIGTERM, then wait)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for it to exit")
     p.add_argument("--force", action="store_true", help="SIGKILL it after the timeout")
     p.set_defaults(func=cmd_stop)
 
-    p = sub.add_parser("reload", parents=[config_opts], help="re-read the configuration (SIGHUP)")
+    p = subparsers.add_parser("reload", parents=[config_opts], help="re-read the configuration (SIGHUP)")
     p.set_defaults(func=cmd_reload)
 
-    p = sub.add_parser("status", parents=[config_opts], help="is the server running and ready?")
+    p = subparsers.add_parser("status", parents=[config_opts], help="is the server running and ready?")
     p.add_argument("--format", choices=["human", "json"], default="human")
     p.set_defaults(func=cmd_status)
-
-    from amaters.web.admin_cli import add_admin_commands
-
-    add_admin_commands(sub, [config_opts])
-
-    try:
-        from amaters.client_cli import add_client_commands
-    except ImportError:
-        pass
-    else:
-        add_client_commands(sub)
-
-    from amaters.auth.cli import add_auth_commands
-
-    add_auth_commands(sub)
-
-    from amaters.ops.snapshot_cli import add_snapshot_commands
-
-    add_snapshot_commands(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    func: Any = getattr(args, "func", None)
-    if func is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    try:
-        return int(func(args))
-    except ConfigError as e:
-        for problem in e.problems:
-            _err(f"config: {problem}")
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        _err("interrupted")
-        return 130
-    except BrokenPipeError:
-        return EXIT_FAIL
-    except OSError as e:
-        _err(str(e))
-        return EXIT_FAIL
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
