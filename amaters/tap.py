@@ -59,7 +59,11 @@ class Options(usage.Options):
         try:
             self.config = load_config(self["config"], self.overrides, os.environ)
         except ConfigError as e:
-            raise usage.UsageError("invalid configuration:\n  " + "\n  ".join(e.problems)) from None
+            # Not a UsageError: twistd would print its whole usage text before the problems.
+            print("amaters: invalid configuration:", file=sys.stderr)
+            for problem in e.problems:
+                print(f"  {problem}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 def _exit_with(code: int) -> None:

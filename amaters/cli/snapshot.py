@@ -1,8 +1,8 @@
 """The ``amaters snapshot ...`` and ``amaters migrate`` commands (offline tools on a data dir).
 
-- ``snapshot create [--upload]``: snapshot a *stopped* server's data directory (the command takes
-  the data directory lock, as a server would; a running server holds it, and is snapshotted through
-  its admin API instead);
+- ``snapshot create [--upload]``: snapshot the data directory: directly when no server runs on it
+  (the command takes the data directory lock, as a server would), otherwise through the running
+  server's admin API (only the process holding the database open can checkpoint it);
 - ``snapshot list [--remote]``: archives in ``snapshot.dir`` (or in the S3 bucket);
 - ``snapshot verify ARCHIVE``: re-hash every file against the manifest;
 - ``snapshot restore ARCHIVE --into DIR``: verify, then restore into an empty or new directory;
@@ -396,7 +396,7 @@ def add_commands(subparsers: Any) -> None:
     p = actions.add_parser(
         "create",
         parents=[config_opts, common],
-        help="snapshot a stopped server's data directory into snapshot.dir",
+        help="snapshot the data directory into snapshot.dir (through the running server if there is one)",
     )
     p.add_argument("--upload", action="store_true", help="also upload the archive to snapshot.s3")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -80,7 +80,18 @@ def test_command_groups_are_modules_with_add_commands() -> None:
     for name in GROUPS:
         assert callable(importlib.import_module(name).add_commands), name
     commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    for command in ("start", "stop", "status", "get", "set", "admin", "snapshot", "migrate", "auth", "keygen"):
+    for command in (
+        "start",
+        "stop",
+        "status",
+        "get",
+        "set",
+        "admin",
+        "snapshot",
+        "migrate",
+        "auth",
+        "keygen",
+    ):
         assert command in commands
 
 
@@ -102,3 +113,20 @@ def test_no_module_imports_the_cli_package() -> None:
             if any(n == "amaters.cli" or n.startswith("amaters.cli.") for n in names):
                 offenders.append(str(path.relative_to(root)))
     assert offenders == []
+
+
+def test_keygen_output_is_ignored_by_git(tmp_path: Path) -> None:
+    """Key files written by `amaters keygen` (default amaters.key, or any NAME.key) are in .gitignore."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    for name in ("amaters.key", "my.key", "keys/backup.key"):
+        result = subprocess.run(
+            ["git", "-C", str(root), "check-ignore", "-q", "--no-index", name],
+            capture_output=True,
+            timeout=30,
+        )
+        assert result.returncode == 0, f"{name} is not ignored"
