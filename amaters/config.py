@@ -884,14 +884,14 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
     problems.extend(auth_problems(config))
 
 
-def load_config(
+def read_config(
     path: str | os.PathLike[str] | None = None,
     overrides: Iterable[str] = (),
     environ: Mapping[str, str] | None = None,
-) -> Config:
-    """Build and validate a Config from defaults, ``path``, ``environ`` and ``--set`` ``overrides``.
-
-    Raises ConfigError listing every problem.  Reads only the file at ``path``.
+) -> tuple[Config, list[str]]:
+    """The Config from defaults, ``path``, ``environ`` and ``--set`` ``overrides``, and every problem
+    found reading them (a setting with a problem keeps its default).  No cross-checks between
+    settings: :func:`config_problems` runs those.  Reads only the file at ``path``.
     """
     problems: list[str] = []
     tree: dict[str, Any] = {}
@@ -924,9 +924,28 @@ def load_config(
             problems.append(str(e))
     _flatten_text_overrides(parsed, tree, texts)
     config: Config = _build(Config, tree, "", texts, base_dir, problems)
-    config = attrs.evolve(config, source=source)
+    return attrs.evolve(config, source=source), problems
+
+
+def config_problems(config: Config) -> list[str]:
+    """Problems between settings of ``config`` and with the files it names (cross-checks)."""
+    problems: list[str] = []
+    _cross_checks(config, problems)
+    return problems
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build and validate a Config from defaults, ``path``, ``environ`` and ``--set`` ``overrides``.
+
+    Raises ConfigError listing every problem.  Reads only the file at ``path``.
+    """
+    config, problems = read_config(path, overrides, environ)
     if not problems:
-        _cross_checks(config, problems)
+        problems = config_problems(config)
     if problems:
         raise ConfigError(problems)
     return config
