@@ -903,17 +903,14 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
         problems.append("retry.max_delay_ms: must be at least retry.base_delay_ms")
 
 
-def load_config(
+def read_config(
     path: str | os.PathLike[str] | None = None,
     overrides: Iterable[str] = (),
     environ: Mapping[str, str] | None = None,
-    checks: Iterable[Check] = (),
-) -> Config:
-    """Build and validate a Config from defaults, ``path``, ``environ`` and ``--set`` ``overrides``.
-
-    Raises ConfigError listing every problem.  Reads only the file at ``path``, plus whatever the
-    ``checks`` read: each is called with the built config and returns more problems (the server's
-    entry points pass the checks of the files the config names, such as the auth material).
+) -> tuple[Config, list[str]]:
+    """The Config from defaults, ``path``, ``environ`` and ``--set`` ``overrides``, and every problem
+    found reading them (a setting with a problem keeps its default).  No cross-checks between
+    settings: :func:`config_problems` runs those.  Reads only the file at ``path``.
     """
     problems: list[str] = []
     tree: dict[str, Any] = {}
@@ -946,11 +943,34 @@ def load_config(
             problems.append(str(e))
     _flatten_text_overrides(parsed, tree, texts)
     config: Config = _build(Config, tree, "", texts, base_dir, problems)
-    config = attrs.evolve(config, source=source)
+    return attrs.evolve(config, source=source), problems
+
+
+def config_problems(config: Config, checks: Iterable[Check] = ()) -> list[str]:
+    """Problems between settings of ``config`` and with the files it names (cross-checks), then
+    whatever each of ``checks`` finds."""
+    problems: list[str] = []
+    _cross_checks(config, problems)
+    for check in checks:
+        problems.extend(check(config))
+    return problems
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+    checks: Iterable[Check] = (),
+) -> Config:
+    """Build and validate a Config from defaults, ``path``, ``environ`` and ``--set`` ``overrides``.
+
+    Raises ConfigError listing every problem.  Reads only the file at ``path``, plus whatever the
+    ``checks`` read: each is called with the built config and returns more problems (the server's
+    entry points pass the checks of the files the config names, such as the auth material).
+    """
+    config, problems = read_config(path, overrides, environ)
     if not problems:
-        _cross_checks(config, problems)
-        for check in checks:
-            problems.extend(check(config))
+        problems = config_problems(config, checks)
     if problems:
         raise ConfigError(problems)
     return config
