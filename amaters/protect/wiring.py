@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 from twisted.application import service
 
-from amaters.config import Config
+from amaters.config import Config, cache_settings
 from amaters.protect.cache import QueryCache, install_cache
 from amaters.protect.compression import BlobCompressionStage, FrameCompressionPolicy
 from amaters.protect.connlimit import ConnectionLimiter, ConnectionLimitFactory
@@ -90,7 +90,7 @@ def install_protection(root: Any, config: Config, reactor: Any) -> Protection:
     pipeline = root.pipeline
     listener = root.getServiceNamed("listener")
 
-    cache = install_cache(pipeline, config.cache)
+    cache = install_cache(pipeline, cache_settings(config))
 
     lag = LagSource(root, reactor)
     shedder = LoadShedder(config.limits, lag, reactor)

@@ -604,3 +604,9 @@ def _mod_compare(key: bytes, revision: int) -> dict[str, Any]:
     from amaters.cluster.etcd import compare_mod
 
     return compare_mod(key, "EQUAL", revision)
+
+
+def build_etcd_backend(cluster: Any, reactor: Any) -> EtcdBackend:
+    """The backend for a ``[cluster]`` config section (no I/O until ``open``)."""
+    client = EtcdClient(cluster.endpoints, reactor, request_timeout=cluster.request_timeout)
+    return EtcdBackend(client, reactor, prefix=cluster.prefix.encode("utf-8"))
