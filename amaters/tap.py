@@ -239,6 +239,25 @@ def build_service(
     install_observability(root, config, reactor)
     # -- end observability -----------------------------------------------------------------
 
+    # -- gRPC front end: AqlService on root.pipeline, logins through the listener's hook ------
+    # Right after the listener: started after it, stopped (drained) before it and the storage.
+    if config.grpc.enabled:
+        from amaters.protocols.grpc_service import GrpcService
+
+        listener = root.getServiceNamed("listener")
+        grpc_service = GrpcService(
+            config,
+            reactor,
+            root.pipeline,  # type: ignore[attr-defined]
+            lambda *args: listener.factory.authenticate(*args),
+            lambda: bool(root.ready),
+        )
+        grpc_service.setServiceParent(root)  # type: ignore[no-untyped-call]
+        root.reloader.register(grpc_service)
+        if getattr(root, "metrics", None) is not None:
+            grpc_service.observe(root.metrics.registry)
+    # -- end gRPC front end ------------------------------------------------------------------
+
     # TLS rotation on reload, and on file change with tls.watch.
     from amaters.ops.tlsreload import CertificateWatcher, TLSReloader
 
