@@ -240,8 +240,10 @@ def build_service(
     # -- end observability -----------------------------------------------------------------
 
     # -- gRPC front end: AqlService on root.pipeline, logins through the listener's hook ------
-    # Right after the listener: started after it, stopped (drained) before it and the storage.
+    # Just before the listener: it stops (drains, then GOAWAY) after the native listener and
+    # before metrics, tracing and the storage; new calls are refused as soon as the stop begins.
     if config.grpc.enabled:
+        from amaters.ops.observability import _insert_before
         from amaters.protocols.grpc_service import GrpcService
 
         listener = root.getServiceNamed("listener")
@@ -252,7 +254,7 @@ def build_service(
             lambda *args: listener.factory.authenticate(*args),
             lambda: bool(root.ready),
         )
-        grpc_service.setServiceParent(root)  # type: ignore[no-untyped-call]
+        _insert_before(root, grpc_service, "listener")
         root.reloader.register(grpc_service)
         if getattr(root, "metrics", None) is not None:
             grpc_service.observe(root.metrics.registry)

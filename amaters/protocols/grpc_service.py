@@ -447,7 +447,7 @@ class AqlServicer:
     # -- reactor thread -------------------------------------------------------------------------
 
     def _r_login(self, info: CallInfo) -> Any:
-        if self.owner.draining:
+        if self.owner.shutting_down():
             raise ShuttingDown("the server is shutting down")
         d = self.owner.authenticate(info.credentials, info.peer_certificate, info.source)
         principal = immediate_result(d)
@@ -466,7 +466,7 @@ class AqlServicer:
         raise _LoginRefused("authentication failed")
 
     def _r_context(self, info: CallInfo, principal: Any) -> RequestContext:
-        if self.owner.draining:
+        if self.owner.shutting_down():
             raise ShuttingDown("the server is shutting down")
         ctx = RequestContext(next(self._ids), principal, info.source, self.reactor.seconds(), None, "grpc")
         if info.trace_context:
@@ -650,6 +650,7 @@ class GrpcService(service.Service):
         self.readiness = readiness
         self.tls_provider = tls_provider
         self.draining = False
+        self._seen_ready = False
         self.server: grpc.Server | None = None
         self.port: int | None = None
         self.health = ReadinessHealth(self._serving)
@@ -663,7 +664,17 @@ class GrpcService(service.Service):
         self._inflight_gauge: Any = None
 
     def _serving(self) -> bool:
-        return not self.draining and self.running and self.server is not None and self.readiness()
+        return not self.shutting_down() and self.running and self.server is not None and self.readiness()
+
+    def shutting_down(self) -> bool:
+        """Whether new calls are refused: this service is draining, or the server was ready and no
+        longer is (its stop has begun; the native listener may still be draining before this one)."""
+        if self.draining:
+            return True
+        if self.readiness():
+            self._seen_ready = True
+            return False
+        return self._seen_ready
 
     @property
     def inflight(self) -> int:
