@@ -926,7 +926,10 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
     listeners = [("server.listen", config.server.listen)]
     if config.grpc.enabled:
         listeners.append(("grpc.listen", config.grpc.listen))
-        if ":0:" not in config.grpc.listen and config.grpc.listen in (config.server.listen, config.web.listen):
+        if ":0:" not in config.grpc.listen and config.grpc.listen in (
+            config.server.listen,
+            config.web.listen,
+        ):
             problems.append("grpc.listen: must differ from server.listen and web.listen")
     for key, endpoint in listeners:
         if (

@@ -256,8 +256,9 @@ def build_service(
         )
         _insert_before(root, grpc_service, "listener")
         root.reloader.register(grpc_service)
-        if getattr(root, "metrics", None) is not None:
-            grpc_service.observe(root.metrics.registry)
+        metrics = getattr(root, "metrics", None)
+        if metrics is not None:
+            grpc_service.observe(metrics.registry)
     # -- end gRPC front end ------------------------------------------------------------------
 
     # TLS rotation on reload, and on file change with tls.watch.

@@ -27,6 +27,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -40,7 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from amaters.config import ConfigError, grpc_bind_address
-from amaters.errors import AmatersError, AuthError, RequestTimeout, ServerError, ShuttingDown
+from amaters.errors import AmatersError, AuthError, RequestTimeout, ShuttingDown
 from amaters.interfaces import IPrincipal, IRangeCursor
 from amaters.proto import aql_pb2
 from amaters.proto.convert import error_to_proto, fill_blob, fill_key_values, fill_result, version_to_proto
@@ -83,7 +84,7 @@ def load_tls_material(config: Config) -> GrpcTLSMaterial:
     files = ensure_server_tls(config)
     client_auth = config.tls.client_auth
     try:
-        client_ca = open(config.tls.ca, "rb").read() if config.tls.ca and client_auth != "none" else None
+        client_ca = Path(config.tls.ca).read_bytes() if config.tls.ca and client_auth != "none" else None
         return GrpcTLSMaterial(
             cert_chain=files.cert.read_bytes(),
             key=files.key.read_bytes(),
@@ -288,7 +289,9 @@ class AqlServicer:
         try:
             return self._wait(answers, seconds, run, info, principal, request)
         except queue.Empty:
-            return self._set_request_id(error_response(self._expired(context, by_deadline, what, seconds)), request)
+            return self._set_request_id(
+                error_response(self._expired(context, by_deadline, what, seconds)), request
+            )
         except _Ended:
             context.abort(grpc.StatusCode.CANCELLED, "the call ended")
         except AmatersError as e:
@@ -458,7 +461,9 @@ class AqlServicer:
     def _r_refused(self, failure: Failure, info: CallInfo) -> None:
         error = failure.value
         if isinstance(error, AuthError):
-            self._log.info("Refused gRPC call from {source}: {reason}", source=info.source, reason=error.message)
+            self._log.info(
+                "Refused gRPC call from {source}: {reason}", source=info.source, reason=error.message
+            )
             raise _LoginRefused(error.message)
         if isinstance(error, AmatersError):
             raise error
@@ -608,7 +613,11 @@ class ReadinessHealth(grpc_health.HealthServicer):
         self.refresh()
 
     def refresh(self) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if self.serving() else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.serving()
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         with self._lock:
             changed = [name for name in self.SERVICES if self._server_status.get(name) != status]
         for name in changed:
@@ -664,7 +673,9 @@ class GrpcService(service.Service):
         self._inflight_gauge: Any = None
 
     def _serving(self) -> bool:
-        return not self.shutting_down() and self.running and self.server is not None and self.readiness()
+        return (
+            not self.shutting_down() and bool(self.running) and self.server is not None and self.readiness()
+        )
 
     def shutting_down(self) -> bool:
         """Whether new calls are refused: this service is draining, or the server was ready and no
@@ -732,10 +743,14 @@ class GrpcService(service.Service):
                 )
                 port = server.add_secure_port(address, credentials)
             else:
-                self._log.warn("TLS is disabled (tls.enabled = false): gRPC traffic is not encrypted in transit")
+                self._log.warn(
+                    "TLS is disabled (tls.enabled = false): gRPC traffic is not encrypted in transit"
+                )
                 port = server.add_insecure_port(address)
         except RuntimeError:
-            raise ConfigError([f"grpc.listen: cannot listen on {address}: {_bind_problem(address)}"]) from None
+            raise ConfigError(
+                [f"grpc.listen: cannot listen on {address}: {_bind_problem(address)}"]
+            ) from None
         server.start()
         self.server, self.port = server, port
         self.health.refresh()
@@ -869,7 +884,9 @@ class _CallCounter(grpc.ServerInterceptor):
                     code = context.code() or grpc.StatusCode.UNKNOWN
                     raise
                 finally:
-                    owner._call_finished(name, code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN)
+                    owner._call_finished(
+                        name, code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+                    )
 
             return handler._replace(unary_unary=unary)
         streaming = handler.unary_stream or handler.stream_stream
@@ -885,7 +902,9 @@ class _CallCounter(grpc.ServerInterceptor):
                 code = context.code() or grpc.StatusCode.CANCELLED
                 raise
             finally:
-                owner._call_finished(name, code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN)
+                owner._call_finished(
+                    name, code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+                )
 
         if handler.unary_stream is not None:
             return handler._replace(unary_stream=stream)

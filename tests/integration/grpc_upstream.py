@@ -66,9 +66,13 @@ class UpstreamClient:
         assert answer.get("code") != "DRIVER", answer
         return answer
 
-    def connect(self, port: int, ca: Path | str | None, cert: str | None = None, key: str | None = None) -> None:
+    def connect(
+        self, port: int, ca: Path | str | None, cert: str | None = None, key: str | None = None
+    ) -> None:
         target = f"127.0.0.1:{port}"
-        self.send({"op": "connect", "target": target, "ca": str(ca) if ca else None, "cert": cert, "key": key})
+        self.send(
+            {"op": "connect", "target": target, "ca": str(ca) if ca else None, "cert": cert, "key": key}
+        )
 
     def call(
         self,
@@ -136,8 +140,14 @@ def delete_q(collection: str, key: bytes) -> dict[str, Any]:
     return {"delete": {"collection": collection, "key": {"data": b64(key)}}}
 
 
-def range_q(collection: str, start: bytes = b"", end: bytes = b"", limit: int | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"collection": collection, "start": {"data": b64(start)}, "end": {"data": b64(end)}}
+def range_q(
+    collection: str, start: bytes = b"", end: bytes = b"", limit: int | None = None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "collection": collection,
+        "start": {"data": b64(start)},
+        "end": {"data": b64(end)},
+    }
     if limit is not None:
         body["limit"] = limit
     return {"range": body}

@@ -30,8 +30,8 @@ from google.protobuf import json_format
 
 sys.path.insert(0, sys.argv[1])
 
-import aql_pb2  # noqa: E402
-import aql_pb2_grpc  # noqa: E402
+import aql_pb2
+import aql_pb2_grpc
 
 REQUEST_TYPES = {
     "ExecuteQuery": aql_pb2.QueryRequest,
@@ -119,7 +119,9 @@ class Driver:
 
         stub = health_pb2_grpc.HealthStub(self.channel)
         try:
-            response = stub.Check(health_pb2.HealthCheckRequest(service=command.get("service", "")), timeout=10)
+            response = stub.Check(
+                health_pb2.HealthCheckRequest(service=command.get("service", "")), timeout=10
+            )
         except grpc.RpcError as e:
             return error(e)
         return {"ok": True, "status": health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)}

@@ -93,7 +93,10 @@ def test_batch_is_atomic(client: UpstreamClient) -> None:
     """A batch applies all its writes; one failing query refuses the batch and writes nothing."""
     ok = client.ok(
         "ExecuteBatch",
-        {"queries": [set_q("acct", b"a", b"1"), set_q("acct", b"b", b"2"), get_q("acct", b"a")], "request_id": "b1"},
+        {
+            "queries": [set_q("acct", b"a", b"1"), set_q("acct", b"b", b"2"), get_q("acct", b"a")],
+            "request_id": "b1",
+        },
     )
     assert ok["request_id"] == "b1"
     results = ok["results"]["results"]
@@ -255,18 +258,24 @@ def test_jwt_api_key_rbac_expired_and_missing_credentials(
     client = UpstreamClient(stubs)
     try:
         client.connect(server.grpc_port, server.ca_cert)
-        written = client.ok("ExecuteQuery", query(set_q("orders", b"o1", b"c1")), metadata=bearer("ulla", ["user"]))
+        written = client.ok(
+            "ExecuteQuery", query(set_q("orders", b"o1", b"c1")), metadata=bearer("ulla", ["user"])
+        )
         assert "success" in written["result"]
         by_key = client.ok("ExecuteQuery", query(get_q("orders", b"o1")), metadata=[("x-api-key", api_key)])
         assert single_value(by_key) == b"c1"
         reader = bearer("rita", ["reader"])
-        assert single_value(client.ok("ExecuteQuery", query(get_q("orders", b"o1")), metadata=reader)) == b"c1"
+        assert (
+            single_value(client.ok("ExecuteQuery", query(get_q("orders", b"o1")), metadata=reader)) == b"c1"
+        )
         denied = client.ok("ExecuteQuery", query(set_q("orders", b"o1", b"overwrite"), "d1"), metadata=reader)
         assert error_code(denied) == "ERROR_AUTH_INSUFFICIENT_PERMISSIONS" and denied["request_id"] == "d1"
         assert "set" in denied["error"]["message"]
         denied_batch = client.ok("ExecuteBatch", {"queries": [set_q("orders", b"o2", b"x")]}, metadata=reader)
         assert error_code(denied_batch) == "ERROR_AUTH_INSUFFICIENT_PERMISSIONS"
-        assert single_value(client.ok("ExecuteQuery", query(get_q("orders", b"o1")), metadata=reader)) == b"c1"
+        assert (
+            single_value(client.ok("ExecuteQuery", query(get_q("orders", b"o1")), metadata=reader)) == b"c1"
+        )
 
         cases: list[tuple[list[tuple[str, str]], str]] = [
             (bearer("old", ["user"], expires_in=-60), "expired"),

@@ -44,7 +44,16 @@ def served_fingerprint(port: int, ca: Path, alpn: str | None = None) -> str:
     """The SHA-256 fingerprint of the certificate openssl s_client sees on a new connection."""
     extra = ["-alpn", alpn] if alpn else []
     result = subprocess.run(
-        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(ca), "-verify_return_error", *extra],
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{port}",
+            "-CAfile",
+            str(ca),
+            "-verify_return_error",
+            *extra,
+        ],
         input=b"",
         capture_output=True,
         timeout=30,
