@@ -68,6 +68,7 @@ from amaters.protect.metrics import ProtectionCollector
 from amaters.protect.ratelimit import RateLimiter, RateLimitStage
 from amaters.protect.shedding import LagSource, LoadShedder
 from amaters.protect.wiring import ListenerLimits, Protection, ProtectionService
+from amaters.protocols.grpc_service import GrpcService
 from amaters.protocols.server import ListenerService
 from amaters.query import operations as ops
 from amaters.query.executor import CAPABILITIES, QueryExecutor
@@ -141,6 +142,7 @@ class Components:
     protection: Protection
     reloader: Reloader
     listener: ListenerService
+    grpc: GrpcService | None
     web: OpsService | None
     services: tuple[service.IService, ...]
 
@@ -401,6 +403,11 @@ def build_service(
         )
         web = OpsService(config, reactor, api)
 
+    grpc: GrpcService | None = None
+    if config.grpc.enabled:
+        grpc = GrpcService(config, reactor, pipeline, authenticate, lambda: lifecycle.ready)
+        grpc.observe(metrics.registry)
+
     protection = Protection(
         cache,
         limiter,
@@ -425,7 +432,10 @@ def build_service(
         frames,
         blobs,
         TLSReloader(listener),
+        grpc,
     ):
+        if component is None:
+            continue
         reloader.register(component)
     watcher = None
     if config.tls.enabled and config.tls.watch:
@@ -445,6 +455,7 @@ def build_service(
             lag,
             tracing,
             metrics_service,
+            grpc,  # stops after the native listener: calls in flight finish, then GOAWAY
             listener,
             ProtectionService(metrics.registry, protection.collector),
             watcher,
@@ -469,6 +480,7 @@ def build_service(
         protection=protection,
         reloader=reloader,
         listener=listener,
+        grpc=grpc,
         web=web,
         services=services,
     )

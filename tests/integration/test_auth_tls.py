@@ -148,6 +148,7 @@ async def start_server(tmp_path: Path, *overrides: str) -> AuthServer:
             "web.enabled=false",
             "storage.backend=memory",
             f"server.data_dir={tmp_path / 'data'}",
+            "grpc.listen=tcp:0:interface=127.0.0.1",
             "server.shutdown_timeout=10",
             "auth.enabled=true",
             f"auth.jwt.secret={JWT_SECRET}",

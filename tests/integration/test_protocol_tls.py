@@ -62,6 +62,7 @@ async def start_server(tmp_path: Path, *overrides: str) -> Server:
             "web.enabled=false",
             "storage.backend=memory",
             f"server.data_dir={tmp_path}",
+            "grpc.listen=tcp:0:interface=127.0.0.1",
             "server.shutdown_timeout=10",
             *overrides,
         ],
