@@ -279,6 +279,36 @@ class LimitsConfig:
         minimum=1024,
         maximum=2**31 - 1,
     )
+    max_handshake_frame_bytes: int = setting(
+        8 * 1024,
+        "Largest frame accepted before the handshake has succeeded (the handshake needs a few KiB);"
+        " larger gets an error frame and the connection closes.",
+        minimum=512,
+        maximum=1024 * 1024,
+        reloadable=True,
+    )
+    max_unauthenticated_bytes: int = setting(
+        16 * 1024 * 1024,
+        "Bytes buffered across all connections that have not yet logged in; a connection that"
+        " pushes the total past it is refused with SERVER_OVERLOADED and closed.",
+        minimum=64 * 1024,
+        reloadable=True,
+    )
+    max_buffered_bytes: int = setting(
+        256 * 1024 * 1024,
+        "Memory budget for request bytes received but not yet handled, across all connections;"
+        " a connection that pushes the total past it is refused with SERVER_OVERLOADED and closed."
+        " At least max_frame_bytes.",
+        minimum=1024 * 1024,
+        reloadable=True,
+    )
+    max_frame_elements: int = setting(
+        200_000,
+        "Most protobuf field occurrences a frame may hold, counted on the wire before it is parsed"
+        " (parsing cost and memory grow with them, not with bytes); more gets MALFORMED_MESSAGE.",
+        minimum=1000,
+        reloadable=True,
+    )
     max_key_bytes: int = setting(64 * 1024, "Largest key.", minimum=1, reloadable=True)
     max_value_bytes: int = setting(
         32 * 1024 * 1024, "Largest value (ciphertext) accepted.", minimum=0, reloadable=True
@@ -876,6 +906,11 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
         problems.append("snapshot.upload: needs snapshot.s3.bucket (the bucket to upload to)")
     if config.snapshot.interval > 0 and config.storage.backend != "rocksdb":
         problems.append("snapshot.interval: scheduled snapshots need storage.backend = rocksdb")
+    if config.limits.max_buffered_bytes < config.limits.max_frame_bytes:
+        problems.append(
+            "limits.max_buffered_bytes: must be at least limits.max_frame_bytes"
+            f" ({config.limits.max_frame_bytes}), or no frame of the largest size could be received"
+        )
     if config.retry.max_delay_ms < config.retry.base_delay_ms:
         problems.append("retry.max_delay_ms: must be at least retry.base_delay_ms")
     # Authentication material (keys, roles, API keys files) is read and checked by amaters.auth.

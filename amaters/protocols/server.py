@@ -43,6 +43,7 @@ from amaters.errors import (
     AmatersError,
     AuthError,
     MalformedMessage,
+    Overloaded,
     ProtocolError,
     RequestTimeout,
     ServerError,
@@ -60,7 +61,9 @@ from amaters.proto.convert import (
     version_from_proto,
     version_to_proto,
 )
+from amaters.protocols.budget import ReceiveBudget
 from amaters.protocols.framing import FrameReceiver, frame_header
+from amaters.protocols.wirecheck import TooManyElements, count_elements
 from amaters.query import operations as ops
 from amaters.query.executor import CAPABILITIES
 from amaters.query.pipeline import QueryPipeline, RequestContext
@@ -340,6 +343,10 @@ class AmatersServerProtocol(FrameReceiver):
         self._frame_threshold = 0
         # The trace context of the request being dispatched (Envelope.trace_context), for _context.
         self._trace_context: dict[str, str] | None = None
+        # Bytes held in the receive buffers as last charged to the factory's ReceiveBudget, and
+        # whether they count as unauthenticated (until the handshake succeeds).
+        self._charged = 0
+        self._prelogin = True
 
     # -- connection lifecycle -----------------------------------------------------------------
 
@@ -347,7 +354,8 @@ class AmatersServerProtocol(FrameReceiver):
         if self._meter is not None:
             self._meter.opened()
         factory = self.factory
-        self.MAX_LENGTH = factory.limits.max_frame_bytes
+        # Until the handshake succeeds only a handshake-sized frame is accepted.
+        self.MAX_LENGTH = factory.limits.max_handshake_frame_bytes
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         host = getattr(peer, "host", None)
         self._source = f"{host}:{getattr(peer, 'port', '')}" if host else str(peer)
@@ -376,6 +384,8 @@ class AmatersServerProtocol(FrameReceiver):
                 timer.cancel()
         self._held.clear()
         self._held_bytes = 0
+        self.discardInput()
+        self._recharge()
         self._timers.clear()
         for stream in list(self._streams.values()):
             stream.abandon()
@@ -468,6 +478,7 @@ class AmatersServerProtocol(FrameReceiver):
         self._last_activity = self.factory.clock.seconds()
         self._received_any = True
         super().dataReceived(data)
+        self._recharge()
         # ``bufferedBytes`` and ``framesPaused`` read directly: this runs for every read.
         if (self._rx or self._rx_chunks is not None) and not self._frames_paused:
             if self._frame_timer is None and not self._lost and self._state is not _CLOSING:
@@ -475,6 +486,44 @@ class AmatersServerProtocol(FrameReceiver):
         elif self._frame_timer is not None:
             self._frame_timer.cancel()
             self._frame_timer = None
+
+    def _recharge(self) -> None:
+        """Charge the bytes now held in the receive buffers to the factory's budget; past a limit,
+        refuse the connection and drop its buffer (docs/limits.md, memory budget)."""
+        chunks = self._rx_chunks
+        held = len(self._rx) + (self._rx_chunks_size if chunks is not None else 0)
+        delta = held - self._charged
+        if not delta:
+            return
+        self._charged = held
+        budget = self.factory.budget
+        authenticated = not self._prelogin
+        budget.charge(delta, authenticated)
+        if delta > 0:
+            setting = budget.over(authenticated)
+            if setting is not None:
+                self._over_budget(setting)
+
+    def _over_budget(self, setting: str) -> None:
+        budget = self.factory.budget
+        budget.refused += 1
+        self._log.warn(
+            "Closing connection from {source}: {setting} is used up ({total} bytes buffered by all"
+            " connections, {unauthenticated} before login)",
+            source=self._source,
+            setting=setting,
+            total=budget.total,
+            unauthenticated=budget.unauthenticated,
+        )
+        self.discardInput()
+        self._recharge()
+        self._refuse_and_close(
+            0,
+            Overloaded(
+                f"the server's memory for requests being received is used up ({setting}); retry later",
+                retry_after_ms=1000,
+            ),
+        )
 
     def _start_frame_timer(self) -> None:
         timeout = self.factory.limits.frame_timeout
@@ -506,6 +555,8 @@ class AmatersServerProtocol(FrameReceiver):
         if self._out is None:
             self._out = []
         envelope = Envelope()
+        if len(frame) > 2 * self.factory.limits.max_frame_elements and not self._parse_cost_ok(frame):
+            return
         try:
             envelope.ParseFromString(frame)
         except DecodeError:
@@ -537,19 +588,43 @@ class AmatersServerProtocol(FrameReceiver):
             error = self._as_amaters_error(Failure(), kind or "request")  # type: ignore[no-untyped-call]
             self._send_error(request_id, error)
 
+    def _parse_cost_ok(self, payload: bytes) -> bool:
+        """Whether ``payload`` holds few enough fields to parse (else MALFORMED_MESSAGE is answered)."""
+        limit = self.factory.limits.max_frame_elements
+        try:
+            count_elements(payload, Envelope.DESCRIPTOR, limit)
+        except TooManyElements as e:
+            self._log.info(
+                "Refused a frame of {size} bytes from {source}: {reason}",
+                size=len(payload),
+                source=self._source,
+                reason=str(e),
+            )
+            self._send_error(
+                0, MalformedMessage(f"the frame is too costly to parse: {e} (limits.max_frame_elements)")
+            )
+            return False
+        return True
+
     def framesDelivered(self) -> None:
         self._flush_out()
+        self._recharge()
 
     def frameTooLarge(self, length: int) -> None:
         limit = self.MAX_LENGTH
-        self._log.warn(
-            "Closing connection from {source}: frame of {length} bytes over the {limit}-byte limit",
+        setting = "limits.max_handshake_frame_bytes" if self._prelogin else "limits.max_frame_bytes"
+        log = self._log.info if self._prelogin else self._log.warn
+        log(
+            "Closing connection from {source}: frame of {length} bytes over the {limit}-byte limit"
+            " ({setting})",
             source=self._source,
             length=length,
             limit=limit,
+            setting=setting,
         )
+        what = "before the handshake " if self._prelogin else ""
         self._refuse_and_close(
-            0, SizeExceeded(f"frame of {length} bytes exceeds limits.max_frame_bytes ({limit}); closing")
+            0, SizeExceeded(f"frame of {length} bytes {what}exceeds {setting} ({limit}); closing")
         )
 
     # -- frames out ---------------------------------------------------------------------------
@@ -631,6 +706,8 @@ class AmatersServerProtocol(FrameReceiver):
 
         try:
             payload = decompress_frame(envelope.compressed, self.MAX_LENGTH)
+            if len(payload) > 2 * self.factory.limits.max_frame_elements and not self._parse_cost_ok(payload):
+                return None
             inner = Envelope()
             inner.ParseFromString(payload)
         except AmatersError as e:
@@ -714,7 +791,8 @@ class AmatersServerProtocol(FrameReceiver):
         if ISSLTransport.providedBy(transport):
             peer_certificate = _peer_certificate_chain(transport)
         self._state = _AUTHENTICATING
-        self.pauseFrames()  # requests pipelined behind the handshake wait for its outcome
+        # Requests pipelined behind the handshake wait for its outcome, and nothing more is read.
+        self._update_reading()
         client_name = handshake.client_name[:200]
         self._offered_compression = list(handshake.frame_compression)[:8]
         self._trace_context = dict(handshake.trace_context) if handshake.trace_context else None
@@ -755,6 +833,9 @@ class AmatersServerProtocol(FrameReceiver):
         )
         self._trace_context = None
         self._state = _READY
+        self._prelogin = False
+        self.factory.budget.move_to_authenticated(self._charged)
+        self.MAX_LENGTH = self.factory.limits.max_frame_bytes
         if self._handshake_timer is not None and self._handshake_timer.active():
             self._handshake_timer.cancel()
         self._handshake_timer = None
@@ -787,7 +868,7 @@ class AmatersServerProtocol(FrameReceiver):
         self._frame_codec, self._frame_threshold = codec, threshold
         self._schedule_idle()
         self._flush_out()
-        self.resumeFrames()
+        self._update_reading()
 
     def _not_authenticated(self, failure: Failure, request_id: int) -> None:
         if self._lost:
@@ -824,7 +905,11 @@ class AmatersServerProtocol(FrameReceiver):
     def _update_reading(self) -> None:
         if self._lost or self._state is _CLOSING:
             return
-        pause = self._write_blocked or self._inflight >= self.factory.limits.max_inflight_per_connection
+        pause = (
+            self._write_blocked
+            or self._inflight >= self.factory.limits.max_inflight_per_connection
+            or self._state is _AUTHENTICATING
+        )
         if pause and not self._reading_paused:
             self._reading_paused = True
             self.pauseFrames()
@@ -1173,6 +1258,8 @@ class AmatersServerFactory(Factory):
         #: Per-frame compression a handshake may negotiate (None: never; amaters.protect sets it).
         self.frame_compression: Any = None
         self.connections: set[AmatersServerProtocol] = set()
+        #: Request bytes held by all connections (limits.max_buffered_bytes and friends).
+        self.budget = ReceiveBudget(limits, clock)
         self.draining = False
         #: While draining, idle connections are closed by the server only after a grace period
         #: (clients told of the shutdown close first).
@@ -1183,6 +1270,7 @@ class AmatersServerFactory(Factory):
     def update_limits(self, limits: LimitsConfig) -> None:
         """Reloaded limits: new frames and new connections use them."""
         self.limits = limits
+        self.budget.limits = limits
         self.pipeline.update_limits(limits)
 
     def connection_made(self, protocol: AmatersServerProtocol) -> None:
@@ -1339,6 +1427,7 @@ class ListenerService(service.Service):
         finally:
             if timer.active():
                 timer.cancel()
+            self.factory.budget.stop()
 
     def _drain_expired(self) -> None:
         left = len(self.factory.connections)
