@@ -162,6 +162,12 @@ class StorageConfig:
         "Most bytes per RANGE chunk read from RocksDB (a single larger entry comes in a chunk of its own).",
         minimum=1,
     )
+    max_open_files: int = setting(
+        512,
+        "Most table files RocksDB keeps open at once (it reopens others as needed); counted with the"
+        " connection caps against the open-file limit.",
+        minimum=16,
+    )
     point_reads_in_pool: bool = setting(
         False,
         "Run GETs in the io thread pool instead of the reactor thread (for data far larger than memory,"
@@ -192,6 +198,13 @@ class WebTLSConfig:
 class WebConfig:
     enabled: bool = setting(True, "Serve the ops site (health probes, metrics, admin API).")
     listen: str = setting("tcp:7879:interface=127.0.0.1", "Endpoint of the ops site.", check=_check_endpoint)
+    max_connections: int = setting(
+        256,
+        "Open connections to the ops site; past it the longest-idle connection is closed to make room"
+        " (probes keep answering under a flood), or the new one when none is idle.",
+        minimum=8,
+        reloadable=True,
+    )
     liveness_max_lag: float = setting(
         5.0,
         "Reactor lag in seconds above which /livez and /healthz answer 503 (0: never).",
@@ -332,7 +345,9 @@ class LimitsConfig:
     # -- protection (protection issue); docs/limits.md explains each ---------------------------
     max_connections: int = setting(
         10_000,
-        "Open native protocol connections, in total; more are closed at once, before TLS (0: no limit).",
+        "Open native protocol connections, in total; more are closed at once, before TLS. Counted with"
+        " web.max_connections and storage.max_open_files against the open-file limit (0: no limit,"
+        " refused unless the limit is unlimited).",
         minimum=0,
         reloadable=True,
     )
@@ -911,6 +926,9 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
             "limits.max_buffered_bytes: must be at least limits.max_frame_bytes"
             f" ({config.limits.max_frame_bytes}), or no frame of the largest size could be received"
         )
+    from amaters.ops.fdlimit import file_handle_problems
+
+    problems.extend(file_handle_problems(config))
     if config.retry.max_delay_ms < config.retry.base_delay_ms:
         problems.append("retry.max_delay_ms: must be at least retry.base_delay_ms")
     # Authentication material (keys, roles, API keys files) is read and checked by amaters.auth.

@@ -1364,6 +1364,11 @@ class ListenerService(service.Service):
 
     async def _start(self) -> None:
         config = self.config
+        from amaters.ops.fdlimit import raise_open_file_limit
+
+        before, after = raise_open_file_limit()
+        if after != before:
+            self._log.info("Raised the open-file limit from {before} to {after}", before=before, after=after)
         endpoint = serverFromString(self.reactor, config.server.listen)  # type: ignore[no-untyped-call]
         factory: Any = self.factory if self.wrap_factory is None else self.wrap_factory(self.factory)
         if config.tls.enabled:
