@@ -322,6 +322,13 @@ class LimitsConfig:
         minimum=1000,
         reloadable=True,
     )
+    max_collections: int = setting(
+        1000,
+        "Most collections the server holds; creating one more (explicitly or by a first SET) fails"
+        " with VALIDATION_SIZE_EXCEEDED (0: no limit).",
+        minimum=0,
+        reloadable=True,
+    )
     max_key_bytes: int = setting(64 * 1024, "Largest key.", minimum=1, reloadable=True)
     max_value_bytes: int = setting(
         32 * 1024 * 1024, "Largest value (ciphertext) accepted.", minimum=0, reloadable=True

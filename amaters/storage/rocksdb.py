@@ -559,6 +559,9 @@ class RocksDBBackend:
     def has_collection(self, name: str) -> bool:
         return name in self._collections
 
+    def collection_count(self) -> int:
+        return len(self._collections)
+
     def list_collections(self) -> defer.Deferred[list[str]]:
         try:
             self._require_open()
