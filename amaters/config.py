@@ -588,8 +588,9 @@ class AuthConfig:
     )
     max_failures_per_minute: int = setting(
         10,
-        "Failed logins allowed per source address per minute; more are refused with a retryable"
-        " AUTH_FAILED carrying retry_after (0: no limit).",
+        "Failed logins allowed per minute per source network (/24, /64) and per credential (API key"
+        " id, token subject); more are refused with a retryable AUTH_FAILED carrying retry_after,"
+        " except credentials that logged in within the hour (0: no limit).",
         minimum=0,
         reloadable=True,
     )

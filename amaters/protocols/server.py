@@ -408,6 +408,13 @@ class AmatersServerProtocol(FrameReceiver):
         if self._flow is not None:
             self._flow = None
             transport.unregisterProducer()
+        # Nothing more is handled: drop what is buffered, and read again (if reading was paused) so
+        # that the peer's close, and TLS's close_notify, are seen.
+        self.discardInput()
+        self._recharge()
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resumeProducing()
         held, self._held = self._held, collections.deque()
         self._held_bytes = 0
         for data in held:
