@@ -324,6 +324,9 @@ class CachingExecutor:
     def open_range(self, op: ops.Range) -> Any:
         return self.inner.open_range(op)
 
+    def update_limits(self, limits: Any) -> None:
+        self.inner.update_limits(limits)
+
     def execute(self, op: ops.Operation) -> defer.Deferred[Any]:
         kind = type(op)
         cache = self.cache
@@ -424,11 +427,4 @@ class CachingExecutor:
         return d
 
 
-def install_cache(pipeline: Any, config: CacheConfig) -> QueryCache:
-    """Put a query cache (possibly off, so a reload can turn it on) in front of ``pipeline.executor``."""
-    cache = QueryCache(config.max_bytes, config.max_entry_bytes)
-    pipeline.executor = CachingExecutor(pipeline.executor, cache)
-    return cache
-
-
-__all__ = ["MISS", "CachingExecutor", "QueryCache", "cache_key", "install_cache"]
+__all__ = ["MISS", "CachingExecutor", "QueryCache", "cache_key"]

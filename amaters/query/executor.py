@@ -26,8 +26,8 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from amaters.errors import AmatersError, NotFound, SizeExceeded
-from amaters.interfaces import IRangeCursor, IStorageBackend
+from amaters.errors import AmatersError, InvalidOperation, NotFound, SizeExceeded
+from amaters.interfaces import IRangeCursor, IServerAdmin, IStorageBackend
 from amaters.query import operations as ops
 from amaters.types import CipherBlob, WriteOp
 
@@ -69,6 +69,7 @@ class QueryExecutor:
         range_chunk_size: int = 256,
         server_info: Callable[[], ops.ServerInfoResult] | None = None,
         health: Callable[[], ops.HealthResult] | None = None,
+        admin: IServerAdmin | None = None,
     ) -> None:
         # Typed loosely: the interface's methods are declared as returning ``object``.
         self.backend: Any = backend
@@ -78,6 +79,8 @@ class QueryExecutor:
         self._health = health
         #: limits.max_collections (0: no limit); the pipeline passes reloaded limits on.
         self.max_collections = 0
+        #: Server administration (status, reload, snapshots, ...); None: admin operations refused.
+        self.admin: Any = admin
         self._dispatch: dict[type, Callable[[Any], defer.Deferred[Any]]] = {
             ops.Get: self.get,
             ops.Set: self.set,
@@ -89,6 +92,13 @@ class QueryExecutor:
             ops.ServerInfo: self.server_info,
             ops.HealthCheck: self.health_check,
             ops.Range: self.range_list,
+            ops.ServerStatus: lambda op: self._admin().status(),
+            ops.CollectionStats: lambda op: self._admin().collections(),
+            ops.StorageStats: lambda op: self._admin().stats(),
+            ops.Compact: lambda op: self._admin().compact(),
+            ops.ReloadConfig: lambda op: self._admin().reload(op.requested_by),
+            ops.ListSnapshots: lambda op: self._admin().list_snapshots(op.remote),
+            ops.CreateSnapshot: lambda op: self._admin().create_snapshot(op.upload),
         }
 
     def update_limits(self, limits: Any) -> None:
@@ -108,9 +118,14 @@ class QueryExecutor:
             " drop a collection or raise the limit"
         )
 
+    def _admin(self) -> Any:
+        if self.admin is None:
+            raise InvalidOperation("server administration is not available here")
+        return self.admin
+
     def execute(self, op: ops.Operation) -> defer.Deferred[Any]:
         """Run any operation (RANGE as a complete list; streams use :meth:`open_range`)."""
-        return self._dispatch[type(op)](op)
+        return self._dispatch[type(op)](op)  # type: ignore[no-any-return]
 
     # -- single keys --------------------------------------------------------------------------
 
