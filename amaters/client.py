@@ -52,6 +52,12 @@ from amaters.errors import (
     RequestTimeout,
     ShuttingDown,
 )
+from amaters.protect.compression import (
+    compress_blob_data,
+    compress_frame,
+    decompress_blob_data,
+    decompress_frame,
+)
 from amaters.proto import aql_pb2, envelope_pb2, query_pb2, types_pb2
 from amaters.proto.convert import (
     blob_from_proto,
@@ -61,7 +67,8 @@ from amaters.proto.convert import (
     version_to_proto,
 )
 from amaters.protocols.framing import FrameReceiver, frame_header
-from amaters.types import CipherBlob, Compression
+from amaters.tls.context import client_tls_options
+from amaters.types import CipherBlob, Compression, crc32
 
 Envelope = envelope_pb2.Envelope
 KeyLike = bytes | str
@@ -326,8 +333,6 @@ class AmatersClientProtocol(FrameReceiver):
         try:
             envelope.ParseFromString(frame)
             if envelope.WhichOneof("body") == "compressed" and self.frame_codec:
-                from amaters.protect.compression import decompress_frame
-
                 inner = Envelope()
                 inner.ParseFromString(decompress_frame(envelope.compressed, self.MAX_LENGTH))
                 envelope = inner
@@ -396,8 +401,6 @@ class AmatersClientProtocol(FrameReceiver):
     def _write_envelope(self, envelope: envelope_pb2.Envelope) -> None:
         payload = envelope.SerializeToString()
         if self.frame_codec and len(payload) >= self.frame_threshold:
-            from amaters.protect.compression import compress_frame
-
             payload = compress_frame(payload, self.frame_codec) or payload
         self.last_activity = self.clock.seconds()
         self.transport.write(frame_header(len(payload)) + payload)  # type: ignore[union-attr]
@@ -494,9 +497,6 @@ class AmatersClient:
         if compression == Compression.NONE:
             fill_blob(out, CipherBlob.wrap(data, created_at=int(time.time())))
             return
-        from amaters.protect.compression import compress_blob_data
-        from amaters.types import crc32
-
         stored = compress_blob_data(data, compression)
         fill_blob(out, CipherBlob(stored, crc32(stored), len(data), compression, created_at=int(time.time())))
 
@@ -510,8 +510,6 @@ class AmatersClient:
         except ValueError:
             raise InvalidValue(f"unknown value compression {stored_compression}") from None
         if compression != Compression.NONE:
-            from amaters.protect.compression import decompress_blob_data
-
             data = decompress_blob_data(data, compression, int(blob.metadata.size))
         if self.cipher is not None:
             return self.cipher.decrypt(data, collection, key)
@@ -878,8 +876,6 @@ async def _connect(
     bind = (bind_address, 0) if bind_address else None
     endpoint: Any = HostnameEndpoint(reactor, host, port, timeout=timeout or 30, bindAddress=bind)
     if not plaintext:
-        from amaters.tls.context import client_tls_options
-
         try:
             options = client_tls_options(host, ca_cert, client_cert=client_cert, client_key=client_key)
         except OSError as e:

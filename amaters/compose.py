@@ -48,6 +48,7 @@ from amaters.auth.settings import auth_problems
 from amaters.config import Check, Config, LiveConfig, Sources, cache_settings, load_config
 from amaters.interfaces import IPipelineStage, IStorageBackend
 from amaters.ops.admin import ServerAdmin
+from amaters.ops.fdlimit import file_handle_problems
 from amaters.ops.lag import LagMonitor
 from amaters.ops.logging import LoggingService
 from amaters.ops.metrics import Metrics
@@ -76,13 +77,14 @@ from amaters.query.pipeline import QueryPipeline
 from amaters.service import AsyncMultiService, Lifecycle, ThreadPoolService
 from amaters.storage import build_backend, innermost
 from amaters.storage.flusher import FlusherService
+from amaters.storage.s3 import S3Store
 from amaters.storage.service import StorageService
 from amaters.storage.snapshot import SnapshotScheduler
 from amaters.web.admin import AdminAPI
 from amaters.web.ops import OpsAPI, OpsService
 
 #: Checks a server's configuration must pass beyond the config file itself.
-SERVER_CHECKS: tuple[Check, ...] = (auth_problems,)
+SERVER_CHECKS: tuple[Check, ...] = (auth_problems, file_handle_problems)
 
 
 def load_server_config(
@@ -306,14 +308,12 @@ def build_service(
     if config.storage.backend == "rocksdb" and config.snapshot.interval > 0:
         uploader = None
         if config.snapshot.upload:
-            from amaters.storage.s3 import S3Store
-
             uploader = S3Store.from_config(config.snapshot.s3)
         snapshots = SnapshotScheduler(backend, config, pools, reactor, uploader=uploader)
 
     # Login and audit.
     audit = AuditService(config.audit, config.data_dir, reactor)
-    auth = AuthService(config, reactor, audit)
+    auth = AuthService(config, reactor, audit, collections=backend)
     reloader = Reloader(live, audit, environ, _load_sources)
     authenticate: Authenticator = auth.authenticate if config.auth.enabled else default_authenticator(False)
     authenticate = counting_authenticator(authenticate, metrics)

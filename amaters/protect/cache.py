@@ -324,6 +324,9 @@ class CachingExecutor:
     def open_range(self, op: ops.Range) -> Any:
         return self.inner.open_range(op)
 
+    def update_limits(self, limits: Any) -> None:
+        self.inner.update_limits(limits)
+
     def execute(self, op: ops.Operation) -> defer.Deferred[Any]:
         kind = type(op)
         cache = self.cache

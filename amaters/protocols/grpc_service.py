@@ -725,6 +725,7 @@ class GrpcService(service.Service):
             maximum_concurrent_rpcs=config.grpc.max_concurrent_calls,
             options=[
                 ("grpc.so_reuseport", 0),
+                ("grpc.max_allowed_incoming_connections", config.grpc.max_connections),
                 ("grpc.max_receive_message_length", limits.max_frame_bytes),
                 ("grpc.max_send_message_length", -1),
             ],

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from test_protocol_tls import start_server
+from inprocess import start_server
 from twisted.internet import defer, reactor, task
 
 from amaters.client import connect
