@@ -320,7 +320,7 @@ class AmatersClientProtocol(FrameReceiver):
         for item in pending.values():
             if item.timer is not None and item.timer.active():
                 item.timer.cancel()
-            item.deferred.errback(Failure(err))  # type: ignore[no-untyped-call]
+            item.deferred.errback(Failure(err))
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream._fail(err)
@@ -361,7 +361,7 @@ class AmatersClientProtocol(FrameReceiver):
         if item.timer is not None and item.timer.active():
             item.timer.cancel()
         if envelope.WhichOneof("body") == "error":
-            item.deferred.errback(Failure(error_from_proto(envelope.error)))  # type: ignore[no-untyped-call]
+            item.deferred.errback(Failure(error_from_proto(envelope.error)))
         else:
             item.deferred.callback(envelope)
         if self.going_away is not None:
@@ -427,7 +427,7 @@ class AmatersClientProtocol(FrameReceiver):
         item = self._pending.pop(request_id, None)
         if item is not None:
             late = RequestTimeout(f"no answer from {self.where} within {timeout:g} s")
-            item.deferred.errback(Failure(late))  # type: ignore[no-untyped-call]
+            item.deferred.errback(Failure(late))
 
     def close(self) -> defer.Deferred[None]:
         if self.connected:
@@ -890,9 +890,9 @@ async def _connect(
         endpoint = wrapClientTLS(options, endpoint)
     protocol = AmatersClientProtocol(reactor, timeout, where)
     try:
-        await connectProtocol(endpoint, protocol)  # type: ignore[no-untyped-call]
+        await connectProtocol(endpoint, protocol)
     except Exception:
-        raise _connection_error(Failure(), where) from None  # type: ignore[no-untyped-call]
+        raise _connection_error(Failure(), where) from None
     try:
         handshake = await _handshake(protocol, client_name, token, api_key, frame_compression)
     except BaseException:

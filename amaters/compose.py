@@ -168,7 +168,7 @@ class AmatersService(AsyncMultiService):
             child.setServiceParent(self)
 
     # AsyncMultiService keeps its state in ``self.state``: here it is the lifecycle's.
-    @property  # type: ignore[override]
+    @property
     def state(self) -> str:
         return self.lifecycle.state
 

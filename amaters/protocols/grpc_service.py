@@ -710,8 +710,8 @@ class GrpcService(service.Service):
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
-        super().startService()  # type: ignore[no-untyped-call]
+    def startService(self) -> defer.Deferred[None]:
+        super().startService()
         return defer.Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
@@ -772,8 +772,8 @@ class GrpcService(service.Service):
         except Exception:
             self._log.failure("Could not refresh the gRPC health status")
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
-        super().stopService()  # type: ignore[no-untyped-call]
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:

@@ -558,7 +558,7 @@ class AmatersServerProtocol(FrameReceiver):
         if self._state is not _READY:
             self._before_ready(request_id, kind, envelope)
             return
-        handler = _HANDLERS.get(kind)  # type: ignore[arg-type]
+        handler = _HANDLERS.get(kind)
         if handler is None:
             self._send_error(request_id, _unknown_request(kind))
             return
@@ -568,9 +568,9 @@ class AmatersServerProtocol(FrameReceiver):
         trace_context = envelope.trace_context
         self._trace_context = dict(trace_context) if trace_context else None
         try:
-            handler(self, request_id, getattr(envelope, kind))  # type: ignore[arg-type]
+            handler(self, request_id, getattr(envelope, kind))
         except Exception:
-            error = self._as_amaters_error(Failure(), kind or "request")  # type: ignore[no-untyped-call]
+            error = self._as_amaters_error(Failure(), kind or "request")
             self._send_error(request_id, error)
 
     def _parse_cost_ok(self, payload: bytes) -> bool:
@@ -1321,8 +1321,8 @@ class ListenerService(service.Service):
     def is_accepting(self) -> bool:
         return bool(self.running) and self.port is not None and not self.factory.draining
 
-    def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
-        super().startService()  # type: ignore[no-untyped-call]
+    def startService(self) -> defer.Deferred[None]:
+        super().startService()
         return defer.Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
@@ -1330,7 +1330,7 @@ class ListenerService(service.Service):
         before, after = raise_open_file_limit()
         if after != before:
             self._log.info("Raised the open-file limit from {before} to {after}", before=before, after=after)
-        endpoint = serverFromString(self.reactor, config.server.listen)  # type: ignore[no-untyped-call]
+        endpoint = serverFromString(self.reactor, config.server.listen)
         factory: Any = self.factory if self.wrap_factory is None else self.wrap_factory(self.factory)
         if config.tls.enabled:
             files = ensure_server_tls(config)
@@ -1370,8 +1370,8 @@ class ListenerService(service.Service):
             security="TLS" if config.tls.enabled else "plain TCP",
         )
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
-        super().stopService()  # type: ignore[no-untyped-call]
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:

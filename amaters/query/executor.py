@@ -126,7 +126,7 @@ class QueryExecutor:
 
     def execute(self, op: ops.Operation) -> defer.Deferred[Any]:
         """Run any operation (RANGE as a complete list; streams use :meth:`open_range`)."""
-        return self._dispatch[type(op)](op)  # type: ignore[no-any-return]
+        return self._dispatch[type(op)](op)
 
     # -- single keys --------------------------------------------------------------------------
 
@@ -172,9 +172,7 @@ class QueryExecutor:
             raise self._missing(op.collection)
         if op.limit == 0 or (op.end is not None and op.start >= op.end):
             return _EmptyCursor()  # type: ignore[return-value]
-        return self.backend.scan(  # type: ignore[no-any-return]
-            op.collection, op.start, op.end, op.limit, self.range_chunk_size
-        )
+        return self.backend.scan(op.collection, op.start, op.end, op.limit, self.range_chunk_size)
 
     def range_list(self, op: ops.Range) -> defer.Deferred[list[tuple[bytes, CipherBlob]]]:
         """The whole range as one list (for callers that do not stream)."""

@@ -363,7 +363,7 @@ class OpsService(service.Service):
         options = server_tls_options(cert, key)
         return TLSMemoryBIOFactory(options, False, site, clock=self.reactor)
 
-    def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    def startService(self) -> defer.Deferred[None]:
         super().startService()
         try:
             endpoint = serverFromString(self.reactor, self.config.web.listen)
@@ -386,7 +386,7 @@ class OpsService(service.Service):
         d.addCallback(listening)
         return d
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         port, self.port = self.port, None
         if port is None:
