@@ -325,6 +325,7 @@ def test_the_request_after_an_oversize_frame_says_the_connection_is_closed(
         capture_output=True,
         text=True,
         timeout=60,
+        cwd=tmp_path,
     )
     lines = ran.stdout.splitlines()
     assert lines[0].startswith("set: SizeExceeded") and "max_frame_bytes" in lines[0], ran.stdout + ran.stderr
@@ -365,6 +366,7 @@ def test_a_large_value_is_not_copied_over_and_over(servers: list[ServerProcess],
                 capture_output=True,
                 text=True,
                 timeout=120,
+                cwd=tmp_path,
             )
         return int(ran.stdout.strip())
 
