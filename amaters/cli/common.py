@@ -8,7 +8,8 @@ import os
 import re
 import sys
 
-from amaters.config import Config, load_config
+from amaters.compose import load_server_config
+from amaters.config import Config
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -40,7 +41,7 @@ def config_options() -> argparse.ArgumentParser:
 
 def load(args: argparse.Namespace) -> Config:
     """The configuration named by ``--config`` and ``--set`` (and the environment); raises ConfigError."""
-    return load_config(getattr(args, "config", None), getattr(args, "set", None) or [], os.environ)
+    return load_server_config(getattr(args, "config", None), getattr(args, "set", None) or [], os.environ)
 
 
 def endpoint_url(description: str) -> str:

@@ -298,7 +298,7 @@ def _tls_problems(config: Config) -> list[str]:
     tls = config.tls
     if not (tls.enabled and tls.cert and tls.key and Path(tls.cert).is_file() and Path(tls.key).is_file()):
         return []
-    from amaters.protocols.tlsctx import server_tls_options
+    from amaters.tls.context import server_tls_options
 
     try:
         options = server_tls_options(

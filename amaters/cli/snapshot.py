@@ -216,7 +216,14 @@ def _create(args: argparse.Namespace, printer: ProgressPrinter) -> int:
         clean_leftovers(snapshot_dir(config))
         info = wait(
             defer.Deferred.fromCoroutine(
-                create_snapshot(backend, config, runtime, printer, upload=args.upload)
+                create_snapshot(
+                    backend,
+                    config,
+                    runtime,
+                    printer,
+                    upload=args.upload,
+                    s3=_s3_store(config) if args.upload else None,
+                )
             )
         )
     finally:
