@@ -326,21 +326,14 @@ def _tls_reason(e: Exception) -> str:
     return str(e) or type(e).__name__
 
 
-def _auth_problems(config: Config) -> list[str]:
-    from amaters.auth.settings import auth_problems
-
-    try:
-        return auth_problems(config)
-    except Exception as e:
-        return [f"auth: cannot check the authentication settings: {e}"]
-
-
 def validate(path: str | None, sets: list[str]) -> tuple[Config, list[str]]:
     """Every problem of a configuration at once: reading the sources, the checks between settings,
     the TLS files and the authentication material."""
     config, problems = read_config(path, sets, os.environ)
     bad = {problem.split(":", 1)[0] for problem in problems}
-    for problem in config_problems(config) + _tls_problems(config) + _auth_problems(config):
+    from amaters.compose import SERVER_CHECKS
+
+    for problem in config_problems(config, SERVER_CHECKS) + _tls_problems(config):
         # A setting that could not be read kept its default: checks about it would mislead.
         names = problem.split(":", 1)[0].split("/")
         if problem not in problems and not any(name in bad for name in names):

@@ -243,7 +243,7 @@ def test_timeout_covers_a_tls_handshake_that_never_completes(
 ) -> None:
     """`--timeout 2` against a listener that stays silent ends with a timeout (exit 2) instead of
     hanging until killed (the subprocess timeout would fail this test)."""
-    from amaters.protocols.certs import generate_server_tls
+    from amaters.tls.certs import generate_server_tls
 
     generate_server_tls(tmp_path / "tls")
     ca = tmp_path / "tls" / "ca.pem"
