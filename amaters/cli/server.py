@@ -9,9 +9,9 @@ How these commands find the server:
   of the log.  It remembers what it started (pid file, log file, ops site, configuration) in a small
   state file for the working directory (under ``$XDG_STATE_HOME/amaters``, by default
   ``~/.local/state/amaters``).
-- ``stop``, ``status`` and ``reload`` with ``--config`` or ``--set`` use that configuration's pid
-  file.  Without either they use the built-in defaults (and ``AMATERS_*`` variables), and when no
-  server runs there, the server ``start`` last started from the same working directory.
+- ``stop``, ``status`` and ``reload`` with ``--config`` or ``--set`` use that configuration.
+  Without either they act on the server ``start`` last started from the same working directory
+  while it runs, and otherwise use the built-in defaults (and ``AMATERS_*`` variables).
 - A server started some other way (``twistd -n amaters``) has no pid file; ``/readyz`` reports its
   pid, which ``status`` shows and ``stop`` and ``reload`` signal when it is a local amaters process.
 """
@@ -212,11 +212,10 @@ def _target(args: argparse.Namespace) -> Target:
     own = Target.of(load(args), args)
     if getattr(args, "config", None) or getattr(args, "set", None):
         return own
-    pid = _read_pid(own.pid_file)
-    if pid is not None and _alive(pid):
-        return own
+    # What `start` ran from here knows the server's own settings (its ops site, say), even when
+    # its pid file is where the defaults put it.
     remembered = _remembered()
-    if remembered is not None and remembered.pid_file != own.pid_file:
+    if remembered is not None:
         pid = _read_pid(remembered.pid_file)
         if pid is not None and _alive(pid):
             return remembered
