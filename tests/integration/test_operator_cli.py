@@ -151,7 +151,9 @@ def test_stop_and_status_find_the_server_started_from_a_config_file(operator: Op
     assert stopped.returncode == 0, stopped.stderr
     assert f"amaters stopped (pid {pid})" in stopped.stdout
     assert not _alive(pid)
-    after = operator("status")
+    # (With --config: without it, once nothing runs from here, status falls back to the built-in
+    # defaults, whose ports another server on this machine may be using.)
+    after = operator("status", "--config", str(config))
     assert after.returncode == 1 and "amaters is not running" in after.stdout
 
 
