@@ -70,12 +70,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _is_amaters(pid: int) -> bool:
-    """Whether local process ``pid`` runs amaters (its command line names it)."""
+def _command_line(pid: int) -> list[str]:
     try:
-        return b"amaters" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
+        return []
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg]
+
+
+def _runs_config(pid: int, config: str | None) -> bool:
+    """Whether local process ``pid`` is an amaters server run with the configuration file ``config``.
+
+    Only such a process is signalled when it was found through ``/readyz`` (it has no pid file):
+    an amaters server of someone else that happens to answer on the same port is left alone.
+    """
+    args = _command_line(pid)
+    if not any("amaters" in arg for arg in args) or config is None:
         return False
+    wanted = Path(config).resolve()
+    return any(Path(arg).resolve() == wanted for arg in args if arg.endswith(".toml"))
 
 
 # -- the ops site ------------------------------------------------------------------------------
@@ -223,23 +236,29 @@ def _target(args: argparse.Namespace) -> Target:
 
 
 def _find_pid(target: Target) -> tuple[int | None, Probe | None, str]:
-    """The running server's pid (from the pid file, else from ``/readyz``), the probe made (if
-    any), and where the pid came from."""
+    """The running server's pid to signal (from the pid file, else from ``/readyz`` when that
+    process runs with the same ``--config``), the probe made (if any), and where the pid came from."""
     pid = _read_pid(target.pid_file)
     if pid is not None and _alive(pid):
         return pid, None, f"pid file {target.pid_file}"
     probe = _probe(target.url, timeout=1.0)
-    if probe.pid is not None and _alive(probe.pid) and _is_amaters(probe.pid):
+    if probe.pid is not None and _alive(probe.pid) and _runs_config(probe.pid, target.config):
         return probe.pid, probe, f"{target.url}/readyz (no live pid in {target.pid_file})"
     return None, probe, ""
 
 
 def _not_running(target: Target, probe: Probe | None) -> str:
-    """Why no server was found, and what to try."""
+    """Why no server was found (or why the one found is not signalled), and what to try."""
     where = f"no live pid in {target.pid_file}"
+    if probe is not None and probe.pid is not None and _alive(probe.pid):
+        return (
+            f"a server (pid {probe.pid}) answers on {target.url} but has no pid file here ({where}) and"
+            f" does not run with {target.describe()}: pass the --config it runs with, or stop it with"
+            f" `kill {probe.pid}`"
+        )
     if probe is not None:
         if probe.status is not None:
-            where += f"; {probe.detail} but reports no local amaters process"
+            where += f"; {probe.detail}"
         elif target.url is not None:
             where += f"; nothing answers on {target.url}"
     hint = "" if target.config else "; if it was started with --config, pass the same --config"
@@ -440,6 +459,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
     target = _target(args)
     pid, probe, source = _find_pid(target)
     if pid is None:
+        if probe is not None and probe.pid is not None and _alive(probe.pid):
+            err(_not_running(target, probe))
+            return EXIT_FAIL
         print(_not_running(target, probe))
         return EXIT_OK
     if target.via:

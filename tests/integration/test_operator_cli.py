@@ -170,6 +170,12 @@ def test_status_and_stop_agree_on_a_server_started_by_twistd(
     status = operator("status", "--config", config, "--format", "json")
     assert status.returncode == 0, status.stdout
     assert json.loads(status.stdout)["pid"] == server.process.pid
+    # Reached through its port alone (not the --config it runs with), it is named, not signalled.
+    other = operator("stop", "--set", f"web.listen=tcp:{server.web_port}:interface=127.0.0.1")
+    assert other.returncode == 1, other.stdout + other.stderr
+    assert f"a server (pid {server.process.pid}) answers on" in other.stderr
+    assert f"kill {server.process.pid}" in other.stderr
+    assert server.readyz() == 200
     stopped = operator("stop", "--config", config, "--timeout", "30")
     assert stopped.returncode == 0 and f"amaters stopped (pid {server.process.pid})" in stopped.stdout
     assert server.wait_exit(30) == 0
