@@ -318,13 +318,15 @@ def _tls_problems(config: Config) -> list[str]:
         return []
     from amaters.tls.context import server_tls_options
 
+    # Client-certificate settings without a usable CA are reported by the checks between settings.
+    client_auth = tls.client_auth if tls.ca and Path(tls.ca).is_file() else "none"
     try:
         options = server_tls_options(
             tls.cert,
             tls.key,
             client_ca=tls.ca or None,
-            client_auth=tls.client_auth,
-            crl=tls.crl or None,
+            client_auth=client_auth,
+            crl=tls.crl if tls.crl and Path(tls.crl).is_file() else None,
         )
         options.getContext()
     except OSError as e:
