@@ -381,3 +381,24 @@ def test_a_large_value_is_not_copied_over_and_over(servers: list[ServerProcess],
     size = 64 * 1024 * 1024
     small, large = peak_kib(1024), peak_kib(size)
     assert (large - small) * 1024 < 2 * size, (small, large)
+
+
+def test_validate_config_accepts_a_working_certificate_and_key(operator: Operator, tmp_path: Path) -> None:
+    """The TLS load check passes a real certificate and key, and catches a key of another pair."""
+    from amaters.tls.certs import generate_server_tls
+
+    generate_server_tls(tmp_path / "a")
+    generate_server_tls(tmp_path / "b")
+    good, _, _ = operator.config(
+        "good.toml",
+        extra=f'[tls]\ncert = "{tmp_path / "a" / "server.pem"}"\nkey = "{tmp_path / "a" / "server.key"}"\n',
+    )
+    checked = operator("validate-config", str(good))
+    assert checked.returncode == 0, checked.stderr
+    mixed, _, _ = operator.config(
+        "mixed.toml",
+        extra=f'[tls]\ncert = "{tmp_path / "a" / "server.pem"}"\nkey = "{tmp_path / "b" / "server.key"}"\n',
+    )
+    checked = operator("validate-config", str(mixed))
+    assert checked.returncode == 2
+    assert "tls.cert/tls.key: cannot be used together" in checked.stderr
