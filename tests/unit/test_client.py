@@ -256,3 +256,28 @@ def test_keep_alive_pings_beat_the_idle_timeout() -> None:
     assert not alive.client.closed
     assert alive.wait(alive.client.ping()) >= 0
     alive.client.stop_keepalive()
+
+
+def test_a_large_value_tail_parses_as_the_same_set() -> None:
+    """The rest of a SET followed by its value as a second encoding of the same field parses as the
+    one message a plain encoding gives (protobuf merges repeated message fields)."""
+    from amaters.client import _value_tail
+    from amaters.proto import envelope_pb2
+    from amaters.proto.convert import fill_blob
+    from amaters.types import CipherBlob, crc32
+
+    data = bytes(range(256)) * 5000  # over 127 bytes: multi-byte lengths at every level
+    whole = envelope_pb2.Envelope(request_id=7)
+    query = whole.query.query.set
+    query.collection = "c"
+    query.key.data = b"k"
+    fill_blob(query.value, CipherBlob.wrap(data, created_at=1))
+
+    head = envelope_pb2.Envelope(request_id=7)
+    query = head.query.query.set
+    query.collection = "c"
+    query.key.data = b"k"
+    fill_blob(query.value, CipherBlob(b"", crc32(data), len(data), created_at=1))
+    parsed = envelope_pb2.Envelope()
+    parsed.ParseFromString(head.SerializeToString() + b"".join(_value_tail(data)))
+    assert parsed == whole
