@@ -1000,7 +1000,7 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
             "limits.max_buffered_bytes: must be at least limits.max_frame_bytes"
             f" ({config.limits.max_frame_bytes}), or no frame of the largest size could be received"
         )
-    from amaters.ops.fdlimit import file_handle_problems
+    from amaters.fdlimit import file_handle_problems
 
     problems.extend(file_handle_problems(config))
     if config.storage.backend == "etcd" and not config.cluster.endpoints:

@@ -1327,7 +1327,7 @@ class ListenerService(service.Service):
 
     async def _start(self) -> None:
         config = self.config
-        from amaters.ops.fdlimit import raise_open_file_limit
+        from amaters.fdlimit import raise_open_file_limit
 
         before, after = raise_open_file_limit()
         if after != before:
