@@ -233,7 +233,14 @@ class AmatersService(AsyncMultiService):
         # twistd exits 0 after the reactor stops; make a failed start or stop exit 1.
         atexit.register(_exit_with, 1)
         if self.reactor.running:
-            self.reactor.callLater(0, self.reactor.stop)
+            self.reactor.callLater(0, self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        """Stop the reactor unless it is already stopping (a failed stop happens during shutdown)."""
+        try:
+            self.reactor.stop()
+        except error.ReactorNotRunning:
+            pass
 
     def stopService(self) -> Any:
         """Stop every child in reverse order, bounded by ``server.shutdown_timeout``."""
