@@ -207,6 +207,23 @@ class WebConfig:
         minimum=8,
         reloadable=True,
     )
+    max_request_body_bytes: int = setting(
+        64 * 1024,
+        "Largest request body the ops site accepts; a larger Content-Length is answered 413 before"
+        " any of the body is read (no route takes a body: this only bounds what a client can send).",
+        minimum=0,
+        reloadable=True,
+    )
+    idle_timeout: float = setting(
+        60.0, "Seconds an ops site connection may stay idle before it is closed.", minimum=1.0
+    )
+    allowed_hosts: list[str] = setting(
+        [],
+        "Host header values the admin API accepts while auth.enabled is false, besides localhost,"
+        " 127.0.0.1 and [::1] (with any port): a request naming another host, as a DNS rebinding"
+        " page would, is refused.",
+        reloadable=True,
+    )
     liveness_max_lag: float = setting(
         5.0,
         "Reactor lag in seconds above which /livez and /healthz answer 503 (0: never).",
