@@ -48,7 +48,6 @@ from amaters.auth.settings import auth_problems
 from amaters.config import Check, Config, LiveConfig, Sources, cache_settings, load_config
 from amaters.interfaces import IPipelineStage, IStorageBackend
 from amaters.ops.admin import ServerAdmin
-from amaters.ops.fdlimit import file_handle_problems
 from amaters.ops.lag import LagMonitor
 from amaters.ops.logging import LoggingService
 from amaters.ops.metrics import Metrics
@@ -84,7 +83,7 @@ from amaters.web.admin import AdminAPI
 from amaters.web.ops import OpsAPI, OpsService
 
 #: Checks a server's configuration must pass beyond the config file itself.
-SERVER_CHECKS: tuple[Check, ...] = (auth_problems, file_handle_problems)
+SERVER_CHECKS: tuple[Check, ...] = (auth_problems,)
 
 
 def load_server_config(
@@ -237,7 +236,14 @@ class AmatersService(AsyncMultiService):
         # twistd exits 0 after the reactor stops; make a failed start or stop exit 1.
         atexit.register(_exit_with, 1)
         if self.reactor.running:
-            self.reactor.callLater(0, self.reactor.stop)
+            self.reactor.callLater(0, self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        """Stop the reactor unless it is already stopping (a failed stop happens during shutdown)."""
+        try:
+            self.reactor.stop()
+        except error.ReactorNotRunning:
+            pass
 
     def stopService(self) -> Any:
         """Stop every child in reverse order, bounded by ``server.shutdown_timeout``."""

@@ -64,8 +64,8 @@ from amaters.errors import (
     SizeExceeded,
     UnsupportedVersion,
 )
+from amaters.fdlimit import raise_open_file_limit
 from amaters.interfaces import IPrincipal, IRangeCursor
-from amaters.ops.fdlimit import raise_open_file_limit
 from amaters.protect.compression import compress_frame, decompress_frame
 from amaters.proto import aql_pb2, envelope_pb2
 from amaters.proto.convert import (
