@@ -148,9 +148,12 @@ def _peer_certificates(context: grpc.ServicerContext) -> Any:
     return certificates or None
 
 
-def call_info(context: grpc.ServicerContext, credentials_type: Callable[[str, str], Any]) -> CallInfo:
+def call_info(
+    context: grpc.ServicerContext, credentials_type: Callable[[str, str], Any], client_certificates: bool
+) -> CallInfo:
     """Read credentials, trace context and the peer from a call; raises _LoginRefused when the
-    credential metadata is malformed."""
+    credential metadata is malformed.  ``client_certificates``: whether TLS asks clients for one
+    (reading the TLS session costs a little on every call, so it is skipped otherwise)."""
     authorization = api_key = None
     trace: dict[str, str] | None = None
     for key, value in context.invocation_metadata():
@@ -172,7 +175,8 @@ def call_info(context: grpc.ServicerContext, credentials_type: Callable[[str, st
         credentials = credentials_type("bearer_token", token.strip())
     elif api_key is not None:
         credentials = credentials_type("api_key", str(api_key).strip())
-    return CallInfo(credentials, _peer_certificates(context), _source(context.peer()), trace)
+    peer_certificate = _peer_certificates(context) if client_certificates else None
+    return CallInfo(credentials, peer_certificate, _source(context.peer()), trace)
 
 
 def _execution_ms(ctx: RequestContext, clock: Any) -> int:
@@ -201,7 +205,7 @@ class AqlServicer:
 
     def _begin(self, context: grpc.ServicerContext) -> tuple[CallInfo, queue.SimpleQueue[Any]]:
         try:
-            info = call_info(context, self._credentials_type)
+            info = call_info(context, self._credentials_type, self.owner.client_certificates)
         except _LoginRefused as e:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, e.message)
         answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -686,6 +690,12 @@ class GrpcService(service.Service):
             self._seen_ready = True
             return False
         return self._seen_ready
+
+    @property
+    def client_certificates(self) -> bool:
+        """Whether TLS asks gRPC clients for a certificate (``tls.client_auth = "required"``)."""
+        tls = self._tls
+        return tls is not None and tls.require_client_auth
 
     @property
     def inflight(self) -> int:

@@ -362,3 +362,21 @@ def test_grpc_port_in_use_fails_the_start_with_one_line(tmp_path: Path) -> None:
             )
         finally:
             server.cleanup()
+
+
+def test_python_example_in_the_docs_runs(server: ServerProcess, stubs: Path) -> None:
+    """The Python example of docs/grpc.md, run as written with stubs generated from AmateRS's
+    protos (only its TARGET and CA lines point at the test server)."""
+    import os
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "grpc.md").read_text()
+    example = re.findall(r"```python\n(.*?)```", doc, re.S)[0]
+    example = example.replace('TARGET = "127.0.0.1:7880"', f'TARGET = "127.0.0.1:{server.grpc_port}"')
+    example = example.replace('CA = "amaters-data/tls/ca.pem"', f'CA = "{server.ca_cert}"')
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    ran = subprocess.run(
+        [sys.executable, "-c", example], cwd=stubs, env=env, capture_output=True, timeout=60, text=True
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert "b'alice' 35" in ran.stdout and "total" in ran.stdout
