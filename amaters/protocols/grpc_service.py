@@ -78,7 +78,7 @@ def load_tls_material(config: Config) -> GrpcTLSMaterial:
 
     Does file I/O (and generates the private CA on a first start, as the listener does)."""
     from amaters.ops.tlsreload import build_server_options
-    from amaters.protocols.certs import ensure_server_tls
+    from amaters.tls.certs import ensure_server_tls
 
     build_server_options(config)  # key matches certificate, CA readable: or ConfigError
     files = ensure_server_tls(config)
@@ -197,7 +197,7 @@ class AqlServicer:
         self.reactor = owner.reactor
         self.pipeline: QueryPipeline = owner.pipeline
         self._ids = itertools.count(1)
-        from amaters.protocols.server import Credentials
+        from amaters.auth.principal import Credentials
 
         self._credentials_type = Credentials
 

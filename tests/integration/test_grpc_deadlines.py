@@ -84,7 +84,7 @@ async def server(tmp_path: Path, stubs: Path) -> AsyncIterator[InProcess]:
     root = build_service(config, reactor)
     await root.startService()
     hold = HoldStage(delay=2.0)
-    root.pipeline.add_stage(hold)
+    root.components.pipeline.add_stage(hold)
     client = UpstreamClient(stubs)
     client.connect(root.getServiceNamed("grpc").port, tmp_path / "tls" / "ca.pem")
     try:
@@ -142,7 +142,7 @@ async def test_trace_context_protocol_label_and_metrics(server: InProcess) -> No
     assert protocol == "grpc" and trace == {"traceparent": TRACEPARENT}
     got = await server.call("ExecuteQuery", query(get_q("traced", b"k")), timeout=5)
     assert single_value(got["response"]) == b"v"
-    registry = server.root.metrics.registry
+    registry = server.root.components.metrics.registry
     ok = registry.get_sample_value("amaters_grpc_calls_total", {"method": "ExecuteQuery", "code": "OK"})
     assert ok is not None and ok >= 2
     assert registry.get_sample_value("amaters_requests_total", {"op": "set", "status": "ok"}) >= 1
