@@ -380,3 +380,60 @@ def test_python_example_in_the_docs_runs(server: ServerProcess, stubs: Path) -> 
     )
     assert ran.returncode == 0, ran.stderr
     assert "b'alice' 35" in ran.stdout and "total" in ran.stdout
+
+
+def test_client_certificate_login_with_client_auth_required(tmp_path: Path, stubs: Path) -> None:
+    """With tls.client_auth = "required" and no token, the TLS client certificate is the login:
+    a certificate mapped to role user writes; one from an organization not allowed is refused with
+    UNAUTHENTICATED; a client without a certificate does not get through TLS."""
+    from cryptography.hazmat.primitives import serialization
+
+    from amaters.tls.certs import generate_ca, issue_certificate
+
+    ca_key, ca = generate_ca("grpc client CA")
+    (tmp_path / "client-ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for name, organization in (("carol", "Acme"), ("eve", "Evil")):
+        key, cert = issue_certificate(ca_key, ca, name, client=True, organization=organization)
+        (tmp_path / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (tmp_path / f"{name}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    server = ServerProcess(
+        tmp_path / "server",
+        config_text=(
+            f'[tls]\nclient_auth = "required"\nca = "{tmp_path / "client-ca.pem"}"\n'
+            '[storage]\nbackend = "memory"\n'
+            "[auth]\nenabled = true\n"
+            '[auth.mtls]\nallowed_organizations = ["Acme"]\nrole_map = { "id:carol" = ["user"] }\n'
+        ),
+    )
+    server.start().wait_ready()
+    clients: list[UpstreamClient] = []
+    try:
+        for name in ("carol", "eve", None):
+            c = UpstreamClient(stubs)
+            clients.append(c)
+            if name is None:
+                c.connect(server.grpc_port, server.ca_cert)
+            else:
+                c.connect(
+                    server.grpc_port,
+                    server.ca_cert,
+                    str(tmp_path / f"{name}.pem"),
+                    str(tmp_path / f"{name}.key"),
+                )
+        carol, eve, anonymous = clients
+        written = carol.ok("ExecuteQuery", query(set_q("certs", b"k", b"v")))
+        assert "success" in written["result"]
+        assert single_value(carol.ok("ExecuteQuery", query(get_q("certs", b"k")))) == b"v"
+        refused = eve.call("ExecuteQuery", query(get_q("certs", b"k")))
+        assert refused["ok"] is False and refused["code"] == "UNAUTHENTICATED", refused
+        no_cert = anonymous.call("ExecuteQuery", query(get_q("certs", b"k")), timeout=5)
+        assert no_cert["ok"] is False and no_cert["code"] == "UNAVAILABLE", no_cert
+    finally:
+        for c in clients:
+            c.close()
+        server.stop()
+        server.cleanup()
