@@ -17,6 +17,7 @@ import pytest
 from grpc_upstream import (
     UpstreamClient,
     b64,
+    blob,
     delete_q,
     error_code,
     generate_stubs,
@@ -69,7 +70,8 @@ def native(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[byt
 
 def test_set_get_delete_range_with_upstream_stubs(client: UpstreamClient) -> None:
     """SET, GET, DELETE and RANGE answer OK with AmateRS's results; request_id is echoed; a missing
-    key is a SingleResult without value; a bad checksum is an in-band VALIDATION error."""
+    key is a SingleResult without value; a bad checksum is an in-band VALIDATION error; FILTER gets
+    the executor's answer in-band."""
     response = client.ok("ExecuteQuery", query(set_q("users", b"alice", b"cipher-1"), "req-1"))
     assert response["request_id"] == "req-1"
     assert response["result"]["success"]["affected_rows"] == "1"
@@ -87,6 +89,10 @@ def test_set_get_delete_range_with_upstream_stubs(client: UpstreamClient) -> Non
     refused = client.ok("ExecuteQuery", bad)
     assert error_code(refused) == "ERROR_VALIDATION_INVALID_VALUE"
     assert refused["error"]["category"] == "CATEGORY_CLIENT_ERROR" and refused["request_id"] == "req-3"
+    # FILTER goes to the same executor as on the native protocol (no FHE evaluator configured here).
+    predicate = {"eq": {"column": {"name": "age"}, "value": blob(b"enc")}}
+    filtered = client.ok("ExecuteQuery", query({"filter": {"collection": "users", "predicate": predicate}}))
+    assert error_code(filtered) == "ERROR_COMPUTE_INVALID_OPERATION"
 
 
 def test_batch_is_atomic(client: UpstreamClient) -> None:
