@@ -678,9 +678,10 @@ class ReadinessHealth(grpc_health.HealthServicer):
 
 
 class GrpcService(service.Service):
-    """The ``grpc`` service: binds ``grpc.listen`` (TLS from ``[tls]``) when it starts; on stop,
-    reports NOT_SERVING, answers new calls with SERVER_SHUTTING_DOWN, waits for calls in flight,
-    then stops the server (HTTP/2 GOAWAY).
+    """The ``grpc`` service: binds ``grpc.listen`` (TLS from ``[tls]``) when it starts.  Once the
+    server's stop begins it reports NOT_SERVING and refuses new calls (UNAVAILABLE; requests on an
+    open interactive stream get SERVER_SHUTTING_DOWN in-band); its own stop waits for the calls in
+    flight, then stops the grpcio server (HTTP/2 GOAWAY).
 
     ``readiness()`` says whether the whole server is ready; ``tls_provider(config)`` loads the TLS
     material (:func:`load_tls_material`).  The constructor does no I/O.
@@ -778,7 +779,9 @@ class GrpcService(service.Service):
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", limits.max_frame_bytes),
-                ("grpc.max_send_message_length", -1),
+                # The native protocol's frame limit bounds every gRPC message too (a unary RANGE
+                # bigger than that fails with RESOURCE_EXHAUSTED: ExecuteStream is for those).
+                ("grpc.max_send_message_length", limits.max_frame_bytes),
             ],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
