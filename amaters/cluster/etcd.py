@@ -113,7 +113,8 @@ class EtcdClient:
     """Requests to one etcd cluster, failing over between its members.
 
     ``endpoints`` are client URLs such as ``http://127.0.0.1:2379``.  ``attempts`` bounds how many
-    members are tried per request (default: each member twice).  ``agent`` (an ``IAgent``) is
+    members are tried per request (default: each member twice), ``total_timeout`` the time after
+    which no new attempt starts (default: three request timeouts).  ``agent`` (an ``IAgent``) is
     built on a persistent connection pool when not given.  The constructor does no I/O.
     """
 
@@ -126,6 +127,7 @@ class EtcdClient:
         *,
         request_timeout: float = 1.0,
         attempts: int | None = None,
+        total_timeout: float | None = None,
         agent: Any = None,
     ) -> None:
         if not endpoints:
@@ -134,6 +136,8 @@ class EtcdClient:
         self.reactor = reactor
         self.request_timeout = request_timeout
         self.attempts = attempts if attempts is not None else 2 * len(self.endpoints)
+        #: No new attempt starts after this many seconds (a caller's own deadline is a few seconds).
+        self.total_timeout = total_timeout if total_timeout is not None else 3 * request_timeout
         if agent is None:
             self._pool: HTTPConnectionPool | None = HTTPConnectionPool(reactor, persistent=True)
             self._pool.maxPersistentPerHost = 16
@@ -169,7 +173,10 @@ class EtcdClient:
         """
         payload = json.dumps(body).encode("ascii")
         last = "no attempt"
+        give_up = self.reactor.seconds() + self.total_timeout
         for attempt in range(self.attempts):
+            if attempt and self.reactor.seconds() >= give_up:
+                break
             endpoint = self.endpoints[self._current]
             try:
                 answer = await self._once(endpoint + path, payload)

@@ -245,3 +245,76 @@ async def test_killing_a_node_mid_request_clients_fail_over(cluster: Cluster) ->
         for client in made:
             await client.close()
         cluster.restart_node(0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pausing_a_minority_keeps_writes_going(cluster: Cluster) -> None:
+    """SIGSTOP of one etcd member (the leader): the other two elect and serve; histories linearizable."""
+    workload = Workload("minority")
+    made = await clients(cluster, 6)
+    paused: dict[str, Any] = {}
+
+    async def chaos() -> None:
+        await wait_for(1.0)
+        member = cluster.etcd.leader()
+        paused["at"] = time.monotonic()
+        cluster.etcd.pause(member)
+        paused["member"] = member
+        await wait_for(3.0)
+        cluster.etcd.resume(member)
+
+    try:
+        await run_workload(workload, made, operations=300, seconds=6.0, chaos=chaos)
+        during = [
+            ret for call, ret in workload.acked_writes if paused["at"] + 0.1 < call < paused["at"] + 3.0
+        ]
+        assert during, f"no write succeeded while one member was paused ({workload.failures[-5:]})"
+        await workload.final_reads(made[0])
+        workload.check()
+    finally:
+        for client in made:
+            await client.close()
+        if "member" in paused and paused["member"].stopped:
+            cluster.etcd.resume(paused["member"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_pausing_a_majority_refuses_writes_then_recovers(cluster: Cluster) -> None:
+    """SIGSTOP of two etcd members: writes fail with retryable errors and none is acknowledged; after
+    SIGCONT writes succeed again; histories stay linearizable."""
+    workload = Workload("majority")
+    made = await clients(cluster, 4)
+    window: dict[str, float] = {}
+    members = cluster.etcd.members[:2]
+
+    async def chaos() -> None:
+        await wait_for(1.0)
+        window["paused"] = time.monotonic()
+        for member in members:
+            cluster.etcd.pause(member)
+        await wait_for(3.0)
+        window["resumed"] = time.monotonic()
+        for member in members:
+            cluster.etcd.resume(member)
+
+    try:
+        await run_workload(workload, made, operations=300, seconds=8.0, chaos=chaos)
+        # Requests already committed when the pause began may still be answered just after it.
+        acked_in_pause = [
+            (call, ret)
+            for call, ret in workload.acked_writes
+            if window["paused"] + 0.5 < call and ret < window["resumed"]
+        ]
+        assert not acked_in_pause, "a write was acknowledged without a quorum"
+        assert workload.failures, "writes during the pause should have failed"
+        assert set(workload.failures) <= {"SERVER_UNAVAILABLE", "NETWORK_TIMEOUT"}, workload.failures
+        after = [ret for call, ret in workload.acked_writes if call > window["resumed"]]
+        assert after, "writes did not resume after the majority came back"
+        await workload.final_reads(made[0])
+        workload.check()
+    finally:
+        for client in made:
+            await client.close()
+        for member in members:
+            if member.stopped:
+                cluster.etcd.resume(member)
