@@ -543,9 +543,13 @@ def delete_op(key: bytes, range_end: bytes | None = None, *, prev_kv: bool = Fal
     return {"request_delete_range": body}
 
 
-def range_op(key: bytes, range_end: bytes | None = None, *, limit: int = 0) -> dict[str, Any]:
-    """A ``request_range`` for a transaction."""
+def range_op(
+    key: bytes, range_end: bytes | None = None, *, limit: int = 0, serializable: bool = False
+) -> dict[str, Any]:
+    """A ``request_range`` for a transaction (all ranges serializable: the member answers alone)."""
     body: dict[str, Any] = {"key": b64(key)}
+    if serializable:
+        body["serializable"] = True
     if range_end is not None:
         body["range_end"] = b64(range_end)
     if limit:

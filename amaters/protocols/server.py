@@ -340,6 +340,8 @@ class AmatersServerProtocol(FrameReceiver):
         self._frame_threshold = 0
         # The trace context of the request being dispatched (Envelope.trace_context), for _context.
         self._trace_context: dict[str, str] | None = None
+        # Clustered mode: the revision scope of each request in flight, until its first answer.
+        self._revision_scopes: dict[int, Any] = {}
 
     # -- connection lifecycle -----------------------------------------------------------------
 
@@ -531,11 +533,30 @@ class AmatersServerProtocol(FrameReceiver):
             return
         trace_context = envelope.trace_context
         self._trace_context = dict(trace_context) if trace_context else None
+        if self.factory.session_revisions:
+            self._handle_with_revisions(handler, request_id, kind, envelope)
+            return
         try:
             handler(self, request_id, getattr(envelope, kind))  # type: ignore[arg-type]
         except Exception:
             error = self._as_amaters_error(Failure(), kind or "request")  # type: ignore[no-untyped-call]
             self._send_error(request_id, error)
+
+    def _handle_with_revisions(self, handler: Any, request_id: int, kind: Any, envelope: Any) -> None:
+        """Run a request under a revision scope (clustered mode): its answer reports the revisions
+        it saw; reads wait for the revisions the client sent."""
+        from amaters.cluster import session
+
+        scope = session.RevisionScope(envelope.revisions)
+        self._revision_scopes[request_id] = scope
+        token = session.enter(scope)
+        try:
+            handler(self, request_id, getattr(envelope, kind))
+        except Exception:
+            error = self._as_amaters_error(Failure(), kind or "request")  # type: ignore[no-untyped-call]
+            self._send_error(request_id, error)
+        finally:
+            session.leave(token)
 
     def framesDelivered(self) -> None:
         self._flush_out()
@@ -557,6 +578,10 @@ class AmatersServerProtocol(FrameReceiver):
     def _send(self, envelope: envelope_pb2.Envelope) -> None:
         if self._lost:
             return
+        if self._revision_scopes:
+            scope = self._revision_scopes.pop(envelope.request_id, None)
+            if scope is not None and scope.seen:
+                envelope.revisions.update(scope.seen)
         payload = envelope.SerializeToString()
         size = len(payload)
         if self._frame_codec and size >= self._frame_threshold:
@@ -1177,6 +1202,8 @@ class AmatersServerFactory(Factory):
         #: While draining, idle connections are closed by the server only after a grace period
         #: (clients told of the shutdown close first).
         self.drain_grace_over = False
+        #: Clustered mode: requests carry and answers report shard revisions (amaters.cluster.session).
+        self.session_revisions = False
         self._grace_timer: Any = None
         self._drained: list[defer.Deferred[None]] = []
 
@@ -1258,6 +1285,7 @@ class ListenerService(service.Service):
             reactor,
             authenticate or default_authenticator(config.auth.enabled),
         )
+        self.factory.session_revisions = config.storage.backend == "etcd"
         self.port: IListeningPort | None = None
         self.tls: Any = None
         self.tls_files: Any = None

@@ -20,8 +20,10 @@ A stored entry is ``kind (1 byte) + write id (8 bytes) + body``: kind 1 holds th
 :mod:`amaters.storage.codec` inline, kind 2 a chunk pointer.  The write id lets a writer whose
 request timed out read back whether its write was applied: if it was, the write is acknowledged;
 if that cannot be known, it fails with the retryable ``Unavailable`` and nothing wrong is
-acknowledged.  Reads are linearizable.  Every successful write records the etcd revision it
-produced in :attr:`EtcdBackend.last_revision`.
+acknowledged.  Reads are linearizable unless ``serializable_reads`` is set.  Every read and write
+reports the etcd revision it saw to the request's revision scope (:mod:`amaters.cluster.session`),
+which the server returns to the client as its session token; a serializable read older than the
+session's token is done again through the quorum, so a session always reads its own writes.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from amaters.cluster import session
 from amaters.cluster.etcd import (
     EtcdAmbiguous,
     EtcdClient,
@@ -156,10 +159,23 @@ class EtcdBackend:
     name = "etcd"
     _log = Logger()
 
-    def __init__(self, client: EtcdClient, reactor: Any, *, prefix: bytes = b"/amaters/") -> None:
+    def __init__(
+        self,
+        client: EtcdClient,
+        reactor: Any,
+        *,
+        prefix: bytes = b"/amaters/",
+        shard: str = "0",
+        serializable_reads: bool = False,
+    ) -> None:
         self.client = client
         self.reactor = reactor
         self.prefix = prefix
+        #: The shard name revisions are reported under (session tokens).
+        self.shard = shard
+        #: Serve GETs from the member the node talks to, without a quorum round; a request's session
+        #: token still forces a linearizable read when that member is behind it.
+        self.serializable_reads = serializable_reads
         self._collections: set[str] = set()
         self._watch: Any = None
         self._open = False
@@ -282,6 +298,7 @@ class EtcdBackend:
         answer = await self.client.txn(
             [compare_version(self._marker(collection), "GREATER", 0)], ops, idempotent=idempotent
         )
+        self._note(answer)
         if not answer.get("succeeded"):
             self._collections.discard(collection)
             raise NotFound(f"collection {collection!r} does not exist")
@@ -294,7 +311,15 @@ class EtcdBackend:
     async def _get(self, collection: str, key: bytes) -> CipherBlob | None:
         full = self._data_prefix(collection) + key
         try:
-            answer = await self._txn_in_collection(collection, [range_op(full)], idempotent=True)
+            if self.serializable_reads:
+                answer = await self._txn_in_collection(
+                    collection, [range_op(full, serializable=True)], idempotent=True
+                )
+                if int(answer["header"]["revision"]) < session.wanted(self.shard):
+                    # This member is behind the session: read through the quorum instead.
+                    answer = await self._txn_in_collection(collection, [range_op(full)], idempotent=True)
+            else:
+                answer = await self._txn_in_collection(collection, [range_op(full)], idempotent=True)
             kvs = answer["responses"][0]["response_range"].get("kvs")
             if not kvs:
                 return None
@@ -449,6 +474,7 @@ class EtcdBackend:
                     _, stored, revision = kv_of(kvs[0])
                     if stored[1:9] == write_id:
                         self.last_revision = max(self.last_revision, revision)
+                        session.observe(self.shard, revision)
                         return
         raise Unavailable(f"etcd did not confirm the write; it may or may not be applied ({cause.message})")
 
@@ -521,6 +547,7 @@ class EtcdBackend:
         revision = int((answer.get("header") or {}).get("revision", 0))
         if revision > self.last_revision:
             self.last_revision = revision
+        session.observe(self.shard, revision)
 
     # -- maintenance ----------------------------------------------------------------------------
 
@@ -609,4 +636,6 @@ def _mod_compare(key: bytes, revision: int) -> dict[str, Any]:
 def build_etcd_backend(cluster: Any, reactor: Any) -> EtcdBackend:
     """The backend for a ``[cluster]`` config section (no I/O until ``open``)."""
     client = EtcdClient(cluster.endpoints, reactor, request_timeout=cluster.request_timeout)
-    return EtcdBackend(client, reactor, prefix=cluster.prefix.encode("utf-8"))
+    return EtcdBackend(
+        client, reactor, prefix=cluster.prefix.encode("utf-8"), serializable_reads=cluster.serializable_reads
+    )

@@ -318,3 +318,35 @@ async def test_pausing_a_majority_refuses_writes_then_recovers(cluster: Cluster)
         for member in members:
             if member.stopped:
                 cluster.etcd.resume(member)
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_token_carries_read_your_writes_to_another_node(cluster: Cluster) -> None:
+    """Every write answers with its shard revision; the token passed to a connection on node B
+    makes B's reads at least that new, and B's answers advance the same token."""
+    a = await connect(reactor, "127.0.0.1", cluster.nodes[0].port, plaintext=True)
+    try:
+        assert a.session_token == ""
+        await a.set("tokens", b"k", b"v1")
+        first = session_revision(a.session_token)
+        await a.set("tokens", b"k", b"v2")
+        second = session_revision(a.session_token)
+        assert second > first > 0
+        b = await connect(
+            reactor, "127.0.0.1", cluster.nodes[1].port, plaintext=True, session_token=a.session_token
+        )
+        try:
+            assert await b.get("tokens", b"k") == b"v2"
+            assert session_revision(b.session_token) >= second
+        finally:
+            await b.close()
+        with pytest.raises(AmatersError, match="not shard:revision"):
+            await connect(reactor, "127.0.0.1", cluster.nodes[1].port, plaintext=True, session_token="junk")
+    finally:
+        await a.close()
+
+
+def session_revision(token: str) -> int:
+    shard, _, revision = token.partition(":")
+    assert shard == "0", token
+    return int(revision)
