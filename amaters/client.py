@@ -917,7 +917,7 @@ async def _connect(
     bind = (bind_address, 0) if bind_address else None
     endpoint: Any = HostnameEndpoint(reactor, host, port, timeout=timeout or 30, bindAddress=bind)
     if not plaintext:
-        from amaters.protocols.tlsctx import client_tls_options
+        from amaters.tls.context import client_tls_options
 
         try:
             options = client_tls_options(host, ca_cert, client_cert=client_cert, client_key=client_key)

@@ -17,6 +17,7 @@ directory when there is no file).  The result is immutable; a reload builds a ne
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import re
 import tomllib
@@ -235,13 +236,18 @@ class LoggingConfig:
     )
 
 
+#: The optional OTLP/HTTP span exporter ``tracing.exporter = "otlp"`` needs.
+OTLP_EXPORTER_MODULE = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+
+
 def _check_tracing_exporter(value: str) -> str | None:
     if value != "otlp":
         return None
-    from amaters.ops.tracing import otlp_exporter_available
-
-    if otlp_exporter_available():
-        return None
+    try:
+        if importlib.util.find_spec(OTLP_EXPORTER_MODULE) is not None:
+            return None
+    except ImportError:
+        pass
     return (
         "'console' or 'none': 'otlp' needs the OpenTelemetry OTLP exporter, which is not installed"
         " (pip install opentelemetry-exporter-otlp-proto-http)"
@@ -712,6 +718,23 @@ class Sources:
     environ: Mapping[str, str] | None = None
 
 
+#: A validation that needs more than the config itself (files it names): returns problems.
+Check = Callable[["Config"], Iterable[str]]
+
+
+class LiveConfig:
+    """The configuration in effect: the loaded one at first, replaced whole by each reload.
+
+    Components that read settings per request (CORS origins, the lag limit, the slow-request
+    threshold) hold this rather than a Config, so they follow a reload; ``sources`` are what a reload
+    reads again.
+    """
+
+    def __init__(self, config: Config, sources: Sources | None = None) -> None:
+        self.current = config
+        self.sources = sources or Sources(config.source or None)
+
+
 def parse_override(text: str) -> tuple[str, str]:
     """Split ``section.key=value`` into its dotted path and its raw value."""
     name, sep, value = text.partition("=")
@@ -938,10 +961,6 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
         problems.append(f"cluster.prefix: {config.cluster.prefix!r} must start and end with '/'")
     if config.retry.max_delay_ms < config.retry.base_delay_ms:
         problems.append("retry.max_delay_ms: must be at least retry.base_delay_ms")
-    # Authentication material (keys, roles, API keys files) is read and checked by amaters.auth.
-    from amaters.auth.settings import auth_problems
-
-    problems.extend(auth_problems(config))
 
 
 def cache_settings(config: Config) -> CacheConfig:
@@ -957,14 +976,14 @@ def _host_port(text: str) -> bool:
     return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
 
 
-def load_config(
+def read_config(
     path: str | os.PathLike[str] | None = None,
     overrides: Iterable[str] = (),
     environ: Mapping[str, str] | None = None,
-) -> Config:
-    """Build and validate a Config from defaults, ``path``, ``environ`` and ``--set`` ``overrides``.
-
-    Raises ConfigError listing every problem.  Reads only the file at ``path``.
+) -> tuple[Config, list[str]]:
+    """The Config from defaults, ``path``, ``environ`` and ``--set`` ``overrides``, and every problem
+    found reading them (a setting with a problem keeps its default).  No cross-checks between
+    settings: :func:`config_problems` runs those.  Reads only the file at ``path``.
     """
     problems: list[str] = []
     tree: dict[str, Any] = {}
@@ -997,9 +1016,34 @@ def load_config(
             problems.append(str(e))
     _flatten_text_overrides(parsed, tree, texts)
     config: Config = _build(Config, tree, "", texts, base_dir, problems)
-    config = attrs.evolve(config, source=source)
+    return attrs.evolve(config, source=source), problems
+
+
+def config_problems(config: Config, checks: Iterable[Check] = ()) -> list[str]:
+    """Problems between settings of ``config`` and with the files it names (cross-checks), then
+    whatever each of ``checks`` finds."""
+    problems: list[str] = []
+    _cross_checks(config, problems)
+    for check in checks:
+        problems.extend(check(config))
+    return problems
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+    checks: Iterable[Check] = (),
+) -> Config:
+    """Build and validate a Config from defaults, ``path``, ``environ`` and ``--set`` ``overrides``.
+
+    Raises ConfigError listing every problem.  Reads only the file at ``path``, plus whatever the
+    ``checks`` read: each is called with the built config and returns more problems (the server's
+    entry points pass the checks of the files the config names, such as the auth material).
+    """
+    config, problems = read_config(path, overrides, environ)
     if not problems:
-        _cross_checks(config, problems)
+        problems = config_problems(config, checks)
     if problems:
         raise ConfigError(problems)
     return config

@@ -8,7 +8,7 @@ guessing.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from zope.interface import Attribute, Interface
 
@@ -125,6 +125,65 @@ class IAuditSink(Interface):
 
     def emit(event: object) -> None:
         """Record one audit event (a mapping of JSON-serialisable fields)."""
+
+
+class IServerAdmin(Interface):
+    """The server-wide administration the executor runs for admin operations.
+
+    Each method returns a Deferred firing with a JSON-able dict (or list), or failing with an
+    ``AmatersError``.  Authorization and audit are the pipeline's business, not this one's.
+    """
+
+    def status() -> object:
+        """Version, lifecycle state, uptime, backend, open connections, the last reload."""
+
+    def collections() -> object:
+        """``{"collections": [{"name", "keys"}, ...]}``."""
+
+    def stats() -> object:
+        """The storage backend's statistics."""
+
+    def compact() -> object:
+        """Compact the store; ``InvalidOperation`` where the backend has nothing to compact."""
+
+    def reload(requested_by: str) -> object:
+        """Reload the configuration (all or nothing); the reload's result as a dict."""
+
+    def list_snapshots(remote: bool) -> object:
+        """The snapshots on disk, or in the configured S3 bucket."""
+
+    def create_snapshot(upload: bool) -> object:
+        """Take a snapshot now; its manifest as a dict."""
+
+
+class IReconfigurable(Interface):
+    """A component whose settings a reload may change (registered with the reloader).
+
+    ``prepare_reload`` builds everything the new config needs (reading files, parsing keys) and
+    raises (ideally ``ConfigError``) if it cannot; it must not change the running component.  It
+    returns the function that applies what it prepared (which must not fail), or None when there is
+    nothing to apply.  It is called on every reload, changed settings or not: files may change in
+    place.
+    """
+
+    def prepare_reload(old: object, new: object) -> object:
+        """A commit callable, or None."""
+
+
+class IPipelineStage(Interface):
+    """One policy step around the executor (auth, RBAC, rate limit, cache, metrics, audit...)."""
+
+    name = Attribute("Short unique name, used to order stages and in logs.")
+
+    def before(ctx: Any, op: Any) -> object:
+        """Inspect a request (a ``RequestContext`` and an operation) before it runs.
+
+        Return None to continue (or a Deferred firing None), raise or fail with an AmatersError to
+        refuse, or set ``ctx.result`` to answer in place of the executor.
+        """
+
+    def after(ctx: Any, op: Any, outcome: object) -> None:
+        """Observe the outcome: the result, or a Failure wrapping an AmatersError.  Never raises."""
 
 
 class IFHEEvaluator(Interface):

@@ -33,6 +33,34 @@ def log_failure(message: str, logger: Logger = log) -> Callable[[Failure], None]
     return errback
 
 
+class Lifecycle:
+    """Where the server is in its life: what probes, health answers and uptime are made from.
+
+    The root service moves it through ``stopped → starting → running → stopping → stopped``; the
+    ops site, the executor's health check and the admin status read it.  Holding this instead of
+    the root service keeps every reader ignorant of the tree.
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.state = "stopped"
+        self.started_at: float | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "running"
+
+    @property
+    def draining(self) -> bool:
+        return self.state == "stopping"
+
+    def uptime(self) -> float:
+        """Seconds since the start began (0 before it)."""
+        if self.started_at is None:
+            return 0.0
+        return max(0.0, self.clock.seconds() - self.started_at)
+
+
 class StartupError(Exception):
     """A child service failed to start; the tree stops what it had started."""
 

@@ -14,12 +14,13 @@ Audit events name the operation and the resource, never a key or a value.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.python.failure import Failure
 
 from amaters.auth.audit import audit_event
-from amaters.auth.rbac import Permission, RBACPolicy, required_access
+from amaters.auth.rbac import SERVER, Permission, RBACPolicy, required_access
 from amaters.config import AuditConfig
 from amaters.errors import AmatersError, PermissionDenied
 from amaters.interfaces import IAuditSink
@@ -56,7 +57,10 @@ class AuthorizationStage(PipelineStage):
         ctx.annotations[DENIED] = True
         self.audit.emit(
             audit_event(
-                "authorization",
+                # Server administration is audited as "admin" whatever its outcome.
+                "admin"
+                if missing.resource == SERVER and missing.permission is Permission.ADMIN
+                else "authorization",
                 "denied",
                 principal=principal.id,
                 auth_method=principal.auth_method,
@@ -92,14 +96,36 @@ def _resource(op: Any) -> str:
 class AuditStage(PipelineStage):
     """Audits what requests did: admin operations, writes, failures, and reads when asked to.
 
-    ``settings`` (``[audit]``) may be replaced at any time (a reload).
+    ``settings`` (``[audit]``) may be replaced at any time (a reload): while ``audit.enabled`` is
+    false the stage is inactive and the pipeline does not call it.
     """
 
     name = "audit"
 
     def __init__(self, audit: IAuditSink, settings: AuditConfig) -> None:
         self.audit = audit
-        self.settings = settings
+        self._settings = settings
+        self._watchers: list[Callable[[], None]] = []
+
+    @property
+    def settings(self) -> AuditConfig:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: AuditConfig) -> None:
+        changed = settings.enabled != self._settings.enabled
+        self._settings = settings
+        if changed:
+            for watcher in self._watchers:
+                watcher()
+
+    @property
+    def active(self) -> bool:
+        return self._settings.enabled
+
+    def watch_active(self, watcher: Callable[[], None]) -> None:
+        """The pipeline re-reads :attr:`active` when a reload turns the audit log on or off."""
+        self._watchers.append(watcher)
 
     def after(self, ctx: RequestContext, op: Any, outcome: object) -> None:
         if ctx.annotations.get(DENIED):

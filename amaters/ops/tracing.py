@@ -37,9 +37,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from amaters import __version__
-from amaters.config import TracingConfig
+from amaters.config import OTLP_EXPORTER_MODULE, TracingConfig
 
-_OTLP_MODULE = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+_OTLP_MODULE = OTLP_EXPORTER_MODULE
 
 #: W3C trace context (``traceparent``, ``tracestate``) is what clients send.
 PROPAGATOR = TraceContextTextMapPropagator()

@@ -424,11 +424,4 @@ class CachingExecutor:
         return d
 
 
-def install_cache(pipeline: Any, config: CacheConfig) -> QueryCache:
-    """Put a query cache (possibly off, so a reload can turn it on) in front of ``pipeline.executor``."""
-    cache = QueryCache(config.max_bytes, config.max_entry_bytes)
-    pipeline.executor = CachingExecutor(pipeline.executor, cache)
-    return cache
-
-
-__all__ = ["MISS", "CachingExecutor", "QueryCache", "cache_key", "install_cache"]
+__all__ = ["MISS", "CachingExecutor", "QueryCache", "cache_key"]

@@ -31,7 +31,13 @@ from google.protobuf.message import DecodeError
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IPushProducer, ISSLTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IListeningPort,
+    IPushProducer,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -39,6 +45,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from amaters import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS, __version__
+from amaters.auth.principal import (
+    ANONYMOUS,
+    Authenticator,
+    Credentials,
+    Principal,
+    default_authenticator,
+)
 from amaters.errors import (
     AmatersError,
     AuthError,
@@ -71,52 +84,7 @@ if TYPE_CHECKING:
 Envelope = envelope_pb2.Envelope
 
 
-# -- principals and authentication ---------------------------------------------------------------
-
-
-@implementer(IPrincipal)
-@attrs.frozen
-class Principal:
-    """A principal as the protocol sees it (auth may return any IPrincipal provider)."""
-
-    id: str
-    name: str
-    roles: tuple[str, ...]
-    auth_method: str
-
-
-ANONYMOUS = Principal(id="anonymous", name="anonymous", roles=("admin",), auth_method="anonymous")
-
-
-@attrs.frozen
-class Credentials:
-    """What a client presented in its handshake.  The secret never appears in ``repr``."""
-
-    kind: str  # "bearer_token" | "api_key"
-    secret: str = attrs.field(repr=False)
-
-
-#: ``authenticate(credentials, peer_certificate, source_address) -> Deferred[IPrincipal]``; fails
-#: with an AuthError subclass to refuse.
-Authenticator = Callable[[Credentials | None, Any, str], "defer.Deferred[IPrincipal]"]
-
-
-def default_authenticator(auth_enabled: bool) -> Authenticator:
-    """Until the auth issue plugs in twisted.cred: anonymous admin when auth is disabled, else refuse."""
-
-    def anonymous(
-        credentials: Credentials | None, peer_certificate: Any, source: str
-    ) -> defer.Deferred[IPrincipal]:
-        return defer.succeed(ANONYMOUS)
-
-    def refuse(
-        credentials: Credentials | None, peer_certificate: Any, source: str
-    ) -> defer.Deferred[IPrincipal]:
-        return defer.fail(
-            AuthError("authentication is enabled but no authentication method is configured on this server")
-        )
-
-    return refuse if auth_enabled else anonymous
+# -- sessions ------------------------------------------------------------------------------------
 
 
 @attrs.define
@@ -299,6 +267,7 @@ class _RangeStream:
             self.cursor.close()
 
 
+@implementer(IHandshakeListener)
 class AmatersServerProtocol(FrameReceiver):
     """One client connection of the native protocol."""
 
@@ -334,6 +303,10 @@ class AmatersServerProtocol(FrameReceiver):
         self._close_timer: IDelayedCall | None = None
         self._held: collections.deque[bytes] = collections.deque()
         self._held_bytes = 0
+        #: Bytes handed to the transport since it last reported its buffer drained.
+        self._sent_since_drain = 0
+        #: Whether the TLS handshake under the connection has finished (IHandshakeListener).
+        self._tls_done = False
         self._dropped = False
         self._offered_compression: list[str] = []
         self._frame_codec = ""
@@ -426,7 +399,8 @@ class AmatersServerProtocol(FrameReceiver):
 
     def _handshake_expired(self) -> None:
         self._handshake_timer = None
-        if self._state in (_HANDSHAKE, _AUTHENTICATING) and not self._received_any and _tls_pending(self):
+        tls_pending = ISSLTransport.providedBy(self.transport) and not self._tls_done
+        if self._state in (_HANDSHAKE, _AUTHENTICATING) and not self._received_any and tls_pending:
             # The TLS handshake itself has not finished (slowloris): nothing can be sent; cut it.
             self._log.info(
                 "Dropping connection from {source}: no handshake within {timeout} s",
@@ -607,6 +581,7 @@ class AmatersServerProtocol(FrameReceiver):
         """Write to the transport now, counting the bytes (see ``_meter``)."""
         if self._meter is not None:
             self._meter.sent(len(data))
+        self._sent_since_drain += len(data)
         self.transport.write(data)  # type: ignore[union-attr]
 
     def _flush_out(self) -> None:
@@ -622,6 +597,7 @@ class AmatersServerProtocol(FrameReceiver):
             meter = self._meter
             if meter is not None:
                 meter.sent(len(data))
+            self._sent_since_drain += len(data)
             self.transport.write(data)  # type: ignore[union-attr]
             return
         if self._dropped:
@@ -638,14 +614,23 @@ class AmatersServerProtocol(FrameReceiver):
             )
             held.clear()
             self._held_bytes = 0
+            self._sent_since_drain = 0  # aborted: the transport discards what it buffered
             self._state = _CLOSING
             self._dropped = True
             self.abort()
 
     @property
     def buffered_response_bytes(self) -> int:
-        """Answer bytes not yet sent: held here, plus what the transports below still buffer."""
-        return self._held_bytes + _unsent_bytes(self.transport)
+        """Answer bytes not yet sent, from our own write accounting: those held here, plus, while
+        the transport says its buffer is full, what we handed it since it last said it had drained
+        (an upper bound of what it still buffers)."""
+        if self._write_blocked:
+            return self._held_bytes + self._sent_since_drain
+        return self._held_bytes
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake under this connection finished (``IHandshakeListener``)."""
+        self._tls_done = True
 
     def _uncompress(self, envelope: envelope_pb2.Envelope) -> envelope_pb2.Envelope | None:
         """The Envelope inside a compressed one (None: an error was answered)."""
@@ -861,6 +846,8 @@ class AmatersServerProtocol(FrameReceiver):
 
     def _write_paused(self, paused: bool) -> None:
         self._write_blocked = paused
+        if not paused:
+            self._sent_since_drain = 0
         held = self._held
         while held and not self._write_blocked and not self._lost:
             data = held.popleft()
@@ -1096,43 +1083,6 @@ class AmatersServerProtocol(FrameReceiver):
         self._send(Envelope(request_id=request_id, pong=envelope_pb2.Pong(payload=request.payload)))
 
 
-def _tls_pending(protocol: Any) -> bool:
-    """Whether the TLS handshake below ``protocol`` has not finished (False without TLS).
-
-    Reads TLSMemoryBIOProtocol's handshake flag through any wrappers in between (metrics).
-    """
-    transport = protocol.transport
-    for _ in range(8):
-        if transport is None:
-            return False
-        done = getattr(transport, "_handshakeDone", None)
-        if done is not None:
-            return not done
-        transport = getattr(transport, "transport", None)
-    return False
-
-
-def _unsent_bytes(transport: Any) -> int:
-    """Bytes written to ``transport`` (and the transports it wraps) but not yet sent.
-
-    Reads Twisted's buffers (TLS's pre-handshake buffer and the socket's write buffer): an
-    estimate for metrics and tests, not an interface.
-    """
-    total = 0
-    seen = 0
-    while transport is not None and seen < 8:
-        seen += 1
-        app_buffer = getattr(transport, "_appSendBuffer", None)
-        if app_buffer:
-            total += sum(len(chunk) for chunk in app_buffer)
-        data = getattr(transport, "dataBuffer", None)
-        if isinstance(data, bytes):
-            total += len(data) - int(getattr(transport, "offset", 0))
-            total += int(getattr(transport, "_tempDataLen", 0))
-        transport = getattr(transport, "transport", None)
-    return total
-
-
 def _unknown_request(kind: str | None) -> AmatersError:
     if kind is None:
         return ProtocolError("the envelope carries no request")
@@ -1190,13 +1140,14 @@ class AmatersServerFactory(Factory):
         limits: LimitsConfig,
         clock: Any,
         authenticate: Authenticator | None = None,
+        frame_compression: Any = None,
     ) -> None:
         self.pipeline = pipeline
         self.limits = limits
         self.clock = clock
         self.authenticate: Authenticator = authenticate or default_authenticator(False)
-        #: Per-frame compression a handshake may negotiate (None: never; amaters.protect sets it).
-        self.frame_compression: Any = None
+        #: Per-frame compression a handshake may negotiate (None: never).
+        self.frame_compression: Any = frame_compression
         self.connections: set[AmatersServerProtocol] = set()
         self.draining = False
         #: While draining, idle connections are closed by the server only after a grace period
@@ -1275,6 +1226,10 @@ class ListenerService(service.Service):
         reactor: Any,
         pipeline: QueryPipeline,
         authenticate: Authenticator | None = None,
+        *,
+        wrap_factory: Callable[[Any], Any] | None = None,
+        gate_factory: Callable[[Any], Any] | None = None,
+        frame_compression: Any = None,
     ) -> None:
         self.config = config
         self.reactor = reactor
@@ -1284,15 +1239,16 @@ class ListenerService(service.Service):
             config.limits,
             reactor,
             authenticate or default_authenticator(config.auth.enabled),
+            frame_compression,
         )
         self.factory.session_revisions = config.storage.backend == "etcd"
         self.port: IListeningPort | None = None
         self.tls: Any = None
         self.tls_files: Any = None
-        #: Wraps the protocol factory inside TLS when listening (the observability metrics).
-        self.wrap_factory: Callable[[Any], Any] | None = None
+        #: Wraps the protocol factory inside TLS when listening (connection and byte metrics).
+        self.wrap_factory = wrap_factory
         #: Wraps the listening factory outside TLS (the connection limits: refuse before TLS work).
-        self.gate_factory: Callable[[Any], Any] | None = None
+        self.gate_factory = gate_factory
 
     @property
     def is_accepting(self) -> bool:
@@ -1307,8 +1263,8 @@ class ListenerService(service.Service):
         endpoint = serverFromString(self.reactor, config.server.listen)  # type: ignore[no-untyped-call]
         factory: Any = self.factory if self.wrap_factory is None else self.wrap_factory(self.factory)
         if config.tls.enabled:
-            from amaters.protocols.certs import ensure_server_tls
-            from amaters.protocols.tlsctx import ReloadableServerTLS, server_tls_options
+            from amaters.tls.certs import ensure_server_tls
+            from amaters.tls.context import ReloadableServerTLS, server_tls_options
 
             files = ensure_server_tls(config)
             self.tls_files = files
@@ -1377,40 +1333,6 @@ class ListenerService(service.Service):
             self.factory.abort_all()
 
 
-def build_listener(config: Config, reactor: Any, root: Any) -> ListenerService:
-    """The listener with its pipeline and executor over ``root.backend`` (used by ``amaters.tap``).
-
-    Sets ``root.pipeline`` so later features can add pipeline stages.
-    """
-    from amaters.query.executor import QueryExecutor
-
-    def server_info() -> ops.ServerInfoResult:
-        started = getattr(root, "started_at", None)
-        uptime = int(reactor.seconds() - started) if started is not None else 0
-        return ops.ServerInfoResult(
-            PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS, CAPABILITIES, max(uptime, 0)
-        )
-
-    def health() -> ops.HealthResult:
-        if getattr(root, "draining", False):
-            return ops.HealthResult(False, "shutting down")
-        if getattr(root, "ready", True):
-            return ops.HealthResult(True, "serving")
-        return ops.HealthResult(False, "starting")
-
-    executor = QueryExecutor(
-        root.backend,
-        auto_create_collections=config.storage.auto_create_collections,
-        range_chunk_size=config.storage.range_chunk_size,
-        server_info=server_info,
-        health=health,
-    )
-    pipeline = QueryPipeline(executor, config.limits)
-    root.pipeline = pipeline
-    # amaters.auth sets root.authenticator (cred portal) when auth.enabled; else the default.
-    return ListenerService(config, reactor, pipeline, getattr(root, "authenticator", None))
-
-
 __all__ = [
     "ANONYMOUS",
     "CAPABILITIES",
@@ -1421,6 +1343,5 @@ __all__ = [
     "ListenerService",
     "Principal",
     "Session",
-    "build_listener",
     "default_authenticator",
 ]

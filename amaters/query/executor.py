@@ -23,8 +23,8 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from amaters.errors import AmatersError, NotFound
-from amaters.interfaces import IRangeCursor, IStorageBackend
+from amaters.errors import AmatersError, InvalidOperation, NotFound
+from amaters.interfaces import IRangeCursor, IServerAdmin, IStorageBackend
 from amaters.query import operations as ops
 from amaters.types import CipherBlob, WriteOp
 
@@ -66,6 +66,7 @@ class QueryExecutor:
         range_chunk_size: int = 256,
         server_info: Callable[[], ops.ServerInfoResult] | None = None,
         health: Callable[[], ops.HealthResult] | None = None,
+        admin: IServerAdmin | None = None,
     ) -> None:
         # Typed loosely: the interface's methods are declared as returning ``object``.
         self.backend: Any = backend
@@ -73,6 +74,8 @@ class QueryExecutor:
         self.range_chunk_size = range_chunk_size
         self._server_info = server_info
         self._health = health
+        #: Server administration (status, reload, snapshots, ...); None: admin operations refused.
+        self.admin: Any = admin
         self._dispatch: dict[type, Callable[[Any], defer.Deferred[Any]]] = {
             ops.Get: self.get,
             ops.Set: self.set,
@@ -84,11 +87,23 @@ class QueryExecutor:
             ops.ServerInfo: self.server_info,
             ops.HealthCheck: self.health_check,
             ops.Range: self.range_list,
+            ops.ServerStatus: lambda op: self._admin().status(),
+            ops.CollectionStats: lambda op: self._admin().collections(),
+            ops.StorageStats: lambda op: self._admin().stats(),
+            ops.Compact: lambda op: self._admin().compact(),
+            ops.ReloadConfig: lambda op: self._admin().reload(op.requested_by),
+            ops.ListSnapshots: lambda op: self._admin().list_snapshots(op.remote),
+            ops.CreateSnapshot: lambda op: self._admin().create_snapshot(op.upload),
         }
+
+    def _admin(self) -> Any:
+        if self.admin is None:
+            raise InvalidOperation("server administration is not available here")
+        return self.admin
 
     def execute(self, op: ops.Operation) -> defer.Deferred[Any]:
         """Run any operation (RANGE as a complete list; streams use :meth:`open_range`)."""
-        return self._dispatch[type(op)](op)
+        return self._dispatch[type(op)](op)  # type: ignore[no-any-return]
 
     # -- single keys --------------------------------------------------------------------------
 

@@ -128,6 +128,80 @@ class HealthCheck:
     service: str | None = None
 
 
+# -- administration: the admin API's operations, through the same pipeline as every query ---------
+# Each needs admin on server; their names are what the audit log and the metrics show.
+
+
+@attrs.frozen(slots=True)
+class ServerStatus:
+    """Version, state, uptime, backend, connections, the last reload."""
+
+    name: ClassVar[str] = "admin status"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+
+
+@attrs.frozen(slots=True)
+class CollectionStats:
+    """Every collection with its (estimated) key count."""
+
+    name: ClassVar[str] = "admin collections"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+
+
+@attrs.frozen(slots=True)
+class StorageStats:
+    """The backend's statistics."""
+
+    name: ClassVar[str] = "admin stats"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+
+
+@attrs.frozen(slots=True)
+class Compact:
+    """Compact the whole store (where the backend can)."""
+
+    name: ClassVar[str] = "admin compact"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+
+
+@attrs.frozen(slots=True)
+class ReloadConfig:
+    """Reload the configuration now, as a SIGHUP would; ``requested_by`` names who asked."""
+
+    name: ClassVar[str] = "admin reload"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+    requested_by: str = "operator"
+
+
+@attrs.frozen(slots=True)
+class ListSnapshots:
+    """The snapshots on disk, or in the configured S3 bucket with ``remote``."""
+
+    name: ClassVar[str] = "admin snapshot list"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+    remote: bool = False
+
+
+@attrs.frozen(slots=True)
+class CreateSnapshot:
+    """Take a snapshot now (and upload it with ``upload``)."""
+
+    name: ClassVar[str] = "admin snapshot create"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+    upload: bool = False
+
+
+AdminOperation = (
+    ServerStatus | CollectionStats | StorageStats | Compact | ReloadConfig | ListSnapshots | CreateSnapshot
+)
+
 Operation = (
     Get
     | Set
@@ -139,6 +213,7 @@ Operation = (
     | ListCollections
     | ServerInfo
     | HealthCheck
+    | AdminOperation
 )
 
 

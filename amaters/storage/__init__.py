@@ -13,10 +13,10 @@ def build_backend(config: Config, reactor: Any, pools: Any) -> IStorageBackend:
 
     ``rocksdb`` keeps its database in ``<data_dir>/db`` and locks ``<data_dir>/LOCK``; its blocking
     work runs in ``pools.io``.  The backend is wrapped in a
-    :class:`~amaters.ops.retry.RetryingBackend` that retries transient errors of idempotent
+    :class:`~amaters.storage.retry.RetryingBackend` that retries transient errors of idempotent
     operations per ``[retry]``; :func:`innermost` unwraps it (e.g. for group-commit counters).
     """
-    from amaters.ops.retry import RetryingBackend, RetryPolicy
+    from amaters.storage.retry import RetryingBackend, RetryPolicy
 
     backend: IStorageBackend
     if config.storage.backend == "memory":

@@ -62,7 +62,6 @@ from amaters.storage.groupcommit import BlockingRunner
 
 if TYPE_CHECKING:
     from amaters.config import Config
-    from amaters.storage.s3 import S3Store
 
 #: ``progress(done_bytes, total_bytes, stage)``; total 0 when unknown.
 ProgressCallback = Callable[[int, int, str], None]
@@ -96,6 +95,18 @@ class SnapshotCorrupted(SnapshotError, Corrupted):
     """An archive does not match its manifest (or is not a snapshot archive at all)."""
 
     code = ErrorCode.STORAGE_CORRUPTED
+
+
+class Uploader(Protocol):
+    """Where archives are uploaded (:class:`amaters.storage.s3.S3Store`); called in a pool thread."""
+
+    def upload_blocking(
+        self,
+        path: Path,
+        sha256: str,
+        manifest: Manifest | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> str: ...
 
 
 class Pools(Protocol):
@@ -955,13 +966,13 @@ async def create_snapshot(
     upload: bool = False,
     *,
     now: Callable[[], float] | None = None,
-    s3: S3Store | None = None,
+    s3: Uploader | None = None,
 ) -> SnapshotInfo:
     """Snapshot the open ``backend`` into ``snapshot_dir(config)``; optionally upload it to S3.
 
     The checkpoint runs in the backend's io pool, the packing in ``pools.cpu``; then retention
-    (``snapshot.keep``) applies, and with ``upload`` the archive goes to ``snapshot.s3`` (``s3``
-    overrides the store built from the config).  ``now`` gives the creation time (default
+    (``snapshot.keep``) applies, and with ``upload`` the archive goes to ``s3`` (the store for
+    ``snapshot.s3``, given by the caller).  ``now`` gives the creation time (default
     ``time.time``).  Fails with ``InvalidOperation`` for backends without snapshots (memory),
     :class:`SnapshotError` or an S3 error otherwise; a failed upload leaves the local archive.
     """
@@ -984,9 +995,7 @@ async def create_snapshot(
         log.info("Snapshot retention deleted {archive}", archive=path.name)
     if upload:
         if s3 is None:
-            from amaters.storage.s3 import S3Store
-
-            s3 = S3Store.from_config(config.snapshot.s3)
+            raise InvalidOperation("uploading a snapshot needs snapshot.s3 settings")
         remote = await pools.io.run(s3.upload_blocking, info.path, info.sha256, info.manifest, report)
         info = attrs.evolve(info, remote=remote)
     return info
@@ -1018,8 +1027,11 @@ class SnapshotScheduler(service.Service):
         clock: IReactorTime,
         *,
         create: CreateSnapshot = create_snapshot,
+        uploader: Uploader | None = None,
     ) -> None:
         self.backend = backend
+        #: Where scheduled snapshots go when ``snapshot.upload`` is set.
+        self.uploader = uploader
         self.config = config
         self.pools = pools
         self.clock = clock
@@ -1100,6 +1112,7 @@ class SnapshotScheduler(service.Service):
                 None,
                 self.config.snapshot.upload,
                 now=self.clock.seconds,
+                s3=self.uploader,
             )
         except Exception as e:
             self.failures += 1

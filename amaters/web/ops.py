@@ -23,6 +23,7 @@ each request (CORS origins, the lag limit) follow a configuration reload.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,6 +38,7 @@ from twisted.web.server import Site
 
 from amaters import __version__
 from amaters.config import Config
+from amaters.ops.identity import identity
 
 #: Methods each route answers (besides OPTIONS, which every known path answers).
 ROUTE_METHODS = ("GET", "HEAD")
@@ -46,10 +48,16 @@ _CORS_HEADERS = "Accept, Content-Type"
 _PREFLIGHT_MAX_AGE = "600"
 
 
-class Root(Protocol):
-    """What the ops site reads from the root service."""
+class LiveSettings(Protocol):
+    """The configuration in effect (:class:`amaters.config.LiveConfig`)."""
 
-    config: Config
+    current: Config
+
+
+class ServerLifecycle(Protocol):
+    """Where the server is in its life (:class:`amaters.service.Lifecycle`)."""
+
+    state: str
     started_at: float | None
 
     @property
@@ -58,10 +66,9 @@ class Root(Protocol):
     @property
     def draining(self) -> bool: ...
 
-    @property
-    def state(self) -> str: ...
 
-    def getServiceNamed(self, name: str) -> Any: ...
+#: Finds a component of the tree by name (``storage``, ``flusher``, ``listener``), or None.
+ComponentLookup = Callable[[str], Any]
 
 
 class LagSource(Protocol):
@@ -71,7 +78,7 @@ class LagSource(Protocol):
 
 
 class MetricsSource(Protocol):
-    """The Prometheus exposition (:class:`amaters.web.metrics.Metrics`)."""
+    """The Prometheus exposition (:class:`amaters.ops.metrics.Metrics`)."""
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]: ...
 
@@ -93,8 +100,9 @@ def _header(request: IRequest, name: bytes) -> str | None:
 class OpsAPI:
     """The ops routes, bound to the state they report on (no global app object).
 
-    ``metrics`` and ``lag`` are attached by the observability wiring; without them ``/metrics``
-    answers 503 and liveness does not check the lag.
+    ``components`` finds the services whose state the probes report; without ``metrics``
+    ``/metrics`` answers 503, without ``lag`` liveness does not check the lag, and without
+    ``admin`` there is no ``/admin/``.
     """
 
     app = Klein()
@@ -102,23 +110,26 @@ class OpsAPI:
 
     def __init__(
         self,
-        root: Root,
+        live: LiveSettings,
+        lifecycle: ServerLifecycle,
         clock: Any,
+        components: ComponentLookup = lambda name: None,
         metrics: MetricsSource | None = None,
         lag: LagSource | None = None,
+        admin: Any = None,
     ) -> None:
-        self.root = root
+        self.live = live
+        self.lifecycle = lifecycle
         self.clock = clock
+        self._components = components
         self.metrics = metrics
         self.lag = lag
+        self.admin = admin
 
     # -- state -----------------------------------------------------------------------------
 
     def _child(self, name: str) -> Any:
-        try:
-            return self.root.getServiceNamed(name)
-        except KeyError:
-            return None
+        return self._components(name)
 
     def reactor_lag(self) -> float | None:
         """The current reactor lag, or None when no monitor is attached."""
@@ -126,14 +137,15 @@ class OpsAPI:
 
     def wedged(self) -> bool:
         """Whether the reactor lag is above ``web.liveness_max_lag`` (0 disables the check)."""
-        limit = self.root.config.web.liveness_max_lag
+        limit = self.live.current.web.liveness_max_lag
         lag = self.reactor_lag()
         return limit > 0 and lag is not None and lag > limit
 
     def components(self) -> dict[str, dict[str, str]]:
         """Each component's status and message, for /health."""
-        found: dict[str, dict[str, str]] = {}
-        for name in ("storage", "flusher", "listener", "web"):
+        # The ops site is answering this request: it is up.
+        found: dict[str, dict[str, str]] = {"web": {"status": "healthy", "message": "running"}}
+        for name in ("storage", "flusher", "listener"):
             child = self._child(name)
             if child is None:
                 continue
@@ -147,7 +159,7 @@ class OpsAPI:
             found[name] = {"status": status, "message": message}
         lag = self.reactor_lag()
         if lag is not None:
-            limit = self.root.config.web.liveness_max_lag
+            limit = self.live.current.web.liveness_max_lag
             if self.wedged():
                 found["reactor"] = {
                     "status": "unhealthy",
@@ -160,9 +172,11 @@ class OpsAPI:
         return found
 
     def overall(self, components: dict[str, dict[str, str]]) -> str:
-        if self.root.draining or (self.root.state in ("stopping", "stopped") and self.root.started_at):
+        if self.lifecycle.draining or (
+            self.lifecycle.state in ("stopping", "stopped") and self.lifecycle.started_at
+        ):
             return "shutting_down"
-        if self.root.state == "starting":
+        if self.lifecycle.state == "starting":
             return "starting"
         statuses = {c["status"] for c in components.values()}
         if "unhealthy" in statuses:
@@ -173,8 +187,8 @@ class OpsAPI:
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, reason): running, storage open and listener accepting."""
-        if not self.root.ready:
-            return False, "draining" if self.root.draining else self.root.state
+        if not self.lifecycle.ready:
+            return False, "draining" if self.lifecycle.draining else self.lifecycle.state
         storage = self._child("storage")
         if storage is not None and not getattr(storage, "is_open", True):
             return False, "storage_not_open"
@@ -190,7 +204,7 @@ class OpsAPI:
         origin = _header(request, b"origin")
         if origin is None:
             return None
-        allowed = self.root.config.web.cors.allowed_origins
+        allowed = self.live.current.web.cors.allowed_origins
         if "*" in allowed:
             return "*"
         return origin if origin in allowed else None
@@ -217,8 +231,8 @@ class OpsAPI:
         self._cors(request)
         ready, reason = self.readiness()
         if ready:
-            return _json(request, 200, {"status": "ready"})
-        return _json(request, 503, {"status": "not_ready", "reason": reason})
+            return _json(request, 200, {"status": "ready", **identity()})
+        return _json(request, 503, {"status": "not_ready", "reason": reason, **identity()})
 
     @app.route("/health", methods=list(ROUTE_METHODS))
     def health(self, request: IRequest) -> bytes:
@@ -226,13 +240,14 @@ class OpsAPI:
         components = self.components()
         status = self.overall(components)
         uptime = 0.0
-        if self.root.started_at is not None:
-            uptime = max(0.0, self.clock.seconds() - self.root.started_at)
+        if self.lifecycle.started_at is not None:
+            uptime = max(0.0, self.clock.seconds() - self.lifecycle.started_at)
         body = {
             "status": status,
             "version": __version__,
             "uptime_seconds": round(uptime, 3),
             "components": components,
+            **identity(),
         }
         return _json(request, 200 if status in ("healthy", "degraded") else 503, body)
 
@@ -249,12 +264,10 @@ class OpsAPI:
 
     @app.route("/admin/", branch=True)
     def admin_route(self, request: IRequest) -> Any:
-        """The admin API (amaters.web.admin): authenticated, admin role, audited."""
-        if getattr(self, "_admin", None) is None:
-            from amaters.web.admin import AdminAPI
-
-            self._admin = AdminAPI(self.root)
-        return self._admin.app.resource()
+        """The admin API (:mod:`amaters.web.admin`): through the request pipeline like any query."""
+        if self.admin is None:
+            return _json(request, 404, {"error": "not_found", "status": 404})
+        return self.admin.app.resource()
 
     @app.route("/health", methods=["OPTIONS"])
     @app.route("/healthz", methods=["OPTIONS"])
@@ -314,24 +327,16 @@ class QuietSite(Site):
 
 
 class OpsService(service.Service):
-    """Serves :class:`OpsAPI` on ``web.listen`` (HTTPS with ``web.tls.enabled``); binds when started.
-
-    :meth:`observe` attaches the metrics and the lag monitor (the observability wiring calls it).
-    """
+    """Serves :class:`OpsAPI` on ``web.listen`` (HTTPS with ``web.tls.enabled``); binds when started."""
 
     name = "web"
     _log = Logger()
 
-    def __init__(self, config: Config, reactor: Any, root: Root) -> None:
+    def __init__(self, config: Config, reactor: Any, api: OpsAPI) -> None:
         self.config = config
         self.reactor = reactor
-        self.api = OpsAPI(root, reactor)
+        self.api = api
         self.port: IListeningPort | None = None
-
-    def observe(self, metrics: MetricsSource | None, lag: LagSource | None) -> None:
-        """Serve ``metrics`` on /metrics and check ``lag`` in the liveness probes."""
-        self.api.metrics = metrics
-        self.api.lag = lag
 
     def site(self) -> Site:
         return QuietSite(self.api.app.resource())
@@ -343,7 +348,7 @@ class OpsService(service.Service):
             return site
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
-        from amaters.protocols.tlsctx import server_tls_options
+        from amaters.tls.context import server_tls_options
 
         if settings.cert or settings.key:
             for name in ("cert", "key"):
@@ -355,7 +360,7 @@ class OpsService(service.Service):
                     )
             cert, key = settings.cert, settings.key
         else:
-            from amaters.protocols.certs import ensure_server_tls
+            from amaters.tls.certs import ensure_server_tls
 
             files = ensure_server_tls(self.config)
             cert, key = str(files.cert), str(files.key)

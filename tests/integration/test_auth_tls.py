@@ -32,8 +32,8 @@ from amaters.errors import (
     NetworkError,
     PermissionDenied,
 )
-from amaters.protocols.certs import generate_ca, issue_certificate
 from amaters.tap import build_service
+from amaters.tls.certs import generate_ca, issue_certificate
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +84,7 @@ class AuthServer:
         raise AssertionError(f"the server accepted {client!r}")
 
     def audit_lines(self) -> list[dict[str, Any]]:
-        self.root.audit.flush()
+        self.root.components.audit.flush()
         if not self.audit_path.exists():
             return []
         return [json.loads(line) for line in self.audit_path.read_text().splitlines()]
@@ -305,11 +305,11 @@ async def test_jwt_and_api_key_logins(server: AuthServer) -> None:
     assert wrong.code == ErrorCode.AUTH_FAILED and wrong.message == "invalid API key"
     forged = jwt.encode({"sub": "x", "roles": ["admin"], "exp": int(time.time()) + 60}, "not-the-secret" * 4)
     assert (await server.refused(token=forged)).code == ErrorCode.AUTH_FAILED
-    assert server.root.auth.realm.session_count == 2
+    assert server.root.components.auth.realm.session_count == 2
     await by_token.close()
     await by_key.close()
     await server.settle()
-    assert server.root.auth.realm.session_count == 0
+    assert server.root.components.auth.realm.session_count == 0
 
 
 @pytest_twisted.ensureDeferred

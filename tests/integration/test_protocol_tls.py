@@ -21,10 +21,10 @@ from amaters.errors import (
     ShuttingDown,
     SizeExceeded,
 )
-from amaters.protocols.certs import generate_server_tls, issue_certificate
 from amaters.query import operations as ops
 from amaters.query.pipeline import PipelineStage, RequestContext
 from amaters.tap import build_service
+from amaters.tls.certs import generate_server_tls, issue_certificate
 
 pytestmark = pytest.mark.integration
 
@@ -229,7 +229,7 @@ async def test_client_side_encryption_end_to_end(server: Server, tmp_path: Path)
     c = await server.client(cipher=cipher)
     await c.set("secret", b"k", b"plaintext value")
     assert await c.get("secret", b"k") == b"plaintext value"
-    stored = await server.root.backend.get("secret", b"k")
+    stored = await server.root.components.backend.get("secret", b"k")
     assert b"plaintext" not in stored.data and stored.checksum_ok()
     other = await server.client()  # no key file: stores plaintext
     await other.set("secret", b"k2", b"not encrypted")
@@ -336,7 +336,7 @@ async def test_drain_on_stop(tmp_path: Path) -> None:
     """On stop: in-flight requests finish, new ones get SERVER_SHUTTING_DOWN, then connections close."""
     s = await start_server(tmp_path)
     gate = Gate()
-    s.root.pipeline.add_stage(gate)
+    s.root.components.pipeline.add_stage(gate)
     c = await s.client()
     inflight = c.set("c", b"k", b"v")
     await gate.arrived

@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from harness import ServerProcess
 
-from amaters.protocols.certs import generate_ca, issue_certificate
+from amaters.tls.certs import generate_ca, issue_certificate
 
 pytestmark = pytest.mark.integration
 

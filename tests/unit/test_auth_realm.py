@@ -28,11 +28,12 @@ from amaters.auth.realm import AmatersRealm, PortalAuthenticator, build_portal
 from amaters.auth.service import AuthService, build_checkers
 from amaters.auth.settings import auth_problems, load_auth_material
 from amaters.auth.throttle import AuthThrottle
+from amaters.compose import load_server_config
 from amaters.config import ConfigError, JWTConfig, MTLSConfig, load_config
 from amaters.errors import AuthError, AuthExpired, ErrorCategory, ErrorCode, InvalidCertificate, Unavailable
 from amaters.interfaces import IPrincipal
-from amaters.protocols.certs import generate_ca, issue_certificate
 from amaters.protocols.server import Credentials
+from amaters.tls.certs import generate_ca, issue_certificate
 
 SECRET = "j" * 32
 PEPPER = b"pepper-0123456789abcdef"
@@ -249,20 +250,20 @@ def write_keys(tmp_path: Path, roles: str = '["user"]') -> Path:
 
 
 def test_config_validation_reports_auth_problems(tmp_path: Path) -> None:
-    """load_config lists auth problems: no method, a missing pepper, unknown roles, bad files."""
+    """load_server_config lists auth problems: no method, a missing pepper, unknown roles, bad files."""
     with pytest.raises(ConfigError, match="no login method"):
-        load_config(None, ["auth.enabled=true"], {})
+        load_server_config(None, ["auth.enabled=true"], {})
     with pytest.raises(ConfigError, match=r"needs auth\.api_key_pepper"):
-        load_config(None, [f"auth.api_keys_file={write_keys(tmp_path)}"], {})
+        load_server_config(None, [f"auth.api_keys_file={write_keys(tmp_path)}"], {})
     keys = write_keys(tmp_path, '["superuser"]')
     with pytest.raises(ConfigError, match="unknown role 'superuser'"):
-        load_config(None, [f"auth.api_keys_file={keys}", f"auth.api_key_pepper={PEPPER.decode()}"], {})
+        load_server_config(None, [f"auth.api_keys_file={keys}", f"auth.api_key_pepper={PEPPER.decode()}"], {})
     with pytest.raises(ConfigError, match="does not exist"):
-        load_config(None, [f"auth.roles_file={tmp_path / 'nope.toml'}"], {})
+        load_server_config(None, [f"auth.roles_file={tmp_path / 'nope.toml'}"], {})
     with pytest.raises(ConfigError, match=r"tls\.client_auth = 'none'"):
-        load_config(None, ['auth.mtls.allowed_organizations=["Acme"]'], {})
+        load_server_config(None, ['auth.mtls.allowed_organizations=["Acme"]'], {})
     with pytest.raises(ConfigError) as caught:
-        load_config(None, ["auth.api_key_pepper=short-pepper"], {})
+        load_server_config(None, ["auth.api_key_pepper=short-pepper"], {})
     assert "short-pepper" not in str(caught.value)
 
 
@@ -327,7 +328,7 @@ def test_private_keys_in_public_key_setting_are_not_echoed(tmp_path: Path) -> No
     )
     path.write_bytes(data)
     with pytest.raises(ConfigError) as caught:
-        load_config(None, [f"auth.jwt.public_key={path}"], {})
+        load_server_config(None, [f"auth.jwt.public_key={path}"], {})
     assert data.decode().splitlines()[1] not in str(caught.value)
 
 
@@ -352,18 +353,23 @@ def test_service_tree_wiring(tmp_path: Path) -> None:
     root = build_service(config, MemoryReactorClock())
     names = [child.name for child in root]
     assert names.index("audit") < names.index("auth") < names.index("listener")
-    assert root.authenticator == root.auth.authenticate
-    stages = [stage.name for stage in root.pipeline.stages]
+    listener = root.getServiceNamed("listener")
+    assert listener.factory.authenticate is root.components.authenticate
+    # Every front end logs in through the auth service: before it has started, it refuses.
+    refused = root.components.authenticate(Credentials("bearer_token", "x"), None, "127.0.0.1:1")
+    assert "starting" in SynchronousTestCase().failureResultOf(refused).getErrorMessage()
+    stages = [stage.name for stage in root.components.pipeline.stages]
     assert "rbac" in stages and "audit" in stages
     assert stages.index("rbac") < stages.index("audit")
     # After the admission stages (shedding, rate limits), before everything else that does work.
     assert next(s for s in stages if s not in ("tracing", "shed", "ratelimit")) == "rbac"
     assert stages.index("rbac") > stages.index("ratelimit")
-    assert root.auth in root.reloader.components
+    assert root.components.auth in root.components.reloader.components
     assert not (tmp_path / "audit.log").exists()  # wiring does no I/O
 
     plain = build_service(
         load_config(None, [f"server.data_dir={tmp_path}", "storage.backend=memory"], {}), MemoryReactorClock()
     )
-    assert not hasattr(plain, "authenticator")
-    assert not {"rbac", "audit"} & {stage.name for stage in plain.pipeline.stages}
+    anonymous = plain.components.authenticate(None, None, "127.0.0.1:1")
+    assert SynchronousTestCase().successResultOf(anonymous).auth_method == "anonymous"
+    assert not {"rbac", "audit"} & {stage.name for stage in plain.components.pipeline.active_stages}

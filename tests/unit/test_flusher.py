@@ -238,5 +238,5 @@ def test_service_tree_has_a_flusher_after_storage(tmp_path: Any) -> None:
     assert names.index("storage") < names.index("flusher")
     service = root.getServiceNamed("flusher")
     assert isinstance(service, FlusherService)
-    assert service.backend is root.backend  # type: ignore[attr-defined]
+    assert service.backend is root.components.backend  # type: ignore[attr-defined]
     assert service.sync_mode == "interval" and service.period == 0.1

@@ -26,10 +26,10 @@ from zope.interface.verify import verifyObject
 
 from amaters.errors import AmatersError, Corrupted, NotFound
 from amaters.interfaces import IRangeCursor, IStorageBackend
-from amaters.ops.retry import RetryingBackend, RetryPolicy
 from amaters.service import ThreadPoolService
 from amaters.storage.faults import FaultInjectingBackend
 from amaters.storage.memory import MemoryBackend
+from amaters.storage.retry import RetryingBackend, RetryPolicy
 from amaters.storage.rocksdb import RocksDBBackend, RocksDBSettings
 from amaters.types import CipherBlob, Compression, WriteOp, crc32
 
