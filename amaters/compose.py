@@ -387,7 +387,12 @@ def build_service(
         gate_factory=ConnectionLimitFactory.wrapper(connection_limiter),
         frame_compression=frames,
     )
-    probes = {"storage": storage, "flusher": flusher, "listener": listener}
+    cluster = None
+    if config.storage.backend == "etcd":
+        from amaters.cluster.service import build_cluster_service
+
+        cluster = build_cluster_service(config, reactor, backend)
+    probes = {"storage": storage, "flusher": flusher, "listener": listener, "cluster": cluster}
     web: OpsService | None = None
     if config.web.enabled:
         api = OpsAPI(
@@ -437,6 +442,7 @@ def build_service(
             logging_service,  # first up, last down
             pools,
             storage,
+            cluster,  # registers the node once storage is open; leaves before it closes
             flusher,
             snapshots,  # stops (awaiting a running snapshot) before the storage closes
             web,  # up before the listener, down after it: /readyz says 503 while it drains

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from etcd_helpers import ETCD, EtcdCluster
-from harness import ServerProcess
+from harness import ServerProcess, http_get
 from lincheck import INFINITY, Op, check
 from twisted.internet import defer, reactor
 
@@ -38,6 +38,7 @@ def node_settings(endpoints: list[str], name: str) -> list[str]:
         f"cluster.node_name={name}",
         "tls.enabled=false",
         "server.shutdown_timeout=2",
+        "cluster.lease_ttl=2",
     ]
 
 
@@ -350,3 +351,69 @@ def session_revision(token: str) -> int:
     shard, _, revision = token.partition(":")
     assert shard == "0", token
     return int(revision)
+
+
+def health(node: ServerProcess) -> dict[str, Any]:
+    status, body = http_get(f"http://127.0.0.1:{node.web_port}/health")
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what} within {timeout}s")
+
+
+def test_health_shows_members_leader_and_nodes_and_leadership_moves(cluster: Cluster) -> None:
+    """/health lists the shard's 3 etcd members with one leader and both registered nodes, one of
+    them leader; when the leading node dies, its entry goes and the other node takes over."""
+
+    def settled() -> dict[str, Any] | None:
+        seen = health(cluster.nodes[1])["cluster"]
+        names = {n["name"] for n in seen["nodes"]}
+        return seen if len(names) == 2 and seen["leader_node"] in names else None
+
+    seen = wait_until(settled, 10, "both nodes registered and a leader elected")
+    shard = seen["shards"][0]
+    assert len(shard["members"]) == 3 and shard["leader"] in cluster.etcd.endpoints
+    assert sum(1 for m in shard["members"] if m["leader"]) == 1
+    assert seen["quorum"] is True
+    by_name = {n["name"]: n for n in seen["nodes"]}
+    assert by_name["a"]["advertise"] == f"127.0.0.1:{cluster.nodes[0].port}"
+    leader_index = 0 if seen["leader_node"] == "a" else 1
+    other = cluster.nodes[1 - leader_index]
+    cluster.nodes[leader_index].kill9()
+    started = time.monotonic()
+    try:
+        moved = wait_until(
+            lambda: (lambda h: h if h["leader_node"] == ("b" if leader_index == 0 else "a") else None)(
+                health(other)["cluster"]
+            ),
+            10,
+            "leadership moved to the surviving node",
+        )
+        print(f"\nnode leadership moved {time.monotonic() - started:.2f}s after kill -9 of the leading node")
+        assert [n["name"] for n in moved["nodes"]] == [moved["leader_node"]]
+    finally:
+        cluster.restart_node(leader_index)
+
+
+def test_readyz_reports_a_lost_quorum(cluster: Cluster) -> None:
+    """With two of three etcd members paused, /readyz turns 503 (etcd_quorum_unreachable), and 200
+    again once they are back."""
+    node = cluster.nodes[0]
+    members = cluster.etcd.members[1:]
+    for member in members:
+        cluster.etcd.pause(member)
+    try:
+        wait_until(lambda: node.readyz() == 503, 15, "readyz reported the lost quorum")
+        status, body = http_get(f"http://127.0.0.1:{node.web_port}/readyz")
+        assert json.loads(body)["reason"] == "etcd_quorum_unreachable"
+    finally:
+        for member in members:
+            cluster.etcd.resume(member)
+    wait_until(lambda: node.readyz() == 200, 15, "readyz recovered")
