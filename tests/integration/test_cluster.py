@@ -354,7 +354,7 @@ def session_revision(token: str) -> int:
 
 
 def health(node: ServerProcess) -> dict[str, Any]:
-    status, body = http_get(f"http://127.0.0.1:{node.web_port}/health")
+    _status, body = http_get(f"http://127.0.0.1:{node.web_port}/health")
     return json.loads(body)  # type: ignore[no-any-return]
 
 
@@ -411,7 +411,7 @@ def test_readyz_reports_a_lost_quorum(cluster: Cluster) -> None:
         cluster.etcd.pause(member)
     try:
         wait_until(lambda: node.readyz() == 503, 15, "readyz reported the lost quorum")
-        status, body = http_get(f"http://127.0.0.1:{node.web_port}/readyz")
+        _status, body = http_get(f"http://127.0.0.1:{node.web_port}/readyz")
         assert json.loads(body)["reason"] == "etcd_quorum_unreachable"
     finally:
         for member in members:
