@@ -300,6 +300,11 @@ def build_service(
     committer = getattr(innermost(backend), "group_commit", None)
     if committer is not None:
         committer.add_observer(metrics.storage_synced)
+    cluster = None
+    if config.storage.backend == "etcd":
+        from amaters.cluster.service import build_cluster_service
+
+        cluster = build_cluster_service(config, reactor, innermost(backend))
     snapshots: SnapshotScheduler | None = None
     if config.storage.backend == "rocksdb" and config.snapshot.interval > 0:
         uploader = None
@@ -318,7 +323,9 @@ def build_service(
 
     # The executor, with the query cache around it and the server's administration beside it.
     connection_limiter = ConnectionLimiter(config.limits, reactor)
-    admin = ServerAdmin(live, lifecycle, backend, pools, reloader, lambda: connection_limiter.total)
+    admin = ServerAdmin(
+        live, lifecycle, backend, pools, reloader, lambda: connection_limiter.total, cluster=cluster
+    )
 
     def server_info() -> ops.ServerInfoResult:
         return ops.ServerInfoResult(
@@ -387,11 +394,6 @@ def build_service(
         gate_factory=ConnectionLimitFactory.wrapper(connection_limiter),
         frame_compression=frames,
     )
-    cluster = None
-    if config.storage.backend == "etcd":
-        from amaters.cluster.service import build_cluster_service
-
-        cluster = build_cluster_service(config, reactor, backend)
     probes = {"storage": storage, "flusher": flusher, "listener": listener, "cluster": cluster}
     web: OpsService | None = None
     if config.web.enabled:

@@ -275,7 +275,7 @@ class ClusterService(Service):
 def build_cluster_service(config: Any, reactor: Any, backend: Any) -> ClusterService:
     """The node's ClusterService for a clustered ``config`` (no I/O until it starts).
 
-    The node name defaults to ``<host name>-<advertised port>``, so two nodes on one machine differ.
+    ``backend`` is the etcd backend itself (unwrapped).  The node name defaults to ``<host name>-<advertised port>``, so two nodes on one machine differ.
     """
     import socket
 
@@ -283,8 +283,4 @@ def build_cluster_service(config: Any, reactor: Any, backend: Any) -> ClusterSer
     advertise = advertised_address(config.server.listen, cluster.advertise)
     name = cluster.node_name or f"{socket.gethostname()}-{advertise.rpartition(':')[2]}"
     client = EtcdClient(cluster.endpoints, reactor, request_timeout=cluster.request_timeout)
-    from amaters.storage import innermost
-
-    return ClusterService(
-        client, cluster, reactor, node_name=name, advertise=advertise, backend=innermost(backend)
-    )
+    return ClusterService(client, cluster, reactor, node_name=name, advertise=advertise, backend=backend)

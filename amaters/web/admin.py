@@ -10,7 +10,7 @@ is answered 403 and audited by the RBAC stage, and every call is an ``admin`` au
 protocol's protected mode, applied to the ops site).
 
 Routes: ``GET status``, ``GET collections``, ``GET stats``, ``POST compact``, ``POST reload``,
-``GET snapshots``, ``POST snapshots`` (optionally ``?upload=1``).
+``GET snapshots``, ``POST snapshots`` (optionally ``?upload=1``), ``GET cluster`` (clustered mode).
 """
 
 from __future__ import annotations
@@ -179,6 +179,10 @@ class AdminAPI:
         return await self._run(
             request, lambda principal: ops.ReloadConfig(requested_by=f"{principal.name} (admin API)")
         )
+
+    @app.route("/cluster", methods=["GET"])
+    async def cluster(self, request: IRequest) -> bytes:
+        return await self._run(request, lambda principal: ops.ClusterStatus())
 
     @app.route("/snapshots", methods=["GET"])
     async def list_snapshots(self, request: IRequest) -> bytes:

@@ -417,3 +417,35 @@ def test_readyz_reports_a_lost_quorum(cluster: Cluster) -> None:
         for member in members:
             cluster.etcd.resume(member)
     wait_until(lambda: node.readyz() == 200, 15, "readyz recovered")
+
+
+def test_cluster_cli_lists_nodes_and_shard_members(cluster: Cluster) -> None:
+    """`amaters cluster nodes|shards|status` print what the node's admin API reports."""
+    import subprocess
+    import sys
+
+    def run(action: str) -> subprocess.CompletedProcess[str]:
+        argv = [
+            sys.executable,
+            "-m",
+            "amaters.cli",
+            "cluster",
+            action,
+            "--config",
+            str(cluster.nodes[0].config_path),
+        ]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+    wait_until(lambda: len(health(cluster.nodes[0])["cluster"]["nodes"]) == 2, 10, "both nodes registered")
+    nodes = run("nodes")
+    assert nodes.returncode == 0, nodes.stderr
+    lines = nodes.stdout.splitlines()
+    assert sorted(line.split()[-3] for line in lines) == ["a", "b"]
+    assert sum(line.startswith("*") for line in lines) == 1
+    shards = run("shards")
+    assert shards.returncode == 0, shards.stderr
+    members = shards.stdout.splitlines()
+    assert len(members) == 3 and sum("* " in line for line in members) == 1
+    assert all(line.startswith("0\t") and "\tup\t" in line for line in members)
+    status = run("status")
+    assert status.returncode == 0 and json.loads(status.stdout)["quorum"] is True
