@@ -101,15 +101,15 @@ async def throughput(
 
     for count in (1, 2):
         clients = []
-        for i in range(args.concurrency):
-            node = nodes[i % count]
+        for index in range(args.concurrency):
+            node = nodes[index % count]
             clients.append(await connect(reactor, "127.0.0.1", node.port, plaintext=True, timeout=10))
 
         def setter(client: Any) -> Any:
-            return lambda i: client.set("bench", b"%06d" % i, VALUE)
+            return lambda n: client.set("bench", b"%06d" % n, VALUE)
 
         def getter(client: Any) -> Any:
-            return lambda i: client.get("bench", b"%06d" % i)
+            return lambda n: client.get("bench", b"%06d" % n)
 
         results[f"{count} node SET"] = await _drive(reactor, [setter(c) for c in clients], args.seconds)
         results[f"{count} node GET"] = await _drive(reactor, [getter(c) for c in clients], args.seconds)
@@ -131,37 +131,42 @@ async def leader_kills(
         await connect(reactor, "127.0.0.1", nodes[i % 2].port, plaintext=True, timeout=10) for i in range(4)
     ]
     for _ in range(kills):
-        killed_at = [0.0]
-        first_ok: list[float] = []
-        stop_at = time.monotonic() + 8
-
-        async def writer(client: Any) -> None:
-            n = 0
-            while time.monotonic() < stop_at and not first_ok:
-                n += 1
-                sent = time.monotonic()
-                try:
-                    await client.set("killbench", b"k%d" % (n % 50), VALUE, timeout=5)
-                except AmatersError:
-                    await task.deferLater(reactor, 0.02, lambda: None)
-                    continue
-                if killed_at[0] and sent > killed_at[0] and not first_ok:
-                    first_ok.append(time.monotonic())
-
-        writers = [defer.Deferred.fromCoroutine(writer(c)) for c in clients]
-        await task.deferLater(reactor, 0.5, lambda: None)
-        leader = etcd.leader()
-        killed_at[0] = time.monotonic()
-        etcd.kill(leader)
-        await defer.gatherResults(writers)
-        if first_ok:
-            recoveries.append(round(first_ok[0] - killed_at[0], 3))
-        etcd.start_member(leader)
-        etcd.wait_leader()
+        recovery = await _one_kill(reactor, etcd, clients)
+        if recovery is not None:
+            recoveries.append(recovery)
         await task.deferLater(reactor, 1.0, lambda: None)
     for client in clients:
         await client.close()
     return recoveries
+
+
+async def _one_kill(reactor: Any, etcd: EtcdCluster, clients: list[Any]) -> float | None:
+    killed_at = [0.0]
+    first_ok: list[float] = []
+    stop_at = time.monotonic() + 8
+
+    async def writer(client: Any) -> None:
+        n = 0
+        while time.monotonic() < stop_at and not first_ok:
+            n += 1
+            sent = time.monotonic()
+            try:
+                await client.set("killbench", b"k%d" % (n % 50), VALUE, timeout=5)
+            except AmatersError:
+                await task.deferLater(reactor, 0.02, lambda: None)
+                continue
+            if killed_at[0] and sent > killed_at[0] and not first_ok:
+                first_ok.append(time.monotonic())
+
+    writers = [defer.Deferred.fromCoroutine(writer(c)) for c in clients]
+    await task.deferLater(reactor, 0.5, lambda: None)
+    leader = etcd.leader()
+    killed_at[0] = time.monotonic()
+    etcd.kill(leader)
+    await defer.gatherResults(writers)
+    etcd.start_member(leader)
+    etcd.wait_leader()
+    return round(first_ok[0] - killed_at[0], 3) if first_ok else None
 
 
 async def main(reactor: Any, args: Any) -> None:
