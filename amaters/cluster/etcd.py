@@ -32,7 +32,7 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed, _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
@@ -60,6 +60,10 @@ _REQUEST_ERRORS = {3, 5, 6, 7, 9, 11, 12, 16}
 
 
 _JSON_HEADERS = Headers({b"content-type": [b"application/json"]})
+
+
+class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
+    noisy = False
 
 
 class EtcdError(Exception):
@@ -142,6 +146,8 @@ class EtcdClient:
             self._pool: HTTPConnectionPool | None = HTTPConnectionPool(reactor, persistent=True)
             self._pool.maxPersistentPerHost = 16
             self._pool.retryAutomatically = False
+            # One log line per pooled connection opened or closed would drown the log.
+            self._pool._factory = _QuietHTTP11ClientFactory
             agent = Agent.usingEndpointFactory(
                 reactor, _EndpointFactory(reactor, request_timeout), pool=self._pool
             )
@@ -395,6 +401,7 @@ class Watch:
         self._request: defer.Deferred[Any] | None = None
         self._loop: defer.Deferred[None] | None = None
         self._sleep: Any = None
+        self._waiting: defer.Deferred[None] | None = None
         #: Fires each time the watch is established on a member (for tests and readiness).
         self.established = 0
 
@@ -407,6 +414,9 @@ class Watch:
         self._stopped = True
         if self._sleep is not None and self._sleep.active():
             self._sleep.cancel()
+            waiting, self._waiting = self._waiting, None
+            if waiting is not None and not waiting.called:
+                waiting.callback(None)
         if self._request is not None:
             self._request.cancel()
         if self._stream is not None:
@@ -416,8 +426,10 @@ class Watch:
 
     async def _run(self) -> None:
         client = self._client
+        pool = HTTPConnectionPool(client.reactor, persistent=False)
+        pool._factory = _QuietHTTP11ClientFactory
         agent = Agent.usingEndpointFactory(
-            client.reactor, _EndpointFactory(client.reactor, client.request_timeout)
+            client.reactor, _EndpointFactory(client.reactor, client.request_timeout), pool=pool
         )
         while not self._stopped:
             endpoint = client.endpoints[client._current]
@@ -448,11 +460,10 @@ class Watch:
                 return
             client._current = (client._current + 1) % len(client.endpoints)
             waiting: defer.Deferred[None] = defer.Deferred()
+            self._waiting = waiting
             self._sleep = client.reactor.callLater(0.1, waiting.callback, None)
-            try:
-                await waiting
-            except defer.CancelledError:
-                return
+            await waiting
+            self._waiting = None
 
     def _message(self, message: dict[str, Any]) -> None:
         result = message.get("result") or {}
