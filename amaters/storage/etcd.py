@@ -69,6 +69,16 @@ TXN_LIMIT = 1400 * 1024
 PENDING_TTL = 60
 
 
+class StaleEpoch(Unavailable):
+    """The shard's epoch moved on (virtual shards are moving): nothing was applied; re-read the
+    shard map and try again."""
+
+    def __init__(self, shard: str, epoch: int) -> None:
+        super().__init__(f"shard {shard} is being rebalanced; retry")
+        self.shard = shard
+        self.epoch = epoch
+
+
 def _deferred(coro: Any) -> defer.Deferred[Any]:
     return defer.Deferred.fromCoroutine(coro)
 
@@ -173,6 +183,10 @@ class EtcdBackend:
         self.prefix = prefix
         #: The shard name revisions are reported under (session tokens).
         self.shard = shard
+        #: The shard's fencing epoch as this node knows it: every read and write checks it in its
+        #: transaction, so a shard whose virtual shards are moving refuses nodes with an old map.
+        self.epoch = 0
+        self.epoch_key = prefix + b"epoch"
         #: Serve GETs from the member the node talks to, without a quorum round; a request's session
         #: token still forces a linearizable read when that member is behind it.
         self.serializable_reads = serializable_reads
@@ -294,12 +308,17 @@ class EtcdBackend:
     async def _txn_in_collection(
         self, collection: str, ops: list[dict[str, Any]], *, idempotent: bool
     ) -> dict[str, Any]:
-        """``ops`` in one transaction that runs only while ``collection`` exists (else NotFound)."""
+        """``ops`` in one transaction that runs only while ``collection`` exists (else NotFound) and
+        the shard's epoch is the one this node knows (else StaleEpoch)."""
         answer = await self.client.txn(
-            [compare_version(self._marker(collection), "GREATER", 0)], ops, idempotent=idempotent
+            [compare_version(self._marker(collection), "GREATER", 0), self._epoch_compare()],
+            ops,
+            [range_op(self.epoch_key)],
+            idempotent=idempotent,
         )
         self._note(answer)
         if not answer.get("succeeded"):
+            self._check_epoch(answer["responses"][0])
             self._collections.discard(collection)
             raise NotFound(f"collection {collection!r} does not exist")
         self._collections.add(collection)
@@ -414,6 +433,7 @@ class EtcdBackend:
             pending.append(marker)
             size -= len(record) - len(pointer)
         compares = [compare_version(self._marker(c), "GREATER", 0) for c in collections]
+        compares.append(self._epoch_compare())
         compares += [compare_version(marker, "GREATER", 0) for marker in pending]
         success: list[dict[str, Any]] = []
         for where, op in final.items():
@@ -427,7 +447,7 @@ class EtcdBackend:
             else:
                 success.append(delete_op(full, prev_kv=True))
         success += [delete_op(marker) for marker in pending]
-        failure = [range_op(self._marker(c)) for c in collections]
+        failure = [range_op(self._marker(c)) for c in collections] + [range_op(self.epoch_key)]
         before = self.client.revision
         try:
             answer = await self.client.txn(compares, success, failure)
@@ -440,6 +460,7 @@ class EtcdBackend:
             if lease:
                 await self._revoke_quietly(lease)
         if not answer.get("succeeded"):
+            self._check_epoch(answer["responses"][-1])
             missing = [
                 c
                 for c, response in zip(collections, answer.get("responses", []), strict=False)
@@ -542,6 +563,15 @@ class EtcdBackend:
             + group.hex().encode()
             + b"/"
         )
+
+    def _epoch_compare(self) -> dict[str, Any]:
+        return compare_version(self.epoch_key, "EQUAL", self.epoch)
+
+    def _check_epoch(self, response: dict[str, Any]) -> None:
+        kvs = response.get("response_range", {}).get("kvs") or []
+        actual = int(kvs[0].get("version", 0)) if kvs else 0
+        if actual != self.epoch:
+            raise StaleEpoch(self.shard, actual)
 
     def _note(self, answer: dict[str, Any]) -> None:
         revision = int((answer.get("header") or {}).get("revision", 0))
