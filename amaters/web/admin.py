@@ -21,7 +21,7 @@ With auth on, the credentials are headers a page cannot send cross-site either. 
 applies to ``/admin/``.  The ops site screens these headers before it reads a request's body.
 
 Routes: ``GET status``, ``GET collections``, ``GET stats``, ``POST compact``, ``POST reload``,
-``GET snapshots``, ``POST snapshots`` (optionally ``?upload=1``).
+``GET snapshots``, ``POST snapshots`` (optionally ``?upload=1``), ``GET cluster`` (clustered mode).
 """
 
 from __future__ import annotations
@@ -242,6 +242,10 @@ class AdminAPI:
         return await self._run(
             request, lambda principal: ops.ReloadConfig(requested_by=f"{principal.name} (admin API)")
         )
+
+    @app.route("/cluster", methods=["GET"])
+    async def cluster(self, request: IRequest) -> bytes:
+        return await self._run(request, lambda principal: ops.ClusterStatus())
 
     @app.route("/snapshots", methods=["GET"])
     async def list_snapshots(self, request: IRequest) -> bytes:

@@ -202,6 +202,9 @@ class OpsAPI:
         listener = self._child("listener")
         if listener is not None and not getattr(listener, "is_accepting", True):
             return False, "listener_not_accepting"
+        cluster = self._child("cluster")
+        if cluster is not None and not cluster.quorum_ok():
+            return False, "etcd_quorum_unreachable"
         return True, "ready"
 
     # -- CORS ------------------------------------------------------------------------------
@@ -256,6 +259,9 @@ class OpsAPI:
             "components": components,
             **identity(),
         }
+        cluster = self._child("cluster")
+        if cluster is not None:
+            body["cluster"] = cluster.health()
         return _json(request, 200 if status in ("healthy", "degraded") else 503, body)
 
     @app.route("/metrics", methods=list(ROUTE_METHODS))
