@@ -934,3 +934,133 @@ __all__ = [
     "batch_ops",
     "connect",
 ]
+
+
+# -- several nodes --------------------------------------------------------------------------------
+
+#: Errors that say the node (not the request) is the problem: another node may serve the request.
+_NODE_FAILURES = (
+    ErrorCode.NETWORK_CONNECTION_REFUSED,
+    ErrorCode.NETWORK_CONNECTION_RESET,
+    ErrorCode.NETWORK_TIMEOUT,
+    ErrorCode.NETWORK_DNS_FAILED,
+    ErrorCode.NETWORK_TLS_HANDSHAKE,
+    ErrorCode.SERVER_SHUTTING_DOWN,
+)
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"node address {text!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+class ClusterClient:
+    """A client of several amaters nodes in front of the same data (clustered mode).
+
+    Requests go to one node at a time.  When that node cannot be reached or goes away, the client
+    connects to the next one.  A read that failed that way is sent again to the next node; a write
+    is not (the first node may have applied it): it fails with its retryable error and the caller
+    decides.  Build it with :func:`connect_cluster`.
+    """
+
+    def __init__(self, reactor: Any, addresses: Sequence[str], connect_options: dict[str, Any]) -> None:
+        if not addresses:
+            raise ValueError("a cluster client needs at least one node address")
+        self.addresses = [_address(a) for a in addresses]
+        self._reactor = reactor
+        self._options = connect_options
+        self._current = 0
+        self._client: AmatersClient | None = None
+        self._connecting: defer.Deferred[AmatersClient] | None = None
+
+    @property
+    def current_address(self) -> str:
+        host, port = self.addresses[self._current]
+        return f"{host}:{port}"
+
+    async def _connected(self) -> AmatersClient:
+        client = self._client
+        if client is not None and not client.closed:
+            return client
+        last: AmatersError | None = None
+        for _ in range(len(self.addresses)):
+            host, port = self.addresses[self._current]
+            try:
+                self._client = await connect(self._reactor, host, port, **self._options)
+                return self._client
+            except AmatersError as e:
+                if e.code not in _NODE_FAILURES:
+                    raise
+                last = e
+                self._current = (self._current + 1) % len(self.addresses)
+        assert last is not None
+        raise last
+
+    def _node_failed(self) -> None:
+        client, self._client = self._client, None
+        self._current = (self._current + 1) % len(self.addresses)
+        if client is not None and not client.closed:
+            d = client.close()
+            d.addErrback(lambda f: None)
+
+    async def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], *, read: bool) -> Any:
+        attempts = len(self.addresses) if read else 1
+        for attempt in range(attempts):
+            client = await self._connected()
+            try:
+                return await getattr(client, method)(*args, **kwargs)
+            except AmatersError as e:
+                if e.code not in _NODE_FAILURES:
+                    raise
+                self._node_failed()
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def get(self, collection: str, key: KeyLike, **kwargs: Any) -> defer.Deferred[bytes | None]:
+        """Like :meth:`AmatersClient.get`; sent to the next node if this one fails."""
+        return defer.Deferred.fromCoroutine(self._call("get", (collection, key), kwargs, read=True))
+
+    def set(self, collection: str, key: KeyLike, value: bytes, **kwargs: Any) -> defer.Deferred[None]:
+        """Like :meth:`AmatersClient.set`; not sent again if the node fails (see the class doc)."""
+        return defer.Deferred.fromCoroutine(self._call("set", (collection, key, value), kwargs, read=False))
+
+    def delete(self, collection: str, key: KeyLike, **kwargs: Any) -> defer.Deferred[bool]:
+        """Like :meth:`AmatersClient.delete` (a write)."""
+        return defer.Deferred.fromCoroutine(self._call("delete", (collection, key), kwargs, read=False))
+
+    def range(self, collection: str, *args: Any, **kwargs: Any) -> defer.Deferred[list[tuple[bytes, bytes]]]:
+        """Like :meth:`AmatersClient.range`; sent to the next node if this one fails."""
+        return defer.Deferred.fromCoroutine(self._call("range", (collection, *args), kwargs, read=True))
+
+    def batch(self, ops: Sequence[BatchOp], **kwargs: Any) -> defer.Deferred[list[Any]]:
+        """Like :meth:`AmatersClient.batch` (a write when it holds one)."""
+        read = all(op.kind == "get" for op in ops)
+        return defer.Deferred.fromCoroutine(self._call("batch", (ops,), kwargs, read=read))
+
+    def create_collection(self, name: str) -> defer.Deferred[bool]:
+        return defer.Deferred.fromCoroutine(self._call("create_collection", (name,), {}, read=False))
+
+    def list_collections(self) -> defer.Deferred[list[str]]:
+        return defer.Deferred.fromCoroutine(self._call("list_collections", (), {}, read=True))
+
+    def close(self) -> defer.Deferred[None]:
+        """Close the connection to the current node."""
+        client, self._client = self._client, None
+        if client is None:
+            return defer.succeed(None)
+        return client.close()
+
+
+def connect_cluster(reactor: Any, addresses: Sequence[str], **options: Any) -> defer.Deferred[ClusterClient]:
+    """Connect to the first reachable node of ``addresses`` (``host:port`` each); fires with a
+    :class:`ClusterClient`.  ``options`` are :func:`connect`'s (``ca_cert``, ``plaintext``, ...)."""
+
+    async def start() -> ClusterClient:
+        cluster = ClusterClient(reactor, addresses, options)
+        await cluster._connected()
+        return cluster
+
+    return defer.Deferred.fromCoroutine(start())

@@ -45,7 +45,7 @@ from amaters.auth.audit import AuditService
 from amaters.auth.principal import Authenticator, default_authenticator
 from amaters.auth.service import AuthService
 from amaters.auth.settings import auth_problems
-from amaters.config import Check, Config, LiveConfig, Sources, load_config
+from amaters.config import Check, Config, LiveConfig, Sources, cache_settings, load_config
 from amaters.interfaces import IPipelineStage, IStorageBackend
 from amaters.ops.admin import ServerAdmin
 from amaters.ops.lag import LagMonitor
@@ -332,7 +332,8 @@ def build_service(
             return ops.HealthResult(True, "serving")
         return ops.HealthResult(False, "starting")
 
-    cache = QueryCache(config.cache.max_bytes, config.cache.max_entry_bytes)
+    cache_config = cache_settings(config)  # off in clustered mode
+    cache = QueryCache(cache_config.max_bytes, cache_config.max_entry_bytes)
     executor = CachingExecutor(
         QueryExecutor(
             backend,

@@ -136,9 +136,10 @@ class TLSConfig:
 
 @attrs.frozen
 class StorageConfig:
-    backend: Literal["memory", "rocksdb"] = setting(
+    backend: Literal["memory", "rocksdb", "etcd"] = setting(
         "rocksdb",
-        "Storage engine: rocksdb (durable, on disk under <data_dir>/db) or memory (ephemeral, for tests).",
+        "Storage engine: rocksdb (durable, on disk under <data_dir>/db), memory (ephemeral, for tests)"
+        " or etcd (clustered: the etcd cluster of [cluster] holds the data, docs/cluster.md).",
     )
     sync: Literal["always", "interval", "none"] = setting(
         "always",
@@ -624,6 +625,47 @@ class SnapshotConfig:
     s3: S3Config = section(S3Config)
 
 
+def _check_etcd_urls(value: list[str]) -> str | None:
+    from urllib.parse import urlsplit
+
+    for url in value:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname or parts.port is None or parts.path not in ("", "/"):
+            return f"etcd client URLs like 'http://127.0.0.1:2379' ({url!r} is not one)"
+    if len(set(value)) != len(value):
+        return "distinct etcd client URLs (one is listed twice)"
+    return None
+
+
+@attrs.frozen
+class ClusterConfig:
+    endpoints: list[str] = setting(
+        [],
+        "Client URLs of the first etcd cluster (shard 0; it also holds the node registry). Needed by"
+        " storage.backend = etcd; list every member so requests fail over between them.",
+        check=_check_etcd_urls,
+    )
+    node_name: str = setting("", "This node's name in the cluster registry (empty: the host name).")
+    advertise: str = setting(
+        "", "Address clients use to reach this node, host:port (empty: taken from server.listen)."
+    )
+    prefix: str = setting(
+        "/amaters/", "Key prefix of all amaters data in etcd (several deployments may share one)."
+    )
+    request_timeout: float = setting(
+        1.0,
+        "Seconds one etcd request may take before the same request goes to another member (where that"
+        " is safe) or fails with a retryable error.",
+        minimum=0.05,
+        maximum=30.0,
+    )
+    lease_ttl: int = setting(
+        5,
+        "Seconds a dead node stays registered (and keeps singleton duties) before others notice.",
+        minimum=2,
+    )
+
+
 @attrs.frozen
 class Config:
     server: ServerConfig = section(ServerConfig)
@@ -640,6 +682,7 @@ class Config:
     audit: AuditConfig = section(AuditConfig)
     retry: RetryConfig = section(RetryConfig)
     snapshot: SnapshotConfig = section(SnapshotConfig)
+    cluster: ClusterConfig = section(ClusterConfig)
     #: The file this config was read from ('' when none); not a settable key.
     source: str = attrs.field(default="", metadata={"internal": True})
 
@@ -899,21 +942,42 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
         problems.append("snapshot.upload: needs snapshot.s3.bucket (the bucket to upload to)")
     if config.snapshot.interval > 0 and config.storage.backend != "rocksdb":
         problems.append("snapshot.interval: scheduled snapshots need storage.backend = rocksdb")
+    if config.storage.backend == "etcd" and not config.cluster.endpoints:
+        problems.append(
+            "storage.backend: etcd needs cluster.endpoints (client URLs of the etcd members, e.g."
+            " ['http://127.0.0.1:2379'])"
+        )
+    if config.cluster.endpoints and config.storage.backend != "etcd":
+        problems.append("cluster.endpoints: clustered mode needs storage.backend = etcd")
+    if config.cluster.advertise and not _host_port(config.cluster.advertise):
+        problems.append(f"cluster.advertise: {config.cluster.advertise!r} is not host:port")
+    if not config.cluster.prefix.startswith("/") or not config.cluster.prefix.endswith("/"):
+        problems.append(f"cluster.prefix: {config.cluster.prefix!r} must start and end with '/'")
     if config.retry.max_delay_ms < config.retry.base_delay_ms:
         problems.append("retry.max_delay_ms: must be at least retry.base_delay_ms")
 
 
-def load_config(
+def cache_settings(config: Config) -> CacheConfig:
+    """The query cache settings in effect: off in clustered mode, where the cache would be per node
+    and other nodes' writes would not invalidate it."""
+    if config.storage.backend == "etcd":
+        return attrs.evolve(config.cache, max_bytes=0)
+    return config.cache
+
+
+def _host_port(text: str) -> bool:
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
+def read_config(
     path: str | os.PathLike[str] | None = None,
     overrides: Iterable[str] = (),
     environ: Mapping[str, str] | None = None,
-    checks: Iterable[Check] = (),
-) -> Config:
-    """Build and validate a Config from defaults, ``path``, ``environ`` and ``--set`` ``overrides``.
-
-    Raises ConfigError listing every problem.  Reads only the file at ``path``, plus whatever the
-    ``checks`` read: each is called with the built config and returns more problems (the server's
-    entry points pass the checks of the files the config names, such as the auth material).
+) -> tuple[Config, list[str]]:
+    """The Config from defaults, ``path``, ``environ`` and ``--set`` ``overrides``, and every problem
+    found reading them (a setting with a problem keeps its default).  No cross-checks between
+    settings: :func:`config_problems` runs those.  Reads only the file at ``path``.
     """
     problems: list[str] = []
     tree: dict[str, Any] = {}
@@ -946,11 +1010,34 @@ def load_config(
             problems.append(str(e))
     _flatten_text_overrides(parsed, tree, texts)
     config: Config = _build(Config, tree, "", texts, base_dir, problems)
-    config = attrs.evolve(config, source=source)
+    return attrs.evolve(config, source=source), problems
+
+
+def config_problems(config: Config, checks: Iterable[Check] = ()) -> list[str]:
+    """Problems between settings of ``config`` and with the files it names (cross-checks), then
+    whatever each of ``checks`` finds."""
+    problems: list[str] = []
+    _cross_checks(config, problems)
+    for check in checks:
+        problems.extend(check(config))
+    return problems
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+    checks: Iterable[Check] = (),
+) -> Config:
+    """Build and validate a Config from defaults, ``path``, ``environ`` and ``--set`` ``overrides``.
+
+    Raises ConfigError listing every problem.  Reads only the file at ``path``, plus whatever the
+    ``checks`` read: each is called with the built config and returns more problems (the server's
+    entry points pass the checks of the files the config names, such as the auth material).
+    """
+    config, problems = read_config(path, overrides, environ)
     if not problems:
-        _cross_checks(config, problems)
-        for check in checks:
-            problems.extend(check(config))
+        problems = config_problems(config, checks)
     if problems:
         raise ConfigError(problems)
     return config

@@ -200,13 +200,25 @@ def open_log_file(settings: LoggingConfig, clock: Callable[[], float] = time.tim
     )
 
 
+#: Set by ``amaters start`` for a daemonized server: the file twistd's JSON observer writes to.
+TWISTD_LOG_FILE_ENV = "AMATERS_TWISTD_LOGFILE"
+
+
 def twistd_json_observer() -> ILogObserver:
-    """JSON lines on standard output, for ``twistd --logger=amaters.ops.logging.twistd_json_observer``.
+    """JSON lines for ``twistd --logger=amaters.ops.logging.twistd_json_observer``.
 
     twistd logs a few lines of its own before any service starts and after the last one stops;
     with this as twistd's observer those are JSON too (the logging service adopts it like any file
-    observer).  Foreground (``twistd -n``) only: a daemon's standard output is /dev/null.
+    observer, and writes the server's own events to the same place).  twistd ignores ``--logfile``
+    when ``--logger`` is given, and a daemon's standard output is /dev/null, so the destination is
+    the file named by the ``AMATERS_TWISTD_LOGFILE`` environment variable (``amaters start`` sets it
+    to the server's log file), rotated like twistd's own ``--logfile``; without it, standard output
+    (for ``twistd -n``).
     """
+    path = os.environ.get(TWISTD_LOG_FILE_ENV)
+    if path:
+        log_file = LogFile.fromFullPath(path, defaultMode=LOG_FILE_MODE)
+        return FileLogObserver(log_file, format_json)  # type: ignore[arg-type]
     return FileLogObserver(sys.stdout, format_json)
 
 

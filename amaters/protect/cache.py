@@ -39,7 +39,7 @@ from blake3 import blake3
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from amaters.config import CacheConfig, Config
+from amaters.config import CacheConfig, Config, cache_settings
 from amaters.query import operations as ops
 from amaters.types import CipherBlob
 
@@ -302,7 +302,7 @@ class QueryCache:
     # -- reload -------------------------------------------------------------------------------
 
     def prepare_reload(self, old: Config, new: Config) -> Callable[[], None] | None:
-        settings: CacheConfig = new.cache
+        settings: CacheConfig = cache_settings(new)
         if (settings.max_bytes, settings.max_entry_bytes) == (self.max_bytes, self.max_entry_bytes):
             return None
         return lambda: self.resize(settings.max_bytes, settings.max_entry_bytes)

@@ -31,7 +31,13 @@ from google.protobuf.message import DecodeError
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IPushProducer, ISSLTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IListeningPort,
+    IPushProducer,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -261,6 +267,7 @@ class _RangeStream:
             self.cursor.close()
 
 
+@implementer(IHandshakeListener)
 class AmatersServerProtocol(FrameReceiver):
     """One client connection of the native protocol."""
 
@@ -296,6 +303,10 @@ class AmatersServerProtocol(FrameReceiver):
         self._close_timer: IDelayedCall | None = None
         self._held: collections.deque[bytes] = collections.deque()
         self._held_bytes = 0
+        #: Bytes handed to the transport since it last reported its buffer drained.
+        self._sent_since_drain = 0
+        #: Whether the TLS handshake under the connection has finished (IHandshakeListener).
+        self._tls_done = False
         self._dropped = False
         self._offered_compression: list[str] = []
         self._frame_codec = ""
@@ -386,7 +397,8 @@ class AmatersServerProtocol(FrameReceiver):
 
     def _handshake_expired(self) -> None:
         self._handshake_timer = None
-        if self._state in (_HANDSHAKE, _AUTHENTICATING) and not self._received_any and _tls_pending(self):
+        tls_pending = ISSLTransport.providedBy(self.transport) and not self._tls_done
+        if self._state in (_HANDSHAKE, _AUTHENTICATING) and not self._received_any and tls_pending:
             # The TLS handshake itself has not finished (slowloris): nothing can be sent; cut it.
             self._log.info(
                 "Dropping connection from {source}: no handshake within {timeout} s",
@@ -544,6 +556,7 @@ class AmatersServerProtocol(FrameReceiver):
         """Write to the transport now, counting the bytes (see ``_meter``)."""
         if self._meter is not None:
             self._meter.sent(len(data))
+        self._sent_since_drain += len(data)
         self.transport.write(data)  # type: ignore[union-attr]
 
     def _flush_out(self) -> None:
@@ -559,6 +572,7 @@ class AmatersServerProtocol(FrameReceiver):
             meter = self._meter
             if meter is not None:
                 meter.sent(len(data))
+            self._sent_since_drain += len(data)
             self.transport.write(data)  # type: ignore[union-attr]
             return
         if self._dropped:
@@ -575,14 +589,23 @@ class AmatersServerProtocol(FrameReceiver):
             )
             held.clear()
             self._held_bytes = 0
+            self._sent_since_drain = 0  # aborted: the transport discards what it buffered
             self._state = _CLOSING
             self._dropped = True
             self.abort()
 
     @property
     def buffered_response_bytes(self) -> int:
-        """Answer bytes not yet sent: held here, plus what the transports below still buffer."""
-        return self._held_bytes + _unsent_bytes(self.transport)
+        """Answer bytes not yet sent, from our own write accounting: those held here, plus, while
+        the transport says its buffer is full, what we handed it since it last said it had drained
+        (an upper bound of what it still buffers)."""
+        if self._write_blocked:
+            return self._held_bytes + self._sent_since_drain
+        return self._held_bytes
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake under this connection finished (``IHandshakeListener``)."""
+        self._tls_done = True
 
     def _uncompress(self, envelope: envelope_pb2.Envelope) -> envelope_pb2.Envelope | None:
         """The Envelope inside a compressed one (None: an error was answered)."""
@@ -798,6 +821,8 @@ class AmatersServerProtocol(FrameReceiver):
 
     def _write_paused(self, paused: bool) -> None:
         self._write_blocked = paused
+        if not paused:
+            self._sent_since_drain = 0
         held = self._held
         while held and not self._write_blocked and not self._lost:
             data = held.popleft()
@@ -1031,43 +1056,6 @@ class AmatersServerProtocol(FrameReceiver):
 
     def _on_ping(self, request_id: int, request: envelope_pb2.Ping) -> None:
         self._send(Envelope(request_id=request_id, pong=envelope_pb2.Pong(payload=request.payload)))
-
-
-def _tls_pending(protocol: Any) -> bool:
-    """Whether the TLS handshake below ``protocol`` has not finished (False without TLS).
-
-    Reads TLSMemoryBIOProtocol's handshake flag through any wrappers in between (metrics).
-    """
-    transport = protocol.transport
-    for _ in range(8):
-        if transport is None:
-            return False
-        done = getattr(transport, "_handshakeDone", None)
-        if done is not None:
-            return not done
-        transport = getattr(transport, "transport", None)
-    return False
-
-
-def _unsent_bytes(transport: Any) -> int:
-    """Bytes written to ``transport`` (and the transports it wraps) but not yet sent.
-
-    Reads Twisted's buffers (TLS's pre-handshake buffer and the socket's write buffer): an
-    estimate for metrics and tests, not an interface.
-    """
-    total = 0
-    seen = 0
-    while transport is not None and seen < 8:
-        seen += 1
-        app_buffer = getattr(transport, "_appSendBuffer", None)
-        if app_buffer:
-            total += sum(len(chunk) for chunk in app_buffer)
-        data = getattr(transport, "dataBuffer", None)
-        if isinstance(data, bytes):
-            total += len(data) - int(getattr(transport, "offset", 0))
-            total += int(getattr(transport, "_tempDataLen", 0))
-        transport = getattr(transport, "transport", None)
-    return total
 
 
 def _unknown_request(kind: str | None) -> AmatersError:

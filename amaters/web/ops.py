@@ -38,6 +38,7 @@ from twisted.web.server import Site
 
 from amaters import __version__
 from amaters.config import Config
+from amaters.ops.identity import identity
 
 #: Methods each route answers (besides OPTIONS, which every known path answers).
 ROUTE_METHODS = ("GET", "HEAD")
@@ -230,8 +231,8 @@ class OpsAPI:
         self._cors(request)
         ready, reason = self.readiness()
         if ready:
-            return _json(request, 200, {"status": "ready"})
-        return _json(request, 503, {"status": "not_ready", "reason": reason})
+            return _json(request, 200, {"status": "ready", **identity()})
+        return _json(request, 503, {"status": "not_ready", "reason": reason, **identity()})
 
     @app.route("/health", methods=list(ROUTE_METHODS))
     def health(self, request: IRequest) -> bytes:
@@ -246,6 +247,7 @@ class OpsAPI:
             "version": __version__,
             "uptime_seconds": round(uptime, 3),
             "components": components,
+            **identity(),
         }
         return _json(request, 200 if status in ("healthy", "degraded") else 503, body)
 

@@ -17,6 +17,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.test.requesthelper import DummyRequest
 
 from amaters.config import Config, ConfigError, default_config, load_config
+from amaters.ops.identity import identity
 from amaters.ops.lag import LagMonitor
 from amaters.ops.metrics import Metrics
 from amaters.web.ops import OpsAPI, OpsService, QuietSite
@@ -96,11 +97,11 @@ def test_readyz_follows_state() -> None:
     """/readyz is 200 only while running; 503 while starting and while draining."""
     root = FakeRoot("starting")
     treq = client(root)
-    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "starting"})
+    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "starting", **identity()})
     root.state = "running"
     assert get(treq, "/readyz")[0] == 200
     root.state = "stopping"
-    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "draining"})
+    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "draining", **identity()})
 
 
 def test_readyz_needs_open_storage_and_an_accepting_listener() -> None:
@@ -112,11 +113,11 @@ def test_readyz_needs_open_storage_and_an_accepting_listener() -> None:
     storage.setServiceParent(root)
     listener.setServiceParent(root)
     treq = client(root)
-    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "storage_not_open"})
+    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "storage_not_open", **identity()})
     storage.is_open = True  # type: ignore[attr-defined]
-    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "listener_not_accepting"})
+    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "listener_not_accepting", **identity()})
     listener.is_accepting = True  # type: ignore[attr-defined]
-    assert get(treq, "/readyz") == (200, {"status": "ready"})
+    assert get(treq, "/readyz") == (200, {"status": "ready", **identity()})
 
 
 # -- liveness --------------------------------------------------------------------------------------
