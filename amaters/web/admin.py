@@ -10,7 +10,9 @@ is answered 403 and audited by the RBAC stage, and every call is an ``admin`` au
 protocol's protected mode, applied to the ops site).
 
 Routes: ``GET status``, ``GET collections``, ``GET stats``, ``POST compact``, ``POST reload``,
-``GET snapshots``, ``POST snapshots`` (optionally ``?upload=1``).
+``GET snapshots``, ``POST snapshots`` (optionally ``?upload=1``), ``POST snapshots/<name>/verify``,
+``GET config`` (secrets redacted, with what a reload would change), ``GET audit?limit=N`` (the
+audit log's last events), ``GET resources`` (data dir usage, TLS certificates).
 """
 
 from __future__ import annotations
@@ -189,6 +191,27 @@ class AdminAPI:
     async def create_snapshot(self, request: IRequest) -> bytes:
         upload = _flag(request, b"upload")
         return await self._run(request, lambda principal: ops.CreateSnapshot(upload=upload))
+
+
+    @app.route("/snapshots/<string:archive>/verify", methods=["POST"])
+    async def verify_snapshot(self, request: IRequest, archive: str) -> bytes:
+        return await self._run(request, lambda principal: ops.VerifySnapshot(archive=archive))
+
+    @app.route("/config", methods=["GET"])
+    async def config(self, request: IRequest) -> bytes:
+        return await self._run(request, lambda principal: ops.ConfigView())
+
+    @app.route("/audit", methods=["GET"])
+    async def audit_tail(self, request: IRequest) -> bytes:
+        raw = request.args.get(b"limit", [b"100"])[0]
+        if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+            return _json(request, 400, {"error": "bad_request", "message": "limit must be 1 to 1000"})
+        limit = int(raw)
+        return await self._run(request, lambda principal: ops.AuditTail(limit=limit))
+
+    @app.route("/resources", methods=["GET"])
+    async def resources(self, request: IRequest) -> bytes:
+        return await self._run(request, lambda principal: ops.ServerResources())
 
 
 def _flag(request: IRequest, name: bytes) -> bool:
