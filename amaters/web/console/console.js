@@ -393,7 +393,7 @@
   async function loadCollections() {
     const r = await api("/admin/collections");
     const tbody = $("collections-table").tBodies[0];
-    if (r.status !== 200) { showError("collections-error", r); tbody.replaceChildren(); return; }
+    if (r.status !== 200) { showError("collections-error", r); tbody.replaceChildren(); $("collections-table").hidden = true; return; }
     showError("collections-error", null);
     const list = r.body.collections;
     $("collections-empty").hidden = list.length > 0;
@@ -405,7 +405,7 @@
   async function loadSnapshots() {
     const r = await api("/admin/snapshots");
     const tbody = $("snapshots-table").tBodies[0];
-    if (r.status !== 200) { showError("snapshots-error", r); tbody.replaceChildren(); return; }
+    if (r.status !== 200) { showError("snapshots-error", r); tbody.replaceChildren(); $("snapshots-table").hidden = true; return; }
     showError("snapshots-error", null);
     const list = r.body.snapshots || [];
     $("snapshots-empty").hidden = list.length > 0;
@@ -499,7 +499,7 @@
   async function loadAudit() {
     const r = await api("/admin/audit?limit=100");
     const tbody = $("audit-table").tBodies[0];
-    if (r.status !== 200) { showError("audit-error", r); tbody.replaceChildren(); return; }
+    if (r.status !== 200) { showError("audit-error", r); tbody.replaceChildren(); $("audit-table").hidden = true; return; }
     showError("audit-error", null);
     const events = r.body.events.slice().reverse();
     const empty = $("audit-empty");
