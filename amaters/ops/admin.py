@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from amaters import __version__
 from amaters.config import Config, LiveConfig, to_dict
-from amaters.errors import InvalidOperation, NotFound
+from amaters.errors import InvalidOperation, NotFound, ValidationError
 from amaters.interfaces import IServerAdmin
 from amaters.ops.reload import Reloader
 from amaters.service import Lifecycle
@@ -92,7 +92,9 @@ class ServerAdmin:
         keys = stats.get("keys", {})
         sizes = stats.get("collection_bytes", {})
         return {
-            "collections": [{"name": name, "keys": keys.get(name), "bytes": sizes.get(name)} for name in names]
+            "collections": [
+                {"name": name, "keys": keys.get(name), "bytes": sizes.get(name)} for name in names
+            ]
         }
 
     def stats(self) -> defer.Deferred[dict[str, Any]]:
@@ -137,7 +139,7 @@ class ServerAdmin:
 
     async def _verify_snapshot(self, archive: str) -> dict[str, Any]:
         if not is_archive_name(archive):
-            raise InvalidOperation(f"{archive[:80]!r} is not a snapshot archive name")
+            raise ValidationError(f"{archive[:80]!r} is not a snapshot archive name")
         path = snapshot_dir(self.live.current) / archive
         if not await self.pools.io.run(path.is_file):
             raise NotFound(f"no snapshot named {archive!r}")

@@ -172,7 +172,8 @@ class MemoryBackend:
     def stats(self) -> defer.Deferred[dict[str, Any]]:
         keys = {name: len(data) for name, data in self._collections.items()}
         sizes = {
-            name: sum(len(k) + len(v.data) for k, v in data.items()) for name, data in self._collections.items()
+            name: sum(len(k) + len(v.data) for k, v in data.items())
+            for name, data in self._collections.items()
         }
         return defer.succeed(
             {"backend": self.name, "keys": keys, "collection_bytes": sizes, "bytes": sum(sizes.values())}

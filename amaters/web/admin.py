@@ -192,7 +192,6 @@ class AdminAPI:
         upload = _flag(request, b"upload")
         return await self._run(request, lambda principal: ops.CreateSnapshot(upload=upload))
 
-
     @app.route("/snapshots/<string:archive>/verify", methods=["POST"])
     async def verify_snapshot(self, request: IRequest, archive: str) -> bytes:
         return await self._run(request, lambda principal: ops.VerifySnapshot(archive=archive))
