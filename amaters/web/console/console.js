@@ -5,6 +5,7 @@
 
 (function () {
   const POLL_MS = 2000;
+  const ADMIN_EVERY = 5;  // admin reads every 10 s
   const WINDOW_S = 300;
   const CREDENTIAL = "amaters.console.credential";
   const $ = (id) => document.getElementById(id);
@@ -211,10 +212,8 @@
     ]));
     const hs = health.body || {};
     $("hdr-state").textContent = `${readyNow ? "Ready" : "Not ready"} · ${hs.status || "unknown"} · version ${hs.version || "?"}`;
-    if (!lastStatus && hs.version) {
-      $("ov-version").textContent = hs.version;
-      $("ov-uptime").textContent = fmtDuration(hs.uptime_seconds);
-    }
+    if (hs.uptime_seconds !== undefined) $("ov-uptime").textContent = fmtDuration(hs.uptime_seconds);
+    if (!lastStatus && hs.version) $("ov-version").textContent = hs.version;
   }
   async function loadResources() {
     const r = await api("/admin/resources");
@@ -380,7 +379,11 @@
         entry.plot = new uPlot({
           width, height: 220,
           scales: { x: { time: true }, y: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] } },
-          axes: [{}, { label: unit, size: 60 }],
+          legend: { live: false },
+          axes: [
+            { space: 70, values: (u, splits) => splits.map((v) => new Date(v * 1000).toLocaleTimeString()) },
+            { label: unit, size: 60 },
+          ],
           series: [{ label: "time" }, ...names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: false }))],
         }, data, entry.holder);
       } else {
@@ -517,11 +520,15 @@
   async function poll(status) {
     stopPolling();
     if (!signedIn) return;
+    // Public probes and metrics every tick; admin reads (each one an audited admin operation)
+    // only every ADMIN_EVERY ticks, and only what the open view shows.
+    const adminTick = ticks % ADMIN_EVERY === 0;
     const [st, health, ready, metrics] = await Promise.all([
-      status ? Promise.resolve(status) : api("/admin/status"), api("/health"), api("/readyz"), api("/metrics"),
+      status ? Promise.resolve(status) : adminTick ? api("/admin/status") : Promise.resolve(null),
+      api("/health"), api("/readyz"), api("/metrics"),
     ]);
     if (!signedIn) return;
-    renderStatus(st);
+    if (st) renderStatus(st);
     renderHealth(health, ready);
     if (metrics.status === 200 && typeof metrics.body === "string") {
       showError("charts-error", null);
@@ -530,9 +537,9 @@
       showError("charts-error", metrics);
     }
     const view = currentView();
-    if (ticks % 5 === 0 && view === "overview") await loadResources();
+    if (adminTick && view === "overview") await loadResources();
     if (view === "charts") drawCharts();
-    else if (ticks % 5 === 0 && view !== "overview" && view !== "config") await refreshView(view);
+    else if (adminTick && view !== "overview" && view !== "config") await refreshView(view);
     ticks++;
     if (signedIn) timer = setTimeout(() => poll(null), POLL_MS);
   }
