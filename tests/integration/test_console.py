@@ -140,7 +140,7 @@ def test_console_shows_the_server_and_live_charts(
     verified = browser.wait_for(
         "(t => t.includes('OK') && t)(document.getElementById('snapshots-table').innerText)"
     )
-    assert "files intact" in verified
+    assert "files intact" in verified and "48 keys" in verified, verified
     browser.screenshot(tmp_path / "console-snapshots.png")
 
     browser.evaluate("location.hash = '#config'")

@@ -426,7 +426,7 @@
         else result.textContent = v.body.ok ? ` OK: ${fmtNumber(v.body.manifest.files.length)} files intact` : ` damaged: ${v.body.error}`;
         result.className = v.status === 200 && v.body.ok ? "ok" : "bad";
       });
-      const keys = manifest.collections ? Object.values(manifest.collections).reduce((a, b) => a + b, 0) : null;
+      const keys = Array.isArray(manifest.collections) ? manifest.collections.reduce((a, c) => a + c.keys, 0) : null;
       return [el("code", {}, s.name), fmtTime(manifest.created_at), el("td", { class: "num" }, fmtBytes(s.size)),
         el("td", { class: "num" }, keys === null ? "–" : `${fmtNumber(keys)} keys`), el("td", {}, verify, result)];
     }));
