@@ -166,6 +166,11 @@ def test_console_shows_the_server_and_live_charts(
     )
     assert "logging.level" in reloaded
 
+    # Back to the overview from another view: its data directory and certificates are read again.
+    browser.evaluate("document.getElementById('ov-datadir').replaceChildren(); location.hash = '#overview'")
+    usage = browser.wait_for("document.getElementById('ov-datadir').innerText")
+    assert re.search(r"\d+(\.\d+)? (B|KiB|MiB) in \d+ files", usage), usage
+
     browser.evaluate("location.hash = '#audit'")
     audit = browser.wait_for(
         "(t => t.includes('admin snapshot create') && t)(document.getElementById('audit-table').innerText)"

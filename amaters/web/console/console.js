@@ -160,6 +160,7 @@
   window.addEventListener("hashchange", () => showView(currentView(), true));
 
   async function refreshView(name) {
+    if (name === "overview") return loadResources();
     if (name === "collections") return loadCollections();
     if (name === "snapshots") return loadSnapshots();
     if (name === "config") return loadConfig();
@@ -537,9 +538,9 @@
       showError("charts-error", metrics);
     }
     const view = currentView();
-    if (adminTick && view === "overview") await loadResources();
     if (view === "charts") drawCharts();
-    else if (adminTick && view !== "overview" && view !== "config") await refreshView(view);
+    // The view's own data was read when it opened; refresh it on the next admin ticks.
+    else if (adminTick && ticks > 0 && view !== "config") await refreshView(view);
     ticks++;
     if (signedIn) timer = setTimeout(() => poll(null), POLL_MS);
   }
