@@ -7,12 +7,12 @@ import sys
 
 from twisted.application import service
 
-from amaters.config import ConfigError, Sources, load_config
-from amaters.tap import build_service
+from amaters.compose import build_service, load_server_config
+from amaters.config import ConfigError, Sources
 
 _path = os.environ.get("AMATERS_CONFIG") or None
 try:
-    _config = load_config(_path, (), os.environ)
+    _config = load_server_config(_path, (), os.environ)
 except ConfigError as _e:
     sys.stderr.write("amaters: invalid configuration:\n  " + "\n  ".join(_e.problems) + "\n")
     raise SystemExit(2)

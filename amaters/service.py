@@ -33,6 +33,34 @@ def log_failure(message: str, logger: Logger = log) -> Callable[[Failure], None]
     return errback
 
 
+class Lifecycle:
+    """Where the server is in its life: what probes, health answers and uptime are made from.
+
+    The root service moves it through ``stopped → starting → running → stopping → stopped``; the
+    ops site, the executor's health check and the admin status read it.  Holding this instead of
+    the root service keeps every reader ignorant of the tree.
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.state = "stopped"
+        self.started_at: float | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "running"
+
+    @property
+    def draining(self) -> bool:
+        return self.state == "stopping"
+
+    def uptime(self) -> float:
+        """Seconds since the start began (0 before it)."""
+        if self.started_at is None:
+            return 0.0
+        return max(0.0, self.clock.seconds() - self.started_at)
+
+
 class StartupError(Exception):
     """A child service failed to start; the tree stops what it had started."""
 
@@ -61,7 +89,7 @@ class AsyncMultiService(service.MultiService):
         self._start_waiters: list[defer.Deferred[None]] = []
         self.state = "stopped"  # stopped | starting | running | stopping
 
-    def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    def startService(self) -> defer.Deferred[None]:
         service.Service.startService(self)
         self.state = "starting"
         self._start_d = defer.Deferred.fromCoroutine(self._start_children())
@@ -107,6 +135,10 @@ class AsyncMultiService(service.MultiService):
             name = getattr(child, "name", None) or repr(child)
             try:
                 await defer.maybeDeferred(child.stopService)
+            except defer.CancelledError:
+                # The stop was cut short (a shutdown timeout): expected, so one line, no traceback.
+                log.error("Service {name} was still stopping when the shutdown timed out", name=name)
+                failures[name] = Failure(TimeoutError("still stopping when the shutdown timed out"))
             except BaseException:
                 f = Failure()
                 log.failure("Service {name} failed to stop", f, name=name)
@@ -114,7 +146,7 @@ class AsyncMultiService(service.MultiService):
         self._started = []
         return failures
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    def stopService(self) -> defer.Deferred[None]:
         service.Service.stopService(self)
         return defer.Deferred.fromCoroutine(self._stop())
 
@@ -158,7 +190,7 @@ class ThreadPoolService(service.Service):
         if not self._synchronous:
             self.pool.start()
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         if self._synchronous or not self.pool.started:
             return defer.succeed(None)
@@ -181,4 +213,4 @@ class ThreadPoolService(service.Service):
             return defer.maybeDeferred(f, *args, **kwargs)
         from twisted.internet.threads import deferToThreadPool
 
-        return deferToThreadPool(self._reactor, self.pool, f, *args, **kwargs)  # type: ignore[arg-type]
+        return deferToThreadPool(self._reactor, self.pool, f, *args, **kwargs)

@@ -4,7 +4,7 @@
 
 Builds the real service tree (``amaters.tap.build_service``) over the rocksdb backend in a
 temporary directory, fills ``keys`` keys of ``value-size`` bytes, flushes them to SST files, then
-times ``gets`` GETs through ``root.pipeline.execute`` (the path every protocol request takes after
+times ``gets`` GETs through ``root.components.pipeline.execute`` (the path every protocol request takes after
 decoding; no sockets, so the difference between configurations is not hidden by TLS and client
 cost).  Keys are drawn with a skew: ``hot`` of the requests go to 1% of the keys.  Configurations:
 
@@ -46,6 +46,7 @@ async def run_one(reactor: Any, label: str, settings: list[str], args: argparse.
                 "storage.sync=none",
                 "limits.shed_lag_ms=0",  # the timing loop blocks the reactor on purpose
                 f"server.data_dir={directory}",
+                "grpc.enabled=false",
                 *settings,
             ],
             {},
@@ -53,7 +54,7 @@ async def run_one(reactor: Any, label: str, settings: list[str], args: argparse.
         root = build_service(config, reactor)
         await root.startService()
         try:
-            pipeline = root.pipeline
+            pipeline = root.components.pipeline
             ctx = RequestContext(1, ANONYMOUS, "127.0.0.1:1")
             value = CipherBlob.wrap(os.urandom(args.value_size))
             keys = [b"key%09d" % i for i in range(args.keys)]
@@ -61,7 +62,7 @@ async def run_one(reactor: Any, label: str, settings: list[str], args: argparse.
                 await pipeline.execute(
                     ctx, ops.Batch(tuple(ops.Set("bench", k, value) for k in keys[start : start + 1000]))
                 )
-            await root.backend.flush()
+            await root.components.backend.flush()
             rng = random.Random(1)
             hot = keys[: max(1, len(keys) // 100)]
             plan = [
@@ -69,7 +70,7 @@ async def run_one(reactor: Any, label: str, settings: list[str], args: argparse.
             ]
             for k in plan[: args.gets // 10]:  # warm both caches
                 await pipeline.execute(ctx, ops.Get("bench", k))
-            cache = root.protection.cache
+            cache = root.components.protection.cache
             hits0, misses0 = cache.hits, cache.misses
             started = time.perf_counter()
             for k in plan:

@@ -124,6 +124,7 @@ async def _run(reactor: Any, args: argparse.Namespace) -> dict[str, float]:
         "tls.enabled=false",
         f"server.data_dir={work}",
         "logging.level=warn",
+        "grpc.enabled=false",
     ]
     api_key = None
     if args.auth:
@@ -131,7 +132,7 @@ async def _run(reactor: Any, args: argparse.Namespace) -> dict[str, float]:
         overrides += [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()]
     root = build_service(load_config(None, overrides, {}), reactor)
     await root.startService()
-    pipeline = root.pipeline
+    pipeline = root.components.pipeline
     print("pipeline stages:", ", ".join(stage.name for stage in pipeline.stages))
     for name in args.without:
         pipeline.remove_stage(name)

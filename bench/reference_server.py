@@ -122,8 +122,8 @@ def tls_factory(factory: Factory, tls_dir: Path, reactor: Any) -> Any:
     """Wrap ``factory`` in TLS exactly as amaters' listener does (generating files when missing)."""
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
-    from amaters.protocols.certs import generate_server_tls
-    from amaters.protocols.tlsctx import ReloadableServerTLS, server_tls_options
+    from amaters.tls.certs import generate_server_tls
+    from amaters.tls.context import ReloadableServerTLS, server_tls_options
 
     if not (tls_dir / "server.pem").exists():
         generate_server_tls(tls_dir)

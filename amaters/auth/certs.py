@@ -3,7 +3,7 @@
 OpenSSL verifies a client's certificate during the TLS handshake when ``tls.client_auth`` is
 ``optional`` or ``required``: chain to a CA in ``tls.ca``, validity dates, the client-auth purpose,
 and revocation against ``tls.crl`` when one is configured (see
-:func:`amaters.protocols.tlsctx.server_tls_options`).  The checker verifies the certificate again,
+:func:`amaters.tls.context.server_tls_options`).  The checker verifies the certificate again,
 with OpenSSL and the same CA and CRL files, against the reactor's clock: it does not rely on how
 the transport it came from was configured, and a certificate that expired while its connection was
 being set up is still refused.

@@ -13,13 +13,16 @@ log and the audit log: they never contain a secret.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 from cryptography import x509
 from twisted.cred.credentials import ICredentials
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
 from zope.interface import Attribute, implementer
 
+from amaters.errors import AuthError
 from amaters.interfaces import IPrincipal
 
 #: Values of ``IPrincipal.auth_method``.
@@ -43,6 +46,44 @@ class Principal:
     roles: tuple[str, ...]
     auth_method: str
     logout: Callable[[], None] | None = attrs.field(default=None, eq=False, repr=False)
+
+
+#: Who a request runs as when ``auth.enabled`` is false (loopback and trusted networks only).
+ANONYMOUS = Principal(id="anonymous", name="anonymous", roles=("admin",), auth_method=AUTH_ANONYMOUS)
+
+
+@attrs.frozen
+class Credentials:
+    """What a client presented, as a front end read it (a handshake, gRPC metadata, an HTTP header).
+
+    The secret never appears in ``repr``.
+    """
+
+    kind: str  # "bearer_token" | "api_key"
+    secret: str = attrs.field(repr=False)
+
+
+#: ``authenticate(credentials, peer_certificate, source_address) -> Deferred[IPrincipal]``; fails
+#: with an AuthError subclass to refuse.  Every front end logs in through one of these.
+Authenticator = Callable[[Credentials | None, Any, str], "defer.Deferred[IPrincipal]"]
+
+
+def default_authenticator(auth_enabled: bool) -> Authenticator:
+    """Without a cred portal: anonymous admin when auth is disabled, else refuse every login."""
+
+    def anonymous(
+        credentials: Credentials | None, peer_certificate: Any, source: str
+    ) -> defer.Deferred[IPrincipal]:
+        return defer.succeed(ANONYMOUS)
+
+    def refuse(
+        credentials: Credentials | None, peer_certificate: Any, source: str
+    ) -> defer.Deferred[IPrincipal]:
+        return defer.fail(
+            AuthError("authentication is enabled but no authentication method is configured on this server")
+        )
+
+    return refuse if auth_enabled else anonymous
 
 
 # -- credentials ---------------------------------------------------------------------------------
@@ -118,19 +159,23 @@ def login_failure_message(error: UnauthorizedLogin) -> str:
 
 
 __all__ = [
+    "ANONYMOUS",
     "AUTH_ANONYMOUS",
     "AUTH_API_KEY",
     "AUTH_JWT",
     "AUTH_MTLS",
     "APIKey",
+    "Authenticator",
     "BearerToken",
     "CertificateRejected",
     "ClientCertificate",
+    "Credentials",
     "ExpiredCredentials",
     "IAPIKey",
     "IBearerToken",
     "IClientCertificate",
     "Principal",
     "SecurityViolation",
+    "default_authenticator",
     "login_failure_message",
 ]

@@ -1,18 +1,12 @@
-"""Wiring: the ``auth`` service and :func:`build_auth`, called by :mod:`amaters.tap`.
+"""The ``auth`` service: login (the cred portal, the throttle) and authorization (the RBAC stage).
 
-``build_auth(config, reactor, root)`` adds two services before the listener:
-
-- ``audit`` (:class:`~amaters.auth.audit.AuditService`): the audit sink, ``root.audit``;
-- ``auth`` (:class:`AuthService`): reads keys, API keys and roles when it starts (not while
-  wiring), builds ``Portal(AmatersRealm(), checkers)`` and holds the throttle and the pipeline
-  stages; ``root.auth``.  With ``auth.enabled`` its :meth:`AuthService.authenticate` is
-  ``root.authenticator``, the hook the listener's handshake calls.
-
-``AuthService.install(pipeline, listener)`` (once the listener and its pipeline exist) puts the
-RBAC stage first in the pipeline and the audit stage after it, and hands the listener the
-authenticator.  :meth:`AuthService.reload` applies reloaded roles, API keys, JWT keys, throttle and
-audit settings all at once, or none of them; the ``auth`` service registers itself with
-``root.reloader`` (:mod:`amaters.ops.reload`) for that.
+:class:`AuthService` reads keys, API keys and roles when it starts (not while the tree is built),
+builds ``Portal(AmatersRealm(), checkers)`` and holds the throttle and the two pipeline stages the
+composition root puts in the pipeline: ``rbac`` (:class:`~amaters.auth.stage.AuthorizationStage`)
+and ``audit`` (:class:`~amaters.auth.stage.AuditStage`).  With ``auth.enabled`` its
+:meth:`AuthService.authenticate` is the login every front end uses.  :meth:`AuthService.prepare_reload`
+applies reloaded roles, API keys, JWT keys, throttle and audit settings all at once, or none of
+them.
 """
 
 from __future__ import annotations
@@ -40,9 +34,6 @@ from amaters.config import Config, ConfigError
 from amaters.errors import Unavailable
 from amaters.interfaces import IPrincipal
 
-#: Stages that admit or refuse requests before anything else (amaters.protect): RBAC follows them.
-ADMISSION_STAGES = ("shed", "ratelimit")
-
 
 def build_checkers(material: AuthMaterial, config: Config, clock: IReactorTime) -> list[ICredentialsChecker]:
     """One checker per configured login method."""
@@ -62,21 +53,24 @@ class AuthService(service.Service):
     name = "auth"
     _log = Logger()
 
-    def __init__(self, config: Config, clock: IReactorTime, audit: AuditService) -> None:
+    def __init__(
+        self, config: Config, clock: IReactorTime, audit: AuditService, collections: Any = None
+    ) -> None:
+        """``collections`` is the storage backend: the RBAC stage checks collection creation and
+        filters listings with it (None: it does neither)."""
         self.config = config
         self.clock = clock
         self.audit = audit
         self.realm = AmatersRealm()
         self.throttle = AuthThrottle(clock, config.auth.max_failures_per_minute)
-        self.authorization = AuthorizationStage(RBACPolicy(), audit)
+        self.authorization = AuthorizationStage(RBACPolicy(), audit, collections)
         self.audit_stage = AuditStage(audit, config.audit)
         self.authenticator: PortalAuthenticator | None = None
-        self.pipeline: Any = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()
         material = load_auth_material(self.config)  # raises AuthConfigError: the start fails
         self._apply(material, self.config)
         if self.config.auth.enabled:
@@ -98,45 +92,11 @@ class AuthService(service.Service):
     def authenticate(
         self, credentials: Any, peer_certificate: Any, source: str
     ) -> defer.Deferred[IPrincipal]:
-        """The listener's authenticate hook (``root.authenticator`` when auth is enabled)."""
+        """The login every front end uses when auth is enabled (an :data:`Authenticator`)."""
         authenticator = self.authenticator
         if authenticator is None:
             return defer.fail(Unavailable("the server is starting; try again"))
         return authenticator(credentials, peer_certificate, source)
-
-    # -- wiring ---------------------------------------------------------------------------------
-
-    def install(self, pipeline: Any, listener: Any = None) -> None:
-        """Put the RBAC stage in ``pipeline`` (auth enabled) and the audit stage right after it.
-
-        RBAC goes right after the admission stages (load shedding, rate limits: cheap refusals that
-        protect the server) and before every other stage, so no work (value compression, a cache
-        lookup, the executor) is done for a request that will be denied.
-
-        With auth enabled, ``listener``'s connections authenticate through :meth:`authenticate`.
-        """
-        self.pipeline = pipeline
-        if self.config.auth.enabled:
-            names = [stage.name for stage in pipeline.stages]
-            admission = [name for name in names if name in ADMISSION_STAGES]
-            if admission:
-                pipeline.add_stage(self.authorization, after=admission[-1])
-            else:
-                pipeline.add_stage(self.authorization, before=names[0] if names else None)
-            if listener is not None:
-                listener.factory.authenticate = self.authenticate
-        self._sync_audit_stage(self.config)
-
-    def _sync_audit_stage(self, config: Config) -> None:
-        pipeline = self.pipeline
-        if pipeline is None:
-            return
-        installed = any(stage is self.audit_stage for stage in pipeline.stages)
-        if config.audit.enabled and not installed:
-            after = self.authorization.name if self.authorization in pipeline.stages else None
-            pipeline.add_stage(self.audit_stage, after=after)
-        elif not config.audit.enabled and installed:
-            pipeline.remove_stage(self.audit_stage.name)
 
     # -- reload ---------------------------------------------------------------------------------
 
@@ -155,7 +115,6 @@ class AuthService(service.Service):
         def commit() -> None:
             self.audit.reconfigure(new.audit)
             self._apply(material, new)
-            self._sync_audit_stage(new)
 
         return commit
 
@@ -164,24 +123,4 @@ class AuthService(service.Service):
         self.prepare_reload(self.config, config)()
 
 
-def build_auth(config: Config, reactor: Any, root: Any) -> AuthService:
-    """Add the ``audit`` and ``auth`` services to ``root`` and attach them (no I/O here).
-
-    Sets ``root.audit`` (the IAuditSink), ``root.auth``, and with ``auth.enabled``
-    ``root.authenticator``.
-    """
-    audit = AuditService(config.audit, config.data_dir, reactor)
-    audit.setServiceParent(root)
-    auth = AuthService(config, reactor, audit)
-    auth.setServiceParent(root)
-    root.audit = audit
-    root.auth = auth
-    if config.auth.enabled:
-        root.authenticator = auth.authenticate
-    reloader = getattr(root, "reloader", None)
-    if reloader is not None:
-        reloader.register(auth)
-    return auth
-
-
-__all__ = ["AuthService", "build_auth", "build_checkers"]
+__all__ = ["AuthService", "build_checkers"]

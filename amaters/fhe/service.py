@@ -27,9 +27,8 @@ from typing import Any
 
 import attrs
 from twisted.application import service
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from amaters.config import Config, FHEConfig
@@ -93,15 +92,19 @@ class FheService(service.Service):
     name = "fhe"
     _log = Logger()
 
-    def __init__(self, config: FHEConfig, reactor: Any, data_dir: str, metrics: Any = None) -> None:
+    def __init__(
+        self, config: FHEConfig, reactor: Any, io_pool: Any, data_dir: str, metrics: Any = None
+    ) -> None:
         self.config = config
         self._reactor = reactor
+        #: Runs file I/O and the cleartext evaluator: ``io_pool.run(f, *args)`` gives a Deferred.
+        self._io = io_pool
         self.root_dir = Path(data_dir) / "fhe"
         self.keys_dir = self.root_dir / "keys"
         self.circuits_dir = self.root_dir / "circuits"
         self.metrics = metrics
+        #: The concrete workers, created on first use (processes start on the first submit).
         self._processes: ProcessPoolExecutor | None = None
-        self._io = ThreadPool(1, 2, name="amaters-fhe-io")
         self._meta: dict[str, dict[str, Any]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -118,11 +121,13 @@ class FheService(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self._io.start()
-        if self.kind == "concrete" and self.unavailable("FHE") is None:
-            self._processes = self._new_pool()
+        reason = self.unavailable("FILTER and UPDATE")
+        if reason is not None:
+            self._log.warn("{reason}", reason=reason)
         else:
-            self._log.info("FHE evaluator {kind}", kind=self.kind)
+            self._log.info(
+                "FHE evaluator: {kind}, {workers} worker(s)", kind=self.kind, workers=self.config.workers
+            )
 
     def _new_pool(self) -> ProcessPoolExecutor:
         import multiprocessing
@@ -134,26 +139,25 @@ class FheService(service.Service):
             initializer=_worker_init,
         )
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         processes, self._processes = self._processes, None
-
-        def stop() -> None:
-            if processes is not None:
-                processes.shutdown(wait=True, cancel_futures=True)
-
-        d = threads.deferToThread(stop)
-        d.addBoth(lambda _: self._io.stop())
+        if processes is None:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = self._io.run(processes.shutdown, wait=True, cancel_futures=True)
         return d
 
     def _in_io(self, f: Any, *args: Any) -> defer.Deferred[Any]:
-        return threads.deferToThreadPool(self._reactor, self._io, f, *args)
+        d: defer.Deferred[Any] = self._io.run(f, *args)
+        return d
 
     def _in_worker(self, job: engine.Job) -> defer.Deferred[engine.JobResult]:
         if job.kind != "concrete":
             return self._in_io(engine.run_job, job)
+        if not self.running:
+            return defer.fail(InvalidOperation("the FHE service is not running"))
         if self._processes is None:
-            return defer.fail(InvalidOperation("the FHE workers are not running"))
+            self._processes = self._new_pool()
         d: defer.Deferred[engine.JobResult] = defer.Deferred()
         try:
             future = self._processes.submit(engine.run_job, job)
@@ -388,6 +392,10 @@ def is_fhe_record(data: bytes) -> bool:
     return records.is_record(data)
 
 
-def build_fhe(config: Config, reactor: Any, metrics: Any = None) -> FheService:
-    """The FHE service (also the server's evaluator), from config; no I/O until started."""
-    return FheService(config.fhe, reactor, config.server.data_dir, metrics)
+def build_fhe(config: Config, reactor: Any, pools: Any, metrics: Any = None) -> FheService:
+    """The FHE service (also the server's evaluator), from config; no I/O until used.
+
+    ``pools.io`` runs its file I/O and the cleartext evaluator; concrete evaluation runs in the
+    service's own worker processes.
+    """
+    return FheService(config.fhe, reactor, pools.io, config.server.data_dir, metrics)

@@ -24,7 +24,16 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from amaters.config import Config, ConfigError, Sources, load_config, reloadable_differences
+from amaters.config import (
+    Config,
+    ConfigError,
+    LiveConfig,
+    Sources,
+    iter_settings,
+    load_config,
+    reloadable_differences,
+)
+from amaters.interfaces import IAuditSink
 
 Commit = Callable[[], None]
 
@@ -60,17 +69,23 @@ class ReloadResult:
 
 
 class Reloader:
-    """Reloads the root service's configuration through its registered components."""
+    """Reloads the configuration in effect (``live``) through its registered components.
+
+    ``loader`` reads ``live.sources`` again (the composition root passes one that runs the same
+    checks as the start); config changes are audited to ``audit`` when given.
+    """
 
     _log = Logger()
 
     def __init__(
         self,
-        root: Any,
+        live: LiveConfig,
+        audit: IAuditSink | None = None,
         environ: Mapping[str, str] | None = None,
         loader: Callable[[Sources, Mapping[str, str]], Any] | None = None,
     ) -> None:
-        self.root = root
+        self.live = live
+        self.audit = audit
         self._environ = environ
         self._loader = loader or _load_from_sources
         self.components: list[Reconfigurable] = []
@@ -106,7 +121,7 @@ class Reloader:
         return running
 
     def _audit(self, result: ReloadResult, principal: str) -> None:
-        audit = getattr(self.root, "audit", None)
+        audit = self.audit
         if audit is None:
             return
         event = {
@@ -125,10 +140,10 @@ class Reloader:
             self._log.failure("Could not write the reload audit event")
 
     async def _reload(self, principal: str) -> ReloadResult:
-        old: Config = self.root.config
+        old: Config = self.live.current
         environ = os.environ if self._environ is None else self._environ
         try:
-            new = await defer.maybeDeferred(self._loader, self.root.sources, environ)
+            new = await defer.maybeDeferred(self._loader, self.live.sources, environ)
         except ConfigError as e:
             result = ReloadResult(ok=False, errors=tuple(e.problems))
             self._log.error(
@@ -162,7 +177,7 @@ class Reloader:
             except Exception:
                 # Commits are built not to fail; if one does, say so loudly.
                 self._log.failure("Reload: applying a prepared setting failed")
-        self.root.config = effective
+        self.live.current = effective
         result = ReloadResult(ok=True, applied=tuple(reloadable), need_restart=tuple(restart))
         self._log.info(
             "Reloaded configuration; changed: {applied}; files re-read by {count} component(s){restart}",
@@ -171,6 +186,38 @@ class Reloader:
             restart=f"; needs restart to apply: {', '.join(restart)}" if restart else "",
         )
         return self._finish(result, principal)
+
+    def preview(self) -> defer.Deferred[dict[str, Any]]:
+        """What a reload would change now, without changing anything.
+
+        Re-reads the sources like :meth:`reload` and compares them with the configuration in effect:
+        ``{"ok", "reloadable": [{"key", "current", "new"}], "need_restart": [...], "errors": [...]}``.
+        Secret values are shown as ``<redacted>``; files the settings point at are not re-read.
+        """
+        return defer.Deferred.fromCoroutine(self._preview())
+
+    async def _preview(self) -> dict[str, Any]:
+        old: Config = self.live.current
+        environ = os.environ if self._environ is None else self._environ
+        try:
+            new = await defer.maybeDeferred(self._loader, self.live.sources, environ)
+        except ConfigError as e:
+            return {"ok": False, "reloadable": [], "need_restart": [], "errors": list(e.problems)}
+        reloadable, restart = reloadable_differences(old, new)
+        secret = {dotted for dotted, attribute in iter_settings() if attribute.metadata.get("secret")}
+
+        def change(dotted: str) -> dict[str, Any]:
+            parts = dotted.split(".")
+            if dotted in secret:
+                return {"key": dotted, "current": "<redacted>", "new": "<redacted>"}
+            return {"key": dotted, "current": _get_path(old, parts), "new": _get_path(new, parts)}
+
+        return {
+            "ok": True,
+            "reloadable": [change(k) for k in reloadable],
+            "need_restart": [change(k) for k in restart],
+            "errors": [],
+        }
 
     def _finish(self, result: ReloadResult, principal: str) -> ReloadResult:
         self.last = result

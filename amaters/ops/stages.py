@@ -21,10 +21,10 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from amaters.errors import AmatersError, ErrorCode
+from amaters.ops.metrics import Metrics
 from amaters.ops.tracing import extract_context
 from amaters.query import operations as ops
 from amaters.query.pipeline import PipelineStage, RequestContext
-from amaters.web.metrics import Metrics
 
 #: Where the access log events go (a namespace of its own, so it can be filtered apart).
 ACCESS_LOG_NAMESPACE = "amaters.access"

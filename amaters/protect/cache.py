@@ -39,7 +39,7 @@ from blake3 import blake3
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from amaters.config import CacheConfig, Config
+from amaters.config import CacheConfig, Config, cache_settings
 from amaters.query import operations as ops
 from amaters.types import CipherBlob
 
@@ -58,8 +58,18 @@ _READ_ONLY: frozenset[type] = frozenset(
         ops.ServerInfo,
         ops.HealthCheck,
         ops.CreateCollection,
+        # FILTER reads; a key upload writes no stored key.
         ops.Filter,
         ops.UploadKeys,
+        # Administration that only looks (a console polls these every few seconds).
+        ops.ServerStatus,
+        ops.CollectionStats,
+        ops.StorageStats,
+        ops.ListSnapshots,
+        ops.VerifySnapshot,
+        ops.ConfigView,
+        ops.AuditTail,
+        ops.ServerResources,
     }
 )
 
@@ -310,7 +320,7 @@ class QueryCache:
     # -- reload -------------------------------------------------------------------------------
 
     def prepare_reload(self, old: Config, new: Config) -> Callable[[], None] | None:
-        settings: CacheConfig = new.cache
+        settings: CacheConfig = cache_settings(new)
         if (settings.max_bytes, settings.max_entry_bytes) == (self.max_bytes, self.max_entry_bytes):
             return None
         return lambda: self.resize(settings.max_bytes, settings.max_entry_bytes)
@@ -332,15 +342,18 @@ class CachingExecutor:
     def open_range(self, op: ops.Range) -> Any:
         return self.inner.open_range(op)
 
+    def update_limits(self, limits: Any) -> None:
+        self.inner.update_limits(limits)
+
     def execute(self, op: ops.Operation) -> defer.Deferred[Any]:
         kind = type(op)
         cache = self.cache
         if kind is ops.Get:
             if cache.max_bytes <= 0:  # off
-                return self.inner.execute(op)  # type: ignore[no-any-return]
+                return self.inner.execute(op)
             return self._get(op)  # type: ignore[arg-type]
         if kind in _READ_ONLY:
-            return self.inner.execute(op)  # type: ignore[no-any-return]
+            return self.inner.execute(op)
         if not cache.enabled:
             return self._untracked_write(op)
         if kind is ops.Set or kind is ops.Delete:
@@ -350,7 +363,7 @@ class CachingExecutor:
             batch: Any = op
             keys = [cache_key(item.collection, item.key) for item in batch.ops if item.kind == "write"]
             if not keys:
-                return self.inner.execute(op)  # type: ignore[no-any-return]
+                return self.inner.execute(op)
             return self._write(keys, op)
         # Drops, and any later operation that writes keys it does not name (UPDATE): the whole
         # collection, or everything when the operation names none.
@@ -432,11 +445,4 @@ class CachingExecutor:
         return d
 
 
-def install_cache(pipeline: Any, config: CacheConfig) -> QueryCache:
-    """Put a query cache (possibly off, so a reload can turn it on) in front of ``pipeline.executor``."""
-    cache = QueryCache(config.max_bytes, config.max_entry_bytes)
-    pipeline.executor = CachingExecutor(pipeline.executor, cache)
-    return cache
-
-
-__all__ = ["MISS", "CachingExecutor", "QueryCache", "cache_key", "install_cache"]
+__all__ = ["MISS", "CachingExecutor", "QueryCache", "cache_key"]

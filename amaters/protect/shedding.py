@@ -115,39 +115,15 @@ class LoadShedder(PipelineStage):
 
 
 class LagSource:
-    """The reactor lag for the shedder: the root's ``lagmonitor`` service if it has one, else its own.
+    """The reactor lag for the shedder, read from a running :class:`LagMonitor` (0 while it is not
+    running: before the tree has started and after it has stopped)."""
 
-    Resolved by :meth:`start` (the ``lagmonitor`` may be wired after the shedder).  Before
-    :meth:`start` and after :meth:`stop` the lag reads as 0.
-    """
-
-    def __init__(self, root: Any, clock: Any, interval: float = 0.5) -> None:
-        self.root = root
-        self.clock = clock
-        self.interval = interval
-        self.monitor: LagMonitor | None = None
-        self._own: LagMonitor | None = None
+    def __init__(self, monitor: LagMonitor) -> None:
+        self.monitor = monitor
 
     def __call__(self) -> float:
         monitor = self.monitor
-        return monitor.current_lag() if monitor is not None and monitor.running else 0.0
-
-    def start(self) -> None:
-        try:
-            found = self.root.getServiceNamed("lagmonitor")
-        except KeyError:
-            found = None
-        if isinstance(found, LagMonitor):
-            self.monitor = found
-        else:
-            self._own = self.monitor = LagMonitor(self.clock, self.interval)
-            self._own.startService()
-
-    def stop(self) -> None:
-        own, self._own = self._own, None
-        if own is not None:
-            own.stopService()
-        self.monitor = None
+        return monitor.current_lag() if monitor.running else 0.0
 
 
 __all__ = ["EXEMPT", "LagSource", "LoadShedder"]

@@ -9,6 +9,9 @@ Rules it implements:
 - collections are created on their first SET when ``storage.auto_create_collections`` is true;
   then reads and deletes on a collection that does not exist yet behave as on an empty one.  When
   it is false, every operation on a missing collection fails with ``STORAGE_NOT_FOUND``.
+- at most ``limits.max_collections`` collections exist (0: no limit): creating one more, explicitly
+  or by a first SET, fails with ``VALIDATION_SIZE_EXCEEDED`` and creates nothing.  Whether the
+  principal may create a collection at all is the RBAC stage's decision (``collection:create``).
 - GET of a missing key is ``None``, not an error; DELETE tells whether the key existed.
 - BATCH is atomic: every write is collected first and applied with one ``write_batch``; reads in a
   batch see the batch's earlier writes.  Collections a batch auto-creates are dropped again if the
@@ -23,8 +26,9 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from amaters import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS
 from amaters.errors import AmatersError, InvalidOperation, NotFound, SizeExceeded
-from amaters.interfaces import IRangeCursor, IStorageBackend
+from amaters.interfaces import IRangeCursor, IServerAdmin, IStorageBackend
 from amaters.query import operations as ops
 from amaters.types import CipherBlob, WriteOp
 
@@ -70,9 +74,9 @@ class QueryExecutor:
         fhe_max_rows: int = 10_000,
         fhe_query_timeout: float = 600.0,
         clock: Any = None,
+        admin: IServerAdmin | None = None,
     ) -> None:
-        # Typed loosely: the interface's methods are declared as returning ``object``.
-        self.backend: Any = backend
+        self.backend = backend
         self.auto_create_collections = auto_create_collections
         self.range_chunk_size = range_chunk_size
         self._server_info = server_info
@@ -82,6 +86,10 @@ class QueryExecutor:
         self.fhe_max_rows = fhe_max_rows
         self.fhe_query_timeout = fhe_query_timeout
         self._clock = clock
+        #: limits.max_collections (0: no limit); the pipeline passes reloaded limits on.
+        self.max_collections = 0
+        #: Server administration (status, reload, snapshots, ...); None: admin operations refused.
+        self.admin: Any = admin
         self._dispatch: dict[type, Callable[[Any], defer.Deferred[Any]]] = {
             ops.Get: self.get,
             ops.Set: self.set,
@@ -93,6 +101,18 @@ class QueryExecutor:
             ops.ServerInfo: self.server_info,
             ops.HealthCheck: self.health_check,
             ops.Range: self.range_list,
+            ops.ServerStatus: lambda op: self._admin().status(),
+            ops.CollectionStats: lambda op: self._admin().collections(),
+            ops.StorageStats: lambda op: self._admin().stats(),
+            ops.Compact: lambda op: self._admin().compact(),
+            ops.ReloadConfig: lambda op: self._admin().reload(op.requested_by),
+            ops.ListSnapshots: lambda op: self._admin().list_snapshots(op.remote),
+            ops.CreateSnapshot: lambda op: self._admin().create_snapshot(op.upload),
+            ops.ClusterStatus: lambda op: self._admin().cluster_status(),
+            ops.VerifySnapshot: lambda op: self._admin().verify_snapshot(op.archive),
+            ops.ConfigView: lambda op: self._admin().config_view(),
+            ops.AuditTail: lambda op: self._admin().audit_tail(op.limit),
+            ops.ServerResources: lambda op: self._admin().resources(),
             ops.Filter: self.filter,
             ops.Update: self.update,
             ops.UploadKeys: self.upload_keys,
@@ -107,6 +127,28 @@ class QueryExecutor:
             )
         reason: str | None = self.fhe.unavailable(what)
         return reason
+
+    def update_limits(self, limits: Any) -> None:
+        """Apply (reloaded) ``[limits]``: the collection count limit."""
+        self.max_collections = limits.max_collections
+
+    def _room_for(self, count: int) -> AmatersError | None:
+        """The error for creating ``count`` more collections past limits.max_collections, or None."""
+        limit = self.max_collections
+        if not limit or not count:
+            return None
+        existing = self.backend.collection_count()
+        if existing + count <= limit:
+            return None
+        return SizeExceeded(
+            f"the server already holds {existing} collection(s) and limits.max_collections is {limit};"
+            " drop a collection or raise the limit"
+        )
+
+    def _admin(self) -> Any:
+        if self.admin is None:
+            raise InvalidOperation("server administration is not available here")
+        return self.admin
 
     def execute(self, op: ops.Operation) -> defer.Deferred[Any]:
         """Run any operation (RANGE as a complete list; streams use :meth:`open_range`)."""
@@ -131,6 +173,9 @@ class QueryExecutor:
             return backend.put(op.collection, op.key, op.value)
         if not self.auto_create_collections:
             return defer.fail(self._missing(op.collection))
+        full = self._room_for(1)
+        if full is not None:
+            return defer.fail(full)
         d: defer.Deferred[Any] = defer.maybeDeferred(backend.create_collection, op.collection)
         d.addCallback(lambda _: backend.put(op.collection, op.key, op.value))
         return d
@@ -153,9 +198,7 @@ class QueryExecutor:
             raise self._missing(op.collection)
         if op.limit == 0 or (op.end is not None and op.start >= op.end):
             return _EmptyCursor()  # type: ignore[return-value]
-        return self.backend.scan(  # type: ignore[no-any-return]
-            op.collection, op.start, op.end, op.limit, self.range_chunk_size
-        )
+        return self.backend.scan(op.collection, op.start, op.end, op.limit, self.range_chunk_size)
 
     def range_list(self, op: ops.Range) -> defer.Deferred[list[tuple[bytes, CipherBlob]]]:
         """The whole range as one list (for callers that do not stream)."""
@@ -166,7 +209,7 @@ class QueryExecutor:
         found: list[tuple[bytes, CipherBlob]] = []
         try:
             while True:
-                chunk = await cursor.next_chunk()  # type: ignore[misc]
+                chunk = await cursor.next_chunk()
                 if not chunk:
                     return found
                 found.extend(chunk)
@@ -220,6 +263,9 @@ class QueryExecutor:
 
         if not writes:
             return results
+        full = self._room_for(len(to_create))
+        if full is not None:
+            raise full
         created: list[str] = []
         try:
             for name in to_create:
@@ -248,7 +294,7 @@ class QueryExecutor:
     def upload_keys(self, op: ops.UploadKeys) -> defer.Deferred[Any]:
         if self.fhe is None:
             return defer.fail(InvalidOperation(self.fhe_unavailable("uploading FHE keys") or ""))
-        return self.fhe.upload_chunk(op.chunk)  # type: ignore[no-any-return]
+        return self.fhe.upload_chunk(op.chunk)
 
     async def _encrypted_rows(
         self, collection: str, key_set_id: str, limit: int | None, offset: int
@@ -306,6 +352,10 @@ class QueryExecutor:
     # -- collections and server ---------------------------------------------------------------
 
     def create_collection(self, op: ops.CreateCollection) -> defer.Deferred[bool]:
+        if not self.backend.has_collection(op.collection):
+            full = self._room_for(1)
+            if full is not None:
+                return defer.fail(full)
         return defer.maybeDeferred(self.backend.create_collection, op.collection)
 
     def drop_collection(self, op: ops.DropCollection) -> defer.Deferred[bool]:
@@ -316,8 +366,6 @@ class QueryExecutor:
 
     def server_info(self, op: ops.ServerInfo) -> defer.Deferred[ops.ServerInfoResult]:
         if self._server_info is None:
-            from amaters import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS
-
             return defer.succeed(
                 ops.ServerInfoResult(PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS, CAPABILITIES, 0)
             )

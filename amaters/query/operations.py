@@ -14,8 +14,8 @@ import attrs
 
 from amaters.types import CipherBlob
 
-#: What an operation needs, for RBAC: read < write < admin.
-Access = Literal["read", "write", "admin"]
+#: What an operation needs, for RBAC: read < write < create < admin.
+Access = Literal["read", "write", "create", "admin"]
 
 
 def _hidden(value: object) -> str:
@@ -95,7 +95,7 @@ class Batch:
 @attrs.frozen(slots=True)
 class CreateCollection:
     name: ClassVar[str] = "create_collection"
-    kind: ClassVar[Access] = "admin"
+    kind: ClassVar[Access] = "create"
     collection: str
 
 
@@ -166,6 +166,138 @@ class UploadKeys:
     chunk: object = attrs.field(repr=_hidden)
 
 
+# -- administration: the admin API's operations, through the same pipeline as every query ---------
+# Each needs admin on server; their names are what the audit log and the metrics show.
+
+
+@attrs.frozen(slots=True)
+class ServerStatus:
+    """Version, state, uptime, backend, connections, the last reload."""
+
+    name: ClassVar[str] = "admin status"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+
+
+@attrs.frozen(slots=True)
+class CollectionStats:
+    """Every collection with its (estimated) key count."""
+
+    name: ClassVar[str] = "admin collections"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+
+
+@attrs.frozen(slots=True)
+class StorageStats:
+    """The backend's statistics."""
+
+    name: ClassVar[str] = "admin stats"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+
+
+@attrs.frozen(slots=True)
+class Compact:
+    """Compact the whole store (where the backend can)."""
+
+    name: ClassVar[str] = "admin compact"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+
+
+@attrs.frozen(slots=True)
+class ReloadConfig:
+    """Reload the configuration now, as a SIGHUP would; ``requested_by`` names who asked."""
+
+    name: ClassVar[str] = "admin reload"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+    requested_by: str = "operator"
+
+
+@attrs.frozen(slots=True)
+class ListSnapshots:
+    """The snapshots on disk, or in the configured S3 bucket with ``remote``."""
+
+    name: ClassVar[str] = "admin snapshot list"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+    remote: bool = False
+
+
+@attrs.frozen(slots=True)
+class CreateSnapshot:
+    """Take a snapshot now (and upload it with ``upload``)."""
+
+    name: ClassVar[str] = "admin snapshot create"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+    upload: bool = False
+
+
+@attrs.frozen(slots=True)
+class VerifySnapshot:
+    """Check one snapshot archive on disk (every file against its manifest checksum)."""
+
+    name: ClassVar[str] = "admin snapshot verify"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+    archive: str
+
+
+@attrs.frozen(slots=True)
+class ConfigView:
+    """The configuration in effect (secrets redacted) and what a reload would change now."""
+
+    name: ClassVar[str] = "admin config"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+
+
+@attrs.frozen(slots=True)
+class AuditTail:
+    """The last ``limit`` events of the audit log."""
+
+    name: ClassVar[str] = "admin audit tail"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+    limit: int = 100
+
+
+@attrs.frozen(slots=True)
+class ServerResources:
+    """Data dir usage and the TLS certificates served (subject, issuer, expiry)."""
+
+    name: ClassVar[str] = "admin resources"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+
+
+@attrs.frozen(slots=True)
+class ClusterStatus:
+    """Clustered mode: the shards with their etcd members and leader, the nodes, the leading node."""
+
+    name: ClassVar[str] = "admin cluster status"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+
+
+AdminOperation = (
+    ServerStatus
+    | CollectionStats
+    | StorageStats
+    | Compact
+    | ReloadConfig
+    | ListSnapshots
+    | CreateSnapshot
+    | ClusterStatus
+    | VerifySnapshot
+    | ConfigView
+    | AuditTail
+    | ServerResources
+)
+
 Operation = (
     Get
     | Set
@@ -180,6 +312,7 @@ Operation = (
     | Filter
     | Update
     | UploadKeys
+    | AdminOperation
 )
 
 

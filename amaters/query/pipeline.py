@@ -17,7 +17,8 @@ anything it raises and carries on.
 
 A stage that a reload can switch off (a rate limit of 0) may have an ``active`` attribute and a
 ``watch_active(callback)`` method: the pipeline calls ``watch_active`` once and re-reads ``active``
-whenever the callback is called.  While inactive, its ``before`` is not called at all.
+whenever the callback is called.  While inactive, neither its ``before`` nor its ``after`` is
+called at all.
 
 Unexpected exceptions from a stage or the executor are logged with their traceback here and turned
 into ``SERVER_INTERNAL`` with a generic message: tracebacks never reach a client.
@@ -26,19 +27,18 @@ into ``SERVER_INTERNAL`` with a generic message: tracebacks never reach a client
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
 from amaters.config import LimitsConfig
 from amaters.errors import AmatersError, ServerError
-from amaters.interfaces import IPrincipal, IRangeCursor
+from amaters.interfaces import IPipelineStage, IPrincipal, IRangeCursor
 from amaters.proto import aql_pb2, query_pb2
 from amaters.query import operations as ops
-from amaters.query.executor import QueryExecutor
 from amaters.query.validation import Validator
 
 _NO_RESULT: Any = object()
@@ -61,6 +61,16 @@ def immediate_result(d: defer.Deferred[Any]) -> Any:
         if not isinstance(result, Failure):
             return result
     return NOT_YET
+
+
+class Executor(Protocol):
+    """What the pipeline runs a request with (:class:`QueryExecutor`, or a cache around one)."""
+
+    def execute(self, op: Any) -> defer.Deferred[Any]: ...
+
+    def open_range(self, op: ops.Range) -> IRangeCursor: ...
+
+    def update_limits(self, limits: LimitsConfig) -> None: ...
 
 
 class RequestContext:
@@ -104,22 +114,6 @@ class RequestContext:
         return self.result is not _NO_RESULT
 
 
-class IPipelineStage(Interface):
-    """One policy step around the executor (auth, RBAC, rate limit, cache, metrics, audit...)."""
-
-    name = Attribute("Short unique name, used to order stages and in logs.")
-
-    def before(ctx: RequestContext, op: ops.Operation) -> object:
-        """Inspect a request before it runs.
-
-        Return None to continue (or a Deferred firing None), raise or fail with an AmatersError to
-        refuse, or set ``ctx.result`` to answer in place of the executor.
-        """
-
-    def after(ctx: RequestContext, op: ops.Operation, outcome: object) -> None:
-        """Observe the outcome: the result, or a Failure wrapping an AmatersError.  Never raises."""
-
-
 @implementer(IPipelineStage)
 class PipelineStage:
     """A stage that does nothing: subclass it and override ``before`` and/or ``after``."""
@@ -140,12 +134,14 @@ class QueryPipeline:
 
     def __init__(
         self,
-        executor: QueryExecutor,
+        executor: Executor,
         limits: LimitsConfig,
         stages: Sequence[IPipelineStage] = (),
     ) -> None:
         self.executor = executor
-        self.validator = Validator(limits, executor.fhe_unavailable)
+        # FILTER and UPDATE ask the executor whether FHE can run here (None: no FHE at all).
+        self.validator = Validator(limits, getattr(executor, "fhe_unavailable", None))
+        executor.update_limits(limits)
         self._stages: list[IPipelineStage] = []
         self._befores: tuple[IPipelineStage, ...] = ()
         self._afters: tuple[IPipelineStage, ...] = ()
@@ -160,12 +156,18 @@ class QueryPipeline:
         return self.validator.limits
 
     def update_limits(self, limits: LimitsConfig) -> None:
-        """Apply reloaded limits to requests decoded from now on."""
+        """Apply reloaded limits to requests decoded from now on (and to the executor)."""
         self.validator.limits = limits
+        self.executor.update_limits(limits)
 
     @property
     def stages(self) -> tuple[IPipelineStage, ...]:
         return tuple(self._stages)
+
+    @property
+    def active_stages(self) -> tuple[IPipelineStage, ...]:
+        """The stages requests pass through now (a reload may switch some off and on)."""
+        return tuple(s for s in self._stages if s in self._befores or s in self._afters)
 
     def add_stage(
         self, stage: IPipelineStage, *, before: str | None = None, after: str | None = None
@@ -200,7 +202,9 @@ class QueryPipeline:
             if getattr(type(s), "before", None) is not PipelineStage.before and getattr(s, "active", True)
         )
         self._afters = tuple(
-            s for s in self._stages if getattr(type(s), "after", None) is not PipelineStage.after
+            s
+            for s in self._stages
+            if getattr(type(s), "after", None) is not PipelineStage.after and getattr(s, "active", True)
         )
 
     # -- decoding (validation) ----------------------------------------------------------------
@@ -246,7 +250,7 @@ class QueryPipeline:
         done, outcome = self.run(ctx, op)
         if done:
             return defer.succeed(outcome)
-        return outcome  # type: ignore[no-any-return]
+        return outcome
 
     def run(self, ctx: RequestContext, op: ops.Operation) -> tuple[bool, Any]:
         """:meth:`execute` for callers on the hot path: ``(True, result)`` when the request has
@@ -347,7 +351,7 @@ class QueryPipeline:
         if isinstance(failure.value, AmatersError):
             return failure
         self._log.failure("Unexpected error in {op} request", failure, op=op.name)
-        return Failure(ServerError("internal server error; the server log has the details"))  # type: ignore[no-untyped-call]
+        return Failure(ServerError("internal server error; the server log has the details"))
 
     def _run_afters(self, outcome: object, ctx: RequestContext, op: ops.Operation) -> object:
         for stage in self._afters:

@@ -1,4 +1,4 @@
-"""Storage backends (memory, rocksdb) behind :class:`amaters.interfaces.IStorageBackend`."""
+"""Storage backends (memory, rocksdb, etcd) behind :class:`amaters.interfaces.IStorageBackend`."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ def build_backend(config: Config, reactor: Any, pools: Any) -> IStorageBackend:
 
     ``rocksdb`` keeps its database in ``<data_dir>/db`` and locks ``<data_dir>/LOCK``; its blocking
     work runs in ``pools.io``.  The backend is wrapped in a
-    :class:`~amaters.ops.retry.RetryingBackend` that retries transient errors of idempotent
+    :class:`~amaters.storage.retry.RetryingBackend` that retries transient errors of idempotent
     operations per ``[retry]``; :func:`innermost` unwraps it (e.g. for group-commit counters).
     """
-    from amaters.ops.retry import RetryingBackend, RetryPolicy
+    from amaters.storage.retry import RetryingBackend, RetryPolicy
 
     backend: IStorageBackend
     if config.storage.backend == "memory":
@@ -33,6 +33,10 @@ def build_backend(config: Config, reactor: Any, pools: Any) -> IStorageBackend:
             RocksDBSettings.from_config(config.storage),
             lock_dir=config.data_dir,
         )
+    elif config.storage.backend == "etcd":
+        from amaters.storage.etcd import build_etcd_backend
+
+        backend = build_etcd_backend(config.cluster, reactor)
     else:
         raise NotImplementedError(f"storage backend {config.storage.backend!r} is not available")
     return RetryingBackend(backend, RetryPolicy.from_config(config.retry), reactor)

@@ -1,13 +1,29 @@
-"""The admin API under ``/admin/`` on the ops site.
+"""The admin API under ``/admin/`` on the ops site: a front end of the request pipeline.
 
-Every route needs an authenticated principal with the ``admin`` permission on ``server``:
-``Authorization: Bearer <JWT>`` or ``Authorization: ApiKey <key>`` (or ``X-API-Key: <key>``),
-checked by the same portal and RBAC policy as the native protocol.  With ``auth.enabled = false``
-the admin API answers only requests from loopback addresses (the protocol's protected mode, applied
-to the ops site).  Every call is an audit ``admin`` event.
+Each route only translates HTTP into an administration operation (:mod:`amaters.query.operations`)
+and the answer back into JSON.  Authentication is the same authenticator the native protocol's
+handshake uses (``Authorization: Bearer <JWT>``, ``Authorization: ApiKey <key>`` or
+``X-API-Key: <key>``); authorization, rate limits, metrics and audit are the pipeline's stages, the
+same that decide a protocol request: every operation here needs ``admin`` on ``server``, a denial
+is answered 403 and audited by the RBAC stage, and every call is an ``admin`` audit event.
+
+With ``auth.enabled = false`` nothing proves who is asking, so the admin API answers only requests
+that cannot come from a web page (:func:`admin_refusal`):
+
+- from a loopback address (the protocol's protected mode, applied to the ops site);
+- carrying the header ``X-Amaters-Admin`` (any value): a page in a browser cannot add a custom
+  header to a cross-site request without a CORS preflight, which the admin API never grants
+  (CSRF); the console, served from the ops site itself, is same-origin and sends it;
+- naming ``localhost``, ``127.0.0.1``, ``[::1]`` or a host in ``web.allowed_hosts`` in ``Host``:
+  a page whose own DNS name was rebound to 127.0.0.1 sends its own name (DNS rebinding).
+
+With auth on, the credentials are headers a page cannot send cross-site either.  CORS never
+applies to ``/admin/``.  The ops site screens these headers before it reads a request's body.
 
 Routes: ``GET status``, ``GET collections``, ``GET stats``, ``POST compact``, ``POST reload``,
-``GET snapshots``, ``POST snapshots`` (optionally ``?upload=1``).
+``GET snapshots``, ``POST snapshots`` (optionally ``?upload=1``), ``POST snapshots/<name>/verify``,
+``GET config`` (secrets redacted, with what a reload would change), ``GET audit?limit=N`` (the
+audit log's last events), ``GET resources`` (data dir usage, TLS certificates), ``GET cluster`` (clustered mode).
 """
 
 from __future__ import annotations
@@ -16,12 +32,17 @@ import ipaddress
 import json
 from typing import Any
 
+import attrs
 from klein import Klein
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
 
-from amaters import __version__
-from amaters.errors import AmatersError, AuthError, InvalidOperation, PermissionDenied
+from amaters.auth.principal import ANONYMOUS, Authenticator, Credentials
+from amaters.config import LiveConfig
+from amaters.errors import AmatersError, AuthError, PermissionDenied
+from amaters.query import operations as ops
+from amaters.query.pipeline import QueryPipeline, RequestContext
 
 
 def _json(request: IRequest, status: int, body: Any) -> bytes:
@@ -58,12 +79,14 @@ def _error_body(error: AmatersError) -> dict[str, Any]:
 
 def _plain(item: Any) -> Any:
     """A JSON-able view of an attrs record (paths and manifests as text/dicts)."""
-    import attrs
-
     if hasattr(item, "to_dict"):
         return item.to_dict()
     if attrs.has(type(item)):
         return {k: _plain(v) for k, v in attrs.asdict(item, recurse=False).items()}
+    if isinstance(item, dict):
+        return {str(k): _plain(v) for k, v in item.items()}
+    if isinstance(item, (list, tuple)):
+        return [_plain(v) for v in item]
     if isinstance(item, (str, int, float, bool)) or item is None:
         return item
     return str(item)
@@ -76,20 +99,68 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+#: Host names the admin API accepts with auth off, besides web.allowed_hosts.
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+#: The header a request with auth off must carry (a browser cannot send it cross-site unasked).
+ADMIN_HEADER = b"x-amaters-admin"
+
+
+def _host_name(value: str) -> str:
+    """The host part of a Host header: ``[::1]:7879`` -> ``::1``, ``Example.COM:80`` -> ``example.com``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def admin_refusal(request: IRequest, config: Any) -> AmatersError | None:
+    """Why the admin API refuses ``request`` on its address and headers alone (None: it does not).
+
+    Auth on: a request without credentials (AUTH_FAILED).  Auth off: one from a non-loopback address,
+    one whose ``Host`` is not local or in ``web.allowed_hosts``, or one without ``X-Amaters-Admin``
+    (AUTH_INSUFFICIENT_PERMISSIONS).
+    """
+    if config.auth.enabled:
+        if request.getHeader(b"authorization") or request.getHeader(b"x-api-key"):
+            return None
+        return AuthError("the admin API needs 'Authorization: Bearer <token>' or 'ApiKey <key>'")
+    host = getattr(request.getClientAddress(), "host", "")
+    if not _is_loopback(host):
+        return PermissionDenied("the admin API answers only loopback clients while auth.enabled is false")
+    raw_host = request.getHeader(b"host")
+    name = _host_name(raw_host.decode("latin-1") if isinstance(raw_host, bytes) else str(raw_host or ""))
+    allowed = LOCAL_HOSTS | {h.lower() for h in config.web.allowed_hosts}
+    if name not in allowed:
+        shown = name[:100].encode("ascii", "backslashreplace").decode()
+        return PermissionDenied(
+            f"the admin API does not answer requests for host {shown!r} while auth.enabled is false;"
+            " use localhost, or add the name to web.allowed_hosts"
+        )
+    if not request.getHeader(ADMIN_HEADER):
+        return PermissionDenied(
+            "the admin API needs the header 'X-Amaters-Admin: 1' while auth.enabled is false"
+            " (a page from another site cannot send it; the amaters CLI and the console do)"
+        )
+    return None
+
+
 class AdminAPI:
-    """Admin routes bound to the running server (the root service)."""
+    """Admin routes: credentials in, an operation through ``pipeline``, JSON out."""
 
     app = Klein()
     _log = Logger()
 
-    def __init__(self, root: Any) -> None:
-        self.root = root
+    def __init__(
+        self, pipeline: QueryPipeline, authenticate: Authenticator, live: LiveConfig, clock: Any
+    ) -> None:
+        self.pipeline = pipeline
+        self.authenticate = authenticate
+        self.live = live
+        self.clock = clock
 
-    # -- authentication and authorization ---------------------------------------------------------
+    # -- authentication -------------------------------------------------------------------------
 
-    def _credentials(self, request: IRequest) -> Any:
-        from amaters.protocols.server import Credentials
-
+    def _credentials(self, request: IRequest) -> Credentials | None:
         header = request.getHeader(b"authorization")
         if header:
             scheme, _, value = header.decode("latin-1").partition(" ")
@@ -104,82 +175,43 @@ class AdminAPI:
             return Credentials("api_key", key.decode("latin-1").strip())
         return None
 
-    async def _principal(self, request: IRequest, action: str) -> Any:
-        config = self.root.config
-        source = request.getClientAddress()
-        host = getattr(source, "host", "")
-        auth = getattr(self.root, "auth", None)
-        if not config.auth.enabled:
-            if not _is_loopback(host):
-                raise PermissionDenied(
-                    "the admin API answers only loopback clients while auth.enabled is false"
-                )
-            from amaters.protocols.server import ANONYMOUS
+    def screen(self, request: IRequest) -> tuple[int, str, dict[str, Any]] | None:
+        """(status, reason, JSON body) refusing ``request`` on its headers, or None (the ops site
+        calls this before reading a body)."""
+        error = admin_refusal(request, self.live.current)
+        if error is None:
+            return None
+        status = _HTTP_STATUS.get(error.code.name, 403)
+        return status, "Unauthorized" if status == 401 else "Forbidden", _error_body(error)
 
+    async def _principal(self, request: IRequest, source: str, host: str) -> Any:
+        refusal = admin_refusal(request, self.live.current)
+        if refusal is not None:
+            raise refusal
+        if not self.live.current.auth.enabled:
             return ANONYMOUS
-        if auth is None:
-            raise AuthError("authentication is not available")
         credentials = self._credentials(request)
         if credentials is None:
             raise AuthError("the admin API needs 'Authorization: Bearer <token>' or 'ApiKey <key>'")
-        principal = await auth.authenticate(credentials, None, f"{host}:{getattr(source, 'port', '')}")
-        from amaters.auth.rbac import SERVER, Permission
+        return await self.authenticate(credentials, None, source)
 
-        if not auth.authorization.policy.allowed(principal.roles, SERVER, Permission.ADMIN):
-            self._audit(principal, action, "denied", host, "admin permission on server required")
-            raise PermissionDenied(
-                f"{principal.name!r} may not {action}: it needs admin permission on server"
-            )
-        return principal
-
-    def _audit(self, principal: Any, action: str, result: str, source: str, error: str | None = None) -> None:
-        audit = getattr(self.root, "audit", None)
-        if audit is None:
-            return
-        audit.emit(
-            {
-                "event_type": "admin",
-                "result": result,
-                "principal": getattr(principal, "name", None),
-                "auth_method": getattr(principal, "auth_method", None),
-                "action": action,
-                "resource": "server",
-                "source": source,
-                "error": error,
-            }
-        )
-
-    async def _run(self, request: IRequest, action: str, work: Any) -> bytes:
-        host = getattr(request.getClientAddress(), "host", "")
+    async def _run(self, request: IRequest, make: Any) -> bytes:
+        """Log in, build the operation (``make(principal)``), run it through the pipeline."""
+        address = request.getClientAddress()
+        host = getattr(address, "host", "")
+        source = f"{host}:{getattr(address, 'port', '')}"
         try:
-            principal = await self._principal(request, action)
+            principal = await self._principal(request, source, host)
+            op = make(principal)
+            ctx = RequestContext(0, principal, source, self.clock.seconds(), protocol="http")
+            body = await self.pipeline.execute(ctx, op)
         except AmatersError as e:
-            return _json(request, _HTTP_STATUS.get(e.code.name, 400), _error_body(e))
-        try:
-            body = await work(principal)
-        except AmatersError as e:
-            self._audit(principal, action, "failure", host, e.message)
-            return _json(
-                request,
-                _HTTP_STATUS.get(e.code.name, 500 if e.category.name == "SERVER_ERROR" else 400),
-                _error_body(e),
-            )
-        except Exception:
-            self._log.failure("Admin {action} failed", action=action)
-            self._audit(principal, action, "failure", host, "internal error")
-            return _json(request, 500, {"error": "internal_error", "message": "see the server log"})
-        self._audit(principal, action, "success", host)
-        return _json(request, 200, body)
-
-    def _backend(self) -> Any:
-        from amaters.storage import innermost
-
-        return innermost(self.root.backend)
+            status = _HTTP_STATUS.get(e.code.name, 500 if e.category.name == "SERVER_ERROR" else 400)
+            return _json(request, status, _error_body(e))
+        return _json(request, 200, _plain(body))
 
     @app.handle_errors(Exception)
     def errors(self, request: IRequest, failure: Any) -> bytes:
-        from werkzeug.exceptions import HTTPException
-
         exc = failure.value
         if isinstance(exc, HTTPException):
             code = exc.code or 500
@@ -193,95 +225,63 @@ class AdminAPI:
 
     @app.route("/status", methods=["GET"])
     async def status(self, request: IRequest) -> bytes:
-        async def work(principal: Any) -> Any:
-            root = self.root
-            reloader = getattr(root, "reloader", None)
-            last = reloader.last.to_dict() if reloader is not None and reloader.last else None
-            listener = root.getServiceNamed("listener")
-            uptime = root.reactor.seconds() - root.started_at if root.started_at else 0.0
-            return {
-                "version": __version__,
-                "state": root.state,
-                "ready": root.ready,
-                "uptime_seconds": round(uptime, 3),
-                "config_file": root.config.source or None,
-                "backend": root.config.storage.backend,
-                "sync": root.config.storage.sync,
-                "connections": len(listener.factory.connections),
-                "auth_enabled": root.config.auth.enabled,
-                "last_reload": last,
-            }
-
-        return await self._run(request, "admin status", work)
+        return await self._run(request, lambda principal: ops.ServerStatus())
 
     @app.route("/collections", methods=["GET"])
     async def collections(self, request: IRequest) -> bytes:
-        async def work(principal: Any) -> Any:
-            backend = self.root.backend
-            names = await backend.list_collections()
-            stats = await backend.stats()
-            keys = stats.get("keys", {})
-            return {"collections": [{"name": n, "keys": keys.get(n)} for n in names]}
-
-        return await self._run(request, "admin collections", work)
+        return await self._run(request, lambda principal: ops.CollectionStats())
 
     @app.route("/stats", methods=["GET"])
     async def stats(self, request: IRequest) -> bytes:
-        async def work(principal: Any) -> Any:
-            return await self.root.backend.stats()
-
-        return await self._run(request, "admin stats", work)
+        return await self._run(request, lambda principal: ops.StorageStats())
 
     @app.route("/compact", methods=["POST"])
     async def compact(self, request: IRequest) -> bytes:
-        async def work(principal: Any) -> Any:
-            backend = self._backend()
-            compact = getattr(backend, "compact", None)
-            if compact is None:
-                raise InvalidOperation(f"the {backend.name} backend has nothing to compact")
-            before = await backend.stats()
-            await compact()
-            after = await backend.stats()
-            return {"compacted": True, "bytes_before": before.get("bytes"), "bytes_after": after.get("bytes")}
-
-        return await self._run(request, "admin compact", work)
+        return await self._run(request, lambda principal: ops.Compact())
 
     @app.route("/reload", methods=["POST"])
     async def reload(self, request: IRequest) -> bytes:
-        async def work(principal: Any) -> Any:
-            result = await self.root.reloader.reload(principal=f"{principal.name} (admin API)")
-            return result.to_dict()
+        return await self._run(
+            request, lambda principal: ops.ReloadConfig(requested_by=f"{principal.name} (admin API)")
+        )
 
-        return await self._run(request, "admin reload", work)
+    @app.route("/cluster", methods=["GET"])
+    async def cluster(self, request: IRequest) -> bytes:
+        return await self._run(request, lambda principal: ops.ClusterStatus())
 
     @app.route("/snapshots", methods=["GET"])
     async def list_snapshots(self, request: IRequest) -> bytes:
-        async def work(principal: Any) -> Any:
-            from amaters.storage.snapshot import list_archives, snapshot_dir
-
-            pools = self.root.getServiceNamed("pools")
-            config = self.root.config
-            if request.args.get(b"remote", [b"0"])[0] in (b"1", b"true", b"yes"):
-                from amaters.storage.s3 import S3Store
-
-                store = S3Store.from_config(config.snapshot.s3)
-                remote = await pools.io.run(store.list_blocking)
-                return {"remote": [_plain(item) for item in remote]}
-            items = await pools.io.run(list_archives, snapshot_dir(config))
-            return {"snapshots": [_plain(item) for item in items]}
-
-        return await self._run(request, "admin snapshot list", work)
+        remote = _flag(request, b"remote")
+        return await self._run(request, lambda principal: ops.ListSnapshots(remote=remote))
 
     @app.route("/snapshots", methods=["POST"])
     async def create_snapshot(self, request: IRequest) -> bytes:
-        upload = request.args.get(b"upload", [b"0"])[0] in (b"1", b"true", b"yes")
+        upload = _flag(request, b"upload")
+        return await self._run(request, lambda principal: ops.CreateSnapshot(upload=upload))
 
-        async def work(principal: Any) -> Any:
-            from amaters.storage.snapshot import create_snapshot
+    @app.route("/snapshots/<string:archive>/verify", methods=["POST"])
+    async def verify_snapshot(self, request: IRequest, archive: str) -> bytes:
+        return await self._run(request, lambda principal: ops.VerifySnapshot(archive=archive))
 
-            root = self.root
-            pools = root.getServiceNamed("pools")
-            info = await create_snapshot(root.backend, root.config, pools, upload=upload)
-            return info.to_dict() if hasattr(info, "to_dict") else info
+    @app.route("/config", methods=["GET"])
+    async def config(self, request: IRequest) -> bytes:
+        return await self._run(request, lambda principal: ops.ConfigView())
 
-        return await self._run(request, "admin snapshot create", work)
+    @app.route("/audit", methods=["GET"])
+    async def audit_tail(self, request: IRequest) -> bytes:
+        raw = request.args.get(b"limit", [b"100"])[0]
+        if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+            return _json(request, 400, {"error": "bad_request", "message": "limit must be 1 to 1000"})
+        limit = int(raw)
+        return await self._run(request, lambda principal: ops.AuditTail(limit=limit))
+
+    @app.route("/resources", methods=["GET"])
+    async def resources(self, request: IRequest) -> bytes:
+        return await self._run(request, lambda principal: ops.ServerResources())
+
+
+def _flag(request: IRequest, name: bytes) -> bool:
+    return request.args.get(name, [b"0"])[0] in (b"1", b"true", b"yes")
+
+
+__all__ = ["AdminAPI"]

@@ -12,17 +12,23 @@ Probes follow Kubernetes conventions:
   version, uptime and each component's status and message; 200 when healthy or degraded, else 503.
 - ``/metrics``: the project's own ``CollectorRegistry`` in Prometheus text format (OpenMetrics when
   the scraper asks for it).
+- ``/`` and ``/console/...``: the operator console, a static page shipped in the package that reads
+  the admin API and ``/metrics`` from the browser (see ``docs/console.md``).
 
 Every answer is JSON except ``/metrics``; unknown paths are 404 and wrong methods 405 (with
-``Allow``), as JSON.  Tracebacks are never shown.  CORS: a request whose ``Origin`` is in
+``Allow``), as JSON.  The site is a :class:`~amaters.web.guard.GuardedSite`: request bodies are
+capped and admin requests screened before a body is read, and ``web.max_connections`` bounds the
+open connections while keeping room for probes.  Tracebacks are never shown.  CORS: a request whose ``Origin`` is in
 ``web.cors.allowed_origins`` (or any origin with ``"*"``) gets ``Access-Control-Allow-Origin``; a
 preflight ``OPTIONS`` is answered 204 for an allowed origin and 403 otherwise.  Settings read on
-each request (CORS origins, the lag limit) follow a configuration reload.
+each request (CORS origins, the lag limit) follow a configuration reload.  CORS never applies to
+``/admin/``: its answers carry no ``Access-Control-Allow-*`` header whatever the settings.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,11 +38,18 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.iweb import IRequest
-from twisted.web.server import Site
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from amaters import __version__
 from amaters.config import Config
+from amaters.ops.identity import identity
+from amaters.tls.certs import ensure_server_tls
+from amaters.tls.context import server_tls_options
+from amaters.web.assets import HEADERS as CONSOLE_HEADERS
+from amaters.web.assets import ConsoleAssets
+from amaters.web.guard import ConnectionGate, GuardedSite
 
 #: Methods each route answers (besides OPTIONS, which every known path answers).
 ROUTE_METHODS = ("GET", "HEAD")
@@ -46,10 +59,16 @@ _CORS_HEADERS = "Accept, Content-Type"
 _PREFLIGHT_MAX_AGE = "600"
 
 
-class Root(Protocol):
-    """What the ops site reads from the root service."""
+class LiveSettings(Protocol):
+    """The configuration in effect (:class:`amaters.config.LiveConfig`)."""
 
-    config: Config
+    current: Config
+
+
+class ServerLifecycle(Protocol):
+    """Where the server is in its life (:class:`amaters.service.Lifecycle`)."""
+
+    state: str
     started_at: float | None
 
     @property
@@ -58,10 +77,9 @@ class Root(Protocol):
     @property
     def draining(self) -> bool: ...
 
-    @property
-    def state(self) -> str: ...
 
-    def getServiceNamed(self, name: str) -> Any: ...
+#: Finds a component of the tree by name (``storage``, ``flusher``, ``listener``), or None.
+ComponentLookup = Callable[[str], Any]
 
 
 class LagSource(Protocol):
@@ -71,7 +89,7 @@ class LagSource(Protocol):
 
 
 class MetricsSource(Protocol):
-    """The Prometheus exposition (:class:`amaters.web.metrics.Metrics`)."""
+    """The Prometheus exposition (:class:`amaters.ops.metrics.Metrics`)."""
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]: ...
 
@@ -93,8 +111,9 @@ def _header(request: IRequest, name: bytes) -> str | None:
 class OpsAPI:
     """The ops routes, bound to the state they report on (no global app object).
 
-    ``metrics`` and ``lag`` are attached by the observability wiring; without them ``/metrics``
-    answers 503 and liveness does not check the lag.
+    ``components`` finds the services whose state the probes report; without ``metrics``
+    ``/metrics`` answers 503, without ``lag`` liveness does not check the lag, and without
+    ``admin`` there is no ``/admin/``.
     """
 
     app = Klein()
@@ -102,23 +121,27 @@ class OpsAPI:
 
     def __init__(
         self,
-        root: Root,
+        live: LiveSettings,
+        lifecycle: ServerLifecycle,
         clock: Any,
+        components: ComponentLookup = lambda name: None,
         metrics: MetricsSource | None = None,
         lag: LagSource | None = None,
+        admin: Any = None,
     ) -> None:
-        self.root = root
+        self.live = live
+        self.lifecycle = lifecycle
         self.clock = clock
+        self._components = components
         self.metrics = metrics
         self.lag = lag
+        self.admin = admin
+        self.assets = ConsoleAssets()
 
     # -- state -----------------------------------------------------------------------------
 
     def _child(self, name: str) -> Any:
-        try:
-            return self.root.getServiceNamed(name)
-        except KeyError:
-            return None
+        return self._components(name)
 
     def reactor_lag(self) -> float | None:
         """The current reactor lag, or None when no monitor is attached."""
@@ -126,14 +149,15 @@ class OpsAPI:
 
     def wedged(self) -> bool:
         """Whether the reactor lag is above ``web.liveness_max_lag`` (0 disables the check)."""
-        limit = self.root.config.web.liveness_max_lag
+        limit = self.live.current.web.liveness_max_lag
         lag = self.reactor_lag()
         return limit > 0 and lag is not None and lag > limit
 
     def components(self) -> dict[str, dict[str, str]]:
         """Each component's status and message, for /health."""
-        found: dict[str, dict[str, str]] = {}
-        for name in ("storage", "flusher", "listener", "web"):
+        # The ops site is answering this request: it is up.
+        found: dict[str, dict[str, str]] = {"web": {"status": "healthy", "message": "running"}}
+        for name in ("storage", "flusher", "listener"):
             child = self._child(name)
             if child is None:
                 continue
@@ -147,7 +171,7 @@ class OpsAPI:
             found[name] = {"status": status, "message": message}
         lag = self.reactor_lag()
         if lag is not None:
-            limit = self.root.config.web.liveness_max_lag
+            limit = self.live.current.web.liveness_max_lag
             if self.wedged():
                 found["reactor"] = {
                     "status": "unhealthy",
@@ -160,9 +184,11 @@ class OpsAPI:
         return found
 
     def overall(self, components: dict[str, dict[str, str]]) -> str:
-        if self.root.draining or (self.root.state in ("stopping", "stopped") and self.root.started_at):
+        if self.lifecycle.draining or (
+            self.lifecycle.state in ("stopping", "stopped") and self.lifecycle.started_at
+        ):
             return "shutting_down"
-        if self.root.state == "starting":
+        if self.lifecycle.state == "starting":
             return "starting"
         statuses = {c["status"] for c in components.values()}
         if "unhealthy" in statuses:
@@ -173,14 +199,17 @@ class OpsAPI:
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, reason): running, storage open and listener accepting."""
-        if not self.root.ready:
-            return False, "draining" if self.root.draining else self.root.state
+        if not self.lifecycle.ready:
+            return False, "draining" if self.lifecycle.draining else self.lifecycle.state
         storage = self._child("storage")
         if storage is not None and not getattr(storage, "is_open", True):
             return False, "storage_not_open"
         listener = self._child("listener")
         if listener is not None and not getattr(listener, "is_accepting", True):
             return False, "listener_not_accepting"
+        cluster = self._child("cluster")
+        if cluster is not None and not cluster.quorum_ok():
+            return False, "etcd_quorum_unreachable"
         return True, "ready"
 
     # -- CORS ------------------------------------------------------------------------------
@@ -190,7 +219,7 @@ class OpsAPI:
         origin = _header(request, b"origin")
         if origin is None:
             return None
-        allowed = self.root.config.web.cors.allowed_origins
+        allowed = self.live.current.web.cors.allowed_origins
         if "*" in allowed:
             return "*"
         return origin if origin in allowed else None
@@ -217,8 +246,8 @@ class OpsAPI:
         self._cors(request)
         ready, reason = self.readiness()
         if ready:
-            return _json(request, 200, {"status": "ready"})
-        return _json(request, 503, {"status": "not_ready", "reason": reason})
+            return _json(request, 200, {"status": "ready", **identity()})
+        return _json(request, 503, {"status": "not_ready", "reason": reason, **identity()})
 
     @app.route("/health", methods=list(ROUTE_METHODS))
     def health(self, request: IRequest) -> bytes:
@@ -226,14 +255,18 @@ class OpsAPI:
         components = self.components()
         status = self.overall(components)
         uptime = 0.0
-        if self.root.started_at is not None:
-            uptime = max(0.0, self.clock.seconds() - self.root.started_at)
+        if self.lifecycle.started_at is not None:
+            uptime = max(0.0, self.clock.seconds() - self.lifecycle.started_at)
         body = {
             "status": status,
             "version": __version__,
             "uptime_seconds": round(uptime, 3),
             "components": components,
+            **identity(),
         }
+        cluster = self._child("cluster")
+        if cluster is not None:
+            body["cluster"] = cluster.health()
         return _json(request, 200 if status in ("healthy", "degraded") else 503, body)
 
     @app.route("/metrics", methods=list(ROUTE_METHODS))
@@ -247,14 +280,39 @@ class OpsAPI:
         request.setHeader(b"cache-control", b"no-store")
         return body
 
+    def screen(self, request: Any) -> tuple[int, str, dict[str, Any]] | None:
+        """Refuse a request on its headers alone (before its body is read): admin requests that the
+        admin API would refuse without looking at the body."""
+        path = request.early[1]
+        if self.admin is None or not path.startswith(b"/admin/"):
+            return None
+        return self.admin.screen(request)
+
+    @app.route("/", methods=list(ROUTE_METHODS))
+    @app.route("/console/", methods=list(ROUTE_METHODS))
+    def console_index(self, request: IRequest) -> bytes:
+        """The operator console's page (:mod:`amaters.web.assets`)."""
+        return self.console_asset(request, "index.html")
+
+    @app.route("/console/<path:name>", methods=list(ROUTE_METHODS))
+    def console_asset(self, request: IRequest, name: str) -> bytes:
+        """One of the console's packaged files; 404 for any other name."""
+        found = self.assets.get(name)
+        if found is None:
+            return _json(request, 404, {"error": "not_found", "status": 404})
+        body, content_type = found
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", content_type.encode())
+        for header, value in CONSOLE_HEADERS.items():
+            request.setHeader(header, value)
+        return body
+
     @app.route("/admin/", branch=True)
     def admin_route(self, request: IRequest) -> Any:
-        """The admin API (amaters.web.admin): authenticated, admin role, audited."""
-        if getattr(self, "_admin", None) is None:
-            from amaters.web.admin import AdminAPI
-
-            self._admin = AdminAPI(self.root)
-        return self._admin.app.resource()
+        """The admin API (:mod:`amaters.web.admin`): through the request pipeline like any query."""
+        if self.admin is None:
+            return _json(request, 404, {"error": "not_found", "status": 404})
+        return self.admin.app.resource()
 
     @app.route("/health", methods=["OPTIONS"])
     @app.route("/healthz", methods=["OPTIONS"])
@@ -280,8 +338,6 @@ class OpsAPI:
 
     @app.handle_errors(Exception)
     def errors(self, request: IRequest, failure: Any) -> bytes:
-        from werkzeug.exceptions import HTTPException, MethodNotAllowed
-
         self._cors(request)
         exc = failure.value
         if isinstance(exc, HTTPException):
@@ -293,58 +349,27 @@ class OpsAPI:
         return _json(request, 500, {"error": "internal_error", "status": 500})
 
 
-class QuietSite(Site):
-    """A Site that logs each request as a debug event instead of twisted.web's info access line.
-
-    (The native protocol's access log is the ``amaters.access`` debug event; probes polled every
-    few seconds would otherwise fill the log.)
-    """
-
-    _request_log = Logger()
-    displayTracebacks = False
-    noisy = False
-
-    def log(self, request: Any) -> None:
-        self._request_log.debug(
-            "Ops site {method} {path} {code}",
-            method=request.method.decode("latin-1", "replace"),
-            path=request.path.decode("latin-1", "replace")[:200],
-            code=request.code,
-        )
-
-
 class OpsService(service.Service):
-    """Serves :class:`OpsAPI` on ``web.listen`` (HTTPS with ``web.tls.enabled``); binds when started.
-
-    :meth:`observe` attaches the metrics and the lag monitor (the observability wiring calls it).
-    """
+    """Serves :class:`OpsAPI` on ``web.listen`` (HTTPS with ``web.tls.enabled``); binds when started."""
 
     name = "web"
     _log = Logger()
 
-    def __init__(self, config: Config, reactor: Any, root: Root) -> None:
+    def __init__(self, config: Config, reactor: Any, api: OpsAPI) -> None:
         self.config = config
         self.reactor = reactor
-        self.api = OpsAPI(root, reactor)
+        self.api = api
         self.port: IListeningPort | None = None
 
-    def observe(self, metrics: MetricsSource | None, lag: LagSource | None) -> None:
-        """Serve ``metrics`` on /metrics and check ``lag`` in the liveness probes."""
-        self.api.metrics = metrics
-        self.api.lag = lag
-
-    def site(self) -> Site:
-        return QuietSite(self.api.app.resource())
+    def site(self) -> GuardedSite:
+        api = self.api
+        return GuardedSite(api.app.resource(), lambda: api.live.current, self.reactor, api.screen)
 
     def _factory(self) -> Any:
         site = self.site()
         settings = self.config.web.tls
         if not settings.enabled:
-            return site
-        from twisted.protocols.tls import TLSMemoryBIOFactory
-
-        from amaters.protocols.tlsctx import server_tls_options
-
+            return ConnectionGate(site, site)
         if settings.cert or settings.key:
             for name in ("cert", "key"):
                 value = getattr(settings, name)
@@ -355,14 +380,12 @@ class OpsService(service.Service):
                     )
             cert, key = settings.cert, settings.key
         else:
-            from amaters.protocols.certs import ensure_server_tls
-
             files = ensure_server_tls(self.config)
             cert, key = str(files.cert), str(files.key)
         options = server_tls_options(cert, key)
-        return TLSMemoryBIOFactory(options, False, site, clock=self.reactor)
+        return ConnectionGate(TLSMemoryBIOFactory(options, False, site, clock=self.reactor), site)
 
-    def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    def startService(self) -> defer.Deferred[None]:
         super().startService()
         try:
             endpoint = serverFromString(self.reactor, self.config.web.listen)
@@ -385,7 +408,7 @@ class OpsService(service.Service):
         d.addCallback(listening)
         return d
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         port, self.port = self.port, None
         if port is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from twisted.web.client import HTTPConnectionPool
 from amaters.auth.apikeys import generate_api_key, hash_api_key
 from amaters.client import connect
 from amaters.config import Sources, load_config
+from amaters.errors import AmatersError, ErrorCode
 from amaters.tap import build_service
 
 pytestmark = pytest.mark.integration
@@ -48,7 +50,7 @@ class Admin:
         return response.code, json.loads(body)
 
     def audit(self) -> list[dict[str, Any]]:
-        self.root.audit.flush()
+        self.root.components.audit.flush()
         path = self.directory / "audit.log"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -69,6 +71,7 @@ async def admin(tmp_path: Path) -> AsyncIterator[Admin]:
         "storage.backend=rocksdb",
         "storage.sync=none",
         f"server.data_dir={tmp_path / 'data'}",
+        "grpc.listen=tcp:0:interface=127.0.0.1",
         "auth.enabled=true",
         f"auth.jwt.secret={JWT_SECRET}",
         f"auth.api_keys_file={tmp_path / 'keys.toml'}",
@@ -146,3 +149,107 @@ async def test_admin_operations(admin: Admin) -> None:
     assert {"admin status", "admin compact", "admin reload", "admin snapshot create"} <= actions
     reloads = [e for e in admin.audit() if e["event_type"] == "config_change"]
     assert reloads and reloads[-1]["principal"].startswith("ops")
+
+
+def requests_counted(admin: Admin, op: str, status: str) -> float:
+    """``amaters_requests_total{op, status}`` as the ops site's /metrics would show it."""
+    text = admin.root.components.metrics.exposition()[0].decode()
+    found = re.search(
+        rf'^amaters_requests_total\{{op="{re.escape(op)}",status="{status}"\}} (\S+)$', text, re.M
+    )
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_operations_pass_the_same_stages_as_protocol_requests(admin: Admin) -> None:
+    """A reader's compact and snapshot are refused by the pipeline's RBAC stage (403 here,
+    AUTH_INSUFFICIENT_PERMISSIONS on the native protocol), audited by the same stages and counted by
+    the same request metrics as a protocol request; nothing is compacted or written."""
+    reader = f"Bearer {admin.token(['reader'])}"
+    for method, path, op in (
+        ("POST", "/compact", "admin compact"),
+        ("POST", "/snapshots", "admin snapshot create"),
+    ):
+        before = requests_counted(admin, op, "error")
+        code, body = await admin.call(method, path, reader)
+        assert code == 403 and body["error"] == "auth_insufficient_permissions", body
+        assert "needs admin permission" in body["message"] and "server" in body["message"]
+        assert requests_counted(admin, op, "error") == before + 1
+        denied = [e for e in admin.audit() if e["result"] == "denied" and e["action"] == op]
+        assert denied and denied[-1]["event_type"] == "admin" and denied[-1]["resource"] == "server"
+    assert not list((admin.directory / "data" / "snapshots").glob("amaters-*"))
+
+    # The same principal over the native protocol: the same stage refuses the same way.
+    client = await connect(
+        reactor,
+        "127.0.0.1",
+        admin.port,
+        ca_cert=str(admin.directory / "data/tls/ca.pem"),
+        token=admin.token(["reader"]),
+    )
+    try:
+        with pytest.raises(AmatersError) as caught:
+            await client.create_collection("fresh")
+        assert caught.value.code == ErrorCode.AUTH_INSUFFICIENT_PERMISSIONS
+    finally:
+        await client.close()
+    assert requests_counted(admin, "create_collection", "error") == 1
+    denied = [e for e in admin.audit() if e["result"] == "denied" and e["action"] == "create_collection"]
+    assert denied
+
+    # An admin's compact is counted as a success by the same metric.
+    code, _ = await admin.call("POST", "/compact", f"ApiKey {admin.admin_key}")
+    assert code == 200
+    assert requests_counted(admin, "admin compact", "ok") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_routes(admin: Admin) -> None:
+    """The routes the operator console reads: configuration (secrets redacted) with what a reload
+    would change, the audit tail, data dir and certificates, snapshot verification; each needs
+    admin (a reader gets 403) and bad input gets a one-line 4xx."""
+    key = f"ApiKey {admin.admin_key}"
+    reader = f"Bearer {admin.token(['reader'])}"
+    for method, path in (
+        ("GET", "/config"),
+        ("GET", "/audit"),
+        ("GET", "/resources"),
+        ("POST", "/snapshots/amaters-20260101T000000Z.tar/verify"),
+    ):
+        code, body = await admin.call(method, path, reader)
+        assert code == 403 and body["error"] == "auth_insufficient_permissions", (path, body)
+
+    code, config = await admin.call("GET", "/config", key)
+    assert code == 200
+    text = json.dumps(config)
+    assert JWT_SECRET not in text and PEPPER not in text
+    assert config["config"]["auth"]["jwt"]["secret"] == "<redacted>"
+    assert config["reload_preview"] == {"ok": True, "reloadable": [], "need_restart": [], "errors": []}
+
+    code, resources = await admin.call("GET", "/resources", key)
+    assert code == 200 and resources["data_dir"]["bytes"] > 0 and resources["data_dir"]["files"] > 0
+    assert resources["data_dir"]["filesystem_free_bytes"] > 0
+    (cert,) = resources["tls"]["certificates"]
+    assert cert["use"] == "native protocol" and cert["issuer"] == "CN=amaters private CA"
+    assert cert["not_after_epoch"] > time.time()
+
+    code, tail = await admin.call("GET", "/audit?limit=5", key)
+    assert code == 200 and tail["enabled"] is True and 1 <= len(tail["events"]) <= 5
+    assert tail["events"][-1]["action"] == "admin resources"
+    code, bad = await admin.call("GET", "/audit?limit=0", key)
+    assert code == 400 and "limit" in bad["message"]
+
+    code, created = await admin.call("POST", "/snapshots", key)
+    assert code == 200
+    code, verified = await admin.call("POST", f"/snapshots/{created['name']}/verify", key)
+    assert code == 200 and verified["ok"] is True and verified["manifest"]["files"], verified
+    archive = admin.directory / "data" / "snapshots" / created["name"]
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    code, damaged = await admin.call("POST", f"/snapshots/{created['name']}/verify", key)
+    assert code == 200 and damaged["ok"] is False and damaged["error"], damaged
+    code, missing = await admin.call("POST", "/snapshots/amaters-20200101T000000.000Z.tar/verify", key)
+    assert code == 404, missing
+    code, invalid = await admin.call("POST", "/snapshots/passwd/verify", key)
+    assert code == 400 and "not a snapshot archive name" in invalid["message"], invalid

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from test_protocol_tls import start_server
+from inprocess import start_server
 from twisted.internet import defer, reactor, task
 
 from amaters.client import connect
@@ -200,7 +200,7 @@ async def test_a_client_that_never_reads_cannot_make_the_server_buffer_without_b
     value = b"v" * (512 * 1024)
     s = await start_server(tmp_path, f"limits.max_buffered_response_bytes={limit}", "limits.idle_timeout=0")
     gate = Gate("held")
-    s.root.pipeline.add_stage(gate)
+    s.root.components.pipeline.add_stage(gate)
     try:
         other = await s.client()
         greedy = await s.client()
@@ -248,22 +248,6 @@ async def test_a_slow_reader_is_paused_not_dropped(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_keep_alive_pings_beat_the_idle_timeout(tmp_path: Path) -> None:
-    """With limits.idle_timeout = 1 s, a client pinging every 0.3 s stays connected for 2 s while a
-    quiet client is closed."""
-    s = await start_server(tmp_path, "limits.idle_timeout=1")
-    try:
-        alive = await s.client(keepalive=0.3)
-        quiet = await s.client()
-        await sleep(2.0)
-        assert quiet.closed
-        assert not alive.closed and await alive.ping() >= 0
-        alive.stop_keepalive()
-    finally:
-        await s.close()
-
-
-@pytest_twisted.ensureDeferred
 async def test_frame_compression_and_compressed_blobs_end_to_end(tmp_path: Path) -> None:
     """Negotiated zstd frames carry a compressible value both ways; an lz4 CipherBlob is verified on
     SET and decompressed by the client on GET; a blob with a wrong size is refused."""
@@ -275,7 +259,7 @@ async def test_frame_compression_and_compressed_blobs_end_to_end(tmp_path: Path)
         await client.set("c", b"json", text)
         assert await client.get("c", b"json") == text
         await client.set("c", b"blob", text, compression="lz4")
-        stored = await s.root.backend.get("c", b"blob")
+        stored = await s.root.components.backend.get("c", b"blob")
         assert stored.size == len(text) and len(stored.data) < len(text) // 10
         assert await client.get("c", b"blob") == text
         plain = await s.client()
@@ -291,7 +275,7 @@ async def test_query_cache_serves_hits_and_never_stale_values(tmp_path: Path) ->
     s = await start_server(tmp_path, "cache.max_bytes=1048576")
     try:
         client = await s.client()
-        cache = s.root.protection.cache
+        cache = s.root.components.protection.cache
         await client.set("c", b"k", b"one")
         for _ in range(5):
             assert await client.get("c", b"k") == b"one"

@@ -31,8 +31,8 @@ from amaters.auth.certs import (
 from amaters.auth.files import AuthConfigError
 from amaters.auth.principal import CertificateRejected, ClientCertificate, Principal
 from amaters.config import MTLSConfig
-from amaters.protocols.certs import generate_ca, generate_server_tls, issue_certificate
-from amaters.protocols.tlsctx import ReloadableServerTLS, client_tls_options, server_tls_options
+from amaters.tls.certs import generate_ca, generate_server_tls, issue_certificate
+from amaters.tls.context import ReloadableServerTLS, client_tls_options, server_tls_options
 
 UTC = datetime.UTC
 

@@ -20,7 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from amaters.auth.files import AuthConfigError
 from amaters.auth.jwt import JWTChecker, load_jwt_keys
 from amaters.auth.principal import BearerToken, ExpiredCredentials, Principal, SecurityViolation
-from amaters.config import ConfigError, JWTConfig, load_config
+from amaters.compose import load_server_config
+from amaters.config import ConfigError, JWTConfig
 
 NOW = 1_750_000_000
 SECRET = "s" * 64  # long enough for HS512
@@ -341,11 +342,11 @@ def test_small_rsa_keys_and_private_keys_are_refused(tmp_path: Path) -> None:
 def test_config_refuses_unknown_algorithms_and_never_shows_the_secret() -> None:
     """auth.jwt.algorithms accepts only the allow-list names; a bad secret is reported, not shown."""
     with pytest.raises(ConfigError) as caught:
-        load_config(None, ['auth.jwt.algorithms=["none"]'], {})
+        load_server_config(None, ['auth.jwt.algorithms=["none"]'], {})
     assert "auth.jwt.algorithms" in str(caught.value)
     secret = "tooshort-secret-value"
     with pytest.raises(ConfigError) as caught:
-        load_config(None, [f"auth.jwt.secret={secret}"], {})
+        load_server_config(None, [f"auth.jwt.secret={secret}"], {})
     assert "at least 32 bytes" in str(caught.value)
     assert secret not in str(caught.value)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from amaters.fhe.cli import ParseError, parse_predicate, parse_record, parse_updates
+from amaters.cli.fhe import ParseError, parse_predicate, parse_record, parse_updates
 from amaters.fhe.predicate import evaluate_plain
 
 

@@ -11,6 +11,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from zope.interface.verify import verifyObject
 
+from amaters.compose import PoolsService as Pools
 from amaters.config import ConfigError, load_config
 from amaters.errors import ComputeTimeout, InvalidOperation, InvalidValue, NotFound
 from amaters.fhe import FheKeys, field
@@ -27,7 +28,7 @@ def make_service(tmp_path: Path, **overrides: Any) -> FheService:
     settings = ["fhe.evaluator=cleartext-insecure", "fhe.allow_insecure=true", f"server.data_dir={tmp_path}"]
     settings += [f"fhe.{k}={v}" for k, v in overrides.items()]
     config = load_config(None, settings, {})
-    svc = fhe_service.build_fhe(config, reactor)
+    svc = fhe_service.build_fhe(config, reactor, Pools(reactor, synchronous=True))
     svc.startService()
     return svc
 
@@ -144,7 +145,7 @@ def test_filter_without_an_evaluator_or_the_extra_says_what_it_needs(
         lambda name, *a: None if name == "concrete" else real_find_spec(name, *a),
     )
     config = load_config(None, [f"server.data_dir={tmp_path}"], {})
-    svc = fhe_service.build_fhe(config, reactor)
+    svc = fhe_service.build_fhe(config, reactor, Pools(reactor, synchronous=True))
     executor = QueryExecutor(MemoryBackend(), fhe=svc)
     with pytest.raises(InvalidOperation, match=r"amaters\[fhe\]") as e:
         Validator(config.limits, executor.fhe_unavailable).query(query)

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from amaters import __version__
 from amaters.config import LimitsConfig
 from amaters.errors import AuthError, InvalidCollection, NotFound, Overloaded
+from amaters.ops.metrics import Metrics, StorageCollector
 from amaters.ops.observability import MeteredFactory, MetricsService, counting_authenticator
 from amaters.ops.stages import MetricsStage
 from amaters.proto import envelope_pb2, query_pb2, types_pb2
@@ -29,7 +30,6 @@ from amaters.query.executor import QueryExecutor
 from amaters.query.pipeline import QueryPipeline, RequestContext
 from amaters.storage.memory import MemoryBackend
 from amaters.types import CipherBlob
-from amaters.web.metrics import Metrics, StorageCollector
 
 #: Every metric the observability issue names (without the _total suffix prometheus_client adds).
 REQUIRED = {

@@ -13,15 +13,15 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from amaters.config import load_config
+from amaters.ops.metrics import Metrics
 from amaters.ops.observability import MeteredFactory
 from amaters.tap import build_service
-from amaters.web.metrics import Metrics
 
 
 def tree(tmp_path: Path, *overrides: str) -> tuple[Any, MemoryReactorClock]:
     config = load_config(
         None,
-        [f"server.data_dir={tmp_path}", "storage.backend=memory", *overrides],
+        [f"server.data_dir={tmp_path}", "storage.backend=memory", "grpc.enabled=false", *overrides],
         {},
     )
     reactor = MemoryReactorClock()
@@ -51,21 +51,21 @@ def test_pipeline_stages_and_hooks(tmp_path: Path) -> None:
     """The pipeline gets the tracing stage first and metrics and access log last; the ops site
     serves the tree's metrics; the listener wraps its factory for connection and byte counts."""
     root, _ = tree(tmp_path, "tracing.enabled=true")
-    stage_names = [stage.name for stage in root.pipeline.stages]
+    stage_names = [stage.name for stage in root.components.pipeline.stages]
     assert stage_names[0] == "tracing"
     assert stage_names[-2:] == ["metrics", "accesslog"]
-    assert isinstance(root.metrics, Metrics)
-    assert root.getServiceNamed("web").api.metrics is root.metrics
+    assert isinstance(root.components.metrics, Metrics)
+    assert root.getServiceNamed("web").api.metrics is root.components.metrics
     listener = root.getServiceNamed("listener")
     assert listener.wrap_factory is not None
-    assert root.observability.logging in root.reloader.components
+    assert root.components.logging in root.components.reloader.components
 
 
 def test_no_tracing_stage_when_disabled(tmp_path: Path) -> None:
     """With tracing off (the default) there is no tracing service and no tracing stage."""
     root, _ = tree(tmp_path)
     assert "tracing" not in [child.name for child in root]
-    assert "tracing" not in [stage.name for stage in root.pipeline.stages]
+    assert "tracing" not in [stage.name for stage in root.components.pipeline.stages]
 
 
 def test_listener_serves_through_the_metered_factory(tmp_path: Path) -> None:
@@ -145,5 +145,5 @@ def test_readiness_flips_while_the_tree_starts_and_stops(tmp_path: Path) -> None
 def test_web_disabled_still_wires_metrics(tmp_path: Path) -> None:
     """With web.enabled = false the metrics are still collected (nothing serves them)."""
     root, _ = tree(tmp_path, "web.enabled=false")
-    assert isinstance(root.metrics, Metrics)
+    assert isinstance(root.components.metrics, Metrics)
     assert "web" not in [child.name for child in root]

@@ -7,15 +7,20 @@ from typing import Any
 
 from twisted.internet import defer
 
-from amaters.config import Config, ConfigError, Sources, load_config
+from amaters.config import Config, ConfigError, LiveConfig, Sources, load_config
 from amaters.ops.reload import Reloader, ReloadResult
 
 
-class FakeRoot:
+class FakeRoot(LiveConfig):
+    """The live config, with the audit sink beside it."""
+
     def __init__(self, config: Config, sources: Sources) -> None:
-        self.config = config
-        self.sources = sources
+        super().__init__(config, sources)
         self.audit = FakeAudit()
+
+    @property
+    def config(self) -> Config:
+        return self.current
 
 
 class FakeAudit:
@@ -56,7 +61,7 @@ def result_of(d: defer.Deferred[ReloadResult]) -> ReloadResult:
 def test_applies_reloadable_changes_to_every_component(tmp_path: Path) -> None:
     path, root = setup(tmp_path, '[logging]\nlevel = "info"\n')
     a, b = Component(), Component()
-    reloader = Reloader(root, environ={})
+    reloader = Reloader(root, root.audit, environ={})
     reloader.register(a)
     reloader.register(b)
     path.write_text('[logging]\nlevel = "debug"\n')
@@ -72,7 +77,7 @@ def test_invalid_file_changes_nothing(tmp_path: Path) -> None:
     """An invalid file is refused with every problem, and no component is touched."""
     path, root = setup(tmp_path, '[logging]\nlevel = "info"\n')
     a = Component()
-    reloader = Reloader(root, environ={})
+    reloader = Reloader(root, root.audit, environ={})
     reloader.register(a)
     before = root.config
     path.write_text('[logging]\nlevel = "loud"\n[limits]\nmax_key_bytes = 0\n')
@@ -88,7 +93,7 @@ def test_one_component_refusing_applies_nothing(tmp_path: Path) -> None:
     """If one component cannot prepare (e.g. a broken certificate), no component commits."""
     path, root = setup(tmp_path, '[logging]\nlevel = "info"\n')
     good, bad = Component(), Component(refuse="tls.cert: broken certificate")
-    reloader = Reloader(root, environ={})
+    reloader = Reloader(root, root.audit, environ={})
     reloader.register(good)
     reloader.register(bad)
     path.write_text('[logging]\nlevel = "debug"\n')
@@ -100,7 +105,7 @@ def test_one_component_refusing_applies_nothing(tmp_path: Path) -> None:
 
 def test_restart_only_keys_are_reported_not_applied(tmp_path: Path) -> None:
     path, root = setup(tmp_path, '[logging]\nlevel = "info"\n')
-    reloader = Reloader(root, environ={})
+    reloader = Reloader(root, root.audit, environ={})
     path.write_text('[logging]\nlevel = "warn"\n[server]\nlisten = "tcp:7000:interface=127.0.0.1"\n')
     result = result_of(reloader.reload())
     assert result.ok
@@ -122,7 +127,7 @@ def test_reloads_do_not_overlap(tmp_path: Path) -> None:
             return gate
         return load_config(sources.path, [], {})
 
-    reloader = Reloader(root, environ={}, loader=slow_loader)
+    reloader = Reloader(root, root.audit, environ={}, loader=slow_loader)
     path.write_text('[logging]\nlevel = "debug"\n')
     first = reloader.reload()
     second = reloader.reload()

@@ -19,9 +19,9 @@ from amaters.errors import (
     StorageFull,
     StorageIOError,
 )
-from amaters.ops.retry import RetryingBackend, RetryPolicy, call_with_retry, is_transient
 from amaters.storage.faults import FaultInjectingBackend
 from amaters.storage.memory import MemoryBackend
+from amaters.storage.retry import RetryingBackend, RetryPolicy, call_with_retry, is_transient
 from amaters.types import CipherBlob
 
 

@@ -583,8 +583,8 @@ def test_build_backend_puts_rocksdb_under_the_data_dir(tmp_path: Path) -> None:
     from twisted.internet.testing import MemoryReactorClock
 
     from amaters.config import load_config
-    from amaters.ops.retry import RetryingBackend
     from amaters.storage import build_backend, innermost
+    from amaters.storage.retry import RetryingBackend
 
     config = load_config(None, [f"server.data_dir={tmp_path}", "retry.max_attempts=5"], {})
     assert config.storage.backend == "rocksdb"

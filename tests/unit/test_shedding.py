@@ -6,7 +6,6 @@ from typing import Any
 
 import attrs
 import pytest
-from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
@@ -132,28 +131,19 @@ def test_shedder_reload() -> None:
     assert shedder.limits.max_queued == 0
 
 
-def test_lag_source_uses_the_root_monitor_or_its_own() -> None:
-    """The lag comes from the root's lagmonitor service when present, else from a private monitor."""
+def test_lag_source_reads_the_running_monitor() -> None:
+    """The lag comes from the lag monitor while it runs, and reads 0 before and after."""
     clock = Clock()
-    root = service.MultiService()
-    source = LagSource(root, clock)
+    monitor = LagMonitor(clock, 0.5)
+    source = LagSource(monitor)
     assert source() == 0.0
-    source.start()
-    assert source.monitor is not None and source._own is source.monitor
+    monitor.startService()
     clock.advance(0.5)
     clock.advance(2.0)  # the next probe is 1.5 s overdue
     assert source() == pytest.approx(1.5)
-    source.stop()
+    monitor.stopService()
+    assert source() == 0.0
     assert not clock.getDelayedCalls()
-    shared = LagMonitor(clock, 0.5)
-    shared.setName("lagmonitor")
-    shared.setServiceParent(root)
-    shared.startService()
-    source = LagSource(root, clock)
-    source.start()
-    assert source.monitor is shared and source._own is None
-    source.stop()
-    shared.stopService()
 
 
 # -- connection limits -------------------------------------------------------------------------

@@ -17,17 +17,28 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.test.requesthelper import DummyRequest
 
 from amaters.config import Config, ConfigError, default_config, load_config
+from amaters.ops.identity import identity
 from amaters.ops.lag import LagMonitor
-from amaters.web.metrics import Metrics
-from amaters.web.ops import OpsAPI, OpsService, QuietSite
+from amaters.ops.metrics import Metrics
+from amaters.web.guard import ConnectionGate, GuardedSite
+from amaters.web.ops import OpsAPI, OpsService
 
 
 class FakeRoot(service.MultiService):
+    """Stands in for the live config (``current``), the lifecycle and the component lookup."""
+
     def __init__(self, state: str = "running", config: Config | None = None) -> None:
         super().__init__()
         self.config = config or default_config()
         self.state = state
         self.started_at: float | None = 0.0
+
+    @property
+    def current(self) -> Config:
+        return self.config
+
+    def lookup(self, name: str) -> Any:
+        return self.namedServices.get(name)
 
     @property
     def ready(self) -> bool:
@@ -47,7 +58,11 @@ class FakeChild(service.Service):
 
 
 def client(root: FakeRoot, clock: Clock | None = None, **kwargs: Any) -> StubTreq:
-    return StubTreq(OpsAPI(root, clock or Clock(), **kwargs).app.resource())
+    return StubTreq(api(root, clock, **kwargs).app.resource())
+
+
+def api(root: FakeRoot, clock: Clock | None = None, **kwargs: Any) -> OpsAPI:
+    return OpsAPI(root, root, clock or Clock(), root.lookup, **kwargs)
 
 
 def fetch(
@@ -83,11 +98,11 @@ def test_readyz_follows_state() -> None:
     """/readyz is 200 only while running; 503 while starting and while draining."""
     root = FakeRoot("starting")
     treq = client(root)
-    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "starting"})
+    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "starting", **identity()})
     root.state = "running"
     assert get(treq, "/readyz")[0] == 200
     root.state = "stopping"
-    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "draining"})
+    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "draining", **identity()})
 
 
 def test_readyz_needs_open_storage_and_an_accepting_listener() -> None:
@@ -99,11 +114,14 @@ def test_readyz_needs_open_storage_and_an_accepting_listener() -> None:
     storage.setServiceParent(root)
     listener.setServiceParent(root)
     treq = client(root)
-    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "storage_not_open"})
+    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "storage_not_open", **identity()})
     storage.is_open = True  # type: ignore[attr-defined]
-    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "listener_not_accepting"})
+    assert get(treq, "/readyz") == (
+        503,
+        {"status": "not_ready", "reason": "listener_not_accepting", **identity()},
+    )
     listener.is_accepting = True  # type: ignore[attr-defined]
-    assert get(treq, "/readyz") == (200, {"status": "ready"})
+    assert get(treq, "/readyz") == (200, {"status": "ready", **identity()})
 
 
 # -- liveness --------------------------------------------------------------------------------------
@@ -237,9 +255,9 @@ def test_internal_errors_show_no_traceback() -> None:
             raise RuntimeError("secret internal detail")
 
     events: list[LogEvent] = []
-    api = OpsAPI(BrokenRoot(), Clock())
-    api._log = Logger(observer=events.append)  # type: ignore[misc]
-    code, _, body = fetch(StubTreq(api.app.resource()), "/readyz")
+    broken = api(BrokenRoot())
+    broken._log = Logger(observer=events.append)  # type: ignore[misc]
+    code, _, body = fetch(StubTreq(broken.app.resource()), "/readyz")
     assert code == 500
     assert json.loads(body) == {"error": "internal_error", "status": 500}
     assert b"Traceback" not in body and b"secret internal detail" not in body
@@ -324,8 +342,9 @@ def test_cors_follows_a_reloaded_config() -> None:
 def test_site_logs_requests_at_debug_only() -> None:
     """The ops site logs each request as a debug event (twisted.web's info access line is off)."""
     events: list[LogEvent] = []
-    site = QuietSite(OpsAPI(FakeRoot(), Clock()).app.resource())
-    site._request_log = Logger(observer=events.append)  # type: ignore[misc]
+    ops = api(FakeRoot())
+    site = GuardedSite(ops.app.resource(), lambda: ops.live.current, Clock())
+    site._log = Logger(observer=events.append)  # type: ignore[misc]
     request = DummyRequest([b"readyz"])
     request.method = b"GET"
     request.path = b"/readyz"
@@ -339,12 +358,12 @@ def test_service_listens_on_web_listen_and_stops() -> None:
     """OpsService binds web.listen when started (plain HTTP by default) and unbinds on stop."""
     reactor = MemoryReactorClock()
     config = config_with("web.listen=tcp:7979:interface=127.0.0.1")
-    ops = OpsService(config, reactor, FakeRoot(config=config))
+    ops = OpsService(config, reactor, api(FakeRoot(config=config), reactor))
     d = ops.startService()
     assert d.called
     port, factory, _, interface = reactor.tcpServers[0]
     assert (port, interface) == (7979, "127.0.0.1")
-    assert isinstance(factory, QuietSite)
+    assert isinstance(factory, ConnectionGate) and isinstance(factory.wrappedFactory, GuardedSite)
     ops.stopService()
     assert ops.port is None
 
@@ -354,12 +373,13 @@ def test_service_serves_https_with_web_tls(tmp_path: Path) -> None:
     listener's certificate (generated under <data_dir>/tls/)."""
     reactor = MemoryReactorClock()
     config = config_with(f"server.data_dir={tmp_path}", "web.tls.enabled=true")
-    ops = OpsService(config, reactor, FakeRoot(config=config))
+    ops = OpsService(config, reactor, api(FakeRoot(config=config), reactor))
     d = ops.startService()
     assert d.called
     factory = reactor.tcpServers[0][1]
-    assert isinstance(factory, TLSMemoryBIOFactory)
-    assert isinstance(factory.wrappedFactory, QuietSite)
+    assert isinstance(factory, ConnectionGate)
+    assert isinstance(factory.wrappedFactory, TLSMemoryBIOFactory)
+    assert isinstance(factory.wrappedFactory.wrappedFactory, GuardedSite)
     assert (tmp_path / "tls" / "server.pem").exists()
     ops.stopService()
 
@@ -375,7 +395,7 @@ def test_service_with_bad_certificate_files_fails_to_start(tmp_path: Path) -> No
     for settings, message in (([f"web.tls.cert={cert}", f"web.tls.key={cert}"], ""),):
         reactor = MemoryReactorClock()
         config = config_with(*settings, "web.tls.enabled=true")
-        ops = OpsService(config, reactor, FakeRoot(config=config))
+        ops = OpsService(config, reactor, api(FakeRoot(config=config), reactor))
         events: list[LogEvent] = []
         ops._log = Logger(observer=events.append)  # type: ignore[misc]
         d = ops.startService()
@@ -386,3 +406,46 @@ def test_service_with_bad_certificate_files_fails_to_start(tmp_path: Path) -> No
         assert [e["log_level"] for e in events] == [LogLevel.error]
         assert message in events[0]["error"]
         ops.stopService()
+
+
+def test_console_is_served_from_the_package() -> None:
+    """``/`` and ``/console/`` give the console's page; its listed assets are served with a
+    Content-Security-Policy that allows this origin only; any other name is a JSON 404."""
+    treq = client(FakeRoot())
+    for path in ("/", "/console/"):
+        code, headers, body = fetch(treq, path)
+        assert code == 200 and headers["content-type"].startswith("text/html")
+        assert b"<title>amaters console</title>" in body
+        assert "default-src 'none'" in headers["content-security-policy"]
+        assert "connect-src 'self'" in headers["content-security-policy"]
+        assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
+    code, headers, body = fetch(treq, "/console/vendor/uPlot.iife.min.js")
+    assert code == 200 and headers["content-type"].startswith("text/javascript") and b"uPlot" in body
+    code, _, body = fetch(treq, "/console/console.js")
+    assert code == 200 and b"sessionStorage" in body and b"document.cookie" not in body
+    for path in (
+        "/console/../ops.py",
+        "/console/missing.js",
+        "/console/vendor/../../ops.py",
+        "/console/vendor",
+    ):
+        code, headers, body = fetch(treq, path)
+        assert code == 404 and json.loads(body)["error"] == "not_found", path
+    code, _, _ = fetch(treq, "/", method="POST")
+    assert code == 405
+
+
+def test_console_references_only_packaged_assets() -> None:
+    """Every script and stylesheet the page loads is a file the ops site serves (no CDN)."""
+    import re
+
+    from amaters.web.assets import CONSOLE_FILES, ConsoleAssets
+
+    page = ConsoleAssets().get("index.html")
+    assert page is not None
+    html = page[0].decode()
+    refs = re.findall(r'(?:src|href)="([^"#]+)"', html)
+    assert refs and all(ref.startswith("/console/") for ref in refs), refs
+    assert {ref.removeprefix("/console/") for ref in refs} <= set(CONSOLE_FILES)
+    for name in CONSOLE_FILES:
+        assert ConsoleAssets().get(name) is not None

@@ -1,4 +1,4 @@
-"""The ``amaters fhe`` commands and the ``--fhe-keys`` behaviour of set, get, filter and update.
+"""``amaters fhe keygen|upload``, ``filter``, ``update``, and ``set``/``get`` of FHE records.
 
 ::
 
@@ -21,6 +21,11 @@ import re
 import sys
 from typing import Any
 
+from amaters.cli import client
+from amaters.cli.client import _key_arg, _run, _show
+from amaters.cli.common import EXIT_FAIL as EXIT_MISSING
+from amaters.cli.common import EXIT_OK, EXIT_USAGE, CommandError
+from amaters.cli.common import err as _err
 from amaters.fhe.predicate import Predicate, UpdateOp, add, field, mul, set_
 from amaters.fhe.schema import SchemaError
 
@@ -134,19 +139,14 @@ def show_record(record: dict[str, int]) -> str:
 # -- hooks into the client CLI ---------------------------------------------------------------
 
 
-def add_fhe_option(group: Any) -> None:
-    """The ``--fhe-keys`` connection option."""
-    group.add_argument(
-        "--fhe-keys",
-        metavar="FILE",
-        default=os.environ.get("AMATERS_FHE_KEYS"),
-        help="FHE key file (from `amaters fhe keygen`): set/get take and show records; filter and"
-        " update use it (default: $AMATERS_FHE_KEYS)",
-    )
-
-
-def add_fhe_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
-    """``amaters fhe keygen|upload``, ``amaters filter`` and ``amaters update``."""
+def add_commands(subparsers: Any) -> None:
+    """``amaters fhe keygen|upload``, ``amaters filter`` and ``amaters update``; ``set`` and
+    ``get`` (added by :mod:`amaters.cli.client`) take and show records when given ``--fhe-keys``."""
+    common = client.client_options(suppress_defaults=True)
+    for name, plain, record in (("set", client.cmd_set, cmd_set), ("get", client.cmd_get, cmd_get)):
+        parser = subparsers.choices.get(name)
+        if parser is not None:
+            parser.set_defaults(func=_either(plain, record))
     fhe = subparsers.add_parser("fhe", help="homomorphic encryption keys (docs/fhe.md)")
     sub = fhe.add_subparsers(dest="fhe_command", metavar="COMMAND", required=True)
     p = sub.add_parser("keygen", help="generate an FHE key set for a schema (keep the file private)")
@@ -176,8 +176,14 @@ def add_fhe_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_update)
 
 
+def _either(plain: Any, record: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        return int(record(args) if getattr(args, "fhe_keys", None) else plain(args))
+
+    return run
+
+
 def _keys(args: argparse.Namespace, path: str | None = None) -> Any:
-    from amaters.client_cli import EXIT_USAGE, CommandError
 
     path = path or getattr(args, "fhe_keys", None)
     if not path:
@@ -195,13 +201,11 @@ def _keys(args: argparse.Namespace, path: str | None = None) -> Any:
 
 
 def _usage(error: Exception) -> Any:
-    from amaters.client_cli import EXIT_USAGE, CommandError
 
     return CommandError(str(error), EXIT_USAGE)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from amaters.client_cli import EXIT_OK, EXIT_USAGE, CommandError, _err
 
     try:
         if os.path.exists(args.out) and not args.force:
@@ -228,7 +232,6 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
-    from amaters.client_cli import EXIT_OK, _run
 
     keys = _loaded(args, args.file)
     if isinstance(keys, int):
@@ -246,7 +249,6 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def _loaded(args: argparse.Namespace, path: str | None = None) -> Any:
-    from amaters.client_cli import CommandError, _err
 
     try:
         return _keys(args, path)
@@ -257,7 +259,6 @@ def _loaded(args: argparse.Namespace, path: str | None = None) -> Any:
 
 def cmd_set(args: argparse.Namespace) -> int:
     """``set COLLECTION KEY age=42,balance=1000`` with --fhe-keys: store an encrypted record."""
-    from amaters.client_cli import EXIT_OK, _err, _key_arg, _run
 
     keys = _loaded(args)
     if isinstance(keys, int):
@@ -277,7 +278,6 @@ def cmd_set(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    from amaters.client_cli import EXIT_MISSING, EXIT_OK, CommandError, _key_arg, _run
 
     keys = _loaded(args)
     if isinstance(keys, int):
@@ -298,7 +298,6 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_filter(args: argparse.Namespace) -> int:
-    from amaters.client_cli import EXIT_OK, _err, _run, _show
 
     keys = _loaded(args)
     if isinstance(keys, int):
@@ -320,7 +319,6 @@ def cmd_filter(args: argparse.Namespace) -> int:
 
 
 def cmd_update(args: argparse.Namespace) -> int:
-    from amaters.client_cli import EXIT_OK, _err, _run
 
     keys = _loaded(args)
     if isinstance(keys, int):

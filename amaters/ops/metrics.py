@@ -13,6 +13,7 @@ rest summed as ``other``.  Keys, values, tokens and peer addresses never become 
 from __future__ import annotations
 
 import functools
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -31,22 +32,10 @@ from prometheus_client.registry import Collector
 
 from amaters import __version__
 from amaters.errors import AmatersError, ErrorCode
+from amaters.query import operations as ops
 
 #: Every operation name a pipeline request can carry (``Operation.name``); anything else is "other".
-OPERATIONS = (
-    "get",
-    "set",
-    "delete",
-    "range",
-    "batch",
-    "create_collection",
-    "drop_collection",
-    "list_collections",
-    "server_info",
-    "health_check",
-    "filter",
-    "update",
-)
+OPERATIONS = tuple(dict.fromkeys((*(op.name for op in typing.get_args(ops.Operation)), "filter", "update")))
 
 #: Authentication methods as the handshake presents them; anything else is "other".
 AUTH_METHODS = ("bearer_token", "api_key", "certificate", "anonymous")
@@ -88,7 +77,7 @@ def _fast_inc(child: Any) -> Callable[[], None]:
     """
     inc = getattr(getattr(child, "_value", None), "inc", None)
     if not callable(inc):
-        return child.inc  # type: ignore[no-any-return]
+        return child.inc
     return functools.partial(inc, 1)
 
 
@@ -104,9 +93,9 @@ def _fast_observe(child: Any) -> Callable[[float], None]:
         bounds = list(child._upper_bounds)
         incs = [bucket.inc for bucket in child._buckets]
     except AttributeError:
-        return child.observe  # type: ignore[no-any-return]
+        return child.observe
     if len(bounds) != len(incs):
-        return child.observe  # type: ignore[no-any-return]
+        return child.observe
     pairs = tuple(zip(bounds, incs, strict=True))
 
     def observe(amount: float) -> None:
