@@ -52,9 +52,10 @@ def sent_frames(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     frames: list[bytes] = []
     original = client_module.AmatersClientProtocol._write_envelope
 
-    def spy(self: Any, envelope: Any) -> None:
+    def spy(self: Any, envelope: Any, tail: Any = ()) -> None:
         frames.append(envelope.SerializeToString())
-        original(self, envelope)
+        frames.extend(bytes(piece) for piece in tail)
+        original(self, envelope, tail)
 
     monkeypatch.setattr(client_module.AmatersClientProtocol, "_write_envelope", spy)
     return frames
