@@ -824,13 +824,12 @@ class FHEConfig:
         "Seconds a FILTER or UPDATE may run (they take minutes over many rows); separate from"
         " limits.request_timeout.",
         minimum=1.0,
-        reloadable=True,
     )
     workers: int = setting(
         1, "Worker processes evaluating ciphertexts (one core each).", minimum=1, maximum=64
     )
     max_rows_per_query: int = setting(
-        10_000, "Most encrypted rows one FILTER or UPDATE may examine.", minimum=1, reloadable=True
+        10_000, "Most encrypted rows one FILTER or UPDATE may examine.", minimum=1
     )
     max_loaded_bytes: int = setting(
         512 * 1024 * 1024,
