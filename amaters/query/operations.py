@@ -158,10 +158,14 @@ class Update:
 
 @attrs.frozen(slots=True)
 class UploadKeys:
-    """One chunk of a client's public evaluation keys (see amaters.fhe.service.KeyUpload)."""
+    """One chunk of a client's public evaluation keys (see amaters.fhe.service.KeyUpload).
+
+    Needs read on the server, like FILTER, which is of no use without uploaded keys: a role that
+    may filter may upload the keys to do it.
+    """
 
     name: ClassVar[str] = "upload_keys"
-    kind: ClassVar[Access] = "write"
+    kind: ClassVar[Access] = "read"
     collection: ClassVar[None] = None
     chunk: object = attrs.field(repr=_hidden)
 
