@@ -12,8 +12,8 @@ server has, handing each its collaborators in its constructor::
 
 then adds the services to the root once, in start order (stop order is the reverse)::
 
-    logging, pools, storage, flusher, [snapshots], web, audit, auth, lagmonitor, [tracing],
-    metrics, fhe, [grpc], protection, listener, [certwatch], reloader
+    logging, pools, storage, flusher, [snapshots], web, audit, auth, fhe, lagmonitor, [tracing],
+    metrics, [grpc], protection, listener, [certwatch], reloader
 
 The ops site starts before the listener and stops after it, so ``/readyz`` answers 503 while the
 listener drains; the metrics, tracing and lag services stop after the listener, so the last
@@ -474,10 +474,10 @@ def build_service(
             web,  # up before the listener, down after it: /readyz says 503 while it drains
             audit,
             auth,  # keys and roles are read when it starts
+            fhe,  # FHE workers: up before the front ends, stopped after they drained
             lag,
             tracing,
             metrics_service,
-            fhe,  # workers up before the front ends, stopped after they drained
             grpc,  # stops after the native listener: calls in flight finish, then GOAWAY
             listener,
             ProtectionService(metrics.registry, protection.collector),
