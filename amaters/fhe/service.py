@@ -23,7 +23,7 @@ import shutil
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application import service
@@ -40,9 +40,12 @@ from amaters.errors import (
     InvalidValue,
     NotFound,
 )
-from amaters.fhe import engine, records
+from amaters.fhe import records
 from amaters.fhe.schema import Schema, SchemaError
 from amaters.interfaces import IFHEEvaluator
+
+if TYPE_CHECKING:
+    from amaters.fhe import engine
 
 #: Rows per worker job: small enough that a timeout stops work promptly.
 BATCH_ROWS = 4
@@ -152,6 +155,9 @@ class FheService(service.Service):
         return d
 
     def _in_worker(self, job: engine.Job) -> defer.Deferred[engine.JobResult]:
+        # numpy and concrete come with the fhe extra: imported on first use, not at server start.
+        from amaters.fhe import engine
+
         if job.kind != "concrete":
             return self._in_io(engine.run_job, job)
         if not self.running:
@@ -324,6 +330,8 @@ class FheService(service.Service):
     # -- evaluation -----------------------------------------------------------------------------
 
     def _job(self, key_set_id: str, schema: str, widths: tuple[int, ...], action: str) -> engine.Job:
+        from amaters.fhe import engine
+
         return engine.Job(
             kind=self.kind,
             schema=schema,
