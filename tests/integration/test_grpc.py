@@ -392,7 +392,7 @@ def test_python_example_in_the_docs_runs(server: ServerProcess, stubs: Path) -> 
 
 def test_client_certificate_login_with_client_auth_required(tmp_path: Path, stubs: Path) -> None:
     """With tls.client_auth = "required" and no token, the TLS client certificate is the login:
-    a certificate mapped to role user writes; one from an organization not allowed is refused with
+    a certificate mapped to a user role writes; one from an organization not allowed is refused with
     UNAUTHENTICATED; a client without a certificate does not get through TLS."""
     from cryptography.hazmat.primitives import serialization
 
@@ -408,13 +408,18 @@ def test_client_certificate_login_with_client_auth_required(tmp_path: Path, stub
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
         )
+    # carol's role: a user who may also create the collection it writes to.
+    (tmp_path / "roles.toml").write_text(
+        '[roles.writer]\ninherits = ["user"]\n'
+        'permissions = [{ resource = "collection:certs", permission = "create" }]\n'
+    )
     server = ServerProcess(
         tmp_path / "server",
         config_text=(
             f'[tls]\nclient_auth = "required"\nca = "{tmp_path / "client-ca.pem"}"\n'
             '[storage]\nbackend = "memory"\n'
-            "[auth]\nenabled = true\n"
-            '[auth.mtls]\nallowed_organizations = ["Acme"]\nrole_map = { "id:carol" = ["user"] }\n'
+            f'[auth]\nenabled = true\nroles_file = "{tmp_path / "roles.toml"}"\n'
+            '[auth.mtls]\nallowed_organizations = ["Acme"]\nrole_map = { "id:carol" = ["writer"] }\n'
         ),
     )
     server.start().wait_ready()
