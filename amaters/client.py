@@ -53,6 +53,12 @@ from amaters.errors import (
     RequestTimeout,
     ShuttingDown,
 )
+from amaters.protect.compression import (
+    compress_blob_data,
+    compress_frame,
+    decompress_blob_data,
+    decompress_frame,
+)
 from amaters.proto import aql_pb2, envelope_pb2, query_pb2, types_pb2
 from amaters.proto.convert import (
     blob_from_proto,
@@ -62,6 +68,7 @@ from amaters.proto.convert import (
     version_to_proto,
 )
 from amaters.protocols.framing import FrameReceiver, frame_header
+from amaters.tls.context import client_tls_options
 from amaters.types import CipherBlob, Compression, crc32
 
 Envelope = envelope_pb2.Envelope
@@ -383,7 +390,7 @@ class AmatersClientProtocol(FrameReceiver):
         for item in pending.values():
             if item.timer is not None and item.timer.active():
                 item.timer.cancel()
-            item.deferred.errback(Failure(err))  # type: ignore[no-untyped-call]
+            item.deferred.errback(Failure(err))
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream._fail(err)
@@ -396,8 +403,6 @@ class AmatersClientProtocol(FrameReceiver):
         try:
             envelope.ParseFromString(frame)
             if envelope.WhichOneof("body") == "compressed" and self.frame_codec:
-                from amaters.protect.compression import decompress_frame
-
                 inner = Envelope()
                 inner.ParseFromString(decompress_frame(envelope.compressed, self.MAX_LENGTH))
                 envelope = inner
@@ -426,7 +431,7 @@ class AmatersClientProtocol(FrameReceiver):
         if item.timer is not None and item.timer.active():
             item.timer.cancel()
         if envelope.WhichOneof("body") == "error":
-            item.deferred.errback(Failure(error_from_proto(envelope.error)))  # type: ignore[no-untyped-call]
+            item.deferred.errback(Failure(error_from_proto(envelope.error)))
         else:
             item.deferred.callback(envelope)
         if self.going_away is not None:
@@ -489,8 +494,6 @@ class AmatersClientProtocol(FrameReceiver):
                 self.transport.writeSequence([header, *pieces])  # type: ignore[union-attr]
             return
         if self.frame_codec and len(payload) >= self.frame_threshold:
-            from amaters.protect.compression import compress_frame
-
             payload = compress_frame(payload, self.frame_codec) or payload
         self.last_activity = self.clock.seconds()
         writer = self._writer
@@ -518,7 +521,7 @@ class AmatersClientProtocol(FrameReceiver):
         item = self._pending.pop(request_id, None)
         if item is not None:
             late = RequestTimeout(f"no answer from {self.where} within {timeout:g} s")
-            item.deferred.errback(Failure(late))  # type: ignore[no-untyped-call]
+            item.deferred.errback(Failure(late))
 
     def close(self, timeout: float | None = None) -> defer.Deferred[None]:
         """Close the connection; fires once it is closed.
@@ -645,8 +648,6 @@ class AmatersClient:
         if compression == Compression.NONE:
             fill_blob(out, CipherBlob.wrap(data, created_at=int(time.time())))
             return
-        from amaters.protect.compression import compress_blob_data
-
         stored = compress_blob_data(data, compression)
         fill_blob(out, CipherBlob(stored, crc32(stored), len(data), compression, created_at=int(time.time())))
 
@@ -660,8 +661,6 @@ class AmatersClient:
         except ValueError:
             raise InvalidValue(f"unknown value compression {stored_compression}") from None
         if compression != Compression.NONE:
-            from amaters.protect.compression import decompress_blob_data
-
             data = decompress_blob_data(data, compression, int(blob.metadata.size))
         if self.cipher is not None:
             return self.cipher.decrypt(data, collection, key)
@@ -1050,8 +1049,6 @@ async def _connect(
     bind = (bind_address, 0) if bind_address else None
     endpoint: Any = HostnameEndpoint(reactor, host, port, timeout=timeout or 30, bindAddress=bind)
     if not plaintext:
-        from amaters.tls.context import client_tls_options
-
         try:
             options = client_tls_options(host, ca_cert, client_cert=client_cert, client_key=client_key)
         except OSError as e:
@@ -1068,7 +1065,7 @@ async def _connect(
             raise NetworkError(f"cannot load TLS files: {e}", code=ErrorCode.NETWORK_TLS_HANDSHAKE) from None
         endpoint = wrapClientTLS(options, endpoint)
     protocol = AmatersClientProtocol(reactor, timeout, where)
-    connecting = connectProtocol(endpoint, protocol)  # type: ignore[no-untyped-call]
+    connecting = connectProtocol(endpoint, protocol)
     expired: list[AmatersError] = []
 
     def expire() -> None:
@@ -1091,7 +1088,7 @@ async def _connect(
         except Exception:
             if expired:
                 raise expired[0] from None
-            raise _connection_error(Failure(), where) from None  # type: ignore[no-untyped-call]
+            raise _connection_error(Failure(), where) from None
         try:
             handshake = await _handshake(protocol, client_name, token, api_key, frame_compression)
         except BaseException:

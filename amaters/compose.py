@@ -48,6 +48,7 @@ from amaters.auth.settings import auth_problems
 from amaters.config import Check, Config, LiveConfig, Sources, cache_settings, load_config
 from amaters.interfaces import IPipelineStage, IStorageBackend
 from amaters.ops.admin import ServerAdmin
+from amaters.ops.fdlimit import file_handle_problems
 from amaters.ops.lag import LagMonitor
 from amaters.ops.logging import LoggingService
 from amaters.ops.metrics import Metrics
@@ -68,6 +69,7 @@ from amaters.protect.metrics import ProtectionCollector
 from amaters.protect.ratelimit import RateLimiter, RateLimitStage
 from amaters.protect.shedding import LagSource, LoadShedder
 from amaters.protect.wiring import ListenerLimits, Protection, ProtectionService
+from amaters.protocols.grpc_service import GrpcService
 from amaters.protocols.server import ListenerService
 from amaters.query import operations as ops
 from amaters.query.executor import CAPABILITIES, QueryExecutor
@@ -75,13 +77,14 @@ from amaters.query.pipeline import QueryPipeline
 from amaters.service import AsyncMultiService, Lifecycle, ThreadPoolService
 from amaters.storage import build_backend, innermost
 from amaters.storage.flusher import FlusherService
+from amaters.storage.s3 import S3Store
 from amaters.storage.service import StorageService
 from amaters.storage.snapshot import SnapshotScheduler
 from amaters.web.admin import AdminAPI
 from amaters.web.ops import OpsAPI, OpsService
 
 #: Checks a server's configuration must pass beyond the config file itself.
-SERVER_CHECKS: tuple[Check, ...] = (auth_problems,)
+SERVER_CHECKS: tuple[Check, ...] = (auth_problems, file_handle_problems)
 
 
 def load_server_config(
@@ -141,6 +144,7 @@ class Components:
     protection: Protection
     reloader: Reloader
     listener: ListenerService
+    grpc: GrpcService | None
     web: OpsService | None
     services: tuple[service.IService, ...]
 
@@ -164,7 +168,7 @@ class AmatersService(AsyncMultiService):
             child.setServiceParent(self)
 
     # AsyncMultiService keeps its state in ``self.state``: here it is the lifecycle's.
-    @property  # type: ignore[override]
+    @property
     def state(self) -> str:
         return self.lifecycle.state
 
@@ -304,14 +308,12 @@ def build_service(
     if config.storage.backend == "rocksdb" and config.snapshot.interval > 0:
         uploader = None
         if config.snapshot.upload:
-            from amaters.storage.s3 import S3Store
-
             uploader = S3Store.from_config(config.snapshot.s3)
         snapshots = SnapshotScheduler(backend, config, pools, reactor, uploader=uploader)
 
     # Login and audit.
     audit = AuditService(config.audit, config.data_dir, reactor)
-    auth = AuthService(config, reactor, audit)
+    auth = AuthService(config, reactor, audit, collections=backend)
     reloader = Reloader(live, audit, environ, _load_sources)
     authenticate: Authenticator = auth.authenticate if config.auth.enabled else default_authenticator(False)
     authenticate = counting_authenticator(authenticate, metrics)
@@ -401,6 +403,11 @@ def build_service(
         )
         web = OpsService(config, reactor, api)
 
+    grpc: GrpcService | None = None
+    if config.grpc.enabled:
+        grpc = GrpcService(config, reactor, pipeline, authenticate, lambda: lifecycle.ready)
+        grpc.observe(metrics.registry)
+
     protection = Protection(
         cache,
         limiter,
@@ -425,7 +432,10 @@ def build_service(
         frames,
         blobs,
         TLSReloader(listener),
+        grpc,
     ):
+        if component is None:
+            continue
         reloader.register(component)
     watcher = None
     if config.tls.enabled and config.tls.watch:
@@ -445,6 +455,7 @@ def build_service(
             lag,
             tracing,
             metrics_service,
+            grpc,  # stops after the native listener: calls in flight finish, then GOAWAY
             listener,
             ProtectionService(metrics.registry, protection.collector),
             watcher,
@@ -469,6 +480,7 @@ def build_service(
         protection=protection,
         reloader=reloader,
         listener=listener,
+        grpc=grpc,
         web=web,
         services=services,
     )

@@ -23,6 +23,7 @@ import attrs
 from klein import Klein
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
 
 from amaters.auth.principal import ANONYMOUS, Authenticator, Credentials
 from amaters.config import LiveConfig
@@ -145,8 +146,6 @@ class AdminAPI:
 
     @app.handle_errors(Exception)
     def errors(self, request: IRequest, failure: Any) -> bytes:
-        from werkzeug.exceptions import HTTPException
-
         exc = failure.value
         if isinstance(exc, HTTPException):
             code = exc.code or 500

@@ -33,12 +33,16 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.iweb import IRequest
 from twisted.web.server import Site
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from amaters import __version__
 from amaters.config import Config
 from amaters.ops.identity import identity
+from amaters.tls.certs import ensure_server_tls
+from amaters.tls.context import server_tls_options
 
 #: Methods each route answers (besides OPTIONS, which every known path answers).
 ROUTE_METHODS = ("GET", "HEAD")
@@ -293,8 +297,6 @@ class OpsAPI:
 
     @app.handle_errors(Exception)
     def errors(self, request: IRequest, failure: Any) -> bytes:
-        from werkzeug.exceptions import HTTPException, MethodNotAllowed
-
         self._cors(request)
         exc = failure.value
         if isinstance(exc, HTTPException):
@@ -346,10 +348,6 @@ class OpsService(service.Service):
         settings = self.config.web.tls
         if not settings.enabled:
             return site
-        from twisted.protocols.tls import TLSMemoryBIOFactory
-
-        from amaters.tls.context import server_tls_options
-
         if settings.cert or settings.key:
             for name in ("cert", "key"):
                 value = getattr(settings, name)
@@ -360,14 +358,12 @@ class OpsService(service.Service):
                     )
             cert, key = settings.cert, settings.key
         else:
-            from amaters.tls.certs import ensure_server_tls
-
             files = ensure_server_tls(self.config)
             cert, key = str(files.cert), str(files.key)
         options = server_tls_options(cert, key)
         return TLSMemoryBIOFactory(options, False, site, clock=self.reactor)
 
-    def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    def startService(self) -> defer.Deferred[None]:
         super().startService()
         try:
             endpoint = serverFromString(self.reactor, self.config.web.listen)
@@ -390,7 +386,7 @@ class OpsService(service.Service):
         d.addCallback(listening)
         return d
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         port, self.port = self.port, None
         if port is None:

@@ -264,3 +264,20 @@ def test_a_large_value_tail_parses_as_the_same_set() -> None:
     parsed = envelope_pb2.Envelope()
     parsed.ParseFromString(head.SerializeToString() + b"".join(_value_tail(data)))
     assert parsed == whole
+
+
+def test_keep_alive_pings_beat_the_idle_timeout() -> None:
+    """With limits.idle_timeout = 1 s, a client pinging every 0.3 s stays connected for 2 s of clock
+    time while a quiet client on the same server is closed after 1 s."""
+    limits = LimitsConfig(idle_timeout=1.0)
+    alive = pair(limits=limits)
+    quiet = pair(limits=limits)
+    alive.client.start_keepalive(0.3)
+    for _ in range(20):  # 2 s in steps of 0.1 s, bytes pumped both ways after each step
+        for p in (alive, quiet):
+            p.clock.advance(0.1)
+            p.pump.flush()
+    assert quiet.client.closed
+    assert not alive.client.closed
+    assert alive.wait(alive.client.ping()) >= 0
+    alive.client.stop_keepalive()
