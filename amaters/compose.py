@@ -48,7 +48,6 @@ from amaters.auth.settings import auth_problems
 from amaters.config import Check, Config, LiveConfig, Sources, cache_settings, load_config
 from amaters.interfaces import IPipelineStage, IStorageBackend
 from amaters.ops.admin import ServerAdmin
-from amaters.ops.fdlimit import file_handle_problems
 from amaters.ops.lag import LagMonitor
 from amaters.ops.logging import LoggingService
 from amaters.ops.metrics import Metrics
@@ -84,7 +83,7 @@ from amaters.web.admin import AdminAPI
 from amaters.web.ops import OpsAPI, OpsService
 
 #: Checks a server's configuration must pass beyond the config file itself.
-SERVER_CHECKS: tuple[Check, ...] = (auth_problems, file_handle_problems)
+SERVER_CHECKS: tuple[Check, ...] = (auth_problems,)
 
 
 def load_server_config(
@@ -237,7 +236,14 @@ class AmatersService(AsyncMultiService):
         # twistd exits 0 after the reactor stops; make a failed start or stop exit 1.
         atexit.register(_exit_with, 1)
         if self.reactor.running:
-            self.reactor.callLater(0, self.reactor.stop)
+            self.reactor.callLater(0, self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        """Stop the reactor unless it is already stopping (a failed stop happens during shutdown)."""
+        try:
+            self.reactor.stop()
+        except error.ReactorNotRunning:
+            pass
 
     def stopService(self) -> Any:
         """Stop every child in reverse order, bounded by ``server.shutdown_timeout``."""
@@ -304,6 +310,11 @@ def build_service(
     committer = getattr(innermost(backend), "group_commit", None)
     if committer is not None:
         committer.add_observer(metrics.storage_synced)
+    cluster = None
+    if config.storage.backend == "etcd":
+        from amaters.cluster.service import build_cluster_service
+
+        cluster = build_cluster_service(config, reactor, innermost(backend))
     snapshots: SnapshotScheduler | None = None
     if config.storage.backend == "rocksdb" and config.snapshot.interval > 0:
         uploader = None
@@ -320,7 +331,9 @@ def build_service(
 
     # The executor, with the query cache around it and the server's administration beside it.
     connection_limiter = ConnectionLimiter(config.limits, reactor)
-    admin = ServerAdmin(live, lifecycle, backend, pools, reloader, lambda: connection_limiter.total)
+    admin = ServerAdmin(
+        live, lifecycle, backend, pools, reloader, lambda: connection_limiter.total, cluster=cluster
+    )
 
     def server_info() -> ops.ServerInfoResult:
         return ops.ServerInfoResult(
@@ -389,7 +402,7 @@ def build_service(
         gate_factory=ConnectionLimitFactory.wrapper(connection_limiter),
         frame_compression=frames,
     )
-    probes = {"storage": storage, "flusher": flusher, "listener": listener}
+    probes = {"storage": storage, "flusher": flusher, "listener": listener, "cluster": cluster}
     web: OpsService | None = None
     if config.web.enabled:
         api = OpsAPI(
@@ -447,6 +460,7 @@ def build_service(
             logging_service,  # first up, last down
             pools,
             storage,
+            cluster,  # registers the node once storage is open; leaves before it closes
             flusher,
             snapshots,  # stops (awaiting a running snapshot) before the storage closes
             web,  # up before the listener, down after it: /readyz says 503 while it drains

@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 import attrs
 
+from amaters.fdlimit import file_handle_problems
+
 ENV_PREFIX = "AMATERS_"
 
 
@@ -205,6 +207,23 @@ class WebConfig:
         "Open connections to the ops site; past it the longest-idle connection is closed to make room"
         " (probes keep answering under a flood), or the new one when none is idle.",
         minimum=8,
+        reloadable=True,
+    )
+    max_request_body_bytes: int = setting(
+        64 * 1024,
+        "Largest request body the ops site accepts; a larger Content-Length is answered 413 before"
+        " any of the body is read (no route takes a body: this only bounds what a client can send).",
+        minimum=0,
+        reloadable=True,
+    )
+    idle_timeout: float = setting(
+        60.0, "Seconds an ops site connection may stay idle before it is closed.", minimum=1.0
+    )
+    allowed_hosts: list[str] = setting(
+        [],
+        "Host header values the admin API accepts while auth.enabled is false, besides localhost,"
+        " 127.0.0.1 and [::1] (with any port): a request naming another host, as a DNS rebinding"
+        " page would, is refused.",
         reloadable=True,
     )
     liveness_max_lag: float = setting(
@@ -777,6 +796,12 @@ class ClusterConfig:
         minimum=0.05,
         maximum=30.0,
     )
+    serializable_reads: bool = setting(
+        False,
+        "Serve GETs from the etcd member the node talks to, without a quorum round trip (faster, may"
+        " be slightly stale; a client's session token still guarantees it reads its own writes)."
+        " Off: every read is linearizable.",
+    )
     lease_ttl: int = setting(
         5,
         "Seconds a dead node stays registered (and keeps singleton duties) before others notice.",
@@ -1070,6 +1095,12 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
         problems.append("snapshot.upload: needs snapshot.s3.bucket (the bucket to upload to)")
     if config.snapshot.interval > 0 and config.storage.backend != "rocksdb":
         problems.append("snapshot.interval: scheduled snapshots need storage.backend = rocksdb")
+    if config.limits.max_buffered_bytes < config.limits.max_frame_bytes:
+        problems.append(
+            "limits.max_buffered_bytes: must be at least limits.max_frame_bytes"
+            f" ({config.limits.max_frame_bytes}), or no frame of the largest size could be received"
+        )
+    problems.extend(file_handle_problems(config))
     if config.storage.backend == "etcd" and not config.cluster.endpoints:
         problems.append(
             "storage.backend: etcd needs cluster.endpoints (client URLs of the etcd members, e.g."
@@ -1081,11 +1112,6 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
         problems.append(f"cluster.advertise: {config.cluster.advertise!r} is not host:port")
     if not config.cluster.prefix.startswith("/") or not config.cluster.prefix.endswith("/"):
         problems.append(f"cluster.prefix: {config.cluster.prefix!r} must start and end with '/'")
-    if config.limits.max_buffered_bytes < config.limits.max_frame_bytes:
-        problems.append(
-            "limits.max_buffered_bytes: must be at least limits.max_frame_bytes"
-            f" ({config.limits.max_frame_bytes}), or no frame of the largest size could be received"
-        )
     if config.retry.max_delay_ms < config.retry.base_delay_ms:
         problems.append("retry.max_delay_ms: must be at least retry.base_delay_ms")
 

@@ -158,6 +158,18 @@ class IServerAdmin(Interface):
     def create_snapshot(upload: bool) -> object:
         """Take a snapshot now; its manifest as a dict."""
 
+    def verify_snapshot(archive: str) -> object:
+        """Check one archive on disk: ``{"archive", "ok", "manifest" | "error"}``; ``NotFound``."""
+
+    def config_view() -> object:
+        """The configuration in effect (secrets redacted) and what a reload would change."""
+
+    def audit_tail(limit: int) -> object:
+        """The last ``limit`` audit events (oldest first), or none when the audit log is off."""
+
+    def resources() -> object:
+        """Data dir usage (bytes used, file system size and free space) and TLS certificates."""
+
 
 class IReconfigurable(Interface):
     """A component whose settings a reload may change (registered with the reloader).

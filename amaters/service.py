@@ -135,6 +135,10 @@ class AsyncMultiService(service.MultiService):
             name = getattr(child, "name", None) or repr(child)
             try:
                 await defer.maybeDeferred(child.stopService)
+            except defer.CancelledError:
+                # The stop was cut short (a shutdown timeout): expected, so one line, no traceback.
+                log.error("Service {name} was still stopping when the shutdown timed out", name=name)
+                failures[name] = Failure(TimeoutError("still stopping when the shutdown timed out"))
             except BaseException:
                 f = Failure()
                 log.failure("Service {name} failed to stop", f, name=name)

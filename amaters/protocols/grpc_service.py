@@ -104,16 +104,40 @@ def _certificate_configuration(material: GrpcTLSMaterial) -> Any:
 # -- per-call translation --------------------------------------------------------------------------
 
 
-class _LoginRefused(Exception):
-    """The call's credentials were refused: the call ends with UNAUTHENTICATED."""
+class _CallRefused(Exception):
+    """The call ends with this gRPC status (credentials refused, the server shutting down)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
+        self.code = code
         self.message = message
 
 
 class _Ended(Exception):
     """The call was cancelled, or its deadline passed, while waiting for the reactor."""
+
+
+class _Answers:
+    """Where a call's worker thread waits for the reactor: a fresh queue per wait (so a late
+    answer to a wait that timed out is never taken for the next one), and the call's end."""
+
+    __slots__ = ("ended", "queue")
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.ended = False
+
+    def end(self) -> None:
+        """The call is over (cancelled, deadline passed, or finished): stop waiting."""
+        self.ended = True
+        self.queue.put((False, _Ended()))
+
+    def fresh(self) -> queue.SimpleQueue[Any]:
+        q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.queue = q
+        if self.ended:
+            q.put((False, _Ended()))
+        return q
 
 
 @attrs.frozen
@@ -148,9 +172,12 @@ def _peer_certificates(context: grpc.ServicerContext) -> Any:
     return certificates or None
 
 
-def call_info(context: grpc.ServicerContext, credentials_type: Callable[[str, str], Any]) -> CallInfo:
-    """Read credentials, trace context and the peer from a call; raises _LoginRefused when the
-    credential metadata is malformed."""
+def call_info(
+    context: grpc.ServicerContext, credentials_type: Callable[[str, str], Any], client_certificates: bool
+) -> CallInfo:
+    """Read credentials, trace context and the peer from a call; raises _CallRefused when the
+    credential metadata is malformed.  ``client_certificates``: whether TLS asks clients for one
+    (reading the TLS session costs a little on every call, so it is skipped otherwise)."""
     authorization = api_key = None
     trace: dict[str, str] | None = None
     for key, value in context.invocation_metadata():
@@ -164,15 +191,21 @@ def call_info(context: grpc.ServicerContext, credentials_type: Callable[[str, st
             trace[key] = value
     credentials = None
     if authorization is not None and api_key is not None:
-        raise _LoginRefused(f"send either authorization or {API_KEY_METADATA} metadata, not both")
+        raise _CallRefused(
+            grpc.StatusCode.UNAUTHENTICATED,
+            f"send either authorization or {API_KEY_METADATA} metadata, not both",
+        )
     if authorization is not None:
         scheme, _, token = str(authorization).strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise _LoginRefused("authorization metadata must be 'Bearer <token>'")
+            raise _CallRefused(
+                grpc.StatusCode.UNAUTHENTICATED, "authorization metadata must be 'Bearer <token>'"
+            )
         credentials = credentials_type("bearer_token", token.strip())
     elif api_key is not None:
         credentials = credentials_type("api_key", str(api_key).strip())
-    return CallInfo(credentials, _peer_certificates(context), _source(context.peer()), trace)
+    peer_certificate = _peer_certificates(context) if client_certificates else None
+    return CallInfo(credentials, peer_certificate, _source(context.peer()), trace)
 
 
 def _execution_ms(ctx: RequestContext, clock: Any) -> int:
@@ -184,7 +217,11 @@ def _execution_ms(ctx: RequestContext, clock: Any) -> int:
 
 class AqlServicer:
     """The six AqlService methods.  Methods named like the RPCs run on grpcio's worker threads;
-    methods starting with ``_r_`` run on the reactor thread."""
+    methods starting with ``_r_`` run on the reactor thread.
+
+    A unary call costs one trip to the reactor and back: the login and the operation run in the
+    same reactor turn (:meth:`_r_authenticated`), and the principal is logged out there when the
+    answer is ready."""
 
     _log = Logger()
 
@@ -199,21 +236,22 @@ class AqlServicer:
 
     # -- worker-thread helpers ------------------------------------------------------------------
 
-    def _begin(self, context: grpc.ServicerContext) -> tuple[CallInfo, queue.SimpleQueue[Any]]:
+    def _begin(self, context: grpc.ServicerContext) -> tuple[CallInfo, _Answers]:
         try:
-            info = call_info(context, self._credentials_type)
-        except _LoginRefused as e:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, e.message)
-        answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+            info = call_info(context, self._credentials_type, self.owner.client_certificates)
+        except _CallRefused as e:
+            context.abort(e.code, e.message)
+        answers = _Answers()
         # A cancelled call (or one past its deadline) stops waiting at once.
-        context.add_callback(lambda: answers.put((False, _Ended())))
+        context.add_callback(answers.end)
         return info, answers
 
-    def _wait(self, answers: queue.SimpleQueue[Any], timeout: float | None, fn: Any, *args: Any) -> Any:
+    def _wait(self, answers: _Answers, timeout: float | None, fn: Any, *args: Any) -> Any:
         """Run ``fn(*args)`` on the reactor and return what it returns (or its Deferred's result);
         raises what it raises, _Ended when the call ends first, queue.Empty after ``timeout``."""
-        self.reactor.callFromThread(self._r_call, answers, fn, args)
-        ok, value = answers.get(timeout=timeout)
+        waiting = answers.fresh()
+        self.reactor.callFromThread(self._r_call, waiting, fn, args)
+        ok, value = waiting.get(timeout=timeout)
         if ok:
             return value
         raise value
@@ -256,18 +294,6 @@ class AqlServicer:
         )
         return RequestTimeout(f"the {what} request did not finish within {seconds:g} s on the server")
 
-    def _login(self, context: grpc.ServicerContext, answers: queue.SimpleQueue[Any], info: CallInfo) -> Any:
-        try:
-            return self._wait(answers, self.pipeline.limits.request_timeout, self._r_login, info)
-        except _LoginRefused as e:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, e.message)
-        except queue.Empty:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "authentication did not finish in time")
-        except _Ended:
-            context.abort(grpc.StatusCode.CANCELLED, "the call ended")
-        except AmatersError as e:  # draining, or a login throttled for too many failures
-            context.abort(_status_for(e), e.message)
-
     def _logout(self, principal: Any) -> None:
         logout = getattr(principal, "logout", None)
         if callable(logout):
@@ -276,24 +302,29 @@ class AqlServicer:
     def _unary(
         self,
         context: grpc.ServicerContext,
-        answers: queue.SimpleQueue[Any],
+        answers: _Answers,
         info: CallInfo,
-        principal: Any,
         run: Any,
         request: Any,
         error_response: Callable[[AmatersError], Any],
         what: str,
+        principal: Any = None,
     ) -> Any:
+        """One request answered in-band: logged in for this request alone, unless ``principal``
+        (an interactive stream's) is given."""
         timeout_ms = request.timeout_ms if request.HasField("timeout_ms") else None
         seconds, by_deadline = self._timeouts(context, timeout_ms)
         try:
+            if principal is None:
+                return self._wait(answers, seconds, self._r_authenticated, info, run, (request,))
             return self._wait(answers, seconds, run, info, principal, request)
         except queue.Empty:
-            return self._set_request_id(
-                error_response(self._expired(context, by_deadline, what, seconds)), request
-            )
+            error = self._expired(context, by_deadline, what, seconds)
+            return self._set_request_id(error_response(error), request)
         except _Ended:
             context.abort(grpc.StatusCode.CANCELLED, "the call ended")
+        except _CallRefused as e:
+            context.abort(e.code, e.message)
         except AmatersError as e:
             return self._set_request_id(error_response(e), request)
 
@@ -307,62 +338,46 @@ class AqlServicer:
 
     def ExecuteQuery(self, request: aql_pb2.QueryRequest, context: grpc.ServicerContext) -> Any:
         info, answers = self._begin(context)
-        principal = self._login(context, answers, info)
-        try:
-            return self._unary(
-                context, answers, info, principal, self._r_query, request, _query_error, "query"
-            )
-        finally:
-            self._logout(principal)
+        return self._unary(context, answers, info, self._r_query, request, _query_error, "query")
 
     def ExecuteBatch(self, request: aql_pb2.BatchRequest, context: grpc.ServicerContext) -> Any:
         info, answers = self._begin(context)
-        principal = self._login(context, answers, info)
-        try:
-            return self._unary(
-                context, answers, info, principal, self._r_batch, request, _batch_error, "batch"
-            )
-        finally:
-            self._logout(principal)
+        return self._unary(context, answers, info, self._r_batch, request, _batch_error, "batch")
 
     def HealthCheck(self, request: aql_pb2.HealthCheckRequest, context: grpc.ServicerContext) -> Any:
-        info, answers = self._begin(context)
-        principal = self._login(context, answers, info)
-        try:
-            name = request.service if request.HasField("service") else None
-            return self._simple(context, answers, info, principal, ops.HealthCheck(name), _health_response)
-        finally:
-            self._logout(principal)
+        name = request.service if request.HasField("service") else None
+        return self._simple(context, ops.HealthCheck(name), _health_response)
 
     def GetServerInfo(self, request: aql_pb2.ServerInfoRequest, context: grpc.ServicerContext) -> Any:
-        info, answers = self._begin(context)
-        principal = self._login(context, answers, info)
-        try:
-            return self._simple(context, answers, info, principal, ops.ServerInfo(), _server_info_response)
-        finally:
-            self._logout(principal)
+        return self._simple(context, ops.ServerInfo(), _server_info_response)
 
-    def _simple(
-        self,
-        context: grpc.ServicerContext,
-        answers: queue.SimpleQueue[Any],
-        info: CallInfo,
-        principal: Any,
-        op: ops.Operation,
-        render: Callable[[Any], Any],
-    ) -> Any:
+    def _simple(self, context: grpc.ServicerContext, op: ops.Operation, render: Callable[[Any], Any]) -> Any:
         """HealthCheck and GetServerInfo: their responses have no error field, so a refusal (RBAC,
         rate limit, drain) is a gRPC status carrying the same message."""
+        info, answers = self._begin(context)
         seconds, by_deadline = self._timeouts(context, None)
         try:
-            return render(self._wait(answers, seconds, self._r_simple, info, principal, op))
+            return render(self._wait(answers, seconds, self._r_authenticated, info, self._r_simple, (op,)))
         except queue.Empty:
             error = self._expired(context, by_deadline, op.name, seconds)
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, error.message)
         except _Ended:
             context.abort(grpc.StatusCode.CANCELLED, "the call ended")
+        except _CallRefused as e:
+            context.abort(e.code, e.message)
         except AmatersError as e:
             context.abort(_status_for(e), e.message)
+
+    def _login(self, context: grpc.ServicerContext, answers: _Answers, info: CallInfo) -> Any:
+        """Log in for a whole stream; the caller logs out (:meth:`_logout`) when it ends."""
+        try:
+            return self._wait(answers, self.pipeline.limits.request_timeout, self._r_login, info)
+        except _CallRefused as e:
+            context.abort(e.code, e.message)
+        except queue.Empty:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "authentication did not finish in time")
+        except _Ended:
+            context.abort(grpc.StatusCode.CANCELLED, "the call ended")
 
     def ExecuteStream(self, request: aql_pb2.QueryRequest, context: grpc.ServicerContext) -> Iterator[Any]:
         kind = request.query.WhichOneof("query")
@@ -382,7 +397,7 @@ class AqlServicer:
     def _stream(
         self,
         context: grpc.ServicerContext,
-        answers: queue.SimpleQueue[Any],
+        answers: _Answers,
         info: CallInfo,
         principal: Any,
         request: aql_pb2.QueryRequest,
@@ -442,7 +457,7 @@ class AqlServicer:
         try:
             for request in request_iterator:
                 yield self._unary(
-                    context, answers, info, principal, self._r_query, request, _query_error, "query"
+                    context, answers, info, self._r_query, request, _query_error, "query", principal
                 )
         finally:
             self._logout(principal)
@@ -450,9 +465,13 @@ class AqlServicer:
     # -- reactor thread -------------------------------------------------------------------------
 
     def _r_login(self, info: CallInfo) -> Any:
+        """The principal for the call's credentials (or a Deferred of it); raises _CallRefused."""
         if self.owner.shutting_down():
-            raise ShuttingDown("the server is shutting down")
-        d = self.owner.authenticate(info.credentials, info.peer_certificate, info.source)
+            raise _CallRefused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        try:
+            d = self.owner.authenticate(info.credentials, info.peer_certificate, info.source)
+        except Exception:
+            d = defer.fail()
         principal = immediate_result(d)
         if principal is not NOT_YET:
             return principal
@@ -464,11 +483,38 @@ class AqlServicer:
             self._log.info(
                 "Refused gRPC call from {source}: {reason}", source=info.source, reason=error.message
             )
-            raise _LoginRefused(error.message)
-        if isinstance(error, AmatersError):
-            raise error
+            raise _CallRefused(grpc.StatusCode.UNAUTHENTICATED, error.message)
+        if isinstance(error, AmatersError):  # a login throttled, the auth service not started yet
+            raise _CallRefused(_status_for(error), error.message)
         self._log.failure("Authentication failed unexpectedly for {source}", failure, source=info.source)
-        raise _LoginRefused("authentication failed")
+        raise _CallRefused(grpc.StatusCode.UNAUTHENTICATED, "authentication failed")
+
+    def _r_authenticated(self, info: CallInfo, run: Any, args: tuple[Any, ...]) -> Any:
+        """Log in, ``run(info, principal, *args)``, log out once its answer is ready: one turn of
+        the reactor when both are immediate (the common case)."""
+        principal = self._r_login(info)
+        if isinstance(principal, defer.Deferred):
+            return principal.addCallback(lambda p: self._r_authenticated_as(p, info, run, args))
+        return self._r_authenticated_as(principal, info, run, args)
+
+    def _r_authenticated_as(self, principal: Any, info: CallInfo, run: Any, args: tuple[Any, ...]) -> Any:
+        logout = getattr(principal, "logout", None)
+        if not callable(logout):
+            return run(info, principal, *args)
+        try:
+            result = run(info, principal, *args)
+        except BaseException:
+            logout()
+            raise
+        if isinstance(result, defer.Deferred) and immediate_result(result) is NOT_YET:
+
+            def finished(outcome: object) -> object:
+                logout()
+                return outcome
+
+            return result.addBoth(finished)
+        logout()
+        return result
 
     def _r_context(self, info: CallInfo, principal: Any) -> RequestContext:
         if self.owner.shutting_down():
@@ -632,9 +678,10 @@ class ReadinessHealth(grpc_health.HealthServicer):
 
 
 class GrpcService(service.Service):
-    """The ``grpc`` service: binds ``grpc.listen`` (TLS from ``[tls]``) when it starts; on stop,
-    reports NOT_SERVING, answers new calls with SERVER_SHUTTING_DOWN, waits for calls in flight,
-    then stops the server (HTTP/2 GOAWAY).
+    """The ``grpc`` service: binds ``grpc.listen`` (TLS from ``[tls]``) when it starts.  Once the
+    server's stop begins it reports NOT_SERVING and refuses new calls (UNAVAILABLE; requests on an
+    open interactive stream get SERVER_SHUTTING_DOWN in-band); its own stop waits for the calls in
+    flight, then stops the grpcio server (HTTP/2 GOAWAY).
 
     ``readiness()`` says whether the whole server is ready; ``tls_provider(config)`` loads the TLS
     material (:func:`load_tls_material`).  The constructor does no I/O.
@@ -688,6 +735,12 @@ class GrpcService(service.Service):
         return self._seen_ready
 
     @property
+    def client_certificates(self) -> bool:
+        """Whether TLS asks gRPC clients for a certificate (``tls.client_auth = "required"``)."""
+        tls = self._tls
+        return tls is not None and tls.require_client_auth
+
+    @property
     def inflight(self) -> int:
         return self._inflight
 
@@ -727,7 +780,9 @@ class GrpcService(service.Service):
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_allowed_incoming_connections", config.grpc.max_connections),
                 ("grpc.max_receive_message_length", limits.max_frame_bytes),
-                ("grpc.max_send_message_length", -1),
+                # The native protocol's frame limit bounds every gRPC message too (a unary RANGE
+                # bigger than that fails with RESOURCE_EXHAUSTED: ExecuteStream is for those).
+                ("grpc.max_send_message_length", limits.max_frame_bytes),
             ],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

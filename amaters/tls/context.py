@@ -1,7 +1,9 @@
 """TLS context factories for the native protocol, server and client.
 
-Both sides use Twisted's :class:`~twisted.internet.ssl.CertificateOptions` (its default ciphers, TLS
-1.2 at least, ALPN ``amaters/1``).  The server side is wrapped in :class:`ReloadableServerTLS`, the
+Both sides use Twisted's :class:`~twisted.internet.ssl.CertificateOptions` (TLS 1.2 at least, ALPN
+``amaters/1``).  TLS 1.3 is preferred and uses OpenSSL's suites (all AEAD); TLS 1.2 is restricted to
+:data:`TLS12_CIPHERS`: ECDHE key exchange (forward secrecy) with AES-GCM or ChaCha20-Poly1305, so no
+CBC suite (LUCKY13-style padding oracles) and no static RSA key exchange is ever negotiated.  The server side is wrapped in :class:`ReloadableServerTLS`, the
 connection creator handed to ``TLSMemoryBIOFactory``: reload swaps the options inside it, so new
 connections use new certificates while existing ones keep theirs.
 """
@@ -22,6 +24,14 @@ from amaters.errors import InvalidCertificate
 
 #: The ALPN protocol id of the native protocol.
 ALPN_PROTOCOL = b"amaters/1"
+
+#: TLS 1.2 cipher suites (OpenSSL syntax): ECDHE with AEAD only.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+def acceptable_ciphers() -> ssl.AcceptableCiphers:
+    """The TLS 1.2 suites both sides offer (:data:`TLS12_CIPHERS`)."""
+    return ssl.AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS)
 
 
 def _split_pem_certificates(pem: bytes) -> list[bytes]:
@@ -83,6 +93,7 @@ def server_tls_options(
         certificate=chain[0].original,
         extraCertChain=[c.original for c in chain[1:]],
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableCiphers=acceptable_ciphers(),
         acceptableProtocols=[ALPN_PROTOCOL],
         **extra,  # type: ignore[arg-type]
     )
@@ -158,5 +169,8 @@ def client_tls_options(
         trustRoot=trust,
         clientCertificate=client_certificate,
         acceptableProtocols=[ALPN_PROTOCOL],
-        extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
+        extraCertificateOptions={
+            "raiseMinimumTo": ssl.TLSVersion.TLSv1_2,
+            "acceptableCiphers": acceptable_ciphers(),
+        },
     )

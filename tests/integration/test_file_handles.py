@@ -59,6 +59,7 @@ def test_a_flood_of_idle_connections_leaves_readyz_answering(tmp_path: Path) -> 
         assert wait_for(lambda: open_fds(pid) >= 1000, 20.0), open_fds(pid)
         time.sleep(0.5)
         started = time.monotonic()
+        # Fails (timeout) if /readyz is not answered within a second.
         status, _ = http_get(f"http://127.0.0.1:{server.web_port}/readyz", timeout=1.0)
         elapsed = time.monotonic() - started
         print(

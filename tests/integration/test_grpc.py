@@ -17,6 +17,7 @@ import pytest
 from grpc_upstream import (
     UpstreamClient,
     b64,
+    blob,
     delete_q,
     error_code,
     generate_stubs,
@@ -69,7 +70,8 @@ def native(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[byt
 
 def test_set_get_delete_range_with_upstream_stubs(client: UpstreamClient) -> None:
     """SET, GET, DELETE and RANGE answer OK with AmateRS's results; request_id is echoed; a missing
-    key is a SingleResult without value; a bad checksum is an in-band VALIDATION error."""
+    key is a SingleResult without value; a bad checksum is an in-band VALIDATION error; FILTER gets
+    the executor's answer in-band."""
     response = client.ok("ExecuteQuery", query(set_q("users", b"alice", b"cipher-1"), "req-1"))
     assert response["request_id"] == "req-1"
     assert response["result"]["success"]["affected_rows"] == "1"
@@ -87,6 +89,10 @@ def test_set_get_delete_range_with_upstream_stubs(client: UpstreamClient) -> Non
     refused = client.ok("ExecuteQuery", bad)
     assert error_code(refused) == "ERROR_VALIDATION_INVALID_VALUE"
     assert refused["error"]["category"] == "CATEGORY_CLIENT_ERROR" and refused["request_id"] == "req-3"
+    # FILTER goes to the same executor as on the native protocol (no FHE evaluator configured here).
+    predicate = {"eq": {"column": {"name": "age"}, "value": blob(b"enc")}}
+    filtered = client.ok("ExecuteQuery", query({"filter": {"collection": "users", "predicate": predicate}}))
+    assert error_code(filtered) == "ERROR_COMPUTE_INVALID_OPERATION"
 
 
 def test_batch_is_atomic(client: UpstreamClient) -> None:
@@ -258,6 +264,8 @@ def test_jwt_api_key_rbac_expired_and_missing_credentials(
     client = UpstreamClient(stubs)
     try:
         client.connect(server.grpc_port, server.ca_cert)
+        # Creating a collection needs the create permission (an administrator's); users write to it.
+        client.ok("ExecuteQuery", query(set_q("orders", b"seed", b"x")), metadata=bearer("ada", ["admin"]))
         written = client.ok(
             "ExecuteQuery", query(set_q("orders", b"o1", b"c1")), metadata=bearer("ulla", ["user"])
         )
@@ -362,3 +370,78 @@ def test_grpc_port_in_use_fails_the_start_with_one_line(tmp_path: Path) -> None:
             )
         finally:
             server.cleanup()
+
+
+def test_python_example_in_the_docs_runs(server: ServerProcess, stubs: Path) -> None:
+    """The Python example of docs/grpc.md, run as written with stubs generated from AmateRS's
+    protos (only its TARGET and CA lines point at the test server)."""
+    import os
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "grpc.md").read_text()
+    example = re.findall(r"```python\n(.*?)```", doc, re.S)[0]
+    example = example.replace('TARGET = "127.0.0.1:7880"', f'TARGET = "127.0.0.1:{server.grpc_port}"')
+    example = example.replace('CA = "amaters-data/tls/ca.pem"', f'CA = "{server.ca_cert}"')
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    ran = subprocess.run(
+        [sys.executable, "-c", example], cwd=stubs, env=env, capture_output=True, timeout=60, text=True
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert "b'alice' 35" in ran.stdout and "total" in ran.stdout
+
+
+def test_client_certificate_login_with_client_auth_required(tmp_path: Path, stubs: Path) -> None:
+    """With tls.client_auth = "required" and no token, the TLS client certificate is the login:
+    a certificate mapped to role user writes; one from an organization not allowed is refused with
+    UNAUTHENTICATED; a client without a certificate does not get through TLS."""
+    from cryptography.hazmat.primitives import serialization
+
+    from amaters.tls.certs import generate_ca, issue_certificate
+
+    ca_key, ca = generate_ca("grpc client CA")
+    (tmp_path / "client-ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for name, organization in (("carol", "Acme"), ("eve", "Evil")):
+        key, cert = issue_certificate(ca_key, ca, name, client=True, organization=organization)
+        (tmp_path / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (tmp_path / f"{name}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    server = ServerProcess(
+        tmp_path / "server",
+        config_text=(
+            f'[tls]\nclient_auth = "required"\nca = "{tmp_path / "client-ca.pem"}"\n'
+            '[storage]\nbackend = "memory"\n'
+            "[auth]\nenabled = true\n"
+            '[auth.mtls]\nallowed_organizations = ["Acme"]\nrole_map = { "id:carol" = ["user"] }\n'
+        ),
+    )
+    server.start().wait_ready()
+    clients: list[UpstreamClient] = []
+    try:
+        for name in ("carol", "eve", None):
+            c = UpstreamClient(stubs)
+            clients.append(c)
+            if name is None:
+                c.connect(server.grpc_port, server.ca_cert)
+            else:
+                c.connect(
+                    server.grpc_port,
+                    server.ca_cert,
+                    str(tmp_path / f"{name}.pem"),
+                    str(tmp_path / f"{name}.key"),
+                )
+        carol, eve, anonymous = clients
+        written = carol.ok("ExecuteQuery", query(set_q("certs", b"k", b"v")))
+        assert "success" in written["result"]
+        assert single_value(carol.ok("ExecuteQuery", query(get_q("certs", b"k")))) == b"v"
+        refused = eve.call("ExecuteQuery", query(get_q("certs", b"k")))
+        assert refused["ok"] is False and refused["code"] == "UNAUTHENTICATED", refused
+        no_cert = anonymous.call("ExecuteQuery", query(get_q("certs", b"k")), timeout=5)
+        assert no_cert["ok"] is False and no_cert["code"] == "UNAVAILABLE", no_cert
+    finally:
+        for c in clients:
+            c.close()
+        server.stop()
+        server.cleanup()

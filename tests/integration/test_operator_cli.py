@@ -50,6 +50,8 @@ class Operator:
             f'listen = "tcp:{port}:interface=127.0.0.1"\n'
             f'data_dir = "{self.directory / data}"\n'
             "shutdown_timeout = 10\n"
+            "[grpc]\n"
+            f'listen = "tcp:{free_port()}:interface=127.0.0.1"\n'
             "[web]\n"
             f'listen = "tcp:{web_port}:interface=127.0.0.1"\n' + extra
         )
