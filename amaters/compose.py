@@ -68,6 +68,7 @@ from amaters.protect.metrics import ProtectionCollector
 from amaters.protect.ratelimit import RateLimiter, RateLimitStage
 from amaters.protect.shedding import LagSource, LoadShedder
 from amaters.protect.wiring import ListenerLimits, Protection, ProtectionService
+from amaters.protocols.grpc_service import GrpcService
 from amaters.protocols.server import ListenerService
 from amaters.query import operations as ops
 from amaters.query.executor import CAPABILITIES, QueryExecutor
@@ -75,6 +76,7 @@ from amaters.query.pipeline import QueryPipeline
 from amaters.service import AsyncMultiService, Lifecycle, ThreadPoolService
 from amaters.storage import build_backend, innermost
 from amaters.storage.flusher import FlusherService
+from amaters.storage.s3 import S3Store
 from amaters.storage.service import StorageService
 from amaters.storage.snapshot import SnapshotScheduler
 from amaters.web.admin import AdminAPI
@@ -141,6 +143,7 @@ class Components:
     protection: Protection
     reloader: Reloader
     listener: ListenerService
+    grpc: GrpcService | None
     web: OpsService | None
     services: tuple[service.IService, ...]
 
@@ -164,7 +167,7 @@ class AmatersService(AsyncMultiService):
             child.setServiceParent(self)
 
     # AsyncMultiService keeps its state in ``self.state``: here it is the lifecycle's.
-    @property  # type: ignore[override]
+    @property
     def state(self) -> str:
         return self.lifecycle.state
 
@@ -307,12 +310,15 @@ def build_service(
     committer = getattr(innermost(backend), "group_commit", None)
     if committer is not None:
         committer.add_observer(metrics.storage_synced)
+    cluster = None
+    if config.storage.backend == "etcd":
+        from amaters.cluster.service import build_cluster_service
+
+        cluster = build_cluster_service(config, reactor, innermost(backend))
     snapshots: SnapshotScheduler | None = None
     if config.storage.backend == "rocksdb" and config.snapshot.interval > 0:
         uploader = None
         if config.snapshot.upload:
-            from amaters.storage.s3 import S3Store
-
             uploader = S3Store.from_config(config.snapshot.s3)
         snapshots = SnapshotScheduler(backend, config, pools, reactor, uploader=uploader)
 
@@ -325,7 +331,9 @@ def build_service(
 
     # The executor, with the query cache around it and the server's administration beside it.
     connection_limiter = ConnectionLimiter(config.limits, reactor)
-    admin = ServerAdmin(live, lifecycle, backend, pools, reloader, lambda: connection_limiter.total)
+    admin = ServerAdmin(
+        live, lifecycle, backend, pools, reloader, lambda: connection_limiter.total, cluster=cluster
+    )
 
     def server_info() -> ops.ServerInfoResult:
         return ops.ServerInfoResult(
@@ -394,7 +402,7 @@ def build_service(
         gate_factory=ConnectionLimitFactory.wrapper(connection_limiter),
         frame_compression=frames,
     )
-    probes = {"storage": storage, "flusher": flusher, "listener": listener}
+    probes = {"storage": storage, "flusher": flusher, "listener": listener, "cluster": cluster}
     web: OpsService | None = None
     if config.web.enabled:
         api = OpsAPI(
@@ -407,6 +415,11 @@ def build_service(
             admin=AdminAPI(pipeline, authenticate, live, reactor),
         )
         web = OpsService(config, reactor, api)
+
+    grpc: GrpcService | None = None
+    if config.grpc.enabled:
+        grpc = GrpcService(config, reactor, pipeline, authenticate, lambda: lifecycle.ready)
+        grpc.observe(metrics.registry)
 
     protection = Protection(
         cache,
@@ -432,7 +445,10 @@ def build_service(
         frames,
         blobs,
         TLSReloader(listener),
+        grpc,
     ):
+        if component is None:
+            continue
         reloader.register(component)
     watcher = None
     if config.tls.enabled and config.tls.watch:
@@ -444,6 +460,7 @@ def build_service(
             logging_service,  # first up, last down
             pools,
             storage,
+            cluster,  # registers the node once storage is open; leaves before it closes
             flusher,
             snapshots,  # stops (awaiting a running snapshot) before the storage closes
             web,  # up before the listener, down after it: /readyz says 503 while it drains
@@ -452,6 +469,7 @@ def build_service(
             lag,
             tracing,
             metrics_service,
+            grpc,  # stops after the native listener: calls in flight finish, then GOAWAY
             listener,
             ProtectionService(metrics.registry, protection.collector),
             watcher,
@@ -476,6 +494,7 @@ def build_service(
         protection=protection,
         reloader=reloader,
         listener=listener,
+        grpc=grpc,
         web=web,
         services=services,
     )

@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 import attrs
 
+from amaters.fdlimit import file_handle_problems
+
 ENV_PREFIX = "AMATERS_"
 
 
@@ -240,6 +242,71 @@ class WebConfig:
     )
     cors: CORSConfig = section(CORSConfig)
     tls: WebTLSConfig = section(WebTLSConfig)
+
+
+def grpc_bind_address(description: str) -> str:
+    """The address grpcio binds for a ``grpc.listen`` endpoint string; raises ValueError.
+
+    Accepts the Twisted forms ``tcp:PORT[:interface=HOST]``, ``tcp6:PORT[:interface=HOST]`` and
+    ``unix:PATH`` (the only ones grpcio can serve); a backslash escapes a colon in an IPv6 host.
+    """
+    parts = re.split(r"(?<!\\):", description)
+    kind = parts[0].lower()
+    if kind == "unix" and len(parts) >= 2 and parts[1]:
+        return "unix:" + parts[1].replace("\\", "")
+    if kind not in ("tcp", "tcp6") or len(parts) < 2:
+        raise ValueError("use tcp:PORT[:interface=HOST], tcp6:PORT[:interface=HOST] or unix:PATH")
+    port_text = parts[1][5:] if parts[1].startswith("port=") else parts[1]
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"{parts[1]!r} is not a port number")
+    host = "::" if kind == "tcp6" else "0.0.0.0"
+    for part in parts[2:]:
+        name, _, value = part.partition("=")
+        if name == "interface" and value:
+            host = value.replace("\\", "")
+        elif name != "backlog":
+            raise ValueError(f"{part!r} is not an option grpc.listen supports (interface=HOST)")
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{int(port_text)}"
+
+
+def _check_grpc_endpoint(value: str) -> str | None:
+    try:
+        grpc_bind_address(value)
+    except ValueError as e:
+        return f"an endpoint string like 'tcp:7880:interface=127.0.0.1' ({e})"
+    return None
+
+
+@attrs.frozen
+class GrpcConfig:
+    enabled: bool = setting(
+        True,
+        "Serve AmateRS's gRPC AqlService (with grpc.health.v1 and server reflection) on grpc.listen.",
+    )
+    listen: str = setting(
+        "tcp:7880:interface=127.0.0.1",
+        "Endpoint of the gRPC front end: tcp:PORT[:interface=HOST], tcp6:... or unix:PATH. TLS is"
+        " applied from [tls], with the native listener's certificates.",
+        check=_check_grpc_endpoint,
+    )
+    max_workers: int = setting(
+        16,
+        "Threads serving gRPC calls. A call holds one for its whole life (a stream until it ends).",
+        minimum=1,
+        maximum=1024,
+    )
+    max_concurrent_calls: int = setting(
+        1024,
+        "Calls accepted at once (running or waiting for a thread); more get RESOURCE_EXHAUSTED.",
+        minimum=1,
+    )
+    max_connections: int = setting(
+        1000,
+        "Connections the gRPC port accepts at once (each is a file handle); more are refused.",
+        minimum=1,
+    )
 
 
 @attrs.frozen
@@ -729,6 +796,12 @@ class ClusterConfig:
         minimum=0.05,
         maximum=30.0,
     )
+    serializable_reads: bool = setting(
+        False,
+        "Serve GETs from the etcd member the node talks to, without a quorum round trip (faster, may"
+        " be slightly stale; a client's session token still guarantees it reads its own writes)."
+        " Off: every read is linearizable.",
+    )
     lease_ttl: int = setting(
         5,
         "Seconds a dead node stays registered (and keeps singleton duties) before others notice.",
@@ -742,6 +815,7 @@ class Config:
     tls: TLSConfig = section(TLSConfig)
     storage: StorageConfig = section(StorageConfig)
     web: WebConfig = section(WebConfig)
+    grpc: GrpcConfig = section(GrpcConfig)
     logging: LoggingConfig = section(LoggingConfig)
     tracing: TracingConfig = section(TracingConfig)
     limits: LimitsConfig = section(LimitsConfig)
@@ -998,16 +1072,25 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
             problems.append(f"web.tls.{name}: {value!r} is not a readable file")
     if config.server.listen == config.web.listen and config.web.enabled and ":0:" not in config.web.listen:
         problems.append("web.listen: must differ from server.listen")
-    if (
-        not config.auth.enabled
-        and not config.auth.allow_unauthenticated_remote
-        and not is_loopback_endpoint(config.server.listen)
-    ):
-        problems.append(
-            f"server.listen: {config.server.listen!r} is reachable from other hosts while auth.enabled"
-            " is false; bind interface=127.0.0.1, enable auth, or set"
-            " auth.allow_unauthenticated_remote = true (protected mode)"
-        )
+    listeners = [("server.listen", config.server.listen)]
+    if config.grpc.enabled:
+        listeners.append(("grpc.listen", config.grpc.listen))
+        if ":0:" not in config.grpc.listen and config.grpc.listen in (
+            config.server.listen,
+            config.web.listen,
+        ):
+            problems.append("grpc.listen: must differ from server.listen and web.listen")
+    for key, endpoint in listeners:
+        if (
+            not config.auth.enabled
+            and not config.auth.allow_unauthenticated_remote
+            and not is_loopback_endpoint(endpoint)
+        ):
+            problems.append(
+                f"{key}: {endpoint!r} is reachable from other hosts while auth.enabled"
+                " is false; bind interface=127.0.0.1, enable auth, or set"
+                " auth.allow_unauthenticated_remote = true (protected mode)"
+            )
     if config.snapshot.upload and not config.snapshot.s3.bucket:
         problems.append("snapshot.upload: needs snapshot.s3.bucket (the bucket to upload to)")
     if config.snapshot.interval > 0 and config.storage.backend != "rocksdb":
@@ -1017,8 +1100,6 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
             "limits.max_buffered_bytes: must be at least limits.max_frame_bytes"
             f" ({config.limits.max_frame_bytes}), or no frame of the largest size could be received"
         )
-    from amaters.fdlimit import file_handle_problems
-
     problems.extend(file_handle_problems(config))
     if config.storage.backend == "etcd" and not config.cluster.endpoints:
         problems.append(

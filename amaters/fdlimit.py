@@ -56,7 +56,7 @@ def handles_needed(config: Any) -> list[tuple[str, int]]:
         parts.append(("web.max_connections", config.web.max_connections))
     grpc = getattr(config, "grpc", None)
     if grpc is not None and getattr(grpc, "enabled", False):
-        parts.append(("grpc.max_connections", int(getattr(grpc, "max_connections", 0))))
+        parts.append(("grpc.max_connections", grpc.max_connections))
     if config.storage.backend == "rocksdb":
         parts.append(("storage.max_open_files", config.storage.max_open_files + STORAGE_BASE_HANDLES))
     parts.append(("reserve", RESERVED_HANDLES))

@@ -89,7 +89,7 @@ class AsyncMultiService(service.MultiService):
         self._start_waiters: list[defer.Deferred[None]] = []
         self.state = "stopped"  # stopped | starting | running | stopping
 
-    def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    def startService(self) -> defer.Deferred[None]:
         service.Service.startService(self)
         self.state = "starting"
         self._start_d = defer.Deferred.fromCoroutine(self._start_children())
@@ -146,7 +146,7 @@ class AsyncMultiService(service.MultiService):
         self._started = []
         return failures
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    def stopService(self) -> defer.Deferred[None]:
         service.Service.stopService(self)
         return defer.Deferred.fromCoroutine(self._stop())
 
@@ -190,7 +190,7 @@ class ThreadPoolService(service.Service):
         if not self._synchronous:
             self.pool.start()
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         if self._synchronous or not self.pool.started:
             return defer.succeed(None)
@@ -213,4 +213,4 @@ class ThreadPoolService(service.Service):
             return defer.maybeDeferred(f, *args, **kwargs)
         from twisted.internet.threads import deferToThreadPool
 
-        return deferToThreadPool(self._reactor, self.pool, f, *args, **kwargs)  # type: ignore[arg-type]
+        return deferToThreadPool(self._reactor, self.pool, f, *args, **kwargs)

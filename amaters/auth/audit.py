@@ -290,13 +290,13 @@ class AuditService(service.Service):
             self.sink.flush()
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()
         if isinstance(self.sink, AuditLog):
             self.sink.open()
             self._log.info("Audit log {path}", path=str(self.sink.path))
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
-        super().stopService()  # type: ignore[no-untyped-call]
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
         if isinstance(self.sink, AuditLog):
             self.sink.close()
         return defer.succeed(None)

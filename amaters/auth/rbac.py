@@ -261,7 +261,7 @@ class RBACPolicy:
             if len(self._denials) >= self.CACHE_SIZE:
                 self._denials.clear()
             self._denials[key] = found
-        return found  # type: ignore[no-any-return]
+        return found
 
     def _first_denied(self, roles: Sequence[str], op: Any) -> Access | None:
         for access in required_access(op):

@@ -140,7 +140,7 @@ class PortalAuthenticator:
         try:
             result: Any = await self.portal.login(cred, None, IPrincipal)
         except Exception:
-            raise self._failed(Failure(), method, source, bucket) from None  # type: ignore[no-untyped-call]
+            raise self._failed(Failure(), method, source, bucket) from None
         principal: IPrincipal = result[1]
         self.throttle.record_success(bucket)
         self.audit.emit(

@@ -70,7 +70,7 @@ class AuthService(service.Service):
     # -- lifecycle ------------------------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()
         material = load_auth_material(self.config)  # raises AuthConfigError: the start fails
         self._apply(material, self.config)
         if self.config.auth.enabled:

@@ -259,7 +259,7 @@ def twistd_json_observer() -> ILogObserver:
     path = os.environ.get(TWISTD_LOG_FILE_ENV)
     if path:
         log_file = LogFile.fromFullPath(path, defaultMode=LOG_FILE_MODE)
-        return FileLogObserver(log_file, format_json)  # type: ignore[arg-type]
+        return FileLogObserver(log_file, format_json)
     return FileLogObserver(sys.stdout, format_json)
 
 
@@ -292,7 +292,7 @@ class LevelPredicate(LogLevelFilterPredicate):
             self.decisions[key] = decision
         return decision
 
-    def setLogLevelForNamespace(self, namespace: str, level: LogLevel) -> None:  # type: ignore[override]
+    def setLogLevelForNamespace(self, namespace: str, level: LogLevel) -> None:
         super().setLogLevelForNamespace(namespace, level)
         self.decisions.clear()
 
@@ -427,7 +427,7 @@ class LoggingService(service.Service):
         self.controller = LogController(settings, publisher, clock)
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()  # type: ignore[no-untyped-call]
+        super().privilegedStartService()
         # Open the log file before privileges are shed (like twistd's own --logfile).  A failure is
         # reported by startService, through the service tree's start error handling.
         try:
@@ -436,7 +436,7 @@ class LoggingService(service.Service):
             pass
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()
         try:
             self.controller.install()
         except OSError as e:
@@ -445,7 +445,7 @@ class LoggingService(service.Service):
             ) from None
 
     def stopService(self) -> None:
-        super().stopService()  # type: ignore[no-untyped-call]
+        super().stopService()
         self.controller.uninstall()
 
     def prepare_reload(self, old: Config, new: Config) -> Callable[[], None] | None:

@@ -134,7 +134,7 @@ class FrameReceiver(Int32StringReceiver):
                 if stop > end:
                     break
                 offset = stop
-                self.stringReceived(buffer[start:stop])  # type: ignore[no-untyped-call]
+                self.stringReceived(buffer[start:stop])
                 if self._too_large:
                     return
                 if self._rx is not buffer:

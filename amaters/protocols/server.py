@@ -64,7 +64,9 @@ from amaters.errors import (
     SizeExceeded,
     UnsupportedVersion,
 )
+from amaters.fdlimit import raise_open_file_limit
 from amaters.interfaces import IPrincipal, IRangeCursor
+from amaters.protect.compression import compress_frame, decompress_frame
 from amaters.proto import aql_pb2, envelope_pb2
 from amaters.proto.convert import (
     error_to_proto,
@@ -80,6 +82,8 @@ from amaters.protocols.wirecheck import TooManyElements, count_elements
 from amaters.query import operations as ops
 from amaters.query.executor import CAPABILITIES
 from amaters.query.pipeline import QueryPipeline, RequestContext
+from amaters.tls.certs import ensure_server_tls
+from amaters.tls.context import ReloadableServerTLS, server_tls_options
 
 if TYPE_CHECKING:
     from amaters.config import Config, LimitsConfig
@@ -320,6 +324,8 @@ class AmatersServerProtocol(FrameReceiver):
         # whether they count as unauthenticated (until the handshake succeeds).
         self._charged = 0
         self._prelogin = True
+        # Clustered mode: the revision scope of each request in flight, until its first answer.
+        self._revision_scopes: dict[int, Any] = {}
 
     # -- connection lifecycle -----------------------------------------------------------------
 
@@ -554,7 +560,7 @@ class AmatersServerProtocol(FrameReceiver):
         if self._state is not _READY:
             self._before_ready(request_id, kind, envelope)
             return
-        handler = _HANDLERS.get(kind)  # type: ignore[arg-type]
+        handler = _HANDLERS.get(kind)
         if handler is None:
             self._send_error(request_id, _unknown_request(kind))
             return
@@ -563,10 +569,13 @@ class AmatersServerProtocol(FrameReceiver):
             return
         trace_context = envelope.trace_context
         self._trace_context = dict(trace_context) if trace_context else None
+        if self.factory.session_revisions:
+            self._handle_with_revisions(handler, request_id, kind, envelope)
+            return
         try:
-            handler(self, request_id, getattr(envelope, kind))  # type: ignore[arg-type]
+            handler(self, request_id, getattr(envelope, kind))
         except Exception:
-            error = self._as_amaters_error(Failure(), kind or "request")  # type: ignore[no-untyped-call]
+            error = self._as_amaters_error(Failure(), kind or "request")
             self._send_error(request_id, error)
 
     def _parse_cost_ok(self, payload: bytes) -> bool:
@@ -586,6 +595,22 @@ class AmatersServerProtocol(FrameReceiver):
             )
             return False
         return True
+
+    def _handle_with_revisions(self, handler: Any, request_id: int, kind: Any, envelope: Any) -> None:
+        """Run a request under a revision scope (clustered mode): its answer reports the revisions
+        it saw; reads wait for the revisions the client sent."""
+        from amaters.cluster import session
+
+        scope = session.RevisionScope(envelope.revisions)
+        self._revision_scopes[request_id] = scope
+        token = session.enter(scope)
+        try:
+            handler(self, request_id, getattr(envelope, kind))
+        except Exception:
+            error = self._as_amaters_error(Failure(), kind or "request")
+            self._send_error(request_id, error)
+        finally:
+            session.leave(token)
 
     def framesDelivered(self) -> None:
         self._flush_out()
@@ -613,11 +638,13 @@ class AmatersServerProtocol(FrameReceiver):
     def _send(self, envelope: envelope_pb2.Envelope) -> None:
         if self._lost:
             return
+        if self._revision_scopes:
+            scope = self._revision_scopes.pop(envelope.request_id, None)
+            if scope is not None and scope.seen:
+                envelope.revisions.update(scope.seen)
         payload = envelope.SerializeToString()
         size = len(payload)
         if self._frame_codec and size >= self._frame_threshold:
-            from amaters.protect.compression import compress_frame
-
             payload = compress_frame(payload, self._frame_codec) or payload
             size = len(payload)
         out = self._out
@@ -694,8 +721,6 @@ class AmatersServerProtocol(FrameReceiver):
         if not self._frame_codec:
             self._send_error(0, ProtocolError("per-frame compression was not negotiated"))
             return None
-        from amaters.protect.compression import decompress_frame
-
         try:
             payload = decompress_frame(envelope.compressed, self.MAX_LENGTH)
             if len(payload) > 2 * self.factory.limits.max_frame_elements and not self._parse_cost_ok(payload):
@@ -1222,6 +1247,8 @@ class AmatersServerFactory(Factory):
         #: While draining, idle connections are closed by the server only after a grace period
         #: (clients told of the shutdown close first).
         self.drain_grace_over = False
+        #: Clustered mode: requests carry and answers report shard revisions (amaters.cluster.session).
+        self.session_revisions = False
         self._grace_timer: Any = None
         self._drained: list[defer.Deferred[None]] = []
 
@@ -1309,6 +1336,7 @@ class ListenerService(service.Service):
             authenticate or default_authenticator(config.auth.enabled),
             frame_compression,
         )
+        self.factory.session_revisions = config.storage.backend == "etcd"
         self.port: IListeningPort | None = None
         self.tls: Any = None
         self.tls_files: Any = None
@@ -1321,23 +1349,18 @@ class ListenerService(service.Service):
     def is_accepting(self) -> bool:
         return bool(self.running) and self.port is not None and not self.factory.draining
 
-    def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
-        super().startService()  # type: ignore[no-untyped-call]
+    def startService(self) -> defer.Deferred[None]:
+        super().startService()
         return defer.Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
         config = self.config
-        from amaters.fdlimit import raise_open_file_limit
-
         before, after = raise_open_file_limit()
         if after != before:
             self._log.info("Raised the open-file limit from {before} to {after}", before=before, after=after)
-        endpoint = serverFromString(self.reactor, config.server.listen)  # type: ignore[no-untyped-call]
+        endpoint = serverFromString(self.reactor, config.server.listen)
         factory: Any = self.factory if self.wrap_factory is None else self.wrap_factory(self.factory)
         if config.tls.enabled:
-            from amaters.tls.certs import ensure_server_tls
-            from amaters.tls.context import ReloadableServerTLS, server_tls_options
-
             files = ensure_server_tls(config)
             self.tls_files = files
             if files.generated:
@@ -1375,8 +1398,8 @@ class ListenerService(service.Service):
             security="TLS" if config.tls.enabled else "plain TCP",
         )
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
-        super().stopService()  # type: ignore[no-untyped-call]
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from amaters import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS
 from amaters.errors import AmatersError, InvalidOperation, NotFound, SizeExceeded
 from amaters.interfaces import IRangeCursor, IServerAdmin, IStorageBackend
 from amaters.query import operations as ops
@@ -99,6 +100,7 @@ class QueryExecutor:
             ops.ReloadConfig: lambda op: self._admin().reload(op.requested_by),
             ops.ListSnapshots: lambda op: self._admin().list_snapshots(op.remote),
             ops.CreateSnapshot: lambda op: self._admin().create_snapshot(op.upload),
+            ops.ClusterStatus: lambda op: self._admin().cluster_status(),
         }
 
     def update_limits(self, limits: Any) -> None:
@@ -125,7 +127,7 @@ class QueryExecutor:
 
     def execute(self, op: ops.Operation) -> defer.Deferred[Any]:
         """Run any operation (RANGE as a complete list; streams use :meth:`open_range`)."""
-        return self._dispatch[type(op)](op)  # type: ignore[no-any-return]
+        return self._dispatch[type(op)](op)
 
     # -- single keys --------------------------------------------------------------------------
 
@@ -171,9 +173,7 @@ class QueryExecutor:
             raise self._missing(op.collection)
         if op.limit == 0 or (op.end is not None and op.start >= op.end):
             return _EmptyCursor()  # type: ignore[return-value]
-        return self.backend.scan(  # type: ignore[no-any-return]
-            op.collection, op.start, op.end, op.limit, self.range_chunk_size
-        )
+        return self.backend.scan(op.collection, op.start, op.end, op.limit, self.range_chunk_size)
 
     def range_list(self, op: ops.Range) -> defer.Deferred[list[tuple[bytes, CipherBlob]]]:
         """The whole range as one list (for callers that do not stream)."""
@@ -275,8 +275,6 @@ class QueryExecutor:
 
     def server_info(self, op: ops.ServerInfo) -> defer.Deferred[ops.ServerInfoResult]:
         if self._server_info is None:
-            from amaters import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS
-
             return defer.succeed(
                 ops.ServerInfoResult(PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS, CAPABILITIES, 0)
             )

@@ -198,8 +198,24 @@ class CreateSnapshot:
     upload: bool = False
 
 
+@attrs.frozen(slots=True)
+class ClusterStatus:
+    """Clustered mode: the shards with their etcd members and leader, the nodes, the leading node."""
+
+    name: ClassVar[str] = "admin cluster status"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+
+
 AdminOperation = (
-    ServerStatus | CollectionStats | StorageStats | Compact | ReloadConfig | ListSnapshots | CreateSnapshot
+    ServerStatus
+    | CollectionStats
+    | StorageStats
+    | Compact
+    | ReloadConfig
+    | ListSnapshots
+    | CreateSnapshot
+    | ClusterStatus
 )
 
 Operation = (

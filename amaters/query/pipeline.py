@@ -249,7 +249,7 @@ class QueryPipeline:
         done, outcome = self.run(ctx, op)
         if done:
             return defer.succeed(outcome)
-        return outcome  # type: ignore[no-any-return]
+        return outcome
 
     def run(self, ctx: RequestContext, op: ops.Operation) -> tuple[bool, Any]:
         """:meth:`execute` for callers on the hot path: ``(True, result)`` when the request has
@@ -350,7 +350,7 @@ class QueryPipeline:
         if isinstance(failure.value, AmatersError):
             return failure
         self._log.failure("Unexpected error in {op} request", failure, op=op.name)
-        return Failure(ServerError("internal server error; the server log has the details"))  # type: ignore[no-untyped-call]
+        return Failure(ServerError("internal server error; the server log has the details"))
 
     def _run_afters(self, outcome: object, ctx: RequestContext, op: ops.Operation) -> object:
         for stage in self._afters:

@@ -144,7 +144,7 @@ class RetryingBackend:
         first: defer.Deferred[Any] = defer.maybeDeferred(f, *args)
         if not first.called:
             return first.addErrback(self._after_failure, what, f, args)
-        if not isinstance(first.result, Failure):  # type: ignore[attr-defined]
+        if not isinstance(first.result, Failure):
             return first
         # Failed at once: answer with a fresh Deferred (one that has not fired yet while retries are
         # pending, rather than the first attempt's, which would look "called" while it waits).

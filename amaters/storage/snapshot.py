@@ -608,7 +608,7 @@ def _write_tar(
         for entry in manifest.files:
             with (root / entry.path).open("rb") as f:
                 reader = _HashingReader(f, packing)
-                tar.addfile(_tar_info(entry.path, entry.size, timestamp), reader)  # type: ignore[arg-type]
+                tar.addfile(_tar_info(entry.path, entry.size, timestamp), reader)
             if reader.digest.hexdigest() != entry.sha256:
                 raise SnapshotError(f"{entry.path} changed while the snapshot was being packed")
     if compressor is not None:
@@ -1093,8 +1093,8 @@ class SnapshotScheduler(service.Service):
         #: Clock time of the last successful snapshot (for a "last backup age" gauge).
         self.last_success_at: float | None = None
 
-    def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
-        super().startService()  # type: ignore[no-untyped-call]
+    def startService(self) -> defer.Deferred[None]:
+        super().startService()
         # Nothing writes snapshots yet: a good moment to remove what a crash left behind.
         d = self.pools.io.run(clean_leftovers, snapshot_dir(self.config)).addCallbacks(
             self._cleaned, log_failure("Could not clean up old snapshot work files", self._log)
@@ -1110,8 +1110,8 @@ class SnapshotScheduler(service.Service):
         for path in removed:
             self._log.info("Removed leftover snapshot file {path}", path=str(path))
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
-        super().stopService()  # type: ignore[no-untyped-call]
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
         loop, self._loop = self._loop, None
         if loop is not None and loop.running:
             loop.stop()

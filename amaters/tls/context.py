@@ -56,7 +56,7 @@ def load_certificates(path: str | Path) -> list[ssl.Certificate]:
 def load_trust_root(path: str | Path) -> IOpenSSLTrustRoot:
     """Trust exactly the CA certificates in a PEM bundle."""
     certificates = load_certificates(path)
-    return ssl.trustRootFromCertificates(certificates)  # type: ignore[no-untyped-call]
+    return ssl.trustRootFromCertificates(certificates)
 
 
 def server_tls_options(
@@ -158,12 +158,12 @@ def client_tls_options(
     ``ca_file`` None trusts the platform's CA store.  ``client_cert``/``client_key`` present a client
     certificate (mutual TLS); the key may be in ``client_cert`` itself.
     """
-    trust = load_trust_root(ca_file) if ca_file else ssl.platformTrust()  # type: ignore[no-untyped-call]
+    trust = load_trust_root(ca_file) if ca_file else ssl.platformTrust()
     client_certificate = None
     if client_cert:
         cert_pem = Path(client_cert).read_bytes()
         key_pem = Path(client_key).read_bytes() if client_key else cert_pem
-        client_certificate = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)  # type: ignore[no-untyped-call]
+        client_certificate = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
     return ssl.optionsForClientTLS(
         hostname,
         trustRoot=trust,

@@ -21,7 +21,7 @@ With auth on, the credentials are headers a page cannot send cross-site either. 
 applies to ``/admin/``.  The ops site screens these headers before it reads a request's body.
 
 Routes: ``GET status``, ``GET collections``, ``GET stats``, ``POST compact``, ``POST reload``,
-``GET snapshots``, ``POST snapshots`` (optionally ``?upload=1``).
+``GET snapshots``, ``POST snapshots`` (optionally ``?upload=1``), ``GET cluster`` (clustered mode).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import attrs
 from klein import Klein
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
 
 from amaters.auth.principal import ANONYMOUS, Authenticator, Credentials
 from amaters.config import LiveConfig
@@ -209,8 +210,6 @@ class AdminAPI:
 
     @app.handle_errors(Exception)
     def errors(self, request: IRequest, failure: Any) -> bytes:
-        from werkzeug.exceptions import HTTPException
-
         exc = failure.value
         if isinstance(exc, HTTPException):
             code = exc.code or 500
@@ -243,6 +242,10 @@ class AdminAPI:
         return await self._run(
             request, lambda principal: ops.ReloadConfig(requested_by=f"{principal.name} (admin API)")
         )
+
+    @app.route("/cluster", methods=["GET"])
+    async def cluster(self, request: IRequest) -> bytes:
+        return await self._run(request, lambda principal: ops.ClusterStatus())
 
     @app.route("/snapshots", methods=["GET"])
     async def list_snapshots(self, request: IRequest) -> bytes:

@@ -58,7 +58,7 @@ class GuardedRequest(server.Request):
     _body_bytes = 0
 
     def gotLength(self, length: int | None) -> None:
-        site: GuardedSite = self.channel.site  # type: ignore[union-attr,attr-defined]
+        site: GuardedSite = self.channel.site  # type: ignore[attr-defined]
         limit = site.config().web.max_request_body_bytes
         if length is not None and length > limit:
             self._refuse(
@@ -81,7 +81,7 @@ class GuardedRequest(server.Request):
         if self._refused:
             return
         self._body_bytes += len(data)
-        limit = self.channel.site.config().web.max_request_body_bytes  # type: ignore[union-attr,attr-defined]
+        limit = self.channel.site.config().web.max_request_body_bytes  # type: ignore[attr-defined]
         if self._body_bytes > limit:
             self._refuse(
                 413,
@@ -107,8 +107,8 @@ class GuardedRequest(server.Request):
     def _refuse(self, status: int, reason: str, body: dict[str, Any]) -> None:
         """Answer now and close: the rest of this connection's input is never read."""
         self._refused = True
-        self.content = None  # type: ignore[assignment]
-        transport = self.channel.transport  # type: ignore[union-attr]
+        self.content = None
+        transport = self.channel.transport
         if transport is None:
             return
         transport.write(_raw_response(status, reason, body))

@@ -36,11 +36,15 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from amaters import __version__
 from amaters.config import Config
 from amaters.ops.identity import identity
+from amaters.tls.certs import ensure_server_tls
+from amaters.tls.context import server_tls_options
 from amaters.web.guard import ConnectionGate, GuardedSite
 
 #: Methods each route answers (besides OPTIONS, which every known path answers).
@@ -202,6 +206,9 @@ class OpsAPI:
         listener = self._child("listener")
         if listener is not None and not getattr(listener, "is_accepting", True):
             return False, "listener_not_accepting"
+        cluster = self._child("cluster")
+        if cluster is not None and not cluster.quorum_ok():
+            return False, "etcd_quorum_unreachable"
         return True, "ready"
 
     # -- CORS ------------------------------------------------------------------------------
@@ -256,6 +263,9 @@ class OpsAPI:
             "components": components,
             **identity(),
         }
+        cluster = self._child("cluster")
+        if cluster is not None:
+            body["cluster"] = cluster.health()
         return _json(request, 200 if status in ("healthy", "degraded") else 503, body)
 
     @app.route("/metrics", methods=list(ROUTE_METHODS))
@@ -308,8 +318,6 @@ class OpsAPI:
 
     @app.handle_errors(Exception)
     def errors(self, request: IRequest, failure: Any) -> bytes:
-        from werkzeug.exceptions import HTTPException, MethodNotAllowed
-
         self._cors(request)
         exc = failure.value
         if isinstance(exc, HTTPException):
@@ -342,10 +350,6 @@ class OpsService(service.Service):
         settings = self.config.web.tls
         if not settings.enabled:
             return ConnectionGate(site, site)
-        from twisted.protocols.tls import TLSMemoryBIOFactory
-
-        from amaters.tls.context import server_tls_options
-
         if settings.cert or settings.key:
             for name in ("cert", "key"):
                 value = getattr(settings, name)
@@ -356,14 +360,12 @@ class OpsService(service.Service):
                     )
             cert, key = settings.cert, settings.key
         else:
-            from amaters.tls.certs import ensure_server_tls
-
             files = ensure_server_tls(self.config)
             cert, key = str(files.cert), str(files.key)
         options = server_tls_options(cert, key)
         return ConnectionGate(TLSMemoryBIOFactory(options, False, site, clock=self.reactor), site)
 
-    def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    def startService(self) -> defer.Deferred[None]:
         super().startService()
         try:
             endpoint = serverFromString(self.reactor, self.config.web.listen)
@@ -386,7 +388,7 @@ class OpsService(service.Service):
         d.addCallback(listening)
         return d
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         port, self.port = self.port, None
         if port is None:

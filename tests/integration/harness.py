@@ -59,6 +59,9 @@ class ServerProcess:
         self.web_port = free_port()
         while self.web_port == self.port:
             self.web_port = free_port()
+        self.grpc_port = free_port()
+        while self.grpc_port in (self.port, self.web_port):
+            self.grpc_port = free_port()
         self.data_dir = directory / "data"
         self.log_path = directory / "server.log"
         self.config_path = directory / "server.toml"
@@ -69,6 +72,8 @@ class ServerProcess:
             "shutdown_timeout = 10\n"
             "[web]\n"
             f'listen = "tcp:{self.web_port}:interface=127.0.0.1"\n'
+            "[grpc]\n"
+            f'listen = "tcp:{self.grpc_port}:interface=127.0.0.1"\n'
         )
         self.config_path.write_text(base + (config_text or ""))
         self.settings = list(settings)

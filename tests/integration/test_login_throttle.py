@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from test_auth_tls import start_server
+from inprocess import start_auth_server as start_server
 
 from amaters.errors import ErrorCode
 

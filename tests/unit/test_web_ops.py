@@ -116,7 +116,10 @@ def test_readyz_needs_open_storage_and_an_accepting_listener() -> None:
     treq = client(root)
     assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "storage_not_open", **identity()})
     storage.is_open = True  # type: ignore[attr-defined]
-    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "listener_not_accepting", **identity()})
+    assert get(treq, "/readyz") == (
+        503,
+        {"status": "not_ready", "reason": "listener_not_accepting", **identity()},
+    )
     listener.is_accepting = True  # type: ignore[attr-defined]
     assert get(treq, "/readyz") == (200, {"status": "ready", **identity()})
 
