@@ -408,13 +408,17 @@ def test_client_certificate_login_with_client_auth_required(tmp_path: Path, stub
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
         )
+    # A user that may also create the collection it writes to (creating one is a permission).
+    (tmp_path / "roles.toml").write_text(
+        '[roles.writer]\ninherits = ["user"]\npermissions = [{ resource = "collection:certs", permission = "create" }]\n'
+    )
     server = ServerProcess(
         tmp_path / "server",
         config_text=(
             f'[tls]\nclient_auth = "required"\nca = "{tmp_path / "client-ca.pem"}"\n'
             '[storage]\nbackend = "memory"\n'
-            "[auth]\nenabled = true\n"
-            '[auth.mtls]\nallowed_organizations = ["Acme"]\nrole_map = { "id:carol" = ["user"] }\n'
+            f'[auth]\nenabled = true\nroles_file = "{tmp_path / "roles.toml"}"\n'
+            '[auth.mtls]\nallowed_organizations = ["Acme"]\nrole_map = { "id:carol" = ["writer"] }\n'
         ),
     )
     server.start().wait_ready()
