@@ -763,8 +763,8 @@ class GrpcService(service.Service):
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
-        super().startService()  # type: ignore[no-untyped-call]
+    def startService(self) -> defer.Deferred[None]:
+        super().startService()
         return defer.Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
@@ -778,6 +778,7 @@ class GrpcService(service.Service):
             maximum_concurrent_rpcs=config.grpc.max_concurrent_calls,
             options=[
                 ("grpc.so_reuseport", 0),
+                ("grpc.max_allowed_incoming_connections", config.grpc.max_connections),
                 ("grpc.max_receive_message_length", limits.max_frame_bytes),
                 # The native protocol's frame limit bounds every gRPC message too (a unary RANGE
                 # bigger than that fails with RESOURCE_EXHAUSTED: ExecuteStream is for those).
@@ -826,8 +827,8 @@ class GrpcService(service.Service):
         except Exception:
             self._log.failure("Could not refresh the gRPC health status")
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
-        super().stopService()  # type: ignore[no-untyped-call]
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:

@@ -14,8 +14,8 @@ import attrs
 
 from amaters.types import CipherBlob
 
-#: What an operation needs, for RBAC: read < write < admin.
-Access = Literal["read", "write", "admin"]
+#: What an operation needs, for RBAC: read < write < create < admin.
+Access = Literal["read", "write", "create", "admin"]
 
 
 def _hidden(value: object) -> str:
@@ -95,7 +95,7 @@ class Batch:
 @attrs.frozen(slots=True)
 class CreateCollection:
     name: ClassVar[str] = "create_collection"
-    kind: ClassVar[Access] = "admin"
+    kind: ClassVar[Access] = "create"
     collection: str
 
 

@@ -264,6 +264,8 @@ def test_jwt_api_key_rbac_expired_and_missing_credentials(
     client = UpstreamClient(stubs)
     try:
         client.connect(server.grpc_port, server.ca_cert)
+        # Creating a collection needs the create permission (an administrator's); users write to it.
+        client.ok("ExecuteQuery", query(set_q("orders", b"seed", b"x")), metadata=bearer("ada", ["admin"]))
         written = client.ok(
             "ExecuteQuery", query(set_q("orders", b"o1", b"c1")), metadata=bearer("ulla", ["user"])
         )

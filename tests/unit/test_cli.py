@@ -58,7 +58,8 @@ def test_status_when_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_stop_when_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["stop", "--set", f"server.data_dir={tmp_path}"]) == 0
+    args = ["--set", f"server.data_dir={tmp_path}", "--set", "web.listen=tcp:1:interface=127.0.0.1"]
+    assert main(["stop", *args]) == 0
     assert "not running" in capsys.readouterr().out
 
 

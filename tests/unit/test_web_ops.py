@@ -20,7 +20,8 @@ from amaters.config import Config, ConfigError, default_config, load_config
 from amaters.ops.identity import identity
 from amaters.ops.lag import LagMonitor
 from amaters.ops.metrics import Metrics
-from amaters.web.ops import OpsAPI, OpsService, QuietSite
+from amaters.web.guard import ConnectionGate, GuardedSite
+from amaters.web.ops import OpsAPI, OpsService
 
 
 class FakeRoot(service.MultiService):
@@ -341,8 +342,9 @@ def test_cors_follows_a_reloaded_config() -> None:
 def test_site_logs_requests_at_debug_only() -> None:
     """The ops site logs each request as a debug event (twisted.web's info access line is off)."""
     events: list[LogEvent] = []
-    site = QuietSite(api(FakeRoot()).app.resource())
-    site._request_log = Logger(observer=events.append)  # type: ignore[misc]
+    ops = api(FakeRoot())
+    site = GuardedSite(ops.app.resource(), lambda: ops.live.current, Clock())
+    site._log = Logger(observer=events.append)  # type: ignore[misc]
     request = DummyRequest([b"readyz"])
     request.method = b"GET"
     request.path = b"/readyz"
@@ -361,7 +363,7 @@ def test_service_listens_on_web_listen_and_stops() -> None:
     assert d.called
     port, factory, _, interface = reactor.tcpServers[0]
     assert (port, interface) == (7979, "127.0.0.1")
-    assert isinstance(factory, QuietSite)
+    assert isinstance(factory, ConnectionGate) and isinstance(factory.wrappedFactory, GuardedSite)
     ops.stopService()
     assert ops.port is None
 
@@ -375,8 +377,9 @@ def test_service_serves_https_with_web_tls(tmp_path: Path) -> None:
     d = ops.startService()
     assert d.called
     factory = reactor.tcpServers[0][1]
-    assert isinstance(factory, TLSMemoryBIOFactory)
-    assert isinstance(factory.wrappedFactory, QuietSite)
+    assert isinstance(factory, ConnectionGate)
+    assert isinstance(factory.wrappedFactory, TLSMemoryBIOFactory)
+    assert isinstance(factory.wrappedFactory.wrappedFactory, GuardedSite)
     assert (tmp_path / "tls" / "server.pem").exists()
     ops.stopService()
 
