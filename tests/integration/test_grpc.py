@@ -392,7 +392,7 @@ def test_python_example_in_the_docs_runs(server: ServerProcess, stubs: Path) -> 
 
 def test_client_certificate_login_with_client_auth_required(tmp_path: Path, stubs: Path) -> None:
     """With tls.client_auth = "required" and no token, the TLS client certificate is the login:
-    a certificate mapped to role user writes; one from an organization not allowed is refused with
+    a certificate mapped to role admin writes; one from an organization not allowed is refused with
     UNAUTHENTICATED; a client without a certificate does not get through TLS."""
     from cryptography.hazmat.primitives import serialization
 
@@ -414,7 +414,7 @@ def test_client_certificate_login_with_client_auth_required(tmp_path: Path, stub
             f'[tls]\nclient_auth = "required"\nca = "{tmp_path / "client-ca.pem"}"\n'
             '[storage]\nbackend = "memory"\n'
             "[auth]\nenabled = true\n"
-            '[auth.mtls]\nallowed_organizations = ["Acme"]\nrole_map = { "id:carol" = ["user"] }\n'
+            '[auth.mtls]\nallowed_organizations = ["Acme"]\nrole_map = { "id:carol" = ["admin"] }\n'
         ),
     )
     server.start().wait_ready()
