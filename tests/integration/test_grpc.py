@@ -445,3 +445,22 @@ def test_client_certificate_login_with_client_auth_required(tmp_path: Path, stub
             c.close()
         server.stop()
         server.cleanup()
+
+
+def test_grpc_tls_refuses_old_versions_and_cbc_suites(server: ServerProcess) -> None:
+    """The gRPC port speaks TLS 1.2 with AEAD suites or TLS 1.3, like the native listener."""
+
+    def handshake(*args: str) -> str:
+        result = subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{server.grpc_port}", "-alpn", "h2", *args],
+            input=b"",
+            capture_output=True,
+            timeout=30,
+        )
+        lines = [line for line in result.stdout.decode(errors="replace").splitlines() if "Cipher is" in line]
+        return lines[0] if lines else ""
+
+    assert "ECDHE-ECDSA-AES128-GCM-SHA256" in handshake("-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256")
+    assert "TLSv1.3" in handshake("-tls1_3")
+    assert "(NONE)" in handshake("-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA")
+    assert "(NONE)" in handshake("-tls1_1", "-cipher", "ALL:@SECLEVEL=0")
