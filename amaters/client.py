@@ -366,6 +366,8 @@ class AmatersClientProtocol(FrameReceiver):
         self._writer: _FrameWriter | None = None
         #: Whether the connection has ended (then new requests fail with "connection closed").
         self.lost = False
+        #: Clustered mode: the newest revision per shard seen in answers (the session token).
+        self.revisions: dict[str, int] = {}
 
     def connectionMade(self) -> None:
         self.connected = True
@@ -411,6 +413,11 @@ class AmatersClientProtocol(FrameReceiver):
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
         request_id = envelope.request_id
+        if envelope.revisions:
+            revisions = self.revisions
+            for shard, revision in envelope.revisions.items():
+                if revision > revisions.get(shard, 0):
+                    revisions[shard] = revision
         stream = self._streams.get(request_id)
         if stream is not None:
             if stream._feed(envelope):
@@ -483,6 +490,8 @@ class AmatersClientProtocol(FrameReceiver):
         return d
 
     def _write_envelope(self, envelope: envelope_pb2.Envelope, tail: Sequence[bytes] = ()) -> None:
+        if self.revisions:
+            envelope.revisions.update(self.revisions)
         payload = envelope.SerializeToString()
         if tail:
             self.last_activity = self.clock.seconds()
@@ -939,6 +948,24 @@ class AmatersClient:
     def closed(self) -> bool:
         return not self._protocol.connected
 
+    @property
+    def session_token(self) -> str:
+        """The newest revision per shard this connection has seen, as text (clustered mode; "" until
+        then).  Pass it to :func:`connect` (``session_token=``) on another connection, to any node,
+        and that connection reads data at least as new as this one's writes."""
+        from amaters.cluster.session import format_token
+
+        return format_token(self._protocol.revisions)
+
+    def add_session_token(self, token: str) -> None:
+        """Merge a session token from another connection (ValueError if it is malformed)."""
+        from amaters.cluster.session import parse_token
+
+        revisions = self._protocol.revisions
+        for shard, revision in parse_token(token).items():
+            if revision > revisions.get(shard, 0):
+                revisions[shard] = revision
+
 
 async def _handshake(
     protocol: AmatersClientProtocol,
@@ -996,6 +1023,7 @@ def connect(
     frame_compression: Sequence[str] = (),
     keepalive: float | None = None,
     bind_address: str | None = None,
+    session_token: str | None = None,
 ) -> defer.Deferred[AmatersClient]:
     """Connect, verify the server's certificate (for ``host``), handshake; fires with the client.
 
@@ -1006,7 +1034,16 @@ def connect(
     server decides).  ``keepalive`` sends a PING after that many seconds without traffic, so the
     server's ``limits.idle_timeout`` does not close a connection kept for later use.
     ``bind_address`` is the local address to connect from (on hosts with several).
+    ``session_token`` (clustered mode) is another connection's :attr:`AmatersClient.session_token`:
+    reads on this connection see at least what that session wrote.
     """
+    if session_token:
+        from amaters.cluster.session import parse_token
+
+        try:
+            parse_token(session_token)
+        except ValueError as e:
+            return defer.fail(InvalidValue(str(e)))
     return defer.Deferred.fromCoroutine(
         _connect(
             reactor,
@@ -1024,6 +1061,7 @@ def connect(
             tuple(frame_compression),
             keepalive,
             bind_address,
+            session_token,
         )
     )
 
@@ -1044,6 +1082,7 @@ async def _connect(
     frame_compression: Sequence[str] = (),
     keepalive: float | None = None,
     bind_address: str | None = None,
+    session_token: str | None = None,
 ) -> AmatersClient:
     where = f"{host}:{port}"
     bind = (bind_address, 0) if bind_address else None
@@ -1100,6 +1139,8 @@ async def _connect(
         if deadline is not None and deadline.active():
             deadline.cancel()
     client = AmatersClient(protocol, handshake, cipher, reactor)
+    if session_token:
+        client.add_session_token(session_token)
     if keepalive:
         client.start_keepalive(keepalive)
     return client
@@ -1170,7 +1211,15 @@ class ClusterClient:
         self._options = connect_options
         self._current = 0
         self._client: AmatersClient | None = None
-        self._connecting: defer.Deferred[AmatersClient] | None = None
+        self._token = str(connect_options.pop("session_token", None) or "")
+
+    @property
+    def session_token(self) -> str:
+        """The session's newest revision per shard, kept across nodes (see AmatersClient)."""
+        if self._client is not None:
+            self._client.add_session_token(self._token)
+            self._token = self._client.session_token
+        return self._token
 
     @property
     def current_address(self) -> str:
@@ -1182,10 +1231,11 @@ class ClusterClient:
         if client is not None and not client.closed:
             return client
         last: AmatersError | None = None
+        token = self.session_token
         for _ in range(len(self.addresses)):
             host, port = self.addresses[self._current]
             try:
-                self._client = await connect(self._reactor, host, port, **self._options)
+                self._client = await connect(self._reactor, host, port, session_token=token, **self._options)
                 return self._client
             except AmatersError as e:
                 if e.code not in _NODE_FAILURES:
@@ -1196,6 +1246,7 @@ class ClusterClient:
         raise last
 
     def _node_failed(self) -> None:
+        self._token = self.session_token
         client, self._client = self._client, None
         self._current = (self._current + 1) % len(self.addresses)
         if client is not None and not client.closed:

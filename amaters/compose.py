@@ -310,6 +310,11 @@ def build_service(
     committer = getattr(innermost(backend), "group_commit", None)
     if committer is not None:
         committer.add_observer(metrics.storage_synced)
+    cluster = None
+    if config.storage.backend == "etcd":
+        from amaters.cluster.service import build_cluster_service
+
+        cluster = build_cluster_service(config, reactor, innermost(backend))
     snapshots: SnapshotScheduler | None = None
     if config.storage.backend == "rocksdb" and config.snapshot.interval > 0:
         uploader = None
@@ -326,7 +331,9 @@ def build_service(
 
     # The executor, with the query cache around it and the server's administration beside it.
     connection_limiter = ConnectionLimiter(config.limits, reactor)
-    admin = ServerAdmin(live, lifecycle, backend, pools, reloader, lambda: connection_limiter.total)
+    admin = ServerAdmin(
+        live, lifecycle, backend, pools, reloader, lambda: connection_limiter.total, cluster=cluster
+    )
 
     def server_info() -> ops.ServerInfoResult:
         return ops.ServerInfoResult(
@@ -395,7 +402,7 @@ def build_service(
         gate_factory=ConnectionLimitFactory.wrapper(connection_limiter),
         frame_compression=frames,
     )
-    probes = {"storage": storage, "flusher": flusher, "listener": listener}
+    probes = {"storage": storage, "flusher": flusher, "listener": listener, "cluster": cluster}
     web: OpsService | None = None
     if config.web.enabled:
         api = OpsAPI(
@@ -453,6 +460,7 @@ def build_service(
             logging_service,  # first up, last down
             pools,
             storage,
+            cluster,  # registers the node once storage is open; leaves before it closes
             flusher,
             snapshots,  # stops (awaiting a running snapshot) before the storage closes
             web,  # up before the listener, down after it: /readyz says 503 while it drains

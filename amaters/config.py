@@ -796,6 +796,12 @@ class ClusterConfig:
         minimum=0.05,
         maximum=30.0,
     )
+    serializable_reads: bool = setting(
+        False,
+        "Serve GETs from the etcd member the node talks to, without a quorum round trip (faster, may"
+        " be slightly stale; a client's session token still guarantees it reads its own writes)."
+        " Off: every read is linearizable.",
+    )
     lease_ttl: int = setting(
         5,
         "Seconds a dead node stays registered (and keeps singleton duties) before others notice.",

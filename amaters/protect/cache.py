@@ -52,7 +52,22 @@ _pack_length = struct.Struct(">I").pack
 
 #: Operations that change nothing stored.
 _READ_ONLY: frozenset[type] = frozenset(
-    {ops.Range, ops.ListCollections, ops.ServerInfo, ops.HealthCheck, ops.CreateCollection}
+    {
+        ops.Range,
+        ops.ListCollections,
+        ops.ServerInfo,
+        ops.HealthCheck,
+        ops.CreateCollection,
+        # Administration that only looks (a console polls these every few seconds).
+        ops.ServerStatus,
+        ops.CollectionStats,
+        ops.StorageStats,
+        ops.ListSnapshots,
+        ops.VerifySnapshot,
+        ops.ConfigView,
+        ops.AuditTail,
+        ops.ServerResources,
+    }
 )
 
 

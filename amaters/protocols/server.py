@@ -324,6 +324,8 @@ class AmatersServerProtocol(FrameReceiver):
         # whether they count as unauthenticated (until the handshake succeeds).
         self._charged = 0
         self._prelogin = True
+        # Clustered mode: the revision scope of each request in flight, until its first answer.
+        self._revision_scopes: dict[int, Any] = {}
 
     # -- connection lifecycle -----------------------------------------------------------------
 
@@ -567,6 +569,9 @@ class AmatersServerProtocol(FrameReceiver):
             return
         trace_context = envelope.trace_context
         self._trace_context = dict(trace_context) if trace_context else None
+        if self.factory.session_revisions:
+            self._handle_with_revisions(handler, request_id, kind, envelope)
+            return
         try:
             handler(self, request_id, getattr(envelope, kind))
         except Exception:
@@ -590,6 +595,22 @@ class AmatersServerProtocol(FrameReceiver):
             )
             return False
         return True
+
+    def _handle_with_revisions(self, handler: Any, request_id: int, kind: Any, envelope: Any) -> None:
+        """Run a request under a revision scope (clustered mode): its answer reports the revisions
+        it saw; reads wait for the revisions the client sent."""
+        from amaters.cluster import session
+
+        scope = session.RevisionScope(envelope.revisions)
+        self._revision_scopes[request_id] = scope
+        token = session.enter(scope)
+        try:
+            handler(self, request_id, getattr(envelope, kind))
+        except Exception:
+            error = self._as_amaters_error(Failure(), kind or "request")
+            self._send_error(request_id, error)
+        finally:
+            session.leave(token)
 
     def framesDelivered(self) -> None:
         self._flush_out()
@@ -617,6 +638,10 @@ class AmatersServerProtocol(FrameReceiver):
     def _send(self, envelope: envelope_pb2.Envelope) -> None:
         if self._lost:
             return
+        if self._revision_scopes:
+            scope = self._revision_scopes.pop(envelope.request_id, None)
+            if scope is not None and scope.seen:
+                envelope.revisions.update(scope.seen)
         payload = envelope.SerializeToString()
         size = len(payload)
         if self._frame_codec and size >= self._frame_threshold:
@@ -1222,6 +1247,8 @@ class AmatersServerFactory(Factory):
         #: While draining, idle connections are closed by the server only after a grace period
         #: (clients told of the shutdown close first).
         self.drain_grace_over = False
+        #: Clustered mode: requests carry and answers report shard revisions (amaters.cluster.session).
+        self.session_revisions = False
         self._grace_timer: Any = None
         self._drained: list[defer.Deferred[None]] = []
 
@@ -1309,6 +1336,7 @@ class ListenerService(service.Service):
             authenticate or default_authenticator(config.auth.enabled),
             frame_compression,
         )
+        self.factory.session_revisions = config.storage.backend == "etcd"
         self.port: IListeningPort | None = None
         self.tls: Any = None
         self.tls_files: Any = None

@@ -72,8 +72,7 @@ class QueryExecutor:
         health: Callable[[], ops.HealthResult] | None = None,
         admin: IServerAdmin | None = None,
     ) -> None:
-        # Typed loosely: the interface's methods are declared as returning ``object``.
-        self.backend: Any = backend
+        self.backend = backend
         self.auto_create_collections = auto_create_collections
         self.range_chunk_size = range_chunk_size
         self._server_info = server_info
@@ -100,6 +99,11 @@ class QueryExecutor:
             ops.ReloadConfig: lambda op: self._admin().reload(op.requested_by),
             ops.ListSnapshots: lambda op: self._admin().list_snapshots(op.remote),
             ops.CreateSnapshot: lambda op: self._admin().create_snapshot(op.upload),
+            ops.ClusterStatus: lambda op: self._admin().cluster_status(),
+            ops.VerifySnapshot: lambda op: self._admin().verify_snapshot(op.archive),
+            ops.ConfigView: lambda op: self._admin().config_view(),
+            ops.AuditTail: lambda op: self._admin().audit_tail(op.limit),
+            ops.ServerResources: lambda op: self._admin().resources(),
         }
 
     def update_limits(self, limits: Any) -> None:
@@ -183,7 +187,7 @@ class QueryExecutor:
         found: list[tuple[bytes, CipherBlob]] = []
         try:
             while True:
-                chunk = await cursor.next_chunk()  # type: ignore[misc]
+                chunk = await cursor.next_chunk()
                 if not chunk:
                     return found
                 found.extend(chunk)

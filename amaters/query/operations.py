@@ -198,8 +198,66 @@ class CreateSnapshot:
     upload: bool = False
 
 
+@attrs.frozen(slots=True)
+class VerifySnapshot:
+    """Check one snapshot archive on disk (every file against its manifest checksum)."""
+
+    name: ClassVar[str] = "admin snapshot verify"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+    archive: str
+
+
+@attrs.frozen(slots=True)
+class ConfigView:
+    """The configuration in effect (secrets redacted) and what a reload would change now."""
+
+    name: ClassVar[str] = "admin config"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+
+
+@attrs.frozen(slots=True)
+class AuditTail:
+    """The last ``limit`` events of the audit log."""
+
+    name: ClassVar[str] = "admin audit tail"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+    limit: int = 100
+
+
+@attrs.frozen(slots=True)
+class ServerResources:
+    """Data dir usage and the TLS certificates served (subject, issuer, expiry)."""
+
+    name: ClassVar[str] = "admin resources"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+
+
+@attrs.frozen(slots=True)
+class ClusterStatus:
+    """Clustered mode: the shards with their etcd members and leader, the nodes, the leading node."""
+
+    name: ClassVar[str] = "admin cluster status"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+
+
 AdminOperation = (
-    ServerStatus | CollectionStats | StorageStats | Compact | ReloadConfig | ListSnapshots | CreateSnapshot
+    ServerStatus
+    | CollectionStats
+    | StorageStats
+    | Compact
+    | ReloadConfig
+    | ListSnapshots
+    | CreateSnapshot
+    | ClusterStatus
+    | VerifySnapshot
+    | ConfigView
+    | AuditTail
+    | ServerResources
 )
 
 Operation = (

@@ -785,17 +785,22 @@ class RocksDBBackend:
 
     def _stats(self) -> dict[str, Any]:
         keys: dict[str, int] = {}
+        sizes: dict[str, int] = {}
         sst = memtables = live = 0
         for name, collection in self._collections.items():
             prop = collection.rdict.property_int_value
             keys[name] = prop("rocksdb.estimate-num-keys") or 0
-            sst += prop("rocksdb.total-sst-files-size") or 0
-            memtables += prop("rocksdb.cur-size-all-mem-tables") or 0
+            files = prop("rocksdb.total-sst-files-size") or 0
+            memory = prop("rocksdb.cur-size-all-mem-tables") or 0
+            sizes[name] = files + memory
+            sst += files
+            memtables += memory
             live += prop("rocksdb.estimate-live-data-size") or 0
         db_prop = self._db.property_int_value
         return {
             "backend": self.name,
             "keys": keys,
+            "collection_bytes": sizes,
             "bytes": sst + memtables,
             "sst_bytes": sst,
             "memtable_bytes": memtables,

@@ -13,7 +13,7 @@ that cannot come from a web page (:func:`admin_refusal`):
 - from a loopback address (the protocol's protected mode, applied to the ops site);
 - carrying the header ``X-Amaters-Admin`` (any value): a page in a browser cannot add a custom
   header to a cross-site request without a CORS preflight, which the admin API never grants
-  (CSRF);
+  (CSRF); the console, served from the ops site itself, is same-origin and sends it;
 - naming ``localhost``, ``127.0.0.1``, ``[::1]`` or a host in ``web.allowed_hosts`` in ``Host``:
   a page whose own DNS name was rebound to 127.0.0.1 sends its own name (DNS rebinding).
 
@@ -21,7 +21,9 @@ With auth on, the credentials are headers a page cannot send cross-site either. 
 applies to ``/admin/``.  The ops site screens these headers before it reads a request's body.
 
 Routes: ``GET status``, ``GET collections``, ``GET stats``, ``POST compact``, ``POST reload``,
-``GET snapshots``, ``POST snapshots`` (optionally ``?upload=1``).
+``GET snapshots``, ``POST snapshots`` (optionally ``?upload=1``), ``POST snapshots/<name>/verify``,
+``GET config`` (secrets redacted, with what a reload would change), ``GET audit?limit=N`` (the
+audit log's last events), ``GET resources`` (data dir usage, TLS certificates), ``GET cluster`` (clustered mode).
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ def admin_refusal(request: IRequest, config: Any) -> AmatersError | None:
     if not request.getHeader(ADMIN_HEADER):
         return PermissionDenied(
             "the admin API needs the header 'X-Amaters-Admin: 1' while auth.enabled is false"
-            " (a web page cannot send it; the amaters CLI does)"
+            " (a page from another site cannot send it; the amaters CLI and the console do)"
         )
     return None
 
@@ -243,6 +245,10 @@ class AdminAPI:
             request, lambda principal: ops.ReloadConfig(requested_by=f"{principal.name} (admin API)")
         )
 
+    @app.route("/cluster", methods=["GET"])
+    async def cluster(self, request: IRequest) -> bytes:
+        return await self._run(request, lambda principal: ops.ClusterStatus())
+
     @app.route("/snapshots", methods=["GET"])
     async def list_snapshots(self, request: IRequest) -> bytes:
         remote = _flag(request, b"remote")
@@ -252,6 +258,26 @@ class AdminAPI:
     async def create_snapshot(self, request: IRequest) -> bytes:
         upload = _flag(request, b"upload")
         return await self._run(request, lambda principal: ops.CreateSnapshot(upload=upload))
+
+    @app.route("/snapshots/<string:archive>/verify", methods=["POST"])
+    async def verify_snapshot(self, request: IRequest, archive: str) -> bytes:
+        return await self._run(request, lambda principal: ops.VerifySnapshot(archive=archive))
+
+    @app.route("/config", methods=["GET"])
+    async def config(self, request: IRequest) -> bytes:
+        return await self._run(request, lambda principal: ops.ConfigView())
+
+    @app.route("/audit", methods=["GET"])
+    async def audit_tail(self, request: IRequest) -> bytes:
+        raw = request.args.get(b"limit", [b"100"])[0]
+        if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+            return _json(request, 400, {"error": "bad_request", "message": "limit must be 1 to 1000"})
+        limit = int(raw)
+        return await self._run(request, lambda principal: ops.AuditTail(limit=limit))
+
+    @app.route("/resources", methods=["GET"])
+    async def resources(self, request: IRequest) -> bytes:
+        return await self._run(request, lambda principal: ops.ServerResources())
 
 
 def _flag(request: IRequest, name: bytes) -> bool:

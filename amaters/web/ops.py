@@ -12,6 +12,8 @@ Probes follow Kubernetes conventions:
   version, uptime and each component's status and message; 200 when healthy or degraded, else 503.
 - ``/metrics``: the project's own ``CollectorRegistry`` in Prometheus text format (OpenMetrics when
   the scraper asks for it).
+- ``/`` and ``/console/...``: the operator console, a static page shipped in the package that reads
+  the admin API and ``/metrics`` from the browser (see ``docs/console.md``).
 
 Every answer is JSON except ``/metrics``; unknown paths are 404 and wrong methods 405 (with
 ``Allow``), as JSON.  The site is a :class:`~amaters.web.guard.GuardedSite`: request bodies are
@@ -45,6 +47,8 @@ from amaters.config import Config
 from amaters.ops.identity import identity
 from amaters.tls.certs import ensure_server_tls
 from amaters.tls.context import server_tls_options
+from amaters.web.assets import HEADERS as CONSOLE_HEADERS
+from amaters.web.assets import ConsoleAssets
 from amaters.web.guard import ConnectionGate, GuardedSite
 
 #: Methods each route answers (besides OPTIONS, which every known path answers).
@@ -132,6 +136,7 @@ class OpsAPI:
         self.metrics = metrics
         self.lag = lag
         self.admin = admin
+        self.assets = ConsoleAssets()
 
     # -- state -----------------------------------------------------------------------------
 
@@ -202,6 +207,9 @@ class OpsAPI:
         listener = self._child("listener")
         if listener is not None and not getattr(listener, "is_accepting", True):
             return False, "listener_not_accepting"
+        cluster = self._child("cluster")
+        if cluster is not None and not cluster.quorum_ok():
+            return False, "etcd_quorum_unreachable"
         return True, "ready"
 
     # -- CORS ------------------------------------------------------------------------------
@@ -256,6 +264,9 @@ class OpsAPI:
             "components": components,
             **identity(),
         }
+        cluster = self._child("cluster")
+        if cluster is not None:
+            body["cluster"] = cluster.health()
         return _json(request, 200 if status in ("healthy", "degraded") else 503, body)
 
     @app.route("/metrics", methods=list(ROUTE_METHODS))
@@ -276,6 +287,25 @@ class OpsAPI:
         if self.admin is None or not path.startswith(b"/admin/"):
             return None
         return self.admin.screen(request)
+
+    @app.route("/", methods=list(ROUTE_METHODS))
+    @app.route("/console/", methods=list(ROUTE_METHODS))
+    def console_index(self, request: IRequest) -> bytes:
+        """The operator console's page (:mod:`amaters.web.assets`)."""
+        return self.console_asset(request, "index.html")
+
+    @app.route("/console/<path:name>", methods=list(ROUTE_METHODS))
+    def console_asset(self, request: IRequest, name: str) -> bytes:
+        """One of the console's packaged files; 404 for any other name."""
+        found = self.assets.get(name)
+        if found is None:
+            return _json(request, 404, {"error": "not_found", "status": 404})
+        body, content_type = found
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", content_type.encode())
+        for header, value in CONSOLE_HEADERS.items():
+            request.setHeader(header, value)
+        return body
 
     @app.route("/admin/", branch=True)
     def admin_route(self, request: IRequest) -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from etcd_helpers import ETCD, EtcdCluster
-from harness import ServerProcess
+from harness import ServerProcess, http_get
 from lincheck import INFINITY, Op, check
 from twisted.internet import defer, reactor
 
@@ -38,6 +38,7 @@ def node_settings(endpoints: list[str], name: str) -> list[str]:
         f"cluster.node_name={name}",
         "tls.enabled=false",
         "server.shutdown_timeout=2",
+        "cluster.lease_ttl=2",
     ]
 
 
@@ -245,3 +246,206 @@ async def test_killing_a_node_mid_request_clients_fail_over(cluster: Cluster) ->
         for client in made:
             await client.close()
         cluster.restart_node(0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pausing_a_minority_keeps_writes_going(cluster: Cluster) -> None:
+    """SIGSTOP of one etcd member (the leader): the other two elect and serve; histories linearizable."""
+    workload = Workload("minority")
+    made = await clients(cluster, 6)
+    paused: dict[str, Any] = {}
+
+    async def chaos() -> None:
+        await wait_for(1.0)
+        member = cluster.etcd.leader()
+        paused["at"] = time.monotonic()
+        cluster.etcd.pause(member)
+        paused["member"] = member
+        await wait_for(3.0)
+        cluster.etcd.resume(member)
+
+    try:
+        await run_workload(workload, made, operations=300, seconds=6.0, chaos=chaos)
+        during = [
+            ret for call, ret in workload.acked_writes if paused["at"] + 0.1 < call < paused["at"] + 3.0
+        ]
+        assert during, f"no write succeeded while one member was paused ({workload.failures[-5:]})"
+        await workload.final_reads(made[0])
+        workload.check()
+    finally:
+        for client in made:
+            await client.close()
+        if "member" in paused and paused["member"].stopped:
+            cluster.etcd.resume(paused["member"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_pausing_a_majority_refuses_writes_then_recovers(cluster: Cluster) -> None:
+    """SIGSTOP of two etcd members: writes fail with retryable errors and none is acknowledged; after
+    SIGCONT writes succeed again; histories stay linearizable."""
+    workload = Workload("majority")
+    made = await clients(cluster, 4)
+    window: dict[str, float] = {}
+    members = cluster.etcd.members[:2]
+
+    async def chaos() -> None:
+        await wait_for(1.0)
+        window["paused"] = time.monotonic()
+        for member in members:
+            cluster.etcd.pause(member)
+        await wait_for(3.0)
+        window["resumed"] = time.monotonic()
+        for member in members:
+            cluster.etcd.resume(member)
+
+    try:
+        await run_workload(workload, made, operations=300, seconds=8.0, chaos=chaos)
+        # Requests already committed when the pause began may still be answered just after it.
+        acked_in_pause = [
+            (call, ret)
+            for call, ret in workload.acked_writes
+            if window["paused"] + 0.5 < call and ret < window["resumed"]
+        ]
+        assert not acked_in_pause, "a write was acknowledged without a quorum"
+        assert workload.failures, "writes during the pause should have failed"
+        assert set(workload.failures) <= {"SERVER_UNAVAILABLE", "NETWORK_TIMEOUT"}, workload.failures
+        after = [ret for call, ret in workload.acked_writes if call > window["resumed"]]
+        assert after, "writes did not resume after the majority came back"
+        await workload.final_reads(made[0])
+        workload.check()
+    finally:
+        for client in made:
+            await client.close()
+        for member in members:
+            if member.stopped:
+                cluster.etcd.resume(member)
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_token_carries_read_your_writes_to_another_node(cluster: Cluster) -> None:
+    """Every write answers with its shard revision; the token passed to a connection on node B
+    makes B's reads at least that new, and B's answers advance the same token."""
+    a = await connect(reactor, "127.0.0.1", cluster.nodes[0].port, plaintext=True)
+    try:
+        assert a.session_token == ""
+        await a.set("tokens", b"k", b"v1")
+        first = session_revision(a.session_token)
+        await a.set("tokens", b"k", b"v2")
+        second = session_revision(a.session_token)
+        assert second > first > 0
+        b = await connect(
+            reactor, "127.0.0.1", cluster.nodes[1].port, plaintext=True, session_token=a.session_token
+        )
+        try:
+            assert await b.get("tokens", b"k") == b"v2"
+            assert session_revision(b.session_token) >= second
+        finally:
+            await b.close()
+        with pytest.raises(AmatersError, match="not shard:revision"):
+            await connect(reactor, "127.0.0.1", cluster.nodes[1].port, plaintext=True, session_token="junk")
+    finally:
+        await a.close()
+
+
+def session_revision(token: str) -> int:
+    shard, _, revision = token.partition(":")
+    assert shard == "0", token
+    return int(revision)
+
+
+def health(node: ServerProcess) -> dict[str, Any]:
+    _status, body = http_get(f"http://127.0.0.1:{node.web_port}/health")
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what} within {timeout}s")
+
+
+def test_health_shows_members_leader_and_nodes_and_leadership_moves(cluster: Cluster) -> None:
+    """/health lists the shard's 3 etcd members with one leader and both registered nodes, one of
+    them leader; when the leading node dies, its entry goes and the other node takes over."""
+
+    def settled() -> dict[str, Any] | None:
+        seen = health(cluster.nodes[1])["cluster"]
+        names = {n["name"] for n in seen["nodes"]}
+        return seen if len(names) == 2 and seen["leader_node"] in names else None
+
+    seen = wait_until(settled, 10, "both nodes registered and a leader elected")
+    shard = seen["shards"][0]
+    assert len(shard["members"]) == 3 and shard["leader"] in cluster.etcd.endpoints
+    assert sum(1 for m in shard["members"] if m["leader"]) == 1
+    assert seen["quorum"] is True
+    by_name = {n["name"]: n for n in seen["nodes"]}
+    assert by_name["a"]["advertise"] == f"127.0.0.1:{cluster.nodes[0].port}"
+    leader_index = 0 if seen["leader_node"] == "a" else 1
+    other = cluster.nodes[1 - leader_index]
+    cluster.nodes[leader_index].kill9()
+    started = time.monotonic()
+    try:
+        moved = wait_until(
+            lambda: (lambda h: h if h["leader_node"] == ("b" if leader_index == 0 else "a") else None)(
+                health(other)["cluster"]
+            ),
+            10,
+            "leadership moved to the surviving node",
+        )
+        print(f"\nnode leadership moved {time.monotonic() - started:.2f}s after kill -9 of the leading node")
+        assert [n["name"] for n in moved["nodes"]] == [moved["leader_node"]]
+    finally:
+        cluster.restart_node(leader_index)
+
+
+def test_readyz_reports_a_lost_quorum(cluster: Cluster) -> None:
+    """With two of three etcd members paused, /readyz turns 503 (etcd_quorum_unreachable), and 200
+    again once they are back."""
+    node = cluster.nodes[0]
+    members = cluster.etcd.members[1:]
+    for member in members:
+        cluster.etcd.pause(member)
+    try:
+        wait_until(lambda: node.readyz() == 503, 15, "readyz reported the lost quorum")
+        _status, body = http_get(f"http://127.0.0.1:{node.web_port}/readyz")
+        assert json.loads(body)["reason"] == "etcd_quorum_unreachable"
+    finally:
+        for member in members:
+            cluster.etcd.resume(member)
+    wait_until(lambda: node.readyz() == 200, 15, "readyz recovered")
+
+
+def test_cluster_cli_lists_nodes_and_shard_members(cluster: Cluster) -> None:
+    """`amaters cluster nodes|shards|status` print what the node's admin API reports."""
+    import subprocess
+    import sys
+
+    def run(action: str) -> subprocess.CompletedProcess[str]:
+        argv = [
+            sys.executable,
+            "-m",
+            "amaters.cli",
+            "cluster",
+            action,
+            "--config",
+            str(cluster.nodes[0].config_path),
+        ]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+    wait_until(lambda: len(health(cluster.nodes[0])["cluster"]["nodes"]) == 2, 10, "both nodes registered")
+    nodes = run("nodes")
+    assert nodes.returncode == 0, nodes.stderr
+    lines = nodes.stdout.splitlines()
+    assert sorted(line.split()[-3] for line in lines) == ["a", "b"]
+    assert sum(line.startswith("*") for line in lines) == 1
+    shards = run("shards")
+    assert shards.returncode == 0, shards.stderr
+    members = shards.stdout.splitlines()
+    assert len(members) == 3 and sum("* " in line for line in members) == 1
+    assert all(line.startswith("0\t") and "\tup\t" in line for line in members)
+    status = run("status")
+    assert status.returncode == 0 and json.loads(status.stdout)["quorum"] is True

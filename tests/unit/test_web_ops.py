@@ -406,3 +406,46 @@ def test_service_with_bad_certificate_files_fails_to_start(tmp_path: Path) -> No
         assert [e["log_level"] for e in events] == [LogLevel.error]
         assert message in events[0]["error"]
         ops.stopService()
+
+
+def test_console_is_served_from_the_package() -> None:
+    """``/`` and ``/console/`` give the console's page; its listed assets are served with a
+    Content-Security-Policy that allows this origin only; any other name is a JSON 404."""
+    treq = client(FakeRoot())
+    for path in ("/", "/console/"):
+        code, headers, body = fetch(treq, path)
+        assert code == 200 and headers["content-type"].startswith("text/html")
+        assert b"<title>amaters console</title>" in body
+        assert "default-src 'none'" in headers["content-security-policy"]
+        assert "connect-src 'self'" in headers["content-security-policy"]
+        assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
+    code, headers, body = fetch(treq, "/console/vendor/uPlot.iife.min.js")
+    assert code == 200 and headers["content-type"].startswith("text/javascript") and b"uPlot" in body
+    code, _, body = fetch(treq, "/console/console.js")
+    assert code == 200 and b"sessionStorage" in body and b"document.cookie" not in body
+    for path in (
+        "/console/../ops.py",
+        "/console/missing.js",
+        "/console/vendor/../../ops.py",
+        "/console/vendor",
+    ):
+        code, headers, body = fetch(treq, path)
+        assert code == 404 and json.loads(body)["error"] == "not_found", path
+    code, _, _ = fetch(treq, "/", method="POST")
+    assert code == 405
+
+
+def test_console_references_only_packaged_assets() -> None:
+    """Every script and stylesheet the page loads is a file the ops site serves (no CDN)."""
+    import re
+
+    from amaters.web.assets import CONSOLE_FILES, ConsoleAssets
+
+    page = ConsoleAssets().get("index.html")
+    assert page is not None
+    html = page[0].decode()
+    refs = re.findall(r'(?:src|href)="([^"#]+)"', html)
+    assert refs and all(ref.startswith("/console/") for ref in refs), refs
+    assert {ref.removeprefix("/console/") for ref in refs} <= set(CONSOLE_FILES)
+    for name in CONSOLE_FILES:
+        assert ConsoleAssets().get(name) is not None
