@@ -1,9 +1,12 @@
-"""``amaters cluster status|nodes|shards``: the cluster as a running node sees it.
+"""``amaters cluster status|nodes|shards|add-shard NAME URL...|move VSHARD SHARD``.
 
-The commands call the node's admin API (``GET /admin/cluster`` on ``web.listen`` from the config,
+The commands call a running node's admin API (``/admin/cluster`` on ``web.listen`` from the config,
 admin role, with ``--token``/``--api-key`` like ``amaters admin``).  ``status`` prints the whole
 view as JSON; ``nodes`` one line per registered node (``*`` marks the node holding singleton
-duties); ``shards`` one line per etcd member of each shard (``*`` marks the Raft leader).
+duties); ``shards`` one line per etcd member of each shard (``*`` marks the Raft leader) and the
+number of virtual shards each shard holds.  ``add-shard`` adds an etcd cluster as a shard and moves
+it an even share of virtual shards online; ``move`` moves one virtual shard.  Both print the result
+as JSON.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import json
 import sys
 from typing import Any
+from urllib.parse import urlencode
 
 from amaters.cli.admin import AdminError, call_admin
 from amaters.cli.common import config_options, err, load
@@ -19,17 +23,29 @@ from amaters.cli.common import config_options, err, load
 
 def cmd_cluster(args: argparse.Namespace) -> int:
     config = load(args)
+    method, path = "GET", "/cluster"
+    if args.action == "add-shard":
+        if len(args.args) < 2:
+            err("usage: amaters cluster add-shard NAME URL [URL...]")
+            return 2
+        query = urlencode([("name", args.args[0]), *(("endpoint", url) for url in args.args[1:])])
+        method, path = "POST", "/cluster/shards?" + query
+    elif args.action == "move":
+        if len(args.args) != 2 or not args.args[0].isdigit():
+            err("usage: amaters cluster move VSHARD SHARD")
+            return 2
+        method, path = "POST", "/cluster/move?" + urlencode({"vshard": args.args[0], "to": args.args[1]})
     try:
         view = call_admin(
-            config,
-            "GET",
-            "/cluster",
-            token=getattr(args, "token", None),
-            api_key=getattr(args, "api_key", None),
+            config, method, path, token=getattr(args, "token", None), api_key=getattr(args, "api_key", None)
         )
     except AdminError as e:
         err(str(e))
         return 1
+    if method == "POST":
+        json.dump(view, sys.stdout, indent=2, sort_keys=True)
+        print()
+        return 0
     if args.action == "status":
         json.dump(view, sys.stdout, indent=2, sort_keys=True)
         print()
@@ -44,16 +60,22 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             mark = "*" if member.get("leader") else " "
             state = "up" if member.get("reachable") else "unreachable"
             size = member.get("db_size", "")
-            print(f"{shard.get('name')}\t{mark} {member.get('endpoint')}\t{state}\t{size}")
+            vshards = len(shard.get("vshards", []))
+            print(f"{shard.get('name')}\t{mark} {member.get('endpoint')}\t{state}\t{size}\t{vshards} vshards")
     return 0
 
 
 def add_commands(subparsers: Any) -> None:
     """Add ``cluster ACTION``."""
     p = subparsers.add_parser(
-        "cluster", parents=[config_options()], help="show the cluster a running node belongs to (admin role)"
+        "cluster",
+        parents=[config_options()],
+        help="show or reshard the cluster a running node belongs to (admin role)",
     )
-    p.add_argument("action", choices=["status", "nodes", "shards"], help="what to show")
+    p.add_argument(
+        "action", choices=["status", "nodes", "shards", "add-shard", "move"], help="what to show or do"
+    )
+    p.add_argument("args", nargs="*", help="add-shard: NAME URL...; move: VSHARD SHARD")
     p.add_argument("--token", default=argparse.SUPPRESS, help="JWT bearer token (or AMATERS_TOKEN)")
     p.add_argument("--api-key", default=argparse.SUPPRESS, help="API key (or AMATERS_API_KEY)")
     p.set_defaults(func=cmd_cluster)

@@ -95,6 +95,8 @@ class QueryExecutor:
             ops.ListSnapshots: lambda op: self._admin().list_snapshots(op.remote),
             ops.CreateSnapshot: lambda op: self._admin().create_snapshot(op.upload),
             ops.ClusterStatus: lambda op: self._admin().cluster_status(),
+            ops.ClusterAddShard: lambda op: self._admin().cluster_add_shard(op.shard, list(op.endpoints)),
+            ops.ClusterMove: lambda op: self._admin().cluster_move(op.vshard, op.to),
         }
 
     def _admin(self) -> Any:

@@ -215,6 +215,8 @@ class ShardedBackend:
                     await backend.close()
                 else:
                     self.backends[name] = backend
+        if revision < self.map_revision:
+            return  # a newer map was applied while shards were opening
         for name, backend in self.backends.items():
             backend.epoch = shard_map.epochs.get(name, 0)
         self.map, self.map_revision = shard_map, revision
