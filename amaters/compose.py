@@ -68,6 +68,7 @@ from amaters.protect.metrics import ProtectionCollector
 from amaters.protect.ratelimit import RateLimiter, RateLimitStage
 from amaters.protect.shedding import LagSource, LoadShedder
 from amaters.protect.wiring import ListenerLimits, Protection, ProtectionService
+from amaters.protocols.grpc_service import GrpcService
 from amaters.protocols.server import ListenerService
 from amaters.query import operations as ops
 from amaters.query.executor import CAPABILITIES, QueryExecutor
@@ -75,6 +76,7 @@ from amaters.query.pipeline import QueryPipeline
 from amaters.service import AsyncMultiService, Lifecycle, ThreadPoolService
 from amaters.storage import build_backend, innermost
 from amaters.storage.flusher import FlusherService
+from amaters.storage.s3 import S3Store
 from amaters.storage.service import StorageService
 from amaters.storage.snapshot import SnapshotScheduler
 from amaters.web.admin import AdminAPI
@@ -141,6 +143,7 @@ class Components:
     protection: Protection
     reloader: Reloader
     listener: ListenerService
+    grpc: GrpcService | None
     web: OpsService | None
     services: tuple[service.IService, ...]
 
@@ -164,7 +167,7 @@ class AmatersService(AsyncMultiService):
             child.setServiceParent(self)
 
     # AsyncMultiService keeps its state in ``self.state``: here it is the lifecycle's.
-    @property  # type: ignore[override]
+    @property
     def state(self) -> str:
         return self.lifecycle.state
 
@@ -233,7 +236,14 @@ class AmatersService(AsyncMultiService):
         # twistd exits 0 after the reactor stops; make a failed start or stop exit 1.
         atexit.register(_exit_with, 1)
         if self.reactor.running:
-            self.reactor.callLater(0, self.reactor.stop)
+            self.reactor.callLater(0, self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        """Stop the reactor unless it is already stopping (a failed stop happens during shutdown)."""
+        try:
+            self.reactor.stop()
+        except error.ReactorNotRunning:
+            pass
 
     def stopService(self) -> Any:
         """Stop every child in reverse order, bounded by ``server.shutdown_timeout``."""
@@ -309,14 +319,12 @@ def build_service(
     if config.storage.backend == "rocksdb" and config.snapshot.interval > 0:
         uploader = None
         if config.snapshot.upload:
-            from amaters.storage.s3 import S3Store
-
             uploader = S3Store.from_config(config.snapshot.s3)
         snapshots = SnapshotScheduler(backend, config, pools, reactor, uploader=uploader)
 
     # Login and audit.
     audit = AuditService(config.audit, config.data_dir, reactor)
-    auth = AuthService(config, reactor, audit)
+    auth = AuthService(config, reactor, audit, collections=backend)
     reloader = Reloader(live, audit, environ, _load_sources)
     authenticate: Authenticator = auth.authenticate if config.auth.enabled else default_authenticator(False)
     authenticate = counting_authenticator(authenticate, metrics)
@@ -408,6 +416,11 @@ def build_service(
         )
         web = OpsService(config, reactor, api)
 
+    grpc: GrpcService | None = None
+    if config.grpc.enabled:
+        grpc = GrpcService(config, reactor, pipeline, authenticate, lambda: lifecycle.ready)
+        grpc.observe(metrics.registry)
+
     protection = Protection(
         cache,
         limiter,
@@ -432,7 +445,10 @@ def build_service(
         frames,
         blobs,
         TLSReloader(listener),
+        grpc,
     ):
+        if component is None:
+            continue
         reloader.register(component)
     watcher = None
     if config.tls.enabled and config.tls.watch:
@@ -453,6 +469,7 @@ def build_service(
             lag,
             tracing,
             metrics_service,
+            grpc,  # stops after the native listener: calls in flight finish, then GOAWAY
             listener,
             ProtectionService(metrics.registry, protection.collector),
             watcher,
@@ -477,6 +494,7 @@ def build_service(
         protection=protection,
         reloader=reloader,
         listener=listener,
+        grpc=grpc,
         web=web,
         services=services,
     )

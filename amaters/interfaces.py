@@ -68,6 +68,9 @@ class IStorageBackend(Interface):
     def has_collection(name: str) -> bool:
         """Whether the collection exists (answered from memory, no I/O)."""
 
+    def collection_count() -> int:
+        """How many collections exist (answered from memory, no I/O)."""
+
     def get(collection: str, key: bytes) -> object:
         """Deferred firing with the CipherBlob, or None when the key is absent.
 
@@ -154,6 +157,18 @@ class IServerAdmin(Interface):
 
     def create_snapshot(upload: bool) -> object:
         """Take a snapshot now; its manifest as a dict."""
+
+    def verify_snapshot(archive: str) -> object:
+        """Check one archive on disk: ``{"archive", "ok", "manifest" | "error"}``; ``NotFound``."""
+
+    def config_view() -> object:
+        """The configuration in effect (secrets redacted) and what a reload would change."""
+
+    def audit_tail(limit: int) -> object:
+        """The last ``limit`` audit events (oldest first), or none when the audit log is off."""
+
+    def resources() -> object:
+        """Data dir usage (bytes used, file system size and free space) and TLS certificates."""
 
 
 class IReconfigurable(Interface):

@@ -266,6 +266,9 @@ class BlockingBackend:
     def has_collection(self, name: str) -> bool:
         return bool(self.inner.has_collection(name))
 
+    def collection_count(self) -> int:
+        return int(self.inner.collection_count())
+
     def get(self, collection: str, key: bytes) -> Any:
         return _settled(self.inner.get(collection, key))
 

@@ -303,6 +303,9 @@ class EtcdBackend:
     def has_collection(self, name: str) -> bool:
         return name in self._collections
 
+    def collection_count(self) -> int:
+        return len(self._collections)
+
     # -- reads ----------------------------------------------------------------------------------
 
     async def _txn_in_collection(

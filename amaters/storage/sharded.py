@@ -346,6 +346,9 @@ class ShardedBackend:
     def has_collection(self, name: str) -> bool:
         return self.home.has_collection(name)
 
+    def collection_count(self) -> int:
+        return self.home.collection_count()
+
     def sync(self) -> defer.Deferred[None]:
         return defer.succeed(None)
 
