@@ -6,7 +6,9 @@ view as JSON; ``nodes`` one line per registered node (``*`` marks the node holdi
 duties); ``shards`` one line per etcd member of each shard (``*`` marks the Raft leader) and the
 number of virtual shards each shard holds.  ``add-shard`` adds an etcd cluster as a shard and moves
 it an even share of virtual shards online; ``move`` moves one virtual shard.  Both print the result
-as JSON.
+as JSON.  ``snapshot DIR`` takes etcd's snapshot of every shard straight from the etcd members in
+the config's ``cluster.endpoints`` (and the shard map), with a manifest of SHA-256 sums;
+``verify-snapshot DIR`` checks the files against it.
 """
 
 from __future__ import annotations
@@ -21,8 +23,35 @@ from amaters.cli.admin import AdminError, call_admin
 from amaters.cli.common import config_options, err, load
 
 
+def cmd_snapshot(args: argparse.Namespace, config: Any) -> int:
+    from pathlib import Path
+
+    from amaters.cluster.snapshot import SnapshotError, snapshot_cluster, verify_snapshot
+
+    if len(args.args) != 1:
+        err(f"usage: amaters cluster {args.action} DIR")
+        return 2
+    try:
+        if args.action == "snapshot":
+            if not config.cluster.endpoints:
+                err("cluster.endpoints is not set in the configuration: not a clustered server")
+                return 2
+            manifest = snapshot_cluster(config.cluster.endpoints, config.cluster.prefix, Path(args.args[0]))
+        else:
+            manifest = verify_snapshot(Path(args.args[0]))
+    except SnapshotError as e:
+        err(str(e))
+        return 1
+    for name, shard in sorted(manifest["shards"].items()):
+        print(f"{name}\t{shard['file']}\t{shard['bytes']} bytes\tsha256 {shard['sha256']}")
+    print("verified" if args.action == "verify-snapshot" else f"snapshot written to {args.args[0]}")
+    return 0
+
+
 def cmd_cluster(args: argparse.Namespace) -> int:
     config = load(args)
+    if args.action in ("snapshot", "verify-snapshot"):
+        return cmd_snapshot(args, config)
     method, path = "GET", "/cluster"
     if args.action == "add-shard":
         if len(args.args) < 2:
@@ -73,9 +102,11 @@ def add_commands(subparsers: Any) -> None:
         help="show or reshard the cluster a running node belongs to (admin role)",
     )
     p.add_argument(
-        "action", choices=["status", "nodes", "shards", "add-shard", "move"], help="what to show or do"
+        "action",
+        choices=["status", "nodes", "shards", "add-shard", "move", "snapshot", "verify-snapshot"],
+        help="what to show or do",
     )
-    p.add_argument("args", nargs="*", help="add-shard: NAME URL...; move: VSHARD SHARD")
+    p.add_argument("args", nargs="*", help="add-shard: NAME URL...; move: VSHARD SHARD; snapshot: DIR")
     p.add_argument("--token", default=argparse.SUPPRESS, help="JWT bearer token (or AMATERS_TOKEN)")
     p.add_argument("--api-key", default=argparse.SUPPRESS, help="API key (or AMATERS_API_KEY)")
     p.set_defaults(func=cmd_cluster)
