@@ -82,6 +82,11 @@ class QueryExecutor:
         self.max_collections = 0
         #: Server administration (status, reload, snapshots, ...); None: admin operations refused.
         self.admin: Any = admin
+        #: The backend's collection list is a cache of one shared by other servers (clustered mode):
+        #: a miss there is asked of the backend instead of answered "absent" at once.
+        from amaters.storage import innermost
+
+        self._remote_collections = bool(getattr(innermost(backend), "collections_remote", False))
         self._dispatch: dict[type, Callable[[Any], defer.Deferred[Any]]] = {
             ops.Get: self.get,
             ops.Set: self.set,
@@ -143,6 +148,8 @@ class QueryExecutor:
     def get(self, op: ops.Get) -> defer.Deferred[CipherBlob | None]:
         backend = self.backend
         if not backend.has_collection(op.collection):
+            if self._remote_collections:
+                return self._ask_anyway(backend.get(op.collection, op.key), None)
             if self.auto_create_collections:
                 return defer.succeed(None)
             return defer.fail(self._missing(op.collection))
@@ -164,10 +171,19 @@ class QueryExecutor:
     def delete(self, op: ops.Delete) -> defer.Deferred[bool]:
         backend = self.backend
         if not backend.has_collection(op.collection):
+            if self._remote_collections:
+                return self._ask_anyway(backend.delete(op.collection, op.key), False)
             if self.auto_create_collections:
                 return defer.succeed(False)
             return defer.fail(self._missing(op.collection))
         return backend.delete(op.collection, op.key)
+
+    def _ask_anyway(self, d: defer.Deferred[Any], absent: Any) -> defer.Deferred[Any]:
+        """A keyed read or delete sent to the backend although its cache lacks the collection:
+        the collection really missing answers ``absent`` with auto-create, NotFound without."""
+        if self.auto_create_collections:
+            d.addErrback(lambda failure: failure.trap(NotFound) and absent)
+        return d
 
     # -- ranges -------------------------------------------------------------------------------
 

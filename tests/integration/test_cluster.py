@@ -190,6 +190,8 @@ async def test_write_through_one_node_is_read_through_the_other(cluster: Cluster
         big = bytes(range(256)) * 8192  # 2 MiB: stored in chunks, made visible at once
         await a.set("shared", b"big", big)
         assert await b.get("shared", b"big") == big
+        await a.set("fresh", b"k", b"new collection")  # B reads it at once, cache or not
+        assert await b.get("fresh", b"k") == b"new collection"
         assert await a.create_collection("made-on-a") is True
         for _ in range(50):
             if "made-on-a" in await b.list_collections():
