@@ -185,7 +185,7 @@
       ["State", s.state],
       ["Storage backend", s.backend],
       ["Sync mode", s.sync],
-      ["Native connections open", `${fmtNumber(s.connections)} connections`],
+      ["Native connections open", `${fmtNumber(s.connections)} connection${s.connections === 1 ? "" : "s"}`],
       ["Authentication", s.auth_enabled ? "on" : "off (loopback only)"],
       ["Configuration file", s.config_file || "none (defaults and overrides)"],
       ["Last reload", s.last_reload ? (s.last_reload.ok ? "succeeded" : "failed") : "none since start"],
