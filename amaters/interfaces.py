@@ -68,6 +68,9 @@ class IStorageBackend(Interface):
     def has_collection(name: str) -> bool:
         """Whether the collection exists (answered from memory, no I/O)."""
 
+    def collection_count() -> int:
+        """How many collections exist (answered from memory, no I/O)."""
+
     def get(collection: str, key: bytes) -> object:
         """Deferred firing with the CipherBlob, or None when the key is absent.
 

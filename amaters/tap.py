@@ -8,6 +8,7 @@ the services start.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from twisted.application import service
@@ -52,7 +53,11 @@ class Options(usage.Options):
         try:
             self.config = load_server_config(self["config"], self.overrides, os.environ)
         except ConfigError as e:
-            raise usage.UsageError("invalid configuration:\n  " + "\n  ".join(e.problems)) from None
+            # Not a UsageError: twistd would print its whole usage text before the problems.
+            print("amaters: invalid configuration:", file=sys.stderr)
+            for problem in e.problems:
+                print(f"  {problem}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 def makeService(options: Options, reactor: Any = None) -> service.IService:

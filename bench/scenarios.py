@@ -13,7 +13,9 @@ Blocks (``--only`` takes these names):
     SET 100 B with ``storage.sync = always`` on RocksDB, C=1, 10 and 50, P=1, plain TCP; writes per
     fsync from the server's group-commit histogram (``amaters_storage_group_commit_size``) and from
     counting the process's fsync system calls with ``perf``; against redis-server with
-    ``appendfsync always`` (redis-benchmark, same C, P=1, 100 B, plain TCP).
+    ``appendfsync always`` (redis-benchmark, same C, P=1, 100 B, plain TCP).  ``nondurable-set-C1``
+    is C=1's load on a second server with ``storage.sync = none``: what a synced write adds, in
+    server CPU per write, is measured in the same run.
 ``recovery``
     Cold start on an empty data dir; N keys of 1 KiB written (1 GB; 100 MB with ``--quick``);
     ``kill -9``; time until ``/readyz`` answers again (recovery); a RANGE stream of the whole
@@ -58,6 +60,8 @@ from bench.servers import (
 
 BLOCKS = ("fsync", "protocol", "durable", "recovery", "rss")
 REFERENCE_NAME = "reference server (Twisted, same framing + TLS, dict)"
+#: How much more server CPU a lone synced write may cost than the same write with ``sync = none``.
+DURABLE_CPU_BUDGET_US = 120
 
 
 @dataclass
@@ -205,7 +209,9 @@ def _error_entry(name: str, group: str, error: str) -> dict[str, Any]:
 
 
 def make_api_key(directory: Path) -> tuple[dict[str, Any], str]:
-    """Server settings for auth with one API key (role ``user``: write on every collection), and the key."""
+    """Server settings for auth with one API key, and the key.  Its role ``bench`` is the built-in
+    ``user`` (write on every collection) plus ``create`` on every collection, so it can make the
+    collections it fills."""
     from amaters.auth.apikeys import generate_api_key, hash_api_key
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -217,11 +223,16 @@ def make_api_key(directory: Path) -> tuple[dict[str, Any], str]:
         f'id = "{key_id}"\n'
         'name = "benchmark client"\n'
         f'key_hash = "{hash_api_key(pepper.encode(), key)}"\n'
-        'roles = ["user"]\n'
+        'roles = ["bench"]\n'
     )
     os.chmod(keys_file, 0o600)
+    roles_file = directory / "roles.toml"
+    roles_file.write_text(
+        '[roles.bench]\ninherits = ["user"]\npermissions = [{ resource = "collection:*", permission = "create" }]\n'
+    )
     settings = {
         "auth.enabled": True,
+        "auth.roles_file": str(roles_file),
         "auth.api_keys_file": str(keys_file),
         "auth.api_key_pepper": pepper,
     }
@@ -325,7 +336,7 @@ class Suite:
             amaters.start()
             reference.start()
             metrics = amaters.metrics()
-            security = "TLS, auth (API key, role user) + RBAC, metrics " + (
+            security = "TLS, auth (API key, role user + create) + RBAC, metrics " + (
                 "on (/metrics served)" if metrics is not None else "NOT served (/metrics missing)"
             )
             _say(f"  amaters: memory backend, {security}; reference: TLS, no auth")
@@ -394,58 +405,24 @@ class Suite:
             {"storage.backend": "rocksdb", "storage.sync": "always", "tls.enabled": False},
             label="amaters (durable)",
         )
+        nondurable = AmatersServer(
+            s.work / "nondurable-amaters",
+            {"storage.backend": "rocksdb", "storage.sync": "none", "tls.enabled": False},
+            label="amaters (sync none)",
+        )
         runs: dict[int, tuple[LoadResult, dict[str, Any]]] = {}
-        with server:
+        unsynced: LoadResult | None = None
+        with server, nondurable:
             server.start()
             target = Target(port=server.port, plaintext=True)
             for clients in (1, 10, 50):
                 if not s.selected(f"durable-set-C{clients}"):
                     continue
-                spec = self._spec(
-                    connections=clients, pipeline=1, value_size=100, mix=(("set", 1.0),), collection="durable"
-                )
-                before = _group_commit(server.metrics())
-                counter = SyscallCounter(server.pid, s.work / f"perf-durable-C{clients}.txt")
-                counter.start()
-                try:
-                    result = loadgen.run(
-                        "load",
-                        target,
-                        spec,
-                        workers=min(s.workers, clients),
-                        server_pid=server.pid,
-                        label=f"durable-set-C{clients} amaters",
-                    )
-                finally:
-                    syscalls = counter.stop()
-                after = _group_commit(server.metrics())
-                _say("  " + loadgen.summary_line(result))
-                details: dict[str, Any] = {"completed_writes": result.completed_total}
-                if before is not None and after is not None and after[1] > before[1]:
-                    writes, syncs = after[0] - before[0], after[1] - before[1]
-                    details.update(
-                        writes_per_fsync=round(writes / syncs, 2),
-                        writes_per_fsync_source="server metrics: amaters_storage_group_commit_size (sum/count)",
-                        group_commits=int(syncs),
-                    )
-                else:
-                    details.update(
-                        writes_per_fsync=None, writes_per_fsync_source="server metrics not available"
-                    )
-                if syscalls:
-                    details.update(
-                        fsync_syscalls=syscalls,
-                        writes_per_fsync_syscall=round(result.completed_total / syscalls, 2),
-                    )
-                elif not counter.available:
-                    details.update(fsync_syscalls=None)
-                if self.fsync is not None:
-                    details["disk_fsyncs_per_s"] = self.fsync.fsyncs_per_s
-                _say(
-                    f"  writes per fsync: {details.get('writes_per_fsync')} (metrics),"
-                    f" {details.get('writes_per_fsync_syscall')} (fsync system calls counted by perf)"
-                )
-                runs[clients] = (result, details)
+                runs[clients] = self._durable_run(server, target, clients)
+                if clients == 1 and s.selected("nondurable-set-C1"):
+                    unsynced = self._nondurable_run(nondurable)
+            if unsynced is None and s.selected("nondurable-set-C1"):
+                unsynced = self._nondurable_run(nondurable)
         references: dict[int, redis_ref.RedisResult] = {}
         if redis_ref.available():
             with redis_ref.redis_server(s.work) as (port, pid):
@@ -468,6 +445,9 @@ class Suite:
                     )
         else:
             self.notes.append("durable: redis-server/redis-benchmark not installed; no redis reference")
+        unsynced_cpu = (
+            _cpu_per_op(unsynced.server_cpu_pct, unsynced.ops_per_s) if unsynced is not None else None
+        )
         for clients, (result, details) in runs.items():
             redis = references.get(clients)
             ratio = _ratio(result.ops_per_s, redis.ops_per_s if redis else None)
@@ -477,6 +457,16 @@ class Suite:
                 wpf = details.get("writes_per_fsync") or details.get("writes_per_fsync_syscall")
                 if wpf is not None and ratio is not None:
                     met = wpf >= 20 and ratio >= 0.5
+            if clients == 1 and unsynced is not None:
+                synced_cpu = _cpu_per_op(result.server_cpu_pct, result.ops_per_s)
+                extra = (
+                    None
+                    if synced_cpu is None or unsynced_cpu is None
+                    else round(synced_cpu - unsynced_cpu, 1)
+                )
+                details["cpu_us_per_op_over_nondurable"] = extra
+                target = f"<= nondurable-set-C1 + {DURABLE_CPU_BUDGET_US} µs server CPU per write"
+                met = None if extra is None else extra <= DURABLE_CPU_BUDGET_US
             self.results.append(
                 _entry(
                     f"durable-set-C{clients}",
@@ -492,6 +482,84 @@ class Suite:
                     **details,
                 )
             )
+        if unsynced is not None:
+            self.results.append(
+                _entry(
+                    "nondurable-set-C1",
+                    "durable",
+                    "SET 100 B, C=1, P=1, plain TCP, RocksDB storage.sync=none: the load of durable-set-C1"
+                    " without the fsync, to price what a synced write adds",
+                    unsynced,
+                    "none: the baseline durable-set-C1's extra CPU per write is measured against",
+                )
+            )
+
+    def _durable_run(
+        self, server: AmatersServer, target: Target, clients: int
+    ) -> tuple[LoadResult, dict[str, Any]]:
+        """One durable SET load at C clients: the result and its writes-per-fsync details."""
+        s = self.settings
+        spec = self._spec(
+            connections=clients, pipeline=1, value_size=100, mix=(("set", 1.0),), collection="durable"
+        )
+        before = _group_commit(server.metrics())
+        counter = SyscallCounter(server.pid, s.work / f"perf-durable-C{clients}.txt")
+        counter.start()
+        try:
+            result = loadgen.run(
+                "load",
+                target,
+                spec,
+                workers=min(s.workers, clients),
+                server_pid=server.pid,
+                label=f"durable-set-C{clients} amaters",
+            )
+        finally:
+            syscalls = counter.stop()
+        after = _group_commit(server.metrics())
+        _say("  " + loadgen.summary_line(result))
+        details: dict[str, Any] = {"completed_writes": result.completed_total}
+        if before is not None and after is not None and after[1] > before[1]:
+            writes, syncs = after[0] - before[0], after[1] - before[1]
+            details.update(
+                writes_per_fsync=round(writes / syncs, 2),
+                writes_per_fsync_source="server metrics: amaters_storage_group_commit_size (sum/count)",
+                group_commits=int(syncs),
+            )
+        else:
+            details.update(writes_per_fsync=None, writes_per_fsync_source="server metrics not available")
+        if syscalls:
+            details.update(
+                fsync_syscalls=syscalls,
+                writes_per_fsync_syscall=round(result.completed_total / syscalls, 2),
+            )
+        elif not counter.available:
+            details.update(fsync_syscalls=None)
+        if self.fsync is not None:
+            details["disk_fsyncs_per_s"] = self.fsync.fsyncs_per_s
+        _say(
+            f"  writes per fsync: {details.get('writes_per_fsync')} (metrics),"
+            f" {details.get('writes_per_fsync_syscall')} (fsync system calls counted by perf)"
+        )
+        return result, details
+
+    def _nondurable_run(self, server: AmatersServer) -> LoadResult:
+        """durable-set-C1's load against the same server with ``storage.sync = none``."""
+        if server.process is None:
+            server.start()
+        spec = self._spec(
+            connections=1, pipeline=1, value_size=100, mix=(("set", 1.0),), collection="durable"
+        )
+        result = loadgen.run(
+            "load",
+            Target(port=server.port, plaintext=True),
+            spec,
+            workers=1,
+            server_pid=server.pid,
+            label="nondurable-set-C1 amaters",
+        )
+        _say("  " + loadgen.summary_line(result))
+        return result
 
     def block_recovery(self) -> None:
         s = self.settings

@@ -28,8 +28,26 @@ from typing import Any
 import psutil
 
 TWISTD = "from twisted.scripts.twistd import run; run()"
+#: The directory holding the ``bench`` package (the repository root when run from a checkout).
+BENCH_ROOT = str(Path(__file__).resolve().parent.parent)
 PROFILE_ENV = "AMATERS_BENCH_PROFILE"
 _used_ports: set[int] = set()
+
+
+def bench_module_argv(module: str, *args: str) -> list[str]:
+    """The argv that runs ``python -m <module> <args>`` for a ``bench`` module in a child process.
+
+    The benchmark's servers run in their own work directories, and ``bench`` is not an installed
+    package: ``python -m bench.x`` from there finds it only when the caller's working directory or
+    ``PYTHONPATH`` happens to hold it.  The child appends :data:`BENCH_ROOT` to its import path
+    instead, after the installed packages, so an installed amaters is never shadowed by the
+    checkout's (with ``PYTHONPATH`` set, as in development, that still comes first).
+    """
+    bootstrap = (
+        f"import runpy, sys; sys.path.append({BENCH_ROOT!r}); "
+        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    )
+    return [sys.executable, "-c", bootstrap, *args]
 
 
 def free_port() -> int:
@@ -172,6 +190,7 @@ class AmatersServer(_Process):
         self.label = label
         self.port = free_port()
         self.web_port = free_port()
+        self.grpc_port = free_port()
         self.data_dir = workdir / "data"
         self.log_path = workdir / "server.log"
         self.config_path = workdir / "server.toml"
@@ -180,6 +199,7 @@ class AmatersServer(_Process):
             "server.data_dir": str(self.data_dir),
             "server.shutdown_timeout": 20,
             "web.listen": f"tcp:{self.web_port}:interface=127.0.0.1",
+            "grpc.listen": f"tcp:{self.grpc_port}:interface=127.0.0.1",
             "logging.level": "warn",
         }
         base.update(settings or {})
@@ -199,13 +219,9 @@ class AmatersServer(_Process):
     def argv(self) -> list[str]:
         twistd_args = ["-n", "--pidfile=", "amaters", "--config", str(self.config_path)]
         if os.environ.get(PROFILE_ENV, "") == "cprofile":
-            return [
-                sys.executable,
-                "-m",
-                "bench._profiled_twistd",
-                str(self.workdir / "server.prof"),
-                *twistd_args,
-            ]
+            return bench_module_argv(
+                "bench._profiled_twistd", str(self.workdir / "server.prof"), *twistd_args
+            )
         return [sys.executable, "-c", TWISTD, *twistd_args]
 
     def start(self, timeout: float = 60.0) -> AmatersServer:
@@ -271,7 +287,7 @@ class AmatersServer(_Process):
 
 
 class ReferenceServer(_Process):
-    """``python -m bench.reference_server``: the minimal Twisted key-value server (see that module)."""
+    """:mod:`bench.reference_server`: the minimal Twisted key-value server (see that module)."""
 
     name = "reference"
 
@@ -289,7 +305,7 @@ class ReferenceServer(_Process):
         return str(self.tls_dir / "ca.pem") if self.tls else None
 
     def start(self, timeout: float = 60.0) -> ReferenceServer:
-        argv = [sys.executable, "-m", "bench.reference_server", "--port", str(self.port)]
+        argv = bench_module_argv("bench.reference_server", "--port", str(self.port))
         if self.tls:
             argv += ["--tls-dir", str(self.tls_dir)]
         started = time.perf_counter()

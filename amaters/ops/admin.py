@@ -57,6 +57,7 @@ class ServerAdmin:
         pools: Any,
         reloader: Reloader,
         connections: Callable[[], int],
+        cluster: Any = None,
     ) -> None:
         self.live = live
         self.lifecycle = lifecycle
@@ -64,6 +65,16 @@ class ServerAdmin:
         self.pools = pools
         self.reloader = reloader
         self.connections = connections
+        #: Clustered mode: the node's ClusterService (None on a single node).
+        self.cluster = cluster
+
+    def cluster_status(self) -> defer.Deferred[dict[str, Any]]:
+        """The cluster as this node sees it (fails with InvalidOperation on a single node)."""
+        if self.cluster is None:
+            from amaters.errors import InvalidOperation
+
+            return defer.fail(InvalidOperation("this server is not clustered (storage.backend is not etcd)"))
+        return defer.succeed(self.cluster.health())
 
     def status(self) -> defer.Deferred[dict[str, Any]]:
         config = self.live.current

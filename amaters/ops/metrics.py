@@ -77,7 +77,7 @@ def _fast_inc(child: Any) -> Callable[[], None]:
     """
     inc = getattr(getattr(child, "_value", None), "inc", None)
     if not callable(inc):
-        return child.inc  # type: ignore[no-any-return]
+        return child.inc
     return functools.partial(inc, 1)
 
 
@@ -93,9 +93,9 @@ def _fast_observe(child: Any) -> Callable[[float], None]:
         bounds = list(child._upper_bounds)
         incs = [bucket.inc for bucket in child._buckets]
     except AttributeError:
-        return child.observe  # type: ignore[no-any-return]
+        return child.observe
     if len(bounds) != len(incs):
-        return child.observe  # type: ignore[no-any-return]
+        return child.observe
     pairs = tuple(zip(bounds, incs, strict=True))
 
     def observe(amount: float) -> None:

@@ -152,8 +152,8 @@ class MetricsService(service.Service):
         self.metrics = metrics
         self.backend = backend
 
-    def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
-        super().startService()  # type: ignore[no-untyped-call]
+    def startService(self) -> defer.Deferred[None]:
+        super().startService()
         d: defer.Deferred[Any] = defer.maybeDeferred(self.backend.stats)
         d.addCallback(self.metrics.storage.update)
 
@@ -161,7 +161,7 @@ class MetricsService(service.Service):
             self._log.failure("Reading storage statistics for metrics failed", failure)
 
         d.addErrback(failed)
-        return d  # type: ignore[return-value]
+        return d
 
     def prepare_reload(self, old: Config, new: Config) -> Callable[[], None] | None:
         """``web.metrics_max_collections`` applies from the next scrape."""

@@ -39,7 +39,7 @@ from blake3 import blake3
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from amaters.config import CacheConfig, Config
+from amaters.config import CacheConfig, Config, cache_settings
 from amaters.query import operations as ops
 from amaters.types import CipherBlob
 
@@ -317,7 +317,7 @@ class QueryCache:
     # -- reload -------------------------------------------------------------------------------
 
     def prepare_reload(self, old: Config, new: Config) -> Callable[[], None] | None:
-        settings: CacheConfig = new.cache
+        settings: CacheConfig = cache_settings(new)
         if (settings.max_bytes, settings.max_entry_bytes) == (self.max_bytes, self.max_entry_bytes):
             return None
         return lambda: self.resize(settings.max_bytes, settings.max_entry_bytes)
@@ -339,15 +339,18 @@ class CachingExecutor:
     def open_range(self, op: ops.Range) -> Any:
         return self.inner.open_range(op)
 
+    def update_limits(self, limits: Any) -> None:
+        self.inner.update_limits(limits)
+
     def execute(self, op: ops.Operation) -> defer.Deferred[Any]:
         kind = type(op)
         cache = self.cache
         if kind is ops.Get:
             if cache.max_bytes <= 0:  # off
-                return self.inner.execute(op)  # type: ignore[no-any-return]
+                return self.inner.execute(op)
             return self._get(op)  # type: ignore[arg-type]
         if kind in _READ_ONLY:
-            return self.inner.execute(op)  # type: ignore[no-any-return]
+            return self.inner.execute(op)
         if not cache.enabled:
             return self._untracked_write(op)
         if kind is ops.Set or kind is ops.Delete:
@@ -357,7 +360,7 @@ class CachingExecutor:
             batch: Any = op
             keys = [cache_key(item.collection, item.key) for item in batch.ops if item.kind == "write"]
             if not keys:
-                return self.inner.execute(op)  # type: ignore[no-any-return]
+                return self.inner.execute(op)
             return self._write(keys, op)
         # Drops, and any later operation that writes keys it does not name (UPDATE): the whole
         # collection, or everything when the operation names none.

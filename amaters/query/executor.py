@@ -9,6 +9,9 @@ Rules it implements:
 - collections are created on their first SET when ``storage.auto_create_collections`` is true;
   then reads and deletes on a collection that does not exist yet behave as on an empty one.  When
   it is false, every operation on a missing collection fails with ``STORAGE_NOT_FOUND``.
+- at most ``limits.max_collections`` collections exist (0: no limit): creating one more, explicitly
+  or by a first SET, fails with ``VALIDATION_SIZE_EXCEEDED`` and creates nothing.  Whether the
+  principal may create a collection at all is the RBAC stage's decision (``collection:create``).
 - GET of a missing key is ``None``, not an error; DELETE tells whether the key existed.
 - BATCH is atomic: every write is collected first and applied with one ``write_batch``; reads in a
   batch see the batch's earlier writes.  Collections a batch auto-creates are dropped again if the
@@ -23,7 +26,8 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from amaters.errors import AmatersError, InvalidOperation, NotFound
+from amaters import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS
+from amaters.errors import AmatersError, InvalidOperation, NotFound, SizeExceeded
 from amaters.interfaces import IRangeCursor, IServerAdmin, IStorageBackend
 from amaters.query import operations as ops
 from amaters.types import CipherBlob, WriteOp
@@ -74,6 +78,8 @@ class QueryExecutor:
         self.range_chunk_size = range_chunk_size
         self._server_info = server_info
         self._health = health
+        #: limits.max_collections (0: no limit); the pipeline passes reloaded limits on.
+        self.max_collections = 0
         #: Server administration (status, reload, snapshots, ...); None: admin operations refused.
         self.admin: Any = admin
         self._dispatch: dict[type, Callable[[Any], defer.Deferred[Any]]] = {
@@ -98,7 +104,25 @@ class QueryExecutor:
             ops.ConfigView: lambda op: self._admin().config_view(),
             ops.AuditTail: lambda op: self._admin().audit_tail(op.limit),
             ops.ServerResources: lambda op: self._admin().resources(),
+            ops.ClusterStatus: lambda op: self._admin().cluster_status(),
         }
+
+    def update_limits(self, limits: Any) -> None:
+        """Apply (reloaded) ``[limits]``: the collection count limit."""
+        self.max_collections = limits.max_collections
+
+    def _room_for(self, count: int) -> AmatersError | None:
+        """The error for creating ``count`` more collections past limits.max_collections, or None."""
+        limit = self.max_collections
+        if not limit or not count:
+            return None
+        existing = self.backend.collection_count()
+        if existing + count <= limit:
+            return None
+        return SizeExceeded(
+            f"the server already holds {existing} collection(s) and limits.max_collections is {limit};"
+            " drop a collection or raise the limit"
+        )
 
     def _admin(self) -> Any:
         if self.admin is None:
@@ -107,7 +131,7 @@ class QueryExecutor:
 
     def execute(self, op: ops.Operation) -> defer.Deferred[Any]:
         """Run any operation (RANGE as a complete list; streams use :meth:`open_range`)."""
-        return self._dispatch[type(op)](op)  # type: ignore[no-any-return]
+        return self._dispatch[type(op)](op)
 
     # -- single keys --------------------------------------------------------------------------
 
@@ -128,6 +152,9 @@ class QueryExecutor:
             return backend.put(op.collection, op.key, op.value)
         if not self.auto_create_collections:
             return defer.fail(self._missing(op.collection))
+        full = self._room_for(1)
+        if full is not None:
+            return defer.fail(full)
         d: defer.Deferred[Any] = defer.maybeDeferred(backend.create_collection, op.collection)
         d.addCallback(lambda _: backend.put(op.collection, op.key, op.value))
         return d
@@ -150,9 +177,7 @@ class QueryExecutor:
             raise self._missing(op.collection)
         if op.limit == 0 or (op.end is not None and op.start >= op.end):
             return _EmptyCursor()  # type: ignore[return-value]
-        return self.backend.scan(  # type: ignore[no-any-return]
-            op.collection, op.start, op.end, op.limit, self.range_chunk_size
-        )
+        return self.backend.scan(op.collection, op.start, op.end, op.limit, self.range_chunk_size)
 
     def range_list(self, op: ops.Range) -> defer.Deferred[list[tuple[bytes, CipherBlob]]]:
         """The whole range as one list (for callers that do not stream)."""
@@ -217,6 +242,9 @@ class QueryExecutor:
 
         if not writes:
             return results
+        full = self._room_for(len(to_create))
+        if full is not None:
+            raise full
         created: list[str] = []
         try:
             for name in to_create:
@@ -237,6 +265,10 @@ class QueryExecutor:
     # -- collections and server ---------------------------------------------------------------
 
     def create_collection(self, op: ops.CreateCollection) -> defer.Deferred[bool]:
+        if not self.backend.has_collection(op.collection):
+            full = self._room_for(1)
+            if full is not None:
+                return defer.fail(full)
         return defer.maybeDeferred(self.backend.create_collection, op.collection)
 
     def drop_collection(self, op: ops.DropCollection) -> defer.Deferred[bool]:
@@ -247,8 +279,6 @@ class QueryExecutor:
 
     def server_info(self, op: ops.ServerInfo) -> defer.Deferred[ops.ServerInfoResult]:
         if self._server_info is None:
-            from amaters import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS
-
             return defer.succeed(
                 ops.ServerInfoResult(PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS, CAPABILITIES, 0)
             )

@@ -14,8 +14,8 @@ import attrs
 
 from amaters.types import CipherBlob
 
-#: What an operation needs, for RBAC: read < write < admin.
-Access = Literal["read", "write", "admin"]
+#: What an operation needs, for RBAC: read < write < create < admin.
+Access = Literal["read", "write", "create", "admin"]
 
 
 def _hidden(value: object) -> str:
@@ -95,7 +95,7 @@ class Batch:
 @attrs.frozen(slots=True)
 class CreateCollection:
     name: ClassVar[str] = "create_collection"
-    kind: ClassVar[Access] = "admin"
+    kind: ClassVar[Access] = "create"
     collection: str
 
 
@@ -199,6 +199,15 @@ class CreateSnapshot:
 
 
 @attrs.frozen(slots=True)
+class ClusterStatus:
+    """Clustered mode: the shards with their etcd members and leader, the nodes, the leading node."""
+
+    name: ClassVar[str] = "admin cluster status"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+
+
+@attrs.frozen(slots=True)
 class VerifySnapshot:
     """Check one snapshot archive on disk (every file against its manifest checksum)."""
 
@@ -248,6 +257,7 @@ AdminOperation = (
     | ConfigView
     | AuditTail
     | ServerResources
+    | ClusterStatus
 )
 
 Operation = (

@@ -1,4 +1,4 @@
-"""Storage backends (memory, rocksdb) behind :class:`amaters.interfaces.IStorageBackend`."""
+"""Storage backends (memory, rocksdb, etcd) behind :class:`amaters.interfaces.IStorageBackend`."""
 
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ def build_backend(config: Config, reactor: Any, pools: Any) -> IStorageBackend:
             RocksDBSettings.from_config(config.storage),
             lock_dir=config.data_dir,
         )
+    elif config.storage.backend == "etcd":
+        from amaters.storage.etcd import build_etcd_backend
+
+        backend = build_etcd_backend(config.cluster, reactor)
     else:
         raise NotImplementedError(f"storage backend {config.storage.backend!r} is not available")
     return RetryingBackend(backend, RetryPolicy.from_config(config.retry), reactor)

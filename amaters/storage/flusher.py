@@ -82,15 +82,15 @@ class FlusherService(service.Service):
     # -- service ------------------------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()
         loop = task.LoopingCall(self._tick)
         loop.clock = self.clock
         self._loop = loop
         # _tick never fails; this errback is for a bug in that promise.
         loop.start(self.period, now=False).addErrback(log_failure("Storage flusher timer died", self._log))
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
-        super().stopService()  # type: ignore[no-untyped-call]
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:

@@ -119,6 +119,9 @@ class MemoryBackend:
     def has_collection(self, name: str) -> bool:
         return name in self._collections
 
+    def collection_count(self) -> int:
+        return len(self._collections)
+
     def get(self, collection: str, key: bytes) -> defer.Deferred[CipherBlob | None]:
         try:
             blob = self._collection(collection).get(key)

@@ -138,6 +138,8 @@ class RocksDBSettings:
     write_buffer_bytes: int = 64 * 1024 * 1024
     range_chunk_bytes: int = 4 * 1024 * 1024
     point_reads_in_pool: bool = False
+    #: Table files kept open at once (RocksDB's max_open_files; -1 would keep every one open).
+    max_open_files: int = 512
     #: Start a group commit from idle at the end of the reactor turn rather than at once (see
     #: :mod:`amaters.storage.groupcommit`).  On in a server (``from_config``); off by default so that
     #: tests driving a ``task.Clock`` by hand see a sync start with the first write.
@@ -151,6 +153,7 @@ class RocksDBSettings:
             write_buffer_bytes=storage.write_buffer_bytes,
             range_chunk_bytes=storage.range_chunk_bytes,
             point_reads_in_pool=storage.point_reads_in_pool,
+            max_open_files=storage.max_open_files,
             sync_at_end_of_turn=True,
         )
 
@@ -362,6 +365,7 @@ class RocksDBBackend:
         # A third memtable absorbs bursts while one is being flushed (writes never wait: see
         # no_slowdown in map_error).
         options.set_max_write_buffer_number(3)
+        options.set_max_open_files(self.settings.max_open_files)
         return options
 
     def _open_blocking(self) -> tuple[Any, Any, dict[str, _Collection]]:
@@ -554,6 +558,9 @@ class RocksDBBackend:
 
     def has_collection(self, name: str) -> bool:
         return name in self._collections
+
+    def collection_count(self) -> int:
+        return len(self._collections)
 
     def list_collections(self) -> defer.Deferred[list[str]]:
         try:

@@ -71,6 +71,7 @@ async def admin(tmp_path: Path) -> AsyncIterator[Admin]:
         "storage.backend=rocksdb",
         "storage.sync=none",
         f"server.data_dir={tmp_path / 'data'}",
+        "grpc.listen=tcp:0:interface=127.0.0.1",
         "auth.enabled=true",
         f"auth.jwt.secret={JWT_SECRET}",
         f"auth.api_keys_file={tmp_path / 'keys.toml'}",

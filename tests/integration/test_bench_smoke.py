@@ -35,6 +35,7 @@ def test_tiny_bench_writes_results_with_every_required_key(tmp_path: Path) -> No
         "--match",
         "get-100B-P1",
         "durable-set-C1",
+        "nondurable-set-C1",
         "--duration",
         "0.5",
         "--warmup",
@@ -60,6 +61,7 @@ def test_tiny_bench_writes_results_with_every_required_key(tmp_path: Path) -> No
         "fsync-rate",
         "get-100B-P1",
         "durable-set-C1",
+        "nondurable-set-C1",
         "startup",
         "recovery-after-kill9",
         "range-stream",
@@ -76,6 +78,12 @@ def test_tiny_bench_writes_results_with_every_required_key(tmp_path: Path) -> No
     durable = by_name["durable-set-C1"]
     assert durable["ops_per_s"] > 0
     assert durable["writes_per_fsync"] is None or durable["writes_per_fsync"] > 0
+    unsynced = by_name["nondurable-set-C1"]
+    assert unsynced["ops_per_s"] > 0 and unsynced["errors"] == 0
+    # The synced write's extra CPU is derived from both runs of this one invocation.
+    assert durable["cpu_us_per_op_over_nondurable"] == pytest.approx(
+        durable["server_cpu_us_per_op"] - unsynced["server_cpu_us_per_op"], abs=0.2
+    )
 
     recovery = by_name["recovery-after-kill9"]
     assert recovery["all_acknowledged_present"] is True

@@ -66,6 +66,9 @@ def test_invalid_config_exits_nonzero_with_every_problem(tmp_path: Path) -> None
     out = result.stdout + result.stderr
     assert "storage.sync" in out and "limits.max_key_bytes" in out
     assert "Traceback" not in out
+    # Only the problems: not twistd's usage text first.
+    assert "Usage:" not in out and "--reactor" not in out
+    assert out.splitlines()[0] == "amaters: invalid configuration:"
 
 
 def test_port_in_use_fails_start_with_exit_1(tmp_path: Path, servers: list[ServerProcess]) -> None:
@@ -87,6 +90,8 @@ def test_cli_start_status_stop(tmp_path: Path) -> None:
     sets = [
         "--set",
         f"server.data_dir={data}",
+        "--set",
+        "grpc.listen=tcp:0:interface=127.0.0.1",
         "--set",
         f"server.listen=tcp:{port}:interface=127.0.0.1",
         "--set",

@@ -47,16 +47,19 @@ def test_status_when_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[s
     # Port 1: nothing listens there, so the readiness probe is refused at once.
     args = ["--set", f"server.data_dir={tmp_path}", "--set", "web.listen=tcp:1:interface=127.0.0.1"]
     assert main(["status", *args, "--format", "json"]) == 1
-    assert json.loads(capsys.readouterr().out) == {
+    shown = json.loads(capsys.readouterr().out)
+    assert {k: shown[k] for k in ("running", "pid", "ready")} == {
         "running": False,
         "pid": None,
         "ready": False,
-        "detail": "not running",
     }
+    assert shown["detail"].startswith("amaters is not running (no live pid in ")
+    assert "nothing answers on http://127.0.0.1:1" in shown["detail"]
 
 
 def test_stop_when_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["stop", "--set", f"server.data_dir={tmp_path}"]) == 0
+    args = ["--set", f"server.data_dir={tmp_path}", "--set", "web.listen=tcp:1:interface=127.0.0.1"]
+    assert main(["stop", *args]) == 0
     assert "not running" in capsys.readouterr().out
 
 
@@ -69,3 +72,64 @@ def test_bad_config_on_start_is_one_line(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["start", "--set", "storage.sync=sometimes", "--set", f"server.data_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "storage.sync" in err and "Traceback" not in err
+
+
+def test_command_groups_are_modules_with_add_commands() -> None:
+    """Every group in amaters.cli.GROUPS adds its commands through add_commands(subparsers)."""
+    import importlib
+
+    from amaters.cli import GROUPS, build_parser
+
+    for name in GROUPS:
+        assert callable(importlib.import_module(name).add_commands), name
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for command in (
+        "start",
+        "stop",
+        "status",
+        "get",
+        "set",
+        "admin",
+        "snapshot",
+        "migrate",
+        "auth",
+        "keygen",
+    ):
+        assert command in commands
+
+
+def test_no_module_imports_the_cli_package() -> None:
+    """Only entry points import amaters.cli: nothing under amaters/ outside the package itself."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2] / "amaters"
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.is_relative_to(root / "cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            if any(n == "amaters.cli" or n.startswith("amaters.cli.") for n in names):
+                offenders.append(str(path.relative_to(root)))
+    assert offenders == []
+
+
+def test_keygen_output_is_ignored_by_git(tmp_path: Path) -> None:
+    """Key files written by `amaters keygen` (default amaters.key, or any NAME.key) are in .gitignore."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    for name in ("amaters.key", "my.key", "keys/backup.key"):
+        result = subprocess.run(
+            ["git", "-C", str(root), "check-ignore", "-q", "--no-index", name],
+            capture_output=True,
+            timeout=30,
+        )
+        assert result.returncode == 0, f"{name} is not ignored"

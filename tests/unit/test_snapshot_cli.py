@@ -14,7 +14,7 @@ from storage_helpers import result_of
 from twisted.internet.task import Clock
 
 from amaters.cli import main
-from amaters.ops.snapshot_cli import ProgressPrinter
+from amaters.cli.snapshot import ProgressPrinter
 from amaters.service import ThreadPoolService
 from amaters.storage import formatfile
 from amaters.storage.lock import DataDirLock

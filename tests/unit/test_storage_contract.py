@@ -2,7 +2,9 @@
 
 Backends: ``memory``; ``rocksdb`` on a temporary directory with a synchronous io pool (every
 Deferred has fired when the call returns); the fault-injecting wrapper in pass-through mode over
-rocksdb; and the retrying wrapper over memory.  A backend that passes here can stand behind the
+rocksdb; the retrying wrapper over memory; and ``etcd`` on a real single-member etcd started once for
+the module (each test under its own key prefix; its Deferreds are waited for with the reactor
+running, see ``tests/etcd_helpers.py``).  A backend that passes here can stand behind the
 query executor.
 """
 
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from etcd_helpers import ETCD, EtcdCluster, etcd_backend
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from storage_helpers import result_of
@@ -30,7 +33,9 @@ from amaters.storage.retry import RetryingBackend, RetryPolicy
 from amaters.storage.rocksdb import RocksDBBackend, RocksDBSettings
 from amaters.types import CipherBlob, Compression, WriteOp, crc32
 
-BACKENDS = ["memory", "rocksdb", "faults-rocksdb", "retrying-memory"]
+BACKENDS = ["memory", "rocksdb", "faults-rocksdb", "retrying-memory", "etcd"]
+_etcd: dict[str, Any] = {}
+_prefixes = itertools.count()
 
 
 def failure_of(d: Any, *types: type[BaseException]) -> Failure:
@@ -50,7 +55,26 @@ def make_rocksdb(path: Path, **settings: Any) -> RocksDBBackend:
     return RocksDBBackend(path / "db", io, clock, RocksDBSettings(**settings), lock_dir=path)
 
 
+def etcd_endpoints(path: Path) -> list[str]:
+    """The module's single-member etcd, started on first use (stopped by ``stop_etcd``)."""
+    if "cluster" not in _etcd:
+        if ETCD is None:
+            pytest.skip("etcd is not installed (scripts/install-test-deps installs etcd-server)")
+        _etcd["cluster"] = EtcdCluster(path.parent / "etcd-contract", size=1).start()
+    return list(_etcd["cluster"].endpoints)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stop_etcd() -> Iterator[None]:
+    yield
+    cluster = _etcd.pop("cluster", None)
+    if cluster is not None:
+        cluster.stop()
+
+
 def make_backend(kind: str, path: Path) -> Any:
+    if kind == "etcd":
+        return etcd_backend(etcd_endpoints(path), b"/t%d/" % next(_prefixes))
     if kind == "memory":
         return MemoryBackend()
     if kind == "rocksdb":
@@ -364,6 +388,7 @@ test_range_matches_a_sorted_model_memory = _range_model_test("memory")
 test_range_matches_a_sorted_model_rocksdb = _range_model_test("rocksdb")
 test_range_matches_a_sorted_model_faults_rocksdb = _range_model_test("faults-rocksdb")
 test_range_matches_a_sorted_model_retrying_memory = _range_model_test("retrying-memory")
+test_range_matches_a_sorted_model_etcd = _range_model_test("etcd")
 
 
 # -- batches -----------------------------------------------------------------------------------

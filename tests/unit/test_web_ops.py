@@ -17,9 +17,11 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.test.requesthelper import DummyRequest
 
 from amaters.config import Config, ConfigError, default_config, load_config
+from amaters.ops.identity import identity
 from amaters.ops.lag import LagMonitor
 from amaters.ops.metrics import Metrics
-from amaters.web.ops import OpsAPI, OpsService, QuietSite
+from amaters.web.guard import ConnectionGate, GuardedSite
+from amaters.web.ops import OpsAPI, OpsService
 
 
 class FakeRoot(service.MultiService):
@@ -96,11 +98,11 @@ def test_readyz_follows_state() -> None:
     """/readyz is 200 only while running; 503 while starting and while draining."""
     root = FakeRoot("starting")
     treq = client(root)
-    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "starting"})
+    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "starting", **identity()})
     root.state = "running"
     assert get(treq, "/readyz")[0] == 200
     root.state = "stopping"
-    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "draining"})
+    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "draining", **identity()})
 
 
 def test_readyz_needs_open_storage_and_an_accepting_listener() -> None:
@@ -112,11 +114,14 @@ def test_readyz_needs_open_storage_and_an_accepting_listener() -> None:
     storage.setServiceParent(root)
     listener.setServiceParent(root)
     treq = client(root)
-    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "storage_not_open"})
+    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "storage_not_open", **identity()})
     storage.is_open = True  # type: ignore[attr-defined]
-    assert get(treq, "/readyz") == (503, {"status": "not_ready", "reason": "listener_not_accepting"})
+    assert get(treq, "/readyz") == (
+        503,
+        {"status": "not_ready", "reason": "listener_not_accepting", **identity()},
+    )
     listener.is_accepting = True  # type: ignore[attr-defined]
-    assert get(treq, "/readyz") == (200, {"status": "ready"})
+    assert get(treq, "/readyz") == (200, {"status": "ready", **identity()})
 
 
 # -- liveness --------------------------------------------------------------------------------------
@@ -337,8 +342,9 @@ def test_cors_follows_a_reloaded_config() -> None:
 def test_site_logs_requests_at_debug_only() -> None:
     """The ops site logs each request as a debug event (twisted.web's info access line is off)."""
     events: list[LogEvent] = []
-    site = QuietSite(api(FakeRoot()).app.resource())
-    site._request_log = Logger(observer=events.append)  # type: ignore[misc]
+    ops = api(FakeRoot())
+    site = GuardedSite(ops.app.resource(), lambda: ops.live.current, Clock())
+    site._log = Logger(observer=events.append)  # type: ignore[misc]
     request = DummyRequest([b"readyz"])
     request.method = b"GET"
     request.path = b"/readyz"
@@ -357,7 +363,7 @@ def test_service_listens_on_web_listen_and_stops() -> None:
     assert d.called
     port, factory, _, interface = reactor.tcpServers[0]
     assert (port, interface) == (7979, "127.0.0.1")
-    assert isinstance(factory, QuietSite)
+    assert isinstance(factory, ConnectionGate) and isinstance(factory.wrappedFactory, GuardedSite)
     ops.stopService()
     assert ops.port is None
 
@@ -371,8 +377,9 @@ def test_service_serves_https_with_web_tls(tmp_path: Path) -> None:
     d = ops.startService()
     assert d.called
     factory = reactor.tcpServers[0][1]
-    assert isinstance(factory, TLSMemoryBIOFactory)
-    assert isinstance(factory.wrappedFactory, QuietSite)
+    assert isinstance(factory, ConnectionGate)
+    assert isinstance(factory.wrappedFactory, TLSMemoryBIOFactory)
+    assert isinstance(factory.wrappedFactory.wrappedFactory, GuardedSite)
     assert (tmp_path / "tls" / "server.pem").exists()
     ops.stopService()
 

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from amaters.cli.common import config_options, endpoint_url, err, load
 from amaters.config import Config
 
 
@@ -24,11 +25,9 @@ class AdminError(Exception):
 
 
 def admin_url(config: Config) -> str:
-    from amaters.cli import _endpoint_url
-
     if not config.web.enabled:
         raise AdminError("the ops site is disabled (web.enabled = false): no admin API")
-    return _endpoint_url(config.web.listen) + "/admin"
+    return endpoint_url(config.web.listen) + "/admin"
 
 
 def call_admin(
@@ -43,7 +42,8 @@ def call_admin(
     """Call the admin API; returns the decoded JSON, or raises AdminError with the server's message."""
     token = token or os.environ.get("AMATERS_TOKEN")
     api_key = api_key or os.environ.get("AMATERS_API_KEY")
-    headers = {}
+    # The ops site refuses admin requests without it while auth is off (a web page cannot send it).
+    headers = {"X-Amaters-Admin": "1"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     elif api_key:
@@ -76,9 +76,7 @@ ROUTES = {
 
 
 def cmd_admin(args: argparse.Namespace) -> int:
-    from amaters.cli import _err, _load
-
-    config = _load(args)
+    config = load(args)
     if args.action == "snapshots":
         query = "?upload=1" if args.upload else ""
         method, path = ("POST", "/snapshots" + query) if args.create else ("GET", "/snapshots")
@@ -91,7 +89,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
             config, method, path, token=getattr(args, "token", None), api_key=getattr(args, "api_key", None)
         )
     except AdminError as e:
-        _err(str(e))
+        err(str(e))
         return 1
     json.dump(body, sys.stdout, indent=2, sort_keys=True)
     print()
@@ -100,9 +98,10 @@ def cmd_admin(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_admin_commands(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
+def add_commands(subparsers: Any) -> None:
+    """Add ``admin ACTION``."""
     p = subparsers.add_parser(
-        "admin", parents=parents, help="call the running server's admin API (admin role)"
+        "admin", parents=[config_options()], help="call the running server's admin API (admin role)"
     )
     p.add_argument("action", choices=[*ROUTES, "snapshots"], help="what to do")
     # Default "not given": the same options before the command (top-level) keep their value.

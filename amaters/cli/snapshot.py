@@ -1,8 +1,8 @@
 """The ``amaters snapshot ...`` and ``amaters migrate`` commands (offline tools on a data dir).
 
-- ``snapshot create [--upload]``: snapshot a *stopped* server's data directory (the command takes
-  the data directory lock, as a server would; a running server holds it, and is snapshotted through
-  its admin API instead);
+- ``snapshot create [--upload]``: snapshot the data directory: directly when no server runs on it
+  (the command takes the data directory lock, as a server would), otherwise through the running
+  server's admin API (only the process holding the database open can checkpoint it);
 - ``snapshot list [--remote]``: archives in ``snapshot.dir`` (or in the S3 bucket);
 - ``snapshot verify ARCHIVE``: re-hash every file against the manifest;
 - ``snapshot restore ARCHIVE --into DIR``: verify, then restore into an empty or new directory;
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import threading
 from collections.abc import Callable
@@ -31,31 +30,13 @@ from typing import IO, Any, TypeVar
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from amaters.config import Config, load_config
+from amaters.cli.admin import AdminError, call_admin
+from amaters.cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, CommandError, config_options, err, load
+from amaters.config import Config
 from amaters.errors import AmatersError
 from amaters.service import ThreadPoolService
 
 T = TypeVar("T")
-
-EXIT_OK = 0
-EXIT_FAIL = 1
-EXIT_USAGE = 2
-
-
-class CommandError(Exception):
-    """A failure reported as one line on stderr."""
-
-    def __init__(self, message: str, status: int = EXIT_FAIL) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _err(message: str) -> None:
-    print(f"amaters: {message}", file=sys.stderr)
-
-
-def _load(args: argparse.Namespace) -> Config:
-    return load_config(getattr(args, "config", None), getattr(args, "set", None) or [], os.environ)
 
 
 # -- runtime ---------------------------------------------------------------------------------
@@ -79,7 +60,7 @@ def wait(d: defer.Deferred[T]) -> T:
     result = results[0]
     if isinstance(result, Failure):
         result.raiseException()
-    return result  # type: ignore[no-any-return]
+    return result
 
 
 class ProgressPrinter:
@@ -141,11 +122,11 @@ def _command(fn: Callable[[argparse.Namespace, ProgressPrinter], int]) -> Callab
             return fn(args, printer)
         except CommandError as e:
             printer.close()
-            _err(str(e))
+            err(str(e))
             return e.status
         except AmatersError as e:
             printer.close()
-            _err(e.message)
+            err(e.message)
             return EXIT_FAIL
         finally:
             printer.close()
@@ -212,7 +193,7 @@ def _create(args: argparse.Namespace, printer: ProgressPrinter) -> int:
     from amaters.storage.rocksdb import RocksDBBackend, RocksDBSettings
     from amaters.storage.snapshot import clean_leftovers, create_snapshot, snapshot_dir
 
-    config = _load(args)
+    config = load(args)
     _require_rocksdb(config)
     db_path = config.data_dir / "db"
     if not formatfile.has_database(db_path):
@@ -262,8 +243,6 @@ def _create(args: argparse.Namespace, printer: ProgressPrinter) -> int:
 
 
 def _create_through_server(args: argparse.Namespace, config: Config) -> int:
-    from amaters.web.admin_cli import AdminError, call_admin
-
     print("the server is running: taking the snapshot through its admin API", file=sys.stderr)
     try:
         body = call_admin(config, "POST", "/snapshots" + ("?upload=1" if args.upload else ""))
@@ -287,7 +266,7 @@ def _create_through_server(args: argparse.Namespace, config: Config) -> int:
 def _list(args: argparse.Namespace, printer: ProgressPrinter) -> int:
     from amaters.storage.snapshot import list_archives, snapshot_dir
 
-    config = _load(args)
+    config = load(args)
     if args.remote:
         runtime = OfflineRuntime()
         store = _s3_store(config)
@@ -348,7 +327,7 @@ def _list(args: argparse.Namespace, printer: ProgressPrinter) -> int:
 def _verify(args: argparse.Namespace, printer: ProgressPrinter) -> int:
     from amaters.storage.snapshot import verify_archive
 
-    config = _load(args)
+    config = load(args)
     runtime = OfflineRuntime()
     path = resolve_archive(args.archive, config, runtime, printer)
     manifest = wait(runtime.cpu.run(verify_archive, path, printer))
@@ -364,7 +343,7 @@ def _restore(args: argparse.Namespace, printer: ProgressPrinter) -> int:
     from amaters.storage.migrate import CURRENT_FORMAT
     from amaters.storage.snapshot import restore_archive
 
-    config = _load(args)
+    config = load(args)
     runtime = OfflineRuntime()
     path = resolve_archive(args.archive, config, runtime, printer)
     into = Path(args.into)
@@ -390,7 +369,7 @@ def _restore(args: argparse.Namespace, printer: ProgressPrinter) -> int:
 def _migrate(args: argparse.Namespace, printer: ProgressPrinter) -> int:
     from amaters.storage.migrate import describe, migrate_data_dir
 
-    config = _load(args)
+    config = load(args)
     _require_rocksdb(config)
     runtime = OfflineRuntime()
     result = wait(
@@ -407,11 +386,9 @@ def _migrate(args: argparse.Namespace, printer: ProgressPrinter) -> int:
 # -- parser ----------------------------------------------------------------------------------
 
 
-def add_snapshot_commands(subparsers: Any) -> None:
+def add_commands(subparsers: Any) -> None:
     """Add ``snapshot {create,list,verify,restore}`` and ``migrate`` to the ``amaters`` parser."""
-    from amaters.cli import _config_options
-
-    config_opts = _config_options()
+    config_opts = config_options()
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
 
@@ -426,7 +403,7 @@ def add_snapshot_commands(subparsers: Any) -> None:
     p = actions.add_parser(
         "create",
         parents=[config_opts, common],
-        help="snapshot a stopped server's data directory into snapshot.dir",
+        help="snapshot the data directory into snapshot.dir (through the running server if there is one)",
     )
     p.add_argument("--upload", action="store_true", help="also upload the archive to snapshot.s3")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

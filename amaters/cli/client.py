@@ -1,6 +1,6 @@
 """Client commands of the ``amaters`` command: set, get, delete, range, collections, info, ping, keygen.
 
-``amaters.cli`` builds the parser and calls :func:`add_client_commands`; each command is stored as
+``amaters.cli`` builds the parser and calls :func:`add_commands`; each command is stored as
 ``args.func(args) -> int``.  Every command runs the Twisted client under ``task.react`` and prints
 one clear line on stderr for any failure (no traceback), with a non-zero exit status:
 
@@ -22,27 +22,14 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from amaters.cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, CommandError, err
 from amaters.client import DEFAULT_PORT, AmatersClient
 
-EXIT_OK = 0
-EXIT_MISSING = 1
-EXIT_USAGE = 2
+EXIT_MISSING = EXIT_FAIL
 
 DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_CA = Path("amaters-data") / "tls" / "ca.pem"
 DEFAULT_KEY_FILE = "amaters.key"
-
-
-class CommandError(Exception):
-    """A failure to report on one line, with an exit status."""
-
-    def __init__(self, message: str, status: int = EXIT_MISSING) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _err(message: str) -> None:
-    print(f"amaters: {message}", file=sys.stderr)
 
 
 # -- options ---------------------------------------------------------------------------------
@@ -135,7 +122,7 @@ def _suppressing(container: Any) -> None:
     container.add_mutually_exclusive_group = add_mutually_exclusive_group
 
 
-def add_client_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_commands(subparsers: Any) -> None:
     """Add the client commands to the ``amaters`` command's subparsers."""
     common = client_options(suppress_defaults=True)
 
@@ -245,33 +232,47 @@ async def _connect(reactor: Any, args: argparse.Namespace) -> AmatersClient:
 
 
 def _run(args: argparse.Namespace, body: Callable[[AmatersClient], Coroutine[Any, Any, int]]) -> int:
-    """Connect, run ``body``, close; turn every failure into one line and an exit status."""
+    """Connect, run ``body``, close; turn every failure into one line and an exit status.
+
+    ``--timeout`` is one deadline for the whole command: connecting (TCP, TLS handshake, protocol
+    handshake), the requests and closing.  When it passes, the connection is dropped.
+    """
     from twisted.internet import defer, task
 
-    from amaters.errors import AmatersError, ErrorCode
+    from amaters.errors import AmatersError, ErrorCode, RequestTimeout
 
     status = [EXIT_OK]
 
     async def main(reactor: Any) -> None:
         client: AmatersClient | None = None
+        deadline = reactor.seconds() + args.timeout
+        watchdog = None
         try:
             client = await _connect(reactor, args)
+            connected = client
+
+            def expire() -> None:
+                connected.abort(RequestTimeout(f"no answer from {args.server} within {args.timeout:g} s"))
+
+            watchdog = reactor.callLater(max(0.0, deadline - reactor.seconds()), expire)
             status[0] = await body(client)
         except CommandError as e:
-            _err(str(e))
+            err(str(e))
             status[0] = e.status
         except AmatersError as e:
-            _err(f"{e.code.name}: {e.message}")
+            err(f"{e.code.name}: {e.message}")
             network = int(e.code) // 1000 == 1
             status[0] = EXIT_USAGE if network else EXIT_MISSING
             if e.code == ErrorCode.NETWORK_TLS_HANDSHAKE and args.ca is None and not DEFAULT_CA.exists():
-                _err("hint: pass --ca with the server's CA certificate (<data_dir>/tls/ca.pem)")
+                err("hint: pass --ca with the server's CA certificate (<data_dir>/tls/ca.pem)")
         except Exception as e:
-            _err(f"unexpected error: {e}")
+            err(f"unexpected error: {e}")
             status[0] = EXIT_MISSING
         finally:
             if client is not None and not client.closed:
-                await client.close()
+                await client.close(timeout=max(0.0, deadline - reactor.seconds()))
+            if watchdog is not None and watchdog.active():
+                watchdog.cancel()
 
     try:
         task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
@@ -327,7 +328,7 @@ def cmd_range(args: argparse.Namespace) -> int:
     start = _key_arg(args, args.start, "start")
     end = _key_arg(args, args.end, "end") if args.end else None
     if args.limit is not None and args.limit < 0:
-        _err("--limit must be at least 0")
+        err("--limit must be at least 0")
         return EXIT_USAGE
 
     async def body(client: AmatersClient) -> int:
@@ -347,7 +348,7 @@ def cmd_range(args: argparse.Namespace) -> int:
 
 def cmd_collections(args: argparse.Namespace) -> int:
     if args.action in ("create", "drop") and not args.name:
-        _err(f"collections {args.action} needs a NAME")
+        err(f"collections {args.action} needs a NAME")
         return EXIT_USAGE
 
     async def body(client: AmatersClient) -> int:
@@ -397,10 +398,10 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     try:
         AESGCMCipher.generate(path, overwrite=args.force)
     except KeyFileError as e:
-        _err(str(e))
+        err(str(e))
         return EXIT_MISSING
     except OSError as e:
-        _err(f"cannot write {path}: {e.strerror or e}")
+        err(f"cannot write {path}: {e.strerror or e}")
         return EXIT_MISSING
     print(
         f"wrote a new AES-256-GCM key to {path} (mode 0600); keep a copy: values encrypted with it are unreadable without it"

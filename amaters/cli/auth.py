@@ -198,7 +198,7 @@ def _guarded(func: Any) -> Any:
     return run
 
 
-def add_auth_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_commands(subparsers: Any) -> None:
     """Add ``amaters auth new-key`` and ``amaters auth hash-key`` to the ``amaters`` parser."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", "-c", metavar="FILE", help="server configuration (for the pepper)")
@@ -230,4 +230,4 @@ def add_auth_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
     p.set_defaults(func=_guarded(cmd_hash_key))
 
 
-__all__ = ["add_auth_commands", "cmd_hash_key", "cmd_new_key"]
+__all__ = ["add_commands", "cmd_hash_key", "cmd_new_key"]

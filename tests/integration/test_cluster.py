@@ -1,0 +1,451 @@
+"""Clustered mode end to end: 3 real etcd members and 2 ``twistd -n amaters`` nodes on loopback.
+
+Every chaos test runs bounded load (several writers, a bounded number of operations and seconds),
+records each operation's interval and outcome, reads every key back at the end, and checks the
+per-key histories for linearizability (``tests/lincheck.py``): an acknowledged write that was lost,
+or a read of a value older than an acknowledged write, fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from etcd_helpers import ETCD, EtcdCluster
+from harness import ServerProcess, http_get
+from lincheck import INFINITY, Op, check
+from twisted.internet import defer, reactor
+
+from amaters.client import ClusterClient, connect, connect_cluster
+from amaters.errors import AmatersError
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(ETCD is None, reason="etcd is not installed (scripts/install-test-deps)"),
+]
+
+
+def node_settings(endpoints: list[str], name: str) -> list[str]:
+    return [
+        "storage.backend=etcd",
+        f"cluster.endpoints={json.dumps(endpoints)}",
+        f"cluster.node_name={name}",
+        "tls.enabled=false",
+        "server.shutdown_timeout=2",
+        "cluster.lease_ttl=2",
+    ]
+
+
+class Cluster:
+    def __init__(self, directory: Path) -> None:
+        self.etcd = EtcdCluster(directory / "etcd", 3)
+        self.nodes: list[ServerProcess] = []
+        self.directory = directory
+
+    def start(self) -> Cluster:
+        self.etcd.start()
+        for name in ("a", "b"):
+            node = ServerProcess(self.directory / name, settings=node_settings(self.etcd.endpoints, name))
+            self.nodes.append(node)
+            node.start()
+        for node in self.nodes:
+            node.wait_ready()
+        return self
+
+    def restart_node(self, index: int) -> None:
+        node = self.nodes[index]
+        node.start()
+        node.wait_ready()
+
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{node.port}" for node in self.nodes]
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            try:
+                node.stop(timeout=10)
+            except AssertionError:
+                pass
+            node.cleanup()
+        self.etcd.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    made = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        made.start()
+        yield made
+    finally:
+        made.stop()
+
+
+def wait_for(seconds: float) -> defer.Deferred[None]:
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+class Workload:
+    """Writers doing reads and writes on shared keys through cluster clients, with a history."""
+
+    def __init__(self, collection: str, keys: int = 16) -> None:
+        self.collection = collection
+        self.keys = [b"key-%02d" % i for i in range(keys)]
+        self.history: list[Op] = []
+        self.failures: list[str] = []
+        self.acked_writes: list[tuple[float, float]] = []  # (call, ret)
+        self.stop_at = 0.0
+
+    async def writer(self, client: ClusterClient, number: int, operations: int) -> None:
+        rng = random.Random(number)
+        last_write: bytes | None = None
+        for n in range(operations):
+            if time.monotonic() > self.stop_at:
+                return
+            if last_write is not None:
+                key, kind = last_write, "read"
+            else:
+                key = rng.choice(self.keys)
+                kind = "write" if rng.random() < 0.6 else "read"
+            call = time.monotonic()
+            if kind == "write":
+                value = b"w%d-%d" % (number, n)
+                try:
+                    await client.set(self.collection, key, value, timeout=5)
+                except AmatersError as e:
+                    self.history.append(Op(key, "write", value, call, INFINITY, ok=False))
+                    self.failures.append(e.code.name)
+                    last_write = None
+                    await wait_for(0.05)
+                    continue
+                ret = time.monotonic()
+                self.history.append(Op(key, "write", value, call, ret))
+                self.acked_writes.append((call, ret))
+                last_write = key
+            else:
+                last_write = None
+                try:
+                    got = await client.get(self.collection, key, timeout=5)
+                except AmatersError as e:
+                    self.failures.append(e.code.name)
+                    await wait_for(0.05)
+                    continue
+                self.history.append(Op(key, "read", got, call, time.monotonic()))
+
+    async def final_reads(self, client: ClusterClient) -> None:
+        for key in self.keys:
+            call = time.monotonic()
+            got = await client.get(self.collection, key, timeout=10)
+            self.history.append(Op(key, "read", got, call, time.monotonic()))
+
+    def check(self) -> None:
+        anomalies = check(self.history)
+        assert not anomalies, "\n".join(a.describe() for a in anomalies[:3])
+
+
+async def clients(cluster: Cluster, count: int) -> list[ClusterClient]:
+    addresses = cluster.addresses()
+    made = []
+    for i in range(count):
+        # Half start on node A, half on node B.
+        order = addresses[i % 2 :] + addresses[: i % 2]
+        made.append(await connect_cluster(reactor, order, plaintext=True, timeout=5))
+    return made
+
+
+async def run_workload(
+    workload: Workload, made: list[ClusterClient], operations: int, seconds: float, chaos: Any
+) -> None:
+    workload.stop_at = time.monotonic() + seconds
+    writers = [
+        defer.Deferred.fromCoroutine(workload.writer(client, i, operations)) for i, client in enumerate(made)
+    ]
+    await chaos()
+    await defer.gatherResults(writers, consumeErrors=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_through_one_node_is_read_through_the_other(cluster: Cluster) -> None:
+    """A value set through node A is read through node B; a collection created on A is known to B."""
+    a = await connect(reactor, "127.0.0.1", cluster.nodes[0].port, plaintext=True)
+    b = await connect(reactor, "127.0.0.1", cluster.nodes[1].port, plaintext=True)
+    try:
+        await a.set("shared", b"k", b"from A")
+        assert await b.get("shared", b"k") == b"from A"
+        await b.set("shared", b"k", b"from B")
+        assert await a.get("shared", b"k") == b"from B"
+        big = bytes(range(256)) * 8192  # 2 MiB: stored in chunks, made visible at once
+        await a.set("shared", b"big", big)
+        assert await b.get("shared", b"big") == big
+        assert await a.create_collection("made-on-a") is True
+        for _ in range(50):
+            if "made-on-a" in await b.list_collections():
+                break
+            await wait_for(0.05)
+        await b.set("made-on-a", b"x", b"1")
+        assert [k for k, _ in await a.range("shared", b"", None)] == [b"big", b"k"]
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_killing_the_etcd_leader_loses_no_acknowledged_write(cluster: Cluster) -> None:
+    """kill -9 of the etcd leader under 8 writers: writes resume within 5 s, histories linearizable."""
+    workload = Workload("leaderkill")
+    made = await clients(cluster, 8)
+    killed: dict[str, Any] = {}
+
+    async def chaos() -> None:
+        await wait_for(1.5)
+        leader = cluster.etcd.leader()
+        killed["at"] = time.monotonic()
+        cluster.etcd.kill(leader)
+        killed["member"] = leader
+
+    try:
+        await run_workload(workload, made, operations=400, seconds=9.0, chaos=chaos)
+        resumed = [ret for call, ret in workload.acked_writes if call > killed["at"]]
+        assert resumed, f"no write succeeded after the leader was killed ({workload.failures[-5:]})"
+        recovery = min(resumed) - killed["at"]
+        print(f"\nwrites resumed {recovery:.2f}s after the etcd leader was killed")
+        assert recovery < 5.0
+        await workload.final_reads(made[0])
+        workload.check()
+    finally:
+        for client in made:
+            await client.close()
+        cluster.etcd.start_member(killed["member"])
+        cluster.etcd.wait_leader()
+
+
+@pytest_twisted.ensureDeferred
+async def test_killing_a_node_mid_request_clients_fail_over(cluster: Cluster) -> None:
+    """kill -9 of amaters node A under load: clients move to B, nothing acknowledged is lost."""
+    workload = Workload("nodekill")
+    made = await clients(cluster, 6)
+
+    async def chaos() -> None:
+        await wait_for(1.0)
+        cluster.nodes[0].kill9()
+
+    try:
+        await run_workload(workload, made, operations=300, seconds=5.0, chaos=chaos)
+        assert all(client.current_address == cluster.addresses()[1] for client in made)
+        assert len(workload.acked_writes) > 20
+        await workload.final_reads(made[0])
+        workload.check()
+    finally:
+        for client in made:
+            await client.close()
+        cluster.restart_node(0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pausing_a_minority_keeps_writes_going(cluster: Cluster) -> None:
+    """SIGSTOP of one etcd member (the leader): the other two elect and serve; histories linearizable."""
+    workload = Workload("minority")
+    made = await clients(cluster, 6)
+    paused: dict[str, Any] = {}
+
+    async def chaos() -> None:
+        await wait_for(1.0)
+        member = cluster.etcd.leader()
+        paused["at"] = time.monotonic()
+        cluster.etcd.pause(member)
+        paused["member"] = member
+        await wait_for(3.0)
+        cluster.etcd.resume(member)
+
+    try:
+        await run_workload(workload, made, operations=300, seconds=6.0, chaos=chaos)
+        during = [
+            ret for call, ret in workload.acked_writes if paused["at"] + 0.1 < call < paused["at"] + 3.0
+        ]
+        assert during, f"no write succeeded while one member was paused ({workload.failures[-5:]})"
+        await workload.final_reads(made[0])
+        workload.check()
+    finally:
+        for client in made:
+            await client.close()
+        if "member" in paused and paused["member"].stopped:
+            cluster.etcd.resume(paused["member"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_pausing_a_majority_refuses_writes_then_recovers(cluster: Cluster) -> None:
+    """SIGSTOP of two etcd members: writes fail with retryable errors and none is acknowledged; after
+    SIGCONT writes succeed again; histories stay linearizable."""
+    workload = Workload("majority")
+    made = await clients(cluster, 4)
+    window: dict[str, float] = {}
+    members = cluster.etcd.members[:2]
+
+    async def chaos() -> None:
+        await wait_for(1.0)
+        window["paused"] = time.monotonic()
+        for member in members:
+            cluster.etcd.pause(member)
+        await wait_for(3.0)
+        window["resumed"] = time.monotonic()
+        for member in members:
+            cluster.etcd.resume(member)
+
+    try:
+        await run_workload(workload, made, operations=300, seconds=8.0, chaos=chaos)
+        # Requests already committed when the pause began may still be answered just after it.
+        acked_in_pause = [
+            (call, ret)
+            for call, ret in workload.acked_writes
+            if window["paused"] + 0.5 < call and ret < window["resumed"]
+        ]
+        assert not acked_in_pause, "a write was acknowledged without a quorum"
+        assert workload.failures, "writes during the pause should have failed"
+        assert set(workload.failures) <= {"SERVER_UNAVAILABLE", "NETWORK_TIMEOUT"}, workload.failures
+        after = [ret for call, ret in workload.acked_writes if call > window["resumed"]]
+        assert after, "writes did not resume after the majority came back"
+        await workload.final_reads(made[0])
+        workload.check()
+    finally:
+        for client in made:
+            await client.close()
+        for member in members:
+            if member.stopped:
+                cluster.etcd.resume(member)
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_token_carries_read_your_writes_to_another_node(cluster: Cluster) -> None:
+    """Every write answers with its shard revision; the token passed to a connection on node B
+    makes B's reads at least that new, and B's answers advance the same token."""
+    a = await connect(reactor, "127.0.0.1", cluster.nodes[0].port, plaintext=True)
+    try:
+        assert a.session_token == ""
+        await a.set("tokens", b"k", b"v1")
+        first = session_revision(a.session_token)
+        await a.set("tokens", b"k", b"v2")
+        second = session_revision(a.session_token)
+        assert second > first > 0
+        b = await connect(
+            reactor, "127.0.0.1", cluster.nodes[1].port, plaintext=True, session_token=a.session_token
+        )
+        try:
+            assert await b.get("tokens", b"k") == b"v2"
+            assert session_revision(b.session_token) >= second
+        finally:
+            await b.close()
+        with pytest.raises(AmatersError, match="not shard:revision"):
+            await connect(reactor, "127.0.0.1", cluster.nodes[1].port, plaintext=True, session_token="junk")
+    finally:
+        await a.close()
+
+
+def session_revision(token: str) -> int:
+    shard, _, revision = token.partition(":")
+    assert shard == "0", token
+    return int(revision)
+
+
+def health(node: ServerProcess) -> dict[str, Any]:
+    _status, body = http_get(f"http://127.0.0.1:{node.web_port}/health")
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what} within {timeout}s")
+
+
+def test_health_shows_members_leader_and_nodes_and_leadership_moves(cluster: Cluster) -> None:
+    """/health lists the shard's 3 etcd members with one leader and both registered nodes, one of
+    them leader; when the leading node dies, its entry goes and the other node takes over."""
+
+    def settled() -> dict[str, Any] | None:
+        seen = health(cluster.nodes[1])["cluster"]
+        names = {n["name"] for n in seen["nodes"]}
+        return seen if len(names) == 2 and seen["leader_node"] in names else None
+
+    seen = wait_until(settled, 10, "both nodes registered and a leader elected")
+    shard = seen["shards"][0]
+    assert len(shard["members"]) == 3 and shard["leader"] in cluster.etcd.endpoints
+    assert sum(1 for m in shard["members"] if m["leader"]) == 1
+    assert seen["quorum"] is True
+    by_name = {n["name"]: n for n in seen["nodes"]}
+    assert by_name["a"]["advertise"] == f"127.0.0.1:{cluster.nodes[0].port}"
+    leader_index = 0 if seen["leader_node"] == "a" else 1
+    other = cluster.nodes[1 - leader_index]
+    cluster.nodes[leader_index].kill9()
+    started = time.monotonic()
+    try:
+        moved = wait_until(
+            lambda: (lambda h: h if h["leader_node"] == ("b" if leader_index == 0 else "a") else None)(
+                health(other)["cluster"]
+            ),
+            10,
+            "leadership moved to the surviving node",
+        )
+        print(f"\nnode leadership moved {time.monotonic() - started:.2f}s after kill -9 of the leading node")
+        assert [n["name"] for n in moved["nodes"]] == [moved["leader_node"]]
+    finally:
+        cluster.restart_node(leader_index)
+
+
+def test_readyz_reports_a_lost_quorum(cluster: Cluster) -> None:
+    """With two of three etcd members paused, /readyz turns 503 (etcd_quorum_unreachable), and 200
+    again once they are back."""
+    node = cluster.nodes[0]
+    members = cluster.etcd.members[1:]
+    for member in members:
+        cluster.etcd.pause(member)
+    try:
+        wait_until(lambda: node.readyz() == 503, 15, "readyz reported the lost quorum")
+        _status, body = http_get(f"http://127.0.0.1:{node.web_port}/readyz")
+        assert json.loads(body)["reason"] == "etcd_quorum_unreachable"
+    finally:
+        for member in members:
+            cluster.etcd.resume(member)
+    wait_until(lambda: node.readyz() == 200, 15, "readyz recovered")
+
+
+def test_cluster_cli_lists_nodes_and_shard_members(cluster: Cluster) -> None:
+    """`amaters cluster nodes|shards|status` print what the node's admin API reports."""
+    import subprocess
+    import sys
+
+    def run(action: str) -> subprocess.CompletedProcess[str]:
+        argv = [
+            sys.executable,
+            "-m",
+            "amaters.cli",
+            "cluster",
+            action,
+            "--config",
+            str(cluster.nodes[0].config_path),
+        ]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+    wait_until(lambda: len(health(cluster.nodes[0])["cluster"]["nodes"]) == 2, 10, "both nodes registered")
+    nodes = run("nodes")
+    assert nodes.returncode == 0, nodes.stderr
+    lines = nodes.stdout.splitlines()
+    assert sorted(line.split()[-3] for line in lines) == ["a", "b"]
+    assert sum(line.startswith("*") for line in lines) == 1
+    shards = run("shards")
+    assert shards.returncode == 0, shards.stderr
+    members = shards.stdout.splitlines()
+    assert len(members) == 3 and sum("* " in line for line in members) == 1
+    assert all(line.startswith("0\t") and "\tup\t" in line for line in members)
+    status = run("status")
+    assert status.returncode == 0 and json.loads(status.stdout)["quorum"] is True
