@@ -185,7 +185,7 @@ class ServerAdmin:
         return d.addCallback(lambda events: {"enabled": True, "path": str(path), "events": events})
 
     def resources(self) -> defer.Deferred[dict[str, Any]]:
-        return self.pools.io.run(_resources_blocking, self.live.current)  # type: ignore[no-any-return]
+        return self.pools.io.run(_resources_blocking, self.live.current)
 
 
 def _read_audit_tail(path: Path, count: int) -> list[Any]:

@@ -423,7 +423,12 @@ def test_console_is_served_from_the_package() -> None:
     assert code == 200 and headers["content-type"].startswith("text/javascript") and b"uPlot" in body
     code, _, body = fetch(treq, "/console/console.js")
     assert code == 200 and b"sessionStorage" in body and b"document.cookie" not in body
-    for path in ("/console/../ops.py", "/console/missing.js", "/console/vendor/../../ops.py", "/console/vendor"):
+    for path in (
+        "/console/../ops.py",
+        "/console/missing.js",
+        "/console/vendor/../../ops.py",
+        "/console/vendor",
+    ):
         code, headers, body = fetch(treq, path)
         assert code == 404 and json.loads(body)["error"] == "not_found", path
     code, _, _ = fetch(treq, "/", method="POST")
