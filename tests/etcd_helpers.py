@@ -16,25 +16,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from ports import free_port
 from twisted.python.failure import Failure
 
 ETCD = shutil.which("etcd")
-
-
-def _free_port() -> int:
-    import random
-    import socket
-
-    for _ in range(200):
-        port = random.randint(20000, 32000)
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port found")
 
 
 def post(url: str, body: dict[str, Any], timeout: float = 1.0) -> dict[str, Any]:
@@ -48,10 +33,10 @@ class EtcdMember:
     def __init__(self, name: str, directory: Path) -> None:
         self.name = name
         self.directory = directory
-        self.client_port = _free_port()
-        self.peer_port = _free_port()
+        self.client_port = free_port()
+        self.peer_port = free_port()
         while self.peer_port == self.client_port:
-            self.peer_port = _free_port()
+            self.peer_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.stopped = False
 

@@ -100,11 +100,11 @@ class QueryExecutor:
             ops.ReloadConfig: lambda op: self._admin().reload(op.requested_by),
             ops.ListSnapshots: lambda op: self._admin().list_snapshots(op.remote),
             ops.CreateSnapshot: lambda op: self._admin().create_snapshot(op.upload),
+            ops.ClusterStatus: lambda op: self._admin().cluster_status(),
             ops.VerifySnapshot: lambda op: self._admin().verify_snapshot(op.archive),
             ops.ConfigView: lambda op: self._admin().config_view(),
             ops.AuditTail: lambda op: self._admin().audit_tail(op.limit),
             ops.ServerResources: lambda op: self._admin().resources(),
-            ops.ClusterStatus: lambda op: self._admin().cluster_status(),
         }
 
     def update_limits(self, limits: Any) -> None:

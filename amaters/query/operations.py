@@ -199,15 +199,6 @@ class CreateSnapshot:
 
 
 @attrs.frozen(slots=True)
-class ClusterStatus:
-    """Clustered mode: the shards with their etcd members and leader, the nodes, the leading node."""
-
-    name: ClassVar[str] = "admin cluster status"
-    kind: ClassVar[Access] = "admin"
-    collection: ClassVar[None] = None
-
-
-@attrs.frozen(slots=True)
 class VerifySnapshot:
     """Check one snapshot archive on disk (every file against its manifest checksum)."""
 
@@ -245,6 +236,15 @@ class ServerResources:
     collection: ClassVar[None] = None
 
 
+@attrs.frozen(slots=True)
+class ClusterStatus:
+    """Clustered mode: the shards with their etcd members and leader, the nodes, the leading node."""
+
+    name: ClassVar[str] = "admin cluster status"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+
+
 AdminOperation = (
     ServerStatus
     | CollectionStats
@@ -253,11 +253,11 @@ AdminOperation = (
     | ReloadConfig
     | ListSnapshots
     | CreateSnapshot
+    | ClusterStatus
     | VerifySnapshot
     | ConfigView
     | AuditTail
     | ServerResources
-    | ClusterStatus
 )
 
 Operation = (

@@ -13,7 +13,7 @@ that cannot come from a web page (:func:`admin_refusal`):
 - from a loopback address (the protocol's protected mode, applied to the ops site);
 - carrying the header ``X-Amaters-Admin`` (any value): a page in a browser cannot add a custom
   header to a cross-site request without a CORS preflight, which the admin API never grants
-  (CSRF);
+  (CSRF); the console, served from the ops site itself, is same-origin and sends it;
 - naming ``localhost``, ``127.0.0.1``, ``[::1]`` or a host in ``web.allowed_hosts`` in ``Host``:
   a page whose own DNS name was rebound to 127.0.0.1 sends its own name (DNS rebinding).
 
@@ -23,8 +23,7 @@ applies to ``/admin/``.  The ops site screens these headers before it reads a re
 Routes: ``GET status``, ``GET collections``, ``GET stats``, ``POST compact``, ``POST reload``,
 ``GET snapshots``, ``POST snapshots`` (optionally ``?upload=1``), ``POST snapshots/<name>/verify``,
 ``GET config`` (secrets redacted, with what a reload would change), ``GET audit?limit=N`` (the
-audit log's last events), ``GET resources`` (data dir usage, TLS certificates), ``GET cluster``
-(clustered mode).
+audit log's last events), ``GET resources`` (data dir usage, TLS certificates), ``GET cluster`` (clustered mode).
 """
 
 from __future__ import annotations
@@ -140,7 +139,7 @@ def admin_refusal(request: IRequest, config: Any) -> AmatersError | None:
     if not request.getHeader(ADMIN_HEADER):
         return PermissionDenied(
             "the admin API needs the header 'X-Amaters-Admin: 1' while auth.enabled is false"
-            " (a web page cannot send it; the amaters CLI does)"
+            " (a page from another site cannot send it; the amaters CLI and the console do)"
         )
     return None
 

@@ -280,6 +280,14 @@ class OpsAPI:
         request.setHeader(b"cache-control", b"no-store")
         return body
 
+    def screen(self, request: Any) -> tuple[int, str, dict[str, Any]] | None:
+        """Refuse a request on its headers alone (before its body is read): admin requests that the
+        admin API would refuse without looking at the body."""
+        path = request.early[1]
+        if self.admin is None or not path.startswith(b"/admin/"):
+            return None
+        return self.admin.screen(request)
+
     @app.route("/", methods=list(ROUTE_METHODS))
     @app.route("/console/", methods=list(ROUTE_METHODS))
     def console_index(self, request: IRequest) -> bytes:
@@ -298,14 +306,6 @@ class OpsAPI:
         for header, value in CONSOLE_HEADERS.items():
             request.setHeader(header, value)
         return body
-
-    def screen(self, request: Any) -> tuple[int, str, dict[str, Any]] | None:
-        """Refuse a request on its headers alone (before its body is read): admin requests that the
-        admin API would refuse without looking at the body."""
-        path = request.early[1]
-        if self.admin is None or not path.startswith(b"/admin/"):
-            return None
-        return self.admin.screen(request)
 
     @app.route("/admin/", branch=True)
     def admin_route(self, request: IRequest) -> Any:

@@ -7,9 +7,7 @@ Waiting helpers block the calling thread with short sleeps; they are bounded by 
 from __future__ import annotations
 
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,21 +16,9 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from ports import free_port
+
 TWISTD = "from twisted.scripts.twistd import run; run()"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 below 32768 that nothing listens on right now."""
-    for _ in range(200):
-        port = random.randint(20000, 32000)
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port found")
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
