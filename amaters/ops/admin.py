@@ -22,7 +22,7 @@ from zope.interface import implementer
 from amaters import __version__
 from amaters.config import Config, LiveConfig, to_dict
 from amaters.errors import InvalidOperation, NotFound, ValidationError
-from amaters.interfaces import IServerAdmin
+from amaters.interfaces import IServerAdmin, IStorageBackend
 from amaters.ops.reload import Reloader
 from amaters.service import Lifecycle
 from amaters.storage import innermost
@@ -53,7 +53,7 @@ class ServerAdmin:
         self,
         live: LiveConfig,
         lifecycle: Lifecycle,
-        backend: Any,
+        backend: IStorageBackend,
         pools: Any,
         reloader: Reloader,
         connections: Callable[[], int],

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from amaters.config import Config
 from amaters.errors import AuthError
+from amaters.interfaces import IStorageBackend
 from amaters.ops.metrics import Metrics, auth_method_label
 
 #: How often the lag monitor probes the reactor (seconds).
@@ -148,7 +149,7 @@ class MetricsService(service.Service):
     name = "metrics"
     _log = Logger()
 
-    def __init__(self, metrics: Metrics, backend: Any) -> None:
+    def __init__(self, metrics: Metrics, backend: IStorageBackend) -> None:
         self.metrics = metrics
         self.backend = backend
 

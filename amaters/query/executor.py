@@ -72,8 +72,7 @@ class QueryExecutor:
         health: Callable[[], ops.HealthResult] | None = None,
         admin: IServerAdmin | None = None,
     ) -> None:
-        # Typed loosely: the interface's methods are declared as returning ``object``.
-        self.backend: Any = backend
+        self.backend = backend
         self.auto_create_collections = auto_create_collections
         self.range_chunk_size = range_chunk_size
         self._server_info = server_info
@@ -188,7 +187,7 @@ class QueryExecutor:
         found: list[tuple[bytes, CipherBlob]] = []
         try:
             while True:
-                chunk = await cursor.next_chunk()  # type: ignore[misc]
+                chunk = await cursor.next_chunk()
                 if not chunk:
                     return found
                 found.extend(chunk)

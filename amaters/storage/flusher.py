@@ -48,7 +48,7 @@ class FlusherService(service.Service):
         stats_interval_s: float = 10.0,
     ) -> None:
         # Typed Any: the interface declares its Deferred results as ``object``.
-        self.backend: Any = backend
+        self.backend = backend
         self.clock = clock
         self.sync_mode = sync_mode
         self.sync_interval_s = sync_interval_s

@@ -28,7 +28,7 @@ def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
 
 
 def dead_endpoint() -> str:
-    from etcd_helpers import _free_port
+    from ports import free_port as _free_port
 
     return f"http://127.0.0.1:{_free_port()}"
 
