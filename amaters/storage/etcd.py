@@ -69,6 +69,10 @@ TXN_LIMIT = 1400 * 1024
 PENDING_TTL = 60
 
 
+class _Compacted(Exception):
+    """A pinned read found its revision compacted."""
+
+
 class StaleEpoch(Unavailable):
     """The shard's epoch moved on (virtual shards are moving): nothing was applied; re-read the
     shard map and try again."""
@@ -121,6 +125,15 @@ class EtcdCursor:
         return _deferred(self._next_chunk())
 
     async def _next_chunk(self) -> list[KeyValue]:
+        try:
+            return await self._read_page()
+        except _Compacted:
+            # The revision this range was pinned to was compacted away (a cursor older than the
+            # compaction interval): continue from the current revision.
+            self._revision = 0
+            return await self._read_page()
+
+    async def _read_page(self) -> list[KeyValue]:
         want = self._chunk_size if self._remaining is None else min(self._chunk_size, self._remaining)
         backend = self._backend
         try:
@@ -139,6 +152,8 @@ class EtcdCursor:
                 blob = await backend._decode(self._collection, raw_key, stored, self._revision)
                 entries.append((key, blob))
         except EtcdError as e:
+            if "compacted" in e.message and self._revision:
+                raise _Compacted() from None
             self._done = True
             raise _translate(e) from None
         except AmatersError:
