@@ -82,6 +82,8 @@ async def test_a_paused_member_makes_a_plain_write_ambiguous(etcd: EtcdCluster) 
     finally:
         etcd.resume(etcd.members[0])
         await backend.close()
+        # Requests cut at their deadline abort their connections; let those closes complete.
+        await task.deferLater(reactor, 0.2, lambda: None)
 
 
 @pytest_twisted.ensureDeferred
