@@ -246,3 +246,46 @@ def test_console_with_auth_asks_for_a_token_and_shows_refusals(
     browser.wait_for("document.getElementById('ov-ready').innerText === 'ready'")
     assert browser.text("ov-version") == __version__
     assert http_get(f"{base}admin/status")[0] == 401  # the page's token is not a cookie
+
+
+def test_console_shows_the_cluster_only_when_the_server_reports_one(
+    tmp_path: Path, browser: Browser, servers: list[ServerProcess]
+) -> None:
+    """A clustered node (one etcd member, storage.backend = etcd): the Cluster view appears and shows
+    what /admin/cluster reports (this node's name, the shard and its etcd member).  The single-node
+    servers of the other tests keep it hidden."""
+    from etcd_helpers import ETCD, EtcdCluster
+
+    if ETCD is None:
+        pytest.skip("etcd is not installed (scripts/install-test-deps)")
+    etcd = EtcdCluster(tmp_path / "etcd", 1)
+    etcd.start()
+    try:
+        node = ServerProcess(
+            tmp_path / "node",
+            settings=[
+                "storage.backend=etcd",
+                f"cluster.endpoints={json.dumps(etcd.endpoints)}",
+                "cluster.node_name=console-node",
+                "tls.enabled=false",
+                "server.shutdown_timeout=2",
+            ],
+        )
+        servers.append(node)
+        node.start().wait_ready()
+        browser.navigate(f"http://127.0.0.1:{node.web_port}/")
+        browser.wait_for("!document.getElementById('nav-cluster').hidden")
+        browser.evaluate("document.querySelector('a[href=\"#cluster\"]').click()")
+        shown = browser.wait_for(
+            "(t => t.includes('console-node') && t)(document.getElementById('view-cluster').innerText)"
+        )
+        assert (
+            "leader_node" in shown
+            and "Shard 0: healthy" in shown
+            and etcd.endpoints[0].split("//")[-1] in shown
+        ), shown
+        assert browser.evaluate("document.getElementById('nav-fhe').hidden")
+        browser.screenshot(tmp_path / "console-cluster.png")
+        node.stop()
+    finally:
+        etcd.stop()
