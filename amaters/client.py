@@ -35,10 +35,11 @@ from google.protobuf.message import DecodeError
 from OpenSSL import SSL
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IPullProducer
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from amaters import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS, __version__
 from amaters.crypto import AESGCMCipher
@@ -52,6 +53,12 @@ from amaters.errors import (
     RequestTimeout,
     ShuttingDown,
 )
+from amaters.protect.compression import (
+    compress_blob_data,
+    compress_frame,
+    decompress_blob_data,
+    decompress_frame,
+)
 from amaters.proto import aql_pb2, envelope_pb2, query_pb2, types_pb2
 from amaters.proto.convert import (
     blob_from_proto,
@@ -61,13 +68,19 @@ from amaters.proto.convert import (
     version_to_proto,
 )
 from amaters.protocols.framing import FrameReceiver, frame_header
-from amaters.types import CipherBlob, Compression
+from amaters.tls.context import client_tls_options
+from amaters.types import CipherBlob, Compression, crc32
 
 Envelope = envelope_pb2.Envelope
 KeyLike = bytes | str
 
 DEFAULT_PORT = 7878
 CLIENT_NAME = f"amaters-py/{__version__}"
+
+#: Frames at least this large are written piece by piece as the connection drains (see _FrameWriter).
+LARGE_FRAME_BYTES = 1 << 20
+#: The size of those pieces.
+WRITE_PIECE_BYTES = 1 << 18
 
 
 def _key(key: KeyLike) -> bytes:
@@ -279,6 +292,52 @@ class ScanStream:
         return self._ended
 
 
+@implementer(IPullProducer)
+class _FrameWriter:
+    """Writes queued frames to a transport a piece at a time, as the transport asks for more.
+
+    A large frame written at once would sit whole in the transport's buffer (and again, encrypted,
+    in the TLS layer's) until the socket drained; pieces keep at most one piece in flight.  Frames
+    queued behind a large one wait their turn, so frames never interleave.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.pieces: collections.deque[memoryview | bytes] = collections.deque()
+        self.registered = False
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pieces)
+
+    def add(self, header: bytes, payload: Sequence[bytes]) -> None:
+        self.pieces.append(header)
+        self.pieces.extend(memoryview(piece) for piece in payload if piece)
+        if not self.registered:
+            self.registered = True
+            self.transport.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        budget = WRITE_PIECE_BYTES
+        while self.pieces and budget > 0:
+            piece = self.pieces[0]
+            if len(piece) <= budget:
+                self.pieces.popleft()
+            else:
+                self.pieces[0] = piece[budget:]
+                piece = piece[:budget]
+            budget -= len(piece)
+            self.transport.write(bytes(piece))
+        if not self.pieces and self.registered:
+            self.registered = False
+            self.transport.unregisterProducer()
+
+    def stopProducing(self) -> None:
+        self.pieces.clear()
+        self.registered = False
+
+
+@implementer(IHandshakeListener)
 class AmatersClientProtocol(FrameReceiver):
     """Frames in and out, request ids, pending requests and their timeouts."""
 
@@ -302,18 +361,38 @@ class AmatersClientProtocol(FrameReceiver):
         self.last_activity = clock.seconds() if clock is not None else 0.0
         #: Set when the server announced it is shutting down: new requests fail at once with it.
         self.going_away: ShuttingDown | None = None
+        #: Whether the TLS handshake completed (for a timeout's message).
+        self.tls_established = False
+        self._writer: _FrameWriter | None = None
+        #: Whether the connection has ended (then new requests fail with "connection closed").
+        self.lost = False
+        #: Clustered mode: the newest revision per shard seen in answers (the session token).
+        self.revisions: dict[str, int] = {}
 
     def connectionMade(self) -> None:
         self.connected = True
+        self._writer = _FrameWriter(self.transport)
+
+    def handshakeCompleted(self) -> None:
+        self.tls_established = True
+
+    def abort(self, reason: AmatersError) -> None:
+        """Drop the connection at once (no TLS close); pending requests fail with ``reason``."""
+        if self.connected and self.transport is not None:
+            self._last_error = reason
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
+        self.lost = True
+        if self._writer is not None:
+            self._writer.stopProducing()
         err = self._last_error or _connection_error(reason, self.where)
         pending, self._pending = self._pending, {}
         for item in pending.values():
             if item.timer is not None and item.timer.active():
                 item.timer.cancel()
-            item.deferred.errback(Failure(err))  # type: ignore[no-untyped-call]
+            item.deferred.errback(Failure(err))
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream._fail(err)
@@ -326,8 +405,6 @@ class AmatersClientProtocol(FrameReceiver):
         try:
             envelope.ParseFromString(frame)
             if envelope.WhichOneof("body") == "compressed" and self.frame_codec:
-                from amaters.protect.compression import decompress_frame
-
                 inner = Envelope()
                 inner.ParseFromString(decompress_frame(envelope.compressed, self.MAX_LENGTH))
                 envelope = inner
@@ -336,6 +413,11 @@ class AmatersClientProtocol(FrameReceiver):
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
         request_id = envelope.request_id
+        if envelope.revisions:
+            revisions = self.revisions
+            for shard, revision in envelope.revisions.items():
+                if revision > revisions.get(shard, 0):
+                    revisions[shard] = revision
         stream = self._streams.get(request_id)
         if stream is not None:
             if stream._feed(envelope):
@@ -356,7 +438,7 @@ class AmatersClientProtocol(FrameReceiver):
         if item.timer is not None and item.timer.active():
             item.timer.cancel()
         if envelope.WhichOneof("body") == "error":
-            item.deferred.errback(Failure(error_from_proto(envelope.error)))  # type: ignore[no-untyped-call]
+            item.deferred.errback(Failure(error_from_proto(envelope.error)))
         else:
             item.deferred.callback(envelope)
         if self.going_away is not None:
@@ -372,13 +454,27 @@ class AmatersClientProtocol(FrameReceiver):
         )
         self.transport.loseConnection()  # type: ignore[union-attr]
 
-    def request(self, envelope: envelope_pb2.Envelope, timeout: float | None = None) -> defer.Deferred[Any]:
-        """Send a request; the Deferred fires with the response Envelope or fails with AmatersError."""
+    def not_connected(self) -> NetworkError:
+        """The error for a request made when there is no connection (any more)."""
+        if not self.lost:
+            return NetworkError(f"not connected to {self.where}", code=ErrorCode.NETWORK_CONNECTION_RESET)
+        # _last_error: why the server (or this client) ended the connection, when it said why.
+        cause = f" (it ended after: {self._last_error.message})" if self._last_error is not None else ""
+        return NetworkError(
+            f"the connection to {self.where} is closed{cause}", code=ErrorCode.NETWORK_CONNECTION_RESET
+        )
+
+    def request(
+        self, envelope: envelope_pb2.Envelope, timeout: float | None = None, tail: Sequence[bytes] = ()
+    ) -> defer.Deferred[Any]:
+        """Send a request; the Deferred fires with the response Envelope or fails with AmatersError.
+
+        ``tail``: encoded fields sent after ``envelope`` in the same frame (see :func:`_value_tail`).
+        On a connection that has closed it fails with "the connection ... is closed" (naming why,
+        when the server said why).
+        """
         if not self.connected:
-            return defer.fail(
-                self._last_error
-                or NetworkError(f"not connected to {self.where}", code=ErrorCode.NETWORK_CONNECTION_RESET)
-            )
+            return defer.fail(self.not_connected())
         if self.going_away is not None:
             return defer.fail(self.going_away)
         request_id = self._next_id
@@ -390,16 +486,29 @@ class AmatersClientProtocol(FrameReceiver):
         if timeout:
             timer = self.clock.callLater(timeout, self._expired, request_id, timeout)
         self._pending[request_id] = _Pending(d, timer)
-        self._write_envelope(envelope)
+        self._write_envelope(envelope, tail)
         return d
 
-    def _write_envelope(self, envelope: envelope_pb2.Envelope) -> None:
+    def _write_envelope(self, envelope: envelope_pb2.Envelope, tail: Sequence[bytes] = ()) -> None:
+        if self.revisions:
+            envelope.revisions.update(self.revisions)
         payload = envelope.SerializeToString()
+        if tail:
+            self.last_activity = self.clock.seconds()
+            pieces = [payload, *tail]
+            header = frame_header(sum(len(piece) for piece in pieces))
+            if self._writer is not None:
+                self._writer.add(header, pieces)
+            else:
+                self.transport.writeSequence([header, *pieces])  # type: ignore[union-attr]
+            return
         if self.frame_codec and len(payload) >= self.frame_threshold:
-            from amaters.protect.compression import compress_frame
-
             payload = compress_frame(payload, self.frame_codec) or payload
         self.last_activity = self.clock.seconds()
+        writer = self._writer
+        if writer is not None and (writer.busy or len(payload) >= LARGE_FRAME_BYTES):
+            writer.add(frame_header(len(payload)), [payload])
+            return
         self.transport.write(frame_header(len(payload)) + payload)  # type: ignore[union-attr]
 
     def open_stream(self, envelope: envelope_pb2.Envelope, stream_factory: Any) -> ScanStream:
@@ -411,10 +520,7 @@ class AmatersClientProtocol(FrameReceiver):
             stream._fail(self.going_away)
             return stream
         if not self.connected:
-            stream._fail(
-                self._last_error
-                or NetworkError(f"not connected to {self.where}", code=ErrorCode.NETWORK_CONNECTION_RESET)
-            )
+            stream._fail(self.not_connected())
             return stream
         self._streams[request_id] = stream
         self._write_envelope(envelope)
@@ -424,12 +530,69 @@ class AmatersClientProtocol(FrameReceiver):
         item = self._pending.pop(request_id, None)
         if item is not None:
             late = RequestTimeout(f"no answer from {self.where} within {timeout:g} s")
-            item.deferred.errback(Failure(late))  # type: ignore[no-untyped-call]
+            item.deferred.errback(Failure(late))
 
-    def close(self) -> defer.Deferred[None]:
+    def close(self, timeout: float | None = None) -> defer.Deferred[None]:
+        """Close the connection; fires once it is closed.
+
+        A TLS close waits for the peer; after ``timeout`` seconds (default: the client's timeout)
+        the connection is dropped instead, so closing never hangs on a silent peer.
+        """
         if self.connected:
             self.transport.loseConnection()  # type: ignore[union-attr]
+            limit = self.timeout if timeout is None else timeout
+            if limit is not None and not self._closed.called:
+                call = self.clock.callLater(limit, self._close_expired, limit)
+
+                def cancel(result: object) -> object:
+                    if call.active():
+                        call.cancel()
+                    return result
+
+                self._closed.addBoth(cancel)
         return self._closed
+
+    def _close_expired(self, limit: float) -> None:
+        self.abort(RequestTimeout(f"closing the connection to {self.where} took over {limit:g} s"))
+
+
+def _varint(number: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, number = number & 0x7F, number >> 7
+        if number:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+#: Where a SET's value bytes sit in an Envelope: (message, field) from the outside in.
+_SET_DATA_PATH = (
+    (envelope_pb2.Envelope, "query"),
+    (aql_pb2.QueryRequest, "query"),
+    (query_pb2.Query, "set"),
+    (query_pb2.SetQuery, "value"),
+    (types_pb2.CipherBlob, "data"),
+)
+
+
+def _value_tail(data: bytes) -> list[bytes]:
+    """The encoding of an Envelope holding only a SET's value bytes ``data``, as pieces (the last
+    is ``data`` itself, not copied).
+
+    Sent right after the rest of the request in the same frame: protobuf parsers merge a message
+    field that occurs twice, so the server reads one SET carrying ``data`` (the protobuf encoding
+    rules: concatenated messages merge).
+    """
+    prefixes: list[bytes] = []
+    length = len(data)
+    for message, field in reversed(_SET_DATA_PATH):
+        number = message.DESCRIPTOR.fields_by_name[field].number
+        prefix = _varint(number << 3 | 2) + _varint(length)  # wire type 2: length-delimited
+        prefixes.append(prefix)
+        length += len(prefix)
+    return [b"".join(reversed(prefixes)), data]
 
 
 def _result(envelope: envelope_pb2.Envelope, field: str) -> Any:
@@ -494,9 +657,6 @@ class AmatersClient:
         if compression == Compression.NONE:
             fill_blob(out, CipherBlob.wrap(data, created_at=int(time.time())))
             return
-        from amaters.protect.compression import compress_blob_data
-        from amaters.types import crc32
-
         stored = compress_blob_data(data, compression)
         fill_blob(out, CipherBlob(stored, crc32(stored), len(data), compression, created_at=int(time.time())))
 
@@ -510,8 +670,6 @@ class AmatersClient:
         except ValueError:
             raise InvalidValue(f"unknown value compression {stored_compression}") from None
         if compression != Compression.NONE:
-            from amaters.protect.compression import decompress_blob_data
-
             data = decompress_blob_data(data, compression, int(blob.metadata.size))
         if self.cipher is not None:
             return self.cipher.decrypt(data, collection, key)
@@ -548,7 +706,20 @@ class AmatersClient:
         query.collection = collection
         query.key.data = k
         try:
-            self._seal_into(query.value, collection, k, value, Compression[compression.upper()])
+            kind = Compression[compression.upper()]
+            if (
+                kind == Compression.NONE
+                and not self._protocol.frame_codec
+                and len(value) >= LARGE_FRAME_BYTES
+            ):
+                # A large value goes out as it is, after the rest of the request: not copied into
+                # the message, then into its encoding (each as large as the value).
+                data = bytes(self.cipher.encrypt(value, collection, k) if self.cipher is not None else value)
+                fill_blob(query.value, CipherBlob(b"", crc32(data), len(data), created_at=int(time.time())))
+                d = self._protocol.request(envelope, timeout, tail=_value_tail(data))
+                d.addCallback(_query_done)
+                return d
+            self._seal_into(query.value, collection, k, value, kind)
         except Exception:
             return defer.fail()
         d = self._request(envelope, timeout)
@@ -724,10 +895,19 @@ class AmatersClient:
         d.addCallback(lambda e: (_result(e, "pong"), self._clock.seconds() - started)[1])
         return d
 
-    def close(self) -> defer.Deferred[None]:
-        """Close the connection; fires once it is closed.  Requests still pending fail."""
+    def close(self, timeout: float | None = None) -> defer.Deferred[None]:
+        """Close the connection; fires once it is closed.  Requests still pending fail.
+
+        Bounded by ``timeout`` (default: the client's timeout): a peer that does not answer the
+        TLS close has the connection dropped.
+        """
         self.stop_keepalive()
-        return self._protocol.close()
+        return self._protocol.close(timeout)
+
+    def abort(self, reason: AmatersError | None = None) -> None:
+        """Drop the connection now; pending requests fail with ``reason`` (default: a timeout)."""
+        self.stop_keepalive()
+        self._protocol.abort(reason or RequestTimeout(f"gave up on {self._protocol.where}"))
 
     # -- keep-alive ---------------------------------------------------------------------------
 
@@ -767,6 +947,24 @@ class AmatersClient:
     @property
     def closed(self) -> bool:
         return not self._protocol.connected
+
+    @property
+    def session_token(self) -> str:
+        """The newest revision per shard this connection has seen, as text (clustered mode; "" until
+        then).  Pass it to :func:`connect` (``session_token=``) on another connection, to any node,
+        and that connection reads data at least as new as this one's writes."""
+        from amaters.cluster.session import format_token
+
+        return format_token(self._protocol.revisions)
+
+    def add_session_token(self, token: str) -> None:
+        """Merge a session token from another connection (ValueError if it is malformed)."""
+        from amaters.cluster.session import parse_token
+
+        revisions = self._protocol.revisions
+        for shard, revision in parse_token(token).items():
+            if revision > revisions.get(shard, 0):
+                revisions[shard] = revision
 
 
 async def _handshake(
@@ -825,17 +1023,27 @@ def connect(
     frame_compression: Sequence[str] = (),
     keepalive: float | None = None,
     bind_address: str | None = None,
+    session_token: str | None = None,
 ) -> defer.Deferred[AmatersClient]:
     """Connect, verify the server's certificate (for ``host``), handshake; fires with the client.
 
     ``ca_cert`` is the CA to trust (e.g. the server's generated ``<data_dir>/tls/ca.pem``); None
     trusts the platform's CA store.  ``plaintext=True`` skips TLS (only for a server with
-    ``tls.enabled = false``).  ``timeout`` bounds the connection, the handshake and each request
-    (None: no limit).  ``frame_compression`` offers per-frame compression ("zstd", "lz4"; the
+    ``tls.enabled = false``).  ``timeout`` bounds connecting (TCP connect, TLS handshake and the
+    protocol handshake together), each request, and :meth:`AmatersClient.close` (None: no limit).  ``frame_compression`` offers per-frame compression ("zstd", "lz4"; the
     server decides).  ``keepalive`` sends a PING after that many seconds without traffic, so the
     server's ``limits.idle_timeout`` does not close a connection kept for later use.
     ``bind_address`` is the local address to connect from (on hosts with several).
+    ``session_token`` (clustered mode) is another connection's :attr:`AmatersClient.session_token`:
+    reads on this connection see at least what that session wrote.
     """
+    if session_token:
+        from amaters.cluster.session import parse_token
+
+        try:
+            parse_token(session_token)
+        except ValueError as e:
+            return defer.fail(InvalidValue(str(e)))
     return defer.Deferred.fromCoroutine(
         _connect(
             reactor,
@@ -853,6 +1061,7 @@ def connect(
             tuple(frame_compression),
             keepalive,
             bind_address,
+            session_token,
         )
     )
 
@@ -873,13 +1082,12 @@ async def _connect(
     frame_compression: Sequence[str] = (),
     keepalive: float | None = None,
     bind_address: str | None = None,
+    session_token: str | None = None,
 ) -> AmatersClient:
     where = f"{host}:{port}"
     bind = (bind_address, 0) if bind_address else None
     endpoint: Any = HostnameEndpoint(reactor, host, port, timeout=timeout or 30, bindAddress=bind)
     if not plaintext:
-        from amaters.tls.context import client_tls_options
-
         try:
             options = client_tls_options(host, ca_cert, client_cert=client_cert, client_key=client_key)
         except OSError as e:
@@ -887,22 +1095,52 @@ async def _connect(
                 f"cannot read TLS files: {e.strerror or e}: {e.filename}",
                 code=ErrorCode.NETWORK_TLS_HANDSHAKE,
             ) from None
-        except AmatersError:
-            raise
+        except AmatersError as e:
+            # e.g. a --ca that holds no certificate: a problem of this client's TLS files.
+            raise NetworkError(
+                f"cannot load TLS files: {e.message}", code=ErrorCode.NETWORK_TLS_HANDSHAKE
+            ) from None
         except Exception as e:
             raise NetworkError(f"cannot load TLS files: {e}", code=ErrorCode.NETWORK_TLS_HANDSHAKE) from None
         endpoint = wrapClientTLS(options, endpoint)
     protocol = AmatersClientProtocol(reactor, timeout, where)
+    connecting = connectProtocol(endpoint, protocol)
+    expired: list[AmatersError] = []
+
+    def expire() -> None:
+        # One deadline for TCP connect, TLS handshake and the protocol handshake.
+        if protocol.connected:
+            if plaintext or protocol.tls_established:
+                phase = "the server did not answer the handshake"
+            else:
+                phase = "the TLS handshake did not complete"
+            expired.append(RequestTimeout(f"connecting to {where} timed out after {timeout:g} s: {phase}"))
+            protocol.abort(expired[0])
+        else:
+            expired.append(RequestTimeout(f"connecting to {where} timed out after {timeout:g} s"))
+            connecting.cancel()
+
+    deadline = reactor.callLater(timeout, expire) if timeout else None
     try:
-        await connectProtocol(endpoint, protocol)  # type: ignore[no-untyped-call]
-    except Exception:
-        raise _connection_error(Failure(), where) from None  # type: ignore[no-untyped-call]
-    try:
-        handshake = await _handshake(protocol, client_name, token, api_key, frame_compression)
-    except BaseException:
-        await protocol.close()
-        raise
+        try:
+            await connecting
+        except Exception:
+            if expired:
+                raise expired[0] from None
+            raise _connection_error(Failure(), where) from None
+        try:
+            handshake = await _handshake(protocol, client_name, token, api_key, frame_compression)
+        except BaseException:
+            await protocol.close()
+            if expired:
+                raise expired[0] from None
+            raise
+    finally:
+        if deadline is not None and deadline.active():
+            deadline.cancel()
     client = AmatersClient(protocol, handshake, cipher, reactor)
+    if session_token:
+        client.add_session_token(session_token)
     if keepalive:
         client.start_keepalive(keepalive)
     return client
@@ -973,7 +1211,15 @@ class ClusterClient:
         self._options = connect_options
         self._current = 0
         self._client: AmatersClient | None = None
-        self._connecting: defer.Deferred[AmatersClient] | None = None
+        self._token = str(connect_options.pop("session_token", None) or "")
+
+    @property
+    def session_token(self) -> str:
+        """The session's newest revision per shard, kept across nodes (see AmatersClient)."""
+        if self._client is not None:
+            self._client.add_session_token(self._token)
+            self._token = self._client.session_token
+        return self._token
 
     @property
     def current_address(self) -> str:
@@ -985,10 +1231,11 @@ class ClusterClient:
         if client is not None and not client.closed:
             return client
         last: AmatersError | None = None
+        token = self.session_token
         for _ in range(len(self.addresses)):
             host, port = self.addresses[self._current]
             try:
-                self._client = await connect(self._reactor, host, port, **self._options)
+                self._client = await connect(self._reactor, host, port, session_token=token, **self._options)
                 return self._client
             except AmatersError as e:
                 if e.code not in _NODE_FAILURES:
@@ -999,6 +1246,7 @@ class ClusterClient:
         raise last
 
     def _node_failed(self) -> None:
+        self._token = self.session_token
         client, self._client = self._client, None
         self._current = (self._current + 1) % len(self.addresses)
         if client is not None and not client.closed:

@@ -68,6 +68,7 @@ from amaters.protect.metrics import ProtectionCollector
 from amaters.protect.ratelimit import RateLimiter, RateLimitStage
 from amaters.protect.shedding import LagSource, LoadShedder
 from amaters.protect.wiring import ListenerLimits, Protection, ProtectionService
+from amaters.protocols.grpc_service import GrpcService
 from amaters.protocols.server import ListenerService
 from amaters.query import operations as ops
 from amaters.query.executor import CAPABILITIES, QueryExecutor
@@ -75,6 +76,7 @@ from amaters.query.pipeline import QueryPipeline
 from amaters.service import AsyncMultiService, Lifecycle, SerialThreadService, ThreadPoolService
 from amaters.storage import build_backend, innermost
 from amaters.storage.flusher import FlusherService
+from amaters.storage.s3 import S3Store
 from amaters.storage.service import StorageService
 from amaters.storage.snapshot import SnapshotScheduler
 from amaters.web.admin import AdminAPI
@@ -144,6 +146,7 @@ class Components:
     protection: Protection
     reloader: Reloader
     listener: ListenerService
+    grpc: GrpcService | None
     web: OpsService | None
     services: tuple[service.IService, ...]
 
@@ -167,7 +170,7 @@ class AmatersService(AsyncMultiService):
             child.setServiceParent(self)
 
     # AsyncMultiService keeps its state in ``self.state``: here it is the lifecycle's.
-    @property  # type: ignore[override]
+    @property
     def state(self) -> str:
         return self.lifecycle.state
 
@@ -236,7 +239,14 @@ class AmatersService(AsyncMultiService):
         # twistd exits 0 after the reactor stops; make a failed start or stop exit 1.
         atexit.register(_exit_with, 1)
         if self.reactor.running:
-            self.reactor.callLater(0, self.reactor.stop)
+            self.reactor.callLater(0, self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        """Stop the reactor unless it is already stopping (a failed stop happens during shutdown)."""
+        try:
+            self.reactor.stop()
+        except error.ReactorNotRunning:
+            pass
 
     def stopService(self) -> Any:
         """Stop every child in reverse order, bounded by ``server.shutdown_timeout``."""
@@ -303,25 +313,30 @@ def build_service(
     committer = getattr(innermost(backend), "group_commit", None)
     if committer is not None:
         committer.add_observer(metrics.storage_synced)
+    cluster = None
+    if config.storage.backend == "etcd":
+        from amaters.cluster.service import build_cluster_service
+
+        cluster = build_cluster_service(config, reactor, innermost(backend))
     snapshots: SnapshotScheduler | None = None
     if config.storage.backend == "rocksdb" and config.snapshot.interval > 0:
         uploader = None
         if config.snapshot.upload:
-            from amaters.storage.s3 import S3Store
-
             uploader = S3Store.from_config(config.snapshot.s3)
         snapshots = SnapshotScheduler(backend, config, pools, reactor, uploader=uploader)
 
     # Login and audit.
     audit = AuditService(config.audit, config.data_dir, reactor)
-    auth = AuthService(config, reactor, audit)
+    auth = AuthService(config, reactor, audit, collections=backend)
     reloader = Reloader(live, audit, environ, _load_sources)
     authenticate: Authenticator = auth.authenticate if config.auth.enabled else default_authenticator(False)
     authenticate = counting_authenticator(authenticate, metrics)
 
     # The executor, with the query cache around it and the server's administration beside it.
     connection_limiter = ConnectionLimiter(config.limits, reactor)
-    admin = ServerAdmin(live, lifecycle, backend, pools, reloader, lambda: connection_limiter.total)
+    admin = ServerAdmin(
+        live, lifecycle, backend, pools, reloader, lambda: connection_limiter.total, cluster=cluster
+    )
 
     def server_info() -> ops.ServerInfoResult:
         return ops.ServerInfoResult(
@@ -390,7 +405,7 @@ def build_service(
         gate_factory=ConnectionLimitFactory.wrapper(connection_limiter),
         frame_compression=frames,
     )
-    probes = {"storage": storage, "flusher": flusher, "listener": listener}
+    probes = {"storage": storage, "flusher": flusher, "listener": listener, "cluster": cluster}
     web: OpsService | None = None
     if config.web.enabled:
         api = OpsAPI(
@@ -403,6 +418,11 @@ def build_service(
             admin=AdminAPI(pipeline, authenticate, live, reactor),
         )
         web = OpsService(config, reactor, api)
+
+    grpc: GrpcService | None = None
+    if config.grpc.enabled:
+        grpc = GrpcService(config, reactor, pipeline, authenticate, lambda: lifecycle.ready)
+        grpc.observe(metrics.registry)
 
     protection = Protection(
         cache,
@@ -428,7 +448,10 @@ def build_service(
         frames,
         blobs,
         TLSReloader(listener),
+        grpc,
     ):
+        if component is None:
+            continue
         reloader.register(component)
     watcher = None
     if config.tls.enabled and config.tls.watch:
@@ -440,6 +463,7 @@ def build_service(
             logging_service,  # first up, last down
             pools,
             storage,
+            cluster,  # registers the node once storage is open; leaves before it closes
             flusher,
             snapshots,  # stops (awaiting a running snapshot) before the storage closes
             web,  # up before the listener, down after it: /readyz says 503 while it drains
@@ -448,6 +472,7 @@ def build_service(
             lag,
             tracing,
             metrics_service,
+            grpc,  # stops after the native listener: calls in flight finish, then GOAWAY
             listener,
             ProtectionService(metrics.registry, protection.collector),
             watcher,
@@ -472,6 +497,7 @@ def build_service(
         protection=protection,
         reloader=reloader,
         listener=listener,
+        grpc=grpc,
         web=web,
         services=services,
     )

@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 import attrs
 
+from amaters.fdlimit import file_handle_problems
+
 ENV_PREFIX = "AMATERS_"
 
 
@@ -164,6 +166,12 @@ class StorageConfig:
         "Most bytes per RANGE chunk read from RocksDB (a single larger entry comes in a chunk of its own).",
         minimum=1,
     )
+    max_open_files: int = setting(
+        512,
+        "Most table files RocksDB keeps open at once (it reopens others as needed); counted with the"
+        " connection caps against the open-file limit.",
+        minimum=16,
+    )
     point_reads_in_pool: bool = setting(
         False,
         "Run GETs in the io thread pool instead of the reactor thread (for data far larger than memory,"
@@ -194,6 +202,30 @@ class WebTLSConfig:
 class WebConfig:
     enabled: bool = setting(True, "Serve the ops site (health probes, metrics, admin API).")
     listen: str = setting("tcp:7879:interface=127.0.0.1", "Endpoint of the ops site.", check=_check_endpoint)
+    max_connections: int = setting(
+        256,
+        "Open connections to the ops site; past it the longest-idle connection is closed to make room"
+        " (probes keep answering under a flood), or the new one when none is idle.",
+        minimum=8,
+        reloadable=True,
+    )
+    max_request_body_bytes: int = setting(
+        64 * 1024,
+        "Largest request body the ops site accepts; a larger Content-Length is answered 413 before"
+        " any of the body is read (no route takes a body: this only bounds what a client can send).",
+        minimum=0,
+        reloadable=True,
+    )
+    idle_timeout: float = setting(
+        60.0, "Seconds an ops site connection may stay idle before it is closed.", minimum=1.0
+    )
+    allowed_hosts: list[str] = setting(
+        [],
+        "Host header values the admin API accepts while auth.enabled is false, besides localhost,"
+        " 127.0.0.1 and [::1] (with any port): a request naming another host, as a DNS rebinding"
+        " page would, is refused.",
+        reloadable=True,
+    )
     liveness_max_lag: float = setting(
         5.0,
         "Reactor lag in seconds above which /livez and /healthz answer 503 (0: never).",
@@ -210,6 +242,71 @@ class WebConfig:
     )
     cors: CORSConfig = section(CORSConfig)
     tls: WebTLSConfig = section(WebTLSConfig)
+
+
+def grpc_bind_address(description: str) -> str:
+    """The address grpcio binds for a ``grpc.listen`` endpoint string; raises ValueError.
+
+    Accepts the Twisted forms ``tcp:PORT[:interface=HOST]``, ``tcp6:PORT[:interface=HOST]`` and
+    ``unix:PATH`` (the only ones grpcio can serve); a backslash escapes a colon in an IPv6 host.
+    """
+    parts = re.split(r"(?<!\\):", description)
+    kind = parts[0].lower()
+    if kind == "unix" and len(parts) >= 2 and parts[1]:
+        return "unix:" + parts[1].replace("\\", "")
+    if kind not in ("tcp", "tcp6") or len(parts) < 2:
+        raise ValueError("use tcp:PORT[:interface=HOST], tcp6:PORT[:interface=HOST] or unix:PATH")
+    port_text = parts[1][5:] if parts[1].startswith("port=") else parts[1]
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"{parts[1]!r} is not a port number")
+    host = "::" if kind == "tcp6" else "0.0.0.0"
+    for part in parts[2:]:
+        name, _, value = part.partition("=")
+        if name == "interface" and value:
+            host = value.replace("\\", "")
+        elif name != "backlog":
+            raise ValueError(f"{part!r} is not an option grpc.listen supports (interface=HOST)")
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{int(port_text)}"
+
+
+def _check_grpc_endpoint(value: str) -> str | None:
+    try:
+        grpc_bind_address(value)
+    except ValueError as e:
+        return f"an endpoint string like 'tcp:7880:interface=127.0.0.1' ({e})"
+    return None
+
+
+@attrs.frozen
+class GrpcConfig:
+    enabled: bool = setting(
+        True,
+        "Serve AmateRS's gRPC AqlService (with grpc.health.v1 and server reflection) on grpc.listen.",
+    )
+    listen: str = setting(
+        "tcp:7880:interface=127.0.0.1",
+        "Endpoint of the gRPC front end: tcp:PORT[:interface=HOST], tcp6:... or unix:PATH. TLS is"
+        " applied from [tls], with the native listener's certificates.",
+        check=_check_grpc_endpoint,
+    )
+    max_workers: int = setting(
+        16,
+        "Threads serving gRPC calls. A call holds one for its whole life (a stream until it ends).",
+        minimum=1,
+        maximum=1024,
+    )
+    max_concurrent_calls: int = setting(
+        1024,
+        "Calls accepted at once (running or waiting for a thread); more get RESOURCE_EXHAUSTED.",
+        minimum=1,
+    )
+    max_connections: int = setting(
+        1000,
+        "Connections the gRPC port accepts at once (each is a file handle); more are refused.",
+        minimum=1,
+    )
 
 
 @attrs.frozen
@@ -286,6 +383,43 @@ class LimitsConfig:
         minimum=1024,
         maximum=2**31 - 1,
     )
+    max_handshake_frame_bytes: int = setting(
+        8 * 1024,
+        "Largest frame accepted before the handshake has succeeded (the handshake needs a few KiB);"
+        " larger gets an error frame and the connection closes.",
+        minimum=512,
+        maximum=1024 * 1024,
+        reloadable=True,
+    )
+    max_unauthenticated_bytes: int = setting(
+        16 * 1024 * 1024,
+        "Bytes buffered across all connections that have not yet logged in; a connection that"
+        " pushes the total past it is refused with SERVER_OVERLOADED and closed.",
+        minimum=64 * 1024,
+        reloadable=True,
+    )
+    max_buffered_bytes: int = setting(
+        256 * 1024 * 1024,
+        "Memory budget for request bytes received but not yet handled, across all connections;"
+        " a connection that pushes the total past it is refused with SERVER_OVERLOADED and closed."
+        " At least max_frame_bytes.",
+        minimum=1024 * 1024,
+        reloadable=True,
+    )
+    max_frame_elements: int = setting(
+        200_000,
+        "Most protobuf field occurrences a frame may hold, counted on the wire before it is parsed"
+        " (parsing cost and memory grow with them, not with bytes); more gets MALFORMED_MESSAGE.",
+        minimum=1000,
+        reloadable=True,
+    )
+    max_collections: int = setting(
+        1000,
+        "Most collections the server holds; creating one more (explicitly or by a first SET) fails"
+        " with VALIDATION_SIZE_EXCEEDED (0: no limit).",
+        minimum=0,
+        reloadable=True,
+    )
     max_key_bytes: int = setting(64 * 1024, "Largest key.", minimum=1, reloadable=True)
     max_value_bytes: int = setting(
         32 * 1024 * 1024, "Largest value (ciphertext) accepted.", minimum=0, reloadable=True
@@ -309,7 +443,9 @@ class LimitsConfig:
     # -- protection (protection issue); docs/limits.md explains each ---------------------------
     max_connections: int = setting(
         10_000,
-        "Open native protocol connections, in total; more are closed at once, before TLS (0: no limit).",
+        "Open native protocol connections, in total; more are closed at once, before TLS. Counted with"
+        " web.max_connections and storage.max_open_files against the open-file limit (0: no limit,"
+        " refused unless the limit is unlimited).",
         minimum=0,
         reloadable=True,
     )
@@ -543,8 +679,9 @@ class AuthConfig:
     )
     max_failures_per_minute: int = setting(
         10,
-        "Failed logins allowed per source address per minute; more are refused with a retryable"
-        " AUTH_FAILED carrying retry_after (0: no limit).",
+        "Failed logins allowed per minute per source network (/24, /64) and per credential (API key"
+        " id, token subject); more are refused with a retryable AUTH_FAILED carrying retry_after,"
+        " except credentials that logged in within the hour (0: no limit).",
         minimum=0,
         reloadable=True,
     )
@@ -659,6 +796,12 @@ class ClusterConfig:
         minimum=0.05,
         maximum=30.0,
     )
+    serializable_reads: bool = setting(
+        False,
+        "Serve GETs from the etcd member the node talks to, without a quorum round trip (faster, may"
+        " be slightly stale; a client's session token still guarantees it reads its own writes)."
+        " Off: every read is linearizable.",
+    )
     lease_ttl: int = setting(
         5,
         "Seconds a dead node stays registered (and keeps singleton duties) before others notice.",
@@ -672,6 +815,7 @@ class Config:
     tls: TLSConfig = section(TLSConfig)
     storage: StorageConfig = section(StorageConfig)
     web: WebConfig = section(WebConfig)
+    grpc: GrpcConfig = section(GrpcConfig)
     logging: LoggingConfig = section(LoggingConfig)
     tracing: TracingConfig = section(TracingConfig)
     limits: LimitsConfig = section(LimitsConfig)
@@ -928,20 +1072,35 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
             problems.append(f"web.tls.{name}: {value!r} is not a readable file")
     if config.server.listen == config.web.listen and config.web.enabled and ":0:" not in config.web.listen:
         problems.append("web.listen: must differ from server.listen")
-    if (
-        not config.auth.enabled
-        and not config.auth.allow_unauthenticated_remote
-        and not is_loopback_endpoint(config.server.listen)
-    ):
-        problems.append(
-            f"server.listen: {config.server.listen!r} is reachable from other hosts while auth.enabled"
-            " is false; bind interface=127.0.0.1, enable auth, or set"
-            " auth.allow_unauthenticated_remote = true (protected mode)"
-        )
+    listeners = [("server.listen", config.server.listen)]
+    if config.grpc.enabled:
+        listeners.append(("grpc.listen", config.grpc.listen))
+        if ":0:" not in config.grpc.listen and config.grpc.listen in (
+            config.server.listen,
+            config.web.listen,
+        ):
+            problems.append("grpc.listen: must differ from server.listen and web.listen")
+    for key, endpoint in listeners:
+        if (
+            not config.auth.enabled
+            and not config.auth.allow_unauthenticated_remote
+            and not is_loopback_endpoint(endpoint)
+        ):
+            problems.append(
+                f"{key}: {endpoint!r} is reachable from other hosts while auth.enabled"
+                " is false; bind interface=127.0.0.1, enable auth, or set"
+                " auth.allow_unauthenticated_remote = true (protected mode)"
+            )
     if config.snapshot.upload and not config.snapshot.s3.bucket:
         problems.append("snapshot.upload: needs snapshot.s3.bucket (the bucket to upload to)")
     if config.snapshot.interval > 0 and config.storage.backend != "rocksdb":
         problems.append("snapshot.interval: scheduled snapshots need storage.backend = rocksdb")
+    if config.limits.max_buffered_bytes < config.limits.max_frame_bytes:
+        problems.append(
+            "limits.max_buffered_bytes: must be at least limits.max_frame_bytes"
+            f" ({config.limits.max_frame_bytes}), or no frame of the largest size could be received"
+        )
+    problems.extend(file_handle_problems(config))
     if config.storage.backend == "etcd" and not config.cluster.endpoints:
         problems.append(
             "storage.backend: etcd needs cluster.endpoints (client URLs of the etcd members, e.g."

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
     from amaters.types import CipherBlob, WriteOp
 
 # Interfaces use zope's convention: methods have no ``self``.
@@ -26,7 +28,7 @@ class IRangeCursor(Interface):
     load them all.  It sees a consistent point-in-time view where the backend can give one.
     """
 
-    def next_chunk() -> object:
+    def next_chunk() -> Deferred[list[tuple[bytes, CipherBlob]]]:
         """
         Read the next chunk.
 
@@ -50,61 +52,66 @@ class IStorageBackend(Interface):
 
     name = Attribute("Short backend name, e.g. 'memory' or 'rocksdb'.")
 
-    def open() -> object:
+    def open() -> Deferred[None]:
         """Open (or create) the store.  Deferred firing with None; fails with ``StorageError``."""
 
-    def close() -> object:
+    def close() -> Deferred[None]:
         """Flush what is pending and close.  Deferred firing with None.  Safe to call twice."""
 
-    def create_collection(name: str) -> object:
+    def create_collection(name: str) -> Deferred[bool]:
         """Create a collection.  Deferred firing True if created, False if it already existed."""
 
-    def drop_collection(name: str) -> object:
+    def drop_collection(name: str) -> Deferred[bool]:
         """Drop a collection and all its entries.  Deferred firing True if it existed, else False."""
 
-    def list_collections() -> object:
+    def list_collections() -> Deferred[list[str]]:
         """Deferred firing with the sorted list of collection names."""
 
     def has_collection(name: str) -> bool:
         """Whether the collection exists (answered from memory, no I/O)."""
 
-    def get(collection: str, key: bytes) -> object:
+    def collection_count() -> int:
+        """How many collections exist (answered from memory, no I/O)."""
+
+    def get(collection: str, key: bytes) -> Deferred[CipherBlob | None]:
         """Deferred firing with the CipherBlob, or None when the key is absent.
 
         Fails with ``Corrupted`` if the stored checksum does not match the stored data.
         """
 
-    def put(collection: str, key: bytes, value: CipherBlob) -> object:
+    def put(collection: str, key: bytes, value: CipherBlob) -> Deferred[None]:
         """Store ``value`` (a CipherBlob).  Deferred firing None once durable per the sync mode.
 
         Fails with ``StorageFull`` or ``StorageIOError``; nothing is acknowledged that was not written.
         """
 
-    def delete(collection: str, key: bytes) -> object:
+    def delete(collection: str, key: bytes) -> Deferred[bool]:
         """Delete a key.  Deferred firing True if it existed, else False (durable per sync mode)."""
 
-    def write_batch(ops: Iterable[WriteOp]) -> object:
+    def write_batch(ops: Iterable[WriteOp]) -> Deferred[None]:
         """Apply a sequence of ``WriteOp`` atomically: all or none.  Deferred firing None when durable.
 
         Fails with ``NotFound`` if any op names a missing collection (and then nothing is applied).
         """
 
-    def scan(collection: str, start: bytes, end: bytes | None, limit: int | None, chunk_size: int) -> object:
+    def scan(
+        collection: str, start: bytes, end: bytes | None, limit: int | None, chunk_size: int
+    ) -> IRangeCursor:
         """An ``IRangeCursor`` over ``[start, end)`` (``end`` None: to the end), at most ``limit`` entries.
 
         Returned synchronously; fails (raises) with ``NotFound`` for a missing collection.
         """
 
-    def sync() -> object:
+    def sync() -> Deferred[None]:
         """Make every acknowledged write durable (fsync the WAL).  Deferred firing None."""
 
-    def flush() -> object:
+    def flush() -> Deferred[None]:
         """Persist in-memory state (memtables) and sync.  Deferred firing None."""
 
-    def stats() -> object:
+    def stats() -> Deferred[dict[str, Any]]:
         """Deferred firing with a dict: ``keys`` per collection (estimate), ``bytes`` total, etc."""
 
-    def snapshot(destination: str) -> object:
+    def snapshot(destination: str) -> Deferred[None]:
         """Write a consistent point-in-time copy into the new directory ``destination``.
 
         Deferred firing None; fails with ``InvalidOperation`` where the backend cannot.
@@ -154,6 +161,18 @@ class IServerAdmin(Interface):
 
     def create_snapshot(upload: bool) -> object:
         """Take a snapshot now; its manifest as a dict."""
+
+    def verify_snapshot(archive: str) -> object:
+        """Check one archive on disk: ``{"archive", "ok", "manifest" | "error"}``; ``NotFound``."""
+
+    def config_view() -> object:
+        """The configuration in effect (secrets redacted) and what a reload would change."""
+
+    def audit_tail(limit: int) -> object:
+        """The last ``limit`` audit events (oldest first), or none when the audit log is off."""
+
+    def resources() -> object:
+        """Data dir usage (bytes used, file system size and free space) and TLS certificates."""
 
 
 class IReconfigurable(Interface):

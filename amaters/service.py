@@ -89,7 +89,7 @@ class AsyncMultiService(service.MultiService):
         self._start_waiters: list[defer.Deferred[None]] = []
         self.state = "stopped"  # stopped | starting | running | stopping
 
-    def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    def startService(self) -> defer.Deferred[None]:
         service.Service.startService(self)
         self.state = "starting"
         self._start_d = defer.Deferred.fromCoroutine(self._start_children())
@@ -135,6 +135,10 @@ class AsyncMultiService(service.MultiService):
             name = getattr(child, "name", None) or repr(child)
             try:
                 await defer.maybeDeferred(child.stopService)
+            except defer.CancelledError:
+                # The stop was cut short (a shutdown timeout): expected, so one line, no traceback.
+                log.error("Service {name} was still stopping when the shutdown timed out", name=name)
+                failures[name] = Failure(TimeoutError("still stopping when the shutdown timed out"))
             except BaseException:
                 f = Failure()
                 log.failure("Service {name} failed to stop", f, name=name)
@@ -142,7 +146,7 @@ class AsyncMultiService(service.MultiService):
         self._started = []
         return failures
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    def stopService(self) -> defer.Deferred[None]:
         service.Service.stopService(self)
         return defer.Deferred.fromCoroutine(self._stop())
 
@@ -186,7 +190,7 @@ class ThreadPoolService(service.Service):
         if not self._synchronous:
             self.pool.start()
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         if self._synchronous or not self.pool.started:
             return defer.succeed(None)
@@ -209,7 +213,7 @@ class ThreadPoolService(service.Service):
             return defer.maybeDeferred(f, *args, **kwargs)
         from twisted.internet.threads import deferToThreadPool
 
-        return deferToThreadPool(self._reactor, self.pool, f, *args, **kwargs)  # type: ignore[arg-type]
+        return deferToThreadPool(self._reactor, self.pool, f, *args, **kwargs)
 
 
 class SerialThreadService(service.Service):
@@ -243,7 +247,7 @@ class SerialThreadService(service.Service):
         self._thread = threading.Thread(target=self._work, name=f"amaters-{self.name}", daemon=True)
         self._thread.start()
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         if self._thread is None:
             return defer.succeed(None)

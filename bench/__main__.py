@@ -7,6 +7,7 @@
     python -m bench fsync [--dir DIR] [--seconds 2]
     python -m bench profile [--op get -p 16 --auth ...]             the server under cProfile or py-spy
     python -m bench micro [--op get -p 16 --auth]                   server CPU per request, in-process
+    python -m bench grpc [-d 5 -c 1 16 --ops get set]                 gRPC next to the native protocol
     python -m bench reference-server --port P [--tls-dir DIR]
     python -m bench compare [OLD] NEW                               ratios that fell by > 10 % (exit 1)
 
@@ -109,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import profile
 
         return profile.main(argv[1:])
+    if argv and argv[0] == "grpc":
+        from bench import grpc_bench
+
+        return grpc_bench.main(argv[1:])
     if argv and argv[0] == "micro":
         from bench import micro
 

@@ -46,6 +46,7 @@ async def run_one(reactor: Any, label: str, settings: list[str], args: argparse.
                 "storage.sync=none",
                 "limits.shed_lag_ms=0",  # the timing loop blocks the reactor on purpose
                 f"server.data_dir={directory}",
+                "grpc.enabled=false",
                 *settings,
             ],
             {},

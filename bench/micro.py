@@ -169,6 +169,7 @@ async def _run(reactor: Any, args: argparse.Namespace) -> dict[str, float]:
         "tls.enabled=false",
         f"server.data_dir={work}",
         "logging.level=warn",
+        "grpc.enabled=false",
     ]
     api_key = None
     if args.auth:

@@ -209,7 +209,9 @@ def _error_entry(name: str, group: str, error: str) -> dict[str, Any]:
 
 
 def make_api_key(directory: Path) -> tuple[dict[str, Any], str]:
-    """Server settings for auth with one API key (role ``user``: write on every collection), and the key."""
+    """Server settings for auth with one API key, and the key.  Its role ``bench`` is the built-in
+    ``user`` (write on every collection) plus ``create`` on every collection, so it can make the
+    collections it fills."""
     from amaters.auth.apikeys import generate_api_key, hash_api_key
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -221,11 +223,16 @@ def make_api_key(directory: Path) -> tuple[dict[str, Any], str]:
         f'id = "{key_id}"\n'
         'name = "benchmark client"\n'
         f'key_hash = "{hash_api_key(pepper.encode(), key)}"\n'
-        'roles = ["user"]\n'
+        'roles = ["bench"]\n'
     )
     os.chmod(keys_file, 0o600)
+    roles_file = directory / "roles.toml"
+    roles_file.write_text(
+        '[roles.bench]\ninherits = ["user"]\npermissions = [{ resource = "collection:*", permission = "create" }]\n'
+    )
     settings = {
         "auth.enabled": True,
+        "auth.roles_file": str(roles_file),
         "auth.api_keys_file": str(keys_file),
         "auth.api_key_pepper": pepper,
     }
@@ -329,7 +336,7 @@ class Suite:
             amaters.start()
             reference.start()
             metrics = amaters.metrics()
-            security = "TLS, auth (API key, role user) + RBAC, metrics " + (
+            security = "TLS, auth (API key, role user + create) + RBAC, metrics " + (
                 "on (/metrics served)" if metrics is not None else "NOT served (/metrics missing)"
             )
             _say(f"  amaters: memory backend, {security}; reference: TLS, no auth")

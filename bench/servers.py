@@ -190,6 +190,7 @@ class AmatersServer(_Process):
         self.label = label
         self.port = free_port()
         self.web_port = free_port()
+        self.grpc_port = free_port()
         self.data_dir = workdir / "data"
         self.log_path = workdir / "server.log"
         self.config_path = workdir / "server.toml"
@@ -198,6 +199,7 @@ class AmatersServer(_Process):
             "server.data_dir": str(self.data_dir),
             "server.shutdown_timeout": 20,
             "web.listen": f"tcp:{self.web_port}:interface=127.0.0.1",
+            "grpc.listen": f"tcp:{self.grpc_port}:interface=127.0.0.1",
             "logging.level": "warn",
         }
         base.update(settings or {})

@@ -16,25 +16,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from ports import free_port
 from twisted.python.failure import Failure
 
 ETCD = shutil.which("etcd")
-
-
-def _free_port() -> int:
-    import random
-    import socket
-
-    for _ in range(200):
-        port = random.randint(20000, 32000)
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port found")
 
 
 def post(url: str, body: dict[str, Any], timeout: float = 1.0) -> dict[str, Any]:
@@ -48,10 +33,10 @@ class EtcdMember:
     def __init__(self, name: str, directory: Path) -> None:
         self.name = name
         self.directory = directory
-        self.client_port = _free_port()
-        self.peer_port = _free_port()
+        self.client_port = free_port()
+        self.peer_port = free_port()
         while self.peer_port == self.client_port:
-            self.peer_port = _free_port()
+            self.peer_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.stopped = False
 
@@ -266,6 +251,9 @@ class BlockingBackend:
     def has_collection(self, name: str) -> bool:
         return bool(self.inner.has_collection(name))
 
+    def collection_count(self) -> int:
+        return int(self.inner.collection_count())
+
     def get(self, collection: str, key: bytes) -> Any:
         return _settled(self.inner.get(collection, key))
 
@@ -308,3 +296,28 @@ def etcd_backend(endpoints: list[str], prefix: bytes) -> Any:
     classImplements(BlockingBackend, IStorageBackend)
     classImplements(BlockingCursor, IRangeCursor)
     return BlockingBackend(EtcdBackend(EtcdClient(endpoints, reactor), reactor, prefix=prefix))
+
+
+def sharded_backend(endpoints: list[str], prefix: bytes) -> Any:
+    """A ShardedBackend (not blocking, not opened) whose shards all use ``prefix`` on their etcd."""
+    from twisted.internet import reactor
+
+    from amaters.cluster.etcd import EtcdClient
+    from amaters.storage.etcd import EtcdBackend
+    from amaters.storage.sharded import ShardedBackend
+
+    def make(name: str, shard_endpoints: list[str]) -> EtcdBackend:
+        return EtcdBackend(EtcdClient(shard_endpoints, reactor), reactor, prefix=prefix, shard=name)
+
+    return ShardedBackend(make("0", endpoints), reactor, make)
+
+
+def sharded_etcd_backend(endpoints: list[str], prefix: bytes) -> Any:
+    """A blocking view of a single-shard ShardedBackend (the clustered store as nodes build it)."""
+    from zope.interface import classImplements
+
+    from amaters.interfaces import IRangeCursor, IStorageBackend
+
+    classImplements(BlockingBackend, IStorageBackend)
+    classImplements(BlockingCursor, IRangeCursor)
+    return BlockingBackend(sharded_backend(endpoints, prefix))

@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from amaters.config import AuditConfig
 from amaters.interfaces import IAuditSink
+from amaters.ops.logging import escape_control
 
 EVENT_TYPES = ("authentication", "authorization", "admin", "config_change", "security_violation")
 RESULTS = ("success", "failure", "denied")
@@ -93,10 +94,13 @@ def rfc3339(seconds: float) -> str:
 
 
 def _text(value: Any) -> str | None:
+    """A bounded field value whose control characters are visible escapes (``\\x1b``): fields name
+    things a client chose (token subjects, collection names), and a decoded audit line printed to a
+    terminal must not carry escape sequences or forged line breaks."""
     if value is None:
         return None
     text = value if isinstance(value, str) else str(value)
-    return text[:MAX_FIELD_CHARS]
+    return escape_control(text[:MAX_FIELD_CHARS])[:MAX_FIELD_CHARS]
 
 
 def format_event(
@@ -286,13 +290,13 @@ class AuditService(service.Service):
             self.sink.flush()
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()
         if isinstance(self.sink, AuditLog):
             self.sink.open()
             self._log.info("Audit log {path}", path=str(self.sink.path))
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
-        super().stopService()  # type: ignore[no-untyped-call]
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
         if isinstance(self.sink, AuditLog):
             self.sink.close()
         return defer.succeed(None)

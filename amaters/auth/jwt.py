@@ -255,7 +255,7 @@ class JWTChecker:
         try:
             return pyjwt.decode(
                 token,
-                self.keys.key_for(algorithm),  # type: ignore[arg-type]
+                self.keys.key_for(algorithm),
                 algorithms=[algorithm],
                 options=options,
                 audience=self.audience,

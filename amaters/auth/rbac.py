@@ -1,4 +1,5 @@
-"""Role-based access control: permissions read < write < admin on ``server`` and ``collection:<glob>``.
+"""Role-based access control: permissions read < write < create < admin on ``server`` and
+``collection:<glob>``.
 
 A role grants permissions on resource patterns and may inherit other roles.  A principal may do
 what any of its roles (with everything they inherit) grants; anything not granted is denied,
@@ -12,10 +13,14 @@ Resources and patterns:
   matched case-sensitively), e.g. ``collection:*`` or ``collection:tenant_a_*``;
 - ``*`` (pattern only): every resource.
 
-A higher permission includes the lower ones: admin includes write includes read.
+A higher permission includes the lower ones: admin includes create includes write includes read.
+``create`` on a collection (``collection:create``) is the right to bring it into existence, by
+CREATE_COLLECTION or by a first SET (auto-creation): only ``admin`` has it among the built-in
+roles, and a custom role gets it for the collections it should create, e.g.
+``{ resource = "collection:tenant_a_*", permission = "create" }``.
 
-Built-in roles: ``admin`` (admin on everything), ``user`` (write on every collection, read on the
-server), ``reader`` (read on every collection and on the server).  Custom roles come from
+Built-in roles: ``admin`` (admin on everything), ``user`` (write on every existing collection, read
+on the server), ``reader`` (read on every collection and on the server).  Custom roles come from
 ``auth.roles_file`` (TOML, or JSON for ``*.json``)::
 
     [roles.analyst]
@@ -25,8 +30,9 @@ server), ``reader`` (read on every collection and on the server).  Custom roles 
     ]
 
 What each operation needs (:func:`required_access`): GET, RANGE, FILTER → read on its collection;
-SET, DELETE, UPDATE → write on its collection; BATCH → each of its items on its own collection;
-create and drop collection → admin on that collection; server info, health and list collections →
+SET, DELETE, UPDATE → write on its collection (and create when the collection does not exist yet:
+the RBAC stage checks that); BATCH → each of its items on its own collection; create collection →
+create on that collection; drop collection → admin on that collection; server info, health and list collections →
 read on ``server``; other server operations (snapshots, admin API) → their declared ``kind`` on
 ``server``.
 """
@@ -49,7 +55,8 @@ class Permission(enum.IntEnum):
 
     READ = 1
     WRITE = 2
-    ADMIN = 3
+    CREATE = 3
+    ADMIN = 4
 
     @property
     def label(self) -> str:
@@ -254,7 +261,7 @@ class RBACPolicy:
             if len(self._denials) >= self.CACHE_SIZE:
                 self._denials.clear()
             self._denials[key] = found
-        return found  # type: ignore[no-any-return]
+        return found
 
     def _first_denied(self, roles: Sequence[str], op: Any) -> Access | None:
         for access in required_access(op):
@@ -308,7 +315,9 @@ class RBACPolicy:
                     problems.append(f"{spot}: resource {resource!r} is not allowed; expected {wrong}")
                     continue
                 if not isinstance(permission, str) or permission.upper() not in Permission.__members__:
-                    problems.append(f"{spot}: permission {permission!r} is not one of read, write, admin")
+                    problems.append(
+                        f"{spot}: permission {permission!r} is not one of read, write, create, admin"
+                    )
                     continue
                 grants.append(Grant(resource, Permission[permission.upper()]))
             roles.append(Role(name, tuple(grants), inherits))

@@ -13,8 +13,9 @@ logs in through ``Portal(AmatersRealm(), checkers)`` and fires with the avatar, 
   become ``AuthError`` (``AUTH_FAILED``), ``AuthExpired`` or ``InvalidCertificate`` with a safe
   message; anything else is logged with its traceback and answered with a generic
   ``AUTH_FAILED``.
-- Each failure counts against the source address (:mod:`amaters.auth.throttle`); a throttled
-  address is refused before its credentials are looked at.
+- Each failure counts against the source's network and the credential presented
+  (:mod:`amaters.auth.throttle`); a throttled login is refused before its credentials are checked,
+  except that a credential that logged in before is not locked out by its network's failures.
 - Every outcome is audited (``authentication``; ``security_violation`` for refused algorithms and
   throttled addresses).
 """
@@ -46,7 +47,7 @@ from amaters.auth.principal import (
     SecurityViolation,
     login_failure_message,
 )
-from amaters.auth.throttle import AuthThrottle
+from amaters.auth.throttle import AuthThrottle, credential_bucket
 from amaters.errors import AmatersError, AuthError, AuthExpired, InvalidCertificate
 from amaters.interfaces import IAuditSink, IPrincipal
 
@@ -129,8 +130,9 @@ class PortalAuthenticator:
 
     async def login(self, credentials: Any, peer_certificate: Any, source: str) -> IPrincipal:
         """Log in with handshake ``credentials`` (kind, secret) or the verified ``peer_certificate``."""
+        bucket = credential_bucket(credentials)
         try:
-            self.throttle.check(source)
+            self.throttle.check(source, bucket)
         except AuthError as e:
             self._audit("security_violation", "denied", source, None, e.message)
             raise
@@ -138,8 +140,9 @@ class PortalAuthenticator:
         try:
             result: Any = await self.portal.login(cred, None, IPrincipal)
         except Exception:
-            raise self._failed(Failure(), method, source) from None  # type: ignore[no-untyped-call]
+            raise self._failed(Failure(), method, source, bucket) from None
         principal: IPrincipal = result[1]
+        self.throttle.record_success(bucket)
         self.audit.emit(
             audit_event(
                 "authentication",
@@ -175,7 +178,7 @@ class PortalAuthenticator:
         self._audit("authentication", "failure", source, "anonymous", error.message)
         raise error
 
-    def _failed(self, failure: Failure, method: str, source: str) -> AmatersError:
+    def _failed(self, failure: Failure, method: str, source: str, bucket: str | None = None) -> AmatersError:
         value = failure.value
         if isinstance(value, UnhandledCredentials):
             error: AmatersError = AuthError(f"{_METHOD_NAMES[method]} are not accepted by this server")
@@ -192,7 +195,7 @@ class PortalAuthenticator:
             return error
         event_type = "security_violation" if isinstance(value, SecurityViolation) else "authentication"
         self._audit(event_type, "failure", source, method, f"{error.code.name}: {error.message}")
-        self.throttle.record_failure(source)
+        self.throttle.record_failure(source, bucket)
         if self.throttle.retry_after(source) is not None:
             self._log.warn(
                 "Throttling logins from {source}: {limit} failures within a minute",

@@ -53,20 +53,24 @@ class AuthService(service.Service):
     name = "auth"
     _log = Logger()
 
-    def __init__(self, config: Config, clock: IReactorTime, audit: AuditService) -> None:
+    def __init__(
+        self, config: Config, clock: IReactorTime, audit: AuditService, collections: Any = None
+    ) -> None:
+        """``collections`` is the storage backend: the RBAC stage checks collection creation and
+        filters listings with it (None: it does neither)."""
         self.config = config
         self.clock = clock
         self.audit = audit
         self.realm = AmatersRealm()
         self.throttle = AuthThrottle(clock, config.auth.max_failures_per_minute)
-        self.authorization = AuthorizationStage(RBACPolicy(), audit)
+        self.authorization = AuthorizationStage(RBACPolicy(), audit, collections)
         self.audit_stage = AuditStage(audit, config.audit)
         self.authenticator: PortalAuthenticator | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()
         material = load_auth_material(self.config)  # raises AuthConfigError: the start fails
         self._apply(material, self.config)
         if self.config.auth.enabled:

@@ -4,7 +4,10 @@
   limits): refuses a request its principal's roles do not allow with
   ``AUTH_INSUFFICIENT_PERMISSIONS`` naming the operation and resource, and audits the denial.  It
   runs before any other work (value compression, the cache, the executor), so a cached answer is
-  never served to a principal who may not read it.
+  never served to a principal who may not read it.  Given the storage backend (``collections``), it
+  also refuses a SET (or a BATCH) that would create a collection, by writing to one that does not
+  exist yet, unless the principal has ``create`` on it; and answers LIST_COLLECTIONS with only the
+  collections the principal may read.
 - :class:`AuditStage` (``audit``): after each request, audits admin operations (success or
   failure), writes (when ``audit.log_writes``), reads (only when ``audit.log_reads``), and every
   failed request.  Denials were audited by the RBAC stage already.
@@ -17,13 +20,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from amaters.auth.audit import audit_event
-from amaters.auth.rbac import SERVER, Permission, RBACPolicy, required_access
+from amaters.auth.rbac import SERVER, Access, Permission, RBACPolicy, collection_resource, required_access
 from amaters.config import AuditConfig
 from amaters.errors import AmatersError, PermissionDenied
 from amaters.interfaces import IAuditSink
+from amaters.query import operations as ops
 from amaters.query.pipeline import PipelineStage, RequestContext
 
 #: ``ctx.annotations`` key set on a request the RBAC stage refused.
@@ -39,16 +44,58 @@ class AuthorizationStage(PipelineStage):
 
     name = "rbac"
 
-    def __init__(self, policy: RBACPolicy, audit: IAuditSink) -> None:
+    def __init__(self, policy: RBACPolicy, audit: IAuditSink, collections: Any = None) -> None:
         self.policy = policy
         self.audit = audit
+        #: The storage backend (``has_collection``, ``list_collections``), or None: then neither
+        #: auto-creation nor listings are checked here.
+        self.collections = collections
 
     def before(self, ctx: RequestContext, op: Any) -> object:
         principal = ctx.principal
         roles = principal.roles
         missing = self.policy.denial(roles, op)
         if missing is None:
-            return None
+            collections = self.collections
+            if collections is None:
+                return None
+            kind = type(op)
+            if kind is ops.Set or kind is ops.Batch:
+                missing = self._creation_denied(roles, op, collections)
+                if missing is None:
+                    return None
+            elif kind is ops.ListCollections:
+                return defer.Deferred.fromCoroutine(self._list_readable(ctx, roles, collections))
+            else:
+                return None
+        self._deny(ctx, missing)
+        return None  # not reached: _deny raises
+
+    def _creation_denied(self, roles: Any, op: Any, collections: Any) -> Access | None:
+        """What a write that would create collections lacks (None: nothing, or nothing to create)."""
+        if type(op) is ops.Set:
+            names: Any = () if collections.has_collection(op.collection) else (op.collection,)
+        else:
+            names = sorted(
+                {item.collection for item in op.ops if type(item) is ops.Set}
+                - {name for name in op.collections if collections.has_collection(name)}
+            )
+        for name in names:
+            resource = collection_resource(name)
+            if not self.policy.allowed(roles, resource, Permission.CREATE):
+                return Access("set (which would create the collection)", resource, Permission.CREATE)
+        return None
+
+    async def _list_readable(self, ctx: RequestContext, roles: Any, collections: Any) -> None:
+        names = await collections.list_collections()
+        policy = self.policy
+        ctx.result = [
+            name for name in names if policy.allowed(roles, collection_resource(name), Permission.READ)
+        ]
+
+    def _deny(self, ctx: RequestContext, missing: Access) -> None:
+        principal = ctx.principal
+        roles = principal.roles
         shown_roles = ", ".join(roles) if roles else "none"
         error = PermissionDenied(
             f"{principal.name!r} (roles: {shown_roles}) may not {missing.operation} on"
@@ -74,7 +121,12 @@ class AuthorizationStage(PipelineStage):
 
 
 #: What a (non-batch) operation's ``kind`` needs; other kinds take the general path.
-_KIND_PERMISSION = {"read": Permission.READ, "write": Permission.WRITE, "admin": Permission.ADMIN}
+_KIND_PERMISSION = {
+    "read": Permission.READ,
+    "write": Permission.WRITE,
+    "create": Permission.CREATE,
+    "admin": Permission.ADMIN,
+}
 
 
 def _needed_permission(op: Any) -> Permission:

@@ -26,6 +26,7 @@ GROUPS: tuple[str, ...] = (
     "amaters.cli.client",  # set, get, delete, range, collections, info, ping, keygen
     "amaters.cli.auth",  # auth new-key, auth hash-key
     "amaters.cli.snapshot",  # snapshot ..., migrate
+    "amaters.cli.cluster",  # cluster status|nodes|shards|add-shard|move|snapshot
 )
 
 

@@ -232,17 +232,29 @@ async def _connect(reactor: Any, args: argparse.Namespace) -> AmatersClient:
 
 
 def _run(args: argparse.Namespace, body: Callable[[AmatersClient], Coroutine[Any, Any, int]]) -> int:
-    """Connect, run ``body``, close; turn every failure into one line and an exit status."""
+    """Connect, run ``body``, close; turn every failure into one line and an exit status.
+
+    ``--timeout`` is one deadline for the whole command: connecting (TCP, TLS handshake, protocol
+    handshake), the requests and closing.  When it passes, the connection is dropped.
+    """
     from twisted.internet import defer, task
 
-    from amaters.errors import AmatersError, ErrorCode
+    from amaters.errors import AmatersError, ErrorCode, RequestTimeout
 
     status = [EXIT_OK]
 
     async def main(reactor: Any) -> None:
         client: AmatersClient | None = None
+        deadline = reactor.seconds() + args.timeout
+        watchdog = None
         try:
             client = await _connect(reactor, args)
+            connected = client
+
+            def expire() -> None:
+                connected.abort(RequestTimeout(f"no answer from {args.server} within {args.timeout:g} s"))
+
+            watchdog = reactor.callLater(max(0.0, deadline - reactor.seconds()), expire)
             status[0] = await body(client)
         except CommandError as e:
             err(str(e))
@@ -258,7 +270,9 @@ def _run(args: argparse.Namespace, body: Callable[[AmatersClient], Coroutine[Any
             status[0] = EXIT_MISSING
         finally:
             if client is not None and not client.closed:
-                await client.close()
+                await client.close(timeout=max(0.0, deadline - reactor.seconds()))
+            if watchdog is not None and watchdog.active():
+                watchdog.cancel()
 
     try:
         task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))

@@ -9,9 +9,9 @@ How these commands find the server:
   of the log.  It remembers what it started (pid file, log file, ops site, configuration) in a small
   state file for the working directory (under ``$XDG_STATE_HOME/amaters``, by default
   ``~/.local/state/amaters``).
-- ``stop``, ``status`` and ``reload`` with ``--config`` or ``--set`` use that configuration's pid
-  file.  Without either they use the built-in defaults (and ``AMATERS_*`` variables), and when no
-  server runs there, the server ``start`` last started from the same working directory.
+- ``stop``, ``status`` and ``reload`` with ``--config`` or ``--set`` use that configuration.
+  Without either they act on the server ``start`` last started from the same working directory
+  while it runs, and otherwise use the built-in defaults (and ``AMATERS_*`` variables).
 - A server started some other way (``twistd -n amaters``) has no pid file; ``/readyz`` reports its
   pid, which ``status`` shows and ``stop`` and ``reload`` signal when it is a local amaters process.
 """
@@ -70,12 +70,34 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _is_amaters(pid: int) -> bool:
-    """Whether local process ``pid`` runs amaters (its command line names it)."""
+def _command_line(pid: int) -> list[str]:
     try:
-        return b"amaters" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg]
+
+
+def _runs_config(pid: int, config: str | None) -> bool:
+    """Whether local process ``pid`` is an amaters server run with the configuration file ``config``
+    (None: with no configuration file, from this working directory, as the built-in defaults are
+    relative to it).
+
+    Only such a process is signalled when it was found through ``/readyz`` (it has no pid file):
+    an amaters server of someone else that happens to answer on the same port is left alone.
+    """
+    args = _command_line(pid)
+    if "amaters" not in args:
+        return False
+    options = args[args.index("amaters") + 1 :]  # twistd's plugin options
+    files = [Path(arg.split("=", 1)[-1]).resolve() for arg in options if arg.endswith(".toml")]
+    if config is not None:
+        return Path(config).resolve() in files
+    try:
+        same_directory = Path(f"/proc/{pid}/cwd").resolve() == Path.cwd().resolve()
     except OSError:
         return False
+    return same_directory and not files and not any(arg.startswith(("--config", "-c")) for arg in options)
 
 
 # -- the ops site ------------------------------------------------------------------------------
@@ -212,11 +234,10 @@ def _target(args: argparse.Namespace) -> Target:
     own = Target.of(load(args), args)
     if getattr(args, "config", None) or getattr(args, "set", None):
         return own
-    pid = _read_pid(own.pid_file)
-    if pid is not None and _alive(pid):
-        return own
+    # What `start` ran from here knows the server's own settings (its ops site, say), even when
+    # its pid file is where the defaults put it.
     remembered = _remembered()
-    if remembered is not None and remembered.pid_file != own.pid_file:
+    if remembered is not None:
         pid = _read_pid(remembered.pid_file)
         if pid is not None and _alive(pid):
             return remembered
@@ -224,23 +245,29 @@ def _target(args: argparse.Namespace) -> Target:
 
 
 def _find_pid(target: Target) -> tuple[int | None, Probe | None, str]:
-    """The running server's pid (from the pid file, else from ``/readyz``), the probe made (if
-    any), and where the pid came from."""
+    """The running server's pid to signal (from the pid file, else from ``/readyz`` when that
+    process runs with the same ``--config``), the probe made (if any), and where the pid came from."""
     pid = _read_pid(target.pid_file)
     if pid is not None and _alive(pid):
         return pid, None, f"pid file {target.pid_file}"
     probe = _probe(target.url, timeout=1.0)
-    if probe.pid is not None and _alive(probe.pid) and _is_amaters(probe.pid):
+    if probe.pid is not None and _alive(probe.pid) and _runs_config(probe.pid, target.config):
         return probe.pid, probe, f"{target.url}/readyz (no live pid in {target.pid_file})"
     return None, probe, ""
 
 
 def _not_running(target: Target, probe: Probe | None) -> str:
-    """Why no server was found, and what to try."""
+    """Why no server was found (or why the one found is not signalled), and what to try."""
     where = f"no live pid in {target.pid_file}"
+    if probe is not None and probe.pid is not None and _alive(probe.pid):
+        return (
+            f"a server (pid {probe.pid}) answers on {target.url} but has no pid file here ({where}) and"
+            f" does not run with {target.describe()}: pass the --config it runs with, or stop it with"
+            f" `kill {probe.pid}`"
+        )
     if probe is not None:
         if probe.status is not None:
-            where += f"; {probe.detail} but reports no local amaters process"
+            where += f"; {probe.detail}"
         elif target.url is not None:
             where += f"; nothing answers on {target.url}"
     hint = "" if target.config else "; if it was started with --config, pass the same --config"
@@ -300,13 +327,15 @@ def _tls_problems(config: Config) -> list[str]:
         return []
     from amaters.tls.context import server_tls_options
 
+    # Client-certificate settings without a usable CA are reported by the checks between settings.
+    client_auth = tls.client_auth if tls.ca and Path(tls.ca).is_file() else "none"
     try:
         options = server_tls_options(
             tls.cert,
             tls.key,
             client_ca=tls.ca or None,
-            client_auth=tls.client_auth,
-            crl=tls.crl or None,
+            client_auth=client_auth,
+            crl=tls.crl if tls.crl and Path(tls.crl).is_file() else None,
         )
         options.getContext()
     except OSError as e:
@@ -326,21 +355,14 @@ def _tls_reason(e: Exception) -> str:
     return str(e) or type(e).__name__
 
 
-def _auth_problems(config: Config) -> list[str]:
-    from amaters.auth.settings import auth_problems
-
-    try:
-        return auth_problems(config)
-    except Exception as e:
-        return [f"auth: cannot check the authentication settings: {e}"]
-
-
 def validate(path: str | None, sets: list[str]) -> tuple[Config, list[str]]:
     """Every problem of a configuration at once: reading the sources, the checks between settings,
     the TLS files and the authentication material."""
     config, problems = read_config(path, sets, os.environ)
     bad = {problem.split(":", 1)[0] for problem in problems}
-    for problem in config_problems(config) + _tls_problems(config) + _auth_problems(config):
+    from amaters.compose import SERVER_CHECKS
+
+    for problem in config_problems(config, SERVER_CHECKS) + _tls_problems(config):
         # A setting that could not be read kept its default: checks about it would mislead.
         names = problem.split(":", 1)[0].split("/")
         if problem not in problems and not any(name in bad for name in names):
@@ -448,6 +470,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
     target = _target(args)
     pid, probe, source = _find_pid(target)
     if pid is None:
+        if probe is not None and probe.pid is not None and _alive(probe.pid):
+            err(_not_running(target, probe))
+            return EXIT_FAIL
         print(_not_running(target, probe))
         return EXIT_OK
     if target.via:

@@ -60,7 +60,7 @@ def wait(d: defer.Deferred[T]) -> T:
     result = results[0]
     if isinstance(result, Failure):
         result.raiseException()
-    return result  # type: ignore[no-any-return]
+    return result
 
 
 class ProgressPrinter:

@@ -32,7 +32,7 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed, _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
@@ -60,6 +60,10 @@ _REQUEST_ERRORS = {3, 5, 6, 7, 9, 11, 12, 16}
 
 
 _JSON_HEADERS = Headers({b"content-type": [b"application/json"]})
+
+
+class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
+    noisy = False
 
 
 class EtcdError(Exception):
@@ -113,7 +117,8 @@ class EtcdClient:
     """Requests to one etcd cluster, failing over between its members.
 
     ``endpoints`` are client URLs such as ``http://127.0.0.1:2379``.  ``attempts`` bounds how many
-    members are tried per request (default: each member twice).  ``agent`` (an ``IAgent``) is
+    members are tried per request (default: each member twice), ``total_timeout`` the time after
+    which no new attempt starts (default: three request timeouts).  ``agent`` (an ``IAgent``) is
     built on a persistent connection pool when not given.  The constructor does no I/O.
     """
 
@@ -126,6 +131,7 @@ class EtcdClient:
         *,
         request_timeout: float = 1.0,
         attempts: int | None = None,
+        total_timeout: float | None = None,
         agent: Any = None,
     ) -> None:
         if not endpoints:
@@ -134,10 +140,14 @@ class EtcdClient:
         self.reactor = reactor
         self.request_timeout = request_timeout
         self.attempts = attempts if attempts is not None else 2 * len(self.endpoints)
+        #: No new attempt starts after this many seconds (a caller's own deadline is a few seconds).
+        self.total_timeout = total_timeout if total_timeout is not None else 3 * request_timeout
         if agent is None:
             self._pool: HTTPConnectionPool | None = HTTPConnectionPool(reactor, persistent=True)
             self._pool.maxPersistentPerHost = 16
             self._pool.retryAutomatically = False
+            # One log line per pooled connection opened or closed would drown the log.
+            self._pool._factory = _QuietHTTP11ClientFactory
             agent = Agent.usingEndpointFactory(
                 reactor, _EndpointFactory(reactor, request_timeout), pool=self._pool
             )
@@ -145,6 +155,7 @@ class EtcdClient:
             self._pool = None
         self._agent = agent
         self._current = 0
+        self._closed = False
         #: Highest cluster revision seen in any response header.
         self.revision = 0
 
@@ -155,6 +166,7 @@ class EtcdClient:
 
     async def close(self) -> None:
         """Close pooled connections (waits until they are closed)."""
+        self._closed = True
         if self._pool is not None:
             await self._pool.closeCachedConnections()
 
@@ -169,7 +181,10 @@ class EtcdClient:
         """
         payload = json.dumps(body).encode("ascii")
         last = "no attempt"
+        give_up = self.reactor.seconds() + self.total_timeout
         for attempt in range(self.attempts):
+            if attempt and self.reactor.seconds() >= give_up:
+                break
             endpoint = self.endpoints[self._current]
             try:
                 answer = await self._once(endpoint + path, payload)
@@ -203,6 +218,9 @@ class EtcdClient:
         finally:
             if timer.active():
                 timer.cancel()
+            if self._closed and self._pool is not None:
+                # A request that was in flight when the client closed: do not keep its connection.
+                self._pool.closeCachedConnections().addErrback(lambda f: None)
         try:
             answer = json.loads(raw)
         except ValueError:
@@ -388,6 +406,7 @@ class Watch:
         self._request: defer.Deferred[Any] | None = None
         self._loop: defer.Deferred[None] | None = None
         self._sleep: Any = None
+        self._waiting: defer.Deferred[None] | None = None
         #: Fires each time the watch is established on a member (for tests and readiness).
         self.established = 0
 
@@ -400,6 +419,9 @@ class Watch:
         self._stopped = True
         if self._sleep is not None and self._sleep.active():
             self._sleep.cancel()
+            waiting, self._waiting = self._waiting, None
+            if waiting is not None and not waiting.called:
+                waiting.callback(None)
         if self._request is not None:
             self._request.cancel()
         if self._stream is not None:
@@ -409,8 +431,10 @@ class Watch:
 
     async def _run(self) -> None:
         client = self._client
+        pool = HTTPConnectionPool(client.reactor, persistent=False)
+        pool._factory = _QuietHTTP11ClientFactory
         agent = Agent.usingEndpointFactory(
-            client.reactor, _EndpointFactory(client.reactor, client.request_timeout)
+            client.reactor, _EndpointFactory(client.reactor, client.request_timeout), pool=pool
         )
         while not self._stopped:
             endpoint = client.endpoints[client._current]
@@ -441,11 +465,10 @@ class Watch:
                 return
             client._current = (client._current + 1) % len(client.endpoints)
             waiting: defer.Deferred[None] = defer.Deferred()
+            self._waiting = waiting
             self._sleep = client.reactor.callLater(0.1, waiting.callback, None)
-            try:
-                await waiting
-            except defer.CancelledError:
-                return
+            await waiting
+            self._waiting = None
 
     def _message(self, message: dict[str, Any]) -> None:
         result = message.get("result") or {}
@@ -536,9 +559,13 @@ def delete_op(key: bytes, range_end: bytes | None = None, *, prev_kv: bool = Fal
     return {"request_delete_range": body}
 
 
-def range_op(key: bytes, range_end: bytes | None = None, *, limit: int = 0) -> dict[str, Any]:
-    """A ``request_range`` for a transaction."""
+def range_op(
+    key: bytes, range_end: bytes | None = None, *, limit: int = 0, serializable: bool = False
+) -> dict[str, Any]:
+    """A ``request_range`` for a transaction (all ranges serializable: the member answers alone)."""
     body: dict[str, Any] = {"key": b64(key)}
+    if serializable:
+        body["serializable"] = True
     if range_end is not None:
         body["range_end"] = b64(range_end)
     if limit:

@@ -71,11 +71,11 @@ class LagMonitor(service.Service):
     # -- service --------------------------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()
         self._schedule()
 
     def stopService(self) -> None:
-        super().stopService()  # type: ignore[no-untyped-call]
+        super().stopService()
         call, self._call = self._call, None
         self._due = None
         if call is not None and call.active():

@@ -8,7 +8,10 @@ where those events go and how they look (``[logging]`` in the config):
   SIGHUP reload takes effect on the next event.
 - ``logging.format``: ``text`` is twistd's classic line (``2024-05-01T12:00:00+0000 [namespace#info]
   message``); ``json`` is one JSON object per line with ``time``, ``level``, ``namespace``,
-  ``message`` and every named field of the event (see :func:`format_json`).
+  ``message`` and every named field of the event (see :func:`format_json`).  In both, control
+  characters in field values (names a client chose: client names, token subjects, collection names)
+  are written as ``\\xNN`` escapes (:func:`escape_control`), so a client cannot forge log lines or send
+  terminal escape sequences to whoever reads the log.
 - ``logging.file``: a file rotated by size (``logging.max_bytes``; ``twisted.python.logfile.LogFile``)
   or daily (``logging.rotate = "daily"``; ``DailyLogFile``), keeping ``logging.max_files`` rotated
   files.  Empty: events go where twistd sends its log (standard output under ``twistd -n``, the
@@ -71,10 +74,47 @@ _RESERVED = frozenset({"time", "level", "namespace", "message", "system", "error
 
 # -- formats ---------------------------------------------------------------------------------------
 
+#: C0 and C1 control characters, DEL, line and paragraph separators, and bidirectional overrides.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_control(text: str) -> str:
+    r"""``text`` with every control character written as a visible escape (``\x1b``, ``\u202e``)."""
+    return _CONTROL.sub(_escape_one, text)
+
+
+def _escaped_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return _CONTROL.sub(_escape_one, value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_escaped_value(v) for v in value)
+    return value
+
+
+def escaped_fields(event: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``event`` whose field values (not twisted.logger's own ``log_*`` keys) have their
+    control characters escaped; objects are escaped through their ``str()``."""
+    out: dict[str, Any] = {}
+    for name, value in event.items():
+        if name.startswith("log_") or value is None or isinstance(value, (bool, int, float)):
+            out[name] = value
+        elif isinstance(value, (str, list, tuple)):
+            out[name] = _escaped_value(value)
+        else:
+            text = str(value)
+            out[name] = _CONTROL.sub(_escape_one, text) if _CONTROL.search(text) else value
+    return out
+
 
 def format_text(event: Mapping[str, Any]) -> str | None:
-    """twistd's classic text line (with the traceback of a failure, indented)."""
-    return formatEventAsClassicLogText(dict(event))
+    """twistd's classic text line (with the traceback of a failure, indented); field values have
+    their control characters escaped."""
+    return formatEventAsClassicLogText(escaped_fields(event))
 
 
 def _jsonable(value: Any) -> Any:
@@ -96,6 +136,7 @@ def format_json(event: Mapping[str, Any]) -> str | None:
     a ``field_`` prefix); ``system`` is twistd's log system; a logged failure adds ``error``,
     ``error_type`` and ``traceback``.  Values that are not JSON types are written as ``str()``.
     """
+    event = escaped_fields(event)
     stamp = event.get("log_time")
     when = datetime.fromtimestamp(stamp if stamp is not None else time.time(), tz=UTC)
     level = event.get("log_level")
@@ -218,7 +259,7 @@ def twistd_json_observer() -> ILogObserver:
     path = os.environ.get(TWISTD_LOG_FILE_ENV)
     if path:
         log_file = LogFile.fromFullPath(path, defaultMode=LOG_FILE_MODE)
-        return FileLogObserver(log_file, format_json)  # type: ignore[arg-type]
+        return FileLogObserver(log_file, format_json)
     return FileLogObserver(sys.stdout, format_json)
 
 
@@ -251,7 +292,7 @@ class LevelPredicate(LogLevelFilterPredicate):
             self.decisions[key] = decision
         return decision
 
-    def setLogLevelForNamespace(self, namespace: str, level: LogLevel) -> None:  # type: ignore[override]
+    def setLogLevelForNamespace(self, namespace: str, level: LogLevel) -> None:
         super().setLogLevelForNamespace(namespace, level)
         self.decisions.clear()
 
@@ -386,7 +427,7 @@ class LoggingService(service.Service):
         self.controller = LogController(settings, publisher, clock)
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()  # type: ignore[no-untyped-call]
+        super().privilegedStartService()
         # Open the log file before privileges are shed (like twistd's own --logfile).  A failure is
         # reported by startService, through the service tree's start error handling.
         try:
@@ -395,7 +436,7 @@ class LoggingService(service.Service):
             pass
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()
         try:
             self.controller.install()
         except OSError as e:
@@ -404,7 +445,7 @@ class LoggingService(service.Service):
             ) from None
 
     def stopService(self) -> None:
-        super().stopService()  # type: ignore[no-untyped-call]
+        super().stopService()
         self.controller.uninstall()
 
     def prepare_reload(self, old: Config, new: Config) -> Callable[[], None] | None:

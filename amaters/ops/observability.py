@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from amaters.config import Config
 from amaters.errors import AuthError
+from amaters.interfaces import IStorageBackend
 from amaters.ops.metrics import Metrics, auth_method_label
 
 #: How often the lag monitor probes the reactor (seconds).
@@ -148,12 +149,12 @@ class MetricsService(service.Service):
     name = "metrics"
     _log = Logger()
 
-    def __init__(self, metrics: Metrics, backend: Any) -> None:
+    def __init__(self, metrics: Metrics, backend: IStorageBackend) -> None:
         self.metrics = metrics
         self.backend = backend
 
-    def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
-        super().startService()  # type: ignore[no-untyped-call]
+    def startService(self) -> defer.Deferred[None]:
+        super().startService()
         d: defer.Deferred[Any] = defer.maybeDeferred(self.backend.stats)
         d.addCallback(self.metrics.storage.update)
 
@@ -161,7 +162,7 @@ class MetricsService(service.Service):
             self._log.failure("Reading storage statistics for metrics failed", failure)
 
         d.addErrback(failed)
-        return d  # type: ignore[return-value]
+        return d
 
     def prepare_reload(self, old: Config, new: Config) -> Callable[[], None] | None:
         """``web.metrics_max_collections`` applies from the next scrape."""

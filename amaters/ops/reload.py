@@ -24,7 +24,15 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from amaters.config import Config, ConfigError, LiveConfig, Sources, load_config, reloadable_differences
+from amaters.config import (
+    Config,
+    ConfigError,
+    LiveConfig,
+    Sources,
+    iter_settings,
+    load_config,
+    reloadable_differences,
+)
 from amaters.interfaces import IAuditSink
 
 Commit = Callable[[], None]
@@ -178,6 +186,38 @@ class Reloader:
             restart=f"; needs restart to apply: {', '.join(restart)}" if restart else "",
         )
         return self._finish(result, principal)
+
+    def preview(self) -> defer.Deferred[dict[str, Any]]:
+        """What a reload would change now, without changing anything.
+
+        Re-reads the sources like :meth:`reload` and compares them with the configuration in effect:
+        ``{"ok", "reloadable": [{"key", "current", "new"}], "need_restart": [...], "errors": [...]}``.
+        Secret values are shown as ``<redacted>``; files the settings point at are not re-read.
+        """
+        return defer.Deferred.fromCoroutine(self._preview())
+
+    async def _preview(self) -> dict[str, Any]:
+        old: Config = self.live.current
+        environ = os.environ if self._environ is None else self._environ
+        try:
+            new = await defer.maybeDeferred(self._loader, self.live.sources, environ)
+        except ConfigError as e:
+            return {"ok": False, "reloadable": [], "need_restart": [], "errors": list(e.problems)}
+        reloadable, restart = reloadable_differences(old, new)
+        secret = {dotted for dotted, attribute in iter_settings() if attribute.metadata.get("secret")}
+
+        def change(dotted: str) -> dict[str, Any]:
+            parts = dotted.split(".")
+            if dotted in secret:
+                return {"key": dotted, "current": "<redacted>", "new": "<redacted>"}
+            return {"key": dotted, "current": _get_path(old, parts), "new": _get_path(new, parts)}
+
+        return {
+            "ok": True,
+            "reloadable": [change(k) for k in reloadable],
+            "need_restart": [change(k) for k in restart],
+            "errors": [],
+        }
 
     def _finish(self, result: ReloadResult, principal: str) -> ReloadResult:
         self.last = result

@@ -23,6 +23,8 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from amaters.config import Config, ConfigError
+from amaters.tls.certs import ensure_server_tls
+from amaters.tls.context import server_tls_options
 
 
 def _tls_settings(config: Config) -> tuple[Any, ...]:
@@ -32,9 +34,6 @@ def _tls_settings(config: Config) -> tuple[Any, ...]:
 
 def build_server_options(config: Config) -> Any:
     """The server's TLS options for ``config`` from the files on disk; raises ConfigError if bad."""
-    from amaters.tls.certs import ensure_server_tls
-    from amaters.tls.context import server_tls_options
-
     try:
         files = ensure_server_tls(config)
         options = server_tls_options(

@@ -154,15 +154,15 @@ class TracingService(service.Service):
         self.tracer: Tracer = self.provider.get_tracer("amaters", __version__)
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()
         self._log.info(
             "Tracing requests: exporter {exporter}, sample ratio {ratio}",
             exporter=self.settings.exporter,
             ratio=self.settings.sample_ratio,
         )
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
-        super().stopService()  # type: ignore[no-untyped-call]
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
         d: defer.Deferred[None] = self.runner.run(self.provider.shutdown)
 
         def failed(failure: Any) -> None:

@@ -52,7 +52,22 @@ _pack_length = struct.Struct(">I").pack
 
 #: Operations that change nothing stored.
 _READ_ONLY: frozenset[type] = frozenset(
-    {ops.Range, ops.ListCollections, ops.ServerInfo, ops.HealthCheck, ops.CreateCollection}
+    {
+        ops.Range,
+        ops.ListCollections,
+        ops.ServerInfo,
+        ops.HealthCheck,
+        ops.CreateCollection,
+        # Administration that only looks (a console polls these every few seconds).
+        ops.ServerStatus,
+        ops.CollectionStats,
+        ops.StorageStats,
+        ops.ListSnapshots,
+        ops.VerifySnapshot,
+        ops.ConfigView,
+        ops.AuditTail,
+        ops.ServerResources,
+    }
 )
 
 
@@ -324,15 +339,18 @@ class CachingExecutor:
     def open_range(self, op: ops.Range) -> Any:
         return self.inner.open_range(op)
 
+    def update_limits(self, limits: Any) -> None:
+        self.inner.update_limits(limits)
+
     def execute(self, op: ops.Operation) -> defer.Deferred[Any]:
         kind = type(op)
         cache = self.cache
         if kind is ops.Get:
             if cache.max_bytes <= 0:  # off
-                return self.inner.execute(op)  # type: ignore[no-any-return]
+                return self.inner.execute(op)
             return self._get(op)  # type: ignore[arg-type]
         if kind in _READ_ONLY:
-            return self.inner.execute(op)  # type: ignore[no-any-return]
+            return self.inner.execute(op)
         if not cache.enabled:
             return self._untracked_write(op)
         if kind is ops.Set or kind is ops.Delete:
@@ -342,7 +360,7 @@ class CachingExecutor:
             batch: Any = op
             keys = [cache_key(item.collection, item.key) for item in batch.ops if item.kind == "write"]
             if not keys:
-                return self.inner.execute(op)  # type: ignore[no-any-return]
+                return self.inner.execute(op)
             return self._write(keys, op)
         # Drops, and any later operation that writes keys it does not name (UPDATE): the whole
         # collection, or everything when the operation names none.

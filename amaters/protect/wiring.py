@@ -59,11 +59,11 @@ class ProtectionService(service.Service):
         self.collector = collector
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()
         self.registry.register(self.collector)
 
     def stopService(self) -> None:
-        super().stopService()  # type: ignore[no-untyped-call]
+        super().stopService()
         self.registry.unregister(self.collector)
 
 

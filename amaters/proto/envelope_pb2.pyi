@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Envelope(_message.Message):
-    __slots__ = ("request_id", "handshake", "query", "batch", "server_info", "health_check", "create_collection", "drop_collection", "list_collections", "cancel_stream", "ping", "handshake_response", "query_response", "batch_response", "stream", "server_info_response", "health_check_response", "collection_response", "cancel_stream_response", "pong", "error", "compressed", "trace_context")
+    __slots__ = ("request_id", "handshake", "query", "batch", "server_info", "health_check", "create_collection", "drop_collection", "list_collections", "cancel_stream", "ping", "handshake_response", "query_response", "batch_response", "stream", "server_info_response", "health_check_response", "collection_response", "cancel_stream_response", "pong", "error", "compressed", "trace_context", "revisions")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,13 @@ class Envelope(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class RevisionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     HANDSHAKE_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +48,7 @@ class Envelope(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     COMPRESSED_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    REVISIONS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     handshake: Handshake
     query: _aql_pb2.QueryRequest
@@ -64,7 +72,8 @@ class Envelope(_message.Message):
     error: _errors_pb2.ErrorResponse
     compressed: CompressedFrame
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, request_id: _Optional[int] = ..., handshake: _Optional[_Union[Handshake, _Mapping]] = ..., query: _Optional[_Union[_aql_pb2.QueryRequest, _Mapping]] = ..., batch: _Optional[_Union[_aql_pb2.BatchRequest, _Mapping]] = ..., server_info: _Optional[_Union[_aql_pb2.ServerInfoRequest, _Mapping]] = ..., health_check: _Optional[_Union[_aql_pb2.HealthCheckRequest, _Mapping]] = ..., create_collection: _Optional[_Union[CreateCollectionRequest, _Mapping]] = ..., drop_collection: _Optional[_Union[DropCollectionRequest, _Mapping]] = ..., list_collections: _Optional[_Union[ListCollectionsRequest, _Mapping]] = ..., cancel_stream: _Optional[_Union[CancelStreamRequest, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., handshake_response: _Optional[_Union[HandshakeResponse, _Mapping]] = ..., query_response: _Optional[_Union[_aql_pb2.QueryResponse, _Mapping]] = ..., batch_response: _Optional[_Union[_aql_pb2.BatchResponse, _Mapping]] = ..., stream: _Optional[_Union[_aql_pb2.StreamResponse, _Mapping]] = ..., server_info_response: _Optional[_Union[_aql_pb2.ServerInfoResponse, _Mapping]] = ..., health_check_response: _Optional[_Union[_aql_pb2.HealthCheckResponse, _Mapping]] = ..., collection_response: _Optional[_Union[CollectionResponse, _Mapping]] = ..., cancel_stream_response: _Optional[_Union[CancelStreamResponse, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., error: _Optional[_Union[_errors_pb2.ErrorResponse, _Mapping]] = ..., compressed: _Optional[_Union[CompressedFrame, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    revisions: _containers.ScalarMap[str, int]
+    def __init__(self, request_id: _Optional[int] = ..., handshake: _Optional[_Union[Handshake, _Mapping]] = ..., query: _Optional[_Union[_aql_pb2.QueryRequest, _Mapping]] = ..., batch: _Optional[_Union[_aql_pb2.BatchRequest, _Mapping]] = ..., server_info: _Optional[_Union[_aql_pb2.ServerInfoRequest, _Mapping]] = ..., health_check: _Optional[_Union[_aql_pb2.HealthCheckRequest, _Mapping]] = ..., create_collection: _Optional[_Union[CreateCollectionRequest, _Mapping]] = ..., drop_collection: _Optional[_Union[DropCollectionRequest, _Mapping]] = ..., list_collections: _Optional[_Union[ListCollectionsRequest, _Mapping]] = ..., cancel_stream: _Optional[_Union[CancelStreamRequest, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., handshake_response: _Optional[_Union[HandshakeResponse, _Mapping]] = ..., query_response: _Optional[_Union[_aql_pb2.QueryResponse, _Mapping]] = ..., batch_response: _Optional[_Union[_aql_pb2.BatchResponse, _Mapping]] = ..., stream: _Optional[_Union[_aql_pb2.StreamResponse, _Mapping]] = ..., server_info_response: _Optional[_Union[_aql_pb2.ServerInfoResponse, _Mapping]] = ..., health_check_response: _Optional[_Union[_aql_pb2.HealthCheckResponse, _Mapping]] = ..., collection_response: _Optional[_Union[CollectionResponse, _Mapping]] = ..., cancel_stream_response: _Optional[_Union[CancelStreamResponse, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., error: _Optional[_Union[_errors_pb2.ErrorResponse, _Mapping]] = ..., compressed: _Optional[_Union[CompressedFrame, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., revisions: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class CompressedFrame(_message.Message):
     __slots__ = ("algorithm", "size", "data")

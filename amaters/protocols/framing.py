@@ -121,10 +121,10 @@ class FrameReceiver(Int32StringReceiver):
             buffer = self._rx
             offset = 0
             end = len(buffer)
-            limit = self.MAX_LENGTH
             while end - offset >= HEADER_SIZE and not self._frames_paused:
                 (length,) = _unpack_from(buffer, offset)
-                if length > limit:
+                # MAX_LENGTH is read for every frame: a frame handler may change it (a login).
+                if length > self.MAX_LENGTH:
                     self._rx = b""
                     self._too_large = True
                     self.frameTooLarge(length)
@@ -134,7 +134,7 @@ class FrameReceiver(Int32StringReceiver):
                 if stop > end:
                     break
                 offset = stop
-                self.stringReceived(buffer[start:stop])  # type: ignore[no-untyped-call]
+                self.stringReceived(buffer[start:stop])
                 if self._too_large:
                     return
                 if self._rx is not buffer:
@@ -180,6 +180,14 @@ class FrameReceiver(Int32StringReceiver):
         """Bytes received and not yet delivered as frames (a partial frame, or paused frames)."""
         chunks = self._rx_chunks_size if self._rx_chunks is not None else 0
         return len(self._rx) + chunks
+
+    def discardInput(self) -> None:
+        """Drop every byte received and not yet delivered, and ignore whatever arrives from now on
+        (the connection is being closed; its buffers are released at once)."""
+        self._too_large = True
+        self._rx = b""
+        self._rx_chunks = None
+        self._rx_chunks_size = 0
 
     def frameTooLarge(self, length: int) -> None:
         """A length prefix over ``MAX_LENGTH`` arrived.  No further frame is delivered.

@@ -56,6 +56,7 @@ from amaters.errors import (
     AmatersError,
     AuthError,
     MalformedMessage,
+    Overloaded,
     ProtocolError,
     RequestTimeout,
     ServerError,
@@ -63,7 +64,9 @@ from amaters.errors import (
     SizeExceeded,
     UnsupportedVersion,
 )
+from amaters.fdlimit import raise_open_file_limit
 from amaters.interfaces import IPrincipal, IRangeCursor
+from amaters.protect.compression import compress_frame, decompress_frame
 from amaters.proto import aql_pb2, envelope_pb2
 from amaters.proto.convert import (
     error_to_proto,
@@ -73,10 +76,14 @@ from amaters.proto.convert import (
     version_from_proto,
     version_to_proto,
 )
+from amaters.protocols.budget import ReceiveBudget
 from amaters.protocols.framing import FrameReceiver, frame_header
+from amaters.protocols.wirecheck import TooManyElements, count_elements
 from amaters.query import operations as ops
 from amaters.query.executor import CAPABILITIES
 from amaters.query.pipeline import QueryPipeline, RequestContext
+from amaters.tls.certs import ensure_server_tls
+from amaters.tls.context import ReloadableServerTLS, server_tls_options
 
 if TYPE_CHECKING:
     from amaters.config import Config, LimitsConfig
@@ -316,6 +323,12 @@ class AmatersServerProtocol(FrameReceiver):
         self._frame_threshold = 0
         # The trace context of the request being dispatched (Envelope.trace_context), for _context.
         self._trace_context: dict[str, str] | None = None
+        # Bytes held in the receive buffers as last charged to the factory's ReceiveBudget, and
+        # whether they count as unauthenticated (until the handshake succeeds).
+        self._charged = 0
+        self._prelogin = True
+        # Clustered mode: the revision scope of each request in flight, until its first answer.
+        self._revision_scopes: dict[int, Any] = {}
 
     # -- connection lifecycle -----------------------------------------------------------------
 
@@ -323,7 +336,8 @@ class AmatersServerProtocol(FrameReceiver):
         if self._meter is not None:
             self._meter.opened()
         factory = self.factory
-        self.MAX_LENGTH = factory.limits.max_frame_bytes
+        # Until the handshake succeeds only a handshake-sized frame is accepted.
+        self.MAX_LENGTH = factory.limits.max_handshake_frame_bytes
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         host = getattr(peer, "host", None)
         self._source = f"{host}:{getattr(peer, 'port', '')}" if host else str(peer)
@@ -352,6 +366,8 @@ class AmatersServerProtocol(FrameReceiver):
                 timer.cancel()
         self._held.clear()
         self._held_bytes = 0
+        self.discardInput()
+        self._recharge()
         self._deadlines.clear()
         self._deadline_timer = None
         for stream in list(self._streams.values()):
@@ -375,6 +391,13 @@ class AmatersServerProtocol(FrameReceiver):
         if self._flow is not None:
             self._flow = None
             transport.unregisterProducer()
+        # Nothing more is handled: drop what is buffered, and read again (if reading was paused) so
+        # that the peer's close, and TLS's close_notify, are seen.
+        self.discardInput()
+        self._recharge()
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resumeProducing()
         held, self._held = self._held, collections.deque()
         self._held_bytes = 0
         for data in held:
@@ -446,6 +469,7 @@ class AmatersServerProtocol(FrameReceiver):
         self._last_activity = self.factory.clock.seconds()
         self._received_any = True
         super().dataReceived(data)
+        self._recharge()
         # ``bufferedBytes`` and ``framesPaused`` read directly: this runs for every read.
         if (self._rx or self._rx_chunks is not None) and not self._frames_paused:
             if self._frame_timer is None and not self._lost and self._state is not _CLOSING:
@@ -453,6 +477,44 @@ class AmatersServerProtocol(FrameReceiver):
         elif self._frame_timer is not None:
             self._frame_timer.cancel()
             self._frame_timer = None
+
+    def _recharge(self) -> None:
+        """Charge the bytes now held in the receive buffers to the factory's budget; past a limit,
+        refuse the connection and drop its buffer (docs/limits.md, memory budget)."""
+        chunks = self._rx_chunks
+        held = len(self._rx) + (self._rx_chunks_size if chunks is not None else 0)
+        delta = held - self._charged
+        if not delta:
+            return
+        self._charged = held
+        budget = self.factory.budget
+        authenticated = not self._prelogin
+        budget.charge(delta, authenticated)
+        if delta > 0:
+            setting = budget.over(authenticated)
+            if setting is not None:
+                self._over_budget(setting)
+
+    def _over_budget(self, setting: str) -> None:
+        budget = self.factory.budget
+        budget.refused += 1
+        self._log.warn(
+            "Closing connection from {source}: {setting} is used up ({total} bytes buffered by all"
+            " connections, {unauthenticated} before login)",
+            source=self._source,
+            setting=setting,
+            total=budget.total,
+            unauthenticated=budget.unauthenticated,
+        )
+        self.discardInput()
+        self._recharge()
+        self._refuse_and_close(
+            0,
+            Overloaded(
+                f"the server's memory for requests being received is used up ({setting}); retry later",
+                retry_after_ms=1000,
+            ),
+        )
 
     def _start_frame_timer(self) -> None:
         timeout = self.factory.limits.frame_timeout
@@ -484,6 +546,8 @@ class AmatersServerProtocol(FrameReceiver):
         if self._out is None:
             self._out = []
         envelope = Envelope()
+        if len(frame) > 2 * self.factory.limits.max_frame_elements and not self._parse_cost_ok(frame):
+            return
         try:
             envelope.ParseFromString(frame)
         except DecodeError:
@@ -500,7 +564,7 @@ class AmatersServerProtocol(FrameReceiver):
         if self._state is not _READY:
             self._before_ready(request_id, kind, envelope)
             return
-        handler = _HANDLERS.get(kind)  # type: ignore[arg-type]
+        handler = _HANDLERS.get(kind)
         if handler is None:
             self._send_error(request_id, _unknown_request(kind))
             return
@@ -509,25 +573,68 @@ class AmatersServerProtocol(FrameReceiver):
             return
         trace_context = envelope.trace_context
         self._trace_context = dict(trace_context) if trace_context else None
+        if self.factory.session_revisions:
+            self._handle_with_revisions(handler, request_id, kind, envelope)
+            return
         try:
-            handler(self, request_id, getattr(envelope, kind))  # type: ignore[arg-type]
+            handler(self, request_id, getattr(envelope, kind))
         except Exception:
-            error = self._as_amaters_error(Failure(), kind or "request")  # type: ignore[no-untyped-call]
+            error = self._as_amaters_error(Failure(), kind or "request")
             self._send_error(request_id, error)
+
+    def _parse_cost_ok(self, payload: bytes) -> bool:
+        """Whether ``payload`` holds few enough fields to parse (else MALFORMED_MESSAGE is answered)."""
+        limit = self.factory.limits.max_frame_elements
+        try:
+            count_elements(payload, Envelope.DESCRIPTOR, limit)
+        except TooManyElements as e:
+            self._log.info(
+                "Refused a frame of {size} bytes from {source}: {reason}",
+                size=len(payload),
+                source=self._source,
+                reason=str(e),
+            )
+            self._send_error(
+                0, MalformedMessage(f"the frame is too costly to parse: {e} (limits.max_frame_elements)")
+            )
+            return False
+        return True
+
+    def _handle_with_revisions(self, handler: Any, request_id: int, kind: Any, envelope: Any) -> None:
+        """Run a request under a revision scope (clustered mode): its answer reports the revisions
+        it saw; reads wait for the revisions the client sent."""
+        from amaters.cluster import session
+
+        scope = session.RevisionScope(envelope.revisions)
+        self._revision_scopes[request_id] = scope
+        token = session.enter(scope)
+        try:
+            handler(self, request_id, getattr(envelope, kind))
+        except Exception:
+            error = self._as_amaters_error(Failure(), kind or "request")
+            self._send_error(request_id, error)
+        finally:
+            session.leave(token)
 
     def framesDelivered(self) -> None:
         self._flush_out()
+        self._recharge()
 
     def frameTooLarge(self, length: int) -> None:
         limit = self.MAX_LENGTH
-        self._log.warn(
-            "Closing connection from {source}: frame of {length} bytes over the {limit}-byte limit",
+        setting = "limits.max_handshake_frame_bytes" if self._prelogin else "limits.max_frame_bytes"
+        log = self._log.info if self._prelogin else self._log.warn
+        log(
+            "Closing connection from {source}: frame of {length} bytes over the {limit}-byte limit"
+            " ({setting})",
             source=self._source,
             length=length,
             limit=limit,
+            setting=setting,
         )
+        what = "before the handshake " if self._prelogin else ""
         self._refuse_and_close(
-            0, SizeExceeded(f"frame of {length} bytes exceeds limits.max_frame_bytes ({limit}); closing")
+            0, SizeExceeded(f"frame of {length} bytes {what}exceeds {setting} ({limit}); closing")
         )
 
     # -- frames out ---------------------------------------------------------------------------
@@ -535,11 +642,13 @@ class AmatersServerProtocol(FrameReceiver):
     def _send(self, envelope: envelope_pb2.Envelope) -> None:
         if self._lost:
             return
+        if self._revision_scopes:
+            scope = self._revision_scopes.pop(envelope.request_id, None)
+            if scope is not None and scope.seen:
+                envelope.revisions.update(scope.seen)
         payload = envelope.SerializeToString()
         size = len(payload)
         if self._frame_codec and size >= self._frame_threshold:
-            from amaters.protect.compression import compress_frame
-
             payload = compress_frame(payload, self._frame_codec) or payload
             size = len(payload)
         out = self._out
@@ -616,10 +725,10 @@ class AmatersServerProtocol(FrameReceiver):
         if not self._frame_codec:
             self._send_error(0, ProtocolError("per-frame compression was not negotiated"))
             return None
-        from amaters.protect.compression import decompress_frame
-
         try:
             payload = decompress_frame(envelope.compressed, self.MAX_LENGTH)
+            if len(payload) > 2 * self.factory.limits.max_frame_elements and not self._parse_cost_ok(payload):
+                return None
             inner = Envelope()
             inner.ParseFromString(payload)
         except AmatersError as e:
@@ -703,7 +812,8 @@ class AmatersServerProtocol(FrameReceiver):
         if ISSLTransport.providedBy(transport):
             peer_certificate = _peer_certificate_chain(transport)
         self._state = _AUTHENTICATING
-        self.pauseFrames()  # requests pipelined behind the handshake wait for its outcome
+        # Requests pipelined behind the handshake wait for its outcome, and nothing more is read.
+        self._update_reading()
         client_name = handshake.client_name[:200]
         self._offered_compression = list(handshake.frame_compression)[:8]
         self._trace_context = dict(handshake.trace_context) if handshake.trace_context else None
@@ -744,6 +854,9 @@ class AmatersServerProtocol(FrameReceiver):
         )
         self._trace_context = None
         self._state = _READY
+        self._prelogin = False
+        self.factory.budget.move_to_authenticated(self._charged)
+        self.MAX_LENGTH = self.factory.limits.max_frame_bytes
         if self._handshake_timer is not None and self._handshake_timer.active():
             self._handshake_timer.cancel()
         self._handshake_timer = None
@@ -776,7 +889,7 @@ class AmatersServerProtocol(FrameReceiver):
         self._frame_codec, self._frame_threshold = codec, threshold
         self._schedule_idle()
         self._flush_out()
-        self.resumeFrames()
+        self._update_reading()
 
     def _not_authenticated(self, failure: Failure, request_id: int) -> None:
         if self._lost:
@@ -813,7 +926,11 @@ class AmatersServerProtocol(FrameReceiver):
     def _update_reading(self) -> None:
         if self._lost or self._state is _CLOSING:
             return
-        pause = self._write_blocked or self._inflight >= self.factory.limits.max_inflight_per_connection
+        pause = (
+            self._write_blocked
+            or self._inflight >= self.factory.limits.max_inflight_per_connection
+            or self._state is _AUTHENTICATING
+        )
         if pause and not self._reading_paused:
             self._reading_paused = True
             self.pauseFrames()
@@ -1149,16 +1266,21 @@ class AmatersServerFactory(Factory):
         #: Per-frame compression a handshake may negotiate (None: never).
         self.frame_compression: Any = frame_compression
         self.connections: set[AmatersServerProtocol] = set()
+        #: Request bytes held by all connections (limits.max_buffered_bytes and friends).
+        self.budget = ReceiveBudget(limits, clock)
         self.draining = False
         #: While draining, idle connections are closed by the server only after a grace period
         #: (clients told of the shutdown close first).
         self.drain_grace_over = False
+        #: Clustered mode: requests carry and answers report shard revisions (amaters.cluster.session).
+        self.session_revisions = False
         self._grace_timer: Any = None
         self._drained: list[defer.Deferred[None]] = []
 
     def update_limits(self, limits: LimitsConfig) -> None:
         """Reloaded limits: new frames and new connections use them."""
         self.limits = limits
+        self.budget.limits = limits
         self.pipeline.update_limits(limits)
 
     def connection_made(self, protocol: AmatersServerProtocol) -> None:
@@ -1239,6 +1361,7 @@ class ListenerService(service.Service):
             authenticate or default_authenticator(config.auth.enabled),
             frame_compression,
         )
+        self.factory.session_revisions = config.storage.backend == "etcd"
         self.port: IListeningPort | None = None
         self.tls: Any = None
         self.tls_files: Any = None
@@ -1251,18 +1374,18 @@ class ListenerService(service.Service):
     def is_accepting(self) -> bool:
         return bool(self.running) and self.port is not None and not self.factory.draining
 
-    def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
-        super().startService()  # type: ignore[no-untyped-call]
+    def startService(self) -> defer.Deferred[None]:
+        super().startService()
         return defer.Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
         config = self.config
-        endpoint = serverFromString(self.reactor, config.server.listen)  # type: ignore[no-untyped-call]
+        before, after = raise_open_file_limit()
+        if after != before:
+            self._log.info("Raised the open-file limit from {before} to {after}", before=before, after=after)
+        endpoint = serverFromString(self.reactor, config.server.listen)
         factory: Any = self.factory if self.wrap_factory is None else self.wrap_factory(self.factory)
         if config.tls.enabled:
-            from amaters.tls.certs import ensure_server_tls
-            from amaters.tls.context import ReloadableServerTLS, server_tls_options
-
             files = ensure_server_tls(config)
             self.tls_files = files
             if files.generated:
@@ -1300,8 +1423,8 @@ class ListenerService(service.Service):
             security="TLS" if config.tls.enabled else "plain TCP",
         )
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
-        super().stopService()  # type: ignore[no-untyped-call]
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
@@ -1320,6 +1443,7 @@ class ListenerService(service.Service):
         finally:
             if timer.active():
                 timer.cancel()
+            self.factory.budget.stop()
 
     def _drain_expired(self) -> None:
         left = len(self.factory.connections)

@@ -9,6 +9,9 @@ Rules it implements:
 - collections are created on their first SET when ``storage.auto_create_collections`` is true;
   then reads and deletes on a collection that does not exist yet behave as on an empty one.  When
   it is false, every operation on a missing collection fails with ``STORAGE_NOT_FOUND``.
+- at most ``limits.max_collections`` collections exist (0: no limit): creating one more, explicitly
+  or by a first SET, fails with ``VALIDATION_SIZE_EXCEEDED`` and creates nothing.  Whether the
+  principal may create a collection at all is the RBAC stage's decision (``collection:create``).
 - GET of a missing key is ``None``, not an error; DELETE tells whether the key existed.
 - BATCH is atomic: every write is collected first and applied with one ``write_batch``; reads in a
   batch see the batch's earlier writes.  Collections a batch auto-creates are dropped again if the
@@ -23,7 +26,8 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from amaters.errors import AmatersError, InvalidOperation, NotFound
+from amaters import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS
+from amaters.errors import AmatersError, InvalidOperation, NotFound, SizeExceeded
 from amaters.interfaces import IRangeCursor, IServerAdmin, IStorageBackend
 from amaters.query import operations as ops
 from amaters.types import CipherBlob, WriteOp
@@ -68,14 +72,20 @@ class QueryExecutor:
         health: Callable[[], ops.HealthResult] | None = None,
         admin: IServerAdmin | None = None,
     ) -> None:
-        # Typed loosely: the interface's methods are declared as returning ``object``.
-        self.backend: Any = backend
+        self.backend = backend
         self.auto_create_collections = auto_create_collections
         self.range_chunk_size = range_chunk_size
         self._server_info = server_info
         self._health = health
+        #: limits.max_collections (0: no limit); the pipeline passes reloaded limits on.
+        self.max_collections = 0
         #: Server administration (status, reload, snapshots, ...); None: admin operations refused.
         self.admin: Any = admin
+        #: The backend's collection list is a cache of one shared by other servers (clustered mode):
+        #: a miss there is asked of the backend instead of answered "absent" at once.
+        from amaters.storage import innermost
+
+        self._remote_collections = bool(getattr(innermost(backend), "collections_remote", False))
         self._dispatch: dict[type, Callable[[Any], defer.Deferred[Any]]] = {
             ops.Get: self.get,
             ops.Set: self.set,
@@ -94,7 +104,31 @@ class QueryExecutor:
             ops.ReloadConfig: lambda op: self._admin().reload(op.requested_by),
             ops.ListSnapshots: lambda op: self._admin().list_snapshots(op.remote),
             ops.CreateSnapshot: lambda op: self._admin().create_snapshot(op.upload),
+            ops.ClusterStatus: lambda op: self._admin().cluster_status(),
+            ops.ClusterAddShard: lambda op: self._admin().cluster_add_shard(op.shard, list(op.endpoints)),
+            ops.ClusterMove: lambda op: self._admin().cluster_move(op.vshard, op.to),
+            ops.VerifySnapshot: lambda op: self._admin().verify_snapshot(op.archive),
+            ops.ConfigView: lambda op: self._admin().config_view(),
+            ops.AuditTail: lambda op: self._admin().audit_tail(op.limit),
+            ops.ServerResources: lambda op: self._admin().resources(),
         }
+
+    def update_limits(self, limits: Any) -> None:
+        """Apply (reloaded) ``[limits]``: the collection count limit."""
+        self.max_collections = limits.max_collections
+
+    def _room_for(self, count: int) -> AmatersError | None:
+        """The error for creating ``count`` more collections past limits.max_collections, or None."""
+        limit = self.max_collections
+        if not limit or not count:
+            return None
+        existing = self.backend.collection_count()
+        if existing + count <= limit:
+            return None
+        return SizeExceeded(
+            f"the server already holds {existing} collection(s) and limits.max_collections is {limit};"
+            " drop a collection or raise the limit"
+        )
 
     def _admin(self) -> Any:
         if self.admin is None:
@@ -103,7 +137,7 @@ class QueryExecutor:
 
     def execute(self, op: ops.Operation) -> defer.Deferred[Any]:
         """Run any operation (RANGE as a complete list; streams use :meth:`open_range`)."""
-        return self._dispatch[type(op)](op)  # type: ignore[no-any-return]
+        return self._dispatch[type(op)](op)
 
     # -- single keys --------------------------------------------------------------------------
 
@@ -113,6 +147,8 @@ class QueryExecutor:
     def get(self, op: ops.Get) -> defer.Deferred[CipherBlob | None]:
         backend = self.backend
         if not backend.has_collection(op.collection):
+            if self._remote_collections:
+                return self._ask_anyway(backend.get(op.collection, op.key), None)
             if self.auto_create_collections:
                 return defer.succeed(None)
             return defer.fail(self._missing(op.collection))
@@ -124,6 +160,9 @@ class QueryExecutor:
             return backend.put(op.collection, op.key, op.value)
         if not self.auto_create_collections:
             return defer.fail(self._missing(op.collection))
+        full = self._room_for(1)
+        if full is not None:
+            return defer.fail(full)
         d: defer.Deferred[Any] = defer.maybeDeferred(backend.create_collection, op.collection)
         d.addCallback(lambda _: backend.put(op.collection, op.key, op.value))
         return d
@@ -131,10 +170,19 @@ class QueryExecutor:
     def delete(self, op: ops.Delete) -> defer.Deferred[bool]:
         backend = self.backend
         if not backend.has_collection(op.collection):
+            if self._remote_collections:
+                return self._ask_anyway(backend.delete(op.collection, op.key), False)
             if self.auto_create_collections:
                 return defer.succeed(False)
             return defer.fail(self._missing(op.collection))
         return backend.delete(op.collection, op.key)
+
+    def _ask_anyway(self, d: defer.Deferred[Any], absent: Any) -> defer.Deferred[Any]:
+        """A keyed read or delete sent to the backend although its cache lacks the collection:
+        the collection really missing answers ``absent`` with auto-create, NotFound without."""
+        if self.auto_create_collections:
+            d.addErrback(lambda failure: failure.trap(NotFound) and absent)
+        return d
 
     # -- ranges -------------------------------------------------------------------------------
 
@@ -146,9 +194,7 @@ class QueryExecutor:
             raise self._missing(op.collection)
         if op.limit == 0 or (op.end is not None and op.start >= op.end):
             return _EmptyCursor()  # type: ignore[return-value]
-        return self.backend.scan(  # type: ignore[no-any-return]
-            op.collection, op.start, op.end, op.limit, self.range_chunk_size
-        )
+        return self.backend.scan(op.collection, op.start, op.end, op.limit, self.range_chunk_size)
 
     def range_list(self, op: ops.Range) -> defer.Deferred[list[tuple[bytes, CipherBlob]]]:
         """The whole range as one list (for callers that do not stream)."""
@@ -159,7 +205,7 @@ class QueryExecutor:
         found: list[tuple[bytes, CipherBlob]] = []
         try:
             while True:
-                chunk = await cursor.next_chunk()  # type: ignore[misc]
+                chunk = await cursor.next_chunk()
                 if not chunk:
                     return found
                 found.extend(chunk)
@@ -213,6 +259,9 @@ class QueryExecutor:
 
         if not writes:
             return results
+        full = self._room_for(len(to_create))
+        if full is not None:
+            raise full
         created: list[str] = []
         try:
             for name in to_create:
@@ -233,6 +282,10 @@ class QueryExecutor:
     # -- collections and server ---------------------------------------------------------------
 
     def create_collection(self, op: ops.CreateCollection) -> defer.Deferred[bool]:
+        if not self.backend.has_collection(op.collection):
+            full = self._room_for(1)
+            if full is not None:
+                return defer.fail(full)
         return defer.maybeDeferred(self.backend.create_collection, op.collection)
 
     def drop_collection(self, op: ops.DropCollection) -> defer.Deferred[bool]:
@@ -243,8 +296,6 @@ class QueryExecutor:
 
     def server_info(self, op: ops.ServerInfo) -> defer.Deferred[ops.ServerInfoResult]:
         if self._server_info is None:
-            from amaters import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS
-
             return defer.succeed(
                 ops.ServerInfoResult(PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS, CAPABILITIES, 0)
             )

@@ -14,8 +14,8 @@ import attrs
 
 from amaters.types import CipherBlob
 
-#: What an operation needs, for RBAC: read < write < admin.
-Access = Literal["read", "write", "admin"]
+#: What an operation needs, for RBAC: read < write < create < admin.
+Access = Literal["read", "write", "create", "admin"]
 
 
 def _hidden(value: object) -> str:
@@ -95,7 +95,7 @@ class Batch:
 @attrs.frozen(slots=True)
 class CreateCollection:
     name: ClassVar[str] = "create_collection"
-    kind: ClassVar[Access] = "admin"
+    kind: ClassVar[Access] = "create"
     collection: str
 
 
@@ -198,8 +198,90 @@ class CreateSnapshot:
     upload: bool = False
 
 
+@attrs.frozen(slots=True)
+class VerifySnapshot:
+    """Check one snapshot archive on disk (every file against its manifest checksum)."""
+
+    name: ClassVar[str] = "admin snapshot verify"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+    archive: str
+
+
+@attrs.frozen(slots=True)
+class ConfigView:
+    """The configuration in effect (secrets redacted) and what a reload would change now."""
+
+    name: ClassVar[str] = "admin config"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+
+
+@attrs.frozen(slots=True)
+class AuditTail:
+    """The last ``limit`` events of the audit log."""
+
+    name: ClassVar[str] = "admin audit tail"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+    limit: int = 100
+
+
+@attrs.frozen(slots=True)
+class ServerResources:
+    """Data dir usage and the TLS certificates served (subject, issuer, expiry)."""
+
+    name: ClassVar[str] = "admin resources"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+
+
+@attrs.frozen(slots=True)
+class ClusterStatus:
+    """Clustered mode: the shards with their etcd members and leader, the nodes, the leading node."""
+
+    name: ClassVar[str] = "admin cluster status"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+
+
+@attrs.frozen(slots=True)
+class ClusterAddShard:
+    """Clustered mode: add an etcd cluster as a shard and move it its share of virtual shards."""
+
+    name: ClassVar[str] = "admin cluster add-shard"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+    shard: str = ""
+    endpoints: tuple[str, ...] = ()
+
+
+@attrs.frozen(slots=True)
+class ClusterMove:
+    """Clustered mode: move one virtual shard to another shard, online."""
+
+    name: ClassVar[str] = "admin cluster move"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+    vshard: int = 0
+    to: str = ""
+
+
 AdminOperation = (
-    ServerStatus | CollectionStats | StorageStats | Compact | ReloadConfig | ListSnapshots | CreateSnapshot
+    ServerStatus
+    | CollectionStats
+    | StorageStats
+    | Compact
+    | ReloadConfig
+    | ListSnapshots
+    | CreateSnapshot
+    | ClusterStatus
+    | ClusterAddShard
+    | ClusterMove
+    | VerifySnapshot
+    | ConfigView
+    | AuditTail
+    | ServerResources
 )
 
 Operation = (

@@ -70,6 +70,8 @@ class Executor(Protocol):
 
     def open_range(self, op: ops.Range) -> IRangeCursor: ...
 
+    def update_limits(self, limits: LimitsConfig) -> None: ...
+
 
 class RequestContext:
     """What the pipeline and its stages know about one request.  Never holds keys or values.
@@ -138,6 +140,7 @@ class QueryPipeline:
     ) -> None:
         self.executor = executor
         self.validator = Validator(limits)
+        executor.update_limits(limits)
         self._stages: list[IPipelineStage] = []
         self._befores: tuple[IPipelineStage, ...] = ()
         self._afters: tuple[IPipelineStage, ...] = ()
@@ -152,8 +155,9 @@ class QueryPipeline:
         return self.validator.limits
 
     def update_limits(self, limits: LimitsConfig) -> None:
-        """Apply reloaded limits to requests decoded from now on."""
+        """Apply reloaded limits to requests decoded from now on (and to the executor)."""
         self.validator.limits = limits
+        self.executor.update_limits(limits)
 
     @property
     def stages(self) -> tuple[IPipelineStage, ...]:
@@ -245,7 +249,7 @@ class QueryPipeline:
         done, outcome = self.run(ctx, op)
         if done:
             return defer.succeed(outcome)
-        return outcome  # type: ignore[no-any-return]
+        return outcome
 
     def run(self, ctx: RequestContext, op: ops.Operation) -> tuple[bool, Any]:
         """:meth:`execute` for callers on the hot path: ``(True, result)`` when the request has
@@ -346,7 +350,7 @@ class QueryPipeline:
         if isinstance(failure.value, AmatersError):
             return failure
         self._log.failure("Unexpected error in {op} request", failure, op=op.name)
-        return Failure(ServerError("internal server error; the server log has the details"))  # type: ignore[no-untyped-call]
+        return Failure(ServerError("internal server error; the server log has the details"))
 
     def _run_afters(self, outcome: object, ctx: RequestContext, op: ops.Operation) -> object:
         for stage in self._afters:

@@ -35,9 +35,9 @@ def build_backend(config: Config, reactor: Any, pools: Any) -> IStorageBackend:
             sync_runner=getattr(pools, "wal", None),
         )
     elif config.storage.backend == "etcd":
-        from amaters.storage.etcd import build_etcd_backend
+        from amaters.storage.sharded import build_sharded_backend
 
-        backend = build_etcd_backend(config.cluster, reactor)
+        backend = build_sharded_backend(config.cluster, reactor)
     else:
         raise NotImplementedError(f"storage backend {config.storage.backend!r} is not available")
     return RetryingBackend(backend, RetryPolicy.from_config(config.retry), reactor)

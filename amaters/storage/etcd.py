@@ -20,8 +20,10 @@ A stored entry is ``kind (1 byte) + write id (8 bytes) + body``: kind 1 holds th
 :mod:`amaters.storage.codec` inline, kind 2 a chunk pointer.  The write id lets a writer whose
 request timed out read back whether its write was applied: if it was, the write is acknowledged;
 if that cannot be known, it fails with the retryable ``Unavailable`` and nothing wrong is
-acknowledged.  Reads are linearizable.  Every successful write records the etcd revision it
-produced in :attr:`EtcdBackend.last_revision`.
+acknowledged.  Reads are linearizable unless ``serializable_reads`` is set.  Every read and write
+reports the etcd revision it saw to the request's revision scope (:mod:`amaters.cluster.session`),
+which the server returns to the client as its session token; a serializable read older than the
+session's token is done again through the quorum, so a session always reads its own writes.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from amaters.cluster import session
 from amaters.cluster.etcd import (
     EtcdAmbiguous,
     EtcdClient,
@@ -64,6 +67,16 @@ CHUNK_SIZE = 1024 * 1024
 TXN_LIMIT = 1400 * 1024
 #: Seconds a pending marker (and so a half-written chunked value) lives without its writer.
 PENDING_TTL = 60
+
+
+class StaleEpoch(Unavailable):
+    """The shard's epoch moved on (virtual shards are moving): nothing was applied; re-read the
+    shard map and try again."""
+
+    def __init__(self, shard: str, epoch: int) -> None:
+        super().__init__(f"shard {shard} is being rebalanced; retry")
+        self.shard = shard
+        self.epoch = epoch
 
 
 def _deferred(coro: Any) -> defer.Deferred[Any]:
@@ -156,10 +169,27 @@ class EtcdBackend:
     name = "etcd"
     _log = Logger()
 
-    def __init__(self, client: EtcdClient, reactor: Any, *, prefix: bytes = b"/amaters/") -> None:
+    def __init__(
+        self,
+        client: EtcdClient,
+        reactor: Any,
+        *,
+        prefix: bytes = b"/amaters/",
+        shard: str = "0",
+        serializable_reads: bool = False,
+    ) -> None:
         self.client = client
         self.reactor = reactor
         self.prefix = prefix
+        #: The shard name revisions are reported under (session tokens).
+        self.shard = shard
+        #: The shard's fencing epoch as this node knows it: every read and write checks it in its
+        #: transaction, so a shard whose virtual shards are moving refuses nodes with an old map.
+        self.epoch = 0
+        self.epoch_key = prefix + b"epoch"
+        #: Serve GETs from the member the node talks to, without a quorum round; a request's session
+        #: token still forces a linearizable read when that member is behind it.
+        self.serializable_reads = serializable_reads
         self._collections: set[str] = set()
         self._watch: Any = None
         self._open = False
@@ -273,16 +303,26 @@ class EtcdBackend:
     def has_collection(self, name: str) -> bool:
         return name in self._collections
 
+    def collection_count(self) -> int:
+        return len(self._collections)
+
     # -- reads ----------------------------------------------------------------------------------
 
     async def _txn_in_collection(
         self, collection: str, ops: list[dict[str, Any]], *, idempotent: bool
     ) -> dict[str, Any]:
-        """``ops`` in one transaction that runs only while ``collection`` exists (else NotFound)."""
+        """``ops`` in one transaction that runs only while ``collection`` exists (else NotFound) and
+        the shard's epoch is the one this node knows (else StaleEpoch)."""
+        epoch = self.epoch
         answer = await self.client.txn(
-            [compare_version(self._marker(collection), "GREATER", 0)], ops, idempotent=idempotent
+            [compare_version(self._marker(collection), "GREATER", 0), self._epoch_compare(epoch)],
+            ops,
+            [range_op(self.epoch_key)],
+            idempotent=idempotent,
         )
+        self._note(answer)
         if not answer.get("succeeded"):
+            self._check_epoch(answer["responses"][0], epoch)
             self._collections.discard(collection)
             raise NotFound(f"collection {collection!r} does not exist")
         self._collections.add(collection)
@@ -294,7 +334,15 @@ class EtcdBackend:
     async def _get(self, collection: str, key: bytes) -> CipherBlob | None:
         full = self._data_prefix(collection) + key
         try:
-            answer = await self._txn_in_collection(collection, [range_op(full)], idempotent=True)
+            if self.serializable_reads:
+                answer = await self._txn_in_collection(
+                    collection, [range_op(full, serializable=True)], idempotent=True
+                )
+                if int(answer["header"]["revision"]) < session.wanted(self.shard):
+                    # This member is behind the session: read through the quorum instead.
+                    answer = await self._txn_in_collection(collection, [range_op(full)], idempotent=True)
+            else:
+                answer = await self._txn_in_collection(collection, [range_op(full)], idempotent=True)
             kvs = answer["responses"][0]["response_range"].get("kvs")
             if not kvs:
                 return None
@@ -389,6 +437,8 @@ class EtcdBackend:
             pending.append(marker)
             size -= len(record) - len(pointer)
         compares = [compare_version(self._marker(c), "GREATER", 0) for c in collections]
+        epoch = self.epoch
+        compares.append(self._epoch_compare(epoch))
         compares += [compare_version(marker, "GREATER", 0) for marker in pending]
         success: list[dict[str, Any]] = []
         for where, op in final.items():
@@ -402,7 +452,7 @@ class EtcdBackend:
             else:
                 success.append(delete_op(full, prev_kv=True))
         success += [delete_op(marker) for marker in pending]
-        failure = [range_op(self._marker(c)) for c in collections]
+        failure = [range_op(self._marker(c)) for c in collections] + [range_op(self.epoch_key)]
         before = self.client.revision
         try:
             answer = await self.client.txn(compares, success, failure)
@@ -415,6 +465,7 @@ class EtcdBackend:
             if lease:
                 await self._revoke_quietly(lease)
         if not answer.get("succeeded"):
+            self._check_epoch(answer["responses"][-1], epoch)
             missing = [
                 c
                 for c, response in zip(collections, answer.get("responses", []), strict=False)
@@ -449,6 +500,7 @@ class EtcdBackend:
                     _, stored, revision = kv_of(kvs[0])
                     if stored[1:9] == write_id:
                         self.last_revision = max(self.last_revision, revision)
+                        session.observe(self.shard, revision)
                         return
         raise Unavailable(f"etcd did not confirm the write; it may or may not be applied ({cause.message})")
 
@@ -517,10 +569,22 @@ class EtcdBackend:
             + b"/"
         )
 
+    def _epoch_compare(self, epoch: int) -> dict[str, Any]:
+        return compare_version(self.epoch_key, "EQUAL", epoch)
+
+    def _check_epoch(self, response: dict[str, Any], epoch: int) -> None:
+        """Raise StaleEpoch if the transaction failed on the epoch it was sent with (the node may
+        have learnt a newer epoch while it was in flight)."""
+        kvs = response.get("response_range", {}).get("kvs") or []
+        actual = int(kvs[0].get("version", 0)) if kvs else 0
+        if actual != epoch:
+            raise StaleEpoch(self.shard, actual)
+
     def _note(self, answer: dict[str, Any]) -> None:
         revision = int((answer.get("header") or {}).get("revision", 0))
         if revision > self.last_revision:
             self.last_revision = revision
+        session.observe(self.shard, revision)
 
     # -- maintenance ----------------------------------------------------------------------------
 
@@ -609,4 +673,6 @@ def _mod_compare(key: bytes, revision: int) -> dict[str, Any]:
 def build_etcd_backend(cluster: Any, reactor: Any) -> EtcdBackend:
     """The backend for a ``[cluster]`` config section (no I/O until ``open``)."""
     client = EtcdClient(cluster.endpoints, reactor, request_timeout=cluster.request_timeout)
-    return EtcdBackend(client, reactor, prefix=cluster.prefix.encode("utf-8"))
+    return EtcdBackend(
+        client, reactor, prefix=cluster.prefix.encode("utf-8"), serializable_reads=cluster.serializable_reads
+    )

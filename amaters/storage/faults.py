@@ -101,6 +101,9 @@ class FaultInjectingBackend:
     def has_collection(self, name: str) -> bool:
         return bool(self.inner.has_collection(name))
 
+    def collection_count(self) -> int:
+        return int(self.inner.collection_count())
+
     def get(self, collection: str, key: bytes) -> defer.Deferred[CipherBlob | None]:
         return defer.maybeDeferred(self.inner.get, collection, key)
 

@@ -48,7 +48,7 @@ class FlusherService(service.Service):
         stats_interval_s: float = 10.0,
     ) -> None:
         # Typed Any: the interface declares its Deferred results as ``object``.
-        self.backend: Any = backend
+        self.backend = backend
         self.clock = clock
         self.sync_mode = sync_mode
         self.sync_interval_s = sync_interval_s
@@ -82,15 +82,15 @@ class FlusherService(service.Service):
     # -- service ------------------------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()
         loop = task.LoopingCall(self._tick)
         loop.clock = self.clock
         self._loop = loop
         # _tick never fails; this errback is for a bug in that promise.
         loop.start(self.period, now=False).addErrback(log_failure("Storage flusher timer died", self._log))
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
-        super().stopService()  # type: ignore[no-untyped-call]
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:

@@ -119,6 +119,9 @@ class MemoryBackend:
     def has_collection(self, name: str) -> bool:
         return name in self._collections
 
+    def collection_count(self) -> int:
+        return len(self._collections)
+
     def get(self, collection: str, key: bytes) -> defer.Deferred[CipherBlob | None]:
         try:
             blob = self._collection(collection).get(key)
@@ -171,8 +174,13 @@ class MemoryBackend:
 
     def stats(self) -> defer.Deferred[dict[str, Any]]:
         keys = {name: len(data) for name, data in self._collections.items()}
-        size = sum(len(k) + len(v.data) for data in self._collections.values() for k, v in data.items())
-        return defer.succeed({"backend": self.name, "keys": keys, "bytes": size})
+        sizes = {
+            name: sum(len(k) + len(v.data) for k, v in data.items())
+            for name, data in self._collections.items()
+        }
+        return defer.succeed(
+            {"backend": self.name, "keys": keys, "collection_bytes": sizes, "bytes": sum(sizes.values())}
+        )
 
     def snapshot(self, destination: str) -> defer.Deferred[None]:
         from amaters.errors import InvalidOperation

@@ -144,7 +144,7 @@ class RetryingBackend:
         first: defer.Deferred[Any] = defer.maybeDeferred(f, *args)
         if not first.called:
             return first.addErrback(self._after_failure, what, f, args)
-        if not isinstance(first.result, Failure):  # type: ignore[attr-defined]
+        if not isinstance(first.result, Failure):
             return first
         # Failed at once: answer with a fresh Deferred (one that has not fired yet while retries are
         # pending, rather than the first attempt's, which would look "called" while it waits).
@@ -189,6 +189,9 @@ class RetryingBackend:
 
     def has_collection(self, name: str) -> bool:
         return bool(self.inner.has_collection(name))
+
+    def collection_count(self) -> int:
+        return int(self.inner.collection_count())
 
     def get(self, collection: str, key: bytes) -> defer.Deferred[CipherBlob | None]:
         return self._retry("get", self.inner.get, collection, key)

@@ -9,6 +9,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from amaters.interfaces import IStorageBackend
+from amaters.storage import innermost
 
 
 class StorageService(service.Service):
@@ -21,9 +22,15 @@ class StorageService(service.Service):
         self.backend = backend
         self.is_open = False
 
-    def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    @property
+    def write_problem(self) -> str | None:
+        """Why writes fail right now (a full disk), or None: readiness and health report it."""
+        problem = getattr(innermost(self.backend), "write_problem", None)
+        return problem if isinstance(problem, str) else None
+
+    def startService(self) -> defer.Deferred[None]:
         super().startService()
-        d: defer.Deferred[Any] = defer.maybeDeferred(self.backend.open)  # type: ignore[call-overload]
+        d: defer.Deferred[Any] = defer.maybeDeferred(self.backend.open)
 
         def opened(_: object) -> None:
             self.is_open = True
@@ -32,7 +39,7 @@ class StorageService(service.Service):
         d.addCallback(opened)
         return d
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         return defer.Deferred.fromCoroutine(self._stop())
 
@@ -41,7 +48,7 @@ class StorageService(service.Service):
             return
         self.is_open = False
         try:
-            await defer.maybeDeferred(self.backend.flush)  # type: ignore[call-overload]
+            await defer.maybeDeferred(self.backend.flush)
         finally:
-            await defer.maybeDeferred(self.backend.close)  # type: ignore[call-overload]
+            await defer.maybeDeferred(self.backend.close)
         self._log.info("Storage backend {backend} closed", backend=self.backend.name)

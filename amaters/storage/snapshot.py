@@ -121,6 +121,47 @@ class Pools(Protocol):
 
 # -- manifest ---------------------------------------------------------------------------------
 
+#: Deepest nesting of JSON arrays and objects a manifest may have (a real one has 3).
+MAX_MANIFEST_DEPTH = 16
+#: Largest integer a manifest may hold (sizes and key counts fit in 63 bits).
+MAX_MANIFEST_INT = 2**63 - 1
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 19:
+        raise ValueError(f"number {text[:24]}... is out of range")
+    return int(text)
+
+
+def _no_float(text: str) -> float:
+    raise ValueError(f"number {text[:24]} is not an integer")
+
+
+def _no_constant(text: str) -> float:
+    raise ValueError(f"{text} is not a number a manifest may hold")
+
+
+def _parse_manifest_json(data: bytes) -> Any:
+    """JSON with bounded nesting and integers only (no floats, NaN or Infinity); ValueError else."""
+    depth = 0
+    for match in _JSON_TOKENS.finditer(data):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_MANIFEST_DEPTH:
+                raise ValueError(f"nested more than {MAX_MANIFEST_DEPTH} levels deep")
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return json.loads(data, parse_int=_bounded_int, parse_float=_no_float, parse_constant=_no_constant)
+
+
+def _count(value: Any, what: str) -> int:
+    """A size or count from a manifest: an integer from 0 to MAX_MANIFEST_INT."""
+    if type(value) is not int or not 0 <= value <= MAX_MANIFEST_INT:
+        raise ValueError(f"{what} must be an integer from 0 to {MAX_MANIFEST_INT}, not {str(value)[:24]}")
+    return value
+
 
 @attrs.frozen
 class FileEntry:
@@ -180,35 +221,39 @@ class Manifest:
     def from_json(cls, data: bytes, archive: str) -> Manifest:
         """Parse a manifest; raises :class:`SnapshotCorrupted` naming ``archive`` if it is not one."""
         try:
-            raw = json.loads(data)
-            if raw.get("kind") != "amaters-snapshot":
+            raw = _parse_manifest_json(data)
+            if not isinstance(raw, dict) or raw.get("kind") != "amaters-snapshot":
                 raise ValueError("not an amaters snapshot manifest")
-            version = int(raw["manifest_version"])
+            version = _count(raw["manifest_version"], "manifest_version")
             if version > MANIFEST_VERSION:
                 raise SnapshotError(
                     f"{archive}: manifest version {version} is newer than this amaters reads"
                     f" ({MANIFEST_VERSION}); use a newer amaters"
                 )
             collections = raw["collections"]
-            files = tuple(FileEntry(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in raw["files"])
+            files = tuple(
+                FileEntry(str(f["path"]), _count(f["size"], "a file size"), str(f["sha256"]))
+                for f in raw["files"]
+            )
             manifest = cls(
                 name=str(raw["name"]),
-                format=int(raw["format"]),
+                format=_count(raw["format"], "format"),
                 amaters_version=str(raw["amaters_version"]),
                 created_at=str(raw["created_at"]),
                 compression=str(raw["compression"]),
                 source=str(raw.get("source", "checkpoint")),
                 collections=None
                 if collections is None
-                else {str(c["name"]): int(c["keys"]) for c in collections},
+                else {str(c["name"]): _count(c["keys"], "a key count") for c in collections},
                 files=files,
                 manifest_version=version,
             )
         except SnapshotError:
             raise
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as e:
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise SnapshotCorrupted(
-                f"{archive}: {MANIFEST_NAME} is not a valid snapshot manifest ({e})"
+                f"{archive}: {MANIFEST_NAME} is not a valid snapshot manifest ({reason})"
             ) from None
         seen: set[str] = set()
         for entry in manifest.files:
@@ -563,7 +608,7 @@ def _write_tar(
         for entry in manifest.files:
             with (root / entry.path).open("rb") as f:
                 reader = _HashingReader(f, packing)
-                tar.addfile(_tar_info(entry.path, entry.size, timestamp), reader)  # type: ignore[arg-type]
+                tar.addfile(_tar_info(entry.path, entry.size, timestamp), reader)
             if reader.digest.hexdigest() != entry.sha256:
                 raise SnapshotError(f"{entry.path} changed while the snapshot was being packed")
     if compressor is not None:
@@ -1048,8 +1093,8 @@ class SnapshotScheduler(service.Service):
         #: Clock time of the last successful snapshot (for a "last backup age" gauge).
         self.last_success_at: float | None = None
 
-    def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
-        super().startService()  # type: ignore[no-untyped-call]
+    def startService(self) -> defer.Deferred[None]:
+        super().startService()
         # Nothing writes snapshots yet: a good moment to remove what a crash left behind.
         d = self.pools.io.run(clean_leftovers, snapshot_dir(self.config)).addCallbacks(
             self._cleaned, log_failure("Could not clean up old snapshot work files", self._log)
@@ -1065,8 +1110,8 @@ class SnapshotScheduler(service.Service):
         for path in removed:
             self._log.info("Removed leftover snapshot file {path}", path=str(path))
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
-        super().stopService()  # type: ignore[no-untyped-call]
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
         loop, self._loop = self._loop, None
         if loop is not None and loop.running:
             loop.stop()

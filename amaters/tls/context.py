@@ -1,7 +1,9 @@
 """TLS context factories for the native protocol, server and client.
 
-Both sides use Twisted's :class:`~twisted.internet.ssl.CertificateOptions` (its default ciphers, TLS
-1.2 at least, ALPN ``amaters/1``).  The server side is wrapped in :class:`ReloadableServerTLS`, the
+Both sides use Twisted's :class:`~twisted.internet.ssl.CertificateOptions` (TLS 1.2 at least, ALPN
+``amaters/1``).  TLS 1.3 is preferred and uses OpenSSL's suites (all AEAD); TLS 1.2 is restricted to
+:data:`TLS12_CIPHERS`: ECDHE key exchange (forward secrecy) with AES-GCM or ChaCha20-Poly1305, so no
+CBC suite (LUCKY13-style padding oracles) and no static RSA key exchange is ever negotiated.  The server side is wrapped in :class:`ReloadableServerTLS`, the
 connection creator handed to ``TLSMemoryBIOFactory``: reload swaps the options inside it, so new
 connections use new certificates while existing ones keep theirs.
 """
@@ -22,6 +24,14 @@ from amaters.errors import InvalidCertificate
 
 #: The ALPN protocol id of the native protocol.
 ALPN_PROTOCOL = b"amaters/1"
+
+#: TLS 1.2 cipher suites (OpenSSL syntax): ECDHE with AEAD only.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+def acceptable_ciphers() -> ssl.AcceptableCiphers:
+    """The TLS 1.2 suites both sides offer (:data:`TLS12_CIPHERS`)."""
+    return ssl.AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS)
 
 
 def _split_pem_certificates(pem: bytes) -> list[bytes]:
@@ -46,7 +56,7 @@ def load_certificates(path: str | Path) -> list[ssl.Certificate]:
 def load_trust_root(path: str | Path) -> IOpenSSLTrustRoot:
     """Trust exactly the CA certificates in a PEM bundle."""
     certificates = load_certificates(path)
-    return ssl.trustRootFromCertificates(certificates)  # type: ignore[no-untyped-call]
+    return ssl.trustRootFromCertificates(certificates)
 
 
 def server_tls_options(
@@ -83,6 +93,7 @@ def server_tls_options(
         certificate=chain[0].original,
         extraCertChain=[c.original for c in chain[1:]],
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableCiphers=acceptable_ciphers(),
         acceptableProtocols=[ALPN_PROTOCOL],
         **extra,  # type: ignore[arg-type]
     )
@@ -147,16 +158,19 @@ def client_tls_options(
     ``ca_file`` None trusts the platform's CA store.  ``client_cert``/``client_key`` present a client
     certificate (mutual TLS); the key may be in ``client_cert`` itself.
     """
-    trust = load_trust_root(ca_file) if ca_file else ssl.platformTrust()  # type: ignore[no-untyped-call]
+    trust = load_trust_root(ca_file) if ca_file else ssl.platformTrust()
     client_certificate = None
     if client_cert:
         cert_pem = Path(client_cert).read_bytes()
         key_pem = Path(client_key).read_bytes() if client_key else cert_pem
-        client_certificate = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)  # type: ignore[no-untyped-call]
+        client_certificate = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
     return ssl.optionsForClientTLS(
         hostname,
         trustRoot=trust,
         clientCertificate=client_certificate,
         acceptableProtocols=[ALPN_PROTOCOL],
-        extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
+        extraCertificateOptions={
+            "raiseMinimumTo": ssl.TLSVersion.TLSv1_2,
+            "acceptableCiphers": acceptable_ciphers(),
+        },
     )

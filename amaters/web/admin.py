@@ -5,12 +5,26 @@ and the answer back into JSON.  Authentication is the same authenticator the nat
 handshake uses (``Authorization: Bearer <JWT>``, ``Authorization: ApiKey <key>`` or
 ``X-API-Key: <key>``); authorization, rate limits, metrics and audit are the pipeline's stages, the
 same that decide a protocol request: every operation here needs ``admin`` on ``server``, a denial
-is answered 403 and audited by the RBAC stage, and every call is an ``admin`` audit event.  With
-``auth.enabled = false`` the admin API answers only requests from loopback addresses (the
-protocol's protected mode, applied to the ops site).
+is answered 403 and audited by the RBAC stage, and every call is an ``admin`` audit event.
+
+With ``auth.enabled = false`` nothing proves who is asking, so the admin API answers only requests
+that cannot come from a web page (:func:`admin_refusal`):
+
+- from a loopback address (the protocol's protected mode, applied to the ops site);
+- carrying the header ``X-Amaters-Admin`` (any value): a page in a browser cannot add a custom
+  header to a cross-site request without a CORS preflight, which the admin API never grants
+  (CSRF); the console, served from the ops site itself, is same-origin and sends it;
+- naming ``localhost``, ``127.0.0.1``, ``[::1]`` or a host in ``web.allowed_hosts`` in ``Host``:
+  a page whose own DNS name was rebound to 127.0.0.1 sends its own name (DNS rebinding).
+
+With auth on, the credentials are headers a page cannot send cross-site either.  CORS never
+applies to ``/admin/``.  The ops site screens these headers before it reads a request's body.
 
 Routes: ``GET status``, ``GET collections``, ``GET stats``, ``POST compact``, ``POST reload``,
-``GET snapshots``, ``POST snapshots`` (optionally ``?upload=1``).
+``GET snapshots``, ``POST snapshots`` (optionally ``?upload=1``), ``POST snapshots/<name>/verify``,
+``GET config`` (secrets redacted, with what a reload would change), ``GET audit?limit=N`` (the
+audit log's last events), ``GET resources`` (data dir usage, TLS certificates), and in clustered
+mode ``GET cluster``, ``POST cluster/shards?name=N&endpoint=URL...``, ``POST cluster/move?vshard=V&to=N``.
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ import attrs
 from klein import Klein
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
 
 from amaters.auth.principal import ANONYMOUS, Authenticator, Credentials
 from amaters.config import LiveConfig
@@ -85,6 +100,51 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+#: Host names the admin API accepts with auth off, besides web.allowed_hosts.
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+#: The header a request with auth off must carry (a browser cannot send it cross-site unasked).
+ADMIN_HEADER = b"x-amaters-admin"
+
+
+def _host_name(value: str) -> str:
+    """The host part of a Host header: ``[::1]:7879`` -> ``::1``, ``Example.COM:80`` -> ``example.com``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def admin_refusal(request: IRequest, config: Any) -> AmatersError | None:
+    """Why the admin API refuses ``request`` on its address and headers alone (None: it does not).
+
+    Auth on: a request without credentials (AUTH_FAILED).  Auth off: one from a non-loopback address,
+    one whose ``Host`` is not local or in ``web.allowed_hosts``, or one without ``X-Amaters-Admin``
+    (AUTH_INSUFFICIENT_PERMISSIONS).
+    """
+    if config.auth.enabled:
+        if request.getHeader(b"authorization") or request.getHeader(b"x-api-key"):
+            return None
+        return AuthError("the admin API needs 'Authorization: Bearer <token>' or 'ApiKey <key>'")
+    host = getattr(request.getClientAddress(), "host", "")
+    if not _is_loopback(host):
+        return PermissionDenied("the admin API answers only loopback clients while auth.enabled is false")
+    raw_host = request.getHeader(b"host")
+    name = _host_name(raw_host.decode("latin-1") if isinstance(raw_host, bytes) else str(raw_host or ""))
+    allowed = LOCAL_HOSTS | {h.lower() for h in config.web.allowed_hosts}
+    if name not in allowed:
+        shown = name[:100].encode("ascii", "backslashreplace").decode()
+        return PermissionDenied(
+            f"the admin API does not answer requests for host {shown!r} while auth.enabled is false;"
+            " use localhost, or add the name to web.allowed_hosts"
+        )
+    if not request.getHeader(ADMIN_HEADER):
+        return PermissionDenied(
+            "the admin API needs the header 'X-Amaters-Admin: 1' while auth.enabled is false"
+            " (a page from another site cannot send it; the amaters CLI and the console do)"
+        )
+    return None
+
+
 class AdminAPI:
     """Admin routes: credentials in, an operation through ``pipeline``, JSON out."""
 
@@ -116,12 +176,20 @@ class AdminAPI:
             return Credentials("api_key", key.decode("latin-1").strip())
         return None
 
+    def screen(self, request: IRequest) -> tuple[int, str, dict[str, Any]] | None:
+        """(status, reason, JSON body) refusing ``request`` on its headers, or None (the ops site
+        calls this before reading a body)."""
+        error = admin_refusal(request, self.live.current)
+        if error is None:
+            return None
+        status = _HTTP_STATUS.get(error.code.name, 403)
+        return status, "Unauthorized" if status == 401 else "Forbidden", _error_body(error)
+
     async def _principal(self, request: IRequest, source: str, host: str) -> Any:
+        refusal = admin_refusal(request, self.live.current)
+        if refusal is not None:
+            raise refusal
         if not self.live.current.auth.enabled:
-            if not _is_loopback(host):
-                raise PermissionDenied(
-                    "the admin API answers only loopback clients while auth.enabled is false"
-                )
             return ANONYMOUS
         credentials = self._credentials(request)
         if credentials is None:
@@ -145,8 +213,6 @@ class AdminAPI:
 
     @app.handle_errors(Exception)
     def errors(self, request: IRequest, failure: Any) -> bytes:
-        from werkzeug.exceptions import HTTPException
-
         exc = failure.value
         if isinstance(exc, HTTPException):
             code = exc.code or 500
@@ -180,6 +246,24 @@ class AdminAPI:
             request, lambda principal: ops.ReloadConfig(requested_by=f"{principal.name} (admin API)")
         )
 
+    @app.route("/cluster", methods=["GET"])
+    async def cluster(self, request: IRequest) -> bytes:
+        return await self._run(request, lambda principal: ops.ClusterStatus())
+
+    @app.route("/cluster/shards", methods=["POST"])
+    async def cluster_add_shard(self, request: IRequest) -> bytes:
+        name = request.args.get(b"name", [b""])[0].decode("utf-8", "replace")
+        endpoints = tuple(e.decode("utf-8", "replace") for e in request.args.get(b"endpoint", []))
+        return await self._run(request, lambda principal: ops.ClusterAddShard(name, endpoints))
+
+    @app.route("/cluster/move", methods=["POST"])
+    async def cluster_move(self, request: IRequest) -> bytes:
+        raw = request.args.get(b"vshard", [b""])[0]
+        to = request.args.get(b"to", [b""])[0].decode("utf-8", "replace")
+        if not raw.isdigit():
+            return _json(request, 400, {"error": "invalid_value", "message": "vshard must be a number"})
+        return await self._run(request, lambda principal: ops.ClusterMove(int(raw), to))
+
     @app.route("/snapshots", methods=["GET"])
     async def list_snapshots(self, request: IRequest) -> bytes:
         remote = _flag(request, b"remote")
@@ -189,6 +273,26 @@ class AdminAPI:
     async def create_snapshot(self, request: IRequest) -> bytes:
         upload = _flag(request, b"upload")
         return await self._run(request, lambda principal: ops.CreateSnapshot(upload=upload))
+
+    @app.route("/snapshots/<string:archive>/verify", methods=["POST"])
+    async def verify_snapshot(self, request: IRequest, archive: str) -> bytes:
+        return await self._run(request, lambda principal: ops.VerifySnapshot(archive=archive))
+
+    @app.route("/config", methods=["GET"])
+    async def config(self, request: IRequest) -> bytes:
+        return await self._run(request, lambda principal: ops.ConfigView())
+
+    @app.route("/audit", methods=["GET"])
+    async def audit_tail(self, request: IRequest) -> bytes:
+        raw = request.args.get(b"limit", [b"100"])[0]
+        if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+            return _json(request, 400, {"error": "bad_request", "message": "limit must be 1 to 1000"})
+        limit = int(raw)
+        return await self._run(request, lambda principal: ops.AuditTail(limit=limit))
+
+    @app.route("/resources", methods=["GET"])
+    async def resources(self, request: IRequest) -> bytes:
+        return await self._run(request, lambda principal: ops.ServerResources())
 
 
 def _flag(request: IRequest, name: bytes) -> bool:

@@ -12,12 +12,17 @@ Probes follow Kubernetes conventions:
   version, uptime and each component's status and message; 200 when healthy or degraded, else 503.
 - ``/metrics``: the project's own ``CollectorRegistry`` in Prometheus text format (OpenMetrics when
   the scraper asks for it).
+- ``/`` and ``/console/...``: the operator console, a static page shipped in the package that reads
+  the admin API and ``/metrics`` from the browser (see ``docs/console.md``).
 
 Every answer is JSON except ``/metrics``; unknown paths are 404 and wrong methods 405 (with
-``Allow``), as JSON.  Tracebacks are never shown.  CORS: a request whose ``Origin`` is in
+``Allow``), as JSON.  The site is a :class:`~amaters.web.guard.GuardedSite`: request bodies are
+capped and admin requests screened before a body is read, and ``web.max_connections`` bounds the
+open connections while keeping room for probes.  Tracebacks are never shown.  CORS: a request whose ``Origin`` is in
 ``web.cors.allowed_origins`` (or any origin with ``"*"``) gets ``Access-Control-Allow-Origin``; a
 preflight ``OPTIONS`` is answered 204 for an allowed origin and 403 otherwise.  Settings read on
-each request (CORS origins, the lag limit) follow a configuration reload.
+each request (CORS origins, the lag limit) follow a configuration reload.  CORS never applies to
+``/admin/``: its answers carry no ``Access-Control-Allow-*`` header whatever the settings.
 """
 
 from __future__ import annotations
@@ -33,12 +38,18 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.iweb import IRequest
-from twisted.web.server import Site
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from amaters import __version__
 from amaters.config import Config
 from amaters.ops.identity import identity
+from amaters.tls.certs import ensure_server_tls
+from amaters.tls.context import server_tls_options
+from amaters.web.assets import HEADERS as CONSOLE_HEADERS
+from amaters.web.assets import ConsoleAssets
+from amaters.web.guard import ConnectionGate, GuardedSite
 
 #: Methods each route answers (besides OPTIONS, which every known path answers).
 ROUTE_METHODS = ("GET", "HEAD")
@@ -125,6 +136,7 @@ class OpsAPI:
         self.metrics = metrics
         self.lag = lag
         self.admin = admin
+        self.assets = ConsoleAssets()
 
     # -- state -----------------------------------------------------------------------------
 
@@ -154,6 +166,8 @@ class OpsAPI:
             message = "running" if running else "not running"
             if name == "storage" and not getattr(child, "is_open", running):
                 status, message = "unhealthy", "storage not open"
+            elif name == "storage" and getattr(child, "write_problem", None):
+                status, message = "degraded", f"writes fail: {child.write_problem}"
             if name == "listener" and running and not getattr(child, "is_accepting", True):
                 status, message = "unhealthy", "not accepting connections"
             found[name] = {"status": status, "message": message}
@@ -192,9 +206,14 @@ class OpsAPI:
         storage = self._child("storage")
         if storage is not None and not getattr(storage, "is_open", True):
             return False, "storage_not_open"
+        if storage is not None and getattr(storage, "write_problem", None):
+            return False, "storage_full"
         listener = self._child("listener")
         if listener is not None and not getattr(listener, "is_accepting", True):
             return False, "listener_not_accepting"
+        cluster = self._child("cluster")
+        if cluster is not None and not cluster.quorum_ok():
+            return False, "etcd_quorum_unreachable"
         return True, "ready"
 
     # -- CORS ------------------------------------------------------------------------------
@@ -249,6 +268,9 @@ class OpsAPI:
             "components": components,
             **identity(),
         }
+        cluster = self._child("cluster")
+        if cluster is not None:
+            body["cluster"] = cluster.health()
         return _json(request, 200 if status in ("healthy", "degraded") else 503, body)
 
     @app.route("/metrics", methods=list(ROUTE_METHODS))
@@ -260,6 +282,33 @@ class OpsAPI:
         request.setResponseCode(200)
         request.setHeader(b"content-type", content_type.encode("latin-1"))
         request.setHeader(b"cache-control", b"no-store")
+        return body
+
+    def screen(self, request: Any) -> tuple[int, str, dict[str, Any]] | None:
+        """Refuse a request on its headers alone (before its body is read): admin requests that the
+        admin API would refuse without looking at the body."""
+        path = request.early[1]
+        if self.admin is None or not path.startswith(b"/admin/"):
+            return None
+        return self.admin.screen(request)
+
+    @app.route("/", methods=list(ROUTE_METHODS))
+    @app.route("/console/", methods=list(ROUTE_METHODS))
+    def console_index(self, request: IRequest) -> bytes:
+        """The operator console's page (:mod:`amaters.web.assets`)."""
+        return self.console_asset(request, "index.html")
+
+    @app.route("/console/<path:name>", methods=list(ROUTE_METHODS))
+    def console_asset(self, request: IRequest, name: str) -> bytes:
+        """One of the console's packaged files; 404 for any other name."""
+        found = self.assets.get(name)
+        if found is None:
+            return _json(request, 404, {"error": "not_found", "status": 404})
+        body, content_type = found
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", content_type.encode())
+        for header, value in CONSOLE_HEADERS.items():
+            request.setHeader(header, value)
         return body
 
     @app.route("/admin/", branch=True)
@@ -293,8 +342,6 @@ class OpsAPI:
 
     @app.handle_errors(Exception)
     def errors(self, request: IRequest, failure: Any) -> bytes:
-        from werkzeug.exceptions import HTTPException, MethodNotAllowed
-
         self._cors(request)
         exc = failure.value
         if isinstance(exc, HTTPException):
@@ -304,26 +351,6 @@ class OpsAPI:
             return _json(request, code, {"error": exc.name.lower().replace(" ", "_"), "status": code})
         self._log.failure("Ops site request failed", failure)
         return _json(request, 500, {"error": "internal_error", "status": 500})
-
-
-class QuietSite(Site):
-    """A Site that logs each request as a debug event instead of twisted.web's info access line.
-
-    (The native protocol's access log is the ``amaters.access`` debug event; probes polled every
-    few seconds would otherwise fill the log.)
-    """
-
-    _request_log = Logger()
-    displayTracebacks = False
-    noisy = False
-
-    def log(self, request: Any) -> None:
-        self._request_log.debug(
-            "Ops site {method} {path} {code}",
-            method=request.method.decode("latin-1", "replace"),
-            path=request.path.decode("latin-1", "replace")[:200],
-            code=request.code,
-        )
 
 
 class OpsService(service.Service):
@@ -338,18 +365,15 @@ class OpsService(service.Service):
         self.api = api
         self.port: IListeningPort | None = None
 
-    def site(self) -> Site:
-        return QuietSite(self.api.app.resource())
+    def site(self) -> GuardedSite:
+        api = self.api
+        return GuardedSite(api.app.resource(), lambda: api.live.current, self.reactor, api.screen)
 
     def _factory(self) -> Any:
         site = self.site()
         settings = self.config.web.tls
         if not settings.enabled:
-            return site
-        from twisted.protocols.tls import TLSMemoryBIOFactory
-
-        from amaters.tls.context import server_tls_options
-
+            return ConnectionGate(site, site)
         if settings.cert or settings.key:
             for name in ("cert", "key"):
                 value = getattr(settings, name)
@@ -360,14 +384,12 @@ class OpsService(service.Service):
                     )
             cert, key = settings.cert, settings.key
         else:
-            from amaters.tls.certs import ensure_server_tls
-
             files = ensure_server_tls(self.config)
             cert, key = str(files.cert), str(files.key)
         options = server_tls_options(cert, key)
-        return TLSMemoryBIOFactory(options, False, site, clock=self.reactor)
+        return ConnectionGate(TLSMemoryBIOFactory(options, False, site, clock=self.reactor), site)
 
-    def startService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    def startService(self) -> defer.Deferred[None]:
         super().startService()
         try:
             endpoint = serverFromString(self.reactor, self.config.web.listen)
@@ -390,7 +412,7 @@ class OpsService(service.Service):
         d.addCallback(listening)
         return d
 
-    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         port, self.port = self.port, None
         if port is None:

@@ -7,9 +7,7 @@ Waiting helpers block the calling thread with short sleeps; they are bounded by 
 from __future__ import annotations
 
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,21 +16,9 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from ports import free_port
+
 TWISTD = "from twisted.scripts.twistd import run; run()"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 below 32768 that nothing listens on right now."""
-    for _ in range(200):
-        port = random.randint(20000, 32000)
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port found")
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -59,6 +45,9 @@ class ServerProcess:
         self.web_port = free_port()
         while self.web_port == self.port:
             self.web_port = free_port()
+        self.grpc_port = free_port()
+        while self.grpc_port in (self.port, self.web_port):
+            self.grpc_port = free_port()
         self.data_dir = directory / "data"
         self.log_path = directory / "server.log"
         self.config_path = directory / "server.toml"
@@ -69,6 +58,8 @@ class ServerProcess:
             "shutdown_timeout = 10\n"
             "[web]\n"
             f'listen = "tcp:{self.web_port}:interface=127.0.0.1"\n'
+            "[grpc]\n"
+            f'listen = "tcp:{self.grpc_port}:interface=127.0.0.1"\n'
         )
         self.config_path.write_text(base + (config_text or ""))
         self.settings = list(settings)
@@ -97,15 +88,30 @@ class ServerProcess:
             argv += ["--set", item]
         return argv
 
-    def start(self, env: dict[str, str] | None = None) -> ServerProcess:
+    def start(
+        self, env: dict[str, str] | None = None, open_files: tuple[int, int] | None = None
+    ) -> ServerProcess:
+        """Start the server; ``open_files`` sets its (soft, hard) RLIMIT_NOFILE first."""
         environ = dict(os.environ)
         environ.pop("AMATERS_CONFIG", None)
         if self.tac:
             environ["AMATERS_CONFIG"] = str(self.config_path)
         environ.update(env or {})
         log = self.log_path.open("ab")
+        preexec = None
+        if open_files is not None:
+            import resource
+
+            def preexec() -> None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+
         self.process = subprocess.Popen(
-            self.argv(), stdout=log, stderr=subprocess.STDOUT, cwd=self.directory, env=environ
+            self.argv(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.directory,
+            env=environ,
+            preexec_fn=preexec,
         )
         log.close()
         return self

@@ -71,6 +71,7 @@ async def admin(tmp_path: Path) -> AsyncIterator[Admin]:
         "storage.backend=rocksdb",
         "storage.sync=none",
         f"server.data_dir={tmp_path / 'data'}",
+        "grpc.listen=tcp:0:interface=127.0.0.1",
         "auth.enabled=true",
         f"auth.jwt.secret={JWT_SECRET}",
         f"auth.api_keys_file={tmp_path / 'keys.toml'}",
@@ -200,3 +201,102 @@ async def test_admin_operations_pass_the_same_stages_as_protocol_requests(admin:
     code, _ = await admin.call("POST", "/compact", f"ApiKey {admin.admin_key}")
     assert code == 200
     assert requests_counted(admin, "admin compact", "ok") == 1
+
+
+async def _raw_http(base: str, head: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``head`` on a raw non-blocking socket (the server runs on this reactor) and collect the
+    answer until the server closes the connection."""
+    import socket
+    from urllib.parse import urlsplit
+
+    port = urlsplit(base).port
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.setblocking(False)
+    s.sendall(head)
+    answer = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except BlockingIOError:
+                await task.deferLater(reactor, 0.02, lambda: None)
+                continue
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        s.close()
+    return answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_without_credentials_are_refused_before_their_body(admin: Admin) -> None:
+    """With auth on, an admin POST announcing a body but carrying no credentials gets 401 without
+    the server waiting for the body; one announcing 512 MB gets 413, credentials or not."""
+    answer = await _raw_http(
+        admin.base, b"POST /admin/compact HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:100]
+    head = (
+        b"POST /admin/compact HTTP/1.1\r\nHost: x\r\nAuthorization: ApiKey "
+        + admin.admin_key.encode()
+        + b"\r\nContent-Length: 536870912\r\n\r\n"
+    )
+    answer = await _raw_http(admin.base, head)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_routes(admin: Admin) -> None:
+    """The routes the operator console reads: configuration (secrets redacted) with what a reload
+    would change, the audit tail, data dir and certificates, snapshot verification; each needs
+    admin (a reader gets 403) and bad input gets a one-line 4xx."""
+    key = f"ApiKey {admin.admin_key}"
+    reader = f"Bearer {admin.token(['reader'])}"
+    for method, path in (
+        ("GET", "/config"),
+        ("GET", "/audit"),
+        ("GET", "/resources"),
+        ("POST", "/snapshots/amaters-20260101T000000Z.tar/verify"),
+    ):
+        code, body = await admin.call(method, path, reader)
+        assert code == 403 and body["error"] == "auth_insufficient_permissions", (path, body)
+
+    code, config = await admin.call("GET", "/config", key)
+    assert code == 200
+    text = json.dumps(config)
+    assert JWT_SECRET not in text and PEPPER not in text
+    assert config["config"]["auth"]["jwt"]["secret"] == "<redacted>"
+    assert config["reload_preview"] == {"ok": True, "reloadable": [], "need_restart": [], "errors": []}
+
+    code, resources = await admin.call("GET", "/resources", key)
+    assert code == 200 and resources["data_dir"]["bytes"] > 0 and resources["data_dir"]["files"] > 0
+    assert resources["data_dir"]["filesystem_free_bytes"] > 0
+    (cert,) = resources["tls"]["certificates"]
+    assert cert["use"] == "native protocol" and cert["issuer"] == "CN=amaters private CA"
+    assert cert["not_after_epoch"] > time.time()
+
+    code, tail = await admin.call("GET", "/audit?limit=5", key)
+    assert code == 200 and tail["enabled"] is True and 1 <= len(tail["events"]) <= 5
+    # The newest event besides the audit call's own login: the resources call just before it.
+    assert [e for e in tail["events"] if e["action"] != "login"][-1]["action"] == "admin resources"
+    code, bad = await admin.call("GET", "/audit?limit=0", key)
+    assert code == 400 and "limit" in bad["message"]
+
+    code, created = await admin.call("POST", "/snapshots", key)
+    assert code == 200
+    code, verified = await admin.call("POST", f"/snapshots/{created['name']}/verify", key)
+    assert code == 200 and verified["ok"] is True and verified["manifest"]["files"], verified
+    archive = admin.directory / "data" / "snapshots" / created["name"]
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    code, damaged = await admin.call("POST", f"/snapshots/{created['name']}/verify", key)
+    assert code == 200 and damaged["ok"] is False and damaged["error"], damaged
+    code, missing = await admin.call("POST", "/snapshots/amaters-20200101T000000.000Z.tar/verify", key)
+    assert code == 404, missing
+    code, invalid = await admin.call("POST", "/snapshots/passwd/verify", key)
+    assert code == 400 and "not a snapshot archive name" in invalid["message"], invalid

@@ -178,7 +178,9 @@ async def test_readiness_through_start_and_drain(tmp_path: Path, servers: list[S
     assert draining[-1] == 503, draining
     assert server.process is not None and server.process.poll() is None
     code, body = http_get(f"http://127.0.0.1:{server.web_port}/readyz")
-    assert (code, json.loads(body)) == (503, {"status": "not_ready", "reason": "draining"})
+    answer = json.loads(body)
+    assert (code, answer["status"], answer["reason"]) == (503, "not_ready", "draining")
+    assert server.process is not None and answer["pid"] == server.process.pid  # the one draining
     await stream.cancel()
     await client.close()
     assert server.wait_exit(30) == 0

@@ -38,6 +38,10 @@ def test_wheel_contents_and_fresh_virtualenv(tmp_path: Path) -> None:
     assert "twisted/__init__.py" not in names
     assert not [n for n in names if n.endswith("dropin.cache")]
     assert "amaters/py.typed" in names
+    # The operator console ships whole: no build step, no network at runtime.
+    from amaters.web.assets import CONSOLE_FILES
+
+    assert {f"amaters/web/console/{name}" for name in CONSOLE_FILES} <= set(names)
 
     subprocess.run([str(pip), "install", "-q", str(wheel)], check=True, timeout=600, cwd=tmp_path)
     twistd_help = subprocess.run(

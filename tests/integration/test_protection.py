@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from test_protocol_tls import start_server
+from inprocess import start_server
 from twisted.internet import defer, reactor, task
 
 from amaters.client import connect
@@ -143,7 +143,9 @@ async def test_half_a_frame_then_a_stall_is_dropped_after_the_frame_timeout(tmp_
         assert 0.9 <= elapsed < 5
         with pytest.raises(NetworkError) as info:
             await stalled.ping()
-        assert info.value.code == ErrorCode.NETWORK_TIMEOUT
+        # The connection is closed; the error says why the server closed it (the frame timeout).
+        assert info.value.code == ErrorCode.NETWORK_CONNECTION_RESET
+        assert "did not arrive completely within 1 s" in info.value.message
         assert await other.ping() >= 0
     finally:
         await s.close()
@@ -243,22 +245,6 @@ async def test_a_slow_reader_is_paused_not_dropped(tmp_path: Path) -> None:
         client._protocol.transport.resumeProducing()
         results = await defer.gatherResults(answers)
         assert all(r == value for r in results)
-    finally:
-        await s.close()
-
-
-@pytest_twisted.ensureDeferred
-async def test_keep_alive_pings_beat_the_idle_timeout(tmp_path: Path) -> None:
-    """With limits.idle_timeout = 1 s, a client pinging every 0.3 s stays connected for 2 s while a
-    quiet client is closed."""
-    s = await start_server(tmp_path, "limits.idle_timeout=1")
-    try:
-        alive = await s.client(keepalive=0.3)
-        quiet = await s.client()
-        await sleep(2.0)
-        assert quiet.closed
-        assert not alive.closed and await alive.ping() >= 0
-        alive.stop_keepalive()
     finally:
         await s.close()
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-import attrs
 import pytest
 import pytest_twisted
+from inprocess import InProcessServer, start_server
 from twisted.internet import defer, reactor, task
 
 from amaters.client import AmatersClient, BatchOp, connect
-from amaters.config import load_config
 from amaters.errors import (
     ErrorCode,
     InvalidValue,
@@ -23,55 +21,12 @@ from amaters.errors import (
 )
 from amaters.query import operations as ops
 from amaters.query.pipeline import PipelineStage, RequestContext
-from amaters.tap import build_service
 from amaters.tls.certs import generate_server_tls, issue_certificate
 
 pytestmark = pytest.mark.integration
 
 
-@attrs.define
-class Server:
-    root: Any
-    port: int
-    ca: str | None
-    clients: list[AmatersClient] = attrs.Factory(list)
-
-    @property
-    def listener(self) -> Any:
-        return self.root.getServiceNamed("listener")
-
-    async def client(self, **kwargs: Any) -> AmatersClient:
-        options: dict[str, Any] = {"ca_cert": self.ca, "plaintext": self.ca is None, "timeout": 30}
-        options.update(kwargs)
-        client = await connect(reactor, "127.0.0.1", self.port, **options)
-        self.clients.append(client)
-        return client
-
-    async def close(self) -> None:
-        for client in self.clients:
-            await client.close()
-        if self.root.running:
-            await self.root.stopService()
-
-
-async def start_server(tmp_path: Path, *overrides: str) -> Server:
-    config = load_config(
-        None,
-        [
-            "server.listen=tcp:0:interface=127.0.0.1",
-            "web.enabled=false",
-            "storage.backend=memory",
-            f"server.data_dir={tmp_path}",
-            "server.shutdown_timeout=10",
-            *overrides,
-        ],
-        {},
-    )
-    root = build_service(config, reactor)
-    await root.startService()
-    port = root.getServiceNamed("listener").port.getHost().port
-    ca = str(tmp_path / "tls" / "ca.pem") if config.tls.enabled else None
-    return Server(root, port, ca)
+Server = InProcessServer
 
 
 @pytest_twisted.async_yield_fixture

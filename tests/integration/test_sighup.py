@@ -40,10 +40,20 @@ def write_server_cert(directory: Path, ca_key: object, ca_cert: x509.Certificate
     return cert.fingerprint(hashes.SHA256()).hex()
 
 
-def served_fingerprint(port: int, ca: Path) -> str:
+def served_fingerprint(port: int, ca: Path, alpn: str | None = None) -> str:
     """The SHA-256 fingerprint of the certificate openssl s_client sees on a new connection."""
+    extra = ["-alpn", alpn] if alpn else []
     result = subprocess.run(
-        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(ca), "-verify_return_error"],
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{port}",
+            "-CAfile",
+            str(ca),
+            "-verify_return_error",
+            *extra,
+        ],
         input=b"",
         capture_output=True,
         timeout=30,
@@ -88,7 +98,8 @@ def tls_server(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path, object, x5
 async def test_certificate_rotation_on_sighup(
     tls_server: tuple[ServerProcess, Path, object, x509.Certificate],
 ) -> None:
-    """After SIGHUP new connections get the new certificate, while a connection opened before still answers."""
+    """After SIGHUP new connections (native and gRPC) get the new certificate, while a connection
+    opened before still answers."""
     from twisted.internet import reactor
 
     from amaters.client import connect
@@ -96,6 +107,7 @@ async def test_certificate_rotation_on_sighup(
     server, tls_dir, ca_key, ca_cert = tls_server
     ca = tls_dir / "ca.pem"
     first = served_fingerprint(server.port, ca)
+    assert served_fingerprint(server.grpc_port, ca, "h2") == first  # gRPC serves the same certificate
     old = await connect(reactor, "127.0.0.1", server.port, ca_cert=str(ca))
     try:
         await old.set("rotation", b"k", b"before")
@@ -103,6 +115,7 @@ async def test_certificate_rotation_on_sighup(
         server.signal(signal.SIGHUP)
         wait_for_log(server, "TLS certificate reloaded")
         assert served_fingerprint(server.port, ca) == second_expected != first
+        assert served_fingerprint(server.grpc_port, ca, "h2") == second_expected
         # The connection made before the rotation keeps working.
         await old.set("rotation", b"k", b"after")
         assert await old.get("rotation", b"k") == b"after"
@@ -133,6 +146,7 @@ def test_broken_certificate_keeps_the_old_one(
     wait_for_log(server, "Reload refused")
     assert "kept the old one" in server.log()
     assert served_fingerprint(server.port, ca) == before
+    assert served_fingerprint(server.grpc_port, ca, "h2") == before
 
 
 def test_invalid_config_file_is_refused(

@@ -91,6 +91,8 @@ def test_cli_start_status_stop(tmp_path: Path) -> None:
         "--set",
         f"server.data_dir={data}",
         "--set",
+        "grpc.listen=tcp:0:interface=127.0.0.1",
+        "--set",
         f"server.listen=tcp:{port}:interface=127.0.0.1",
         "--set",
         f"web.listen=tcp:{web_port}:interface=127.0.0.1",

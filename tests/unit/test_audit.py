@@ -98,7 +98,7 @@ def test_control_characters_and_long_fields_stay_on_one_bounded_line(tmp_path: P
     log.emit(audit_event("authentication", "failure", principal='evil\n{"forged": true}', error="x" * 5000))
     log.close()
     (line,) = lines_of(tmp_path / "audit.log")
-    assert line["principal"] == 'evil\n{"forged": true}'
+    assert line["principal"] == 'evil\\x0a{"forged": true}'
     assert len(line["error"]) == 1024
 
 
@@ -225,3 +225,17 @@ def test_reconfigure_moves_and_toggles_the_log(tmp_path: Path) -> None:
     audit.stopService()
     assert [e["principal"] for e in lines_of(tmp_path / "a.log")] == ["user1"]
     assert [e["principal"] for e in lines_of(tmp_path / "b.log")] == ["user2", "user4"]
+
+
+def test_control_characters_in_audit_fields_are_escaped() -> None:
+    """A token subject carrying ESC and a newline is written with visible escapes, so the decoded
+    field printed to a terminal is harmless."""
+    import json
+
+    from twisted.internet.task import Clock
+
+    from amaters.auth.audit import audit_event, format_event
+
+    line = format_event(audit_event("authentication", "failure", principal="mal\x1b[2J\nory"), Clock())
+    record = json.loads(line)
+    assert record["principal"] == "mal\\x1b[2J\\x0aory"

@@ -48,13 +48,18 @@ def test_status_when_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[s
     args = ["--set", f"server.data_dir={tmp_path}", "--set", "web.listen=tcp:1:interface=127.0.0.1"]
     assert main(["status", *args, "--format", "json"]) == 1
     shown = json.loads(capsys.readouterr().out)
-    assert {k: shown[k] for k in ("running", "pid", "ready")} == {"running": False, "pid": None, "ready": False}
+    assert {k: shown[k] for k in ("running", "pid", "ready")} == {
+        "running": False,
+        "pid": None,
+        "ready": False,
+    }
     assert shown["detail"].startswith("amaters is not running (no live pid in ")
     assert "nothing answers on http://127.0.0.1:1" in shown["detail"]
 
 
 def test_stop_when_not_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["stop", "--set", f"server.data_dir={tmp_path}"]) == 0
+    args = ["--set", f"server.data_dir={tmp_path}", "--set", "web.listen=tcp:1:interface=127.0.0.1"]
+    assert main(["stop", *args]) == 0
     assert "not running" in capsys.readouterr().out
 
 

@@ -239,3 +239,45 @@ def test_key_file_is_private_and_never_overwritten(tmp_path: Path) -> None:
         AESGCMCipher.from_file(tmp_path / "bad.key")
     with pytest.raises(KeyFileError):
         AESGCMCipher.from_file(tmp_path / "missing.key")
+
+
+def test_keep_alive_pings_beat_the_idle_timeout() -> None:
+    """With limits.idle_timeout = 1 s, a client pinging every 0.3 s stays connected for 2 s of clock
+    time while a quiet client on the same server is closed after 1 s."""
+    limits = LimitsConfig(idle_timeout=1.0)
+    alive = pair(limits=limits)
+    quiet = pair(limits=limits)
+    alive.client.start_keepalive(0.3)
+    for _ in range(20):  # 2 s in steps of 0.1 s, bytes pumped both ways after each step
+        for p in (alive, quiet):
+            p.clock.advance(0.1)
+            p.pump.flush()
+    assert quiet.client.closed
+    assert not alive.client.closed
+    assert alive.wait(alive.client.ping()) >= 0
+    alive.client.stop_keepalive()
+
+
+def test_a_large_value_tail_parses_as_the_same_set() -> None:
+    """The rest of a SET followed by its value as a second encoding of the same field parses as the
+    one message a plain encoding gives (protobuf merges repeated message fields)."""
+    from amaters.client import _value_tail
+    from amaters.proto import envelope_pb2
+    from amaters.proto.convert import fill_blob
+    from amaters.types import CipherBlob, crc32
+
+    data = bytes(range(256)) * 5000  # over 127 bytes: multi-byte lengths at every level
+    whole = envelope_pb2.Envelope(request_id=7)
+    query = whole.query.query.set
+    query.collection = "c"
+    query.key.data = b"k"
+    fill_blob(query.value, CipherBlob.wrap(data, created_at=1))
+
+    head = envelope_pb2.Envelope(request_id=7)
+    query = head.query.query.set
+    query.collection = "c"
+    query.key.data = b"k"
+    fill_blob(query.value, CipherBlob(b"", crc32(data), len(data), created_at=1))
+    parsed = envelope_pb2.Envelope()
+    parsed.ParseFromString(head.SerializeToString() + b"".join(_value_tail(data)))
+    assert parsed == whole

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface.verify import verifyObject
@@ -41,7 +42,7 @@ def build(tmp_path: Path, *overrides: str) -> object:
         ],
         {},
     )
-    return build_service(config, MemoryReactorClock())
+    return build_service(config, MemoryReactorClock(), synchronous_pools=True)
 
 
 def test_tree_is_the_documented_tree(tmp_path: Path) -> None:
@@ -96,3 +97,80 @@ def test_no_component_holds_the_root(tmp_path: Path) -> None:
 
     for child in root:  # type: ignore[attr-defined]
         walk(child, 0)
+
+
+def test_a_get_goes_down_the_layers_once(tmp_path: Path) -> None:
+    """A GET through the composed tree (auth, RBAC, audit, metrics, cache all on), from the frame to
+    the backend: every call between the project's modules goes down the request path, protocol →
+    pipeline → stages → executor (through the cache) → storage; nothing below the protocol calls
+    back up into it, and nothing below the pipeline calls back into the pipeline."""
+    import sys
+    import time
+
+    import jwt
+    from twisted.internet.testing import StringTransport
+
+    from amaters.proto import envelope_pb2, types_pb2
+    from amaters.protocols.framing import encode_frame
+
+    secret = "s" * 40
+    root = build(
+        tmp_path,
+        "storage.backend=memory",
+        "snapshot.interval=0",
+        "tracing.enabled=false",
+        "tls.watch=false",
+        "grpc.enabled=false",  # grpcio binds real sockets, not the memory reactor's
+        "auth.enabled=true",
+        f"auth.jwt.secret={secret}",
+        "audit.enabled=true",
+        f"audit.path={tmp_path / 'audit.log'}",
+    )
+    started = root.startService()  # type: ignore[attr-defined]
+    assert started.called and started.result is None  # type: ignore[attr-defined]
+    try:
+        protocol = root.components.listener.factory.buildProtocol(None)  # type: ignore[attr-defined]
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        token = jwt.encode({"sub": "u", "roles": ["admin"], "exp": int(time.time()) + 60}, secret, "HS256")
+        handshake = envelope_pb2.Handshake(version=types_pb2.Version(major=1), client_name="test")
+        handshake.credentials.bearer_token = token
+        protocol.dataReceived(
+            encode_frame(envelope_pb2.Envelope(request_id=1, handshake=handshake).SerializeToString())
+        )
+        from protocol_helpers import q_get, q_set
+
+        protocol.dataReceived(encode_frame(q_set(2, "c", b"k", b"v").SerializeToString()))
+        transport.clear()
+        get = encode_frame(q_get(3, "c", b"k").SerializeToString())
+
+        edges: set[tuple[str, str]] = set()
+
+        def profile(frame: Any, event: str, arg: Any) -> None:
+            if event != "call" or frame.f_back is None:
+                return
+            callee = frame.f_globals.get("__name__", "")
+            caller = frame.f_back.f_globals.get("__name__", "")
+            if callee.startswith("amaters.") and caller.startswith("amaters.") and callee != caller:
+                edges.add((caller, callee))
+
+        sys.setprofile(profile)
+        try:
+            protocol.dataReceived(get)
+        finally:
+            sys.setprofile(None)
+        assert b"v" in transport.value()  # answered, synchronously, from the memory backend
+
+        modules = {m for edge in edges for m in edge}
+        assert {"amaters.protocols.server", "amaters.query.pipeline", "amaters.query.executor"} <= modules
+        assert any(callee.startswith("amaters.storage.") for _, callee in edges)
+        into_protocol = {caller for caller, callee in edges if callee == "amaters.protocols.server"}
+        assert into_protocol <= {"amaters.protocols.framing"}, into_protocol
+        into_pipeline = {caller for caller, callee in edges if callee == "amaters.query.pipeline"}
+        assert into_pipeline <= {"amaters.protocols.server"}, into_pipeline
+        storage_callers = {caller for caller, callee in edges if callee.startswith("amaters.storage.")}
+        assert not {c for c in storage_callers if c.startswith(("amaters.protocols", "amaters.web"))}
+    finally:
+        protocol.transport.loseConnection()
+        protocol.connectionLost(None)
+        root.stopService()  # type: ignore[attr-defined]

@@ -9,7 +9,7 @@ import attrs
 import lz4.frame
 import pytest
 import zstandard
-from test_protocol_server import make, q_get, q_set
+from protocol_helpers import make, q_get, q_set
 from twisted.internet import defer
 
 from amaters.config import CompressionConfig, LimitsConfig, default_config

@@ -232,7 +232,9 @@ def test_service_tree_has_a_flusher_after_storage(tmp_path: Any) -> None:
     from amaters.config import load_config
     from amaters.tap import build_service
 
-    config = load_config(None, [f"server.data_dir={tmp_path}", "storage.sync=interval"], {})
+    config = load_config(
+        None, [f"server.data_dir={tmp_path}", "storage.sync=interval", "grpc.enabled=false"], {}
+    )
     root = build_service(config, MemoryReactorClock())
     names = [child.name for child in root]
     assert names.index("storage") < names.index("flusher")

@@ -21,7 +21,7 @@ from amaters.tap import build_service
 def tree(tmp_path: Path, *overrides: str) -> tuple[Any, MemoryReactorClock]:
     config = load_config(
         None,
-        [f"server.data_dir={tmp_path}", "storage.backend=memory", *overrides],
+        [f"server.data_dir={tmp_path}", "storage.backend=memory", "grpc.enabled=false", *overrides],
         {},
     )
     reactor = MemoryReactorClock()

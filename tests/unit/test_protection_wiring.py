@@ -16,11 +16,13 @@ from amaters.tap import build_service
 def build(tmp_path: Path, text: str) -> tuple[object, Path]:
     path = tmp_path / "server.toml"
     path.write_text(text)
-    config = load_config(path, [f"server.data_dir={tmp_path}", "storage.backend=memory"], {})
+    config = load_config(
+        path, [f"server.data_dir={tmp_path}", "storage.backend=memory", "grpc.enabled=false"], {}
+    )
     root = build_service(
         config,
         MemoryReactorClock(),
-        Sources(str(path), (f"server.data_dir={tmp_path}", "storage.backend=memory")),
+        Sources(str(path), (f"server.data_dir={tmp_path}", "storage.backend=memory", "grpc.enabled=false")),
     )
     return root, path
 

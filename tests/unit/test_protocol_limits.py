@@ -4,7 +4,7 @@ keep-alive pings against the idle timeout."""
 
 from __future__ import annotations
 
-from test_protocol_server import make, q_get, q_set, ready
+from protocol_helpers import make, q_get, q_set, ready
 
 from amaters.config import LimitsConfig
 from amaters.errors import ErrorCode

@@ -5,198 +5,35 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from protocol_helpers import (
+    blob,
+    fill,
+    key,
+    make,
+    q_get,
+    q_range,
+    q_set,
+    query_error,
+    ready,
+)
 from twisted.internet import defer
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, globalLogPublisher
 
 from amaters.config import LimitsConfig
 from amaters.errors import AuthError, ErrorCategory, ErrorCode
 from amaters.proto import aql_pb2, envelope_pb2, query_pb2, types_pb2
-from amaters.protocols.framing import FrameDecoder, encode_frame
+from amaters.protocols.framing import encode_frame
 from amaters.protocols.server import (
     ANONYMOUS,
-    AmatersServerFactory,
-    AmatersServerProtocol,
     Credentials,
     default_authenticator,
 )
-from amaters.query.executor import QueryExecutor
-from amaters.query.pipeline import QueryPipeline
-from amaters.storage.memory import MemoryBackend
-from amaters.types import CipherBlob, crc32
+from amaters.types import crc32
 
 Envelope = envelope_pb2.Envelope
-
-
-class GatedBackend(MemoryBackend):
-    """A memory backend whose get/put answer only when the test releases them (when gated)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gated = False
-        self.waiting: list[tuple[defer.Deferred[Any], defer.Deferred[Any]]] = []
-        self.explode = False
-
-    def _gate(self, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
-        if not self.gated:
-            return d
-        held: defer.Deferred[Any] = defer.Deferred()
-        self.waiting.append((d, held))
-        return held
-
-    def release(self, index: int = 0) -> None:
-        inner, held = self.waiting.pop(index)
-        inner.chainDeferred(held)
-
-    def get(self, collection: str, key: bytes) -> defer.Deferred[CipherBlob | None]:
-        if self.explode:
-            raise RuntimeError("disk on fire at /secret/path")
-        return self._gate(super().get(collection, key))
-
-    def put(self, collection: str, key: bytes, value: CipherBlob) -> defer.Deferred[None]:
-        return self._gate(super().put(collection, key, value))
-
-    def scan(
-        self, collection: str, start: bytes, end: bytes | None, limit: int | None, chunk_size: int
-    ) -> Any:
-        cursor = super().scan(collection, start, end, limit, chunk_size)
-        backend = self
-
-        class GatedCursor:
-            closed = False
-
-            def next_chunk(self) -> defer.Deferred[Any]:
-                return backend._gate(cursor.next_chunk())
-
-            def close(self) -> None:
-                self.closed = True
-                backend.cursors_closed += 1
-                cursor.close()
-
-        return GatedCursor()
-
-    cursors_closed = 0
-
-
-@attrs.define
-class Harness:
-    protocol: AmatersServerProtocol
-    transport: StringTransport
-    factory: AmatersServerFactory
-    backend: GatedBackend
-    clock: Clock
-    decoder: FrameDecoder
-
-    def send(self, envelope: envelope_pb2.Envelope) -> None:
-        self.protocol.dataReceived(encode_frame(envelope.SerializeToString()))
-
-    def send_many(self, envelopes: list[envelope_pb2.Envelope]) -> None:
-        self.protocol.dataReceived(b"".join(encode_frame(e.SerializeToString()) for e in envelopes))
-
-    def received(self) -> list[envelope_pb2.Envelope]:
-        data = self.transport.value()
-        self.transport.clear()
-        out = []
-        for frame in self.decoder.feed(data):
-            envelope = Envelope()
-            envelope.ParseFromString(frame)
-            out.append(envelope)
-        return out
-
-    def handshake(self, major: int = 1, token: str | None = None) -> envelope_pb2.Envelope:
-        hs = envelope_pb2.Handshake(version=types_pb2.Version(major=major), client_name="test")
-        if token:
-            hs.credentials.bearer_token = token
-        self.send(Envelope(request_id=1, handshake=hs))
-        (answer,) = self.received()
-        return answer
-
-    @property
-    def closing(self) -> bool:
-        return bool(self.transport.disconnecting)
-
-
-def make(limits: LimitsConfig | None = None, authenticate: Any = None, chunk_size: int = 3) -> Harness:
-    limits = limits or LimitsConfig()
-    clock = Clock()
-    backend = GatedBackend()
-    backend.open()
-    pipeline = QueryPipeline(QueryExecutor(backend, range_chunk_size=chunk_size), limits)
-    factory = AmatersServerFactory(pipeline, limits, clock, authenticate)
-    protocol = factory.buildProtocol(None)
-    assert isinstance(protocol, AmatersServerProtocol)
-    transport = StringTransport()
-    protocol.makeConnection(transport)
-    return Harness(protocol, transport, factory, backend, clock, FrameDecoder(2**31 - 1))
-
-
-def ready(**kwargs: Any) -> Harness:
-    h = make(**kwargs)
-    assert h.handshake().WhichOneof("body") == "handshake_response"
-    return h
-
-
-def key(data: bytes) -> types_pb2.Key:
-    return types_pb2.Key(data=data)
-
-
-def blob(data: bytes, checksum: int | None = None) -> types_pb2.CipherBlob:
-    return types_pb2.CipherBlob(
-        data=data,
-        metadata=types_pb2.CipherMetadata(
-            size=len(data), checksum=crc32(data) if checksum is None else checksum
-        ),
-    )
-
-
-def q_set(
-    rid: int, collection: str, k: bytes, v: bytes, checksum: int | None = None
-) -> envelope_pb2.Envelope:
-    return Envelope(
-        request_id=rid,
-        query=aql_pb2.QueryRequest(
-            query=query_pb2.Query(
-                set=query_pb2.SetQuery(collection=collection, key=key(k), value=blob(v, checksum))
-            )
-        ),
-    )
-
-
-def q_get(rid: int, collection: str, k: bytes) -> envelope_pb2.Envelope:
-    return Envelope(
-        request_id=rid,
-        query=aql_pb2.QueryRequest(
-            query=query_pb2.Query(get=query_pb2.GetQuery(collection=collection, key=key(k)))
-        ),
-    )
-
-
-def q_range(
-    rid: int, collection: str, start: bytes, end: bytes, limit: int | None = None
-) -> envelope_pb2.Envelope:
-    r = query_pb2.RangeQuery(collection=collection, start=key(start), end=key(end))
-    if limit is not None:
-        r.limit = limit
-    return Envelope(request_id=rid, query=aql_pb2.QueryRequest(query=query_pb2.Query(range=r)))
-
-
-def query_error(envelope: envelope_pb2.Envelope) -> Any:
-    assert envelope.WhichOneof("body") == "query_response"
-    assert envelope.query_response.WhichOneof("response") == "error"
-    return envelope.query_response.error
-
-
-def fill(h: Harness, collection: str, count: int) -> None:
-    h.send_many([q_set(1000 + i, collection, b"%04d" % i, b"v%d" % i) for i in range(count)])
-    assert len(h.received()) == count
-
-
-# -- handshake ---------------------------------------------------------------------------------
 
 
 def test_handshake_answers_versions_capabilities_and_principal() -> None:

@@ -31,7 +31,7 @@ ALL_OPS = [
     (ops.Range("c", b"a", None), "range", "collection:c", READ),
     (ops.Set("c", b"k", BLOB), "set", "collection:c", WRITE),
     (ops.Delete("c", b"k"), "delete", "collection:c", WRITE),
-    (ops.CreateCollection("c"), "create_collection", "collection:c", ADMIN),
+    (ops.CreateCollection("c"), "create_collection", "collection:c", Permission.CREATE),
     (ops.DropCollection("c"), "drop_collection", "collection:c", ADMIN),
     (ops.ListCollections(), "list_collections", "server", READ),
     (ops.ServerInfo(), "server_info", "server", READ),
@@ -43,7 +43,8 @@ ALL_OPS = [
 def test_every_operation_maps_to_a_permission_and_resource(
     op: object, name: str, resource: str, permission: Permission
 ) -> None:
-    """GET/RANGE need read, SET/DELETE write, create/drop collection admin, server ops read on server."""
+    """GET/RANGE need read, SET/DELETE write, create collection create, drop collection admin,
+    server ops read on server."""
     assert required_access(op) == (Access(name, resource, permission),)
 
 

@@ -49,7 +49,7 @@ from amaters.types import CipherBlob, Compression, WriteOp, crc32
 
 
 def make_config(data_dir: Path, *settings: str) -> Config:
-    return load_config(None, [f"server.data_dir={data_dir}", *settings], {})
+    return load_config(None, [f"server.data_dir={data_dir}", "grpc.enabled=false", *settings], {})
 
 
 def blob(data: bytes, **kw: Any) -> CipherBlob:

@@ -54,7 +54,9 @@ def test_tree_start_and_stop_on_memory_reactor(tmp_path: Path) -> None:
     """The tree starts every child in order on a fake reactor, becomes ready, and stops cleanly."""
     from amaters.config import load_config
 
-    config = load_config(None, [f"server.data_dir={tmp_path}", "storage.backend=memory"], {})
+    config = load_config(
+        None, [f"server.data_dir={tmp_path}", "storage.backend=memory", "grpc.enabled=false"], {}
+    )
     reactor = MemoryReactorClock()
     root = build_service(config, reactor, synchronous_pools=True)
     d = root.startService()

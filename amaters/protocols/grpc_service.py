@@ -1,0 +1,978 @@
+"""The gRPC front end: AmateRS's ``amaters.aql.AqlService`` over grpcio, plus ``grpc.health.v1``
+and server reflection.
+
+It only translates.  Every call becomes the same pipeline operation the native protocol would run
+(:class:`~amaters.query.pipeline.QueryPipeline`): validation, admission, RBAC, cache, executor,
+metrics, audit and tracing all happen there, exactly as for a native request.  Answers go back as
+AmateRS's messages with errors in-band (``QueryResponse.error``); only a refused login is a gRPC
+status (``UNAUTHENTICATED``).
+
+Threads.  grpcio's server runs each call on one of ``grpc.max_workers`` threads of its own.  A call
+never touches the pipeline from there: it hands one function to the reactor thread
+(``reactor.callFromThread``) and waits on a queue for the answer, bounded by the call's deadline and
+the request timeout.  Streams wait the same way for each chunk, so a slow reader holds a worker
+thread, not server memory, and the next chunk is read only when the client took the last one.
+``docs/grpc.md`` has the measured cost of the hop and the reasons for the choice.
+
+Metadata a call may carry: ``authorization: Bearer <jwt>`` or ``x-api-key: <id>.<secret>``
+(otherwise the TLS client certificate, when ``tls.client_auth = "required"``), ``traceparent`` and
+``tracestate`` (W3C), and grpc's own ``grpc-timeout`` (the deadline).
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import grpc
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from twisted.application import service
+from twisted.internet import defer, task, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from amaters.config import ConfigError, grpc_bind_address
+from amaters.errors import AmatersError, AuthError, RequestTimeout, ShuttingDown
+from amaters.interfaces import IPrincipal, IRangeCursor
+from amaters.proto import aql_pb2
+from amaters.proto.convert import error_to_proto, fill_blob, fill_key_values, fill_result, version_to_proto
+from amaters.query import operations as ops
+from amaters.query.pipeline import NOT_YET, QueryPipeline, RequestContext, immediate_result
+
+if TYPE_CHECKING:
+    from amaters.config import Config
+
+SERVICE_NAME = aql_pb2.DESCRIPTOR.services_by_name["AqlService"].full_name
+
+#: The metadata entry carrying an API key (``<id>.<secret>``); ``authorization`` carries a JWT.
+API_KEY_METADATA = "x-api-key"
+
+Authenticator = Callable[[Any, Any, str], "defer.Deferred[IPrincipal]"]
+
+
+# -- TLS material --------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class GrpcTLSMaterial:
+    """What grpcio's TLS needs, as PEM bytes (never logged)."""
+
+    cert_chain: bytes = attrs.field(repr=False)
+    key: bytes = attrs.field(repr=False)
+    client_ca: bytes | None = attrs.field(repr=False)
+    require_client_auth: bool
+
+
+def load_tls_material(config: Config) -> GrpcTLSMaterial:
+    """The native listener's certificate, key and client CA for ``config``, checked by building
+    the same OpenSSL context the listener would use; raises ConfigError when unusable.
+
+    Does file I/O (and generates the private CA on a first start, as the listener does)."""
+    from amaters.ops.tlsreload import build_server_options
+    from amaters.tls.certs import ensure_server_tls
+
+    build_server_options(config)  # key matches certificate, CA readable: or ConfigError
+    files = ensure_server_tls(config)
+    client_auth = config.tls.client_auth
+    try:
+        client_ca = Path(config.tls.ca).read_bytes() if config.tls.ca and client_auth != "none" else None
+        return GrpcTLSMaterial(
+            cert_chain=files.cert.read_bytes(),
+            key=files.key.read_bytes(),
+            client_ca=client_ca,
+            require_client_auth=client_auth == "required",
+        )
+    except OSError as e:
+        raise ConfigError([f"tls: cannot read the certificate material for gRPC ({e.strerror})"]) from None
+
+
+def _certificate_configuration(material: GrpcTLSMaterial) -> Any:
+    return grpc.ssl_server_certificate_configuration(
+        [(material.key, material.cert_chain)], root_certificates=material.client_ca
+    )
+
+
+# -- per-call translation --------------------------------------------------------------------------
+
+
+class _CallRefused(Exception):
+    """The call ends with this gRPC status (credentials refused, the server shutting down)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Ended(Exception):
+    """The call was cancelled, or its deadline passed, while waiting for the reactor."""
+
+
+class _Answers:
+    """Where a call's worker thread waits for the reactor: a fresh queue per wait (so a late
+    answer to a wait that timed out is never taken for the next one), and the call's end."""
+
+    __slots__ = ("ended", "queue")
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.ended = False
+
+    def end(self) -> None:
+        """The call is over (cancelled, deadline passed, or finished): stop waiting."""
+        self.ended = True
+        self.queue.put((False, _Ended()))
+
+    def fresh(self) -> queue.SimpleQueue[Any]:
+        q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.queue = q
+        if self.ended:
+            q.put((False, _Ended()))
+        return q
+
+
+@attrs.frozen
+class CallInfo:
+    """What a call's metadata and transport say about its caller (read on the worker thread)."""
+
+    credentials: Any
+    peer_certificate: Any
+    source: str
+    trace_context: dict[str, str] | None
+
+
+def _source(peer: str) -> str:
+    """``ipv4:127.0.0.1:5000`` → ``127.0.0.1:5000`` (the native protocol's form)."""
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6") and address:
+        return address
+    return peer
+
+
+def _peer_certificates(context: grpc.ServicerContext) -> Any:
+    """The client's verified certificate (leaf first, then its chain) as ``cryptography`` objects."""
+    auth = context.auth_context()
+    pems = auth.get("x509_pem_cert_chain") or auth.get("x509_pem_cert")
+    if not pems:
+        return None
+    from cryptography import x509
+
+    certificates = []
+    for pem in pems:
+        certificates.extend(x509.load_pem_x509_certificates(pem))
+    return certificates or None
+
+
+def call_info(
+    context: grpc.ServicerContext, credentials_type: Callable[[str, str], Any], client_certificates: bool
+) -> CallInfo:
+    """Read credentials, trace context and the peer from a call; raises _CallRefused when the
+    credential metadata is malformed.  ``client_certificates``: whether TLS asks clients for one
+    (reading the TLS session costs a little on every call, so it is skipped otherwise)."""
+    authorization = api_key = None
+    trace: dict[str, str] | None = None
+    for key, value in context.invocation_metadata():
+        if key == "authorization":
+            authorization = value
+        elif key == API_KEY_METADATA:
+            api_key = value
+        elif key in ("traceparent", "tracestate") and isinstance(value, str):
+            if trace is None:
+                trace = {}
+            trace[key] = value
+    credentials = None
+    if authorization is not None and api_key is not None:
+        raise _CallRefused(
+            grpc.StatusCode.UNAUTHENTICATED,
+            f"send either authorization or {API_KEY_METADATA} metadata, not both",
+        )
+    if authorization is not None:
+        scheme, _, token = str(authorization).strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _CallRefused(
+                grpc.StatusCode.UNAUTHENTICATED, "authorization metadata must be 'Bearer <token>'"
+            )
+        credentials = credentials_type("bearer_token", token.strip())
+    elif api_key is not None:
+        credentials = credentials_type("api_key", str(api_key).strip())
+    peer_certificate = _peer_certificates(context) if client_certificates else None
+    return CallInfo(credentials, peer_certificate, _source(context.peer()), trace)
+
+
+def _execution_ms(ctx: RequestContext, clock: Any) -> int:
+    return max(0, int((clock.seconds() - ctx.started) * 1000))
+
+
+# -- the AqlService ------------------------------------------------------------------------------
+
+
+class AqlServicer:
+    """The six AqlService methods.  Methods named like the RPCs run on grpcio's worker threads;
+    methods starting with ``_r_`` run on the reactor thread.
+
+    A unary call costs one trip to the reactor and back: the login and the operation run in the
+    same reactor turn (:meth:`_r_authenticated`), and the principal is logged out there when the
+    answer is ready."""
+
+    _log = Logger()
+
+    def __init__(self, owner: GrpcService) -> None:
+        self.owner = owner
+        self.reactor = owner.reactor
+        self.pipeline: QueryPipeline = owner.pipeline
+        self._ids = itertools.count(1)
+        from amaters.auth.principal import Credentials
+
+        self._credentials_type = Credentials
+
+    # -- worker-thread helpers ------------------------------------------------------------------
+
+    def _begin(self, context: grpc.ServicerContext) -> tuple[CallInfo, _Answers]:
+        try:
+            info = call_info(context, self._credentials_type, self.owner.client_certificates)
+        except _CallRefused as e:
+            context.abort(e.code, e.message)
+        answers = _Answers()
+        # A cancelled call (or one past its deadline) stops waiting at once.
+        context.add_callback(answers.end)
+        return info, answers
+
+    def _wait(self, answers: _Answers, timeout: float | None, fn: Any, *args: Any) -> Any:
+        """Run ``fn(*args)`` on the reactor and return what it returns (or its Deferred's result);
+        raises what it raises, _Ended when the call ends first, queue.Empty after ``timeout``."""
+        waiting = answers.fresh()
+        self.reactor.callFromThread(self._r_call, waiting, fn, args)
+        ok, value = waiting.get(timeout=timeout)
+        if ok:
+            return value
+        raise value
+
+    def _r_call(self, answers: queue.SimpleQueue[Any], fn: Any, args: tuple[Any, ...]) -> None:
+        try:
+            result = fn(*args)
+        except BaseException as e:
+            answers.put((False, e))
+            return
+        if isinstance(result, defer.Deferred):
+            value = immediate_result(result)
+            if value is not NOT_YET:
+                answers.put((True, value))
+                return
+            result.addCallbacks(
+                lambda value: answers.put((True, value)), lambda failure: answers.put((False, failure.value))
+            )
+        else:
+            answers.put((True, result))
+
+    def _timeouts(self, context: grpc.ServicerContext, timeout_ms: int | None) -> tuple[float, bool]:
+        """(seconds to wait, whether the client's deadline is what limits it)."""
+        server = self.pipeline.limits.request_timeout
+        if timeout_ms:
+            server = min(server, timeout_ms / 1000.0)
+        remaining = context.time_remaining()
+        if remaining is not None and remaining < server:
+            return max(remaining, 0.0), True
+        return server, False
+
+    def _expired(self, context: grpc.ServicerContext, by_deadline: bool, what: str, seconds: float) -> Any:
+        if by_deadline:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"the {what} request passed its deadline")
+        self._log.warn(
+            "A gRPC {what} request from {source} ran longer than {timeout} s",
+            what=what,
+            source=_source(context.peer()),
+            timeout=round(seconds, 3),
+        )
+        return RequestTimeout(f"the {what} request did not finish within {seconds:g} s on the server")
+
+    def _logout(self, principal: Any) -> None:
+        logout = getattr(principal, "logout", None)
+        if callable(logout):
+            self.reactor.callFromThread(logout)
+
+    def _unary(
+        self,
+        context: grpc.ServicerContext,
+        answers: _Answers,
+        info: CallInfo,
+        run: Any,
+        request: Any,
+        error_response: Callable[[AmatersError], Any],
+        what: str,
+        principal: Any = None,
+    ) -> Any:
+        """One request answered in-band: logged in for this request alone, unless ``principal``
+        (an interactive stream's) is given."""
+        timeout_ms = request.timeout_ms if request.HasField("timeout_ms") else None
+        seconds, by_deadline = self._timeouts(context, timeout_ms)
+        try:
+            if principal is None:
+                return self._wait(answers, seconds, self._r_authenticated, info, run, (request,))
+            return self._wait(answers, seconds, run, info, principal, request)
+        except queue.Empty:
+            error = self._expired(context, by_deadline, what, seconds)
+            return self._set_request_id(error_response(error), request)
+        except _Ended:
+            context.abort(grpc.StatusCode.CANCELLED, "the call ended")
+        except _CallRefused as e:
+            context.abort(e.code, e.message)
+        except AmatersError as e:
+            return self._set_request_id(error_response(e), request)
+
+    @staticmethod
+    def _set_request_id(response: Any, request: Any) -> Any:
+        if request.HasField("request_id"):
+            response.request_id = request.request_id
+        return response
+
+    # -- RPCs (worker threads) ------------------------------------------------------------------
+
+    def ExecuteQuery(self, request: aql_pb2.QueryRequest, context: grpc.ServicerContext) -> Any:
+        info, answers = self._begin(context)
+        return self._unary(context, answers, info, self._r_query, request, _query_error, "query")
+
+    def ExecuteBatch(self, request: aql_pb2.BatchRequest, context: grpc.ServicerContext) -> Any:
+        info, answers = self._begin(context)
+        return self._unary(context, answers, info, self._r_batch, request, _batch_error, "batch")
+
+    def HealthCheck(self, request: aql_pb2.HealthCheckRequest, context: grpc.ServicerContext) -> Any:
+        name = request.service if request.HasField("service") else None
+        return self._simple(context, ops.HealthCheck(name), _health_response)
+
+    def GetServerInfo(self, request: aql_pb2.ServerInfoRequest, context: grpc.ServicerContext) -> Any:
+        return self._simple(context, ops.ServerInfo(), _server_info_response)
+
+    def _simple(self, context: grpc.ServicerContext, op: ops.Operation, render: Callable[[Any], Any]) -> Any:
+        """HealthCheck and GetServerInfo: their responses have no error field, so a refusal (RBAC,
+        rate limit, drain) is a gRPC status carrying the same message."""
+        info, answers = self._begin(context)
+        seconds, by_deadline = self._timeouts(context, None)
+        try:
+            return render(self._wait(answers, seconds, self._r_authenticated, info, self._r_simple, (op,)))
+        except queue.Empty:
+            error = self._expired(context, by_deadline, op.name, seconds)
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, error.message)
+        except _Ended:
+            context.abort(grpc.StatusCode.CANCELLED, "the call ended")
+        except _CallRefused as e:
+            context.abort(e.code, e.message)
+        except AmatersError as e:
+            context.abort(_status_for(e), e.message)
+
+    def _login(self, context: grpc.ServicerContext, answers: _Answers, info: CallInfo) -> Any:
+        """Log in for a whole stream; the caller logs out (:meth:`_logout`) when it ends."""
+        try:
+            return self._wait(answers, self.pipeline.limits.request_timeout, self._r_login, info)
+        except _CallRefused as e:
+            context.abort(e.code, e.message)
+        except queue.Empty:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "authentication did not finish in time")
+        except _Ended:
+            context.abort(grpc.StatusCode.CANCELLED, "the call ended")
+
+    def ExecuteStream(self, request: aql_pb2.QueryRequest, context: grpc.ServicerContext) -> Iterator[Any]:
+        kind = request.query.WhichOneof("query")
+        if kind not in ("range", "get"):
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"ExecuteStream serves RANGE and GET queries, not {kind or 'an empty query'};"
+                " use ExecuteQuery",
+            )
+        info, answers = self._begin(context)
+        principal = self._login(context, answers, info)
+        try:
+            yield from self._stream(context, answers, info, principal, request)
+        finally:
+            self._logout(principal)
+
+    def _stream(
+        self,
+        context: grpc.ServicerContext,
+        answers: _Answers,
+        info: CallInfo,
+        principal: Any,
+        request: aql_pb2.QueryRequest,
+    ) -> Iterator[Any]:
+        timeout_ms = request.timeout_ms if request.HasField("timeout_ms") else None
+        seconds, by_deadline = self._timeouts(context, timeout_ms)
+        cursor: IRangeCursor | None = None
+        sequence = sent = 0
+        try:
+            try:
+                opened = self._wait(answers, seconds, self._r_open_stream, info, principal, request)
+            except AmatersError as e:
+                yield aql_pb2.StreamResponse(error=error_to_proto(e), sequence=0)
+                return
+            if not isinstance(opened, tuple):
+                cursor = opened
+            else:  # a GET: its value (if any) as one batch
+                key, value = opened
+                if value is not None:
+                    response = aql_pb2.StreamResponse(sequence=0)
+                    fill_key_values(response.batch.values, [(key, value)])
+                    yield response
+                    sequence, sent = 1, 1
+                yield aql_pb2.StreamResponse(end=aql_pb2.StreamEnd(total_count=sent), sequence=sequence)
+                return
+            held: list[Any] | None = None
+            while True:
+                try:
+                    chunk = self._wait(answers, seconds, cursor.next_chunk)
+                except AmatersError as e:
+                    yield aql_pb2.StreamResponse(error=error_to_proto(e), sequence=sequence)
+                    return
+                if held:
+                    response = aql_pb2.StreamResponse(sequence=sequence)
+                    batch = response.batch
+                    fill_key_values(batch.values, held)
+                    batch.has_more = bool(chunk)
+                    yield response
+                    sequence += 1
+                    sent += len(held)
+                if not chunk:
+                    yield aql_pb2.StreamResponse(end=aql_pb2.StreamEnd(total_count=sent), sequence=sequence)
+                    return
+                held = chunk
+        except queue.Empty:
+            error = self._expired(context, by_deadline, "range", seconds)
+            yield aql_pb2.StreamResponse(error=error_to_proto(error), sequence=sequence)
+        except _Ended:
+            return
+        finally:
+            if cursor is not None:
+                self.reactor.callFromThread(cursor.close)
+
+    def ExecuteInteractive(self, request_iterator: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        info, answers = self._begin(context)
+        principal = self._login(context, answers, info)
+        try:
+            for request in request_iterator:
+                yield self._unary(
+                    context, answers, info, self._r_query, request, _query_error, "query", principal
+                )
+        finally:
+            self._logout(principal)
+
+    # -- reactor thread -------------------------------------------------------------------------
+
+    def _r_login(self, info: CallInfo) -> Any:
+        """The principal for the call's credentials (or a Deferred of it); raises _CallRefused."""
+        if self.owner.shutting_down():
+            raise _CallRefused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        try:
+            d = self.owner.authenticate(info.credentials, info.peer_certificate, info.source)
+        except Exception:
+            d = defer.fail()
+        principal = immediate_result(d)
+        if principal is not NOT_YET:
+            return principal
+        return d.addErrback(self._r_refused, info)
+
+    def _r_refused(self, failure: Failure, info: CallInfo) -> None:
+        error = failure.value
+        if isinstance(error, AuthError):
+            self._log.info(
+                "Refused gRPC call from {source}: {reason}", source=info.source, reason=error.message
+            )
+            raise _CallRefused(grpc.StatusCode.UNAUTHENTICATED, error.message)
+        if isinstance(error, AmatersError):  # a login throttled, the auth service not started yet
+            raise _CallRefused(_status_for(error), error.message)
+        self._log.failure("Authentication failed unexpectedly for {source}", failure, source=info.source)
+        raise _CallRefused(grpc.StatusCode.UNAUTHENTICATED, "authentication failed")
+
+    def _r_authenticated(self, info: CallInfo, run: Any, args: tuple[Any, ...]) -> Any:
+        """Log in, ``run(info, principal, *args)``, log out once its answer is ready: one turn of
+        the reactor when both are immediate (the common case)."""
+        principal = self._r_login(info)
+        if isinstance(principal, defer.Deferred):
+            return principal.addCallback(lambda p: self._r_authenticated_as(p, info, run, args))
+        return self._r_authenticated_as(principal, info, run, args)
+
+    def _r_authenticated_as(self, principal: Any, info: CallInfo, run: Any, args: tuple[Any, ...]) -> Any:
+        logout = getattr(principal, "logout", None)
+        if not callable(logout):
+            return run(info, principal, *args)
+        try:
+            result = run(info, principal, *args)
+        except BaseException:
+            logout()
+            raise
+        if isinstance(result, defer.Deferred) and immediate_result(result) is NOT_YET:
+
+            def finished(outcome: object) -> object:
+                logout()
+                return outcome
+
+            return result.addBoth(finished)
+        logout()
+        return result
+
+    def _r_context(self, info: CallInfo, principal: Any) -> RequestContext:
+        if self.owner.shutting_down():
+            raise ShuttingDown("the server is shutting down")
+        ctx = RequestContext(next(self._ids), principal, info.source, self.reactor.seconds(), None, "grpc")
+        if info.trace_context:
+            ctx.annotations["trace_context"] = info.trace_context
+        return ctx
+
+    def _r_query(self, info: CallInfo, principal: Any, request: aql_pb2.QueryRequest) -> Any:
+        ctx = self._r_context(info, principal)
+        op = self.pipeline.decode_query(request.query)
+        done, outcome = self.pipeline.run(ctx, op)
+        if done:
+            return self._r_query_response(outcome, ctx, op, request)
+        return outcome.addCallback(self._r_query_response, ctx, op, request)
+
+    def _r_query_response(self, result: Any, ctx: RequestContext, op: Any, request: Any) -> Any:
+        response = aql_pb2.QueryResponse()
+        if op.name == "get" and result is not None:
+            fill_blob(response.result.single.value, result)
+        else:
+            fill_result(response.result, op.name, result)
+        if request.HasField("request_id"):
+            response.request_id = request.request_id
+        response.execution_time_ms = _execution_ms(ctx, self.reactor)
+        return response
+
+    def _r_batch(self, info: CallInfo, principal: Any, request: aql_pb2.BatchRequest) -> Any:
+        ctx = self._r_context(info, principal)
+        op = self.pipeline.decode_batch(request)
+        return self.pipeline.execute(ctx, op).addCallback(self._r_batch_response, ctx, op, request)
+
+    def _r_batch_response(self, results: list[Any], ctx: RequestContext, op: ops.Batch, request: Any) -> Any:
+        response = aql_pb2.BatchResponse()
+        out = response.results
+        out.SetInParent()
+        add = out.results.add
+        for item, result in zip(op.ops, results, strict=True):
+            fill_result(add(), item.name, result)
+        if request.HasField("request_id"):
+            response.request_id = request.request_id
+        response.execution_time_ms = _execution_ms(ctx, self.reactor)
+        return response
+
+    def _r_simple(self, info: CallInfo, principal: Any, op: ops.Operation) -> Any:
+        return self.pipeline.execute(self._r_context(info, principal), op)
+
+    def _r_open_stream(self, info: CallInfo, principal: Any, request: aql_pb2.QueryRequest) -> Any:
+        ctx = self._r_context(info, principal)
+        op = self.pipeline.decode_query(request.query)
+        if isinstance(op, ops.Range):
+            return self.pipeline.open_range(ctx, op)
+        assert isinstance(op, ops.Get)
+        return self.pipeline.execute(ctx, op).addCallback(lambda value: (op.key, value))
+
+
+def _query_error(error: AmatersError) -> aql_pb2.QueryResponse:
+    return aql_pb2.QueryResponse(error=error_to_proto(error))
+
+
+def _batch_error(error: AmatersError) -> aql_pb2.BatchResponse:
+    return aql_pb2.BatchResponse(error=error_to_proto(error))
+
+
+def _health_response(health: ops.HealthResult) -> aql_pb2.HealthCheckResponse:
+    status = aql_pb2.HEALTH_SERVING if health.serving else aql_pb2.HEALTH_NOT_SERVING
+    return aql_pb2.HealthCheckResponse(status=status, message=health.message)
+
+
+def _server_info_response(info: ops.ServerInfoResult) -> aql_pb2.ServerInfoResponse:
+    return aql_pb2.ServerInfoResponse(
+        version=version_to_proto(info.version),
+        supported_versions=[version_to_proto(v) for v in info.supported_versions],
+        capabilities=info.capabilities,
+        uptime_seconds=info.uptime_seconds,
+    )
+
+
+def _status_for(error: AmatersError) -> grpc.StatusCode:
+    """The gRPC status for a refusal on a method whose response has no error field."""
+    from amaters.errors import ErrorCode
+
+    code = int(error.code)
+    if code == int(ErrorCode.AUTH_INSUFFICIENT_PERMISSIONS):
+        return grpc.StatusCode.PERMISSION_DENIED
+    if 3000 <= code < 4000:
+        return grpc.StatusCode.UNAUTHENTICATED
+    if code == int(ErrorCode.SERVER_OVERLOADED):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if code in (int(ErrorCode.SERVER_SHUTTING_DOWN), int(ErrorCode.SERVER_UNAVAILABLE)):
+        return grpc.StatusCode.UNAVAILABLE
+    if code == int(ErrorCode.NETWORK_TIMEOUT):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.INTERNAL
+
+
+def _handlers(servicer: AqlServicer) -> grpc.GenericRpcHandler:
+    query_in = aql_pb2.QueryRequest.FromString
+    methods = {
+        "ExecuteQuery": grpc.unary_unary_rpc_method_handler(
+            servicer.ExecuteQuery, query_in, aql_pb2.QueryResponse.SerializeToString
+        ),
+        "ExecuteBatch": grpc.unary_unary_rpc_method_handler(
+            servicer.ExecuteBatch, aql_pb2.BatchRequest.FromString, aql_pb2.BatchResponse.SerializeToString
+        ),
+        "ExecuteStream": grpc.unary_stream_rpc_method_handler(
+            servicer.ExecuteStream, query_in, aql_pb2.StreamResponse.SerializeToString
+        ),
+        "ExecuteInteractive": grpc.stream_stream_rpc_method_handler(
+            servicer.ExecuteInteractive, query_in, aql_pb2.QueryResponse.SerializeToString
+        ),
+        "HealthCheck": grpc.unary_unary_rpc_method_handler(
+            servicer.HealthCheck,
+            aql_pb2.HealthCheckRequest.FromString,
+            aql_pb2.HealthCheckResponse.SerializeToString,
+        ),
+        "GetServerInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetServerInfo,
+            aql_pb2.ServerInfoRequest.FromString,
+            aql_pb2.ServerInfoResponse.SerializeToString,
+        ),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
+
+
+# -- grpc.health.v1 ------------------------------------------------------------------------------
+
+
+class ReadinessHealth(grpc_health.HealthServicer):
+    """``grpc.health.v1.Health`` for the whole server (``""``) and ``amaters.aql.AqlService``:
+    SERVING while the server is ready, NOT_SERVING while it starts or drains.
+
+    ``Check`` asks ``serving()`` each time; ``refresh()`` (called periodically on the reactor and at
+    the start of a drain) pushes changes to ``Watch`` streams."""
+
+    SERVICES = ("", SERVICE_NAME)
+
+    def __init__(self, serving: Callable[[], bool]) -> None:
+        super().__init__()
+        self.serving = serving
+        self.refresh()
+
+    def refresh(self) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.serving()
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        with self._lock:
+            changed = [name for name in self.SERVICES if self._server_status.get(name) != status]
+        for name in changed:
+            self.set(name, status)
+
+    def Check(self, request: Any, context: Any) -> Any:
+        self.refresh()
+        return super().Check(request, context)
+
+
+# -- the service ---------------------------------------------------------------------------------
+
+
+class GrpcService(service.Service):
+    """The ``grpc`` service: binds ``grpc.listen`` (TLS from ``[tls]``) when it starts.  Once the
+    server's stop begins it reports NOT_SERVING and refuses new calls (UNAVAILABLE; requests on an
+    open interactive stream get SERVER_SHUTTING_DOWN in-band); its own stop waits for the calls in
+    flight, then stops the grpcio server (HTTP/2 GOAWAY).
+
+    ``readiness()`` says whether the whole server is ready; ``tls_provider(config)`` loads the TLS
+    material (:func:`load_tls_material`).  The constructor does no I/O.
+    """
+
+    name = "grpc"
+    _log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        pipeline: QueryPipeline,
+        authenticate: Authenticator,
+        readiness: Callable[[], bool],
+        tls_provider: Callable[[Config], GrpcTLSMaterial] = load_tls_material,
+    ) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.pipeline = pipeline
+        self.authenticate = authenticate
+        self.readiness = readiness
+        self.tls_provider = tls_provider
+        self.draining = False
+        self._seen_ready = False
+        self.server: grpc.Server | None = None
+        self.port: int | None = None
+        self.health = ReadinessHealth(self._serving)
+        self._tls: GrpcTLSMaterial | None = None
+        self._tls_lock = threading.Lock()
+        self._tls_pending: Any = None
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
+        self._health_loop: task.LoopingCall | None = None
+        self._calls: Any = None  # Counter children by (method, code) once observe() is called
+        self._inflight_gauge: Any = None
+
+    def _serving(self) -> bool:
+        return (
+            not self.shutting_down() and bool(self.running) and self.server is not None and self.readiness()
+        )
+
+    def shutting_down(self) -> bool:
+        """Whether new calls are refused: this service is draining, or the server was ready and no
+        longer is (its stop has begun; the native listener may still be draining before this one)."""
+        if self.draining:
+            return True
+        if self.readiness():
+            self._seen_ready = True
+            return False
+        return self._seen_ready
+
+    @property
+    def client_certificates(self) -> bool:
+        """Whether TLS asks gRPC clients for a certificate (``tls.client_auth = "required"``)."""
+        tls = self._tls
+        return tls is not None and tls.require_client_auth
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    # -- metrics ---------------------------------------------------------------------------------
+
+    def observe(self, registry: Any) -> None:
+        """Register ``amaters_grpc_calls_total{method,code}`` and ``amaters_grpc_calls_in_flight``
+        on a prometheus registry (requests are also counted by the pipeline's metrics stage)."""
+        from prometheus_client import Counter, Gauge
+
+        self._calls = Counter(
+            "amaters_grpc_calls",
+            "gRPC calls finished, by method and gRPC status code.",
+            ["method", "code"],
+            registry=registry,
+        )
+        self._inflight_gauge = Gauge(
+            "amaters_grpc_calls_in_flight", "gRPC AqlService calls running now.", registry=registry
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def startService(self) -> defer.Deferred[None]:
+        super().startService()
+        return defer.Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        config = self.config
+        address = grpc_bind_address(config.grpc.listen)
+        limits = config.limits
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.grpc.max_workers, thread_name_prefix="grpc"),
+            handlers=[_handlers(AqlServicer(self))],
+            interceptors=[_CallCounter(self)],
+            maximum_concurrent_rpcs=config.grpc.max_concurrent_calls,
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_allowed_incoming_connections", config.grpc.max_connections),
+                ("grpc.max_receive_message_length", limits.max_frame_bytes),
+                # The native protocol's frame limit bounds every gRPC message too (a unary RANGE
+                # bigger than that fails with RESOURCE_EXHAUSTED: ExecuteStream is for those).
+                ("grpc.max_send_message_length", limits.max_frame_bytes),
+            ],
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        try:
+            if config.tls.enabled:
+                self._tls = self.tls_provider(config)
+                credentials = grpc.dynamic_ssl_server_credentials(
+                    _certificate_configuration(self._tls),
+                    self._fetch_certificate,
+                    require_client_authentication=self._tls.require_client_auth,
+                )
+                port = server.add_secure_port(address, credentials)
+            else:
+                self._log.warn(
+                    "TLS is disabled (tls.enabled = false): gRPC traffic is not encrypted in transit"
+                )
+                port = server.add_insecure_port(address)
+        except RuntimeError:
+            raise ConfigError(
+                [f"grpc.listen: cannot listen on {address}: {_bind_problem(address)}"]
+            ) from None
+        server.start()
+        self.server, self.port = server, port
+        self.health.refresh()
+        self._health_loop = task.LoopingCall(self._refresh_health)
+        self._health_loop.clock = self.reactor
+        self._health_loop.start(0.5, now=False).addErrback(
+            lambda f: self._log.failure("Health refresh stopped", f)
+        )
+        self._log.info(
+            "Listening for gRPC (amaters.aql.AqlService) on {address} ({security})",
+            address=address.rsplit(":", 1)[0] + f":{port}",
+            security="TLS" if config.tls.enabled else "plain TCP",
+        )
+
+    def _refresh_health(self) -> None:
+        try:
+            self.health.refresh()
+        except Exception:
+            self._log.failure("Could not refresh the gRPC health status")
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        server = self.server
+        self.draining = True
+        if self._health_loop is not None and self._health_loop.running:
+            self._health_loop.stop()
+        self.health.refresh()  # Watch streams see NOT_SERVING now
+        if server is None:
+            return
+        timeout = self.config.server.shutdown_timeout
+        budget = timeout * 0.8  # the rest is for what stops after (storage flush)
+        started = self.reactor.seconds()
+        if self._inflight:
+            self._log.info("Draining {count} gRPC call(s)", count=self._inflight)
+        while self._inflight and self.reactor.seconds() - started < budget:
+            await task.deferLater(self.reactor, 0.05, lambda: None)
+        if self._inflight:
+            self._log.warn(
+                "Shutdown timeout: cancelling {count} gRPC call(s) still running", count=self._inflight
+            )
+        grace = max(0.0, min(1.0, budget - (self.reactor.seconds() - started)))
+        self.health.enter_graceful_shutdown()
+        stopped = server.stop(grace)  # GOAWAY; calls still open after the grace are cancelled
+        await threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), stopped.wait, grace + 5)
+        self.server = None
+
+    # -- TLS rotation ------------------------------------------------------------------------------
+
+    def _fetch_certificate(self) -> Any:
+        """grpcio asks before each TLS handshake: new material once, then None (no change)."""
+        with self._tls_lock:
+            pending, self._tls_pending = self._tls_pending, None
+        return pending
+
+    def prepare_reload(self, old: Config, new: Config) -> Callable[[], None] | None:
+        """Reload hook: load and check the new TLS material now, swap it in on commit (new
+        connections use it; open ones keep theirs)."""
+        if self.server is None or not new.tls.enabled or not old.tls.enabled:
+            return None
+        material = self.tls_provider(new)
+        if material.require_client_auth != (self._tls is not None and self._tls.require_client_auth):
+            self._log.warn("tls.client_auth changes apply to gRPC after a restart")
+
+        def commit() -> None:
+            with self._tls_lock:
+                self._tls = material
+                self._tls_pending = _certificate_configuration(material)
+            self._log.info("gRPC TLS certificate reloaded; new connections use it")
+
+        return commit
+
+    # -- call accounting (worker threads) ------------------------------------------------------------
+
+    def _call_started(self) -> None:
+        with self._inflight_lock:
+            self._inflight += 1
+        if self._inflight_gauge is not None:
+            self._inflight_gauge.inc()
+
+    def _call_finished(self, method: str, code: grpc.StatusCode) -> None:
+        with self._inflight_lock:
+            self._inflight -= 1
+        if self._inflight_gauge is not None:
+            self._inflight_gauge.dec()
+        if self._calls is not None:
+            self._calls.labels(method=method, code=code.name).inc()
+
+
+def _bind_problem(address: str) -> str:
+    """Why grpcio could not bind ``address`` (it does not say): try a plain socket for the reason."""
+    if address.startswith("unix:"):
+        return "the socket path is not usable"
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, int(port)))
+    except OSError as e:
+        return e.strerror or str(e)
+    return "grpcio refused the address"
+
+
+class _CallCounter(grpc.ServerInterceptor):
+    """Counts AqlService calls in flight (the drain waits for them) and their final status."""
+
+    def __init__(self, owner: GrpcService) -> None:
+        self.owner = owner
+        self.prefix = f"/{SERVICE_NAME}/"
+
+    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(self.prefix):
+            return handler
+        name = method[len(self.prefix) :]
+        owner = self.owner
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            def unary(request: Any, context: Any) -> Any:
+                owner._call_started()
+                code = grpc.StatusCode.OK
+                try:
+                    return inner(request, context)
+                except BaseException:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                finally:
+                    owner._call_finished(
+                        name, code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+                    )
+
+            return handler._replace(unary_unary=unary)
+        streaming = handler.unary_stream or handler.stream_stream
+        if streaming is None:
+            return handler
+
+        def stream(request: Any, context: Any) -> Any:
+            owner._call_started()
+            code: Any = grpc.StatusCode.OK
+            try:
+                yield from streaming(request, context)
+            except BaseException:
+                code = context.code() or grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                owner._call_finished(
+                    name, code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+                )
+
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=stream)
+        return handler._replace(stream_stream=stream)
+
+
+__all__ = [
+    "API_KEY_METADATA",
+    "SERVICE_NAME",
+    "AqlServicer",
+    "GrpcService",
+    "GrpcTLSMaterial",
+    "ReadinessHealth",
+    "load_tls_material",
+]

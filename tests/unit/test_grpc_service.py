@@ -1,0 +1,114 @@
+"""The gRPC front end's pure parts: grpc.listen parsing and checks, call metadata, health status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from amaters.auth.principal import Credentials
+from amaters.config import ConfigError, grpc_bind_address, load_config
+from amaters.protocols.grpc_service import ReadinessHealth, _CallRefused, call_info
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "address"),
+    [
+        ("tcp:7880:interface=127.0.0.1", "127.0.0.1:7880"),
+        ("tcp:0", "0.0.0.0:0"),
+        ("tcp6:7880:interface=\\:\\:1", "[::1]:7880"),
+        ("tcp6:7880", "[::]:7880"),
+        ("unix:/run/amaters/grpc.sock", "unix:/run/amaters/grpc.sock"),
+        ("tcp:port=7881:interface=localhost", "localhost:7881"),
+    ],
+)
+def test_bind_address(endpoint: str, address: str) -> None:
+    assert grpc_bind_address(endpoint) == address
+
+
+@pytest.mark.parametrize("endpoint", ["ssl:7880", "tcp:http", "tcp:70000", "tcp:1:reuse=yes", "tcp"])
+def test_bad_endpoints_are_refused_in_one_line(endpoint: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [f"grpc.listen={endpoint}"], {})
+    problems = [p for p in caught.value.problems if p.startswith("grpc.listen")]
+    assert len(problems) == 1 and "\n" not in problems[0]
+
+
+def test_listen_checks() -> None:
+    """grpc.listen beyond loopback needs auth (protected mode); it must not be server.listen."""
+    with pytest.raises(ConfigError, match=r"grpc\.listen: 'tcp:7880' is reachable from other hosts"):
+        load_config(None, ["grpc.listen=tcp:7880"], {})
+    with pytest.raises(ConfigError, match=r"grpc\.listen: must differ"):
+        load_config(None, ["grpc.listen=tcp:7878:interface=127.0.0.1"], {})
+    assert load_config(None, ["grpc.enabled=false", "grpc.listen=tcp:7880"], {}).grpc.enabled is False
+
+
+class FakeContext:
+    def __init__(self, metadata: list[tuple[str, str]], peer: str = "ipv4:127.0.0.1:5000") -> None:
+        self.metadata = metadata
+        self._peer = peer
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return self.metadata
+
+    def peer(self) -> str:
+        return self._peer
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}
+
+
+def info(metadata: list[tuple[str, str]], **kwargs: Any) -> Any:
+    return call_info(FakeContext(metadata, **kwargs), Credentials, False)  # type: ignore[arg-type]
+
+
+def test_credentials_from_metadata() -> None:
+    bearer = info([("authorization", "Bearer abc.def.ghi"), ("traceparent", "00-a-b-01")])
+    assert bearer.credentials == Credentials("bearer_token", "abc.def.ghi")
+    assert bearer.trace_context == {"traceparent": "00-a-b-01"}
+    assert bearer.source == "127.0.0.1:5000"
+    key = info([("x-api-key", "id.secret")], peer="ipv6:[::1]:6000")
+    assert key.credentials == Credentials("api_key", "id.secret") and key.source == "[::1]:6000"
+    assert info([]).credentials is None and info([]).trace_context is None
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ([("authorization", "Basic dTpw")], "must be 'Bearer <token>'"),
+        ([("authorization", "Bearer ")], "must be 'Bearer <token>'"),
+        ([("authorization", "Bearer t"), ("x-api-key", "k")], "not both"),
+    ],
+)
+def test_malformed_credentials_are_unauthenticated(metadata: list[tuple[str, str]], message: str) -> None:
+    with pytest.raises(_CallRefused) as caught:
+        info(metadata)
+    assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED and message in caught.value.message
+
+
+def test_health_follows_readiness() -> None:
+    """Check answers from readiness() each time, for "" and the AqlService; unknown names are
+    NOT_FOUND."""
+    ready = [False]
+    health = ReadinessHealth(lambda: ready[0])
+
+    class Context:
+        code: Any = None
+
+        def set_code(self, code: Any) -> None:
+            self.code = code
+
+    def check(service: str) -> Any:
+        context = Context()
+        response = health.Check(health_pb2.HealthCheckRequest(service=service), context)
+        return context.code or response.status
+
+    assert check("") == health_pb2.HealthCheckResponse.NOT_SERVING
+    ready[0] = True
+    assert check("") == health_pb2.HealthCheckResponse.SERVING
+    assert check("amaters.aql.AqlService") == health_pb2.HealthCheckResponse.SERVING
+    assert check("nope") == grpc.StatusCode.NOT_FOUND
+    ready[0] = False
+    assert check("amaters.aql.AqlService") == health_pb2.HealthCheckResponse.NOT_SERVING
