@@ -416,6 +416,7 @@ def test_stop_finds_a_twistd_server_run_on_the_defaults_from_this_directory(oper
         web_port = free_port()
     operator.env["AMATERS_SERVER__LISTEN"] = f"tcp:{port}:interface=127.0.0.1"
     operator.env["AMATERS_WEB__LISTEN"] = f"tcp:{web_port}:interface=127.0.0.1"
+    operator.env["AMATERS_GRPC__LISTEN"] = "tcp:0:interface=127.0.0.1"  # never the shared default port
     log = (operator.directory / "twistd.out").open("wb")
     process = subprocess.Popen(
         [

@@ -77,8 +77,8 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def pki() -> dict[str, Any]:
-    ca_key, ca = generate_ca()
-    return {"ca_key": ca_key, "ca": ca, "other": generate_ca("other")}
+    ca_key, ca = generate_ca(not_before=VALID_FROM)
+    return {"ca_key": ca_key, "ca": ca, "other": generate_ca("other", not_before=VALID_FROM)}
 
 
 @pytest.fixture()
