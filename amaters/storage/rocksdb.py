@@ -15,7 +15,7 @@ the memtable or block cache take about 1-3 µs, while a hop to a pool thread and
 100 µs, so point gets, puts, deletes and batches run on the reactor thread.  rocksdict holds the GIL
 during reads and writes, so moving them to a thread would not unblock the reactor anyway.  Anything
 that can wait for the disk for long runs in the ``io`` pool: open and close, WAL fsync (group
-commit), memtable flush, collection create/drop (a MANIFEST fsync each), range chunks, checkpoints.
+commit; on ``sync_runner``, a serial thread of its own, when given), memtable flush, collection create/drop (a MANIFEST fsync each), range chunks, checkpoints.
 ``storage.point_reads_in_pool`` moves gets to the pool for data sets far larger than memory.
 
 Durability follows ``storage.sync``: ``always`` acknowledges a write after a WAL fsync shared with
