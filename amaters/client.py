@@ -845,6 +845,143 @@ class AmatersClient:
 
     # -- collections and server ---------------------------------------------------------------
 
+    # -- homomorphic FILTER and UPDATE (docs/fhe.md) ------------------------------------------
+
+    #: Bytes of evaluation keys per upload frame.
+    FHE_UPLOAD_CHUNK = 1024 * 1024
+    #: Default client-side deadline of FILTER, UPDATE and key upload frames (they take minutes).
+    FHE_TIMEOUT = 900.0
+
+    def set_record(
+        self, collection: str, key: KeyLike, keys: Any, record: Any, *, timeout: float | None = None
+    ) -> defer.Deferred[None]:
+        """Encrypt ``record`` (a dict of the schema's fields) with FHE ``keys`` and store it.
+
+        Stored as the FHE record itself (never wrapped in the client's AES cipher), so the server
+        can evaluate FILTER and UPDATE on it.
+        """
+        try:
+            blob = CipherBlob.wrap(keys.encrypt(record))
+        except Exception:
+            return defer.fail()
+        query = query_pb2.Query()
+        s = query.set
+        s.collection = collection
+        s.key.data = _key(key)
+        fill_blob(s.value, blob)
+        d = self._query(query, timeout)
+        d.addCallback(lambda _: None)
+        return d
+
+    def get_record(
+        self, collection: str, key: KeyLike, keys: Any, *, timeout: float | None = None
+    ) -> defer.Deferred[dict[str, int] | None]:
+        """The decrypted record stored under ``key``, or None when missing."""
+        d: defer.Deferred[Any] = self.get_blob(collection, key, timeout=timeout)
+        d.addCallback(lambda blob: None if blob is None else keys.decrypt(blob.data))
+        return d
+
+    def upload_keys(self, keys: Any, *, timeout: float | None = None) -> defer.Deferred[bool]:
+        """Upload the public evaluation keys of ``keys`` (never the secret key), in chunks.
+
+        Fires True when the server stored them now, False when it already had them.
+        """
+        return defer.Deferred.fromCoroutine(self._upload_keys(keys, timeout))
+
+    async def _upload_keys(self, keys: Any, timeout: float | None) -> bool:
+        data = keys.evaluation_keys()
+        total = len(data)
+        step = self.FHE_UPLOAD_CHUNK
+        offset = 0
+        while True:
+            part = data[offset : offset + step]
+            last = offset + len(part) >= total
+            envelope = Envelope()
+            up = envelope.fhe_key_upload
+            up.key_set_id = keys.key_set_id.hex()
+            up.evaluator = keys.kind
+            up.schema = str(keys.schema)
+            up.specs_sha256 = keys.specs_sha256
+            up.total_size = total
+            up.offset = offset
+            up.data = part
+            up.last = last
+            if last:
+                up.warm_ciphertext = keys.warm_ciphertext()
+            answer = await self._request(envelope, timeout if timeout is not None else self.FHE_TIMEOUT)
+            response = _result(answer, "fhe_key_upload_response")
+            if response.already_present:
+                return False
+            if last:
+                return True
+            offset += len(part)
+
+    def filter(
+        self,
+        collection: str,
+        predicate: Any,
+        *,
+        keys: Any,
+        limit: int | None = None,
+        offset: int = 0,
+        timeout: float | None = None,
+    ) -> defer.Deferred[list[tuple[bytes, dict[str, int]]]]:
+        """The rows whose encrypted record satisfies ``predicate``, decrypted: ``[(key, record)]``.
+
+        The server evaluates the predicate on every encrypted row of ``keys``'s key set and returns
+        each with its encrypted boolean; this client decrypts the booleans and keeps the true rows.
+        """
+        try:
+            query = query_pb2.Query()
+            f = query.filter
+            f.collection = collection
+            f.predicate.CopyFrom(keys.encrypt_predicate(predicate))
+            f.key_set = keys.key_set_id.hex()
+            if limit is not None:
+                f.limit = limit
+            if offset:
+                f.offset = offset
+        except Exception:
+            return defer.fail()
+        d = self._query(query, timeout if timeout is not None else self.FHE_TIMEOUT)
+
+        def rows(result: query_pb2.QueryResult) -> list[tuple[bytes, dict[str, int]]]:
+            out = []
+            for kv in result.multi.values:
+                if keys.decrypt_bool(kv.encrypted_predicate_result):
+                    out.append((kv.key.data, keys.decrypt(kv.value.data)))
+            return out
+
+        d.addCallback(rows)
+        return d
+
+    def update(
+        self,
+        collection: str,
+        predicate: Any,
+        updates: Sequence[Any],
+        *,
+        keys: Any,
+        timeout: float | None = None,
+    ) -> defer.Deferred[int]:
+        """Apply ``updates`` (``set_``, ``add``, ``mul``) to the rows ``predicate`` selects.
+
+        Every encrypted row is rewritten as ``select(predicate, updated, old)``, so the server does
+        not learn which changed; fires with the number of rows examined.
+        """
+        try:
+            query = query_pb2.Query()
+            u = query.update
+            u.collection = collection
+            u.predicate.CopyFrom(keys.encrypt_predicate(predicate))
+            u.updates.extend(keys.encrypt_updates(list(updates)))
+            u.key_set = keys.key_set_id.hex()
+        except Exception:
+            return defer.fail()
+        d = self._query(query, timeout if timeout is not None else self.FHE_TIMEOUT)
+        d.addCallback(lambda result: int(result.success.affected_rows))
+        return d
+
     def create_collection(self, name: str) -> defer.Deferred[bool]:
         """Create a collection; True if created, False if it already existed."""
         d = self._request(Envelope(create_collection=envelope_pb2.CreateCollectionRequest(name=name)))

@@ -12,8 +12,8 @@ server has, handing each its collaborators in its constructor::
 
 then adds the services to the root once, in start order (stop order is the reverse)::
 
-    logging, pools, storage, flusher, [snapshots], web, audit, auth, lagmonitor, [tracing],
-    metrics, protection, listener, [certwatch], reloader
+    logging, pools, storage, flusher, [snapshots], web, audit, auth, fhe, lagmonitor, [tracing],
+    metrics, [grpc], protection, listener, [certwatch], reloader
 
 The ops site starts before the listener and stops after it, so ``/readyz`` answers 503 while the
 listener drains; the metrics, tracing and lag services stop after the listener, so the last
@@ -46,6 +46,7 @@ from amaters.auth.principal import Authenticator, default_authenticator
 from amaters.auth.service import AuthService
 from amaters.auth.settings import auth_problems
 from amaters.config import Check, Config, LiveConfig, Sources, cache_settings, load_config
+from amaters.fhe.service import build_fhe
 from amaters.interfaces import IPipelineStage, IStorageBackend
 from amaters.ops.admin import ServerAdmin
 from amaters.ops.lag import LagMonitor
@@ -350,6 +351,9 @@ def build_service(
             return ops.HealthResult(True, "serving")
         return ops.HealthResult(False, "starting")
 
+    # Homomorphic FILTER and UPDATE: key registry, circuit cache and worker processes.
+    fhe = build_fhe(config, reactor, pools, metrics)
+
     cache_config = cache_settings(config)  # off in clustered mode
     cache = QueryCache(cache_config.max_bytes, cache_config.max_entry_bytes)
     executor = CachingExecutor(
@@ -360,6 +364,10 @@ def build_service(
             server_info=server_info,
             health=health,
             admin=admin,
+            fhe=fhe,
+            fhe_max_rows=config.fhe.max_rows_per_query,
+            fhe_query_timeout=config.fhe.query_timeout,
+            clock=reactor,
         ),
         cache,
     )
@@ -469,6 +477,7 @@ def build_service(
             web,  # up before the listener, down after it: /readyz says 503 while it drains
             audit,
             auth,  # keys and roles are read when it starts
+            fhe,  # FHE workers: up before the front ends, stopped after they drained
             lag,
             tracing,
             metrics_service,

@@ -810,6 +810,35 @@ class ClusterConfig:
 
 
 @attrs.frozen
+class FHEConfig:
+    evaluator: Literal["concrete", "cleartext-insecure"] = setting(
+        "concrete",
+        "Homomorphic evaluator for FILTER and UPDATE: concrete (TFHE, needs amaters[fhe]) or"
+        " cleartext-insecure (values in the clear; tests only, refused unless fhe.allow_insecure).",
+    )
+    allow_insecure: bool = setting(
+        False, "Accept fhe.evaluator = cleartext-insecure (which encrypts nothing). Never in production."
+    )
+    query_timeout: float = setting(
+        600.0,
+        "Seconds a FILTER or UPDATE may run (they take minutes over many rows); separate from"
+        " limits.request_timeout.",
+        minimum=1.0,
+    )
+    workers: int = setting(
+        1, "Worker processes evaluating ciphertexts (one core each).", minimum=1, maximum=64
+    )
+    max_rows_per_query: int = setting(
+        10_000, "Most encrypted rows one FILTER or UPDATE may examine.", minimum=1
+    )
+    max_loaded_bytes: int = setting(
+        512 * 1024 * 1024,
+        "Evaluation key bytes each worker keeps loaded (least recently used key sets are dropped).",
+        minimum=1024 * 1024,
+    )
+
+
+@attrs.frozen
 class Config:
     server: ServerConfig = section(ServerConfig)
     tls: TLSConfig = section(TLSConfig)
@@ -827,6 +856,7 @@ class Config:
     retry: RetryConfig = section(RetryConfig)
     snapshot: SnapshotConfig = section(SnapshotConfig)
     cluster: ClusterConfig = section(ClusterConfig)
+    fhe: FHEConfig = section(FHEConfig)
     #: The file this config was read from ('' when none); not a settable key.
     source: str = attrs.field(default="", metadata={"internal": True})
 
@@ -1050,6 +1080,11 @@ def _build(
 
 
 def _cross_checks(config: Config, problems: list[str]) -> None:
+    if config.fhe.evaluator == "cleartext-insecure" and not config.fhe.allow_insecure:
+        problems.append(
+            "fhe.evaluator: cleartext-insecure evaluates values in the clear; set fhe.allow_insecure = true"
+            " to accept it (tests only)"
+        )
     if bool(config.tls.cert) != bool(config.tls.key):
         problems.append("tls.cert/tls.key: both must be set, or neither (then a certificate is generated)")
     if config.tls.client_auth != "none" and not config.tls.ca:

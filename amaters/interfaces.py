@@ -206,16 +206,31 @@ class IPipelineStage(Interface):
 
 
 class IFHEEvaluator(Interface):
-    """Homomorphic evaluation on ciphertexts with a client's public evaluation keys.
+    """Homomorphic evaluation on ciphertexts with a client's uploaded public evaluation keys.
 
-    Implementations run the heavy work in a thread pool and return Deferreds.
+    The heavy work runs off the reactor thread (worker processes for concrete, which holds the
+    GIL while it evaluates; an I/O thread for the cleartext test evaluator) in pools the
+    implementing service owns.  Every method returning a Deferred fails only with AmatersError.
     """
 
+    kind = Attribute("The evaluator: 'concrete' or 'cleartext-insecure'.")
+
+    def unavailable(what: str) -> str | None:
+        """One line saying why ``what`` (FILTER, UPDATE, ...) cannot run here, or None."""
+
     def has_key_set(key_set_id: str) -> bool:
-        """Whether evaluation keys with this id are known to the server."""
+        """Whether evaluation keys with this id (64 hex) are stored on the server."""
 
-    def evaluate_predicate(key_set_id: str, predicate: object, value: bytes) -> object:
-        """Deferred firing with the encrypted boolean (bytes) of ``predicate`` on ``value``."""
+    def upload_chunk(chunk: object) -> object:
+        """Store one chunk of a key upload (``amaters.fhe.service.KeyUpload``).
 
-    def apply_update(key_set_id: str, predicate: object, updates: object, value: bytes) -> object:
-        """Deferred firing with the new ciphertext: ``select(predicate, updated(value), value)``."""
+        Deferred firing with an ``UploadResult``; on the last chunk the keys are verified against
+        their sha256 id and the server's circuit, published and warmed.  Idempotent.
+        """
+
+    def evaluate(
+        key_set_id: str, action: str, tree: object, updates: object, rows: object, deadline: float
+    ) -> object:
+        """Deferred firing with, per row (bytes of stored records), the encrypted boolean of
+        ``tree`` (``action`` "filter") or the record ``select(tree, updated, old)`` ("update");
+        None for rows of another key set or schema.  ``ComputeTimeout`` past ``deadline``."""

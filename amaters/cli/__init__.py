@@ -24,6 +24,7 @@ GROUPS: tuple[str, ...] = (
     "amaters.cli.server",  # version, validate-config, start, stop, reload, status
     "amaters.cli.admin",  # admin ...
     "amaters.cli.client",  # set, get, delete, range, collections, info, ping, keygen
+    "amaters.cli.fhe",  # fhe keygen|upload, filter, update; set/get with --fhe-keys
     "amaters.cli.auth",  # auth new-key, auth hash-key
     "amaters.cli.snapshot",  # snapshot ..., migrate
     "amaters.cli.cluster",  # cluster status|nodes|shards|add-shard|move|snapshot

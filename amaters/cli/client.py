@@ -88,6 +88,13 @@ def client_options(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="connection and request timeout (default: 10)",
     )
     group.add_argument("--hex", action="store_true", help="keys on the command line are hexadecimal")
+    group.add_argument(
+        "--fhe-keys",
+        metavar="FILE",
+        default=os.environ.get("AMATERS_FHE_KEYS"),
+        help="FHE key file (from `amaters fhe keygen`): set/get take and show records, filter and"
+        " update use it (default: $AMATERS_FHE_KEYS; docs/fhe.md)",
+    )
     return parent
 
 

@@ -230,6 +230,24 @@ class Metrics:
             "Bytes sent on native protocol connections (frames, before TLS encryption).",
             registry=registry,
         )
+        self.fhe_evaluations = Counter(
+            "amaters_fhe_evaluations", "Encrypted rows evaluated by FILTER and UPDATE.", registry=registry
+        )
+        self.fhe_row_seconds = Histogram(
+            "amaters_fhe_row_seconds",
+            "Worker seconds per encrypted row evaluated (FILTER and UPDATE).",
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=registry,
+        )
+        self.fhe_key_sets_loaded = Counter(
+            "amaters_fhe_key_sets_loaded", "Evaluation key sets loaded into a worker.", registry=registry
+        )
+        self.fhe_circuit_cache = Counter(
+            "amaters_fhe_circuit_cache",
+            "FHE circuit lookups by a worker: hit (read from disk) or miss (compiled).",
+            ["result"],
+            registry=registry,
+        )
         self.storage = StorageCollector(max_collections)
         registry.register(self.storage)
         self.fsync_duration = Histogram(

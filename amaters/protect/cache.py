@@ -58,6 +58,9 @@ _READ_ONLY: frozenset[type] = frozenset(
         ops.ServerInfo,
         ops.HealthCheck,
         ops.CreateCollection,
+        # FILTER reads; a key upload writes no stored key.
+        ops.Filter,
+        ops.UploadKeys,
         # Administration that only looks (a console polls these every few seconds).
         ops.ServerStatus,
         ops.CollectionStats,

@@ -141,5 +141,15 @@ def fill_result(out: query_pb2.QueryResult, op_name: str, result: Any) -> None:
     elif op_name == "range":
         out.multi.SetInParent()
         fill_key_values(out.multi.values, result)
+    elif op_name == "filter":
+        out.multi.SetInParent()
+        values = out.multi.values
+        for key, blob, flag in result:
+            kv = values.add()
+            kv.key.data = key
+            fill_blob(kv.value, blob)
+            kv.encrypted_predicate_result = flag
+    elif op_name == "update":
+        out.success.affected_rows = result
     else:
         raise ValueError(f"{op_name} has no QueryResult form")

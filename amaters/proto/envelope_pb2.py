@@ -27,7 +27,7 @@ from amaters.proto import errors_pb2 as amaters_dot_proto_dot_errors__pb2
 from amaters.proto import aql_pb2 as amaters_dot_proto_dot_aql__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61maters/proto/envelope.proto\x12\x0c\x61maters.wire\x1a\x19\x61maters/proto/types.proto\x1a\x1a\x61maters/proto/errors.proto\x1a\x17\x61maters/proto/aql.proto\"\x92\x0b\n\x08\x45nvelope\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12,\n\thandshake\x18\x02 \x01(\x0b\x32\x17.amaters.wire.HandshakeH\x00\x12*\n\x05query\x18\x03 \x01(\x0b\x32\x19.amaters.aql.QueryRequestH\x00\x12*\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\x19.amaters.aql.BatchRequestH\x00\x12\x35\n\x0bserver_info\x18\x05 \x01(\x0b\x32\x1e.amaters.aql.ServerInfoRequestH\x00\x12\x37\n\x0chealth_check\x18\x06 \x01(\x0b\x32\x1f.amaters.aql.HealthCheckRequestH\x00\x12\x42\n\x11\x63reate_collection\x18\x07 \x01(\x0b\x32%.amaters.wire.CreateCollectionRequestH\x00\x12>\n\x0f\x64rop_collection\x18\x08 \x01(\x0b\x32#.amaters.wire.DropCollectionRequestH\x00\x12@\n\x10list_collections\x18\t \x01(\x0b\x32$.amaters.wire.ListCollectionsRequestH\x00\x12:\n\rcancel_stream\x18\n \x01(\x0b\x32!.amaters.wire.CancelStreamRequestH\x00\x12\"\n\x04ping\x18\x0b \x01(\x0b\x32\x12.amaters.wire.PingH\x00\x12=\n\x12handshake_response\x18\x14 \x01(\x0b\x32\x1f.amaters.wire.HandshakeResponseH\x00\x12\x34\n\x0equery_response\x18\x15 \x01(\x0b\x32\x1a.amaters.aql.QueryResponseH\x00\x12\x34\n\x0e\x62\x61tch_response\x18\x16 \x01(\x0b\x32\x1a.amaters.aql.BatchResponseH\x00\x12-\n\x06stream\x18\x17 \x01(\x0b\x32\x1b.amaters.aql.StreamResponseH\x00\x12?\n\x14server_info_response\x18\x18 \x01(\x0b\x32\x1f.amaters.aql.ServerInfoResponseH\x00\x12\x41\n\x15health_check_response\x18\x19 \x01(\x0b\x32 .amaters.aql.HealthCheckResponseH\x00\x12?\n\x13\x63ollection_response\x18\x1a \x01(\x0b\x32 .amaters.wire.CollectionResponseH\x00\x12\x44\n\x16\x63\x61ncel_stream_response\x18\x1b \x01(\x0b\x32\".amaters.wire.CancelStreamResponseH\x00\x12\"\n\x04pong\x18\x1c \x01(\x0b\x32\x12.amaters.wire.PongH\x00\x12.\n\x05\x65rror\x18\x1d \x01(\x0b\x32\x1d.amaters.errors.ErrorResponseH\x00\x12\x33\n\ncompressed\x18\x1e \x01(\x0b\x32\x1d.amaters.wire.CompressedFrameH\x00\x12?\n\rtrace_context\x18\x32 \x03(\x0b\x32(.amaters.wire.Envelope.TraceContextEntry\x12\x38\n\trevisions\x18< \x03(\x0b\x32%.amaters.wire.Envelope.RevisionsEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x30\n\x0eRevisionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x42\x06\n\x04\x62ody\"`\n\x0f\x43ompressedFrame\x12\x31\n\talgorithm\x18\x01 \x01(\x0e\x32\x1e.amaters.types.CompressionType\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"@\n\x0b\x43redentials\x12\x16\n\x0c\x62\x65\x61rer_token\x18\x01 \x01(\tH\x00\x12\x11\n\x07\x61pi_key\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"\xd5\x02\n\tHandshake\x12\'\n\x07version\x18\x01 \x01(\x0b\x32\x16.amaters.types.Version\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\x12.\n\x0b\x63redentials\x18\x03 \x01(\x0b\x32\x19.amaters.wire.Credentials\x12\x32\n\x12supported_versions\x18\x04 \x03(\x0b\x32\x16.amaters.types.Version\x12\x14\n\x0c\x63\x61pabilities\x18\x05 \x03(\t\x12\x19\n\x11\x66rame_compression\x18\x06 \x03(\t\x12@\n\rtrace_context\x18\x10 \x03(\x0b\x32).amaters.wire.Handshake.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x82\x02\n\x11HandshakeResponse\x12\'\n\x07version\x18\x01 \x01(\x0b\x32\x16.amaters.types.Version\x12\x32\n\x12supported_versions\x18\x02 \x03(\x0b\x32\x16.amaters.types.Version\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12\x16\n\x0eprincipal_name\x18\x04 \x01(\t\x12\r\n\x05roles\x18\x05 \x03(\t\x12\x13\n\x0bserver_name\x18\x06 \x01(\t\x12\x19\n\x11\x66rame_compression\x18\x07 \x01(\t\x12#\n\x1b\x66rame_compression_threshold\x18\x08 \x01(\r\"\'\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"%\n\x15\x44ropCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16ListCollectionsRequest\"4\n\x12\x43ollectionResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12\r\n\x05names\x18\x02 \x03(\t\"(\n\x13\x43\x61ncelStreamRequest\x12\x11\n\tstream_id\x18\x01 \x01(\x04\")\n\x14\x43\x61ncelStreamResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x17\n\x04Ping\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x17\n\x04Pong\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61maters/proto/envelope.proto\x12\x0c\x61maters.wire\x1a\x19\x61maters/proto/types.proto\x1a\x1a\x61maters/proto/errors.proto\x1a\x17\x61maters/proto/aql.proto\"\x8f\x0c\n\x08\x45nvelope\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12,\n\thandshake\x18\x02 \x01(\x0b\x32\x17.amaters.wire.HandshakeH\x00\x12*\n\x05query\x18\x03 \x01(\x0b\x32\x19.amaters.aql.QueryRequestH\x00\x12*\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\x19.amaters.aql.BatchRequestH\x00\x12\x35\n\x0bserver_info\x18\x05 \x01(\x0b\x32\x1e.amaters.aql.ServerInfoRequestH\x00\x12\x37\n\x0chealth_check\x18\x06 \x01(\x0b\x32\x1f.amaters.aql.HealthCheckRequestH\x00\x12\x42\n\x11\x63reate_collection\x18\x07 \x01(\x0b\x32%.amaters.wire.CreateCollectionRequestH\x00\x12>\n\x0f\x64rop_collection\x18\x08 \x01(\x0b\x32#.amaters.wire.DropCollectionRequestH\x00\x12@\n\x10list_collections\x18\t \x01(\x0b\x32$.amaters.wire.ListCollectionsRequestH\x00\x12:\n\rcancel_stream\x18\n \x01(\x0b\x32!.amaters.wire.CancelStreamRequestH\x00\x12\"\n\x04ping\x18\x0b \x01(\x0b\x32\x12.amaters.wire.PingH\x00\x12\x34\n\x0e\x66he_key_upload\x18\x0c \x01(\x0b\x32\x1a.amaters.wire.FheKeyUploadH\x00\x12=\n\x12handshake_response\x18\x14 \x01(\x0b\x32\x1f.amaters.wire.HandshakeResponseH\x00\x12\x34\n\x0equery_response\x18\x15 \x01(\x0b\x32\x1a.amaters.aql.QueryResponseH\x00\x12\x34\n\x0e\x62\x61tch_response\x18\x16 \x01(\x0b\x32\x1a.amaters.aql.BatchResponseH\x00\x12-\n\x06stream\x18\x17 \x01(\x0b\x32\x1b.amaters.aql.StreamResponseH\x00\x12?\n\x14server_info_response\x18\x18 \x01(\x0b\x32\x1f.amaters.aql.ServerInfoResponseH\x00\x12\x41\n\x15health_check_response\x18\x19 \x01(\x0b\x32 .amaters.aql.HealthCheckResponseH\x00\x12?\n\x13\x63ollection_response\x18\x1a \x01(\x0b\x32 .amaters.wire.CollectionResponseH\x00\x12\x44\n\x16\x63\x61ncel_stream_response\x18\x1b \x01(\x0b\x32\".amaters.wire.CancelStreamResponseH\x00\x12\"\n\x04pong\x18\x1c \x01(\x0b\x32\x12.amaters.wire.PongH\x00\x12.\n\x05\x65rror\x18\x1d \x01(\x0b\x32\x1d.amaters.errors.ErrorResponseH\x00\x12\x45\n\x17\x66he_key_upload_response\x18\x1f \x01(\x0b\x32\".amaters.wire.FheKeyUploadResponseH\x00\x12\x33\n\ncompressed\x18\x1e \x01(\x0b\x32\x1d.amaters.wire.CompressedFrameH\x00\x12?\n\rtrace_context\x18\x32 \x03(\x0b\x32(.amaters.wire.Envelope.TraceContextEntry\x12\x38\n\trevisions\x18< \x03(\x0b\x32%.amaters.wire.Envelope.RevisionsEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x30\n\x0eRevisionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x42\x06\n\x04\x62ody\"`\n\x0f\x43ompressedFrame\x12\x31\n\talgorithm\x18\x01 \x01(\x0e\x32\x1e.amaters.types.CompressionType\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"@\n\x0b\x43redentials\x12\x16\n\x0c\x62\x65\x61rer_token\x18\x01 \x01(\tH\x00\x12\x11\n\x07\x61pi_key\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"\xd5\x02\n\tHandshake\x12\'\n\x07version\x18\x01 \x01(\x0b\x32\x16.amaters.types.Version\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\x12.\n\x0b\x63redentials\x18\x03 \x01(\x0b\x32\x19.amaters.wire.Credentials\x12\x32\n\x12supported_versions\x18\x04 \x03(\x0b\x32\x16.amaters.types.Version\x12\x14\n\x0c\x63\x61pabilities\x18\x05 \x03(\t\x12\x19\n\x11\x66rame_compression\x18\x06 \x03(\t\x12@\n\rtrace_context\x18\x10 \x03(\x0b\x32).amaters.wire.Handshake.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x82\x02\n\x11HandshakeResponse\x12\'\n\x07version\x18\x01 \x01(\x0b\x32\x16.amaters.types.Version\x12\x32\n\x12supported_versions\x18\x02 \x03(\x0b\x32\x16.amaters.types.Version\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12\x16\n\x0eprincipal_name\x18\x04 \x01(\t\x12\r\n\x05roles\x18\x05 \x03(\t\x12\x13\n\x0bserver_name\x18\x06 \x01(\t\x12\x19\n\x11\x66rame_compression\x18\x07 \x01(\t\x12#\n\x1b\x66rame_compression_threshold\x18\x08 \x01(\r\"\'\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"%\n\x15\x44ropCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16ListCollectionsRequest\"4\n\x12\x43ollectionResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12\r\n\x05names\x18\x02 \x03(\t\"(\n\x13\x43\x61ncelStreamRequest\x12\x11\n\tstream_id\x18\x01 \x01(\x04\")\n\x14\x43\x61ncelStreamResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x17\n\x04Ping\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x17\n\x04Pong\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\xb4\x01\n\x0c\x46heKeyUpload\x12\x12\n\nkey_set_id\x18\x01 \x01(\t\x12\x11\n\tevaluator\x18\x02 \x01(\t\x12\x0e\n\x06schema\x18\x03 \x01(\t\x12\x14\n\x0cspecs_sha256\x18\x04 \x01(\t\x12\x12\n\ntotal_size\x18\x05 \x01(\x04\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\x12\x0c\n\x04last\x18\x08 \x01(\x08\x12\x17\n\x0fwarm_ciphertext\x18\t \x01(\x0c\"S\n\x14\x46heKeyUploadResponse\x12\x10\n\x08received\x18\x01 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12\x17\n\x0f\x61lready_present\x18\x03 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,35 +41,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HANDSHAKE_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_HANDSHAKE_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_ENVELOPE']._serialized_start=127
-  _globals['_ENVELOPE']._serialized_end=1553
-  _globals['_ENVELOPE_TRACECONTEXTENTRY']._serialized_start=1444
-  _globals['_ENVELOPE_TRACECONTEXTENTRY']._serialized_end=1495
-  _globals['_ENVELOPE_REVISIONSENTRY']._serialized_start=1497
-  _globals['_ENVELOPE_REVISIONSENTRY']._serialized_end=1545
-  _globals['_COMPRESSEDFRAME']._serialized_start=1555
-  _globals['_COMPRESSEDFRAME']._serialized_end=1651
-  _globals['_CREDENTIALS']._serialized_start=1653
-  _globals['_CREDENTIALS']._serialized_end=1717
-  _globals['_HANDSHAKE']._serialized_start=1720
-  _globals['_HANDSHAKE']._serialized_end=2061
-  _globals['_HANDSHAKE_TRACECONTEXTENTRY']._serialized_start=1444
-  _globals['_HANDSHAKE_TRACECONTEXTENTRY']._serialized_end=1495
-  _globals['_HANDSHAKERESPONSE']._serialized_start=2064
-  _globals['_HANDSHAKERESPONSE']._serialized_end=2322
-  _globals['_CREATECOLLECTIONREQUEST']._serialized_start=2324
-  _globals['_CREATECOLLECTIONREQUEST']._serialized_end=2363
-  _globals['_DROPCOLLECTIONREQUEST']._serialized_start=2365
-  _globals['_DROPCOLLECTIONREQUEST']._serialized_end=2402
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=2404
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=2428
-  _globals['_COLLECTIONRESPONSE']._serialized_start=2430
-  _globals['_COLLECTIONRESPONSE']._serialized_end=2482
-  _globals['_CANCELSTREAMREQUEST']._serialized_start=2484
-  _globals['_CANCELSTREAMREQUEST']._serialized_end=2524
-  _globals['_CANCELSTREAMRESPONSE']._serialized_start=2526
-  _globals['_CANCELSTREAMRESPONSE']._serialized_end=2567
-  _globals['_PING']._serialized_start=2569
-  _globals['_PING']._serialized_end=2592
-  _globals['_PONG']._serialized_start=2594
-  _globals['_PONG']._serialized_end=2617
+  _globals['_ENVELOPE']._serialized_end=1678
+  _globals['_ENVELOPE_TRACECONTEXTENTRY']._serialized_start=1569
+  _globals['_ENVELOPE_TRACECONTEXTENTRY']._serialized_end=1620
+  _globals['_ENVELOPE_REVISIONSENTRY']._serialized_start=1622
+  _globals['_ENVELOPE_REVISIONSENTRY']._serialized_end=1670
+  _globals['_COMPRESSEDFRAME']._serialized_start=1680
+  _globals['_COMPRESSEDFRAME']._serialized_end=1776
+  _globals['_CREDENTIALS']._serialized_start=1778
+  _globals['_CREDENTIALS']._serialized_end=1842
+  _globals['_HANDSHAKE']._serialized_start=1845
+  _globals['_HANDSHAKE']._serialized_end=2186
+  _globals['_HANDSHAKE_TRACECONTEXTENTRY']._serialized_start=1569
+  _globals['_HANDSHAKE_TRACECONTEXTENTRY']._serialized_end=1620
+  _globals['_HANDSHAKERESPONSE']._serialized_start=2189
+  _globals['_HANDSHAKERESPONSE']._serialized_end=2447
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_start=2449
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_end=2488
+  _globals['_DROPCOLLECTIONREQUEST']._serialized_start=2490
+  _globals['_DROPCOLLECTIONREQUEST']._serialized_end=2527
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=2529
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=2553
+  _globals['_COLLECTIONRESPONSE']._serialized_start=2555
+  _globals['_COLLECTIONRESPONSE']._serialized_end=2607
+  _globals['_CANCELSTREAMREQUEST']._serialized_start=2609
+  _globals['_CANCELSTREAMREQUEST']._serialized_end=2649
+  _globals['_CANCELSTREAMRESPONSE']._serialized_start=2651
+  _globals['_CANCELSTREAMRESPONSE']._serialized_end=2692
+  _globals['_PING']._serialized_start=2694
+  _globals['_PING']._serialized_end=2717
+  _globals['_PONG']._serialized_start=2719
+  _globals['_PONG']._serialized_end=2742
+  _globals['_FHEKEYUPLOAD']._serialized_start=2745
+  _globals['_FHEKEYUPLOAD']._serialized_end=2925
+  _globals['_FHEKEYUPLOADRESPONSE']._serialized_start=2927
+  _globals['_FHEKEYUPLOADRESPONSE']._serialized_end=3010
 # @@protoc_insertion_point(module_scope)

@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Envelope(_message.Message):
-    __slots__ = ("request_id", "handshake", "query", "batch", "server_info", "health_check", "create_collection", "drop_collection", "list_collections", "cancel_stream", "ping", "handshake_response", "query_response", "batch_response", "stream", "server_info_response", "health_check_response", "collection_response", "cancel_stream_response", "pong", "error", "compressed", "trace_context", "revisions")
+    __slots__ = ("request_id", "handshake", "query", "batch", "server_info", "health_check", "create_collection", "drop_collection", "list_collections", "cancel_stream", "ping", "fhe_key_upload", "handshake_response", "query_response", "batch_response", "stream", "server_info_response", "health_check_response", "collection_response", "cancel_stream_response", "pong", "error", "fhe_key_upload_response", "compressed", "trace_context", "revisions")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class Envelope(_message.Message):
     LIST_COLLECTIONS_FIELD_NUMBER: _ClassVar[int]
     CANCEL_STREAM_FIELD_NUMBER: _ClassVar[int]
     PING_FIELD_NUMBER: _ClassVar[int]
+    FHE_KEY_UPLOAD_FIELD_NUMBER: _ClassVar[int]
     HANDSHAKE_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     QUERY_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     BATCH_RESPONSE_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +47,7 @@ class Envelope(_message.Message):
     CANCEL_STREAM_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     PONG_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    FHE_KEY_UPLOAD_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     COMPRESSED_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     REVISIONS_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +62,7 @@ class Envelope(_message.Message):
     list_collections: ListCollectionsRequest
     cancel_stream: CancelStreamRequest
     ping: Ping
+    fhe_key_upload: FheKeyUpload
     handshake_response: HandshakeResponse
     query_response: _aql_pb2.QueryResponse
     batch_response: _aql_pb2.BatchResponse
@@ -70,10 +73,11 @@ class Envelope(_message.Message):
     cancel_stream_response: CancelStreamResponse
     pong: Pong
     error: _errors_pb2.ErrorResponse
+    fhe_key_upload_response: FheKeyUploadResponse
     compressed: CompressedFrame
     trace_context: _containers.ScalarMap[str, str]
     revisions: _containers.ScalarMap[str, int]
-    def __init__(self, request_id: _Optional[int] = ..., handshake: _Optional[_Union[Handshake, _Mapping]] = ..., query: _Optional[_Union[_aql_pb2.QueryRequest, _Mapping]] = ..., batch: _Optional[_Union[_aql_pb2.BatchRequest, _Mapping]] = ..., server_info: _Optional[_Union[_aql_pb2.ServerInfoRequest, _Mapping]] = ..., health_check: _Optional[_Union[_aql_pb2.HealthCheckRequest, _Mapping]] = ..., create_collection: _Optional[_Union[CreateCollectionRequest, _Mapping]] = ..., drop_collection: _Optional[_Union[DropCollectionRequest, _Mapping]] = ..., list_collections: _Optional[_Union[ListCollectionsRequest, _Mapping]] = ..., cancel_stream: _Optional[_Union[CancelStreamRequest, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., handshake_response: _Optional[_Union[HandshakeResponse, _Mapping]] = ..., query_response: _Optional[_Union[_aql_pb2.QueryResponse, _Mapping]] = ..., batch_response: _Optional[_Union[_aql_pb2.BatchResponse, _Mapping]] = ..., stream: _Optional[_Union[_aql_pb2.StreamResponse, _Mapping]] = ..., server_info_response: _Optional[_Union[_aql_pb2.ServerInfoResponse, _Mapping]] = ..., health_check_response: _Optional[_Union[_aql_pb2.HealthCheckResponse, _Mapping]] = ..., collection_response: _Optional[_Union[CollectionResponse, _Mapping]] = ..., cancel_stream_response: _Optional[_Union[CancelStreamResponse, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., error: _Optional[_Union[_errors_pb2.ErrorResponse, _Mapping]] = ..., compressed: _Optional[_Union[CompressedFrame, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., revisions: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[int] = ..., handshake: _Optional[_Union[Handshake, _Mapping]] = ..., query: _Optional[_Union[_aql_pb2.QueryRequest, _Mapping]] = ..., batch: _Optional[_Union[_aql_pb2.BatchRequest, _Mapping]] = ..., server_info: _Optional[_Union[_aql_pb2.ServerInfoRequest, _Mapping]] = ..., health_check: _Optional[_Union[_aql_pb2.HealthCheckRequest, _Mapping]] = ..., create_collection: _Optional[_Union[CreateCollectionRequest, _Mapping]] = ..., drop_collection: _Optional[_Union[DropCollectionRequest, _Mapping]] = ..., list_collections: _Optional[_Union[ListCollectionsRequest, _Mapping]] = ..., cancel_stream: _Optional[_Union[CancelStreamRequest, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., fhe_key_upload: _Optional[_Union[FheKeyUpload, _Mapping]] = ..., handshake_response: _Optional[_Union[HandshakeResponse, _Mapping]] = ..., query_response: _Optional[_Union[_aql_pb2.QueryResponse, _Mapping]] = ..., batch_response: _Optional[_Union[_aql_pb2.BatchResponse, _Mapping]] = ..., stream: _Optional[_Union[_aql_pb2.StreamResponse, _Mapping]] = ..., server_info_response: _Optional[_Union[_aql_pb2.ServerInfoResponse, _Mapping]] = ..., health_check_response: _Optional[_Union[_aql_pb2.HealthCheckResponse, _Mapping]] = ..., collection_response: _Optional[_Union[CollectionResponse, _Mapping]] = ..., cancel_stream_response: _Optional[_Union[CancelStreamResponse, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., error: _Optional[_Union[_errors_pb2.ErrorResponse, _Mapping]] = ..., fhe_key_upload_response: _Optional[_Union[FheKeyUploadResponse, _Mapping]] = ..., compressed: _Optional[_Union[CompressedFrame, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., revisions: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class CompressedFrame(_message.Message):
     __slots__ = ("algorithm", "size", "data")
@@ -185,3 +189,35 @@ class Pong(_message.Message):
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     payload: bytes
     def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
+class FheKeyUpload(_message.Message):
+    __slots__ = ("key_set_id", "evaluator", "schema", "specs_sha256", "total_size", "offset", "data", "last", "warm_ciphertext")
+    KEY_SET_ID_FIELD_NUMBER: _ClassVar[int]
+    EVALUATOR_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    SPECS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    WARM_CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    key_set_id: str
+    evaluator: str
+    schema: str
+    specs_sha256: str
+    total_size: int
+    offset: int
+    data: bytes
+    last: bool
+    warm_ciphertext: bytes
+    def __init__(self, key_set_id: _Optional[str] = ..., evaluator: _Optional[str] = ..., schema: _Optional[str] = ..., specs_sha256: _Optional[str] = ..., total_size: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., warm_ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class FheKeyUploadResponse(_message.Message):
+    __slots__ = ("received", "complete", "already_present")
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_PRESENT_FIELD_NUMBER: _ClassVar[int]
+    received: int
+    complete: bool
+    already_present: bool
+    def __init__(self, received: _Optional[int] = ..., complete: _Optional[bool] = ..., already_present: _Optional[bool] = ...) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from amaters.proto import types_pb2 as amaters_dot_proto_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61maters/proto/query.proto\x12\ramaters.query\x1a\x19\x61maters/proto/types.proto\"\x96\x02\n\x05Query\x12&\n\x03get\x18\x01 \x01(\x0b\x32\x17.amaters.query.GetQueryH\x00\x12&\n\x03set\x18\x02 \x01(\x0b\x32\x17.amaters.query.SetQueryH\x00\x12,\n\x06\x64\x65lete\x18\x03 \x01(\x0b\x32\x1a.amaters.query.DeleteQueryH\x00\x12,\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x1a.amaters.query.FilterQueryH\x00\x12,\n\x06update\x18\x05 \x01(\x0b\x32\x1a.amaters.query.UpdateQueryH\x00\x12*\n\x05range\x18\x06 \x01(\x0b\x32\x19.amaters.query.RangeQueryH\x00\x42\x07\n\x05query\"?\n\x08GetQuery\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x1f\n\x03key\x18\x02 \x01(\x0b\x32\x12.amaters.types.Key\"i\n\x08SetQuery\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x1f\n\x03key\x18\x02 \x01(\x0b\x32\x12.amaters.types.Key\x12(\n\x05value\x18\x03 \x01(\x0b\x32\x19.amaters.types.CipherBlob\"B\n\x0b\x44\x65leteQuery\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x1f\n\x03key\x18\x02 \x01(\x0b\x32\x12.amaters.types.Key\"\x8c\x01\n\x0b\x46ilterQuery\x12\x12\n\ncollection\x18\x01 \x01(\t\x12+\n\tpredicate\x18\x02 \x01(\x0b\x32\x18.amaters.types.Predicate\x12\x12\n\x05limit\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06offset\x18\x04 \x01(\rH\x01\x88\x01\x01\x42\x08\n\x06_limitB\t\n\x07_offset\"v\n\x0bUpdateQuery\x12\x12\n\ncollection\x18\x01 \x01(\t\x12+\n\tpredicate\x18\x02 \x01(\x0b\x32\x18.amaters.types.Predicate\x12&\n\x07updates\x18\x03 \x03(\x0b\x32\x15.amaters.types.Update\"\x82\x01\n\nRangeQuery\x12\x12\n\ncollection\x18\x01 \x01(\t\x12!\n\x05start\x18\x02 \x01(\x0b\x32\x12.amaters.types.Key\x12\x1f\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x12.amaters.types.Key\x12\x12\n\x05limit\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_limit\"\xa4\x01\n\x0bQueryResult\x12-\n\x06single\x18\x01 \x01(\x0b\x32\x1b.amaters.query.SingleResultH\x00\x12+\n\x05multi\x18\x02 \x01(\x0b\x32\x1a.amaters.query.MultiResultH\x00\x12/\n\x07success\x18\x03 \x01(\x0b\x32\x1c.amaters.query.SuccessResultH\x00\x42\x08\n\x06result\"G\n\x0cSingleResult\x12-\n\x05value\x18\x01 \x01(\x0b\x32\x19.amaters.types.CipherBlobH\x00\x88\x01\x01\x42\x08\n\x06_value\"6\n\x0bMultiResult\x12\'\n\x06values\x18\x02 \x03(\x0b\x32\x17.amaters.query.KeyValue\"\x9d\x01\n\x08KeyValue\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.amaters.types.Key\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.amaters.types.CipherBlob\x12\'\n\x1a\x65ncrypted_predicate_result\x18\x04 \x01(\x0cH\x00\x88\x01\x01\x42\x1d\n\x1b_encrypted_predicate_result\"&\n\rSuccessResult\x12\x15\n\raffected_rows\x18\x01 \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61maters/proto/query.proto\x12\ramaters.query\x1a\x19\x61maters/proto/types.proto\"\x96\x02\n\x05Query\x12&\n\x03get\x18\x01 \x01(\x0b\x32\x17.amaters.query.GetQueryH\x00\x12&\n\x03set\x18\x02 \x01(\x0b\x32\x17.amaters.query.SetQueryH\x00\x12,\n\x06\x64\x65lete\x18\x03 \x01(\x0b\x32\x1a.amaters.query.DeleteQueryH\x00\x12,\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x1a.amaters.query.FilterQueryH\x00\x12,\n\x06update\x18\x05 \x01(\x0b\x32\x1a.amaters.query.UpdateQueryH\x00\x12*\n\x05range\x18\x06 \x01(\x0b\x32\x19.amaters.query.RangeQueryH\x00\x42\x07\n\x05query\"?\n\x08GetQuery\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x1f\n\x03key\x18\x02 \x01(\x0b\x32\x12.amaters.types.Key\"i\n\x08SetQuery\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x1f\n\x03key\x18\x02 \x01(\x0b\x32\x12.amaters.types.Key\x12(\n\x05value\x18\x03 \x01(\x0b\x32\x19.amaters.types.CipherBlob\"B\n\x0b\x44\x65leteQuery\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x1f\n\x03key\x18\x02 \x01(\x0b\x32\x12.amaters.types.Key\"\x9d\x01\n\x0b\x46ilterQuery\x12\x12\n\ncollection\x18\x01 \x01(\t\x12+\n\tpredicate\x18\x02 \x01(\x0b\x32\x18.amaters.types.Predicate\x12\x12\n\x05limit\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06offset\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x0f\n\x07key_set\x18\x0f \x01(\tB\x08\n\x06_limitB\t\n\x07_offset\"\x87\x01\n\x0bUpdateQuery\x12\x12\n\ncollection\x18\x01 \x01(\t\x12+\n\tpredicate\x18\x02 \x01(\x0b\x32\x18.amaters.types.Predicate\x12&\n\x07updates\x18\x03 \x03(\x0b\x32\x15.amaters.types.Update\x12\x0f\n\x07key_set\x18\x0f \x01(\t\"\x82\x01\n\nRangeQuery\x12\x12\n\ncollection\x18\x01 \x01(\t\x12!\n\x05start\x18\x02 \x01(\x0b\x32\x12.amaters.types.Key\x12\x1f\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x12.amaters.types.Key\x12\x12\n\x05limit\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_limit\"\xa4\x01\n\x0bQueryResult\x12-\n\x06single\x18\x01 \x01(\x0b\x32\x1b.amaters.query.SingleResultH\x00\x12+\n\x05multi\x18\x02 \x01(\x0b\x32\x1a.amaters.query.MultiResultH\x00\x12/\n\x07success\x18\x03 \x01(\x0b\x32\x1c.amaters.query.SuccessResultH\x00\x42\x08\n\x06result\"G\n\x0cSingleResult\x12-\n\x05value\x18\x01 \x01(\x0b\x32\x19.amaters.types.CipherBlobH\x00\x88\x01\x01\x42\x08\n\x06_value\"6\n\x0bMultiResult\x12\'\n\x06values\x18\x02 \x03(\x0b\x32\x17.amaters.query.KeyValue\"\x9d\x01\n\x08KeyValue\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.amaters.types.Key\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.amaters.types.CipherBlob\x12\'\n\x1a\x65ncrypted_predicate_result\x18\x04 \x01(\x0cH\x00\x88\x01\x01\x42\x1d\n\x1b_encrypted_predicate_result\"&\n\rSuccessResult\x12\x15\n\raffected_rows\x18\x01 \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,19 +41,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEQUERY']._serialized_start=524
   _globals['_DELETEQUERY']._serialized_end=590
   _globals['_FILTERQUERY']._serialized_start=593
-  _globals['_FILTERQUERY']._serialized_end=733
-  _globals['_UPDATEQUERY']._serialized_start=735
-  _globals['_UPDATEQUERY']._serialized_end=853
-  _globals['_RANGEQUERY']._serialized_start=856
-  _globals['_RANGEQUERY']._serialized_end=986
-  _globals['_QUERYRESULT']._serialized_start=989
-  _globals['_QUERYRESULT']._serialized_end=1153
-  _globals['_SINGLERESULT']._serialized_start=1155
-  _globals['_SINGLERESULT']._serialized_end=1226
-  _globals['_MULTIRESULT']._serialized_start=1228
-  _globals['_MULTIRESULT']._serialized_end=1282
-  _globals['_KEYVALUE']._serialized_start=1285
-  _globals['_KEYVALUE']._serialized_end=1442
-  _globals['_SUCCESSRESULT']._serialized_start=1444
-  _globals['_SUCCESSRESULT']._serialized_end=1482
+  _globals['_FILTERQUERY']._serialized_end=750
+  _globals['_UPDATEQUERY']._serialized_start=753
+  _globals['_UPDATEQUERY']._serialized_end=888
+  _globals['_RANGEQUERY']._serialized_start=891
+  _globals['_RANGEQUERY']._serialized_end=1021
+  _globals['_QUERYRESULT']._serialized_start=1024
+  _globals['_QUERYRESULT']._serialized_end=1188
+  _globals['_SINGLERESULT']._serialized_start=1190
+  _globals['_SINGLERESULT']._serialized_end=1261
+  _globals['_MULTIRESULT']._serialized_start=1263
+  _globals['_MULTIRESULT']._serialized_end=1317
+  _globals['_KEYVALUE']._serialized_start=1320
+  _globals['_KEYVALUE']._serialized_end=1477
+  _globals['_SUCCESSRESULT']._serialized_start=1479
+  _globals['_SUCCESSRESULT']._serialized_end=1517
 # @@protoc_insertion_point(module_scope)

@@ -50,26 +50,30 @@ class DeleteQuery(_message.Message):
     def __init__(self, collection: _Optional[str] = ..., key: _Optional[_Union[_types_pb2.Key, _Mapping]] = ...) -> None: ...
 
 class FilterQuery(_message.Message):
-    __slots__ = ("collection", "predicate", "limit", "offset")
+    __slots__ = ("collection", "predicate", "limit", "offset", "key_set")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     PREDICATE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    KEY_SET_FIELD_NUMBER: _ClassVar[int]
     collection: str
     predicate: _types_pb2.Predicate
     limit: int
     offset: int
-    def __init__(self, collection: _Optional[str] = ..., predicate: _Optional[_Union[_types_pb2.Predicate, _Mapping]] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+    key_set: str
+    def __init__(self, collection: _Optional[str] = ..., predicate: _Optional[_Union[_types_pb2.Predicate, _Mapping]] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ..., key_set: _Optional[str] = ...) -> None: ...
 
 class UpdateQuery(_message.Message):
-    __slots__ = ("collection", "predicate", "updates")
+    __slots__ = ("collection", "predicate", "updates", "key_set")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     PREDICATE_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
+    KEY_SET_FIELD_NUMBER: _ClassVar[int]
     collection: str
     predicate: _types_pb2.Predicate
     updates: _containers.RepeatedCompositeFieldContainer[_types_pb2.Update]
-    def __init__(self, collection: _Optional[str] = ..., predicate: _Optional[_Union[_types_pb2.Predicate, _Mapping]] = ..., updates: _Optional[_Iterable[_Union[_types_pb2.Update, _Mapping]]] = ...) -> None: ...
+    key_set: str
+    def __init__(self, collection: _Optional[str] = ..., predicate: _Optional[_Union[_types_pb2.Predicate, _Mapping]] = ..., updates: _Optional[_Iterable[_Union[_types_pb2.Update, _Mapping]]] = ..., key_set: _Optional[str] = ...) -> None: ...
 
 class RangeQuery(_message.Message):
     __slots__ = ("collection", "start", "end", "limit")

@@ -970,10 +970,18 @@ class AmatersServerProtocol(FrameReceiver):
         self._request_started()
         if not d.called:
             timeout = self.factory.limits.request_timeout
+            if what in ("filter", "update", "upload_keys"):
+                # Homomorphic evaluation has its own, longer deadline (fhe.query_timeout).
+                timeout = max(timeout, self.factory.fhe_query_timeout)
             # From the arrival of the request's bytes (``_last_activity``, as ``ctx.started``).
-            self._deadlines[request_id] = (self._last_activity + timeout, what, timeout)
-            if self._deadline_timer is None:
+            deadline = self._last_activity + timeout
+            self._deadlines[request_id] = (deadline, what, timeout)
+            timer = self._deadline_timer
+            if timer is None:
                 self._deadline_timer = self.factory.clock.callLater(timeout, self._deadlines_due)
+            elif timer.getTime() > deadline:
+                # Deadlines differ by kind (a FILTER's is longer): the earliest one sets the timer.
+                timer.reset(max(0.0, deadline - self.factory.clock.seconds()))
 
     def _untrack(self, request_id: int) -> bool:
         """The request finished: whether it still needs an answer (it did not time out).
@@ -1196,6 +1204,31 @@ class AmatersServerProtocol(FrameReceiver):
         service_name = request.service if request.HasField("service") else None
         self._run_simple(request_id, ops.HealthCheck(service_name), _health_envelope)
 
+    def _on_fhe_key_upload(self, request_id: int, request: envelope_pb2.FheKeyUpload) -> None:
+        from amaters.fhe.service import KeyUpload
+
+        chunk = KeyUpload(
+            key_set_id=request.key_set_id,
+            evaluator=request.evaluator,
+            schema=request.schema,
+            specs_sha256=request.specs_sha256,
+            total_size=request.total_size,
+            offset=request.offset,
+            data=request.data,
+            last=request.last,
+            warm_ciphertext=request.warm_ciphertext,
+        )
+
+        def render(result: Any) -> envelope_pb2.Envelope:
+            out = Envelope()
+            answer = out.fhe_key_upload_response
+            answer.received = result.received
+            answer.complete = result.complete
+            answer.already_present = result.already_present
+            return out
+
+        self._run_simple(request_id, ops.UploadKeys(chunk), render)
+
     def _on_ping(self, request_id: int, request: envelope_pb2.Ping) -> None:
         self._send(Envelope(request_id=request_id, pong=envelope_pb2.Pong(payload=request.payload)))
 
@@ -1238,6 +1271,7 @@ _HANDLERS: dict[str, Callable[[AmatersServerProtocol, int, Any], None]] = {
     "server_info": AmatersServerProtocol._on_server_info,
     "health_check": AmatersServerProtocol._on_health_check,
     "ping": AmatersServerProtocol._on_ping,
+    "fhe_key_upload": AmatersServerProtocol._on_fhe_key_upload,
 }
 
 
@@ -1258,6 +1292,9 @@ class AmatersServerFactory(Factory):
         clock: Any,
         authenticate: Authenticator | None = None,
         frame_compression: Any = None,
+        *,
+        fhe_query_timeout: float = 600.0,
+        session_revisions: bool = False,
     ) -> None:
         self.pipeline = pipeline
         self.limits = limits
@@ -1265,6 +1302,10 @@ class AmatersServerFactory(Factory):
         self.authenticate: Authenticator = authenticate or default_authenticator(False)
         #: Per-frame compression a handshake may negotiate (None: never).
         self.frame_compression: Any = frame_compression
+        #: FILTER, UPDATE and key uploads run up to this long (fhe.query_timeout).
+        self.fhe_query_timeout = fhe_query_timeout
+        #: Clustered mode: requests carry and answers report shard revisions (amaters.cluster.session).
+        self.session_revisions = session_revisions
         self.connections: set[AmatersServerProtocol] = set()
         #: Request bytes held by all connections (limits.max_buffered_bytes and friends).
         self.budget = ReceiveBudget(limits, clock)
@@ -1272,8 +1313,6 @@ class AmatersServerFactory(Factory):
         #: While draining, idle connections are closed by the server only after a grace period
         #: (clients told of the shutdown close first).
         self.drain_grace_over = False
-        #: Clustered mode: requests carry and answers report shard revisions (amaters.cluster.session).
-        self.session_revisions = False
         self._grace_timer: Any = None
         self._drained: list[defer.Deferred[None]] = []
 
@@ -1360,8 +1399,9 @@ class ListenerService(service.Service):
             reactor,
             authenticate or default_authenticator(config.auth.enabled),
             frame_compression,
+            fhe_query_timeout=config.fhe.query_timeout,
+            session_revisions=config.storage.backend == "etcd",
         )
-        self.factory.session_revisions = config.storage.backend == "etcd"
         self.port: IListeningPort | None = None
         self.tls: Any = None
         self.tls_files: Any = None

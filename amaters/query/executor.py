@@ -70,6 +70,10 @@ class QueryExecutor:
         range_chunk_size: int = 256,
         server_info: Callable[[], ops.ServerInfoResult] | None = None,
         health: Callable[[], ops.HealthResult] | None = None,
+        fhe: Any = None,
+        fhe_max_rows: int = 10_000,
+        fhe_query_timeout: float = 600.0,
+        clock: Any = None,
         admin: IServerAdmin | None = None,
     ) -> None:
         self.backend = backend
@@ -77,6 +81,11 @@ class QueryExecutor:
         self.range_chunk_size = range_chunk_size
         self._server_info = server_info
         self._health = health
+        #: The FHE evaluator (an amaters.fhe.service.FheService) or None: FILTER/UPDATE refused.
+        self.fhe = fhe
+        self.fhe_max_rows = fhe_max_rows
+        self.fhe_query_timeout = fhe_query_timeout
+        self._clock = clock
         #: limits.max_collections (0: no limit); the pipeline passes reloaded limits on.
         self.max_collections = 0
         #: Server administration (status, reload, snapshots, ...); None: admin operations refused.
@@ -111,7 +120,20 @@ class QueryExecutor:
             ops.ConfigView: lambda op: self._admin().config_view(),
             ops.AuditTail: lambda op: self._admin().audit_tail(op.limit),
             ops.ServerResources: lambda op: self._admin().resources(),
+            ops.Filter: self.filter,
+            ops.Update: self.update,
+            ops.UploadKeys: self.upload_keys,
         }
+
+    def fhe_unavailable(self, what: str) -> str | None:
+        """Why ``what`` (FILTER, UPDATE) cannot run on this server, or None when it can."""
+        if self.fhe is None:
+            return (
+                f"{what} needs the FHE evaluator, which this server does not have configured"
+                " (install amaters[fhe]; see docs/fhe.md); the key-value operations work without it"
+            )
+        reason: str | None = self.fhe.unavailable(what)
+        return reason
 
     def update_limits(self, limits: Any) -> None:
         """Apply (reloaded) ``[limits]``: the collection count limit."""
@@ -278,6 +300,72 @@ class QueryExecutor:
                     )
             raise
         return results
+
+    # -- homomorphic FILTER and UPDATE -------------------------------------------------------
+
+    def filter(self, op: ops.Filter) -> defer.Deferred[list[tuple[bytes, CipherBlob, bytes]]]:
+        return defer.Deferred.fromCoroutine(self._filter(op))
+
+    def update(self, op: ops.Update) -> defer.Deferred[int]:
+        return defer.Deferred.fromCoroutine(self._update(op))
+
+    def upload_keys(self, op: ops.UploadKeys) -> defer.Deferred[Any]:
+        if self.fhe is None:
+            return defer.fail(InvalidOperation(self.fhe_unavailable("uploading FHE keys") or ""))
+        return self.fhe.upload_chunk(op.chunk)
+
+    async def _encrypted_rows(
+        self, collection: str, key_set_id: str, limit: int | None, offset: int
+    ) -> list[tuple[bytes, CipherBlob]]:
+        from amaters.fhe.records import is_record
+
+        if not self.fhe.has_key_set(key_set_id):
+            raise NotFound(
+                "the server has no evaluation keys with this key set id; upload them first"
+                " (client.upload_keys or amaters fhe upload)"
+            )
+        rows = await self._range_list(ops.Range(collection, b"", None, None))
+        encrypted = [(k, v) for k, v in rows if is_record(v.data)][offset:]
+        if limit is not None:
+            encrypted = encrypted[:limit]
+        if len(encrypted) > self.fhe_max_rows:
+            raise SizeExceeded(
+                f"the query would examine {len(encrypted)} encrypted rows; fhe.max_rows_per_query"
+                f" is {self.fhe_max_rows} (use limit and offset)"
+            )
+        return encrypted
+
+    def _deadline(self) -> float:
+        clock = self._clock
+        if clock is None:
+            from twisted.internet import reactor as clock
+        return float(clock.seconds()) + self.fhe_query_timeout
+
+    async def _filter(self, op: ops.Filter) -> list[tuple[bytes, CipherBlob, bytes]]:
+        if self.fhe is None:
+            raise InvalidOperation(self.fhe_unavailable("FILTER") or "")
+        rows = await self._encrypted_rows(op.collection, op.key_set_id, op.limit, op.offset)
+        flags = await self.fhe.evaluate(
+            op.key_set_id, "filter", op.predicate, None, [v.data for _, v in rows], self._deadline()
+        )
+        return [(k, v, flag) for (k, v), flag in zip(rows, flags, strict=True) if flag is not None]
+
+    async def _update(self, op: ops.Update) -> int:
+        if self.fhe is None:
+            raise InvalidOperation(self.fhe_unavailable("UPDATE") or "")
+        rows = await self._encrypted_rows(op.collection, op.key_set_id, None, 0)
+        new = await self.fhe.evaluate(
+            op.key_set_id, "update", op.predicate, op.updates, [v.data for _, v in rows], self._deadline()
+        )
+        writes = []
+        for (key, old), data in zip(rows, new, strict=True):
+            if data is None:
+                continue
+            blob = CipherBlob.wrap(data, created_at=old.created_at, version=old.version)
+            writes.append(WriteOp.put(op.collection, key, blob))
+        if writes:
+            await self.backend.write_batch(writes)
+        return len(writes)
 
     # -- collections and server ---------------------------------------------------------------
 

@@ -128,6 +128,48 @@ class HealthCheck:
     service: str | None = None
 
 
+@attrs.frozen(slots=True)
+class Filter:
+    """Evaluate an encrypted predicate on every encrypted row of the collection (at most
+    ``fhe.max_rows_per_query``; ``offset`` rows skipped, at most ``limit`` examined).  The result
+    is a list of ``(key, blob, encrypted boolean)``: only the client can tell which rows match."""
+
+    name: ClassVar[str] = "filter"
+    kind: ClassVar[Access] = "read"
+    collection: str
+    key_set_id: str
+    predicate: object = attrs.field(repr=_hidden)
+    limit: int | None = None
+    offset: int = 0
+
+
+@attrs.frozen(slots=True)
+class Update:
+    """Replace every encrypted row by ``select(predicate, updated, old)``; the result is the number
+    of rows examined (the server does not learn which changed)."""
+
+    name: ClassVar[str] = "update"
+    kind: ClassVar[Access] = "write"
+    collection: str
+    key_set_id: str
+    predicate: object = attrs.field(repr=_hidden)
+    updates: object = attrs.field(repr=_hidden)
+
+
+@attrs.frozen(slots=True)
+class UploadKeys:
+    """One chunk of a client's public evaluation keys (see amaters.fhe.service.KeyUpload).
+
+    Needs read on the server, like FILTER, which is of no use without uploaded keys: a role that
+    may filter may upload the keys to do it.
+    """
+
+    name: ClassVar[str] = "upload_keys"
+    kind: ClassVar[Access] = "read"
+    collection: ClassVar[None] = None
+    chunk: object = attrs.field(repr=_hidden)
+
+
 # -- administration: the admin API's operations, through the same pipeline as every query ---------
 # Each needs admin on server; their names are what the audit log and the metrics show.
 
@@ -295,6 +337,9 @@ Operation = (
     | ListCollections
     | ServerInfo
     | HealthCheck
+    | Filter
+    | Update
+    | UploadKeys
     | AdminOperation
 )
 

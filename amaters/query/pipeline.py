@@ -139,7 +139,8 @@ class QueryPipeline:
         stages: Sequence[IPipelineStage] = (),
     ) -> None:
         self.executor = executor
-        self.validator = Validator(limits)
+        # FILTER and UPDATE ask the executor whether FHE can run here (None: no FHE at all).
+        self.validator = Validator(limits, getattr(executor, "fhe_unavailable", None))
         executor.update_limits(limits)
         self._stages: list[IPipelineStage] = []
         self._befores: tuple[IPipelineStage, ...] = ()

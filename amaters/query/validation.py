@@ -14,6 +14,7 @@ names the rule (never the key or value):
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from amaters.config import LimitsConfig
 from amaters.errors import (
@@ -44,8 +45,12 @@ class Validator:
     # Names seen valid, so the regular expression runs once per collection, not per request.
     _MAX_REMEMBERED = 4096
 
-    def __init__(self, limits: LimitsConfig) -> None:
+    def __init__(
+        self, limits: LimitsConfig, fhe_unavailable: Callable[[str], str | None] | None = None
+    ) -> None:
         self.limits = limits
+        #: Why FILTER/UPDATE cannot run (None: they can); absent: no FHE evaluator at all.
+        self.fhe_unavailable = fhe_unavailable
         self._valid_names: set[str] = set()
 
     def collection(self, name: str) -> str:
@@ -129,12 +134,52 @@ class Validator:
                 r.limit if r.HasField("limit") else None,
             )
         if which == "filter":
-            self.collection(query.filter.collection)
-            raise InvalidOperation(_FHE_MISSING.format(what="FILTER"))
+            f = query.filter
+            self.collection(f.collection)
+            self._fhe_ready("FILTER")
+            return ops.Filter(
+                f.collection,
+                self._key_set(f.key_set),
+                self._predicate(f),
+                f.limit if f.HasField("limit") else None,
+                f.offset if f.HasField("offset") else 0,
+            )
         if which == "update":
-            self.collection(query.update.collection)
-            raise InvalidOperation(_FHE_MISSING.format(what="UPDATE"))
+            u = query.update
+            self.collection(u.collection)
+            self._fhe_ready("UPDATE")
+            from amaters.fhe.predicate import PredicateError, updates_from_proto
+
+            try:
+                updates = updates_from_proto(u.updates)
+            except PredicateError as e:
+                raise InvalidValue(str(e)) from None
+            return ops.Update(u.collection, self._key_set(u.key_set), self._predicate(u), updates)
         raise MissingField("the query names no operation (get, set, delete, range, filter, update)")
+
+    def _fhe_ready(self, what: str) -> None:
+        if self.fhe_unavailable is None:
+            raise InvalidOperation(_FHE_MISSING.format(what=what))
+        reason = self.fhe_unavailable(what)
+        if reason is not None:
+            raise InvalidOperation(reason)
+
+    @staticmethod
+    def _key_set(key_set: str) -> str:
+        if len(key_set) != 64 or any(c not in "0123456789abcdef" for c in key_set):
+            raise MissingField("FILTER and UPDATE need key_set: the 64-hex sha256 id of uploaded FHE keys")
+        return key_set
+
+    @staticmethod
+    def _predicate(query: query_pb2.FilterQuery | query_pb2.UpdateQuery) -> object:
+        from amaters.fhe.predicate import PredicateError, from_proto
+
+        if not query.HasField("predicate"):
+            raise MissingField("FILTER and UPDATE need a predicate")
+        try:
+            return from_proto(query.predicate)
+        except PredicateError as e:
+            raise InvalidValue(str(e)) from None
 
     def batch(self, request: aql_pb2.BatchRequest) -> ops.Batch:
         """A batch of GET, SET and DELETE, every item validated before anything runs."""

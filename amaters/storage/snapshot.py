@@ -489,7 +489,8 @@ class _HashingReader:
 
 
 def collect_files(root: Path, include_format: bool = True) -> list[str]:
-    """The archive paths of a data directory under ``root``: ``FORMAT`` and ``db/*`` (sorted).
+    """The archive paths of a data directory under ``root``: ``FORMAT``, ``db/*`` and the uploaded
+    FHE evaluation keys ``fhe/keys/<id>/*`` (sorted).
 
     RocksDB's ``LOCK`` and info logs (``LOG*``) are left out; anything else in ``db`` (nested
     directories included) is archived.
@@ -509,6 +510,10 @@ def collect_files(root: Path, include_format: bool = True) -> list[str]:
         members.append(relative)
     if not any(m.startswith("db/") for m in members):
         raise SnapshotError(f"no database files under {str(db)!r}")
+    # Uploaded FHE evaluation keys (public material; partial uploads left out).
+    for path in sorted((root / "fhe" / "keys").glob("*/*")):
+        if path.is_file() and not path.parent.name.endswith(".part"):
+            members.append(path.relative_to(root).as_posix())
     return members
 
 
@@ -1003,6 +1008,13 @@ def pack_offline_blocking(
     )
 
 
+def _copy_fhe_keys(data_dir: Path, work: Path) -> None:
+    """Uploaded FHE evaluation keys (public) travel with the data: ``fhe/keys`` minus partial uploads."""
+    source = data_dir / "fhe" / "keys"
+    if source.is_dir():
+        shutil.copytree(source, work / "fhe" / "keys", ignore=shutil.ignore_patterns("*.part"))
+
+
 async def create_snapshot(
     backend: Any,
     config: Config,
@@ -1030,6 +1042,7 @@ async def create_snapshot(
     try:
         report(0, 0, "checkpoint")
         await defer.maybeDeferred(backend.snapshot, str(work / "db"))
+        await pools.io.run(_copy_fhe_keys, Path(config.server.data_dir), work)
         info = await pools.cpu.run(
             _pack_checkpoint, work, directory, timestamp, config.snapshot.compression, FORMAT_VERSION, report
         )

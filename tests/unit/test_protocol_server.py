@@ -558,3 +558,22 @@ def test_arbitrary_bytes_never_crash_the_server(chunks: list[bytes], handshake_f
         h.protocol.dataReceived(chunk)
     for answer in h.received():
         assert answer.WhichOneof("body") is not None
+
+
+def test_a_short_deadline_is_kept_behind_a_long_one() -> None:
+    """A request with the short deadline that arrives while only a long one (a FILTER's
+    fhe.query_timeout) is in flight still times out at its own deadline."""
+    h = ready(limits=LimitsConfig(request_timeout=2.0))
+    h.factory.fhe_query_timeout = 600.0
+    long_running: defer.Deferred[Any] = defer.Deferred()
+    h.protocol._track(90, long_running, "filter")  # the connection's timer is now 600 s away
+    fill(h, "c", 1)
+    h.backend.gated = True
+    h.send(q_get(10, "c", b"0000"))
+    h.clock.advance(2.0)
+    assert [(a.request_id, a.error.code) for a in h.received()] == [(10, ErrorCode.NETWORK_TIMEOUT)]
+    h.clock.advance(597.9)
+    assert h.received() == []
+    h.clock.advance(0.2)
+    assert [(a.request_id, a.error.code) for a in h.received()] == [(90, ErrorCode.NETWORK_TIMEOUT)]
+    h.backend.release(0)
