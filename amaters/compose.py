@@ -74,7 +74,7 @@ from amaters.protocols.server import ListenerService
 from amaters.query import operations as ops
 from amaters.query.executor import CAPABILITIES, QueryExecutor
 from amaters.query.pipeline import QueryPipeline
-from amaters.service import AsyncMultiService, Lifecycle, ThreadPoolService
+from amaters.service import AsyncMultiService, Lifecycle, SerialThreadService, ThreadPoolService
 from amaters.storage import build_backend, innermost
 from amaters.storage.flusher import FlusherService
 from amaters.storage.s3 import S3Store
@@ -120,8 +120,11 @@ class PoolsService(AsyncMultiService):
         self.io = ThreadPoolService(reactor, "io", 0, 4, synchronous)
         #: CPU-heavy work: compression of large blobs, snapshots, FHE evaluation.
         self.cpu = ThreadPoolService(reactor, "cpu", 0, 2, synchronous)
+        #: The write-ahead log's fsyncs (group commit), one at a time on a thread of their own.
+        self.wal = SerialThreadService(reactor, "wal", synchronous)
         self.io.setServiceParent(self)
         self.cpu.setServiceParent(self)
+        self.wal.setServiceParent(self)
 
 
 @attrs.frozen

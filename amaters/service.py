@@ -214,3 +214,75 @@ class ThreadPoolService(service.Service):
         from twisted.internet.threads import deferToThreadPool
 
         return deferToThreadPool(self._reactor, self.pool, f, *args, **kwargs)
+
+
+class SerialThreadService(service.Service):
+    """One long-lived thread that runs blocking calls one after another, in the order asked.
+
+    ``run(f, *args)`` returns a Deferred fired on the reactor thread with ``f``'s result (or its
+    failure), like :class:`ThreadPoolService`, for work that is always serial anyway (the WAL fsyncs
+    of group commit: one at a time by design).  A hand-off costs a queue put and one
+    ``callFromThread`` instead of a thread pool's worker bookkeeping and context wrapping, which
+    matters when each durable write of a lone client waits for its own fsync.  With
+    ``synchronous=True`` (unit tests) calls run inline.  A call made while the thread is not
+    running fails with ``RuntimeError`` (it never runs on the reactor thread instead).
+    """
+
+    def __init__(self, reactor: IReactorThreads, name: str, synchronous: bool = False) -> None:
+        import queue
+
+        self.name = name
+        self._reactor = reactor
+        self._synchronous = synchronous
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: Any = None
+        self._stopped: defer.Deferred[None] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        if self._synchronous or self._thread is not None:
+            return
+        import threading
+
+        self._thread = threading.Thread(target=self._work, name=f"amaters-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        if self._thread is None:
+            return defer.succeed(None)
+        # Calls queued before this one still run; the thread then says it is done and ends.
+        self._stopped = defer.Deferred()
+        self._queue.put(None)
+        self._thread = None
+        return self._stopped
+
+    def _work(self) -> None:
+        reactor: Any = self._reactor
+        get = self._queue.get
+        while True:
+            item = get()
+            if item is None:
+                reactor.callFromThread(self._finished)
+                return
+            d, f, args, kwargs = item
+            try:
+                result = f(*args, **kwargs)
+            except BaseException:
+                reactor.callFromThread(d.errback, Failure())
+            else:
+                reactor.callFromThread(d.callback, result)
+
+    def _finished(self) -> None:
+        stopped, self._stopped = self._stopped, None
+        if stopped is not None:
+            stopped.callback(None)
+
+    def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
+        if self._synchronous:
+            return defer.maybeDeferred(f, *args, **kwargs)
+        if self._thread is None:
+            return defer.fail(RuntimeError(f"the {self.name} thread is not running"))
+        d: defer.Deferred[T] = defer.Deferred()
+        self._queue.put((d, f, args, kwargs))
+        return d

@@ -37,7 +37,8 @@ import asyncio, json, sys, time, zlib
 import grpc
 from amaters.proto import aql_pb2, query_pb2, types_pb2
 
-port, ca, op, concurrency, seconds, keyspace, size = sys.argv[1:8]
+port, ca, op, concurrency, seconds, keyspace, size, api_key = sys.argv[1:9]
+metadata = [("x-api-key", api_key)] if api_key else []
 concurrency, seconds, keyspace, size = int(concurrency), float(seconds), int(keyspace), int(size)
 value = b"x" * size
 blob = types_pb2.CipherBlob(data=value, metadata=types_pb2.CipherMetadata(size=size, checksum=zlib.crc32(value)))
@@ -63,7 +64,7 @@ async def main():
         async def lane(n):
             i = n
             while not state["stop"]:
-                r = await call(request(i))
+                r = await call(request(i), metadata=metadata)
                 if r.WhichOneof("response") != "result":
                     errors[0] += 1
                 if state["measure"]:
@@ -93,13 +94,13 @@ def _cpu_seconds(process: psutil.Process) -> float:
 
 
 def grpc_load(
-    server: AmatersServer, op: str, concurrency: int, seconds: float, keyspace: int
+    server: AmatersServer, op: str, concurrency: int, seconds: float, keyspace: int, api_key: str = ""
 ) -> dict[str, Any]:
     """Run the gRPC generator against ``server``; ops/s and server CPU per op over the window."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     argv = [sys.executable, "-c", _GENERATOR, str(server.grpc_port), str(server.ca_cert), op]
-    argv += [str(concurrency), str(seconds), str(keyspace), "100"]
+    argv += [str(concurrency), str(seconds), str(keyspace), "100", api_key]
     generator = subprocess.Popen(argv, stdout=subprocess.PIPE, env=env, text=True)
     assert generator.stdout is not None
     process = server.psutil()
@@ -124,10 +125,10 @@ def grpc_load(
 
 
 def native_load(
-    server: AmatersServer, op: str, concurrency: int, seconds: float, keyspace: int
+    server: AmatersServer, op: str, concurrency: int, seconds: float, keyspace: int, api_key: str = ""
 ) -> dict[str, Any]:
     """The native protocol under :mod:`bench.loadgen` with the same shape of load."""
-    target = loadgen.Target("127.0.0.1", server.port, server.ca_cert)
+    target = loadgen.Target("127.0.0.1", server.port, server.ca_cert, api_key=api_key or None)
     spec = loadgen.LoadSpec(
         connections=concurrency,
         pipeline=1,
@@ -156,8 +157,8 @@ def native_load(
     }
 
 
-def fill(server: AmatersServer, keyspace: int) -> None:
-    target = loadgen.Target("127.0.0.1", server.port, server.ca_cert)
+def fill(server: AmatersServer, keyspace: int, api_key: str = "") -> None:
+    target = loadgen.Target("127.0.0.1", server.port, server.ca_cert, api_key=api_key or None)
     spec = loadgen.LoadSpec(connections=4, value_size=100, keyspace=keyspace, collection=COLLECTION)
     loadgen.run("fill", target, spec, workers=1, quiet=True)
 
@@ -172,33 +173,46 @@ def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(
-    seconds: float, keyspace: int, concurrencies: list[int], ops: list[str], repeat: int
+    seconds: float, keyspace: int, concurrencies: list[int], ops: list[str], repeat: int, auth: bool = False
 ) -> dict[str, Any]:
     """Both servers run side by side; each measurement is repeated ``repeat`` times, interleaved
     (native without gRPC, native with gRPC, gRPC), and the best of each is kept."""
     work = Path(tempfile.mkdtemp(prefix="amaters-grpc-bench-"))
     rows: list[dict[str, Any]] = []
-    settings = {"storage.backend": "memory", "web.enabled": True}
+    settings: dict[str, Any] = {"storage.backend": "memory", "web.enabled": True}
+    api_key = ""
+    if auth:  # every request logs in with an API key (native: once per connection; gRPC: per call)
+        from bench.scenarios import make_api_key
+
+        auth_settings, api_key = make_api_key(work / "auth")
+        settings |= auth_settings
     with (
         AmatersServer(work / "with-grpc", settings) as both,
         AmatersServer(work / "native-only", settings | {"grpc.enabled": False}) as native_only,
     ):
         both.start()
         native_only.start()
-        fill(both, keyspace)
-        fill(native_only, keyspace)
+        fill(both, keyspace, api_key)
+        fill(native_only, keyspace, api_key)
         for op in ops:
             for c in concurrencies:
                 runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": [], "grpc": []}
                 for _ in range(repeat):
-                    runs["off"].append(native_load(native_only, op, c, seconds, keyspace))
-                    runs["on"].append(native_load(both, op, c, seconds, keyspace))
-                    runs["grpc"].append(grpc_load(both, op, c, seconds, keyspace))
+                    runs["off"].append(native_load(native_only, op, c, seconds, keyspace, api_key))
+                    runs["on"].append(native_load(both, op, c, seconds, keyspace, api_key))
+                    runs["grpc"].append(grpc_load(both, op, c, seconds, keyspace, api_key))
                 common = {"op": op, "concurrency": c}
                 rows.append({"server": "grpc off", "protocol": "native", **common} | _best(runs["off"]))
                 rows.append({"server": "grpc on", "protocol": "native", **common} | _best(runs["on"]))
                 rows.append({"server": "grpc on", "protocol": "grpc", **common} | _best(runs["grpc"]))
-    return {"seconds": seconds, "keyspace": keyspace, "repeat": repeat, "rows": rows, "ratios": ratios(rows)}
+    return {
+        "seconds": seconds,
+        "keyspace": keyspace,
+        "repeat": repeat,
+        "auth": auth,
+        "rows": rows,
+        "ratios": ratios(rows),
+    }
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -259,10 +273,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("-c", "--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--ops", nargs="+", default=["get", "set"], choices=["get", "set"])
     parser.add_argument("-r", "--repeat", type=int, default=3, help="runs per measurement (best kept)")
+    parser.add_argument("--auth", action="store_true", help="auth on: every request presents an API key")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    result = run(args.duration, args.keyspace, args.concurrency, args.ops, args.repeat)
+    result = run(args.duration, args.keyspace, args.concurrency, args.ops, args.repeat, args.auth)
     print(report(result))
     print(f"({time.perf_counter() - started:.0f} s)")
     if args.json:

@@ -296,3 +296,28 @@ def etcd_backend(endpoints: list[str], prefix: bytes) -> Any:
     classImplements(BlockingBackend, IStorageBackend)
     classImplements(BlockingCursor, IRangeCursor)
     return BlockingBackend(EtcdBackend(EtcdClient(endpoints, reactor), reactor, prefix=prefix))
+
+
+def sharded_backend(endpoints: list[str], prefix: bytes) -> Any:
+    """A ShardedBackend (not blocking, not opened) whose shards all use ``prefix`` on their etcd."""
+    from twisted.internet import reactor
+
+    from amaters.cluster.etcd import EtcdClient
+    from amaters.storage.etcd import EtcdBackend
+    from amaters.storage.sharded import ShardedBackend
+
+    def make(name: str, shard_endpoints: list[str]) -> EtcdBackend:
+        return EtcdBackend(EtcdClient(shard_endpoints, reactor), reactor, prefix=prefix, shard=name)
+
+    return ShardedBackend(make("0", endpoints), reactor, make)
+
+
+def sharded_etcd_backend(endpoints: list[str], prefix: bytes) -> Any:
+    """A blocking view of a single-shard ShardedBackend (the clustered store as nodes build it)."""
+    from zope.interface import classImplements
+
+    from amaters.interfaces import IRangeCursor, IStorageBackend
+
+    classImplements(BlockingBackend, IStorageBackend)
+    classImplements(BlockingCursor, IRangeCursor)
+    return BlockingBackend(sharded_backend(endpoints, prefix))

@@ -27,7 +27,7 @@ GROUPS: tuple[str, ...] = (
     "amaters.cli.fhe",  # fhe keygen|upload, filter, update; set/get with --fhe-keys
     "amaters.cli.auth",  # auth new-key, auth hash-key
     "amaters.cli.snapshot",  # snapshot ..., migrate
-    "amaters.cli.cluster",  # cluster status|nodes|shards
+    "amaters.cli.cluster",  # cluster status|nodes|shards|add-shard|move|snapshot
 )
 
 

@@ -79,16 +79,25 @@ def _command_line(pid: int) -> list[str]:
 
 
 def _runs_config(pid: int, config: str | None) -> bool:
-    """Whether local process ``pid`` is an amaters server run with the configuration file ``config``.
+    """Whether local process ``pid`` is an amaters server run with the configuration file ``config``
+    (None: with no configuration file, from this working directory, as the built-in defaults are
+    relative to it).
 
     Only such a process is signalled when it was found through ``/readyz`` (it has no pid file):
     an amaters server of someone else that happens to answer on the same port is left alone.
     """
     args = _command_line(pid)
-    if not any("amaters" in arg for arg in args) or config is None:
+    if "amaters" not in args:
         return False
-    wanted = Path(config).resolve()
-    return any(Path(arg).resolve() == wanted for arg in args if arg.endswith(".toml"))
+    options = args[args.index("amaters") + 1 :]  # twistd's plugin options
+    files = [Path(arg.split("=", 1)[-1]).resolve() for arg in options if arg.endswith(".toml")]
+    if config is not None:
+        return Path(config).resolve() in files
+    try:
+        same_directory = Path(f"/proc/{pid}/cwd").resolve() == Path.cwd().resolve()
+    except OSError:
+        return False
+    return same_directory and not files and not any(arg.startswith(("--config", "-c")) for arg in options)
 
 
 # -- the ops site ------------------------------------------------------------------------------

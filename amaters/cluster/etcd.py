@@ -155,6 +155,7 @@ class EtcdClient:
             self._pool = None
         self._agent = agent
         self._current = 0
+        self._closed = False
         #: Highest cluster revision seen in any response header.
         self.revision = 0
 
@@ -165,6 +166,7 @@ class EtcdClient:
 
     async def close(self) -> None:
         """Close pooled connections (waits until they are closed)."""
+        self._closed = True
         if self._pool is not None:
             await self._pool.closeCachedConnections()
 
@@ -216,6 +218,9 @@ class EtcdClient:
         finally:
             if timer.active():
                 timer.cancel()
+            if self._closed and self._pool is not None:
+                # A request that was in flight when the client closed: do not keep its connection.
+                self._pool.closeCachedConnections().addErrback(lambda f: None)
         try:
             answer = json.loads(raw)
         except ValueError:

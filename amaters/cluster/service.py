@@ -10,7 +10,8 @@ Every ``lease_ttl / 3`` seconds the node:
    so leadership moves within ``lease_ttl`` seconds of the leader's death;
 3. if it is the leader and a duty is due, runs the singleton duties: deleting orphaned value chunks
    and compacting etcd's history (keeping the revisions of the last ``duty_interval``);
-4. refreshes its view of the etcd members (which is leader, database size), which ``/health`` shows.
+4. refreshes its view of every shard's etcd members (which is leader, database size) and of the
+   shard map, which ``/health`` and ``amaters cluster shards`` show.
 
 ``/readyz`` reports not ready when the last lease keep-alive that reached a quorum is older than the
 lease TTL.  The loop never overlaps itself and never dies: a failed tick is logged and the next one
@@ -83,6 +84,7 @@ class ClusterService(Service):
         self.leader: str | None = None
         self.last_quorum = -1e18
         self.members: list[dict[str, Any]] = []
+        self.shard_members: dict[str, list[dict[str, Any]]] = {"0": []}
         self.nodes: list[dict[str, Any]] = []
         self.duties_run = 0
         self._next_duty = 0.0
@@ -225,10 +227,17 @@ class ClusterService(Service):
             entry["leader"] = entry.get("name") == self.leader
             nodes.append(entry)
         self.nodes = nodes
+        clients = {"0": self.client}
+        if self.backend is not None and hasattr(self.backend, "shard_clients"):
+            clients = {**self.backend.shard_clients(), "0": self.client}
+        self.shard_members = {name: await self._members(client) for name, client in sorted(clients.items())}
+        self.members = self.shard_members["0"]
+
+    async def _members(self, client: EtcdClient) -> list[dict[str, Any]]:
         members = []
-        for endpoint in self.client.endpoints:
+        for endpoint in client.endpoints:
             try:
-                status = await self.client.status(endpoint)
+                status = await client.status(endpoint)
             except Exception:
                 members.append({"endpoint": endpoint, "reachable": False})
                 continue
@@ -244,7 +253,7 @@ class ClusterService(Service):
                     "version": status.get("version"),
                 }
             )
-        self.members = members
+        return members
 
     # -- probes ---------------------------------------------------------------------------------
 
@@ -254,20 +263,27 @@ class ClusterService(Service):
 
     def health(self) -> dict[str, Any]:
         """The cluster as this node last saw it: shards with their members and leader, nodes."""
-        leader_member = next((m["endpoint"] for m in self.members if m.get("leader")), None)
+        view = self.backend.view() if self.backend is not None and hasattr(self.backend, "view") else {}
+        shards = []
+        for name, members in sorted(self.shard_members.items()):
+            leader = next((m["endpoint"] for m in members if m.get("leader")), None)
+            reachable = sum(1 for m in members if m.get("reachable"))
+            shards.append(
+                {
+                    "name": name,
+                    "members": members,
+                    "leader": leader,
+                    "healthy": leader is not None and reachable * 2 > len(members),
+                    "vshards": view.get("shards", {}).get(name, {}).get("vshards", []),
+                }
+            )
         return {
             "node": self.node_name,
             "leader_node": self.leader,
             "quorum": self.quorum_ok(),
-            "shards": [
-                {
-                    "name": "0",
-                    "members": self.members,
-                    "leader": leader_member,
-                    "healthy": leader_member is not None
-                    and sum(1 for m in self.members if m.get("reachable")) * 2 > len(self.members),
-                }
-            ],
+            "vshards": view.get("vshards"),
+            "fenced": view.get("fenced", []),
+            "shards": shards,
             "nodes": self.nodes,
         }
 

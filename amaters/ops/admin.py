@@ -76,6 +76,22 @@ class ServerAdmin:
             return defer.fail(InvalidOperation("this server is not clustered (storage.backend is not etcd)"))
         return defer.succeed(self.cluster.health())
 
+    def cluster_add_shard(self, name: str, endpoints: list[str]) -> defer.Deferred[Any]:
+        """Add an etcd cluster as a shard and rebalance onto it (see amaters.storage.sharded)."""
+        return self._sharded(lambda store: store.add_shard(name, endpoints))
+
+    def cluster_move(self, vshard: int, to: str) -> defer.Deferred[Any]:
+        """Move one virtual shard to shard ``to``."""
+        return self._sharded(lambda store: store.move(vshard, to))
+
+    def _sharded(self, action: Callable[[Any], Any]) -> defer.Deferred[Any]:
+        from amaters.errors import InvalidOperation
+
+        store = getattr(self.cluster, "backend", None)
+        if store is None or not hasattr(store, "add_shard"):
+            return defer.fail(InvalidOperation("this server is not clustered (storage.backend is not etcd)"))
+        return defer.Deferred.fromCoroutine(action(store))
+
     def status(self) -> defer.Deferred[dict[str, Any]]:
         config = self.live.current
         last = self.reloader.last

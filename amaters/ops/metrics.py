@@ -12,7 +12,7 @@ rest summed as ``other``.  Keys, values, tokens and peer addresses never become 
 
 from __future__ import annotations
 
-import functools
+import bisect
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -68,44 +68,35 @@ FSYNC_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0
 _MAX_CACHED_CODES = 256
 
 
-def _fast_inc(child: Any) -> Callable[[], None]:
-    """``child.inc`` for a labelled counter child, without its per-call checks.
+class _Tally:
+    """One operation's requests since the last collection, in plain numbers (reactor thread only).
 
-    ``Counter.inc()`` checks that the child has its labels (it has) and that the amount is not
-    negative (it is 1), then increments its value: this increments the value directly.  Falls back
-    to ``child.inc`` if the client library keeps its value elsewhere.
+    ``request_finished`` adds to it (two integer additions and a bisect, no locks); the registry's
+    first collector moves it into the prometheus children before any of them is read.
     """
-    inc = getattr(getattr(child, "_value", None), "inc", None)
-    if not callable(inc):
-        return child.inc
-    return functools.partial(inc, 1)
+
+    __slots__ = ("bounds", "buckets", "error", "ok", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.ok = 0
+        self.error = 0
+        self.sum = 0.0
+        self.buckets = [0] * len(bounds)
 
 
-def _fast_observe(child: Any) -> Callable[[float], None]:
-    """``child.observe`` for a labelled histogram child, without its per-call label check.
+class _Flush(Collector):
+    """Registered first: a collection starts by flushing the request tallies (and yields nothing)."""
 
-    The same updates as ``Histogram.observe(amount)`` without an exemplar: add the amount to the
-    sum, then count it in the first bucket whose upper bound it does not exceed.  Falls back to
-    ``child.observe`` if the client library keeps its values elsewhere.
-    """
-    try:
-        sum_inc = child._sum.inc
-        bounds = list(child._upper_bounds)
-        incs = [bucket.inc for bucket in child._buckets]
-    except AttributeError:
-        return child.observe
-    if len(bounds) != len(incs):
-        return child.observe
-    pairs = tuple(zip(bounds, incs, strict=True))
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self._flush = flush
 
-    def observe(amount: float) -> None:
-        sum_inc(amount)
-        for bound, inc in pairs:
-            if amount <= bound:
-                inc(1)
-                break
+    def describe(self) -> Iterable[Metric]:
+        return []
 
-    return observe
+    def collect(self) -> Iterable[Metric]:
+        self._flush()
+        return []
 
 
 #: Writes acknowledged by one fsync.
@@ -186,6 +177,12 @@ class Metrics:
 
     def __init__(self, *, max_collections: int = 20, process: bool = True) -> None:
         registry = self.registry = CollectorRegistry(auto_describe=True)
+        # Request counts and durations are tallied per operation and moved into their children
+        # when the registry is collected (a scrape), not on every request: see _Tally.
+        self._tallies: dict[str, _Tally] = {}
+        self._flushers: list[Callable[[], None]] = []
+        self._observe_fallback: dict[str, Callable[[float], None]] = {}
+        registry.register(_Flush(self.flush))
         self.requests = Counter(
             "amaters_requests",
             "Requests answered, by operation and outcome (status is ok or error).",
@@ -282,9 +279,6 @@ class Metrics:
             registry=registry,
         )
         self.build_info.labels(version=__version__).set(1)
-        # The per-request path looks its children up here instead of calling ``labels()`` (which
-        # validates, sorts and locks on every call): op label -> (ok.inc, error.inc, observe).
-        self._by_op: dict[str, tuple[Callable[[], None], Callable[[], None], Callable[[float], None]]] = {}
         #: Error code -> ``amaters_errors_total{code}.inc`` (error codes are a fixed enum).
         self._by_code: dict[int, Callable[[], None]] = {}
         for op in OPERATIONS:
@@ -299,32 +293,76 @@ class Metrics:
 
     # -- recording ------------------------------------------------------------------------------
 
-    def _op_children(
-        self, label: str
-    ) -> tuple[Callable[[], None], Callable[[], None], Callable[[float], None]]:
-        """The ``requests{op,status}`` increments and ``request_duration{op}`` observer for ``label``
-        (created, and remembered, on first use; labels are bounded by :func:`operation_label`)."""
-        children = self._by_op.get(label)
-        if children is None:
-            children = self._by_op[label] = (
-                _fast_inc(self.requests.labels(op=label, status="ok")),
-                _fast_inc(self.requests.labels(op=label, status="error")),
-                _fast_observe(self.request_duration.labels(op=label)),
-            )
-        return children
+    def _op_children(self, label: str) -> _Tally:
+        """The tally for op ``label``, and its ``requests{op,status}`` and ``request_duration{op}``
+        children (created on first use; labels are bounded by :func:`operation_label`)."""
+        tally = self._tallies.get(label)
+        if tally is not None:
+            return tally
+        ok = self.requests.labels(op=label, status="ok")
+        error = self.requests.labels(op=label, status="error")
+        histogram = self.request_duration.labels(op=label)
+        try:
+            bounds = tuple(float(b) for b in histogram._upper_bounds)
+            bucket_incs = [bucket.inc for bucket in histogram._buckets]
+            sum_inc = histogram._sum.inc
+            ok_inc, error_inc = ok._value.inc, error._value.inc
+            if len(bucket_incs) != len(bounds):
+                raise AttributeError("buckets")
+        except AttributeError:
+            # The client library keeps its values elsewhere: fall back to its public calls.
+            observe = histogram.observe
+            bounds = ()
+            bucket_incs, sum_inc, ok_inc, error_inc = [], None, ok.inc, error.inc
+        tally = _Tally(bounds)
+
+        def flush() -> None:
+            if tally.ok:
+                ok_inc(tally.ok)
+                tally.ok = 0
+            if tally.error:
+                error_inc(tally.error)
+                tally.error = 0
+            if sum_inc is not None and any(tally.buckets):
+                sum_inc(tally.sum)
+                tally.sum = 0.0
+                buckets = tally.buckets
+                for i, count in enumerate(buckets):
+                    if count:
+                        bucket_incs[i](count)
+                        buckets[i] = 0
+
+        if sum_inc is None:
+            tally.buckets = []  # durations observed at once, through the library
+            self._observe_fallback[label] = observe
+        self._tallies[label] = tally
+        self._flushers.append(flush)
+        return tally
+
+    def flush(self) -> None:
+        """Move the request tallies into their prometheus children (done by every collection)."""
+        for flush in self._flushers:
+            flush()
 
     def request_finished(self, op: str, duration: float | None, error_code: int | None) -> None:
-        """Count one answered request; ``error_code`` None means it succeeded."""
-        children = self._by_op.get(op)
-        if children is None:  # "other", or an operation name outside OPERATIONS
-            children = self._op_children(operation_label(op))
-        ok, error, observe = children
+        """Count one answered request; ``error_code`` None means it succeeded.
+
+        Called on the reactor thread; the numbers reach the registry when it is next collected.
+        """
+        tally = self._tallies.get(op)
+        if tally is None:  # "other", or an operation name outside OPERATIONS
+            tally = self._op_children(operation_label(op))
         if error_code is None:
-            ok()
+            tally.ok += 1
         else:
-            error()
+            tally.error += 1
         if duration is not None and duration >= 0:
-            observe(duration)
+            if tally.buckets:
+                tally.sum += duration
+                # The first bucket whose upper bound is not below the duration (the last is +Inf).
+                tally.buckets[bisect.bisect_left(tally.bounds, duration)] += 1
+            else:
+                self._observe_fallback[operation_label(op)](duration)
         if error_code is not None:
             count = self._by_code.get(error_code)
             if count is None:

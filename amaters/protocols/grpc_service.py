@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from amaters.config import ConfigError, grpc_bind_address
-from amaters.errors import AmatersError, AuthError, RequestTimeout, ShuttingDown
+from amaters.errors import AmatersError, AuthError, RequestTimeout, ServerError, ShuttingDown
 from amaters.interfaces import IPrincipal, IRangeCursor
 from amaters.proto import aql_pb2
 from amaters.proto.convert import error_to_proto, fill_blob, fill_key_values, fill_result, version_to_proto
@@ -259,8 +259,8 @@ class AqlServicer:
     def _r_call(self, answers: queue.SimpleQueue[Any], fn: Any, args: tuple[Any, ...]) -> None:
         try:
             result = fn(*args)
-        except BaseException as e:
-            answers.put((False, e))
+        except Exception:
+            answers.put((False, self._r_safe(Failure())))
             return
         if isinstance(result, defer.Deferred):
             value = immediate_result(result)
@@ -268,10 +268,20 @@ class AqlServicer:
                 answers.put((True, value))
                 return
             result.addCallbacks(
-                lambda value: answers.put((True, value)), lambda failure: answers.put((False, failure.value))
+                lambda value: answers.put((True, value)),
+                lambda failure: answers.put((False, self._r_safe(failure))),
             )
         else:
             answers.put((True, result))
+
+    def _r_safe(self, failure: Failure) -> BaseException:
+        """What the worker thread may show a client: our errors as they are; anything unexpected
+        (a storage failure below the pipeline, a bug) logged here and replaced by SERVER_INTERNAL."""
+        error = failure.value
+        if isinstance(error, (AmatersError, _CallRefused)):
+            return error
+        self._log.failure("Unexpected error in a gRPC call", failure)
+        return ServerError("internal server error; the server log has the details")
 
     def _timeouts(self, context: grpc.ServicerContext, timeout_ms: int | None) -> tuple[float, bool]:
         """(seconds to wait, whether the client's deadline is what limits it)."""

@@ -294,7 +294,10 @@ class AmatersServerProtocol(FrameReceiver):
         self._out: list[bytes] | None = None
         self._out_size = 0
         self._streams: dict[int, _RangeStream] = {}
-        self._timers: dict[int, IDelayedCall] = {}
+        #: Requests in flight with a timeout: request id -> (deadline, what, timeout), watched by
+        #: one timer per connection (``_deadline_timer``) rather than one per request.
+        self._deadlines: dict[int, tuple[float, str, float]] = {}
+        self._deadline_timer: IDelayedCall | None = None
         self._timed_out: set[int] = set()
         self._handshake_timer: IDelayedCall | None = None
         self._idle_timer: IDelayedCall | None = None
@@ -357,7 +360,7 @@ class AmatersServerProtocol(FrameReceiver):
             self._idle_timer,
             self._frame_timer,
             self._close_timer,
-            *self._timers.values(),
+            self._deadline_timer,
         ):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -365,7 +368,8 @@ class AmatersServerProtocol(FrameReceiver):
         self._held_bytes = 0
         self.discardInput()
         self._recharge()
-        self._timers.clear()
+        self._deadlines.clear()
+        self._deadline_timer = None
         for stream in list(self._streams.values()):
             stream.abandon()
         self._streams.clear()
@@ -967,10 +971,17 @@ class AmatersServerProtocol(FrameReceiver):
         if not d.called:
             timeout = self.factory.limits.request_timeout
             if what in ("filter", "update", "upload_keys"):
+                # Homomorphic evaluation has its own, longer deadline (fhe.query_timeout).
                 timeout = max(timeout, self.factory.fhe_query_timeout)
-            self._timers[request_id] = self.factory.clock.callLater(
-                timeout, self._request_expired, request_id, what, timeout
-            )
+            # From the arrival of the request's bytes (``_last_activity``, as ``ctx.started``).
+            deadline = self._last_activity + timeout
+            self._deadlines[request_id] = (deadline, what, timeout)
+            timer = self._deadline_timer
+            if timer is None:
+                self._deadline_timer = self.factory.clock.callLater(timeout, self._deadlines_due)
+            elif timer.getTime() > deadline:
+                # Deadlines differ by kind (a FILTER's is longer): the earliest one sets the timer.
+                timer.reset(max(0.0, deadline - self.factory.clock.seconds()))
 
     def _untrack(self, request_id: int) -> bool:
         """The request finished: whether it still needs an answer (it did not time out).
@@ -978,16 +989,36 @@ class AmatersServerProtocol(FrameReceiver):
         The caller sends the answer, then calls ``_request_finished`` (which may close the
         connection when draining, so it must come after the answer).
         """
-        timer = self._timers.pop(request_id, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        # Nothing to cancel: the connection's deadline timer skips requests no longer listed.
+        if self._deadlines.pop(request_id, None) is not None:
+            return True
         if request_id in self._timed_out:
             self._timed_out.discard(request_id)
             return False
         return True
 
+    def _deadlines_due(self) -> None:
+        """The deadline timer: time out every request past its deadline, then wait for the next.
+
+        Requests finish in the usual case long before their deadline, so the timer is left alone
+        when they do; it runs at most once per ``request_timeout`` while requests are in flight.
+        """
+        self._deadline_timer = None
+        if self._lost:
+            return
+        clock = self.factory.clock
+        now = clock.seconds()
+        due = [(rid, entry) for rid, entry in self._deadlines.items() if entry[0] <= now]
+        for request_id, (_, what, timeout) in due:
+            if self._lost:
+                return
+            if self._deadlines.pop(request_id, None) is not None:
+                self._request_expired(request_id, what, timeout)
+        if self._deadlines and not self._lost and self._deadline_timer is None:
+            first = min(entry[0] for entry in self._deadlines.values())
+            self._deadline_timer = clock.callLater(max(0.0, first - now), self._deadlines_due)
+
     def _request_expired(self, request_id: int, what: str, timeout: float) -> None:
-        self._timers.pop(request_id, None)
         self._timed_out.add(request_id)
         self._log.warn(
             "A {what} request from {source} ran longer than {timeout} s",
@@ -1261,6 +1292,9 @@ class AmatersServerFactory(Factory):
         clock: Any,
         authenticate: Authenticator | None = None,
         frame_compression: Any = None,
+        *,
+        fhe_query_timeout: float = 600.0,
+        session_revisions: bool = False,
     ) -> None:
         self.pipeline = pipeline
         self.limits = limits
@@ -1269,7 +1303,9 @@ class AmatersServerFactory(Factory):
         #: Per-frame compression a handshake may negotiate (None: never).
         self.frame_compression: Any = frame_compression
         #: FILTER, UPDATE and key uploads run up to this long (fhe.query_timeout).
-        self.fhe_query_timeout = 600.0
+        self.fhe_query_timeout = fhe_query_timeout
+        #: Clustered mode: requests carry and answers report shard revisions (amaters.cluster.session).
+        self.session_revisions = session_revisions
         self.connections: set[AmatersServerProtocol] = set()
         #: Request bytes held by all connections (limits.max_buffered_bytes and friends).
         self.budget = ReceiveBudget(limits, clock)
@@ -1277,8 +1313,6 @@ class AmatersServerFactory(Factory):
         #: While draining, idle connections are closed by the server only after a grace period
         #: (clients told of the shutdown close first).
         self.drain_grace_over = False
-        #: Clustered mode: requests carry and answers report shard revisions (amaters.cluster.session).
-        self.session_revisions = False
         self._grace_timer: Any = None
         self._drained: list[defer.Deferred[None]] = []
 
@@ -1365,9 +1399,9 @@ class ListenerService(service.Service):
             reactor,
             authenticate or default_authenticator(config.auth.enabled),
             frame_compression,
+            fhe_query_timeout=config.fhe.query_timeout,
+            session_revisions=config.storage.backend == "etcd",
         )
-        self.factory.session_revisions = config.storage.backend == "etcd"
-        self.factory.fhe_query_timeout = config.fhe.query_timeout
         self.port: IListeningPort | None = None
         self.tls: Any = None
         self.tls_files: Any = None

@@ -90,6 +90,11 @@ class QueryExecutor:
         self.max_collections = 0
         #: Server administration (status, reload, snapshots, ...); None: admin operations refused.
         self.admin: Any = admin
+        #: The backend's collection list is a cache of one shared by other servers (clustered mode):
+        #: a miss there is asked of the backend instead of answered "absent" at once.
+        from amaters.storage import innermost
+
+        self._remote_collections = bool(getattr(innermost(backend), "collections_remote", False))
         self._dispatch: dict[type, Callable[[Any], defer.Deferred[Any]]] = {
             ops.Get: self.get,
             ops.Set: self.set,
@@ -109,6 +114,8 @@ class QueryExecutor:
             ops.ListSnapshots: lambda op: self._admin().list_snapshots(op.remote),
             ops.CreateSnapshot: lambda op: self._admin().create_snapshot(op.upload),
             ops.ClusterStatus: lambda op: self._admin().cluster_status(),
+            ops.ClusterAddShard: lambda op: self._admin().cluster_add_shard(op.shard, list(op.endpoints)),
+            ops.ClusterMove: lambda op: self._admin().cluster_move(op.vshard, op.to),
             ops.VerifySnapshot: lambda op: self._admin().verify_snapshot(op.archive),
             ops.ConfigView: lambda op: self._admin().config_view(),
             ops.AuditTail: lambda op: self._admin().audit_tail(op.limit),
@@ -162,6 +169,8 @@ class QueryExecutor:
     def get(self, op: ops.Get) -> defer.Deferred[CipherBlob | None]:
         backend = self.backend
         if not backend.has_collection(op.collection):
+            if self._remote_collections:
+                return self._ask_anyway(backend.get(op.collection, op.key), None)
             if self.auto_create_collections:
                 return defer.succeed(None)
             return defer.fail(self._missing(op.collection))
@@ -183,10 +192,19 @@ class QueryExecutor:
     def delete(self, op: ops.Delete) -> defer.Deferred[bool]:
         backend = self.backend
         if not backend.has_collection(op.collection):
+            if self._remote_collections:
+                return self._ask_anyway(backend.delete(op.collection, op.key), False)
             if self.auto_create_collections:
                 return defer.succeed(False)
             return defer.fail(self._missing(op.collection))
         return backend.delete(op.collection, op.key)
+
+    def _ask_anyway(self, d: defer.Deferred[Any], absent: Any) -> defer.Deferred[Any]:
+        """A keyed read or delete sent to the backend although its cache lacks the collection:
+        the collection really missing answers ``absent`` with auto-create, NotFound without."""
+        if self.auto_create_collections:
+            d.addErrback(lambda failure: failure.trap(NotFound) and absent)
+        return d
 
     # -- ranges -------------------------------------------------------------------------------
 

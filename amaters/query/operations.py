@@ -287,6 +287,28 @@ class ClusterStatus:
     collection: ClassVar[None] = None
 
 
+@attrs.frozen(slots=True)
+class ClusterAddShard:
+    """Clustered mode: add an etcd cluster as a shard and move it its share of virtual shards."""
+
+    name: ClassVar[str] = "admin cluster add-shard"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+    shard: str = ""
+    endpoints: tuple[str, ...] = ()
+
+
+@attrs.frozen(slots=True)
+class ClusterMove:
+    """Clustered mode: move one virtual shard to another shard, online."""
+
+    name: ClassVar[str] = "admin cluster move"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+    vshard: int = 0
+    to: str = ""
+
+
 AdminOperation = (
     ServerStatus
     | CollectionStats
@@ -296,6 +318,8 @@ AdminOperation = (
     | ListSnapshots
     | CreateSnapshot
     | ClusterStatus
+    | ClusterAddShard
+    | ClusterMove
     | VerifySnapshot
     | ConfigView
     | AuditTail

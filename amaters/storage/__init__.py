@@ -12,7 +12,7 @@ def build_backend(config: Config, reactor: Any, pools: Any) -> IStorageBackend:
     """The backend ``storage.backend`` names, built without I/O (``open`` does the I/O).
 
     ``rocksdb`` keeps its database in ``<data_dir>/db`` and locks ``<data_dir>/LOCK``; its blocking
-    work runs in ``pools.io``.  The backend is wrapped in a
+    work runs in ``pools.io``, its group-commit fsyncs in ``pools.wal`` when there is one.  The backend is wrapped in a
     :class:`~amaters.storage.retry.RetryingBackend` that retries transient errors of idempotent
     operations per ``[retry]``; :func:`innermost` unwraps it (e.g. for group-commit counters).
     """
@@ -32,11 +32,12 @@ def build_backend(config: Config, reactor: Any, pools: Any) -> IStorageBackend:
             reactor,
             RocksDBSettings.from_config(config.storage),
             lock_dir=config.data_dir,
+            sync_runner=getattr(pools, "wal", None),
         )
     elif config.storage.backend == "etcd":
-        from amaters.storage.etcd import build_etcd_backend
+        from amaters.storage.sharded import build_sharded_backend
 
-        backend = build_etcd_backend(config.cluster, reactor)
+        backend = build_sharded_backend(config.cluster, reactor)
     else:
         raise NotImplementedError(f"storage backend {config.storage.backend!r} is not available")
     return RetryingBackend(backend, RetryPolicy.from_config(config.retry), reactor)

@@ -69,6 +69,10 @@ TXN_LIMIT = 1400 * 1024
 PENDING_TTL = 60
 
 
+class _Compacted(Exception):
+    """A pinned read found its revision compacted."""
+
+
 class StaleEpoch(Unavailable):
     """The shard's epoch moved on (virtual shards are moving): nothing was applied; re-read the
     shard map and try again."""
@@ -121,6 +125,15 @@ class EtcdCursor:
         return _deferred(self._next_chunk())
 
     async def _next_chunk(self) -> list[KeyValue]:
+        try:
+            return await self._read_page()
+        except _Compacted:
+            # The revision this range was pinned to was compacted away (a cursor older than the
+            # compaction interval): continue from the current revision.
+            self._revision = 0
+            return await self._read_page()
+
+    async def _read_page(self) -> list[KeyValue]:
         want = self._chunk_size if self._remaining is None else min(self._chunk_size, self._remaining)
         backend = self._backend
         try:
@@ -139,6 +152,8 @@ class EtcdCursor:
                 blob = await backend._decode(self._collection, raw_key, stored, self._revision)
                 entries.append((key, blob))
         except EtcdError as e:
+            if "compacted" in e.message and self._revision:
+                raise _Compacted() from None
             self._done = True
             raise _translate(e) from None
         except AmatersError:
@@ -313,15 +328,16 @@ class EtcdBackend:
     ) -> dict[str, Any]:
         """``ops`` in one transaction that runs only while ``collection`` exists (else NotFound) and
         the shard's epoch is the one this node knows (else StaleEpoch)."""
+        epoch = self.epoch
         answer = await self.client.txn(
-            [compare_version(self._marker(collection), "GREATER", 0), self._epoch_compare()],
+            [compare_version(self._marker(collection), "GREATER", 0), self._epoch_compare(epoch)],
             ops,
             [range_op(self.epoch_key)],
             idempotent=idempotent,
         )
         self._note(answer)
         if not answer.get("succeeded"):
-            self._check_epoch(answer["responses"][0])
+            self._check_epoch(answer["responses"][0], epoch)
             self._collections.discard(collection)
             raise NotFound(f"collection {collection!r} does not exist")
         self._collections.add(collection)
@@ -436,7 +452,8 @@ class EtcdBackend:
             pending.append(marker)
             size -= len(record) - len(pointer)
         compares = [compare_version(self._marker(c), "GREATER", 0) for c in collections]
-        compares.append(self._epoch_compare())
+        epoch = self.epoch
+        compares.append(self._epoch_compare(epoch))
         compares += [compare_version(marker, "GREATER", 0) for marker in pending]
         success: list[dict[str, Any]] = []
         for where, op in final.items():
@@ -463,7 +480,7 @@ class EtcdBackend:
             if lease:
                 await self._revoke_quietly(lease)
         if not answer.get("succeeded"):
-            self._check_epoch(answer["responses"][-1])
+            self._check_epoch(answer["responses"][-1], epoch)
             missing = [
                 c
                 for c, response in zip(collections, answer.get("responses", []), strict=False)
@@ -567,13 +584,15 @@ class EtcdBackend:
             + b"/"
         )
 
-    def _epoch_compare(self) -> dict[str, Any]:
-        return compare_version(self.epoch_key, "EQUAL", self.epoch)
+    def _epoch_compare(self, epoch: int) -> dict[str, Any]:
+        return compare_version(self.epoch_key, "EQUAL", epoch)
 
-    def _check_epoch(self, response: dict[str, Any]) -> None:
+    def _check_epoch(self, response: dict[str, Any], epoch: int) -> None:
+        """Raise StaleEpoch if the transaction failed on the epoch it was sent with (the node may
+        have learnt a newer epoch while it was in flight)."""
         kvs = response.get("response_range", {}).get("kvs") or []
         actual = int(kvs[0].get("version", 0)) if kvs else 0
-        if actual != self.epoch:
+        if actual != epoch:
             raise StaleEpoch(self.shard, actual)
 
     def _note(self, answer: dict[str, Any]) -> None:

@@ -15,13 +15,22 @@ the memtable or block cache take about 1-3 µs, while a hop to a pool thread and
 100 µs, so point gets, puts, deletes and batches run on the reactor thread.  rocksdict holds the GIL
 during reads and writes, so moving them to a thread would not unblock the reactor anyway.  Anything
 that can wait for the disk for long runs in the ``io`` pool: open and close, WAL fsync (group
-commit), memtable flush, collection create/drop (a MANIFEST fsync each), range chunks, checkpoints.
+commit; on ``sync_runner``, a serial thread of its own, when given), memtable flush, collection create/drop (a MANIFEST fsync each), range chunks, checkpoints.
 ``storage.point_reads_in_pool`` moves gets to the pool for data sets far larger than memory.
 
 Durability follows ``storage.sync``: ``always`` acknowledges a write after a WAL fsync shared with
 every write that arrived meanwhile (:mod:`amaters.storage.groupcommit`); ``interval`` and ``none``
 acknowledge once the write is in the memtable and its WAL record has been handed to the OS (it
 survives a process crash; the flusher fsyncs every ``sync_interval_ms`` under ``interval``).
+
+A full disk (``docs/storage.md``): a write that fails for lack of space sets :attr:`write_problem`
+(readiness turns 503, health degraded) and starts a probe of the free space every
+:data:`RECOVERY_INTERVAL` seconds.  RocksDB keeps refusing writes after such an error, so once
+there is room again (:meth:`RocksDBBackend._room`) the backend closes and reopens the database by
+itself and writes resume; requests arriving during the reopen get a retryable SERVER_UNAVAILABLE.
+Opening a database whose write-ahead log cannot be flushed for lack of space falls back to opening
+it read-only (every acknowledged write is readable), says so in the log and in
+:attr:`write_problem`, and reopens it writable once space returns.
 
 Range cursors keep one RocksDB iterator open.  A RocksDB iterator reads from the implicit snapshot
 taken when it was created, so a cursor sees the collection as it was when ``scan`` was called.
@@ -76,6 +85,8 @@ FORMAT_VERSION = 1
 FORMAT_KEY = b"amaters:format_version"
 _COLLECTION_PREFIX = "c:"
 _DEFAULT_CF = "default"
+#: Seconds between two looks at the free space while writes fail for lack of it.
+RECOVERY_INTERVAL = 2.0
 
 
 def column_family_name(collection: str) -> str:
@@ -295,6 +306,7 @@ class RocksDBBackend:
         clock: IReactorTime,
         settings: RocksDBSettings | None = None,
         lock_dir: str | os.PathLike[str] | None = None,
+        sync_runner: BlockingRunner | None = None,
     ) -> None:
         self.path = Path(path)
         self.settings = settings or RocksDBSettings()
@@ -314,9 +326,10 @@ class RocksDBBackend:
         # of blocking the reactor thread; see map_error.
         self._write_opts.no_slowdown = True
         #: Every WAL sync (per-write group commit, the flusher's interval syncs, ``sync()``).
+        # ``sync_runner`` (a serial thread of its own) when given: cheaper per fsync than a pool.
         self.group_commit = GroupCommitter(
             self._sync_blocking,
-            io,
+            sync_runner if sync_runner is not None else io,
             clock=clock if self.settings.sync_at_end_of_turn else None,
             on_error=self._sync_failed,
         )
@@ -325,6 +338,13 @@ class RocksDBBackend:
         self._writes_applied = 0
         self._writes_synced = 0
         self._errors_not_logged = 0
+        #: Why writes fail right now (a full disk), or None; readiness and health report it.
+        self.write_problem: str | None = None
+        self._read_only = False
+        self._probe: Any = None
+        self._reopening = False
+        #: Collection names while the database is being reopened (their handles are gone).
+        self._names_while_reopening: frozenset[str] = frozenset()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -336,17 +356,22 @@ class RocksDBBackend:
         if self._state != "new":
             return defer.fail(StorageError(f"cannot open a backend that is {self._state}"))
         self._state = "opening"
-        d = self._io.run(self._open_blocking)
+        d = self._io.run(self._open_or_read_only)
 
         def opened(result: tuple[Any, Any, dict[str, _Collection]]) -> None:
             self._db, self._cache, self._collections = result
             self._state = "open"
             self._log.info(
-                "RocksDB open at {path} with {count} collections, sync={sync}",
+                "RocksDB open at {path} with {count} collections, sync={sync}{mode}",
                 path=str(self.path),
                 count=len(self._collections),
                 sync=self.settings.sync,
+                mode=" (read-only: the disk is full)" if self._read_only else "",
             )
+            if self._read_only:
+                self._disk_full(
+                    "the disk is full: the database was opened read-only; writes fail until space is freed"
+                )
 
         def failed(failure: Failure) -> None:
             self._state = "new"
@@ -368,7 +393,19 @@ class RocksDBBackend:
         options.set_max_open_files(self.settings.max_open_files)
         return options
 
-    def _open_blocking(self) -> tuple[Any, Any, dict[str, _Collection]]:
+    def _open_or_read_only(self) -> tuple[Any, Any, dict[str, _Collection]]:
+        """Open writable; when that fails for lack of space (the WAL must be flushed on open), open
+        read-only instead (sets ``_read_only``)."""
+        try:
+            opened = self._open_blocking()
+        except StorageFull:
+            opened = self._open_blocking(read_only=True)
+            self._read_only = True
+            return opened
+        self._read_only = False
+        return opened
+
+    def _open_blocking(self, read_only: bool = False) -> tuple[Any, Any, dict[str, _Collection]]:
         self._lock.acquire()
         db: Any = None
         try:
@@ -376,7 +413,8 @@ class RocksDBBackend:
             # directory is stamped before its database exists, so a crash in between leaves a
             # directory that still opens.
             check_data_dir(self._lock.data_dir, self.path, FORMAT_VERSION)
-            stamp_data_dir(self._lock.data_dir, FORMAT_VERSION)
+            if not read_only:
+                stamp_data_dir(self._lock.data_dir, FORMAT_VERSION)
             self.path.mkdir(parents=True, exist_ok=True)
             cache = rocksdict.Cache(max(self.settings.block_cache_bytes, 1))
             options = self._options(cache)
@@ -394,8 +432,16 @@ class RocksDBBackend:
             if (self.path / "CURRENT").exists():
                 names = rocksdict.Rdict.list_cf(str(self.path), rocksdict.Options(raw_mode=True))
             families = {name: self._options(cache) for name in names if name != _DEFAULT_CF}
-            db = rocksdict.Rdict(str(self.path), options, column_families=families or None)
-            self._check_format(db, has_collections=bool(families))
+            if read_only:
+                db = rocksdict.Rdict(
+                    str(self.path),
+                    options,
+                    column_families=families or None,
+                    access_type=rocksdict.AccessType.read_only(),
+                )
+            else:
+                db = rocksdict.Rdict(str(self.path), options, column_families=families or None)
+                self._check_format(db, has_collections=bool(families))
             collections = {}
             for name in families:
                 if name.startswith(_COLLECTION_PREFIX):
@@ -454,6 +500,9 @@ class RocksDBBackend:
         if self._state == "opening":
             raise StorageError("cannot close while opening", category=ErrorCategory.SERVER_ERROR)
         self._state = "closing"
+        probe, self._probe = self._probe, None
+        if probe is not None and probe.active():
+            probe.cancel()
         await self.group_commit.idle()
         for cursor in list(self._cursors):
             cursor.close()
@@ -482,7 +531,95 @@ class RocksDBBackend:
 
     def _require_open(self) -> None:
         if self._state != "open":
+            if self._reopening:
+                raise Unavailable(
+                    "the storage is being reopened after the disk was full; retry shortly",
+                    retry_after_ms=500,
+                )
             raise Unavailable(f"the storage is {self._state}, not open")
+
+    def _require_writable(self, action: str) -> None:
+        if self._read_only:
+            raise StorageFull(f"{action}: the disk is full; the database is read-only until space is freed")
+
+    # -- a full disk --------------------------------------------------------------------------
+
+    def _disk_full(self, problem: str) -> None:
+        """Writes fail for lack of space: report it and watch for space to come back."""
+        if self.write_problem is None:
+            self._log.warn(
+                "Storage: {problem}; writes resume by themselves once space is freed", problem=problem
+            )
+        self.write_problem = problem
+        if self._probe is None and self._state == "open":
+            self._probe = self._clock.callLater(RECOVERY_INTERVAL, self._look_for_space)
+
+    def _room(self) -> bool:
+        """Whether the disk has room for the memtables to be flushed again (runs in the io pool)."""
+        fs = os.statvfs(self.path)
+        return fs.f_bavail * fs.f_frsize >= max(2 * self.settings.write_buffer_bytes, 1024 * 1024)
+
+    def _look_for_space(self) -> None:
+        self._probe = None
+        if self._state != "open" or self.write_problem is None:
+            return
+        d = self._io.run(self._room)
+
+        def checked(room: bool) -> Any:
+            if room:
+                return defer.Deferred.fromCoroutine(self._reopen())
+            return None
+
+        def failed(failure: Failure) -> None:
+            self._log.failure("Reopening the storage after a full disk failed", failure)
+
+        def again(_: object) -> None:
+            if self.write_problem is not None and self._state == "open" and self._probe is None:
+                self._probe = self._clock.callLater(RECOVERY_INTERVAL, self._look_for_space)
+
+        d.addCallback(checked).addErrback(failed).addBoth(again)
+
+    async def _reopen(self) -> None:
+        """Close the database and open it again (writable if there is room): RocksDB refuses every
+        write after one failed for lack of space, until it is reopened."""
+        await self._ddl.acquire()
+        try:
+            if self._state != "open":
+                return
+            self._state = "reopening"
+            self._reopening = True
+            self._names_while_reopening = frozenset(self._collections)
+            try:
+                await self.group_commit.idle()
+                for cursor in list(self._cursors):
+                    cursor.close()
+                    await cursor.when_idle()
+                self._cursors.clear()
+                db, self._db = self._db, None
+                self._collections = {}
+                self._cache = None
+                try:
+                    await self._io.run(self._close_blocking, db)
+                except StorageError:
+                    pass  # closing reports the failed write that got us here; the database is closed
+                self._db, self._cache, self._collections = await self._io.run(self._open_or_read_only)
+            except BaseException:
+                self._state = "closed"
+                self._log.error(
+                    "The storage could not be reopened after the disk was full: restart the server"
+                )
+                raise
+            finally:
+                self._reopening = False
+                self._names_while_reopening = frozenset()
+            self._state = "open"
+        finally:
+            self._ddl.release()
+        if self._read_only:
+            self._log.info("Storage reopened read-only: the disk is still too full for the write-ahead log")
+            return
+        self.write_problem = None
+        self._log.info("Storage writable again: there is free space on the disk")
 
     def _collection(self, name: str) -> _Collection:
         self._require_open()
@@ -495,6 +632,12 @@ class RocksDBBackend:
         mapped = map_error(error, action)
         if isinstance(mapped, Overloaded):
             mapped = self._stall_cause(mapped, action)
+        if self._read_only and not isinstance(mapped, (NotFound, Unavailable, InvalidValue)):
+            full = StorageFull(f"{action}: the disk is full; the database is read-only until space is freed")
+            full.__cause__ = mapped.__cause__
+            mapped = full
+        if isinstance(mapped, StorageFull):
+            self._disk_full(mapped.message.split(": ", 1)[-1])
         if not isinstance(mapped, (NotFound, Unavailable, InvalidValue)):
             self._log_storage_error(mapped)
         return defer.fail(mapped)
@@ -539,6 +682,8 @@ class RocksDBBackend:
     def _sync_failed(self, failure: Failure) -> None:
         # Called by the group committer once per failed sync (not once per waiting write).
         if isinstance(failure.value, AmatersError):
+            if isinstance(failure.value, StorageFull):
+                self._disk_full(failure.value.message.split(": ", 1)[-1])
             self._log_storage_error(failure.value)
 
     def _sync_blocking(self) -> None:
@@ -557,10 +702,10 @@ class RocksDBBackend:
     # -- collections --------------------------------------------------------------------------
 
     def has_collection(self, name: str) -> bool:
-        return name in self._collections
+        return name in self._collections or name in self._names_while_reopening
 
     def collection_count(self) -> int:
-        return len(self._collections)
+        return len(self._collections) or len(self._names_while_reopening)
 
     def list_collections(self) -> defer.Deferred[list[str]]:
         try:
@@ -575,6 +720,7 @@ class RocksDBBackend:
     def _create_collection(self, name: str) -> defer.Deferred[bool]:
         try:
             self._require_open()
+            self._require_writable(f"creating collection {name!r}")
         except AmatersError:
             return defer.fail()
         if name in self._collections:
@@ -606,6 +752,7 @@ class RocksDBBackend:
     def _drop_collection(self, name: str) -> defer.Deferred[bool]:
         try:
             self._require_open()
+            self._require_writable(f"dropping collection {name!r}")
         except AmatersError:
             return defer.fail()
         collection = self._collections.pop(name, None)

@@ -9,6 +9,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from amaters.interfaces import IStorageBackend
+from amaters.storage import innermost
 
 
 class StorageService(service.Service):
@@ -20,6 +21,12 @@ class StorageService(service.Service):
     def __init__(self, backend: IStorageBackend) -> None:
         self.backend = backend
         self.is_open = False
+
+    @property
+    def write_problem(self) -> str | None:
+        """Why writes fail right now (a full disk), or None: readiness and health report it."""
+        problem = getattr(innermost(self.backend), "write_problem", None)
+        return problem if isinstance(problem, str) else None
 
     def startService(self) -> defer.Deferred[None]:
         super().startService()

@@ -62,8 +62,9 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def generate_ca(
     common_name: str = "amaters private CA",
+    not_before: datetime.datetime | None = None,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A new self-signed CA key and certificate."""
+    """A new self-signed CA key and certificate, valid from ``not_before`` (default: 5 minutes ago)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
@@ -73,7 +74,7 @@ def generate_ca(
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_before(not_before or (now - datetime.timedelta(minutes=5)))
         .not_valid_after(now + datetime.timedelta(days=3650))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(

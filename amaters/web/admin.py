@@ -23,7 +23,8 @@ applies to ``/admin/``.  The ops site screens these headers before it reads a re
 Routes: ``GET status``, ``GET collections``, ``GET stats``, ``POST compact``, ``POST reload``,
 ``GET snapshots``, ``POST snapshots`` (optionally ``?upload=1``), ``POST snapshots/<name>/verify``,
 ``GET config`` (secrets redacted, with what a reload would change), ``GET audit?limit=N`` (the
-audit log's last events), ``GET resources`` (data dir usage, TLS certificates), ``GET cluster`` (clustered mode).
+audit log's last events), ``GET resources`` (data dir usage, TLS certificates), and in clustered
+mode ``GET cluster``, ``POST cluster/shards?name=N&endpoint=URL...``, ``POST cluster/move?vshard=V&to=N``.
 """
 
 from __future__ import annotations
@@ -248,6 +249,20 @@ class AdminAPI:
     @app.route("/cluster", methods=["GET"])
     async def cluster(self, request: IRequest) -> bytes:
         return await self._run(request, lambda principal: ops.ClusterStatus())
+
+    @app.route("/cluster/shards", methods=["POST"])
+    async def cluster_add_shard(self, request: IRequest) -> bytes:
+        name = request.args.get(b"name", [b""])[0].decode("utf-8", "replace")
+        endpoints = tuple(e.decode("utf-8", "replace") for e in request.args.get(b"endpoint", []))
+        return await self._run(request, lambda principal: ops.ClusterAddShard(name, endpoints))
+
+    @app.route("/cluster/move", methods=["POST"])
+    async def cluster_move(self, request: IRequest) -> bytes:
+        raw = request.args.get(b"vshard", [b""])[0]
+        to = request.args.get(b"to", [b""])[0].decode("utf-8", "replace")
+        if not raw.isdigit():
+            return _json(request, 400, {"error": "invalid_value", "message": "vshard must be a number"})
+        return await self._run(request, lambda principal: ops.ClusterMove(int(raw), to))
 
     @app.route("/snapshots", methods=["GET"])
     async def list_snapshots(self, request: IRequest) -> bytes:

@@ -166,6 +166,8 @@ class OpsAPI:
             message = "running" if running else "not running"
             if name == "storage" and not getattr(child, "is_open", running):
                 status, message = "unhealthy", "storage not open"
+            elif name == "storage" and getattr(child, "write_problem", None):
+                status, message = "degraded", f"writes fail: {child.write_problem}"
             if name == "listener" and running and not getattr(child, "is_accepting", True):
                 status, message = "unhealthy", "not accepting connections"
             found[name] = {"status": status, "message": message}
@@ -204,6 +206,8 @@ class OpsAPI:
         storage = self._child("storage")
         if storage is not None and not getattr(storage, "is_open", True):
             return False, "storage_not_open"
+        if storage is not None and getattr(storage, "write_problem", None):
+            return False, "storage_full"
         listener = self._child("listener")
         if listener is not None and not getattr(listener, "is_accepting", True):
             return False, "listener_not_accepting"

@@ -106,7 +106,7 @@ class Browser:
             raise AssertionError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
 
-    def wait_for(self, expression: str, timeout: float = 30.0) -> Any:
+    def wait_for(self, expression: str, timeout: float = 60.0) -> Any:
         """Poll ``expression`` until it is truthy; its value."""
         deadline = time.monotonic() + timeout
         last: Any = None

@@ -17,10 +17,13 @@ Each stdin line is a JSON command; each answer is one JSON line on stdout.  Mess
 - ``{"op": "open_stream", "name": N, "request": {...}, "metadata": [...], "take": K}``: start an
   ExecuteStream and read its first K messages; ``{"op": "read_stream", "name": N}`` reads the rest.
 - ``{"op": "health", "service": ""}``: grpc.health.v1 Check (status name or error).
+- ``{"op": "descriptors"}``, ``{"op": "samples"}``, ``{"op": "reserialize", "items": [[name, b64]]}``:
+  AmateRS's schema, every message filled in, and a re-encoding of given bytes (wire checks).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 from typing import Any
@@ -32,6 +35,13 @@ sys.path.insert(0, sys.argv[1])
 
 import aql_pb2
 import aql_pb2_grpc
+import errors_pb2
+import query_pb2
+import types_pb2
+from google.protobuf import descriptor_pb2, message_factory
+from proto_fill import fill
+
+MODULES = (types_pb2, errors_pb2, query_pb2, aql_pb2)
 
 REQUEST_TYPES = {
     "ExecuteQuery": aql_pb2.QueryRequest,
@@ -127,12 +137,61 @@ class Driver:
         return {"ok": True, "status": health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)}
 
 
+def _messages() -> dict[str, Any]:
+    """Every message type of AmateRS's files (nested ones too), by full name."""
+    found: dict[str, Any] = {}
+
+    def walk(descriptor: Any) -> None:
+        found[descriptor.full_name] = message_factory.GetMessageClass(descriptor)
+        for nested in descriptor.nested_types:
+            walk(nested)
+
+    for module in MODULES:
+        for descriptor in module.DESCRIPTOR.message_types_by_name.values():
+            walk(descriptor)
+    return found
+
+
+def descriptors(command: dict[str, Any]) -> dict[str, Any]:
+    """AmateRS's schema as a serialized FileDescriptorSet."""
+    files = descriptor_pb2.FileDescriptorSet()
+    for module in MODULES:
+        module.DESCRIPTOR.CopyToProto(files.file.add())
+    return {"ok": True, "data": b64(files.SerializeToString())}
+
+
+def samples(command: dict[str, Any]) -> dict[str, Any]:
+    """Every message type with every field set (several oneof variants), serialized."""
+    out = {}
+    for name, cls in _messages().items():
+        out[name] = [b64(fill(cls(), variant).SerializeToString(deterministic=True)) for variant in range(4)]
+    return {"ok": True, "samples": out}
+
+
+def reserialize(command: dict[str, Any]) -> dict[str, Any]:
+    """Parse each (name, bytes) with AmateRS's classes and serialize it again."""
+    classes = _messages()
+    out = []
+    for name, data in command["items"]:
+        message = classes[name].FromString(base64.b64decode(data))
+        out.append(b64(message.SerializeToString(deterministic=True)))
+    return {"ok": True, "items": out}
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
 def main() -> None:
     driver = Driver()
     for line in sys.stdin:
         command = json.loads(line)
         try:
-            answer = getattr(driver, command["op"])(command)
+            op = command["op"]
+            handler = (
+                globals()[op] if op in ("descriptors", "samples", "reserialize") else getattr(driver, op)
+            )
+            answer = handler(command)
         except Exception as e:  # report, keep serving: the test decides what it means
             answer = {"ok": False, "code": "DRIVER", "details": f"{type(e).__name__}: {e}"}
         sys.stdout.write(json.dumps(answer) + "\n")

@@ -188,10 +188,10 @@ def _token(roles: list[str]) -> str:
     return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
 
 
-def _sign_in(browser: Browser, token: str) -> None:
+def _sign_in(browser: Browser, token: str, kind: str = "bearer") -> None:
     browser.wait_for("!document.getElementById('login').hidden")
     browser.evaluate(
-        "document.getElementById('login-kind').value = 'bearer';"
+        f"document.getElementById('login-kind').value = {json.dumps(kind)};"
         f"document.getElementById('login-secret').value = {json.dumps(token)};"
         "document.getElementById('login-form').requestSubmit()"
     )
@@ -201,10 +201,23 @@ def test_console_with_auth_asks_for_a_token_and_shows_refusals(
     tmp_path: Path, browser: Browser, servers: list[ServerProcess]
 ) -> None:
     """Auth on: without a token only the login prompt (no data); a reader's token is refused every
-    admin call and cannot create a snapshot (403 shown, nothing created); an admin's token works."""
+    admin call and cannot create a snapshot (403 shown, nothing created); an admin's token and an
+    admin's API key work."""
+    from amaters.auth.apikeys import generate_api_key, hash_api_key
+
+    key_id, api_key = generate_api_key("ops")
+    pepper = "console-test-pepper-0123456789"
+    keys = tmp_path / "keys.toml"
+    keys.write_text(
+        f'[[keys]]\nid = "{key_id}"\nname = "ops"\nkey_hash = "{hash_api_key(pepper.encode(), api_key)}"\n'
+        'roles = ["admin"]\n'
+    )
     server = ServerProcess(
         tmp_path / "server",
-        config_text=f'[auth]\nenabled = true\n[auth.jwt]\nsecret = "{JWT_SECRET}"\n',
+        config_text=(
+            f'[auth]\nenabled = true\napi_keys_file = "{keys}"\napi_key_pepper = "{pepper}"\n'
+            f'[auth.jwt]\nsecret = "{JWT_SECRET}"\n'
+        ),
     )
     servers.append(server)
     server.start().wait_ready()
@@ -246,3 +259,54 @@ def test_console_with_auth_asks_for_a_token_and_shows_refusals(
     browser.wait_for("document.getElementById('ov-ready').innerText === 'ready'")
     assert browser.text("ov-version") == __version__
     assert http_get(f"{base}admin/status")[0] == 401  # the page's token is not a cookie
+
+    # An administrator's API key works the same way (sent as "Authorization: ApiKey ...").
+    browser.evaluate("document.getElementById('signout').click()")
+    _sign_in(browser, api_key, kind="apikey")
+    browser.wait_for("document.getElementById('ov-ready').innerText === 'ready'")
+    browser.evaluate("location.hash = '#snapshots'")
+    browser.wait_for("!document.getElementById('snapshots-empty').hidden")
+    assert browser.text("snapshots-error") == ""
+
+
+def test_console_shows_the_cluster_only_when_the_server_reports_one(
+    tmp_path: Path, browser: Browser, servers: list[ServerProcess]
+) -> None:
+    """A clustered node (one etcd member, storage.backend = etcd): the Cluster view appears and shows
+    what /admin/cluster reports (this node's name, the shard and its etcd member).  The single-node
+    servers of the other tests keep it hidden."""
+    from etcd_helpers import ETCD, EtcdCluster
+
+    if ETCD is None:
+        pytest.skip("etcd is not installed (scripts/install-test-deps)")
+    etcd = EtcdCluster(tmp_path / "etcd", 1)
+    etcd.start()
+    try:
+        node = ServerProcess(
+            tmp_path / "node",
+            settings=[
+                "storage.backend=etcd",
+                f"cluster.endpoints={json.dumps(etcd.endpoints)}",
+                "cluster.node_name=console-node",
+                "tls.enabled=false",
+                "server.shutdown_timeout=2",
+            ],
+        )
+        servers.append(node)
+        node.start().wait_ready()
+        browser.navigate(f"http://127.0.0.1:{node.web_port}/")
+        browser.wait_for("!document.getElementById('nav-cluster').hidden")
+        browser.evaluate("document.querySelector('a[href=\"#cluster\"]').click()")
+        shown = browser.wait_for(
+            "(t => t.includes('console-node') && t)(document.getElementById('view-cluster').innerText)"
+        )
+        assert (
+            "leader_node" in shown
+            and "Shard 0: healthy" in shown
+            and etcd.endpoints[0].split("//")[-1] in shown
+        ), shown
+        assert browser.evaluate("document.getElementById('nav-fhe').hidden")
+        browser.screenshot(tmp_path / "console-cluster.png")
+        node.stop()
+    finally:
+        etcd.stop()

@@ -239,6 +239,8 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serv
             f"auth.jwt.secret={JWT_SECRET}",
             f"auth.api_keys_file={keys}",
             f"auth.api_key_pepper={PEPPER}",
+            "audit.enabled=true",
+            f"audit.path={directory / 'audit.log'}",
         ],
     )
     process.start().wait_ready()
@@ -286,6 +288,11 @@ def test_jwt_api_key_rbac_expired_and_missing_credentials(
         assert (
             single_value(client.ok("ExecuteQuery", query(get_q("orders", b"o1")), metadata=reader)) == b"c1"
         )
+        audit = audit_lines(server.directory / "audit.log")
+        denied_events = [line for line in audit if line["result"] == "denied" and line["principal"] == "rita"]
+        assert denied_events and denied_events[0]["action"] == "set"
+        assert denied_events[0]["resource"] == "collection:orders"
+        assert denied_events[0]["source"].startswith("127.0.0.1:")
 
         cases: list[tuple[list[tuple[str, str]], str]] = [
             (bearer("old", ["user"], expires_in=-60), "expired"),
@@ -303,6 +310,45 @@ def test_jwt_api_key_rbac_expired_and_missing_credentials(
         assert "Traceback" not in server.log()
     finally:
         client.close()
+
+
+def audit_lines(path: Path) -> list[dict[str, Any]]:
+    """The audit log's events (written asynchronously: waits a little for the last ones)."""
+    import json
+
+    for _ in range(50):
+        if path.exists() and path.read_text().strip():
+            break
+        time.sleep(0.1)
+    time.sleep(0.3)
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_rate_limit_answers_in_band_with_retry_after(tmp_path: Path, stubs: Path) -> None:
+    """The per-client rate limit applies to gRPC calls: past the burst, requests are answered (gRPC
+    OK) with ERROR_SERVER_OVERLOADED, retryable, with retry_after."""
+    server = ServerProcess(
+        tmp_path / "server",
+        settings=["storage.backend=memory", "rate_limit.per_client_rps=2", "rate_limit.per_client_burst=3"],
+    )
+    server.start().wait_ready()
+    client = UpstreamClient(stubs)
+    try:
+        client.connect(server.grpc_port, server.ca_cert)
+        answers = client.ok(
+            "ExecuteInteractive", requests=[query(set_q("rl", b"k%d" % i, b"v")) for i in range(12)]
+        )
+        refused = [a for a in answers if "error" in a]
+        assert refused and len(refused) < len(answers)
+        for answer in refused:
+            assert error_code(answer) == "ERROR_SERVER_OVERLOADED"
+            assert answer["error"]["category"] == "CATEGORY_RETRYABLE" and answer["error"]["retry_after"] >= 1
+        single = [client.ok("ExecuteQuery", query(get_q("rl", b"k0"))) for _ in range(6)]
+        assert any("error" in a for a in single)
+    finally:
+        client.close()
+        server.stop()
+        server.cleanup()
 
 
 # -- drain ----------------------------------------------------------------------------------------
@@ -394,7 +440,7 @@ def test_python_example_in_the_docs_runs(server: ServerProcess, stubs: Path) -> 
 
 def test_client_certificate_login_with_client_auth_required(tmp_path: Path, stubs: Path) -> None:
     """With tls.client_auth = "required" and no token, the TLS client certificate is the login:
-    a certificate mapped to role user writes; one from an organization not allowed is refused with
+    a certificate mapped to a user role writes; one from an organization not allowed is refused with
     UNAUTHENTICATED; a client without a certificate does not get through TLS."""
     from cryptography.hazmat.primitives import serialization
 
@@ -410,13 +456,18 @@ def test_client_certificate_login_with_client_auth_required(tmp_path: Path, stub
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
         )
+    # carol's role: a user who may also create the collection it writes to.
+    (tmp_path / "roles.toml").write_text(
+        '[roles.writer]\ninherits = ["user"]\n'
+        'permissions = [{ resource = "collection:certs", permission = "create" }]\n'
+    )
     server = ServerProcess(
         tmp_path / "server",
         config_text=(
             f'[tls]\nclient_auth = "required"\nca = "{tmp_path / "client-ca.pem"}"\n'
             '[storage]\nbackend = "memory"\n'
-            "[auth]\nenabled = true\n"
-            '[auth.mtls]\nallowed_organizations = ["Acme"]\nrole_map = { "id:carol" = ["user"] }\n'
+            f'[auth]\nenabled = true\nroles_file = "{tmp_path / "roles.toml"}"\n'
+            '[auth.mtls]\nallowed_organizations = ["Acme"]\nrole_map = { "id:carol" = ["writer"] }\n'
         ),
     )
     server.start().wait_ready()
@@ -447,3 +498,22 @@ def test_client_certificate_login_with_client_auth_required(tmp_path: Path, stub
             c.close()
         server.stop()
         server.cleanup()
+
+
+def test_grpc_tls_refuses_old_versions_and_cbc_suites(server: ServerProcess) -> None:
+    """The gRPC port speaks TLS 1.2 with AEAD suites or TLS 1.3, like the native listener."""
+
+    def handshake(*args: str) -> str:
+        result = subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{server.grpc_port}", "-alpn", "h2", *args],
+            input=b"",
+            capture_output=True,
+            timeout=30,
+        )
+        lines = [line for line in result.stdout.decode(errors="replace").splitlines() if "Cipher is" in line]
+        return lines[0] if lines else ""
+
+    assert "ECDHE-ECDSA-AES128-GCM-SHA256" in handshake("-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256")
+    assert "TLSv1.3" in handshake("-tls1_3")
+    assert "(NONE)" in handshake("-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA")
+    assert "(NONE)" in handshake("-tls1_1", "-cipher", "ALL:@SECLEVEL=0")

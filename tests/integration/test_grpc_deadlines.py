@@ -146,3 +146,33 @@ async def test_trace_context_protocol_label_and_metrics(server: InProcess) -> No
     ok = registry.get_sample_value("amaters_grpc_calls_total", {"method": "ExecuteQuery", "code": "OK"})
     assert ok is not None and ok >= 2
     assert registry.get_sample_value("amaters_requests_total", {"op": "set", "status": "ok"}) >= 1
+
+
+class BrokenCursor:
+    """A range cursor whose storage read fails the way a disk error would."""
+
+    def next_chunk(self) -> Any:
+        from twisted.internet import defer
+
+        return defer.fail(OSError(5, "Input/output error", "/secret/path/000123.sst"))
+
+    def close(self) -> None:
+        pass
+
+
+@pytest_twisted.ensureDeferred
+async def test_unexpected_storage_failure_mid_stream_is_a_generic_in_band_error(
+    server: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure below the pipeline (a storage read error while streaming) reaches the client as
+    SERVER_INTERNAL with a generic message, never the exception's text; the server logs it."""
+    executor = server.root.components.pipeline.executor
+    opened = executor.open_range
+    monkeypatch.setattr(
+        executor, "open_range", lambda op: BrokenCursor() if op.collection == "broken" else opened(op)
+    )
+    answer = await server.call("ExecuteStream", query({"range": {"collection": "broken"}}), timeout=10)
+    assert answer["ok"], answer
+    (message,) = answer["responses"]
+    assert message["error"]["code"] == "ERROR_SERVER_INTERNAL"
+    assert "secret" not in message["error"]["message"] and "Input/output" not in message["error"]["message"]

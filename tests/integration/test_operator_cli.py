@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -303,6 +304,7 @@ def test_a_ca_file_that_is_not_a_certificate_is_a_tls_failure(operator: Operator
 
 OVERSIZE_SCRIPT = """
 import sys
+import time
 from twisted.internet import task
 from amaters.client import connect
 
@@ -404,3 +406,50 @@ def test_validate_config_accepts_a_working_certificate_and_key(operator: Operato
     checked = operator("validate-config", str(mixed))
     assert checked.returncode == 2
     assert "tls.cert/tls.key: cannot be used together" in checked.stderr
+
+
+def test_stop_finds_a_twistd_server_run_on_the_defaults_from_this_directory(operator: Operator) -> None:
+    """`twistd -n amaters` (no config file, settings from the environment) in this directory:
+    `amaters status` shows its pid and `amaters stop` stops it, with no --config on either side."""
+    port, web_port = free_port(), free_port()
+    while web_port == port:
+        web_port = free_port()
+    operator.env["AMATERS_SERVER__LISTEN"] = f"tcp:{port}:interface=127.0.0.1"
+    operator.env["AMATERS_WEB__LISTEN"] = f"tcp:{web_port}:interface=127.0.0.1"
+    operator.env["AMATERS_GRPC__LISTEN"] = "tcp:0:interface=127.0.0.1"  # never the shared default port
+    log = (operator.directory / "twistd.out").open("wb")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            "amaters",
+        ],
+        cwd=operator.directory,
+        env=operator.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    try:
+        for _ in range(300):
+            try:
+                if http_get(f"http://127.0.0.1:{web_port}/readyz", timeout=1.0)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert process.poll() is None, (operator.directory / "twistd.out").read_text()
+            time.sleep(0.1)
+        status = operator("status", "--format", "json")
+        assert status.returncode == 0, status.stdout
+        assert json.loads(status.stdout)["pid"] == process.pid
+        stopped = operator("stop", "--timeout", "30")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert f"amaters stopped (pid {process.pid})" in stopped.stdout
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)

@@ -3,6 +3,7 @@ working ``twistd amaters`` and ``amaters`` commands."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -24,12 +25,16 @@ def test_wheel_contents_and_fresh_virtualenv(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     pip = venv / "bin" / "pip"
+    # The virtualenv sees only what is installed in it: not this source tree through PYTHONPATH
+    # (whose amaters.egg-info, left by an editable install, would pass for an installed amaters).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     wheels = tmp_path / "wheels"
     subprocess.run(
         [str(pip), "wheel", "-q", "--no-deps", "-w", str(wheels), str(ROOT)],
         check=True,
         timeout=600,
         cwd=tmp_path,
+        env=env,
     )
     (wheel,) = wheels.glob("amaters-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -43,13 +48,23 @@ def test_wheel_contents_and_fresh_virtualenv(tmp_path: Path) -> None:
 
     assert {f"amaters/web/console/{name}" for name in CONSOLE_FILES} <= set(names)
 
-    subprocess.run([str(pip), "install", "-q", str(wheel)], check=True, timeout=600, cwd=tmp_path)
+    subprocess.run([str(pip), "install", "-q", str(wheel)], check=True, timeout=600, cwd=tmp_path, env=env)
     twistd_help = subprocess.run(
-        [str(venv / "bin" / "twistd"), "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path
+        [str(venv / "bin" / "twistd"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
     )
     assert "amaters" in twistd_help.stdout
     version = subprocess.run(
-        [str(venv / "bin" / "amaters"), "version"], capture_output=True, text=True, timeout=60, cwd=tmp_path
+        [str(venv / "bin" / "amaters"), "version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
     )
     assert version.returncode == 0 and version.stdout.startswith("amaters ")
 

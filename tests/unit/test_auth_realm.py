@@ -39,6 +39,8 @@ SECRET = "j" * 32
 PEPPER = b"pepper-0123456789abcdef"
 API_KEY = "svc.0123456789abcdefghijklmnopqrstuvwxyzABCDEFG"
 NOW = datetime.datetime.now(datetime.UTC).timestamp()
+#: Certificates are checked at the clock's time (NOW), however long after the import a test runs.
+VALID_FROM = datetime.datetime.fromtimestamp(NOW - 300, datetime.UTC)
 
 
 class Sink:
@@ -75,8 +77,8 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def pki() -> dict[str, Any]:
-    ca_key, ca = generate_ca()
-    return {"ca_key": ca_key, "ca": ca, "other": generate_ca("other")}
+    ca_key, ca = generate_ca(not_before=VALID_FROM)
+    return {"ca_key": ca_key, "ca": ca, "other": generate_ca("other", not_before=VALID_FROM)}
 
 
 @pytest.fixture()
@@ -114,7 +116,9 @@ def test_each_credential_kind_logs_in(setup: Setup) -> None:
     assert setup.ok(token()).id == "alice"
     principal = setup.ok(Credentials("api_key", API_KEY))
     assert (principal.id, principal.roles, principal.auth_method) == ("svc", ("user",), "api_key")
-    cert = issue_certificate(setup.pki["ca_key"], setup.pki["ca"], "carol", client=True)[1]
+    cert = issue_certificate(
+        setup.pki["ca_key"], setup.pki["ca"], "carol", client=True, not_before=VALID_FROM
+    )[1]
     principal = setup.ok(None, cert)
     assert (principal.id, principal.roles, principal.auth_method) == ("carol", ("reader",), "mtls")
     assert [e["result"] for e in setup.audit.events] == ["success"] * 3
@@ -123,7 +127,9 @@ def test_each_credential_kind_logs_in(setup: Setup) -> None:
 
 def test_credentials_win_over_the_certificate(setup: Setup) -> None:
     """With both a token and a certificate the token decides, and a bad token is not rescued by it."""
-    cert = issue_certificate(setup.pki["ca_key"], setup.pki["ca"], "carol", client=True)[1]
+    cert = issue_certificate(
+        setup.pki["ca_key"], setup.pki["ca"], "carol", client=True, not_before=VALID_FROM
+    )[1]
     assert setup.ok(token(), cert).auth_method == "jwt"
     assert setup.refused(Credentials("bearer_token", "garbage"), cert).code == ErrorCode.AUTH_FAILED
 

@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 from amaters.cluster import session
 from amaters.cluster.etcd import b64
 from amaters.storage.etcd import EtcdBackend
+from amaters.types import CipherBlob
 
 
 def test_tokens_round_trip_and_keep_the_newest() -> None:
@@ -90,3 +91,45 @@ def test_serializable_read_as_new_as_the_session_is_served_locally() -> None:
     calls, seen = read_with_token(10)
     assert calls == [True]
     assert seen == {"0": 10}
+
+
+class SharedCollections:
+    """A memory store whose has_collection cache never saw another server's collections."""
+
+    collections_remote = True
+
+    def __init__(self) -> None:
+        from amaters.storage.memory import MemoryBackend
+
+        self.memory = MemoryBackend()
+
+    def has_collection(self, name: str) -> bool:
+        return False
+
+    def get(self, collection: str, key: bytes) -> Any:
+        return self.memory.get(collection, key)
+
+    def delete(self, collection: str, key: bytes) -> Any:
+        return self.memory.delete(collection, key)
+
+
+@pytest.mark.parametrize("auto_create", [True, False])
+def test_executor_asks_a_clustered_store_when_its_collection_cache_misses(auto_create: bool) -> None:
+    """A collection another node created (not yet in this node's cache) is read, not reported empty;
+    a collection that really is missing reads as absent (auto-create) or NotFound."""
+    from amaters.errors import NotFound
+    from amaters.query import operations as ops
+    from amaters.query.executor import QueryExecutor
+
+    store = SharedCollections()
+    result_of(store.memory.create_collection("elsewhere"))
+    result_of(store.memory.put("elsewhere", b"k", CipherBlob.wrap(b"v")))
+    executor = QueryExecutor(store, auto_create_collections=auto_create)  # type: ignore[arg-type]
+    assert result_of(executor.get(ops.Get("elsewhere", b"k"))).data == b"v"
+    missing = executor.get(ops.Get("nowhere", b"k"))
+    if auto_create:
+        assert result_of(missing) is None
+        assert result_of(executor.delete(ops.Delete("nowhere", b"k"))) is False
+    else:
+        with pytest.raises(NotFound):
+            result_of(missing)

@@ -82,6 +82,8 @@ async def test_a_paused_member_makes_a_plain_write_ambiguous(etcd: EtcdCluster) 
     finally:
         etcd.resume(etcd.members[0])
         await backend.close()
+        # Requests cut at their deadline abort their connections; let those closes complete.
+        await task.deferLater(reactor, 0.2, lambda: None)
 
 
 @pytest_twisted.ensureDeferred
@@ -163,4 +165,51 @@ async def test_orphaned_chunks_are_cleaned_and_live_ones_kept(etcd: EtcdCluster)
         assert len(await chunk_groups()) == 1
         assert (await backend.get("c", b"big")).data == big[::-1]
     finally:
+        await backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_leader_duties_compact_history_and_a_range_survives_it(etcd: EtcdCluster) -> None:
+    """The elected node's duties compact etcd's history to the revision seen one duty round earlier;
+    a RANGE cursor pinned to a compacted revision continues from the current data."""
+    import attrs
+
+    from amaters.cluster.service import ClusterService
+    from amaters.config import ClusterConfig
+
+    backend = EtcdBackend(EtcdClient(etcd.endpoints, reactor), reactor, prefix=b"/duty/")
+    await backend.open()
+    config = attrs.evolve(ClusterConfig(), endpoints=etcd.endpoints, prefix="/duty/")
+    service = ClusterService(
+        EtcdClient(etcd.endpoints, reactor),
+        config,
+        reactor,
+        node_name="n1",
+        advertise="127.0.0.1:1",
+        backend=backend,
+    )
+    try:
+        await backend.create_collection("c")
+        for i in range(6):
+            await backend.put("c", b"k%d" % i, CipherBlob.wrap(b"old"))
+        cursor = backend.scan("c", b"", None, None, 2)
+        first = await cursor.next_chunk()
+        assert [k for k, _ in first] == [b"k0", b"k1"]
+        await service.tick()
+        assert service.is_leader
+        await service.run_duties()  # remembers the current revision
+        for i in range(6):
+            await backend.put("c", b"k%d" % i, CipherBlob.wrap(b"new"))
+        await service.tick()  # sees the newer revision
+        await service.run_duties()  # compacts to the one remembered
+        with pytest.raises(EtcdError, match="compacted"):
+            await backend.client.range(b"/duty/", revision=2)
+        rest = []
+        while chunk := await cursor.next_chunk():
+            rest.extend(chunk)
+        assert [k for k, _ in rest] == [b"k2", b"k3", b"k4", b"k5"]
+        assert all(v.data == b"new" for _, v in rest)
+        assert service.duties_run >= 2
+    finally:
+        await service.stopService()
         await backend.close()

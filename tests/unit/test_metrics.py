@@ -362,3 +362,32 @@ def test_remembered_children_count_like_labels() -> None:
     metrics.requests.labels(op="get", status="ok").inc()
     metrics.request_finished("get", None, None)
     assert sample(metrics, "amaters_requests_total", op="get", status="ok") == 5.0
+
+
+def test_request_tallies_reach_every_collection_exactly_once() -> None:
+    """Requests are tallied without touching the children and moved into them by each collection:
+    counts, the duration sum and each bucket (a duration equal to a bound counts in that bucket,
+    one over every bound only in +Inf) are exact, and a second collection adds nothing twice."""
+    metrics = Metrics(process=False)
+    for duration in (0.0001, 0.0002, 0.0002, 31.0):
+        metrics.request_finished("get", duration, None)
+    metrics.request_finished("get", None, int(NotFound("x").code))
+    metrics.request_finished("no-such-op", 0.001, None)
+
+    def bucket(le: str) -> float | None:
+        return sample(metrics, "amaters_request_duration_seconds_bucket", op="get", le=le)
+
+    for _ in range(2):  # collecting twice must not count anything twice
+        assert sample(metrics, "amaters_requests_total", op="get", status="ok") == 4
+        assert sample(metrics, "amaters_requests_total", op="get", status="error") == 1
+        assert sample(metrics, "amaters_requests_total", op="other", status="ok") == 1
+        assert sample(metrics, "amaters_request_duration_seconds_count", op="get") == 4
+        assert sample(metrics, "amaters_request_duration_seconds_sum", op="get") == pytest.approx(31.0005)
+        assert bucket("0.0001") == 1
+        assert bucket("0.00025") == 3
+        assert bucket("30.0") == 3
+        assert bucket("+Inf") == 4
+    metrics.request_finished("get", 0.0001, None)
+    assert sample(metrics, "amaters_requests_total", op="get", status="ok") == 5
+    assert families(metrics)["amaters_requests"].samples  # the text exposition flushes too
+    assert bucket("0.0001") == 2

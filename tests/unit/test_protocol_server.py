@@ -342,6 +342,37 @@ def test_slow_request_is_answered_with_a_timeout_and_its_late_result_dropped() -
     assert h.received() == []
 
 
+def test_each_request_times_out_at_its_own_deadline() -> None:
+    """Staggered slow requests each time out request_timeout after they arrived, no earlier and no
+    later; one answered in time is never timed out; the connection's one deadline timer goes away
+    with the connection."""
+    h = ready(limits=LimitsConfig(request_timeout=2.0))
+    fill(h, "c", 3)
+    h.backend.gated = True
+    h.send(q_get(10, "c", b"0000"))
+    h.clock.advance(0.5)
+    h.send(q_get(11, "c", b"0001"))
+    h.clock.advance(0.5)
+    h.send(q_get(12, "c", b"0002"))
+    h.backend.release(1)  # 11 answered in time
+    (answer,) = h.received()
+    assert answer.request_id == 11 and not answer.HasField("error")
+    h.clock.advance(0.999)
+    assert h.received() == []
+    h.clock.advance(0.001)  # 2.0 s after 10 arrived
+    assert [(a.request_id, a.error.code) for a in h.received()] == [(10, ErrorCode.NETWORK_TIMEOUT)]
+    h.clock.advance(0.5)  # 11 would be due now, but it was answered
+    assert h.received() == []
+    h.clock.advance(0.5)  # 2.0 s after 12 arrived
+    assert [(a.request_id, a.error.code) for a in h.received()] == [(12, ErrorCode.NETWORK_TIMEOUT)]
+    h.backend.release(0)
+    h.backend.release(0)
+    assert h.received() == []
+    h.send(q_get(13, "c", b"0000"))
+    h.protocol.connectionLost(None)
+    assert h.clock.getDelayedCalls() == [] or all(not c.active() for c in h.clock.getDelayedCalls())
+
+
 def test_idle_connection_is_closed() -> None:
     """A connection with no frames for idle_timeout is closed; activity postpones it."""
     h = ready(limits=LimitsConfig(idle_timeout=10.0))
@@ -527,3 +558,22 @@ def test_arbitrary_bytes_never_crash_the_server(chunks: list[bytes], handshake_f
         h.protocol.dataReceived(chunk)
     for answer in h.received():
         assert answer.WhichOneof("body") is not None
+
+
+def test_a_short_deadline_is_kept_behind_a_long_one() -> None:
+    """A request with the short deadline that arrives while only a long one (a FILTER's
+    fhe.query_timeout) is in flight still times out at its own deadline."""
+    h = ready(limits=LimitsConfig(request_timeout=2.0))
+    h.factory.fhe_query_timeout = 600.0
+    long_running: defer.Deferred[Any] = defer.Deferred()
+    h.protocol._track(90, long_running, "filter")  # the connection's timer is now 600 s away
+    fill(h, "c", 1)
+    h.backend.gated = True
+    h.send(q_get(10, "c", b"0000"))
+    h.clock.advance(2.0)
+    assert [(a.request_id, a.error.code) for a in h.received()] == [(10, ErrorCode.NETWORK_TIMEOUT)]
+    h.clock.advance(597.9)
+    assert h.received() == []
+    h.clock.advance(0.2)
+    assert [(a.request_id, a.error.code) for a in h.received()] == [(90, ErrorCode.NETWORK_TIMEOUT)]
+    h.backend.release(0)

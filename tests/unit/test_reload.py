@@ -136,3 +136,41 @@ def test_reloads_do_not_overlap(tmp_path: Path) -> None:
     gate.callback(load_config(path, [], {}))
     assert calls == ["load", "load"]
     assert first.called and second.called
+
+
+def preview_of(reloader: Reloader) -> Any:
+    d = reloader.preview()
+    assert d.called
+    return getattr(d, "result")  # noqa: B009
+
+
+def test_preview_says_what_a_reload_would_change_and_changes_nothing(tmp_path: Path) -> None:
+    """The preview lists reloadable and restart-only changes with both values, secrets redacted,
+    or the problems of an invalid file; no component is asked and nothing is audited."""
+    secret = "preview-secret-0123456789abcdef-0123"
+    path, root = setup(tmp_path, '[logging]\nlevel = "info"\n')
+    a = Component()
+    reloader = Reloader(root, root.audit, environ={})
+    reloader.register(a)
+    assert preview_of(reloader) == {"ok": True, "reloadable": [], "need_restart": [], "errors": []}
+    path.write_text(
+        f'[logging]\nlevel = "debug"\n[server]\nlisten = "tcp:7000:interface=127.0.0.1"\n'
+        f'[auth.jwt]\nsecret = "{secret}"\n'
+    )
+    before = root.config
+    preview = preview_of(reloader)
+    assert preview["ok"] is True
+    changes = {c["key"]: c for c in preview["reloadable"]}
+    assert changes["logging.level"] == {"key": "logging.level", "current": "info", "new": "debug"}
+    assert changes["auth.jwt.secret"] == {
+        "key": "auth.jwt.secret",
+        "current": "<redacted>",
+        "new": "<redacted>",
+    }
+    assert [c["key"] for c in preview["need_restart"]] == ["server.listen"]
+    assert secret not in repr(preview)
+    assert root.config is before and a.prepared == 0 and root.audit.events == []
+
+    path.write_text('[logging]\nlevel = "loud"\n')
+    refused = preview_of(reloader)
+    assert refused["ok"] is False and refused["errors"] and "logging.level" in refused["errors"][0]

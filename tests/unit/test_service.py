@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from amaters.service import AsyncMultiService, StartupError, StopErrors, ThreadPoolService
+from amaters.service import (
+    AsyncMultiService,
+    SerialThreadService,
+    StartupError,
+    StopErrors,
+    ThreadPoolService,
+)
 
 
 class FakeService(service.Service):
@@ -167,3 +174,59 @@ def test_thread_pool_runs_in_thread_and_stops() -> Any:
     assert "amaters-io" in name and name != threading.current_thread().name
     yield pool.stopService()
     assert not pool.pool.started
+
+
+@pytest_twisted.inlineCallbacks
+def test_serial_thread_runs_calls_in_order_off_the_reactor_thread() -> Any:
+    """Calls run one at a time in the order asked, on the service's own thread; results and
+    failures come back on the reactor thread; stop lets queued calls finish, and a call after
+    stop fails instead of running on the reactor thread."""
+    import threading
+    import time
+
+    from twisted.internet import reactor
+
+    serial = SerialThreadService(reactor, "wal")
+    serial.startService()
+    seen: list[tuple[int, str]] = []
+    reactor_thread = threading.current_thread()
+
+    def work(i: int) -> int:
+        time.sleep(0.002 if i == 0 else 0)
+        seen.append((i, threading.current_thread().name))
+        return i * 10
+
+    calls = [serial.run(work, i) for i in range(5)]
+    fired_on: list[threading.Thread] = []
+    calls[0].addCallback(lambda r: fired_on.append(threading.current_thread()) or r)
+
+    def boom() -> None:
+        raise ValueError("disk on fire")
+
+    failed = serial.run(boom)
+    results = yield defer.gatherResults(calls)
+    assert results == [0, 10, 20, 30, 40]
+    assert [i for i, _ in seen] == [0, 1, 2, 3, 4]
+    assert {name for _, name in seen} == {"amaters-wal"}
+    assert fired_on == [reactor_thread]
+    with pytest.raises(ValueError, match="disk on fire"):
+        yield failed
+    last = serial.run(work, 5)
+    yield serial.stopService()
+    assert (yield last) == 50
+    with pytest.raises(RuntimeError, match="not running"):
+        yield serial.run(work, 6)
+
+
+def test_serial_thread_synchronous_mode() -> None:
+    serial = SerialThreadService(Clock(), "wal", synchronous=True)  # type: ignore[arg-type]
+    serial.startService()
+    d = serial.run(lambda: threading_name())
+    assert d.called
+    serial.stopService()
+
+
+def threading_name() -> str:
+    import threading
+
+    return threading.current_thread().name

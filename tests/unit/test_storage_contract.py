@@ -3,7 +3,7 @@
 Backends: ``memory``; ``rocksdb`` on a temporary directory with a synchronous io pool (every
 Deferred has fired when the call returns); the fault-injecting wrapper in pass-through mode over
 rocksdb; the retrying wrapper over memory; and ``etcd`` on a real single-member etcd started once for
-the module (each test under its own key prefix; its Deferreds are waited for with the reactor
+the module, alone and behind the shard router as nodes build it (each test under its own key prefix; its Deferreds are waited for with the reactor
 running, see ``tests/etcd_helpers.py``).  A backend that passes here can stand behind the
 query executor.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from etcd_helpers import ETCD, EtcdCluster, etcd_backend
+from etcd_helpers import ETCD, EtcdCluster, etcd_backend, sharded_etcd_backend
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from storage_helpers import result_of
@@ -33,7 +33,7 @@ from amaters.storage.retry import RetryingBackend, RetryPolicy
 from amaters.storage.rocksdb import RocksDBBackend, RocksDBSettings
 from amaters.types import CipherBlob, Compression, WriteOp, crc32
 
-BACKENDS = ["memory", "rocksdb", "faults-rocksdb", "retrying-memory", "etcd"]
+BACKENDS = ["memory", "rocksdb", "faults-rocksdb", "retrying-memory", "etcd", "etcd-sharded"]
 _etcd: dict[str, Any] = {}
 _prefixes = itertools.count()
 
@@ -75,6 +75,8 @@ def stop_etcd() -> Iterator[None]:
 def make_backend(kind: str, path: Path) -> Any:
     if kind == "etcd":
         return etcd_backend(etcd_endpoints(path), b"/t%d/" % next(_prefixes))
+    if kind == "etcd-sharded":
+        return sharded_etcd_backend(etcd_endpoints(path), b"/t%d/" % next(_prefixes))
     if kind == "memory":
         return MemoryBackend()
     if kind == "rocksdb":
@@ -389,6 +391,7 @@ test_range_matches_a_sorted_model_rocksdb = _range_model_test("rocksdb")
 test_range_matches_a_sorted_model_faults_rocksdb = _range_model_test("faults-rocksdb")
 test_range_matches_a_sorted_model_retrying_memory = _range_model_test("retrying-memory")
 test_range_matches_a_sorted_model_etcd = _range_model_test("etcd")
+test_range_matches_a_sorted_model_etcd_sharded = _range_model_test("etcd-sharded")
 
 
 # -- batches -----------------------------------------------------------------------------------

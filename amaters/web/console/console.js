@@ -131,6 +131,7 @@
     $("nav").hidden = false;
     $("signout").hidden = credential() === null;
     showView(currentView(), false);
+    if (first.status === 200) loadCluster();
     poll(first);
   }
   $("login-form").addEventListener("submit", (event) => {
@@ -168,6 +169,7 @@
     if (name === "snapshots") return loadSnapshots();
     if (name === "config") return loadConfig();
     if (name === "audit") return loadAudit();
+    if (name === "cluster") return loadCluster();
     if (name === "charts") return drawCharts();
     return undefined;
   }
@@ -188,15 +190,52 @@
       ["State", s.state],
       ["Storage backend", s.backend],
       ["Sync mode", s.sync],
-      ["Native connections open", `${fmtNumber(s.connections)} connections`],
+      ["Native connections open", `${fmtNumber(s.connections)} connection${s.connections === 1 ? "" : "s"}`],
       ["Authentication", s.auth_enabled ? "on" : "off (loopback only)"],
       ["Configuration file", s.config_file || "none (defaults and overrides)"],
       ["Last reload", s.last_reload ? (s.last_reload.ok ? "succeeded" : "failed") : "none since start"],
     ]);
-    for (const part of ["cluster", "fhe"]) {
-      const data = s[part];
-      $(`nav-${part}`).hidden = !data;
-      if (data) fillKv($(`${part}-body`), Object.entries(data).map(([k, v]) => [k, typeof v === "object" ? JSON.stringify(v) : String(v)]));
+    // FHE: shown only once the server's status reports it.
+    $("nav-fhe").hidden = !s.fhe;
+    if (s.fhe) renderReported($("fhe-body"), s.fhe);
+  }
+  // What the server reported, as it reported it: scalars as text, lists and objects as JSON.
+  function renderReported(dl, data) {
+    fillKv(dl, Object.entries(data).map(([k, v]) => [k,
+      v !== null && typeof v === "object" ? el("pre", {}, JSON.stringify(v, null, 2)) : String(v)]));
+  }
+  function table(caption, headings, rows) {
+    const t = el("table", {}, el("caption", { class: "sr-only" }, caption),
+      el("thead", {}, el("tr", {}, ...headings.map((h) => el("th", { scope: "col" }, h)))), el("tbody"));
+    fillRows(t.tBodies[0], rows);
+    return t;
+  }
+  const yesNo = (v) => el("td", { class: v ? "ok" : "bad" }, v ? "yes" : "no");
+  function renderCluster(c) {
+    const { nodes, shards, ...rest } = c;
+    renderReported($("cluster-body"), rest);
+    const parts = [];
+    if (Array.isArray(nodes)) {
+      parts.push(el("h3", {}, "Nodes"), table("Nodes", ["Node", "Address", "Leader", "Version", "Registered"],
+        nodes.map((n) => [n.name, el("code", {}, n.advertise), yesNo(n.leader), n.version, fmtTime(n.registered_at)])));
+    }
+    for (const shard of Array.isArray(shards) ? shards : []) {
+      parts.push(el("h3", {}, `Shard ${shard.name}: ${shard.healthy ? "healthy" : "unhealthy"}, leader ${shard.leader || "none"}`),
+        table(`Members of shard ${shard.name}`, ["etcd member", "Leader", "Reachable", "Raft term", "Database size", "Version"],
+          (shard.members || []).map((m) => [el("code", {}, m.endpoint), yesNo(m.leader), yesNo(m.reachable),
+            fmtNumber(m.raft_term), fmtBytes(m.db_size), m.version || "–"])));
+    }
+    $("cluster-tables").replaceChildren(...parts);
+  }
+  // Clustered mode: /admin/cluster answers 200 on a clustered node (409 on a single node: no view).
+  async function loadCluster() {
+    const r = await api("/admin/cluster");
+    $("nav-cluster").hidden = r.status !== 200;
+    if (r.status === 200) {
+      showError("cluster-error", null);
+      renderCluster(r.body);
+    } else if (currentView() === "cluster") {
+      showError("cluster-error", r);
     }
   }
   function renderHealth(health, ready) {
