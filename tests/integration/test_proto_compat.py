@@ -2,7 +2,8 @@
 
 AmateRS's modules live in the driver process (they register the same protobuf names as ours).
 Checks: every AmateRS message, field, enum value and RPC has its twin in amaters' schema (same
-full names, numbers, types, labels; amaters adds only ``ErrorResponse.retry_after_ms``), and every
+full names, numbers, types, labels; amaters adds only ``ErrorResponse.retry_after_ms`` and the
+``key_set`` of FILTER and UPDATE), and every
 message type round-trips byte for byte in both directions with all its fields set.
 """
 
@@ -23,7 +24,13 @@ from amaters.proto import aql_pb2, errors_pb2, query_pb2, types_pb2
 pytestmark = pytest.mark.integration
 
 #: Fields amaters adds to AmateRS's messages (documented in docs/protocol.md).
-EXTENSIONS = {("amaters.errors.ErrorResponse", 100)}
+#: Fields amaters adds to AmateRS's messages (an upstream client ignores them; an upstream server
+#: never sets them): the retry hint of an error, and the evaluation key set of FILTER and UPDATE.
+EXTENSIONS = {
+    ("amaters.errors.ErrorResponse", 100),
+    ("amaters.query.FilterQuery", 15),
+    ("amaters.query.UpdateQuery", 15),
+}
 
 
 @pytest.fixture(scope="module")
