@@ -212,10 +212,7 @@ class ScanStream:
         if which == "batch":
             if not self._cancelled:
                 try:
-                    pairs = [
-                        (kv.key.data, self._client._open_value(self.collection, kv.key.data, kv.value))
-                        for kv in response.batch.values
-                    ]
+                    pairs = self._items(response.batch.values)
                 except AmatersError as e:
                     return self._fail(e)
                 self._queue.append(pairs)
@@ -238,6 +235,12 @@ class ScanStream:
             self._wake()
             return False
         return self._fail(MalformedMessage("a stream frame without a chunk"))
+
+    def _items(self, values: Any) -> list[Any]:
+        """A batch's ``(key, value)`` pairs, values opened (decrypted) as ``get`` would."""
+        return [
+            (kv.key.data, self._client._open_value(self.collection, kv.key.data, kv.value)) for kv in values
+        ]
 
     def _fail(self, err: AmatersError) -> bool:
         self._error = err
@@ -290,6 +293,14 @@ class ScanStream:
             )
             d.addErrback(lambda _: None)  # the stream's own end (or the connection's) settles it
         return self._ended
+
+
+class FilterStream(ScanStream):
+    """A FILTER's rows as the server evaluates them: chunks of ``(key, encrypted record, encrypted
+    boolean)``; only the holder of the secret key can tell which rows matched."""
+
+    def _items(self, values: Any) -> list[Any]:
+        return [(kv.key.data, kv.value.data, kv.encrypted_predicate_result) for kv in values]
 
 
 @implementer(IPullProducer)
@@ -916,6 +927,33 @@ class AmatersClient:
                 return True
             offset += len(part)
 
+    def filter_stream(
+        self,
+        collection: str,
+        predicate: Any,
+        *,
+        keys: Any,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> FilterStream:
+        """Stream a FILTER: chunks of ``(key, encrypted record, encrypted boolean)`` as the server
+        evaluates them (see :class:`FilterStream`); ``cancel()`` stops the server's evaluation
+        within a chunk.  :meth:`filter` decrypts and collects them for you."""
+        query = query_pb2.Query()
+        f = query.filter
+        f.collection = collection
+        f.predicate.CopyFrom(keys.encrypt_predicate(predicate))
+        f.key_set = keys.key_set_id.hex()
+        if limit is not None:
+            f.limit = limit
+        if offset:
+            f.offset = offset
+        stream: FilterStream = self._protocol.open_stream(  # type: ignore[assignment]
+            Envelope(query=aql_pb2.QueryRequest(query=query)),
+            lambda request_id: FilterStream(self, request_id, collection),
+        )
+        return stream
+
     def filter(
         self,
         collection: str,
@@ -928,32 +966,31 @@ class AmatersClient:
     ) -> defer.Deferred[list[tuple[bytes, dict[str, int]]]]:
         """The rows whose encrypted record satisfies ``predicate``, decrypted: ``[(key, record)]``.
 
-        The server evaluates the predicate on every encrypted row of ``keys``'s key set and returns
+        The server evaluates the predicate on every encrypted row of ``keys``'s key set and streams
         each with its encrypted boolean; this client decrypts the booleans and keeps the true rows.
         """
         try:
-            query = query_pb2.Query()
-            f = query.filter
-            f.collection = collection
-            f.predicate.CopyFrom(keys.encrypt_predicate(predicate))
-            f.key_set = keys.key_set_id.hex()
-            if limit is not None:
-                f.limit = limit
-            if offset:
-                f.offset = offset
+            stream = self.filter_stream(collection, predicate, keys=keys, limit=limit, offset=offset)
         except Exception:
             return defer.fail()
-        d = self._query(query, timeout if timeout is not None else self.FHE_TIMEOUT)
 
-        def rows(result: query_pb2.QueryResult) -> list[tuple[bytes, dict[str, int]]]:
+        async def rows() -> list[tuple[bytes, dict[str, int]]]:
             out = []
-            for kv in result.multi.values:
-                if keys.decrypt_bool(kv.encrypted_predicate_result):
-                    out.append((kv.key.data, keys.decrypt(kv.value.data)))
+            chunk: Any
+            async for chunk in stream:  # chunks arrive as the server evaluates them
+                for key, record, flag in chunk:
+                    if keys.decrypt_bool(flag):
+                        out.append((key, keys.decrypt(record)))
             return out
 
-        d.addCallback(rows)
+        d = defer.Deferred.fromCoroutine(rows())
+        after = timeout if timeout is not None else self.FHE_TIMEOUT
+        d.addTimeout(after, self._clock, lambda result, seconds: self._filter_expired(stream, seconds))
         return d
+
+    def _filter_expired(self, stream: FilterStream, after: float) -> None:
+        stream.cancel().addErrback(lambda _: None)
+        raise RequestTimeout(f"the FILTER did not finish within {after:g} s")
 
     def update(
         self,

@@ -339,7 +339,7 @@ class CachingExecutor:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def open_range(self, op: ops.Range) -> Any:
+    def open_range(self, op: ops.Range | ops.Filter) -> Any:
         return self.inner.open_range(op)
 
     def update_limits(self, limits: Any) -> None:

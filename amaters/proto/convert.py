@@ -81,13 +81,16 @@ def blob_from_proto(message: types_pb2.CipherBlob) -> CipherBlob:
     )
 
 
-def fill_key_values(out: Any, pairs: Iterable[tuple[bytes, CipherBlob]]) -> None:
-    """Append ``pairs`` to a repeated ``KeyValue`` field in place."""
+def fill_key_values(out: Any, pairs: Iterable[tuple[Any, ...]]) -> None:
+    """Append ``(key, blob)`` pairs to a repeated ``KeyValue`` field in place; a FILTER's rows are
+    ``(key, blob, encrypted boolean)`` triples and carry ``encrypted_predicate_result`` too."""
     add = out.add
-    for key, blob in pairs:
+    for row in pairs:
         item = add()
-        item.key.data = key
-        fill_blob(item.value, blob)
+        item.key.data = row[0]
+        fill_blob(item.value, row[1])
+        if len(row) > 2:
+            item.encrypted_predicate_result = row[2]
 
 
 def error_to_proto(error: AmatersError) -> errors_pb2.ErrorResponse:

@@ -1039,7 +1039,8 @@ class AmatersServerProtocol(FrameReceiver):
             self._send_query_error(request_id, e)
             return
         ctx = self._context(request_id)
-        if type(op) is ops.Range:
+        if type(op) is ops.Range or type(op) is ops.Filter:
+            # Streamed: StreamBatch frames as chunks are read (a FILTER's as they are evaluated).
             self._start_range(request_id, ctx, op)
             return
         done, outcome = pipeline.run(ctx, op)
@@ -1112,7 +1113,7 @@ class AmatersServerProtocol(FrameReceiver):
 
     # -- streams ------------------------------------------------------------------------------
 
-    def _start_range(self, request_id: int, ctx: RequestContext, op: ops.Range) -> None:
+    def _start_range(self, request_id: int, ctx: RequestContext, op: ops.Range | ops.Filter) -> None:
         if request_id in self._streams:
             self._send_stream_error(
                 request_id, ProtocolError("a stream with this request id is already running")

@@ -57,6 +57,46 @@ class _EmptyCursor:
         pass
 
 
+#: FILTER evaluates and streams this many encrypted rows at a time: a chunk is a few seconds of
+#: work, so the first rows arrive early and a cancelled stream stops within one chunk.
+FILTER_CHUNK_ROWS = 8
+
+
+class _FilterCursor:
+    """A FILTER's rows as a cursor (``IRangeCursor``): each ``next_chunk`` evaluates the predicate
+    on the next :data:`FILTER_CHUNK_ROWS` encrypted rows and fires with ``(key, blob, encrypted
+    boolean)`` triples; after ``close`` no further row is evaluated."""
+
+    def __init__(self, executor: QueryExecutor, op: ops.Filter, deadline: float) -> None:
+        self._executor = executor
+        self._op = op
+        self._deadline = deadline
+        self._rows: list[tuple[bytes, CipherBlob]] | None = None
+        self._next = 0
+        self._closed = False
+
+    def next_chunk(self) -> defer.Deferred[list[tuple[bytes, CipherBlob, bytes]]]:
+        return defer.Deferred.fromCoroutine(self._next_chunk())
+
+    async def _next_chunk(self) -> list[tuple[bytes, CipherBlob, bytes]]:
+        executor, op = self._executor, self._op
+        if self._rows is None:
+            self._rows = await executor._encrypted_rows(op.collection, op.key_set_id, op.limit, op.offset)
+        while not self._closed and self._next < len(self._rows):
+            rows = self._rows[self._next : self._next + FILTER_CHUNK_ROWS]
+            self._next += len(rows)
+            flags = await executor.fhe.evaluate(
+                op.key_set_id, "filter", op.predicate, None, [v.data for _, v in rows], self._deadline
+            )
+            found = [(k, v, flag) for (k, v), flag in zip(rows, flags, strict=True) if flag is not None]
+            if found:
+                return found
+        return []
+
+    def close(self) -> None:
+        self._closed = True
+
+
 class QueryExecutor:
     """Runs :mod:`amaters.query.operations` against a storage backend."""
 
@@ -208,8 +248,11 @@ class QueryExecutor:
 
     # -- ranges -------------------------------------------------------------------------------
 
-    def open_range(self, op: ops.Range) -> IRangeCursor:
-        """A cursor over the range, read chunk by chunk (raises ``NotFound`` synchronously)."""
+    def open_range(self, op: ops.Range | ops.Filter) -> IRangeCursor:
+        """A cursor over the range, read chunk by chunk (raises ``NotFound`` synchronously); for a
+        FILTER, its rows evaluated chunk by chunk."""
+        if isinstance(op, ops.Filter):
+            return self.open_filter(op)
         if not self.backend.has_collection(op.collection):
             if self.auto_create_collections:
                 return _EmptyCursor()  # type: ignore[return-value]
@@ -304,7 +347,15 @@ class QueryExecutor:
     # -- homomorphic FILTER and UPDATE -------------------------------------------------------
 
     def filter(self, op: ops.Filter) -> defer.Deferred[list[tuple[bytes, CipherBlob, bytes]]]:
+        """Every row of a FILTER as one list (for callers that do not stream)."""
         return defer.Deferred.fromCoroutine(self._filter(op))
+
+    def open_filter(self, op: ops.Filter) -> IRangeCursor:
+        """The rows of a FILTER, evaluated and returned chunk by chunk (raises ``InvalidOperation``
+        synchronously without an FHE evaluator)."""
+        if self.fhe is None:
+            raise InvalidOperation(self.fhe_unavailable("FILTER") or "")
+        return _FilterCursor(self, op, self._deadline())  # type: ignore[return-value]
 
     def update(self, op: ops.Update) -> defer.Deferred[int]:
         return defer.Deferred.fromCoroutine(self._update(op))
@@ -342,13 +393,16 @@ class QueryExecutor:
         return float(clock.seconds()) + self.fhe_query_timeout
 
     async def _filter(self, op: ops.Filter) -> list[tuple[bytes, CipherBlob, bytes]]:
-        if self.fhe is None:
-            raise InvalidOperation(self.fhe_unavailable("FILTER") or "")
-        rows = await self._encrypted_rows(op.collection, op.key_set_id, op.limit, op.offset)
-        flags = await self.fhe.evaluate(
-            op.key_set_id, "filter", op.predicate, None, [v.data for _, v in rows], self._deadline()
-        )
-        return [(k, v, flag) for (k, v), flag in zip(rows, flags, strict=True) if flag is not None]
+        cursor: Any = self.open_filter(op)  # a _FilterCursor: its chunks are triples
+        found: list[tuple[bytes, CipherBlob, bytes]] = []
+        try:
+            while True:
+                chunk = await cursor.next_chunk()
+                if not chunk:
+                    return found
+                found.extend(chunk)
+        finally:
+            cursor.close()
 
     async def _update(self, op: ops.Update) -> int:
         if self.fhe is None:

@@ -68,7 +68,7 @@ class Executor(Protocol):
 
     def execute(self, op: Any) -> defer.Deferred[Any]: ...
 
-    def open_range(self, op: ops.Range) -> IRangeCursor: ...
+    def open_range(self, op: ops.Range | ops.Filter) -> IRangeCursor: ...
 
     def update_limits(self, limits: LimitsConfig) -> None: ...
 
@@ -283,8 +283,8 @@ class QueryPipeline:
                 return True, result
         return False, self._finish(ctx, op, d)
 
-    def open_range(self, ctx: RequestContext, op: ops.Range) -> defer.Deferred[IRangeCursor]:
-        """Run the stages for a RANGE and open its cursor (streamed by the caller)."""
+    def open_range(self, ctx: RequestContext, op: ops.Range | ops.Filter) -> defer.Deferred[IRangeCursor]:
+        """Run the stages for a RANGE (or a FILTER) and open its cursor (streamed by the caller)."""
         try:
             for stage in self._befores:
                 waiting = stage.before(ctx, op)
@@ -298,7 +298,7 @@ class QueryPipeline:
             d = defer.fail()
         return self._finish(ctx, op, d)
 
-    def _open_cursor(self, op: ops.Range) -> defer.Deferred[IRangeCursor]:
+    def _open_cursor(self, op: ops.Range | ops.Filter) -> defer.Deferred[IRangeCursor]:
         return defer.maybeDeferred(self.executor.open_range, op)
 
     def _continue(

@@ -124,6 +124,16 @@ async def test_cleartext_filter_and_update_through_the_server(tmp_path: Path) ->
         assert await run_scenario(server, keys, records, predicates) >= 100
         client = await connect(reactor, "127.0.0.1", server.port, ca_cert=str(server.ca_cert), timeout=60)
         try:
+            # FILTER answers stream: 20 rows come in chunks of 8 as they are evaluated.
+            stream = client.filter_stream("people", field("age") >= 0, keys=keys)
+            sizes = [len(chunk) async for chunk in stream]
+            assert sizes == [8, 8, 4] and stream.total_count == 20
+            # A cancelled FILTER ends early (nothing more is evaluated after the current chunk).
+            cancelled = client.filter_stream("people", field("age") >= 0, keys=keys)
+            first = await cancelled.__anext__()
+            assert len(first) == 8
+            await cancelled.cancel()
+            assert [chunk async for chunk in cancelled] == []
             before = {k: r for k, r in records.items()}
             await client.update("people", field("age") >= 0, [mul("balance", 3)], keys=keys)
             for k, r in before.items():

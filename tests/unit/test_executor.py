@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 
 from amaters.config import LimitsConfig
 from amaters.errors import (
@@ -381,3 +383,56 @@ def test_reloaded_limits_apply_to_new_requests() -> None:
     p.update_limits(LimitsConfig(max_key_bytes=4))
     with pytest.raises(SizeExceeded):
         p.decode_query(get_query("c", b"12345"))
+
+
+class GatedEvaluator:
+    """An FHE evaluator whose evaluations finish when the test says (each call's rows recorded)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[bytes], defer.Deferred[list[bytes | None]]]] = []
+
+    def has_key_set(self, key_set_id: str) -> bool:
+        return True
+
+    def evaluate(
+        self, key_set_id: str, action: str, tree: object, updates: object, rows: list[bytes], deadline: float
+    ) -> defer.Deferred[list[bytes | None]]:
+        d: defer.Deferred[list[bytes | None]] = defer.Deferred()
+        self.calls.append((rows, d))
+        return d
+
+    def finish(self, index: int) -> None:
+        rows, d = self.calls[index]
+        d.callback([b"flag:" + row for row in rows])
+
+
+def test_filter_rows_are_evaluated_and_returned_chunk_by_chunk_and_stop_when_closed() -> None:
+    """A FILTER over 20 encrypted rows is evaluated 8 rows at a time: each chunk answers with its
+    rows' encrypted booleans as soon as they are evaluated, and once the cursor is closed (the
+    stream cancelled or its connection gone) no further row is evaluated."""
+    from amaters.fhe.records import MAGIC
+    from amaters.query.executor import FILTER_CHUNK_ROWS
+
+    backend = MemoryBackend()
+    backend.open()
+    backend.create_collection("people")
+    for i in range(20):
+        backend.put("people", b"k%02d" % i, CipherBlob.wrap(MAGIC + b"row%02d" % i))
+    backend.put("people", b"plain", CipherBlob.wrap(b"not a record"))
+    fhe = GatedEvaluator()
+    executor = QueryExecutor(backend, fhe=fhe, clock=Clock())
+    cursor = executor.open_filter(ops.Filter("people", "a" * 64, object()))
+
+    first = cursor.next_chunk()
+    assert not first.called and [len(rows) for rows, _ in fhe.calls] == [FILTER_CHUNK_ROWS]
+    fhe.finish(0)
+    chunk = SynchronousTestCase().successResultOf(first)
+    assert [key for key, _, _ in chunk] == [b"k%02d" % i for i in range(8)]
+    assert chunk[0][2] == b"flag:" + MAGIC + b"row00"
+
+    second = cursor.next_chunk()
+    fhe.finish(1)
+    assert len(SynchronousTestCase().successResultOf(second)) == 8
+    cursor.close()
+    assert SynchronousTestCase().successResultOf(cursor.next_chunk()) == []
+    assert len(fhe.calls) == 2  # the last 4 rows were never evaluated
