@@ -333,10 +333,20 @@ def build_service(
     authenticate: Authenticator = auth.authenticate if config.auth.enabled else default_authenticator(False)
     authenticate = counting_authenticator(authenticate, metrics)
 
+    # Homomorphic FILTER and UPDATE: key registry, circuit cache and worker processes.
+    fhe = build_fhe(config, reactor, pools, metrics)
+
     # The executor, with the query cache around it and the server's administration beside it.
     connection_limiter = ConnectionLimiter(config.limits, reactor)
     admin = ServerAdmin(
-        live, lifecycle, backend, pools, reloader, lambda: connection_limiter.total, cluster=cluster
+        live,
+        lifecycle,
+        backend,
+        pools,
+        reloader,
+        lambda: connection_limiter.total,
+        cluster=cluster,
+        fhe=fhe,
     )
 
     def server_info() -> ops.ServerInfoResult:
@@ -350,9 +360,6 @@ def build_service(
         if lifecycle.ready or lifecycle.state == "stopped":
             return ops.HealthResult(True, "serving")
         return ops.HealthResult(False, "starting")
-
-    # Homomorphic FILTER and UPDATE: key registry, circuit cache and worker processes.
-    fhe = build_fhe(config, reactor, pools, metrics)
 
     cache_config = cache_settings(config)  # off in clustered mode
     cache = QueryCache(cache_config.max_bytes, cache_config.max_entry_bytes)

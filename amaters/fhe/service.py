@@ -223,6 +223,26 @@ class FheService(service.Service):
             raise InvalidValue("a key set id is 64 lowercase hex characters (a sha256)")
         return self.keys_dir / key_set_id
 
+    def status(self) -> defer.Deferred[dict[str, Any]]:
+        """What the server holds for FILTER and UPDATE: the evaluator, the key sets stored, the
+        compiled circuits cached (the directories are listed in the io pool)."""
+        return self._io.run(self._status_blocking)
+
+    def _status_blocking(self) -> dict[str, Any]:
+        key_sets = (
+            sorted(p.name for p in self.keys_dir.iterdir() if p.is_dir()) if self.keys_dir.is_dir() else []
+        )
+        circuits = sum(1 for _ in self.circuits_dir.iterdir()) if self.circuits_dir.is_dir() else 0
+        return {
+            "evaluator": self.kind,
+            "available": self.unavailable("FILTER") is None,
+            "workers": self.config.workers,
+            "key_sets_stored": len(key_sets),
+            "key_sets": [key_set_id[:16] for key_set_id in key_sets],
+            "circuits_cached": circuits,
+            "max_loaded_bytes": self.config.max_loaded_bytes,
+        }
+
     def has_key_set(self, key_set_id: str) -> bool:
         """Whether evaluation keys with this id are stored (a stat; cached once seen)."""
         if key_set_id in self._meta:

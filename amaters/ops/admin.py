@@ -58,6 +58,7 @@ class ServerAdmin:
         reloader: Reloader,
         connections: Callable[[], int],
         cluster: Any = None,
+        fhe: Any = None,
     ) -> None:
         self.live = live
         self.lifecycle = lifecycle
@@ -67,6 +68,8 @@ class ServerAdmin:
         self.connections = connections
         #: Clustered mode: the node's ClusterService (None on a single node).
         self.cluster = cluster
+        #: The FHE service (FILTER/UPDATE), reported in the status when the server has one.
+        self.fhe = fhe
 
     def cluster_status(self) -> defer.Deferred[dict[str, Any]]:
         """The cluster as this node sees it (fails with InvalidOperation on a single node)."""
@@ -93,22 +96,26 @@ class ServerAdmin:
         return defer.Deferred.fromCoroutine(action(store))
 
     def status(self) -> defer.Deferred[dict[str, Any]]:
+        return defer.Deferred.fromCoroutine(self._status())
+
+    async def _status(self) -> dict[str, Any]:
         config = self.live.current
         last = self.reloader.last
-        return defer.succeed(
-            {
-                "version": __version__,
-                "state": self.lifecycle.state,
-                "ready": self.lifecycle.ready,
-                "uptime_seconds": round(self.lifecycle.uptime(), 3),
-                "config_file": config.source or None,
-                "backend": config.storage.backend,
-                "sync": config.storage.sync,
-                "connections": self.connections(),
-                "auth_enabled": config.auth.enabled,
-                "last_reload": last.to_dict() if last else None,
-            }
-        )
+        found = {
+            "version": __version__,
+            "state": self.lifecycle.state,
+            "ready": self.lifecycle.ready,
+            "uptime_seconds": round(self.lifecycle.uptime(), 3),
+            "config_file": config.source or None,
+            "backend": config.storage.backend,
+            "sync": config.storage.sync,
+            "connections": self.connections(),
+            "auth_enabled": config.auth.enabled,
+            "last_reload": last.to_dict() if last else None,
+        }
+        if self.fhe is not None:
+            found["fhe"] = await self.fhe.status()
+        return found
 
     def collections(self) -> defer.Deferred[dict[str, Any]]:
         return defer.Deferred.fromCoroutine(self._collections())

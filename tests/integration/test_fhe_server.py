@@ -8,9 +8,11 @@ Python's own evaluation, and that the client's secret key reaches neither the wi
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -124,6 +126,15 @@ async def test_cleartext_filter_and_update_through_the_server(tmp_path: Path) ->
         assert await run_scenario(server, keys, records, predicates) >= 100
         client = await connect(reactor, "127.0.0.1", server.port, ca_cert=str(server.ca_cert), timeout=60)
         try:
+            # The admin status (and so the console's FHE panel) reports the stored key set.
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{server.web_port}/admin/status", headers={"X-Amaters-Admin": "1"}
+            )
+            with urllib.request.urlopen(request, timeout=10) as response:
+                fhe_status = json.loads(response.read())["fhe"]
+            assert fhe_status["evaluator"] == "cleartext-insecure" and fhe_status["available"] is True
+            assert fhe_status["key_sets_stored"] == 1
+            assert fhe_status["key_sets"] == [keys.key_set_id.hex()[:16]]
             # FILTER answers stream: 20 rows come in chunks of 8 as they are evaluated.
             stream = client.filter_stream("people", field("age") >= 0, keys=keys)
             sizes = [len(chunk) async for chunk in stream]
