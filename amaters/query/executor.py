@@ -57,6 +57,19 @@ class _EmptyCursor:
         pass
 
 
+async def _drain(cursor: IRangeCursor) -> list[Any]:
+    """Every row of ``cursor`` as one list (for callers that do not stream); closes it."""
+    found: list[Any] = []
+    try:
+        while True:
+            chunk = await cursor.next_chunk()
+            if not chunk:
+                return found
+            found.extend(chunk)
+    finally:
+        cursor.close()
+
+
 #: FILTER evaluates and streams this many encrypted rows at a time: a chunk is a few seconds of
 #: work, so the first rows arrive early and a cancelled stream stops within one chunk.
 FILTER_CHUNK_ROWS = 8
@@ -266,16 +279,7 @@ class QueryExecutor:
         return defer.Deferred.fromCoroutine(self._range_list(op))
 
     async def _range_list(self, op: ops.Range) -> list[tuple[bytes, CipherBlob]]:
-        cursor = self.open_range(op)
-        found: list[tuple[bytes, CipherBlob]] = []
-        try:
-            while True:
-                chunk = await cursor.next_chunk()
-                if not chunk:
-                    return found
-                found.extend(chunk)
-        finally:
-            cursor.close()
+        return await _drain(self.open_range(op))
 
     # -- batches ------------------------------------------------------------------------------
 
@@ -393,16 +397,7 @@ class QueryExecutor:
         return float(clock.seconds()) + self.fhe_query_timeout
 
     async def _filter(self, op: ops.Filter) -> list[tuple[bytes, CipherBlob, bytes]]:
-        cursor: Any = self.open_filter(op)  # a _FilterCursor: its chunks are triples
-        found: list[tuple[bytes, CipherBlob, bytes]] = []
-        try:
-            while True:
-                chunk = await cursor.next_chunk()
-                if not chunk:
-                    return found
-                found.extend(chunk)
-        finally:
-            cursor.close()
+        return await _drain(self.open_filter(op))  # a _FilterCursor: its chunks are triples
 
     async def _update(self, op: ops.Update) -> int:
         if self.fhe is None:

@@ -75,15 +75,6 @@ def browser(tmp_path: Path) -> Iterator[Browser]:
         started.close()
 
 
-@pytest.fixture
-def servers() -> Iterator[list[ServerProcess]]:
-    started: list[ServerProcess] = []
-    yield started
-    for server in started:
-        server.stop()
-        server.cleanup()
-
-
 def test_console_shows_the_server_and_live_charts(
     tmp_path: Path, browser: Browser, servers: list[ServerProcess]
 ) -> None:

@@ -78,14 +78,6 @@ def operator(tmp_path: Path) -> Iterator[Operator]:
     op.cleanup()
 
 
-@pytest.fixture
-def servers() -> Iterator[list[ServerProcess]]:
-    started: list[ServerProcess] = []
-    yield started
-    for server in started:
-        server.cleanup()
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,15 +22,6 @@ def amaters(*args: str) -> subprocess.CompletedProcess[str]:
 
 def client(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
     return amaters(*args, "--server", f"127.0.0.1:{server.port}", "--ca", str(server.ca_cert))
-
-
-@pytest.fixture
-def servers() -> Iterator[list[ServerProcess]]:
-    started: list[ServerProcess] = []
-    yield started
-    for server in started:
-        server.stop()
-        server.cleanup()
 
 
 def test_snapshot_of_a_stopped_server_serves_the_same_data(

@@ -8,21 +8,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from harness import ServerProcess, free_port, http_get
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def servers() -> Iterator[list[ServerProcess]]:
-    started: list[ServerProcess] = []
-    yield started
-    for server in started:
-        server.cleanup()
 
 
 def test_twistd_serves_probes_and_exits_cleanly(tmp_path: Path, servers: list[ServerProcess]) -> None:
