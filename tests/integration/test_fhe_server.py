@@ -158,6 +158,27 @@ async def test_cleartext_filter_and_update_through_the_server(tmp_path: Path) ->
         server.stop()
 
 
+def secret_probes(serialized: bytes) -> list[bytes]:
+    """Windows of a serialized secret key that carry 256 bits of it.
+
+    TFHE's LWE secret keys are binary: serialized, each key bit is one 64-bit word of 0 or 1, so a
+    short window is mostly zero bytes and would match any zero padding on disk. A window of 256
+    words does not, nor does the same stretch packed eight bits to a byte (either bit order)."""
+    size = 256 * 8
+    for offset in range(len(serialized) // 2, len(serialized) // 2 + 8):
+        window = serialized[offset : offset + size]
+        words = [int.from_bytes(window[i : i + 8], "little") for i in range(0, size, 8)]
+        if len(window) == size and set(words) <= {0, 1} and 16 < sum(words) < 240:
+            break
+    else:
+        raise AssertionError("no run of 256 binary key words in the middle of the secret key")
+    packed = [
+        bytes(int("".join(str(b) for b in order(words[i : i + 8])), 2) for i in range(0, 256, 8))
+        for order in (list, lambda bits: bits[::-1])
+    ]
+    return [window, *packed]
+
+
 @pytest.fixture(scope="module")
 def concrete_keys() -> Iterator[Any]:
     if not HAVE_CONCRETE:
@@ -207,7 +228,7 @@ async def test_concrete_filter_and_update_agree_with_the_oracle(
     assert (restored / "fhe" / "keys" / keys.key_set_id.hex() / "evaluation.keys").exists()
     secrets = keys.secret_key_material()
     assert secrets
-    probes = [s[len(s) // 2 : len(s) // 2 + 48] for s in secrets]
+    probes = [probe for s in secrets for probe in secret_probes(s)]
     wire = b"".join(sent_frames)
     assert len(wire) > 1_000_000  # the evaluation keys went over
     disk = [p.read_bytes() for root in (server.data_dir, restored) for p in root.rglob("*") if p.is_file()]
