@@ -3,9 +3,10 @@
 :class:`CachingExecutor` sits between the pipeline's stages and the
 :class:`~amaters.query.executor.QueryExecutor` (it replaces ``pipeline.executor``), so every
 stage, RBAC included, has accepted a request before the cache can answer it, whatever order the
-stages were installed in.  Entries are keyed by the BLAKE3 hash of the length-prefixed collection
-name and key (so ``("a", b"bc")`` and ``("ab", b"c")`` never collide, and a 64 KiB key costs 32
-bytes of index); a missing key is cached too, as ``None``.
+stages were installed in.  Entries are keyed by ``(collection, key)`` for keys of up to 32 bytes
+and by the BLAKE3 hash of the length-prefixed collection name and key for longer ones (so
+``("a", b"bc")`` and ``("ab", b"c")`` never collide, and a 64 KiB key costs 32 bytes of index); a
+missing key is cached too, as ``None``.
 
 Never stale, even with reads and writes in flight at once:
 
@@ -81,8 +82,24 @@ def _collection_prefix(collection: str) -> bytes:
     return _pack_length(len(name)) + name
 
 
-def cache_key(collection: str, key: bytes) -> bytes:
-    """BLAKE3 of the length-prefixed collection name and key (32 bytes)."""
+#: Keys up to this many bytes index the cache as they are; longer ones by their digest.
+SHORT_KEY_BYTES = 32
+
+#: A cache entry's index: ``(collection, key)`` for a short key, else a 32-byte digest.
+CacheKey = bytes | tuple[str, bytes]
+
+
+def cache_key(collection: str, key: bytes) -> CacheKey:
+    """The cache index of ``key`` in ``collection``.
+
+    A key of at most :data:`SHORT_KEY_BYTES` is its own index, paired with the collection name (a
+    tuple costs a few percent of a BLAKE3 hash, and takes about as much memory as the digest);
+    a longer key is indexed by the BLAKE3 of the length-prefixed collection name and key, so a
+    64 KiB key costs 32 bytes of index.  A tuple never equals a digest, and length prefixes keep
+    ``("a", b"bc")`` and ``("ab", b"c")`` apart.
+    """
+    if len(key) <= SHORT_KEY_BYTES:
+        return (collection, key)
     return blake3(_collection_prefix(collection) + _pack_length(len(key)) + key).digest()
 
 
@@ -110,7 +127,7 @@ class ReadTicket:
 
     __slots__ = ("collection", "epoch", "generation", "hashed", "reads")
 
-    def __init__(self, hashed: bytes, collection: str, reads: _Reads, epoch: int) -> None:
+    def __init__(self, hashed: CacheKey, collection: str, reads: _Reads, epoch: int) -> None:
         self.hashed = hashed
         self.collection = collection
         self.reads = reads
@@ -128,10 +145,10 @@ class QueryCache:
     def __init__(self, max_bytes: int, max_entry_bytes: int = 1024 * 1024) -> None:
         self.max_bytes = max_bytes
         self.max_entry_bytes = max_entry_bytes
-        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
-        self._by_collection: dict[str, set[bytes]] = {}
-        self._reads: dict[bytes, _Reads] = {}
-        self._writing: dict[bytes, int] = {}
+        self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
+        self._by_collection: dict[str, set[CacheKey]] = {}
+        self._reads: dict[CacheKey, _Reads] = {}
+        self._writing: dict[CacheKey, int] = {}
         self._collections_writing: dict[str, int] = {}
         self._epoch = 0
         #: Writes started while the cache was off and not finished yet: nothing may be cached
@@ -164,7 +181,7 @@ class QueryCache:
 
     # -- reads --------------------------------------------------------------------------------
 
-    def lookup(self, hashed: bytes) -> Any:
+    def lookup(self, hashed: CacheKey) -> Any:
         """The cached value (a CipherBlob or None), or :data:`MISS`; counts the hit or miss."""
         entry = self._entries.get(hashed)
         if entry is None:
@@ -174,7 +191,7 @@ class QueryCache:
         self.hits += 1
         return entry.value
 
-    def begin_read(self, hashed: bytes, collection: str) -> ReadTicket:
+    def begin_read(self, hashed: CacheKey, collection: str) -> ReadTicket:
         """A GET that missed is about to read storage."""
         reads = self._reads.get(hashed)
         if reads is None:
@@ -205,7 +222,7 @@ class QueryCache:
         pending = self._collections_writing
         return collection in pending or "" in pending
 
-    def _store(self, hashed: bytes, collection: str, value: CipherBlob | None) -> bool:
+    def _store(self, hashed: CacheKey, collection: str, value: CipherBlob | None) -> bool:
         size = ENTRY_OVERHEAD + len(collection) + (len(value.data) if value is not None else 0)
         if value is not None and len(value.data) > self.max_entry_bytes:
             return False
@@ -222,14 +239,14 @@ class QueryCache:
 
     # -- writes -------------------------------------------------------------------------------
 
-    def begin_write(self, hashed: Iterable[bytes]) -> None:
+    def begin_write(self, hashed: Iterable[CacheKey]) -> None:
         """Writes to these keys are about to reach storage."""
         writing = self._writing
         for key in hashed:
             writing[key] = writing.get(key, 0) + 1
             self._invalidate(key)
 
-    def end_write(self, hashed: Iterable[bytes]) -> None:
+    def end_write(self, hashed: Iterable[CacheKey]) -> None:
         """Writes to these keys finished (successfully or not)."""
         writing = self._writing
         for key in hashed:
@@ -255,7 +272,7 @@ class QueryCache:
             self._collections_writing.pop(name, None)
         self._invalidate_collection(collection)
 
-    def _invalidate(self, hashed: bytes) -> None:
+    def _invalidate(self, hashed: CacheKey) -> None:
         reads = self._reads.get(hashed)
         if reads is not None:
             reads.generation += 1
@@ -280,7 +297,7 @@ class QueryCache:
 
     # -- size ---------------------------------------------------------------------------------
 
-    def _forget(self, hashed: bytes, entry: _Entry) -> None:
+    def _forget(self, hashed: CacheKey, entry: _Entry) -> None:
         self.bytes -= entry.size
         keys = self._by_collection.get(entry.collection)
         if keys is not None:
@@ -393,7 +410,7 @@ class CachingExecutor:
         self.cache.end_read(ticket, result if ok else None, ok)
         return result
 
-    def _write(self, keys: Sequence[bytes], op: ops.Operation) -> defer.Deferred[Any]:
+    def _write(self, keys: Sequence[CacheKey], op: ops.Operation) -> defer.Deferred[Any]:
         cache = self.cache
         cache.begin_write(keys)
         return self._execute_then(op, cache.end_write, keys)

@@ -68,6 +68,7 @@ from amaters.fdlimit import raise_open_file_limit
 from amaters.interfaces import IPrincipal, IRangeCursor
 from amaters.protect.compression import compress_frame, decompress_frame
 from amaters.proto import aql_pb2, envelope_pb2
+from amaters.proto.answers import set_answer
 from amaters.proto.convert import (
     error_to_proto,
     fill_blob,
@@ -646,7 +647,10 @@ class AmatersServerProtocol(FrameReceiver):
             scope = self._revision_scopes.pop(envelope.request_id, None)
             if scope is not None and scope.seen:
                 envelope.revisions.update(scope.seen)
-        payload = envelope.SerializeToString()
+        self._send_payload(envelope.SerializeToString())
+
+    def _send_payload(self, payload: bytes) -> None:
+        """Send a serialized Envelope (compressed when large and the client asked for it)."""
         size = len(payload)
         if self._frame_codec and size >= self._frame_threshold:
             payload = compress_frame(payload, self._frame_codec) or payload
@@ -1055,6 +1059,11 @@ class AmatersServerProtocol(FrameReceiver):
         )
 
     def _answer_query(self, request_id: int, op_name: str, result: Any) -> None:
+        if op_name == "set" and not self._revision_scopes:
+            # The commonest write answer, already serialized (the same bytes as the Envelope's).
+            if not self._lost:
+                self._send_payload(set_answer(request_id))
+            return
         envelope = Envelope(request_id=request_id)
         if op_name == "get" and result is not None:
             fill_blob(envelope.query_response.result.single.value, result)  # the hottest answer

@@ -94,7 +94,22 @@ def test_keys_are_length_prefixed() -> None:
     """(a, bc) and (ab, c) are different keys; the same pair always hashes the same."""
     assert cache_key("a", b"bc") != cache_key("ab", b"c")
     assert cache_key("c", b"\x00") != cache_key("c\x00", b"")
-    assert cache_key("c", b"k") == cache_key("c", b"k") and len(cache_key("c", b"k")) == 32
+    assert cache_key("c", b"k") == cache_key("c", b"k")
+    long_a, long_b = b"a" * 40, b"b" * 40
+    assert cache_key("a", b"b" + long_a) != cache_key("ab", long_a)
+    assert cache_key("c", long_a) == cache_key("c", long_a) and len(cache_key("c", long_a)) == 32
+    assert cache_key("c", long_a) != cache_key("c", long_b)
+
+
+def test_short_and_long_keys_never_share_an_entry() -> None:
+    """A short key's index is never equal to a long key's digest, whatever the bytes."""
+    cache = QueryCache(max_bytes=1 << 20)
+    short, long = cache_key("c", b"k" * 32), cache_key("c", b"k" * 33)
+    assert short != long
+    assert cache.end_read(cache.begin_read(short, "c"), blob(b"short"), True)
+    assert cache.lookup(long) is MISS
+    assert cache.end_read(cache.begin_read(long, "c"), blob(b"long"), True)
+    assert cache.lookup(short) == blob(b"short") and cache.lookup(long) == blob(b"long")
 
 
 def test_lru_eviction_by_bytes_and_max_entry() -> None:

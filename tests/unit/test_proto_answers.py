@@ -1,0 +1,37 @@
+"""The pre-encoded SET answer is byte for byte the protobuf runtime's serialization."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from amaters.proto.answers import set_answer
+from amaters.proto.convert import fill_result
+from amaters.proto.envelope_pb2 import Envelope
+
+
+def _runtime_set_answer(request_id: int) -> bytes:
+    envelope = Envelope(request_id=request_id)
+    fill_result(envelope.query_response.result, "set", None)
+    return envelope.SerializeToString()
+
+
+@pytest.mark.parametrize("request_id", [0, 1, 0x7F, 0x80, 300, 2**14 - 1, 2**14, 2**32, 2**63, 2**64 - 1])
+def test_set_answer_matches_the_runtime_at_varint_boundaries(request_id: int) -> None:
+    assert set_answer(request_id) == _runtime_set_answer(request_id)
+
+
+def test_set_answer_matches_the_runtime_for_random_ids() -> None:
+    rng = random.Random(7)
+    for _ in range(2000):
+        request_id = rng.randrange(2 ** rng.randrange(1, 65))
+        assert set_answer(request_id) == _runtime_set_answer(request_id)
+
+
+def test_set_answer_parses_as_one_affected_row() -> None:
+    envelope = Envelope()
+    envelope.ParseFromString(set_answer(12345))
+    assert envelope.request_id == 12345
+    assert envelope.WhichOneof("body") == "query_response"
+    assert envelope.query_response.result.success.affected_rows == 1
