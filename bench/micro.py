@@ -170,6 +170,7 @@ async def _run(reactor: Any, args: argparse.Namespace) -> dict[str, float]:
         f"server.data_dir={work}",
         "logging.level=warn",
         "grpc.enabled=false",
+        *args.config,
     ]
     api_key = None
     if args.auth:
@@ -245,6 +246,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-metrics", dest="metrics", action="store_false", help="web site and metrics off")
     parser.add_argument("--profile", choices=("tottime", "cumulative"), help="cProfile amaters, sorted so")
     parser.add_argument("--top", type=int, default=50)
+    parser.add_argument(
+        "--config", action="append", default=[], metavar="KEY=VALUE", help="a config override (repeatable)"
+    )
     parser.add_argument("--without", nargs="*", default=[], help="remove these pipeline stages first")
     parser.add_argument("--backend", default="memory", choices=("memory", "rocksdb"), help="storage.backend")
     parser.add_argument(

@@ -257,6 +257,20 @@ class QueryCache:
                 writing.pop(key, None)
             self._invalidate(key)
 
+    def begin_key_write(self, hashed: CacheKey) -> None:
+        """:meth:`begin_write` for one key (a SET or a DELETE: the commonest write)."""
+        writing = self._writing
+        writing[hashed] = writing.get(hashed, 0) + 1
+        self._invalidate(hashed)
+
+    def end_key_write(self, hashed: CacheKey) -> None:
+        """:meth:`end_write` for one key."""
+        writing = self._writing
+        count = writing.pop(hashed, 0) - 1
+        if count > 0:
+            writing[hashed] = count
+        self._invalidate(hashed)
+
     def begin_collection_write(self, collection: str | None) -> None:
         """A write to unnamed keys of ``collection`` (None: of any collection) is about to start."""
         name = "" if collection is None else collection
@@ -273,9 +287,10 @@ class QueryCache:
         self._invalidate_collection(collection)
 
     def _invalidate(self, hashed: CacheKey) -> None:
-        reads = self._reads.get(hashed)
-        if reads is not None:
-            reads.generation += 1
+        if self._reads:
+            reads = self._reads.get(hashed)
+            if reads is not None:
+                reads.generation += 1
         entry = self._entries.pop(hashed, None)
         if entry is not None:
             self.invalidations += 1
@@ -375,7 +390,7 @@ class CachingExecutor:
             return self._untracked_write(op)
         if kind is ops.Set or kind is ops.Delete:
             single: Any = op
-            return self._write((cache_key(single.collection, single.key),), op)
+            return self._key_write(cache_key(single.collection, single.key), op)
         if kind is ops.Batch:
             batch: Any = op
             keys = [cache_key(item.collection, item.key) for item in batch.ops if item.kind == "write"]
@@ -414,6 +429,26 @@ class CachingExecutor:
         cache = self.cache
         cache.begin_write(keys)
         return self._execute_then(op, cache.end_write, keys)
+
+    def _key_write(self, hashed: CacheKey, op: ops.Operation) -> defer.Deferred[Any]:
+        """:meth:`_write` for one key, without the list and the closure."""
+        cache = self.cache
+        cache.begin_key_write(hashed)
+        try:
+            d: defer.Deferred[Any] = self.inner.execute(op)
+        except BaseException:
+            cache.end_key_write(hashed)
+            raise
+        if d.called and not d.paused:
+            # Already finished (memory backend): what the callback would do now, without it.
+            cache.end_key_write(hashed)
+        else:
+            d.addBoth(self._key_written, hashed)
+        return d
+
+    def _key_written(self, result: Any, hashed: CacheKey) -> Any:
+        self.cache.end_key_write(hashed)
+        return result
 
     def _collection_write(self, collection: str | None, op: ops.Operation) -> defer.Deferred[Any]:
         cache = self.cache
