@@ -265,9 +265,7 @@ def main(argv: list[str]) -> int:
     found: dict[str, float] = {}
 
     def run(reactor: Any) -> defer.Deferred[None]:
-        d = defer.Deferred.fromCoroutine(_run(reactor, args))
-        d.addCallback(found.update)
-        return d
+        return defer.Deferred.fromCoroutine(_run(reactor, args)).addCallback(found.update)
 
     try:
         task.react(run)
