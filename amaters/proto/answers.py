@@ -19,6 +19,10 @@ def _varint(value: int) -> bytes:
     """A protobuf varint of an unsigned 64-bit value."""
     if value < 0x80:
         return _SMALL[value]
+    if value < 0x4000:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
+    if value < 0x200000:
+        return bytes(((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, value >> 14))
     value &= _MASK64
     out = bytearray()
     while value >= 0x80:

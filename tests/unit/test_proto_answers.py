@@ -17,7 +17,9 @@ def _runtime_set_answer(request_id: int) -> bytes:
     return envelope.SerializeToString()
 
 
-@pytest.mark.parametrize("request_id", [0, 1, 0x7F, 0x80, 300, 2**14 - 1, 2**14, 2**32, 2**63, 2**64 - 1])
+@pytest.mark.parametrize(
+    "request_id", [0, 1, 0x7F, 0x80, 300, 2**14 - 1, 2**14, 2**21 - 1, 2**21, 2**28, 2**32, 2**63, 2**64 - 1]
+)
 def test_set_answer_matches_the_runtime_at_varint_boundaries(request_id: int) -> None:
     assert set_answer(request_id) == _runtime_set_answer(request_id)
 
