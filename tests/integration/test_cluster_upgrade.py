@@ -37,7 +37,7 @@ pytestmark = [
 ]
 
 #: amaters 0.1.0 in this repository's history (the merge that completed sharded clustered mode).
-EARLIER = "8e46b69"
+EARLIER = "8e46b69928c4cf7c7d92f6add4565643cd76b421"
 EARLIER_VERSION = "0.1.0"
 REPOSITORY = Path(__file__).resolve().parents[2]
 
