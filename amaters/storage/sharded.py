@@ -24,7 +24,9 @@ A move interrupted by a crash leaves ``v`` fenced; running the same move again f
 RANGE reads every shard that owns part of the collection and merges the pages in key order,
 keeping from each shard only keys of virtual shards the map assigns to it.  A BATCH is atomic when
 its keys live on one shard; one spanning shards is refused (``COMPUTE_INVALID_OPERATION``) rather
-than applied in parts.  Collections exist on every shard (created on shard 0 first, dropped on it
+than applied in parts.  A conditional write (``compare_and_write``, which UPDATE uses) is split by
+shard instead: each shard's part is one conditional transaction there, atomic on that shard, and
+the result says which parts were not applied.  Collections exist on every shard (created on shard 0 first, dropped on it
 last).
 """
 
@@ -43,10 +45,10 @@ from zope.interface import implementer
 
 from amaters import __version__
 from amaters.cluster.etcd import EtcdError, compare_mod, compare_version, kv_of, put_op, range_op
-from amaters.errors import InvalidOperation, StorageIOError, Unavailable
+from amaters.errors import AmatersError, ErrorCategory, InvalidOperation, StorageIOError, Unavailable
 from amaters.interfaces import IRangeCursor, IStorageBackend
 from amaters.storage.etcd import EtcdBackend, StaleEpoch, _translate
-from amaters.types import CipherBlob, KeyValue, WriteOp
+from amaters.types import CipherBlob, ConditionalResult, Expect, KeyValue, WriteOp
 
 #: Virtual shards.  Fixed for the life of a deployment: it is part of every key's placement.
 VSHARDS = 64
@@ -343,6 +345,72 @@ class ShardedBackend:
             return defer.succeed(None)
         vshards = {vshard_of(op.collection, op.key) for op in ops}
         return defer.Deferred.fromCoroutine(self._routed(vshards, lambda b: b.write_batch(ops)))
+
+    def compare_and_write(
+        self, expected: Iterable[Expect], ops: Iterable[WriteOp]
+    ) -> defer.Deferred[ConditionalResult]:
+        """Per shard: the expectations and writes whose keys live on one shard are one conditional
+        transaction there (see the module docstring)."""
+        return defer.Deferred.fromCoroutine(self._compare_and_write(list(expected), list(ops)))
+
+    async def _compare_and_write(self, expected: list[Expect], ops: list[WriteOp]) -> ConditionalResult:
+        changed: set[tuple[str, bytes]] = set()
+        not_applied: set[tuple[str, bytes]] = set()
+        written: list[str] = []
+        give_up = time.monotonic() + MOVE_WAIT
+        while expected or ops:
+            shard_map = self.map
+            parts: dict[str, tuple[list[Expect], list[WriteOp]]] = {}
+            waiting: tuple[list[Expect], list[WriteOp]] = ([], [])
+            for e in expected:
+                vshard = vshard_of(e.collection, e.key)
+                part = (
+                    waiting
+                    if vshard in shard_map.fenced
+                    else parts.setdefault(shard_map.assign[vshard], ([], []))
+                )
+                part[0].append(e)
+            for op in ops:
+                vshard = vshard_of(op.collection, op.key)
+                part = (
+                    waiting
+                    if vshard in shard_map.fenced
+                    else parts.setdefault(shard_map.assign[vshard], ([], []))
+                )
+                part[1].append(op)
+            for shard, (some_expected, some_ops) in sorted(parts.items()):
+                try:
+                    result = await self.backends[shard].compare_and_write(some_expected, some_ops)
+                except StaleEpoch:
+                    waiting[0].extend(some_expected)
+                    waiting[1].extend(some_ops)
+                    continue
+                except AmatersError as e:
+                    if written:
+                        # Not retryable as it stands: part of it was applied.
+                        raise AmatersError(
+                            f"{e.message} (the writes on shard(s) {', '.join(written)} were already applied)",
+                            code=e.code,
+                            category=ErrorCategory.NON_RETRYABLE,
+                        ) from None
+                    raise
+                changed |= result.changed
+                not_applied |= result.not_applied
+                if some_ops and result.applied:
+                    written.append(shard)
+            expected, ops = waiting
+            if not (expected or ops):
+                break
+            if time.monotonic() >= give_up:
+                # Virtual shards still moving: those parts are reported as not applied, unchanged.
+                not_applied |= {(op.collection, op.key) for op in ops}
+                break
+            await task.deferLater(self.reactor, 0.05, lambda: None)
+            try:
+                await self.load_map()
+            except EtcdError as e:
+                raise _translate(e) from None
+        return ConditionalResult(frozenset(changed), frozenset(not_applied))
 
     def scan(
         self, collection: str, start: bytes, end: bytes | None, limit: int | None, chunk_size: int

@@ -13,7 +13,7 @@ from twisted.internet import defer, reactor, task
 from amaters.cluster.etcd import EtcdClient, prefix_end
 from amaters.errors import AmatersError, InvalidOperation
 from amaters.storage.sharded import VSHARDS, ShardMap, vshard_of
-from amaters.types import CipherBlob, WriteOp
+from amaters.types import CipherBlob, Expect, WriteOp
 
 pytestmark = pytest.mark.skipif(ETCD is None, reason="etcd is not installed (scripts/install-test-deps)")
 
@@ -120,6 +120,26 @@ async def test_adding_a_shard_under_writes_moves_keys_and_loses_none(
         with pytest.raises(InvalidOperation, match="BATCH must keep to one"):
             await node.write_batch([WriteOp.put("c", a, CipherBlob.wrap(b"x")), WriteOp.delete("c", b)])
         assert (await node.get("c", a)).data == acked[a]
+        # A conditional write across shards is applied per shard: the part whose expectation
+        # failed is not applied, the other shard's part is.
+        a2 = next(k for k in keys if node.map.assign[vshard_of("c", k)] == "0" and k != a)
+        b2 = next(k for k in keys if node.map.assign[vshard_of("c", k)] == "s1" and k != b)
+        current = {k: await node.get("c", k) for k in (a, a2, b, b2)}
+        result = await node.compare_and_write(
+            [
+                Expect("c", a, CipherBlob.wrap(b"stale")),
+                Expect("c", a2, current[a2]),
+                Expect("c", b, current[b]),
+                Expect("c", b2, current[b2]),
+            ],
+            [WriteOp.put("c", k, CipherBlob.wrap(b"cas-" + k)) for k in (a, a2, b, b2)],
+        )
+        assert result.changed == {("c", a)}
+        assert result.not_applied == {("c", a), ("c", a2)}
+        for reader in (node, other):
+            assert (await reader.get("c", a)) == current[a] and (await reader.get("c", a2)) == current[a2]
+            assert (await reader.get("c", b)).data == b"cas-" + b
+            assert (await reader.get("c", b2)).data == b"cas-" + b2
     finally:
         await node.close()
         await other.close()
