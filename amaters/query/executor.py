@@ -80,7 +80,7 @@ async def _drain(cursor: IRangeCursor) -> list[Any]:
 
 #: How many times an UPDATE writes its rows back: once, then again after rows changed while they
 #: were evaluated (those are read and evaluated again).  Past it the UPDATE fails.
-UPDATE_ATTEMPTS = 5
+UPDATE_ATTEMPTS = 8
 
 #: FILTER evaluates and streams this many encrypted rows at a time: a chunk is a few seconds of
 #: work, so the first rows arrive early and a cancelled stream stops within one chunk.

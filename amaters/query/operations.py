@@ -146,7 +146,7 @@ class Filter:
 @attrs.frozen(slots=True)
 class Update:
     """Replace every encrypted row by ``select(predicate, updated, old)``; the result is the number
-    of rows examined (the server does not learn which changed)."""
+    of rows rewritten (the server does not learn which changed)."""
 
     name: ClassVar[str] = "update"
     kind: ClassVar[Access] = "write"
