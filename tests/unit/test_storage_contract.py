@@ -597,3 +597,39 @@ def test_errors_are_amaters_errors(backend: Any) -> None:
     failure = failure_of(backend.get("nope", b"k"), NotFound)
     assert isinstance(failure.value, AmatersError)
     assert failure.value.code.name == "STORAGE_NOT_FOUND"
+
+
+@pytest.mark.parametrize("same_value", [True, False])
+def test_etcd_conditional_write_reads_again_when_its_guard_fails(tmp_path: Path, same_value: bool) -> None:
+    """etcd checks values it read, then writes guarded by their mod revisions: a write landing in
+    between makes the guard fail and the backend read again.  Rewritten with the same value, the
+    key still holds what was expected, so the conditional write is applied; with another value it
+    is reported changed and nothing is applied."""
+    made = make_backend("etcd", tmp_path)
+    result_of(made.open())
+    try:
+        fill(made, "a", [b"k"])
+        inner = made.inner
+        original = inner._read_in_collections
+        reads: list[int] = []
+
+        async def read_then_race(*args: Any) -> Any:
+            answer = await original(*args)
+            reads.append(1)
+            if len(reads) == 1:
+                await inner.put("a", b"k", blob(b"value of k" if same_value else b"raced"))
+            return answer
+
+        inner._read_in_collections = read_then_race
+        result = result_of(
+            made.compare_and_write(
+                [Expect("a", b"k", blob(b"value of k"))], [WriteOp.put("a", b"k", blob(b"x"))]
+            )
+        )
+        assert len(reads) == 2
+        if same_value:
+            assert result.applied and result_of(made.get("a", b"k")).data == b"x"
+        else:
+            assert result.changed == {("a", b"k")} and result_of(made.get("a", b"k")).data == b"raced"
+    finally:
+        result_of(made.close())
