@@ -95,6 +95,18 @@ class ServerAdmin:
             return defer.fail(InvalidOperation("this server is not clustered (storage.backend is not etcd)"))
         return defer.Deferred.fromCoroutine(action(store))
 
+    def fhe_key_sets(self) -> defer.Deferred[dict[str, Any]]:
+        """The stored FHE evaluation key sets and unfinished uploads, with the limits on them."""
+        if self.fhe is None:
+            return defer.fail(InvalidOperation("this server has no FHE evaluator"))
+        return self.fhe.key_sets()
+
+    def delete_fhe_key_set(self, key_set_id: str) -> defer.Deferred[dict[str, Any]]:
+        """Delete one key set (stored or being uploaded); NotFound when the server has neither."""
+        if self.fhe is None:
+            return defer.fail(InvalidOperation("this server has no FHE evaluator"))
+        return self.fhe.delete_key_set(key_set_id)
+
     def status(self) -> defer.Deferred[dict[str, Any]]:
         return defer.Deferred.fromCoroutine(self._status())
 

@@ -166,6 +166,8 @@ class QueryExecutor:
             ops.ReloadConfig: lambda op: self._admin().reload(op.requested_by),
             ops.ListSnapshots: lambda op: self._admin().list_snapshots(op.remote),
             ops.CreateSnapshot: lambda op: self._admin().create_snapshot(op.upload),
+            ops.ListKeySets: lambda op: self._admin().fhe_key_sets(),
+            ops.DeleteKeySet: lambda op: self._admin().delete_fhe_key_set(op.key_set_id),
             ops.ClusterStatus: lambda op: self._admin().cluster_status(),
             ops.ClusterAddShard: lambda op: self._admin().cluster_add_shard(op.shard, list(op.endpoints)),
             ops.ClusterMove: lambda op: self._admin().cluster_move(op.vshard, op.to),

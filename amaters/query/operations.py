@@ -211,6 +211,25 @@ class Compact:
 
 
 @attrs.frozen(slots=True)
+class ListKeySets:
+    """The FHE evaluation key sets the server stores, and uploads in progress."""
+
+    name: ClassVar[str] = "admin fhe keys"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+
+
+@attrs.frozen(slots=True)
+class DeleteKeySet:
+    """Delete one stored FHE evaluation key set (or an unfinished upload of it)."""
+
+    name: ClassVar[str] = "admin fhe keys delete"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+    key_set_id: str
+
+
+@attrs.frozen(slots=True)
 class ReloadConfig:
     """Reload the configuration now, as a SIGHUP would; ``requested_by`` names who asked."""
 
@@ -324,6 +343,8 @@ AdminOperation = (
     | ConfigView
     | AuditTail
     | ServerResources
+    | ListKeySets
+    | DeleteKeySet
 )
 
 Operation = (

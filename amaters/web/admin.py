@@ -278,6 +278,14 @@ class AdminAPI:
     async def verify_snapshot(self, request: IRequest, archive: str) -> bytes:
         return await self._run(request, lambda principal: ops.VerifySnapshot(archive=archive))
 
+    @app.route("/fhe/keys", methods=["GET"])
+    async def fhe_key_sets(self, request: IRequest) -> bytes:
+        return await self._run(request, lambda principal: ops.ListKeySets())
+
+    @app.route("/fhe/keys/<string:key_set_id>", methods=["DELETE"])
+    async def delete_fhe_key_set(self, request: IRequest, key_set_id: str) -> bytes:
+        return await self._run(request, lambda principal: ops.DeleteKeySet(key_set_id))
+
     @app.route("/config", methods=["GET"])
     async def config(self, request: IRequest) -> bytes:
         return await self._run(request, lambda principal: ops.ConfigView())
