@@ -137,7 +137,10 @@ def cmd_snapshot(args: argparse.Namespace, config: Any) -> int:
                 _download(config, target, directory, printer)
             manifest = verify_snapshot(directory)
         else:
-            overrides = [parse_member(spec) for spec in args.member or []]
+            try:
+                overrides = [parse_member(spec) for spec in args.member or []]
+            except SnapshotError as e:
+                raise CommandError(str(e), EXIT_USAGE) from None
             into = Path(args.into)
             check_target(into)
             etcdctl = find_etcdctl()
