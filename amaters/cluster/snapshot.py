@@ -86,13 +86,14 @@ def _shard_map(endpoints: list[str], prefix: str, timeout: float) -> dict[str, A
 
 
 def _members(name: str, endpoints: list[str], timeout: float) -> list[Member]:
-    """The shard's etcd members (name, peer and client URLs) from the first member that answers."""
+    """The shard's etcd members (name, peer and client URLs), by name, from the first member that
+    answers."""
     last = ""
     for endpoint in endpoints:
         try:
             with _post(endpoint.rstrip("/") + "/v3/cluster/member/list", {}, timeout) as response:
                 answer = json.loads(response.read())
-            return [
+            found = [
                 Member(
                     str(m.get("name", "")),
                     tuple(str(u) for u in m.get("peerURLs") or ()),
@@ -100,6 +101,7 @@ def _members(name: str, endpoints: list[str], timeout: float) -> list[Member]:
                 )
                 for m in answer.get("members") or []
             ]
+            return sorted(found, key=lambda m: m.name)
         except (OSError, ValueError, AttributeError, TypeError) as e:
             last = f"{endpoint}: {e}"
     raise SnapshotError(f"shard {name}: cannot list its etcd members from any endpoint ({last})")
