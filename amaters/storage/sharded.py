@@ -41,7 +41,8 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from amaters.cluster.etcd import EtcdError, compare_mod, compare_version, kv_of, put_op
+from amaters import __version__
+from amaters.cluster.etcd import EtcdError, compare_mod, compare_version, kv_of, put_op, range_op
 from amaters.errors import InvalidOperation, StorageIOError, Unavailable
 from amaters.interfaces import IRangeCursor, IStorageBackend
 from amaters.storage.etcd import EtcdBackend, StaleEpoch, _translate
@@ -51,6 +52,11 @@ from amaters.types import CipherBlob, KeyValue, WriteOp
 VSHARDS = 64
 #: How long a request waits for a moving virtual shard before answering SERVER_UNAVAILABLE.
 MOVE_WAIT = 3.0
+
+#: The layout of a cluster's data in etcd (every key under ``cluster.prefix``), recorded in shard 0
+#: under ``P format``.  A release that changes the layout raises it; a node refuses to serve a cluster
+#: whose recorded format is newer than the one it reads (docs/upgrading.md, clustered mode).
+CLUSTER_FORMAT = 1
 
 
 def vshard_of(collection: str, key: bytes, count: int = VSHARDS) -> int:
@@ -245,12 +251,39 @@ class ShardedBackend:
     async def _open(self) -> None:
         await self.home.open()
         try:
+            await self._check_format()
             await self.load_map()
         except EtcdError as e:
-            raise StorageIOError(f"cannot read the shard map from etcd: {e.message}") from None
+            raise StorageIOError(
+                f"cannot read the cluster format and shard map from etcd: {e.message}"
+            ) from None
         if self._watch is None:
             self._watch = self.home.client.watch(
                 self.map_key, None, self.home.client.revision + 1, self._map_changed
+            )
+
+    async def _check_format(self) -> None:
+        """Record this release's cluster format if none is recorded; refuse a newer one."""
+        key = self.home.prefix + b"format"
+        mine = json.dumps({"format": CLUSTER_FORMAT, "written_by": f"amaters {__version__}"}).encode()
+        answer = await self.home.client.txn(
+            [compare_version(key, "EQUAL", 0)], [put_op(key, mine)], [range_op(key)], idempotent=True
+        )
+        if answer.get("succeeded"):
+            return
+        kvs = answer["responses"][0]["response_range"].get("kvs") or []
+        try:
+            recorded = json.loads(kv_of(kvs[0])[1])
+            found, written_by = int(recorded["format"]), str(recorded.get("written_by", "an unknown release"))
+        except (IndexError, KeyError, TypeError, ValueError):
+            raise StorageIOError(
+                f"the cluster's format record {key.decode(errors='replace')!r} is unreadable"
+            ) from None
+        if found > CLUSTER_FORMAT:
+            raise StorageIOError(
+                f"the cluster has data format {found} (written by {written_by}), newer than format"
+                f" {CLUSTER_FORMAT} that amaters {__version__} reads; run that release or a newer one on"
+                " this node (a rolling upgrade goes forward, never back)"
             )
 
     def close(self) -> defer.Deferred[None]:
