@@ -274,3 +274,66 @@ async def test_a_whole_cluster_is_restored_from_its_snapshot(
             break
         assert time.monotonic() < deadline, nodes
         await threads.deferToThread(time.sleep, 0.2)
+
+
+def test_a_tampered_s3_snapshot_is_refused_before_anything_is_written(s3_server: Any, tmp_path: Path) -> None:
+    """From S3, a shard object whose bytes differ from the SHA-256 in its metadata, or whose
+    metadata and bytes agree but differ from the manifest, refuses the restore in one line; the
+    target is never created.  A prefix without a snapshot is named as such."""
+    import hashlib
+
+    bucket = s3_server.new_bucket()
+    client = s3_server.client()
+    data = {"0": b"shard zero " * 500, "s1": b"shard one " * 500}
+    manifest = {
+        "format": 2,
+        "created_at": 0.0,
+        "shard_map": {"shards": {"0": ["http://127.0.0.1:2479"], "s1": ["http://127.0.0.1:2579"]}},
+        "shards": {
+            name: {
+                "file": f"shard-{name}.db",
+                "bytes": len(blob),
+                "sha256": hashlib.sha256(blob).hexdigest(),
+                "endpoints": [f"http://127.0.0.1:{2479 if name == '0' else 2579}"],
+                "members": [
+                    {
+                        "name": "m0",
+                        "peer_urls": [f"http://127.0.0.1:{2480 if name == '0' else 2580}"],
+                        "client_urls": [f"http://127.0.0.1:{2479 if name == '0' else 2579}"],
+                    }
+                ],
+            }
+            for name, blob in data.items()
+        },
+    }
+
+    def put(key: str, body: bytes, sha256: str | None = None) -> None:
+        digest = sha256 or hashlib.sha256(body).hexdigest()
+        client.put_object(Bucket=bucket, Key=f"snap/{key}", Body=body, Metadata={"sha256": digest})
+
+    manifest_bytes = json.dumps(manifest).encode()
+    put("manifest.json", manifest_bytes)
+    put("shard-0.db", data["0"])
+    config = tmp_path / "admin.toml"
+    config.write_text(f'[snapshot.s3]\nendpoint_url = "{s3_server.endpoint}"\nregion = "us-east-1"\n')
+    into = tmp_path / "restored"
+
+    def restore(source: str) -> subprocess.CompletedProcess[str]:
+        return cli(
+            "restore", source, "--into", str(into), "--config", str(config), env=s3_server.environment()
+        )
+
+    cases = [
+        (data["s1"][:-1] + b"!", hashlib.sha256(data["s1"]).hexdigest(), "fails its sha256 check"),
+        (data["s1"][:-1] + b"!", None, "shard s1: "),
+    ]
+    for body, sha256, fragment in cases:
+        put("shard-s1.db", body, sha256)
+        refused = restore(f"s3://{bucket}/snap")
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        last = refused.stderr.strip().splitlines()[-1]
+        assert last.startswith("amaters: ") and fragment in last, refused.stderr
+        assert not into.exists()
+    missing = restore(f"s3://{bucket}/elsewhere")
+    assert missing.returncode == 1 and "no cluster snapshot at s3://" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
