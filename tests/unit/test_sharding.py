@@ -173,5 +173,7 @@ async def test_cluster_snapshot_covers_every_shard_and_restores(
     (target / "shard-0.db").write_bytes(bytes(data))
     with pytest.raises(SnapshotError, match=r"shard 0: .* does not match its SHA-256"):
         verify_snapshot(target)
-    assert json.loads((target / "manifest.json").read_text())["format"] == 1
+    written = json.loads((target / "manifest.json").read_text())
+    assert written["format"] == 2
+    assert [m["client_urls"] for m in written["shards"]["s1"]["members"]] == [second.endpoints]
     assert on_s1
