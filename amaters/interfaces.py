@@ -174,6 +174,9 @@ class IServerAdmin(Interface):
     def resources() -> object:
         """Data dir usage (bytes used, file system size and free space) and TLS certificates."""
 
+    def cluster_remove_shard(name: str) -> object:
+        """Clustered mode: move every virtual shard off shard ``name``, then drop it from the map."""
+
     def fhe_key_sets() -> object:
         """The stored FHE evaluation key sets and unfinished uploads (``InvalidOperation`` without FHE)."""
 

@@ -1,12 +1,12 @@
-"""``amaters cluster status|nodes|shards|add-shard|move|snapshot|verify-snapshot|restore``.
+"""``amaters cluster status|nodes|shards|add-shard|remove-shard|move|snapshot|verify-snapshot|restore``.
 
 The commands call a running node's admin API (``/admin/cluster`` on ``web.listen`` from the config,
 admin role, with ``--token``/``--api-key`` like ``amaters admin``).  ``status`` prints the whole
 view as JSON; ``nodes`` one line per registered node (``*`` marks the node holding singleton
 duties); ``shards`` one line per etcd member of each shard (``*`` marks the Raft leader) and the
 number of virtual shards each shard holds.  ``add-shard`` adds an etcd cluster as a shard and moves
-it an even share of virtual shards online; ``move`` moves one virtual shard.  Both print the result
-as JSON.
+it an even share of virtual shards online; ``remove-shard`` moves every virtual shard off a shard
+and drops it; ``move`` moves one virtual shard.  They print the result as JSON.
 
 ``snapshot DIR`` takes etcd's snapshot of every shard straight from the etcd members in the
 config's ``cluster.endpoints`` (and the shard map), with a manifest of SHA-256 sums and each shard's
@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from amaters.cli.admin import AdminError, call_admin
 from amaters.cli.common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, CommandError, config_options, err, load
@@ -202,6 +202,11 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             return 2
         query = urlencode([("name", args.args[0]), *(("endpoint", url) for url in args.args[1:])])
         method, path = "POST", "/cluster/shards?" + query
+    elif args.action == "remove-shard":
+        if len(args.args) != 1:
+            err("usage: amaters cluster remove-shard NAME")
+            return 2
+        method, path = "DELETE", "/cluster/shards/" + quote(args.args[0], safe="")
     elif args.action == "move":
         if len(args.args) != 2 or not args.args[0].isdigit():
             err("usage: amaters cluster move VSHARD SHARD")
@@ -214,7 +219,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     except AdminError as e:
         err(str(e))
         return 1
-    if method == "POST":
+    if method in ("POST", "DELETE"):
         json.dump(view, sys.stdout, indent=2, sort_keys=True)
         print()
         return 0
@@ -246,13 +251,23 @@ def add_commands(subparsers: Any) -> None:
     )
     p.add_argument(
         "action",
-        choices=["status", "nodes", "shards", "add-shard", "move", "snapshot", "verify-snapshot", "restore"],
+        choices=[
+            "status",
+            "nodes",
+            "shards",
+            "add-shard",
+            "remove-shard",
+            "move",
+            "snapshot",
+            "verify-snapshot",
+            "restore",
+        ],
         help="what to show or do",
     )
     p.add_argument(
         "args",
         nargs="*",
-        help="add-shard: NAME URL...; move: VSHARD SHARD; snapshot, verify-snapshot, restore:"
+        help="add-shard: NAME URL...; remove-shard: NAME; move: VSHARD SHARD; snapshot, verify-snapshot, restore:"
         " DIR or s3://BUCKET/PREFIX",
     )
     p.add_argument("--into", metavar="DIR", help="restore: the new or empty directory to restore into")

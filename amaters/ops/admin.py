@@ -83,6 +83,10 @@ class ServerAdmin:
         """Add an etcd cluster as a shard and rebalance onto it (see amaters.storage.sharded)."""
         return self._sharded(lambda store: store.add_shard(name, endpoints))
 
+    def cluster_remove_shard(self, name: str) -> defer.Deferred[Any]:
+        """Move every virtual shard off shard ``name`` and drop it from the shard map."""
+        return self._sharded(lambda store: store.remove_shard(name))
+
     def cluster_move(self, vshard: int, to: str) -> defer.Deferred[Any]:
         """Move one virtual shard to shard ``to``."""
         return self._sharded(lambda store: store.move(vshard, to))

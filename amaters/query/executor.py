@@ -171,6 +171,7 @@ class QueryExecutor:
             ops.ClusterStatus: lambda op: self._admin().cluster_status(),
             ops.ClusterAddShard: lambda op: self._admin().cluster_add_shard(op.shard, list(op.endpoints)),
             ops.ClusterMove: lambda op: self._admin().cluster_move(op.vshard, op.to),
+            ops.ClusterRemoveShard: lambda op: self._admin().cluster_remove_shard(op.shard),
             ops.VerifySnapshot: lambda op: self._admin().verify_snapshot(op.archive),
             ops.ConfigView: lambda op: self._admin().config_view(),
             ops.AuditTail: lambda op: self._admin().audit_tail(op.limit),

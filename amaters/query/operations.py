@@ -318,6 +318,16 @@ class ClusterAddShard:
 
 
 @attrs.frozen(slots=True)
+class ClusterRemoveShard:
+    """Clustered mode: move every virtual shard off a shard, then drop it from the shard map."""
+
+    name: ClassVar[str] = "admin cluster remove-shard"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+    shard: str = ""
+
+
+@attrs.frozen(slots=True)
 class ClusterMove:
     """Clustered mode: move one virtual shard to another shard, online."""
 
@@ -338,6 +348,7 @@ AdminOperation = (
     | CreateSnapshot
     | ClusterStatus
     | ClusterAddShard
+    | ClusterRemoveShard
     | ClusterMove
     | VerifySnapshot
     | ConfigView

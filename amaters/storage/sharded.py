@@ -238,6 +238,8 @@ class ShardedBackend:
         for name, backend in self.backends.items():
             backend.epoch = shard_map.epochs.get(name, 0)
         self.map, self.map_revision = shard_map, revision
+        for name in [n for n in self.backends if n != "0" and n not in shard_map.shards]:
+            await self.backends.pop(name).close()  # a removed shard: no virtual shard routes there
 
     def _map_changed(self, events: list[dict[str, Any]] | None, revision: int) -> None:
         d = defer.Deferred.fromCoroutine(self.load_map())
@@ -475,6 +477,33 @@ class ShardedBackend:
                 await self.move(vshard, name)
                 moved.append(vshard)
         return {"shard": name, "moved": moved, **self.view()}
+
+    async def remove_shard(self, name: str) -> dict[str, Any]:
+        """Move every virtual shard off shard ``name`` (each to the shard holding fewest), one at a
+        time and online, then drop it from the map.  Shard ``"0"`` holds the map and stays."""
+        await self.load_map()
+        if name == "0":
+            raise InvalidOperation(
+                "shard '0' holds the shard map and the node registry; it cannot be removed"
+            )
+        if name not in self.map.shards:
+            raise InvalidOperation(f"shard {name!r} does not exist")
+        moved: list[int] = []
+        while owned := self.map.owned().get(name, []):
+            counts = {s: len(v) for s, v in self.map.owned().items() if s != name}
+            target = min(sorted(counts), key=lambda s: counts[s])
+            await self.move(owned[-1], target)
+            moved.append(owned[-1])
+        shards = {s: eps for s, eps in self.map.shards.items() if s != name}
+        epochs = {s: e for s, e in self.map.epochs.items() if s != name}
+        await self._cas_map(attrs.evolve(self.map, shards=shards, epochs=epochs))
+        backend = self.backends.pop(name, None)
+        if backend is not None:
+            await backend.close()
+        self._log.info(
+            "Removed shard {shard} ({count} virtual shards moved off it)", shard=name, count=len(moved)
+        )
+        return {"removed": name, "moved": moved, **self.view()}
 
     async def _epoch_version(self, backend: EtcdBackend) -> int:
         answer = await backend.client.range(backend.epoch_key)

@@ -256,6 +256,10 @@ class AdminAPI:
         endpoints = tuple(e.decode("utf-8", "replace") for e in request.args.get(b"endpoint", []))
         return await self._run(request, lambda principal: ops.ClusterAddShard(name, endpoints))
 
+    @app.route("/cluster/shards/<string:shard>", methods=["DELETE"])
+    async def cluster_remove_shard(self, request: IRequest, shard: str) -> bytes:
+        return await self._run(request, lambda principal: ops.ClusterRemoveShard(shard))
+
     @app.route("/cluster/move", methods=["POST"])
     async def cluster_move(self, request: IRequest) -> bytes:
         raw = request.args.get(b"vshard", [b""])[0]

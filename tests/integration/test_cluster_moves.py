@@ -70,7 +70,8 @@ def wait_until(predicate: Any, timeout: float, what: str) -> Any:
 async def test_the_leader_finishes_a_move_whose_node_died(tmp_path: Path) -> None:
     """kill -9 of node a mid-move during add-shard under 4 writers: node b finishes the move (the
     virtual shard ends on s1, unfenced), keys of that virtual shard accept writes again, nothing
-    acknowledged is lost, histories stay linearizable, RANGE returns every key once and in order."""
+    acknowledged is lost, histories stay linearizable, RANGE returns every key once and in order.
+    Then `amaters cluster remove-shard s1` through node b moves everything back to shard 0."""
     cluster = Cluster(tmp_path)
     await threads.deferToThread(cluster.start)
     second = await threads.deferToThread(EtcdCluster(tmp_path / "second", 1).start)
@@ -130,6 +131,22 @@ async def test_the_leader_finishes_a_move_whose_node_died(tmp_path: Path) -> Non
             assert await survivor.get("moving", in_moved) == b"after the move"
             listed = [k for k, _ in await survivor.range("moving", b"pre-", b"pre.")]
             assert listed == sorted(preload)
+            argv = [sys.executable, "-m", "amaters.cli", "cluster", "remove-shard", "s1"]
+            argv += ["--config", str(cluster.nodes[1].config_path)]
+            removed = await threads.deferToThread(
+                subprocess.run, argv, capture_output=True, text=True, timeout=120
+            )
+            assert removed.returncode == 0, removed.stderr
+            assert set(json.loads(removed.stdout)["shards"]) == {"0"}
+            assert set(shard_map(cluster.etcd.endpoints)["assign"]) == {"0"}
+            assert [k for k, _ in await survivor.range("moving", b"pre-", b"pre.")] == sorted(preload)
+            assert await survivor.get("moving", in_moved) == b"after the move"
+            again = await threads.deferToThread(
+                subprocess.run, argv, capture_output=True, text=True, timeout=60
+            )
+            assert (
+                again.returncode == 1 and "does not exist" in again.stderr and "Traceback" not in again.stderr
+            )
         finally:
             await survivor.close()
     finally:

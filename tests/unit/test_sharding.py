@@ -268,3 +268,45 @@ async def _all(backend: object, collection: str) -> list[tuple[bytes, object]]:
     while page := await cursor.next_chunk():
         out.extend(page)
     return out
+
+
+@pytest_twisted.ensureDeferred
+async def test_removing_a_shard_moves_everything_off_it(
+    two_clusters: tuple[EtcdCluster, EtcdCluster],
+) -> None:
+    """remove-shard moves every virtual shard of the shard to the others, drops it from the map (and
+    another node closes its connection to it); every key is still read back; shard 0 and unknown
+    shards are refused in one line."""
+    first, second = two_clusters
+    node = sharded_backend(first.endpoints, b"/r/")
+    other = sharded_backend(first.endpoints, b"/r/")
+    await node.open()
+    await other.open()
+    try:
+        await node.create_collection("c")
+        values = {b"k%03d" % i: b"v%d" % i for i in range(300)}
+        for key, value in values.items():
+            await node.put("c", key, CipherBlob.wrap(value))
+        await node.add_shard("s1", second.endpoints)
+        assert len(node.map.owned()["s1"]) == VSHARDS // 2
+        with pytest.raises(InvalidOperation, match="holds the shard map"):
+            await node.remove_shard("0")
+        with pytest.raises(InvalidOperation, match="does not exist"):
+            await node.remove_shard("nope")
+        result = await node.remove_shard("s1")
+        assert len(result["moved"]) == VSHARDS // 2 and set(node.map.shards) == {"0"}
+        assert set(node.map.assign) == {"0"} and "s1" not in node.backends
+        await other.load_map()
+        assert "s1" not in other.backends
+        for key, value in values.items():
+            got = await other.get("c", key)
+            assert got is not None and got.data == value
+        direct = EtcdClient(second.endpoints, reactor)
+        try:
+            held = await direct.range(b"/r/d/", prefix_end(b"/r/d/"), count_only=True)
+            assert int(held.get("count", 0)) == 0  # the removed shard's copies were cleaned up
+        finally:
+            await direct.close()
+    finally:
+        await node.close()
+        await other.close()
