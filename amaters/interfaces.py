@@ -189,6 +189,15 @@ class IServerAdmin(Interface):
     def resources() -> object:
         """Data dir usage (bytes used, file system size and free space) and TLS certificates."""
 
+    def cluster_remove_shard(name: str) -> object:
+        """Clustered mode: move every virtual shard off shard ``name``, then drop it from the map."""
+
+    def fhe_key_sets() -> object:
+        """The stored FHE evaluation key sets and unfinished uploads (``InvalidOperation`` without FHE)."""
+
+    def delete_fhe_key_set(key_set_id: str) -> object:
+        """Delete one FHE key set, stored or being uploaded (``NotFound`` when there is neither)."""
+
 
 class IReconfigurable(Interface):
     """A component whose settings a reload may change (registered with the reloader).
