@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from cluster_workload import Cluster, Workload, clients, run_workload, wait_for
+from cluster_workload import Cluster, Workload, clients, run_workload, wait_for, wait_until
 from etcd_helpers import ETCD, EtcdCluster, post
 from twisted.internet import reactor, threads
 
@@ -54,16 +54,6 @@ def freeze_mid_move(cluster: Cluster, adding: subprocess.Popen[str], timeout: fl
             node.signal(signal.SIGCONT)  # that move finished meanwhile: catch the next one
         time.sleep(0.005)
     raise AssertionError("never caught node a in the middle of a move")
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} within {timeout}s")
 
 
 @pytest_twisted.ensureDeferred
