@@ -4,7 +4,7 @@ Clients encrypt values before they leave the client; the server stores, ranges, 
 them without ever seeing plaintext or a secret key.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 #: The native protocol version this server speaks (major must match the client's).
 PROTOCOL_VERSION = (1, 0, 0)

@@ -18,6 +18,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from amaters.errors import AmatersError
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -105,7 +107,8 @@ class AsyncMultiService(service.MultiService):
                 await defer.maybeDeferred(child.startService)
             except BaseException as e:
                 name = getattr(child, "name", None) or repr(child)
-                log.failure("Service {name} failed to start", Failure(), name=name)
+                if not isinstance(e, AmatersError):  # an expected refusal: the caller logs its one line
+                    log.failure("Service {name} failed to start", Failure(), name=name)
                 await self._stop_started()
                 self.state = "stopped"
                 raise StartupError(f"{name} failed to start: {e}") from e

@@ -9,8 +9,6 @@ or a read of a value older than an acknowledged write, fails the test.
 from __future__ import annotations
 
 import json
-import os
-import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,63 +16,18 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from cluster_workload import Cluster, Workload, clients, health, run_workload, wait_for, wait_until
 from etcd_helpers import ETCD, EtcdCluster
-from harness import ServerProcess, http_get
-from lincheck import INFINITY, Op, check
-from twisted.internet import defer, reactor
+from harness import http_get
+from twisted.internet import reactor
 
-from amaters.client import ClusterClient, connect, connect_cluster
+from amaters.client import connect
 from amaters.errors import AmatersError
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(ETCD is None, reason="etcd is not installed (scripts/install-test-deps)"),
 ]
-
-
-def node_settings(endpoints: list[str], name: str) -> list[str]:
-    return [
-        "storage.backend=etcd",
-        f"cluster.endpoints={json.dumps(endpoints)}",
-        f"cluster.node_name={name}",
-        "tls.enabled=false",
-        "server.shutdown_timeout=2",
-        "cluster.lease_ttl=2",
-    ]
-
-
-class Cluster:
-    def __init__(self, directory: Path) -> None:
-        self.etcd = EtcdCluster(directory / "etcd", 3)
-        self.nodes: list[ServerProcess] = []
-        self.directory = directory
-
-    def start(self) -> Cluster:
-        self.etcd.start()
-        for name in ("a", "b"):
-            node = ServerProcess(self.directory / name, settings=node_settings(self.etcd.endpoints, name))
-            self.nodes.append(node)
-            node.start()
-        for node in self.nodes:
-            node.wait_ready()
-        return self
-
-    def restart_node(self, index: int) -> None:
-        node = self.nodes[index]
-        node.start()
-        node.wait_ready()
-
-    def addresses(self) -> list[str]:
-        return [f"127.0.0.1:{node.port}" for node in self.nodes]
-
-    def stop(self) -> None:
-        for node in self.nodes:
-            try:
-                node.stop(timeout=10)
-            except AssertionError:
-                pass
-            node.cleanup()
-        self.etcd.stop()
 
 
 @pytest.fixture(scope="module")
@@ -85,96 +38,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield made
     finally:
         made.stop()
-
-
-def wait_for(seconds: float) -> defer.Deferred[None]:
-    d: defer.Deferred[None] = defer.Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    return d
-
-
-class Workload:
-    """Writers doing reads and writes on shared keys through cluster clients, with a history."""
-
-    def __init__(self, collection: str, keys: int = 16) -> None:
-        self.collection = collection
-        self.keys = [b"key-%02d" % i for i in range(keys)]
-        self.history: list[Op] = []
-        self.failures: list[str] = []
-        self.acked_writes: list[tuple[float, float]] = []  # (call, ret)
-        self.stop_at = 0.0
-
-    async def writer(self, client: ClusterClient, number: int, operations: int) -> None:
-        rng = random.Random(number)
-        last_write: bytes | None = None
-        for n in range(operations):
-            if time.monotonic() > self.stop_at:
-                return
-            if last_write is not None:
-                key, kind = last_write, "read"
-            else:
-                key = rng.choice(self.keys)
-                kind = "write" if rng.random() < 0.6 else "read"
-            call = time.monotonic()
-            if kind == "write":
-                value = b"w%d-%d" % (number, n)
-                try:
-                    await client.set(self.collection, key, value, timeout=5)
-                except AmatersError as e:
-                    self.history.append(Op(key, "write", value, call, INFINITY, ok=False))
-                    self.failures.append(e.code.name)
-                    last_write = None
-                    await wait_for(0.05)
-                    continue
-                ret = time.monotonic()
-                self.history.append(Op(key, "write", value, call, ret))
-                self.acked_writes.append((call, ret))
-                last_write = key
-            else:
-                last_write = None
-                try:
-                    got = await client.get(self.collection, key, timeout=5)
-                except AmatersError as e:
-                    self.failures.append(e.code.name)
-                    await wait_for(0.05)
-                    continue
-                self.history.append(Op(key, "read", got, call, time.monotonic()))
-
-    async def final_reads(self, client: ClusterClient) -> None:
-        for key in self.keys:
-            call = time.monotonic()
-            got = await client.get(self.collection, key, timeout=10)
-            self.history.append(Op(key, "read", got, call, time.monotonic()))
-
-    def check(self) -> None:
-        anomalies = check(self.history)
-        if anomalies and os.environ.get("AMATERS_HISTORY_DUMP"):
-            with open(os.environ["AMATERS_HISTORY_DUMP"], "w") as out:
-                for anomaly in anomalies:
-                    for op in sorted(anomaly.ops, key=lambda o: o.call):
-                        out.write(f"{anomaly.key!r} {op}\n")
-        assert not anomalies, "\n".join(a.describe() for a in anomalies[:3])
-
-
-async def clients(cluster: Cluster, count: int) -> list[ClusterClient]:
-    addresses = cluster.addresses()
-    made = []
-    for i in range(count):
-        # Half start on node A, half on node B.
-        order = addresses[i % 2 :] + addresses[: i % 2]
-        made.append(await connect_cluster(reactor, order, plaintext=True, timeout=5))
-    return made
-
-
-async def run_workload(
-    workload: Workload, made: list[ClusterClient], operations: int, seconds: float, chaos: Any
-) -> None:
-    workload.stop_at = time.monotonic() + seconds
-    writers = [
-        defer.Deferred.fromCoroutine(workload.writer(client, i, operations)) for i, client in enumerate(made)
-    ]
-    await chaos()
-    await defer.gatherResults(writers, consumeErrors=True)
 
 
 @pytest_twisted.ensureDeferred
@@ -359,21 +222,6 @@ def session_revision(token: str) -> int:
     shard, _, revision = token.partition(":")
     assert shard == "0", token
     return int(revision)
-
-
-def health(node: ServerProcess) -> dict[str, Any]:
-    _status, body = http_get(f"http://127.0.0.1:{node.web_port}/health")
-    return json.loads(body)  # type: ignore[no-any-return]
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} within {timeout}s")
 
 
 def test_health_shows_members_leader_and_nodes_and_leadership_moves(cluster: Cluster) -> None:
