@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 
 from amaters.config import CacheConfig, Config, cache_settings
 from amaters.query import operations as ops
+from amaters.query.pipeline import NOT_YET
 from amaters.types import CipherBlob
 
 #: Bytes counted for an entry besides its value's data and its collection name (the entry, its
@@ -400,6 +401,24 @@ class CachingExecutor:
         # Drops, and any later operation that writes keys it does not name (UPDATE): the whole
         # collection, or everything when the operation names none.
         return self._collection_write(getattr(op, "collection", None), op)
+
+    def cached(self, op: ops.Get) -> Any:
+        """What the cache holds for a GET now (a CipherBlob or None, counted as a hit), or
+        :data:`~amaters.query.pipeline.NOT_YET` (not counted: :meth:`execute` then counts the miss).
+
+        The pipeline asks this first, so that a hit needs no Deferred.
+        """
+        cache = self.cache
+        if cache.max_bytes <= 0:
+            return NOT_YET
+        entries = cache._entries
+        hashed = cache_key(op.collection, op.key)
+        entry = entries.get(hashed)
+        if entry is None:
+            return NOT_YET
+        entries.move_to_end(hashed)
+        cache.hits += 1
+        return entry.value
 
     def _get(self, op: ops.Get) -> defer.Deferred[Any]:
         cache = self.cache

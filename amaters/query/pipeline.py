@@ -270,7 +270,17 @@ class QueryPipeline:
                     if self._afters:
                         self._run_afters(result, ctx, op)
                     return True, result
-            d = self.executor.execute(op)
+            executor = self.executor
+            if type(op) is ops.Get:
+                # A cached answer needs no Deferred (the cache counts the hit; a miss goes on).
+                cached = getattr(executor, "cached", None)
+                if cached is not None:
+                    result = cached(op)
+                    if result is not NOT_YET:
+                        if self._afters:
+                            self._run_afters(result, ctx, op)
+                        return True, result
+            d = executor.execute(op)
         except Exception:
             return False, self._finish(ctx, op, defer.fail())
         if d.called and not d.paused:

@@ -290,3 +290,51 @@ def test_never_stale_after_a_write(actions: list[tuple[str, int, bool]], max_byt
         assert version_of(d.result) == inner.current(collection, key)[0]
     assert cache._reads == {} and cache._writing == {} and cache._collections_writing == {}
     assert 0 <= cache.bytes <= max_bytes
+
+
+class _Recorder:
+    """A pipeline stage that records the outcome every ``after`` sees."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.outcomes: list[Any] = []
+
+    def after(self, ctx: Any, op: Any, outcome: object) -> None:
+        self.outcomes.append(outcome)
+
+
+def test_the_pipeline_answers_a_hit_synchronously_and_counts_it_once() -> None:
+    """Through the pipeline: a miss reaches storage and counts one miss; the next GET is a hit,
+    answered at once, counted once, seen by the stages; a write makes the next GET miss again."""
+    from amaters.auth.principal import ANONYMOUS
+    from amaters.query.pipeline import PipelineStage, QueryPipeline, RequestContext
+
+    class Inner(Executor):
+        def update_limits(self, limits: Any) -> None:
+            pass
+
+    class Recorder(_Recorder, PipelineStage):
+        pass
+
+    inner = Inner()
+    cache = QueryCache(1 << 20)
+    recorder = Recorder()
+    pipeline = QueryPipeline(CachingExecutor(inner, cache), default_config().limits, [recorder])
+    get = ops.Get("c", b"k")
+    inner.store[("c", b"k")] = (1, blob(b"v1"))
+
+    done, d = pipeline.run(RequestContext(1, ANONYMOUS), get)
+    assert not done and inner.calls == 1
+    inner.release(0)
+    assert d.result == blob(b"v1") and cache.stats()["misses"] == 1 and cache.stats()["hits"] == 0
+
+    done, result = pipeline.run(RequestContext(2, ANONYMOUS), get)
+    assert done and result == blob(b"v1") and inner.calls == 1
+    assert cache.stats()["hits"] == 1 and cache.stats()["misses"] == 1
+    assert recorder.outcomes == [blob(b"v1"), blob(b"v1")]
+
+    pipeline.run(RequestContext(3, ANONYMOUS), ops.Set("c", b"k", blob(b"new")))
+    inner.release(0)
+    done, d = pipeline.run(RequestContext(4, ANONYMOUS), get)
+    assert not done and inner.calls == 3 and cache.stats()["misses"] == 2
