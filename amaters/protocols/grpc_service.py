@@ -330,11 +330,15 @@ class AqlServicer:
         error_response: Callable[[AmatersError], Any],
         what: str,
         principal: Any,
+        last: bool = False,
     ) -> Any:
-        """One request of a logged-in call (``principal``), answered in-band."""
+        """One request of a logged-in call (``principal``), answered in-band; ``last``: the call's
+        only request, the principal logged out on the reactor once its answer is ready."""
         timeout_ms = request.timeout_ms if request.HasField("timeout_ms") else None
         seconds, by_deadline = self._timeouts(context, timeout_ms)
         try:
+            if last:
+                return self._wait(answers, seconds, self._r_then_logout, run, info, principal, request)
             return self._wait(answers, seconds, run, info, principal, request)
         except queue.Empty:
             error = self._expired(context, by_deadline, what, seconds)
@@ -357,24 +361,18 @@ class AqlServicer:
     def ExecuteQuery(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
         info, answers = self._begin(context)
         principal = self._login(context, answers, info)
-        try:
-            request = _single_request(requests, context, "ExecuteQuery", aql_pb2.QueryRequest)
-            return self._unary(
-                context, answers, info, self._r_query, request, _query_error, "query", principal
-            )
-        finally:
-            self._logout(principal)
+        request = self._read_one(requests, context, "ExecuteQuery", aql_pb2.QueryRequest, principal)
+        return self._unary(
+            context, answers, info, self._r_query, request, _query_error, "query", principal, last=True
+        )
 
     def ExecuteBatch(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
         info, answers = self._begin(context)
         principal = self._login(context, answers, info)
-        try:
-            request = _single_request(requests, context, "ExecuteBatch", aql_pb2.BatchRequest)
-            return self._unary(
-                context, answers, info, self._r_batch, request, _batch_error, "batch", principal
-            )
-        finally:
-            self._logout(principal)
+        request = self._read_one(requests, context, "ExecuteBatch", aql_pb2.BatchRequest, principal)
+        return self._unary(
+            context, answers, info, self._r_batch, request, _batch_error, "batch", principal, last=True
+        )
 
     def HealthCheck(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
         def operation(data: bytes) -> ops.Operation:
@@ -404,8 +402,14 @@ class AqlServicer:
         principal = self._login(context, answers, info)
         try:
             op = operation(_single_request(requests, context, method, None))
-            seconds, by_deadline = self._timeouts(context, None)
-            return render(self._wait(answers, seconds, self._r_simple, info, principal, op))
+        except BaseException:
+            self._logout(principal)
+            raise
+        seconds, by_deadline = self._timeouts(context, None)
+        try:
+            return render(
+                self._wait(answers, seconds, self._r_then_logout, self._r_simple, info, principal, op)
+            )
         except queue.Empty:
             error = self._expired(context, by_deadline, op.name, seconds)
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, error.message)
@@ -415,8 +419,21 @@ class AqlServicer:
             context.abort(e.code, e.message)
         except AmatersError as e:
             context.abort(_status_for(e), e.message)
-        finally:
+
+    def _read_one(
+        self,
+        requests: Iterator[bytes],
+        context: grpc.ServicerContext,
+        method: str,
+        message_type: Any,
+        principal: Any,
+    ) -> Any:
+        """:func:`_single_request` for a logged-in call; logs ``principal`` out when that fails."""
+        try:
+            return _single_request(requests, context, method, message_type)
+        except BaseException:
             self._logout(principal)
+            raise
 
     def _login(self, context: grpc.ServicerContext, answers: _Answers, info: CallInfo) -> Any:
         """Log in for a whole stream; the caller logs out (:meth:`_logout`) when it ends."""
@@ -540,6 +557,27 @@ class AqlServicer:
             raise _CallRefused(_status_for(error), error.message)
         self._log.failure("Authentication failed unexpectedly for {source}", failure, source=info.source)
         raise _CallRefused(grpc.StatusCode.UNAUTHENTICATED, "authentication failed")
+
+    def _r_then_logout(self, run: Any, info: CallInfo, principal: Any, *args: Any) -> Any:
+        """``run(info, principal, *args)``, then log ``principal`` out once its answer is ready (in
+        this same reactor turn when the answer is immediate, the common case)."""
+        logout = getattr(principal, "logout", None)
+        if not callable(logout):
+            return run(info, principal, *args)
+        try:
+            result = run(info, principal, *args)
+        except BaseException:
+            logout()
+            raise
+        if isinstance(result, defer.Deferred) and immediate_result(result) is NOT_YET:
+
+            def finished(outcome: object) -> object:
+                logout()
+                return outcome
+
+            return result.addBoth(finished)
+        logout()
+        return result
 
     def _r_context(self, info: CallInfo, principal: Any) -> RequestContext:
         if self.owner.shutting_down():
