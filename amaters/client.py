@@ -1004,7 +1004,8 @@ class AmatersClient:
         """Apply ``updates`` (``set_``, ``add``, ``mul``) to the rows ``predicate`` selects.
 
         Every encrypted row is rewritten as ``select(predicate, updated, old)``, so the server does
-        not learn which changed; fires with the number of rows examined.
+        not learn which changed; fires with the number of rows rewritten (rows deleted while the
+        UPDATE ran are not; see docs/fhe.md, "UPDATE and concurrent writes").
         """
         try:
             query = query_pb2.Query()

@@ -836,6 +836,23 @@ class FHEConfig:
         "Evaluation key bytes each worker keeps loaded (least recently used key sets are dropped).",
         minimum=1024 * 1024,
     )
+    max_key_sets: int = setting(
+        64,
+        "Most evaluation key sets the server stores, uploads in progress included; past it a new upload"
+        " is refused until an administrator deletes one (amaters admin fhe-keys --delete ID).",
+        minimum=1,
+    )
+    max_key_set_bytes: int = setting(
+        256 * 1024 * 1024,
+        "Largest evaluation key set one upload may announce (keys for two 8-bit fields are about 62 MB).",
+        minimum=1024 * 1024,
+    )
+    upload_idle_timeout: float = setting(
+        3600.0,
+        "Seconds an unfinished key upload may sit idle before it is discarded (and stops counting"
+        " towards fhe.max_key_sets).",
+        minimum=1.0,
+    )
 
 
 @attrs.frozen

@@ -15,7 +15,7 @@ from zope.interface import Attribute, Interface
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
-    from amaters.types import CipherBlob, WriteOp
+    from amaters.types import CipherBlob, ConditionalResult, Expect, WriteOp
 
 # Interfaces use zope's convention: methods have no ``self``.
 # mypy-zope understands this.
@@ -92,6 +92,21 @@ class IStorageBackend(Interface):
         """Apply a sequence of ``WriteOp`` atomically: all or none.  Deferred firing None when durable.
 
         Fails with ``NotFound`` if any op names a missing collection (and then nothing is applied).
+        """
+
+    def compare_and_write(expected: Iterable[Expect], ops: Iterable[WriteOp]) -> Deferred[ConditionalResult]:
+        """Apply ``ops`` only if every ``Expect`` holds (the key holds exactly that CipherBlob, or is
+        absent for None), the check and the writes atomic against every other write.
+
+        One atomic unit in memory, rocksdb and etcd: when any expectation fails nothing is applied
+        and the ``ConditionalResult`` names the failed expectations (``changed``) and every write
+        (``not_applied``).  The sharded etcd backend checks and applies per shard: an expectation
+        always guards the writes to its own key, and the writes to other keys on its shard; the
+        parts on other shards are applied or not on their own, and a part that cannot reach its
+        shard in time (a virtual shard moving) is reported as not applied with nothing changed.
+        Deferred firing with the ``ConditionalResult`` once applied writes are durable per the sync
+        mode.  Fails with ``NotFound`` if a collection named is missing (nothing applied); after any
+        other failure the writes may or may not have been applied, so callers must not blindly retry.
         """
 
     def scan(
@@ -173,6 +188,15 @@ class IServerAdmin(Interface):
 
     def resources() -> object:
         """Data dir usage (bytes used, file system size and free space) and TLS certificates."""
+
+    def cluster_remove_shard(name: str) -> object:
+        """Clustered mode: move every virtual shard off shard ``name``, then drop it from the map."""
+
+    def fhe_key_sets() -> object:
+        """The stored FHE evaluation key sets and unfinished uploads (``InvalidOperation`` without FHE)."""
+
+    def delete_fhe_key_set(key_set_id: str) -> object:
+        """Delete one FHE key set, stored or being uploaded (``NotFound`` when there is neither)."""
 
 
 class IReconfigurable(Interface):

@@ -77,5 +77,33 @@ class WriteOp:
         return cls(WriteKind.DELETE, collection, key, None)
 
 
+@attrs.frozen(slots=True)
+class Expect:
+    """A condition of a conditional write: ``key`` of ``collection`` holds exactly ``value`` (a
+    CipherBlob equal in data and metadata), or is absent when ``value`` is None."""
+
+    collection: str
+    key: bytes
+    value: CipherBlob | None
+
+
+@attrs.frozen(slots=True)
+class ConditionalResult:
+    """What a conditional write (``IStorageBackend.compare_and_write``) did.
+
+    ``changed``: the ``(collection, key)`` of every expectation that did not hold.  ``not_applied``:
+    the ``(collection, key)`` of every write that was not applied (all of them when the whole call
+    is one atomic unit and an expectation failed).  Both empty: everything was applied.
+    """
+
+    changed: frozenset[tuple[str, bytes]] = frozenset()
+    not_applied: frozenset[tuple[str, bytes]] = frozenset()
+
+    @property
+    def applied(self) -> bool:
+        """Whether every write was applied."""
+        return not self.not_applied
+
+
 KeyValue = tuple[bytes, CipherBlob]
 Chunk = Sequence[KeyValue]

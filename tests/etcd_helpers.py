@@ -266,6 +266,9 @@ class BlockingBackend:
     def write_batch(self, ops: Any) -> Any:
         return _settled(self.inner.write_batch(ops))
 
+    def compare_and_write(self, expected: Any, ops: Any) -> Any:
+        return _settled(self.inner.compare_and_write(expected, ops))
+
     def scan(
         self, collection: str, start: bytes, end: bytes | None, limit: int | None, chunk_size: int
     ) -> Any:

@@ -1,8 +1,9 @@
 """``amaters admin ...``: the admin API from the command line.
 
-``amaters admin status|collections|stats|compact|reload|snapshots [--create [--upload]]`` call the
-running server's ops site (``web.listen`` from the config) with ``--token`` or ``--api-key`` (or the
-``AMATERS_TOKEN`` / ``AMATERS_API_KEY`` environment variables).  Output is the JSON the server
+``amaters admin status|collections|stats|compact|reload|snapshots [--create [--upload]]`` and
+``amaters admin fhe-keys [--delete ID]`` call the running server's ops site (``web.listen`` from
+the config) with ``--token`` or ``--api-key`` (or the ``AMATERS_TOKEN`` / ``AMATERS_API_KEY``
+environment variables).  Output is the JSON the server
 answers; errors are one line on stderr with a non-zero exit.
 """
 
@@ -13,6 +14,7 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -82,6 +84,12 @@ def cmd_admin(args: argparse.Namespace) -> int:
         method, path = ("POST", "/snapshots" + query) if args.create else ("GET", "/snapshots")
         if args.remote and not args.create:
             path = "/snapshots?remote=1"
+    elif args.action == "fhe-keys":
+        method, path = (
+            ("DELETE", "/fhe/keys/" + urllib.parse.quote(args.delete, safe=""))
+            if args.delete
+            else ("GET", "/fhe/keys")
+        )
     else:
         method, path = ROUTES[args.action]
     try:
@@ -103,11 +111,12 @@ def add_commands(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "admin", parents=[config_options()], help="call the running server's admin API (admin role)"
     )
-    p.add_argument("action", choices=[*ROUTES, "snapshots"], help="what to do")
+    p.add_argument("action", choices=[*ROUTES, "snapshots", "fhe-keys"], help="what to do")
     # Default "not given": the same options before the command (top-level) keep their value.
     p.add_argument("--token", default=argparse.SUPPRESS, help="JWT bearer token (or AMATERS_TOKEN)")
     p.add_argument("--api-key", default=argparse.SUPPRESS, help="API key (or AMATERS_API_KEY)")
     p.add_argument("--create", action="store_true", help="snapshots: take one now")
     p.add_argument("--upload", action="store_true", help="snapshots --create: also upload to S3")
     p.add_argument("--remote", action="store_true", help="snapshots: list the S3 bucket")
+    p.add_argument("--delete", metavar="ID", help="fhe-keys: delete the key set with this id (64 hex)")
     p.set_defaults(func=cmd_admin)

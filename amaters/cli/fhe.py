@@ -333,8 +333,8 @@ def cmd_update(args: argparse.Namespace) -> int:
         return int(_usage(e).status)
 
     async def body(client: Any) -> int:
-        examined = await client.update(args.collection, predicate, updates, keys=keys)
-        print(f"{examined} encrypted rows examined")
+        rewritten = await client.update(args.collection, predicate, updates, keys=keys)
+        print(f"{rewritten} encrypted rows rewritten")
         return EXIT_OK
 
     return _run(args, body)

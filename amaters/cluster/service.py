@@ -8,8 +8,10 @@ Every ``lease_ttl / 3`` seconds the node:
 2. campaigns for ``P e/leader`` with one transaction (create the key bound to its lease if nobody
    holds it) — etcd's lease + compare-and-swap election; the key vanishes with its holder's lease,
    so leadership moves within ``lease_ttl`` seconds of the leader's death;
-3. if it is the leader and a duty is due, runs the singleton duties: deleting orphaned value chunks
-   and compacting etcd's history (keeping the revisions of the last ``duty_interval``);
+3. if it is the leader: finishes any virtual-shard move whose node died mid-way (its lease is no
+   longer among the registered nodes'; see :mod:`amaters.storage.sharded`), and when a duty is due
+   runs the singleton duties: deleting orphaned value chunks and compacting etcd's history (keeping
+   the revisions of the last ``duty_interval``);
 4. refreshes its view of every shard's etcd members (which is leader, database size) and of the
    shard map, which ``/health`` and ``amaters cluster shards`` show.
 
@@ -90,6 +92,7 @@ class ClusterService(Service):
         self._next_duty = 0.0
         self._compact_to = 0
         self._loop: task.LoopingCall | None = None
+        self._resuming: defer.Deferred[None] | None = None
         self._loop_done: defer.Deferred[Any] | None = None
 
     @property
@@ -150,6 +153,11 @@ class ClusterService(Service):
         except EtcdError as e:
             self._log.warn("Cannot reach an etcd quorum: {error}", error=e.message)
             return
+        fenced = getattr(getattr(self.backend, "map", None), "fenced", None)
+        if self.is_leader and fenced and self._resuming is None:
+            # In the background: a move takes a while, and the loop must keep the lease alive.
+            self._resuming = defer.Deferred.fromCoroutine(self._resume_moves())
+            self._resuming.addBoth(self._resumed)
         if self.is_leader and self.reactor.seconds() >= self._next_duty:
             self._next_duty = self.reactor.seconds() + self.duty_interval
             await self.run_duties()
@@ -164,6 +172,8 @@ class ClusterService(Service):
             self._log.warn("The node lease expired; registering again")
             self.lease = 0
         self.lease = await self.client.lease_grant(self.config.lease_ttl)
+        if self.backend is not None and hasattr(self.backend, "mover"):
+            self.backend.mover = {"by": self.node_name, "lease": self.lease}
         entry = {
             "name": self.node_name,
             "advertise": self.advertise,
@@ -192,6 +202,18 @@ class ClusterService(Service):
             self.leader = kv_of(kvs[0])[1].decode("utf-8") if kvs else None
         if self.leader != previous:
             self._log.info("Cluster leader is now {leader}", leader=self.leader)
+
+    async def _resume_moves(self) -> None:
+        base = self.prefix + b"n/"
+        try:
+            answer = await self.client.range(base, prefix_end(base))
+            live = {int(item.get("lease", 0)) for item in answer.get("kvs", [])}
+            await self.backend.resume_interrupted_moves(live - {0})
+        except Exception:
+            self._log.failure("Finishing an interrupted virtual-shard move failed; retrying next tick")
+
+    def _resumed(self, result: object) -> None:
+        self._resuming = None
 
     async def run_duties(self) -> None:
         """The leader's singleton duties: orphaned chunks, then history compaction."""

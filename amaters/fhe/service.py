@@ -20,6 +20,8 @@ import importlib.util
 import json
 import os
 import shutil
+import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -39,6 +41,8 @@ from amaters.errors import (
     InvalidOperation,
     InvalidValue,
     NotFound,
+    SizeExceeded,
+    StorageFull,
 )
 from amaters.fhe import records
 from amaters.fhe.schema import Schema, SchemaError
@@ -109,6 +113,8 @@ class FheService(service.Service):
         #: The concrete workers, created on first use (processes start on the first submit).
         self._processes: ProcessPoolExecutor | None = None
         self._meta: dict[str, dict[str, Any]] = {}
+        #: Held (in io threads) while an upload claims a place under fhe.max_key_sets.
+        self._claims = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -312,8 +318,14 @@ class FheService(service.Service):
     def _store_chunk(self, directory: Path, chunk: KeyUpload) -> tuple[int, bool, bool]:
         if (directory / "meta.json").exists():
             return chunk.total_size, True, True
+        if chunk.total_size > self.config.max_key_set_bytes:
+            raise SizeExceeded(
+                f"key upload: {chunk.total_size} bytes of evaluation keys is over fhe.max_key_set_bytes"
+                f" ({self.config.max_key_set_bytes})"
+            )
         part = self._part_dir(directory)
-        part.mkdir(parents=True, exist_ok=True)
+        if not part.is_dir():
+            self._claim_place(part)
         data_path = part / "evaluation.keys"
         size = data_path.stat().st_size if data_path.exists() else 0
         if chunk.offset == 0 and size:
@@ -338,6 +350,93 @@ class FheService(service.Service):
             shutil.rmtree(part, ignore_errors=True)
             raise InvalidValue("key upload: the data does not match the key set id (sha256); upload again")
         return size, True, False
+
+    def _claim_place(self, part: Path) -> None:
+        """Create ``part`` for a new upload if fewer than fhe.max_key_sets key sets are stored or
+        being uploaded (uploads idle past fhe.upload_idle_timeout are discarded first)."""
+        with self._claims:
+            self._discard_idle_uploads()
+            held = sum(1 for p in self.keys_dir.iterdir() if p.is_dir()) if self.keys_dir.is_dir() else 0
+            if held >= self.config.max_key_sets:
+                raise StorageFull(
+                    f"the server already holds {held} FHE key sets (fhe.max_key_sets ="
+                    f" {self.config.max_key_sets}); an administrator deletes unused ones with"
+                    " amaters admin fhe-keys --delete ID"
+                )
+            part.mkdir(parents=True, exist_ok=True)
+
+    def _discard_idle_uploads(self) -> None:
+        if not self.keys_dir.is_dir():
+            return
+        oldest = time.time() - self.config.upload_idle_timeout
+        for part in self.keys_dir.glob("*.part"):
+            if part.is_dir() and _last_change(part) < oldest:
+                shutil.rmtree(part, ignore_errors=True)
+                self._log.info("Discarded an idle FHE key upload ({id})", id=part.name[:16])
+
+    def key_sets(self) -> defer.Deferred[dict[str, Any]]:
+        """Every stored key set (id, evaluator, schema, bytes, stored at) and unfinished upload
+        (id, bytes received, last change), with the limits on them; listed in the io pool."""
+        return self._io.run(self._key_sets_blocking)
+
+    def _key_sets_blocking(self) -> dict[str, Any]:
+        stored: list[dict[str, Any]] = []
+        uploading: list[dict[str, Any]] = []
+        directories = sorted(self.keys_dir.iterdir()) if self.keys_dir.is_dir() else []
+        for path in directories:
+            if not path.is_dir():
+                continue
+            keys = path / "evaluation.keys"
+            size = keys.stat().st_size if keys.exists() else 0
+            if path.name.endswith(".part"):
+                uploading.append(
+                    {
+                        "key_set_id": path.name[: -len(".part")],
+                        "received": size,
+                        "last_change": _last_change(path),
+                    }
+                )
+                continue
+            try:
+                meta = json.loads((path / "meta.json").read_text())
+            except (OSError, ValueError):
+                meta = {}
+            stored.append(
+                {
+                    "key_set_id": path.name,
+                    "evaluator": meta.get("evaluator"),
+                    "schema": meta.get("schema"),
+                    "bytes": size,
+                    "stored_at": path.stat().st_mtime,
+                }
+            )
+        return {
+            "key_sets": stored,
+            "uploads": uploading,
+            "max_key_sets": self.config.max_key_sets,
+            "max_key_set_bytes": self.config.max_key_set_bytes,
+        }
+
+    def delete_key_set(self, key_set_id: str) -> defer.Deferred[dict[str, Any]]:
+        """Delete a stored key set and any unfinished upload of it; FILTER and UPDATE with it then
+        answer that the server has no such keys.  ``NotFound`` when there is neither."""
+        try:
+            directory = self._dir(key_set_id)
+        except AmatersError as e:
+            return defer.fail(e)
+        self._meta.pop(key_set_id, None)
+        return self._io.run(self._delete_blocking, directory)
+
+    def _delete_blocking(self, directory: Path) -> dict[str, Any]:
+        found = False
+        for path in (directory, self._part_dir(directory)):
+            if path.is_dir():
+                shutil.rmtree(path)
+                found = True
+        if not found:
+            raise NotFound("the server has no FHE key set with this id")
+        self._log.info("Deleted FHE key set {id}", id=directory.name[:16])
+        return {"deleted": directory.name}
 
     def _publish(self, directory: Path, chunk: KeyUpload) -> None:
         part = self._part_dir(directory)
@@ -414,6 +513,13 @@ class FheService(service.Service):
         for part in results:
             out.extend(part or [])
         return out
+
+
+def _last_change(directory: Path) -> float:
+    """The newest modification time of ``directory`` and the files in it."""
+    times = [directory.stat().st_mtime]
+    times += [p.stat().st_mtime for p in directory.iterdir()]
+    return max(times)
 
 
 def is_fhe_record(data: bytes) -> bool:

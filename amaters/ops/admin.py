@@ -83,6 +83,10 @@ class ServerAdmin:
         """Add an etcd cluster as a shard and rebalance onto it (see amaters.storage.sharded)."""
         return self._sharded(lambda store: store.add_shard(name, endpoints))
 
+    def cluster_remove_shard(self, name: str) -> defer.Deferred[Any]:
+        """Move every virtual shard off shard ``name`` and drop it from the shard map."""
+        return self._sharded(lambda store: store.remove_shard(name))
+
     def cluster_move(self, vshard: int, to: str) -> defer.Deferred[Any]:
         """Move one virtual shard to shard ``to``."""
         return self._sharded(lambda store: store.move(vshard, to))
@@ -94,6 +98,18 @@ class ServerAdmin:
         if store is None or not hasattr(store, "add_shard"):
             return defer.fail(InvalidOperation("this server is not clustered (storage.backend is not etcd)"))
         return defer.Deferred.fromCoroutine(action(store))
+
+    def fhe_key_sets(self) -> defer.Deferred[dict[str, Any]]:
+        """The stored FHE evaluation key sets and unfinished uploads, with the limits on them."""
+        if self.fhe is None:
+            return defer.fail(InvalidOperation("this server has no FHE evaluator"))
+        return self.fhe.key_sets()
+
+    def delete_fhe_key_set(self, key_set_id: str) -> defer.Deferred[dict[str, Any]]:
+        """Delete one key set (stored or being uploaded); NotFound when the server has neither."""
+        if self.fhe is None:
+            return defer.fail(InvalidOperation("this server has no FHE evaluator"))
+        return self.fhe.delete_key_set(key_set_id)
 
     def status(self) -> defer.Deferred[dict[str, Any]]:
         return defer.Deferred.fromCoroutine(self._status())

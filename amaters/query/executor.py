@@ -27,10 +27,18 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from amaters import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS
-from amaters.errors import AmatersError, InvalidOperation, NotFound, SizeExceeded
+from amaters.errors import (
+    AmatersError,
+    ComputeError,
+    ErrorCategory,
+    InvalidOperation,
+    NotFound,
+    SizeExceeded,
+    Unavailable,
+)
 from amaters.interfaces import IRangeCursor, IServerAdmin, IStorageBackend
 from amaters.query import operations as ops
-from amaters.types import CipherBlob, WriteOp
+from amaters.types import CipherBlob, Expect, WriteOp
 
 #: What this server offers, announced in the handshake and in ServerInfo.
 CAPABILITIES = (
@@ -69,6 +77,10 @@ async def _drain(cursor: IRangeCursor) -> list[Any]:
     finally:
         cursor.close()
 
+
+#: How many times an UPDATE writes its rows back: once, then again after rows changed while they
+#: were evaluated (those are read and evaluated again).  Past it the UPDATE fails.
+UPDATE_ATTEMPTS = 8
 
 #: FILTER evaluates and streams this many encrypted rows at a time: a chunk is a few seconds of
 #: work, so the first rows arrive early and a cancelled stream stops within one chunk.
@@ -166,9 +178,12 @@ class QueryExecutor:
             ops.ReloadConfig: lambda op: self._admin().reload(op.requested_by),
             ops.ListSnapshots: lambda op: self._admin().list_snapshots(op.remote),
             ops.CreateSnapshot: lambda op: self._admin().create_snapshot(op.upload),
+            ops.ListKeySets: lambda op: self._admin().fhe_key_sets(),
+            ops.DeleteKeySet: lambda op: self._admin().delete_fhe_key_set(op.key_set_id),
             ops.ClusterStatus: lambda op: self._admin().cluster_status(),
             ops.ClusterAddShard: lambda op: self._admin().cluster_add_shard(op.shard, list(op.endpoints)),
             ops.ClusterMove: lambda op: self._admin().cluster_move(op.vshard, op.to),
+            ops.ClusterRemoveShard: lambda op: self._admin().cluster_remove_shard(op.shard),
             ops.VerifySnapshot: lambda op: self._admin().verify_snapshot(op.archive),
             ops.ConfigView: lambda op: self._admin().config_view(),
             ops.AuditTail: lambda op: self._admin().audit_tail(op.limit),
@@ -400,21 +415,88 @@ class QueryExecutor:
         return await _drain(self.open_filter(op))  # a _FilterCursor: its chunks are triples
 
     async def _update(self, op: ops.Update) -> int:
+        """Evaluate, then write each row back only if it still holds what was read (one
+        conditional write: all or nothing where the backend is one atomic unit).  Rows written
+        meanwhile are read again and evaluated again from their new value, rows deleted meanwhile
+        stay deleted; after :data:`UPDATE_ATTEMPTS` write-backs the UPDATE gives up.  Answers the
+        number of rows written."""
+        from amaters.fhe.records import is_record
+
         if self.fhe is None:
             raise InvalidOperation(self.fhe_unavailable("UPDATE") or "")
+        deadline = self._deadline()
         rows = await self._encrypted_rows(op.collection, op.key_set_id, None, 0)
+        pending = await self._evaluate_update(op, rows, deadline)
+        written = 0
+        try:
+            for attempt in range(1, UPDATE_ATTEMPTS + 1):
+                if not pending:
+                    break
+                result = await self.backend.compare_and_write(
+                    [Expect(op.collection, key, old) for key, (old, _) in pending.items()],
+                    [WriteOp.put(op.collection, key, new) for key, (_, new) in pending.items()],
+                )
+                for key in [k for k in pending if (op.collection, k) not in result.not_applied]:
+                    del pending[key]
+                    written += 1
+                if not pending or attempt == UPDATE_ATTEMPTS:
+                    break
+                # Rows held back only because they shared an atomic write with a changed row keep
+                # their evaluation; changed rows are read and evaluated again.
+                again: list[tuple[bytes, CipherBlob]] = []
+                for collection, key in sorted(result.changed):
+                    if collection != op.collection or key not in pending:
+                        continue
+                    current = await self.backend.get(op.collection, key)
+                    del pending[key]
+                    if current is not None and is_record(current.data):
+                        again.append((key, current))
+                self._log.info(
+                    "UPDATE on {collection}: {changed} row(s) changed while they were evaluated;"
+                    " evaluating {again} again (write-back {attempt} of {attempts})",
+                    collection=op.collection,
+                    changed=len(result.changed),
+                    again=len(again),
+                    attempt=attempt + 1,
+                    attempts=UPDATE_ATTEMPTS,
+                )
+                pending.update(await self._evaluate_update(op, again, deadline))
+        except AmatersError as e:
+            if written:
+                raise AmatersError(
+                    f"{e.message} ({written} rows were already updated)",
+                    code=e.code,
+                    category=ErrorCategory.NON_RETRYABLE,
+                ) from None
+            raise
+        if pending:
+            message = (
+                f"{len(pending)} rows kept changing while the UPDATE evaluated them"
+                f" ({UPDATE_ATTEMPTS} write-backs)"
+            )
+            if written:
+                raise ComputeError(
+                    f"{message}; {written} rows were updated, those were not",
+                    category=ErrorCategory.NON_RETRYABLE,
+                )
+            raise Unavailable(f"{message}; nothing was written, try again")
+        return written
+
+    async def _evaluate_update(
+        self, op: ops.Update, rows: list[tuple[bytes, CipherBlob]], deadline: float
+    ) -> dict[bytes, tuple[CipherBlob, CipherBlob]]:
+        """``key -> (the value read, its new value)`` for the rows the UPDATE rewrites (rows of
+        another key set or schema are left out)."""
+        if not rows:
+            return {}
         new = await self.fhe.evaluate(
-            op.key_set_id, "update", op.predicate, op.updates, [v.data for _, v in rows], self._deadline()
+            op.key_set_id, "update", op.predicate, op.updates, [v.data for _, v in rows], deadline
         )
-        writes = []
-        for (key, old), data in zip(rows, new, strict=True):
-            if data is None:
-                continue
-            blob = CipherBlob.wrap(data, created_at=old.created_at, version=old.version)
-            writes.append(WriteOp.put(op.collection, key, blob))
-        if writes:
-            await self.backend.write_batch(writes)
-        return len(writes)
+        return {
+            key: (old, CipherBlob.wrap(data, created_at=old.created_at, version=old.version))
+            for (key, old), data in zip(rows, new, strict=True)
+            if data is not None
+        }
 
     # -- collections and server ---------------------------------------------------------------
 

@@ -146,7 +146,7 @@ class Filter:
 @attrs.frozen(slots=True)
 class Update:
     """Replace every encrypted row by ``select(predicate, updated, old)``; the result is the number
-    of rows examined (the server does not learn which changed)."""
+    of rows rewritten (the server does not learn which changed)."""
 
     name: ClassVar[str] = "update"
     kind: ClassVar[Access] = "write"
@@ -208,6 +208,25 @@ class Compact:
     name: ClassVar[str] = "admin compact"
     kind: ClassVar[Access] = "admin"
     collection: ClassVar[None] = None
+
+
+@attrs.frozen(slots=True)
+class ListKeySets:
+    """The FHE evaluation key sets the server stores, and uploads in progress."""
+
+    name: ClassVar[str] = "admin fhe keys"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+
+
+@attrs.frozen(slots=True)
+class DeleteKeySet:
+    """Delete one stored FHE evaluation key set (or an unfinished upload of it)."""
+
+    name: ClassVar[str] = "admin fhe keys delete"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+    key_set_id: str
 
 
 @attrs.frozen(slots=True)
@@ -299,6 +318,16 @@ class ClusterAddShard:
 
 
 @attrs.frozen(slots=True)
+class ClusterRemoveShard:
+    """Clustered mode: move every virtual shard off a shard, then drop it from the shard map."""
+
+    name: ClassVar[str] = "admin cluster remove-shard"
+    kind: ClassVar[Access] = "admin"
+    collection: ClassVar[None] = None
+    shard: str = ""
+
+
+@attrs.frozen(slots=True)
 class ClusterMove:
     """Clustered mode: move one virtual shard to another shard, online."""
 
@@ -319,11 +348,14 @@ AdminOperation = (
     | CreateSnapshot
     | ClusterStatus
     | ClusterAddShard
+    | ClusterRemoveShard
     | ClusterMove
     | VerifySnapshot
     | ConfigView
     | AuditTail
     | ServerResources
+    | ListKeySets
+    | DeleteKeySet
 )
 
 Operation = (

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -43,6 +43,7 @@ from amaters.cluster.etcd import (
     EtcdClient,
     EtcdError,
     EtcdUnavailable,
+    compare_mod,
     compare_version,
     delete_op,
     kv_of,
@@ -54,7 +55,7 @@ from amaters.cluster.etcd import (
 from amaters.errors import AmatersError, Corrupted, InvalidOperation, NotFound, StorageIOError, Unavailable
 from amaters.interfaces import IRangeCursor, IStorageBackend
 from amaters.storage import codec
-from amaters.types import CipherBlob, KeyValue, WriteKind, WriteOp
+from amaters.types import CipherBlob, ConditionalResult, Expect, KeyValue, WriteKind, WriteOp
 
 _INLINE = 1
 _POINTER = 2
@@ -69,8 +70,17 @@ TXN_LIMIT = 1400 * 1024
 PENDING_TTL = 60
 
 
+#: Times a conditional write reads and tries again when its guard failed although every value
+#: read back still equals the expected one (rewritten with the same value meanwhile).
+CONDITIONAL_ATTEMPTS = 3
+
+
 class _Compacted(Exception):
     """A pinned read found its revision compacted."""
+
+
+class _GuardFailed(Exception):
+    """A conditional transaction's guard (a key's mod revision) no longer held: nothing applied."""
 
 
 class StaleEpoch(Unavailable):
@@ -420,10 +430,84 @@ class EtcdBackend:
         if ops:
             await self._write(ops)
 
-    async def _write(self, ops: list[WriteOp]) -> dict[str, Any] | None:
+    def compare_and_write(
+        self, expected: Iterable[Expect], ops: Iterable[WriteOp]
+    ) -> defer.Deferred[ConditionalResult]:
+        return _deferred(self._compare_and_write(list(expected), list(ops)))
+
+    async def _compare_and_write(self, expected: list[Expect], ops: list[WriteOp]) -> ConditionalResult:
+        """Read the expected keys (one transaction: their values and mod revisions), compare the
+        values here, then write in one transaction guarded by those mod revisions (absent keys: by
+        version 0).  A guard that fails means a key was written in between: read again."""
+        every_op = frozenset((op.collection, op.key) for op in ops)
+        wanted: dict[tuple[str, bytes], list[CipherBlob | None]] = {}
+        for e in expected:
+            wanted.setdefault((e.collection, e.key), []).append(e.value)
+        if not wanted:
+            if ops:
+                await self._write(ops)
+            return ConditionalResult()
+        where = list(wanted)
+        collections = sorted({c for c, _ in where})
+        for _ in range(CONDITIONAL_ATTEMPTS):
+            answer = await self._read_in_collections(
+                collections, [range_op(self._data_prefix(c) + k) for c, k in where]
+            )
+            revision = int(answer["header"]["revision"])
+            guards: list[dict[str, Any]] = []
+            changed: set[tuple[str, bytes]] = set()
+            for (collection, key), response in zip(where, answer["responses"], strict=False):
+                full = self._data_prefix(collection) + key
+                kvs = response["response_range"].get("kvs")
+                current: CipherBlob | None = None
+                if kvs:
+                    _, stored, mod = kv_of(kvs[0])
+                    current = await self._decode(collection, full, stored, revision)
+                    guards.append(compare_mod(full, "EQUAL", mod))
+                else:
+                    guards.append(compare_version(full, "EQUAL", 0))
+                if any(value != current for value in wanted[(collection, key)]):
+                    changed.add((collection, key))
+            if changed:
+                return ConditionalResult(frozenset(changed), every_op)
+            if not ops:
+                return ConditionalResult()
+            try:
+                await self._write(ops, guards)
+            except _GuardFailed:
+                continue
+            return ConditionalResult()
+        raise Unavailable("the rows a conditional write checks kept being rewritten; nothing was applied")
+
+    async def _read_in_collections(self, collections: list[str], ops: list[dict[str, Any]]) -> dict[str, Any]:
+        """``ops`` (reads) in one transaction that runs only while every collection exists (else
+        NotFound) and the shard's epoch is the one this node knows (else StaleEpoch)."""
+        epoch = self.epoch
+        compares = [compare_version(self._marker(c), "GREATER", 0) for c in collections]
+        compares.append(self._epoch_compare(epoch))
+        failure = [range_op(self.epoch_key)] + [range_op(self._marker(c)) for c in collections]
+        try:
+            answer = await self.client.txn(compares, ops, failure, idempotent=True)
+        except EtcdError as e:
+            raise _translate(e) from None
+        self._note(answer)
+        if not answer.get("succeeded"):
+            self._check_epoch(answer["responses"][0], epoch)
+            for name, response in zip(collections, answer["responses"][1:], strict=False):
+                if not response.get("response_range", {}).get("kvs"):
+                    self._collections.discard(name)
+                    raise NotFound(f"collection {name!r} does not exist")
+            raise Unavailable("etcd refused a read for no reason it gave; try again")
+        return answer
+
+    async def _write(
+        self, ops: list[WriteOp], guards: Sequence[dict[str, Any]] = ()
+    ) -> dict[str, Any] | None:
         """Apply ``ops`` in one transaction; the answer, or None when it was confirmed by reading back.
 
-        The last op on a key wins (etcd refuses a key twice in one transaction).
+        The last op on a key wins (etcd refuses a key twice in one transaction).  ``guards``:
+        further compares the transaction needs; when one fails, :class:`_GuardFailed` is raised
+        and nothing was applied.
         """
         final: dict[tuple[str, bytes], WriteOp] = {}
         for op in ops:
@@ -455,6 +539,7 @@ class EtcdBackend:
         epoch = self.epoch
         compares.append(self._epoch_compare(epoch))
         compares += [compare_version(marker, "GREATER", 0) for marker in pending]
+        compares += list(guards)
         success: list[dict[str, Any]] = []
         for where, op in final.items():
             full = self._data_prefix(where[0]) + where[1]
@@ -490,6 +575,10 @@ class EtcdBackend:
                 self._collections.discard(name)
             if missing:
                 raise NotFound(f"collection {missing[0]!r} does not exist")
+            if guards:
+                # A guarded key changed (or a chunked value's pending marker expired): the caller
+                # reads again; chunks nothing points to are left to orphan cleanup.
+                raise _GuardFailed()
             raise Unavailable("a large value's pending write expired before it was committed; try again")
         del before
         for name in collections:
@@ -680,8 +769,6 @@ class EtcdBackend:
 
 
 def _mod_compare(key: bytes, revision: int) -> dict[str, Any]:
-    from amaters.cluster.etcd import compare_mod
-
     return compare_mod(key, "EQUAL", revision)
 
 

@@ -1,7 +1,7 @@
 """A fault-injecting :class:`~amaters.interfaces.IStorageBackend` wrapper, for tests.
 
 It passes every call through to the wrapped backend until told to fail writes: then writes
-(``put``, ``delete``, ``write_batch``, ``create_collection``, ``drop_collection``, ``sync``,
+(``put``, ``delete``, ``write_batch``, ``compare_and_write``, ``create_collection``, ``drop_collection``, ``sync``,
 ``flush``, ``snapshot``) fail as a full disk (``StorageFull``) or a failing disk
 (``StorageIOError``) would, while reads (``get``, ``scan``, ``list_collections``,
 ``has_collection``, ``stats``) are still served.  That is the behaviour the server promises on a
@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from amaters.errors import AmatersError, StorageFull, StorageIOError
 from amaters.interfaces import IRangeCursor, IStorageBackend
-from amaters.types import CipherBlob, WriteOp
+from amaters.types import CipherBlob, ConditionalResult, Expect, WriteOp
 
 FaultKind = Literal["disk_full", "io_error"]
 
@@ -115,6 +115,13 @@ class FaultInjectingBackend:
 
     def write_batch(self, ops: Iterable[WriteOp]) -> defer.Deferred[None]:
         return self._write("writing a batch", self.inner.write_batch, list(ops))
+
+    def compare_and_write(
+        self, expected: Iterable[Expect], ops: Iterable[WriteOp]
+    ) -> defer.Deferred[ConditionalResult]:
+        return self._write(
+            "writing a conditional batch", self.inner.compare_and_write, list(expected), list(ops)
+        )
 
     def scan(
         self, collection: str, start: bytes, end: bytes | None, limit: int | None, chunk_size: int

@@ -14,7 +14,7 @@ from zope.interface import implementer
 
 from amaters.errors import AmatersError, Corrupted, NotFound, StorageError
 from amaters.interfaces import IRangeCursor, IStorageBackend
-from amaters.types import CipherBlob, KeyValue, WriteKind, WriteOp
+from amaters.types import CipherBlob, ConditionalResult, Expect, KeyValue, WriteKind, WriteOp
 
 
 def _check(collection: str, key: bytes, blob: CipherBlob) -> CipherBlob:
@@ -149,12 +149,36 @@ class MemoryBackend:
             targets = [self._collection(op.collection) for op in ops]
         except StorageError:
             return defer.fail()
+        self._apply(ops, targets)
+        return defer.succeed(None)
+
+    @staticmethod
+    def _apply(ops: list[WriteOp], targets: list[SortedDict]) -> None:
         for op, target in zip(ops, targets, strict=True):
             if op.kind is WriteKind.PUT:
                 target[op.key] = op.value
             else:
                 target.pop(op.key, None)
-        return defer.succeed(None)
+
+    def compare_and_write(
+        self, expected: Iterable[Expect], ops: Iterable[WriteOp]
+    ) -> defer.Deferred[ConditionalResult]:
+        """Check and apply in one step (nothing else runs in between): all or nothing."""
+        expected, ops = list(expected), list(ops)
+        try:
+            sources = [self._collection(e.collection) for e in expected]
+            targets = [self._collection(op.collection) for op in ops]
+        except StorageError:
+            return defer.fail()
+        changed = frozenset(
+            (e.collection, e.key)
+            for e, source in zip(expected, sources, strict=True)
+            if source.get(e.key) != e.value
+        )
+        if changed:
+            return defer.succeed(ConditionalResult(changed, frozenset((op.collection, op.key) for op in ops)))
+        self._apply(ops, targets)
+        return defer.succeed(ConditionalResult())
 
     def scan(
         self,

@@ -11,7 +11,9 @@ again would fail the same way, only later.
 Only idempotent operations are retried, because a failed attempt may have been applied (a write
 whose WAL sync failed is in the memtable): ``get``, ``list_collections``, ``stats``, ``put`` and
 ``write_batch`` (they set absolute values), ``delete`` (its effect is idempotent; a retry after an
-applied attempt reports False), ``sync`` and ``flush``.  Creating and dropping collections answer
+applied attempt reports False), ``sync`` and ``flush``.  A conditional write
+(``compare_and_write``) is tried again only after ``Overloaded``, which refuses it before it is
+applied: after an applied attempt a retry's check would fail on the attempt's own writes.  Creating and dropping collections answer
 "did it exist", and snapshots write a new directory, so they are not retried.
 
 Delays grow exponentially from ``base_delay_ms`` up to ``max_delay_ms``, each moved at random by up
@@ -34,7 +36,7 @@ from zope.interface import implementer
 
 from amaters.errors import Overloaded, StorageIOError
 from amaters.interfaces import IRangeCursor, IStorageBackend
-from amaters.types import CipherBlob, WriteOp
+from amaters.types import CipherBlob, ConditionalResult, Expect, WriteOp
 
 T = TypeVar("T")
 
@@ -204,6 +206,27 @@ class RetryingBackend:
 
     def write_batch(self, ops: Iterable[WriteOp]) -> defer.Deferred[None]:
         return self._retry("write_batch", self.inner.write_batch, list(ops))
+
+    def compare_and_write(
+        self, expected: Iterable[Expect], ops: Iterable[WriteOp]
+    ) -> defer.Deferred[ConditionalResult]:
+        # A conditional write whose sync failed was applied: tried again, its check would fail on
+        # its own writes.  Only a write refused before it was applied (a RocksDB write stall,
+        # Overloaded) is tried again.
+        expected, ops = list(expected), list(ops)
+        return defer.Deferred.fromCoroutine(
+            call_with_retry(
+                self._clock,
+                self.policy,
+                self.inner.compare_and_write,
+                expected,
+                ops,
+                idempotent=True,
+                transient=lambda e: isinstance(e, Overloaded) and e.retryable,
+                rng=self._rng,
+                what="compare_and_write",
+            )
+        )
 
     def scan(
         self, collection: str, start: bytes, end: bytes | None, limit: int | None, chunk_size: int

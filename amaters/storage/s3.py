@@ -278,6 +278,21 @@ class S3Store:
             raise
         return target
 
+    def exists_blocking(self, key: str) -> bool:
+        """Whether an object ``key`` exists in the bucket (S3Error for any other failure)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            client = self._client()
+            _head_object(client, self.settings.bucket, key)
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise self._failed(e, f"looking for {self.url_for(key)}") from None
+        except Exception as e:
+            raise self._failed(e, f"looking for {self.url_for(key)}") from None
+        return True
+
     def list_blocking(self) -> list[RemoteSnapshot]:
         """Archives under the prefix, oldest first."""
         found: list[RemoteSnapshot] = []

@@ -19,12 +19,17 @@ virtual shard ``v`` from shard A to shard B (:meth:`ShardedBackend.move`):
 4. ``v``'s keys are deleted from A.
 
 Nothing acknowledged is lost: writes to ``v`` stop before the copy and resume only on B after it.
-A move interrupted by a crash leaves ``v`` fenced; running the same move again finishes it.
+The map records each move in progress (target, and the node and node lease running it).  A move
+whose node died (its lease, and so its registry entry, expired) is finished by the cluster leader
+(:meth:`ShardedBackend.resume_interrupted_moves`); a fence without a record (left by a release that
+kept none) is lifted, leaving ``v`` where it was.  Running the same move again also finishes it.
 
 RANGE reads every shard that owns part of the collection and merges the pages in key order,
 keeping from each shard only keys of virtual shards the map assigns to it.  A BATCH is atomic when
 its keys live on one shard; one spanning shards is refused (``COMPUTE_INVALID_OPERATION``) rather
-than applied in parts.  Collections exist on every shard (created on shard 0 first, dropped on it
+than applied in parts.  A conditional write (``compare_and_write``, which UPDATE uses) is split by
+shard instead: each shard's part is one conditional transaction there, atomic on that shard, and
+the result says which parts were not applied.  Collections exist on every shard (created on shard 0 first, dropped on it
 last).
 """
 
@@ -43,10 +48,10 @@ from zope.interface import implementer
 
 from amaters import __version__
 from amaters.cluster.etcd import EtcdError, compare_mod, compare_version, kv_of, put_op, range_op
-from amaters.errors import InvalidOperation, StorageIOError, Unavailable
+from amaters.errors import AmatersError, ErrorCategory, InvalidOperation, StorageIOError, Unavailable
 from amaters.interfaces import IRangeCursor, IStorageBackend
 from amaters.storage.etcd import EtcdBackend, StaleEpoch, _translate
-from amaters.types import CipherBlob, KeyValue, WriteOp
+from amaters.types import CipherBlob, ConditionalResult, Expect, KeyValue, WriteOp
 
 #: Virtual shards.  Fixed for the life of a deployment: it is part of every key's placement.
 VSHARDS = 64
@@ -73,6 +78,8 @@ class ShardMap:
     assign: tuple[str, ...]
     epochs: dict[str, int] = attrs.field(factory=dict)
     fenced: frozenset[int] = frozenset()
+    #: Moves in progress: virtual shard -> {"to": shard, "by": node name, "lease": the node's lease}.
+    moving: dict[int, dict[str, Any]] = attrs.field(factory=dict)
 
     @classmethod
     def single(cls, endpoints: Iterable[str]) -> ShardMap:
@@ -85,6 +92,7 @@ class ShardMap:
                 "assign": list(self.assign),
                 "epochs": self.epochs,
                 "fenced": sorted(self.fenced),
+                "moving": {str(v): record for v, record in self.moving.items()},
             },
             sort_keys=True,
         ).encode()
@@ -97,6 +105,7 @@ class ShardMap:
             tuple(data["assign"]),
             {name: int(e) for name, e in data.get("epochs", {}).items()},
             frozenset(int(v) for v in data.get("fenced", [])),
+            {int(v): dict(record) for v, record in data.get("moving", {}).items()},
         )
 
     def owned(self) -> dict[str, list[int]]:
@@ -198,6 +207,11 @@ class ShardedBackend:
         self.map_key = home.prefix + b"shardmap"
         self._watch: Any = None
         self._loading: defer.Deferred[None] | None = None
+        #: Who runs the moves this node starts: its name and current lease (set by the node's
+        #: cluster membership once registered), recorded in the map with each move.
+        self.mover: dict[str, Any] = {"by": "", "lease": 0}
+        #: Virtual shards this node is moving right now.
+        self._moving_here: set[int] = set()
 
     # -- the map --------------------------------------------------------------------------------
 
@@ -226,6 +240,8 @@ class ShardedBackend:
         for name, backend in self.backends.items():
             backend.epoch = shard_map.epochs.get(name, 0)
         self.map, self.map_revision = shard_map, revision
+        for name in [n for n in self.backends if n != "0" and n not in shard_map.shards]:
+            await self.backends.pop(name).close()  # a removed shard: no virtual shard routes there
 
     def _map_changed(self, events: list[dict[str, Any]] | None, revision: int) -> None:
         d = defer.Deferred.fromCoroutine(self.load_map())
@@ -344,6 +360,72 @@ class ShardedBackend:
         vshards = {vshard_of(op.collection, op.key) for op in ops}
         return defer.Deferred.fromCoroutine(self._routed(vshards, lambda b: b.write_batch(ops)))
 
+    def compare_and_write(
+        self, expected: Iterable[Expect], ops: Iterable[WriteOp]
+    ) -> defer.Deferred[ConditionalResult]:
+        """Per shard: the expectations and writes whose keys live on one shard are one conditional
+        transaction there (see the module docstring)."""
+        return defer.Deferred.fromCoroutine(self._compare_and_write(list(expected), list(ops)))
+
+    async def _compare_and_write(self, expected: list[Expect], ops: list[WriteOp]) -> ConditionalResult:
+        changed: set[tuple[str, bytes]] = set()
+        not_applied: set[tuple[str, bytes]] = set()
+        written: list[str] = []
+        give_up = time.monotonic() + MOVE_WAIT
+        while expected or ops:
+            shard_map = self.map
+            parts: dict[str, tuple[list[Expect], list[WriteOp]]] = {}
+            waiting: tuple[list[Expect], list[WriteOp]] = ([], [])
+            for e in expected:
+                vshard = vshard_of(e.collection, e.key)
+                part = (
+                    waiting
+                    if vshard in shard_map.fenced
+                    else parts.setdefault(shard_map.assign[vshard], ([], []))
+                )
+                part[0].append(e)
+            for op in ops:
+                vshard = vshard_of(op.collection, op.key)
+                part = (
+                    waiting
+                    if vshard in shard_map.fenced
+                    else parts.setdefault(shard_map.assign[vshard], ([], []))
+                )
+                part[1].append(op)
+            for shard, (some_expected, some_ops) in sorted(parts.items()):
+                try:
+                    result = await self.backends[shard].compare_and_write(some_expected, some_ops)
+                except StaleEpoch:
+                    waiting[0].extend(some_expected)
+                    waiting[1].extend(some_ops)
+                    continue
+                except AmatersError as e:
+                    if written:
+                        # Not retryable as it stands: part of it was applied.
+                        raise AmatersError(
+                            f"{e.message} (the writes on shard(s) {', '.join(written)} were already applied)",
+                            code=e.code,
+                            category=ErrorCategory.NON_RETRYABLE,
+                        ) from None
+                    raise
+                changed |= result.changed
+                not_applied |= result.not_applied
+                if some_ops and result.applied:
+                    written.append(shard)
+            expected, ops = waiting
+            if not (expected or ops):
+                break
+            if time.monotonic() >= give_up:
+                # Virtual shards still moving: those parts are reported as not applied, unchanged.
+                not_applied |= {(op.collection, op.key) for op in ops}
+                break
+            await task.deferLater(self.reactor, 0.05, lambda: None)
+            try:
+                await self.load_map()
+            except EtcdError as e:
+                raise _translate(e) from None
+        return ConditionalResult(frozenset(changed), frozenset(not_applied))
+
     def scan(
         self, collection: str, start: bytes, end: bytes | None, limit: int | None, chunk_size: int
     ) -> Any:
@@ -422,6 +504,7 @@ class ShardedBackend:
         return {
             "vshards": VSHARDS,
             "fenced": sorted(self.map.fenced),
+            "moving": {str(v): record for v, record in sorted(self.map.moving.items())},
             "shards": {
                 name: {
                     "endpoints": list(eps),
@@ -463,6 +546,33 @@ class ShardedBackend:
                 moved.append(vshard)
         return {"shard": name, "moved": moved, **self.view()}
 
+    async def remove_shard(self, name: str) -> dict[str, Any]:
+        """Move every virtual shard off shard ``name`` (each to the shard holding fewest), one at a
+        time and online, then drop it from the map.  Shard ``"0"`` holds the map and stays."""
+        await self.load_map()
+        if name == "0":
+            raise InvalidOperation(
+                "shard '0' holds the shard map and the node registry; it cannot be removed"
+            )
+        if name not in self.map.shards:
+            raise InvalidOperation(f"shard {name!r} does not exist")
+        moved: list[int] = []
+        while owned := self.map.owned().get(name, []):
+            counts = {s: len(v) for s, v in self.map.owned().items() if s != name}
+            target = min(sorted(counts), key=lambda s: counts[s])
+            await self.move(owned[-1], target)
+            moved.append(owned[-1])
+        shards = {s: eps for s, eps in self.map.shards.items() if s != name}
+        epochs = {s: e for s, e in self.map.epochs.items() if s != name}
+        await self._cas_map(attrs.evolve(self.map, shards=shards, epochs=epochs))
+        backend = self.backends.pop(name, None)
+        if backend is not None:
+            await backend.close()
+        self._log.info(
+            "Removed shard {shard} ({count} virtual shards moved off it)", shard=name, count=len(moved)
+        )
+        return {"removed": name, "moved": moved, **self.view()}
+
     async def _epoch_version(self, backend: EtcdBackend) -> int:
         answer = await backend.client.range(backend.epoch_key)
         kvs = answer.get("kvs") or []
@@ -470,15 +580,31 @@ class ShardedBackend:
 
     async def move(self, vshard: int, to: str) -> dict[str, Any]:
         """Move one virtual shard to shard ``to`` online (see the module docstring); resumable."""
+        if vshard in self._moving_here:
+            raise InvalidOperation(f"virtual shard {vshard} is being moved by this node already")
+        self._moving_here.add(vshard)
+        try:
+            return await self._move(vshard, to)
+        finally:
+            self._moving_here.discard(vshard)
+
+    async def _move(self, vshard: int, to: str) -> dict[str, Any]:
         await self.load_map()
         if not 0 <= vshard < VSHARDS:
             raise InvalidOperation(f"virtual shard {vshard} does not exist (0..{VSHARDS - 1})")
         if to not in self.map.shards:
             raise InvalidOperation(f"shard {to!r} does not exist")
+        underway = self.map.moving.get(vshard)
+        if underway is not None and underway.get("to") != to:
+            raise InvalidOperation(
+                f"virtual shard {vshard} is being moved to shard {underway.get('to')!r}; finish that move"
+                f" first (amaters cluster move {vshard} {underway.get('to')})"
+            )
         source_name = self.map.assign[vshard]
         if source_name == to:
             return {"vshard": vshard, "from": to, "to": to, "copied": 0}
         source, target = self.backends[source_name], self.backends[to]
+        record = {"to": to, **self.mover}
         # 1. Fence: the map first, then the source's epoch key, which the source's transactions check.
         if vshard not in self.map.fenced:
             epoch = self.map.epochs.get(source_name, 0) + 1
@@ -487,8 +613,11 @@ class ShardedBackend:
                     self.map,
                     fenced=self.map.fenced | {vshard},
                     epochs={**self.map.epochs, source_name: epoch},
+                    moving={**self.map.moving, vshard: record},
                 )
             )
+        elif underway != record:  # resuming a move: it is this node's now
+            await self._cas_map(attrs.evolve(self.map, moving={**self.map.moving, vshard: record}))
         epoch = self.map.epochs.get(source_name, 0)
         while (current := await self._epoch_version(source)) < epoch:
             await source.client.txn(
@@ -514,7 +643,10 @@ class ShardedBackend:
         # 3. Switch the map and lift the fence.
         assign = list(self.map.assign)
         assign[vshard] = to
-        await self._cas_map(attrs.evolve(self.map, assign=tuple(assign), fenced=self.map.fenced - {vshard}))
+        moving = {v: r for v, r in self.map.moving.items() if v != vshard}
+        await self._cas_map(
+            attrs.evolve(self.map, assign=tuple(assign), fenced=self.map.fenced - {vshard}, moving=moving)
+        )
         # 4. Clean up the source.
         for start in range(0, len(moved_keys), 200):
             batch = moved_keys[start : start + 200]
@@ -527,6 +659,37 @@ class ShardedBackend:
             count=copied,
         )
         return {"vshard": vshard, "from": source_name, "to": to, "copied": copied}
+
+    async def resume_interrupted_moves(self, live_leases: set[int]) -> list[dict[str, Any]]:
+        """Finish every move whose node lease is not in ``live_leases`` (the node died mid-move),
+        and lift a fence that has no move record; what was done, one entry per virtual shard.
+        Run by one node at a time (the cluster leader)."""
+        await self.load_map()
+        done: list[dict[str, Any]] = []
+        for vshard in sorted(self.map.fenced - self._moving_here):
+            record = self.map.moving.get(vshard)
+            if record is None:
+                fenced = self.map.fenced - {vshard}
+                await self._cas_map(attrs.evolve(self.map, fenced=fenced))
+                self._log.warn(
+                    "Lifted the fence on virtual shard {vshard}, left by a move with no record; it"
+                    " stays on shard {shard}",
+                    vshard=vshard,
+                    shard=self.map.assign[vshard],
+                )
+                done.append({"vshard": vshard, "fence_lifted": True})
+                continue
+            if int(record.get("lease", 0)) in live_leases:
+                continue  # its node is alive and (presumably) still copying
+            self._log.info(
+                "Finishing the move of virtual shard {vshard} to shard {target}, interrupted when node"
+                " {node} stopped",
+                vshard=vshard,
+                target=record.get("to"),
+                node=record.get("by") or "(unknown)",
+            )
+            done.append(await self.move(vshard, str(record["to"])))
+        return done
 
 
 def build_sharded_backend(cluster: Any, reactor: Any) -> ShardedBackend:

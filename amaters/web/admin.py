@@ -256,6 +256,10 @@ class AdminAPI:
         endpoints = tuple(e.decode("utf-8", "replace") for e in request.args.get(b"endpoint", []))
         return await self._run(request, lambda principal: ops.ClusterAddShard(name, endpoints))
 
+    @app.route("/cluster/shards/<string:shard>", methods=["DELETE"])
+    async def cluster_remove_shard(self, request: IRequest, shard: str) -> bytes:
+        return await self._run(request, lambda principal: ops.ClusterRemoveShard(shard))
+
     @app.route("/cluster/move", methods=["POST"])
     async def cluster_move(self, request: IRequest) -> bytes:
         raw = request.args.get(b"vshard", [b""])[0]
@@ -277,6 +281,14 @@ class AdminAPI:
     @app.route("/snapshots/<string:archive>/verify", methods=["POST"])
     async def verify_snapshot(self, request: IRequest, archive: str) -> bytes:
         return await self._run(request, lambda principal: ops.VerifySnapshot(archive=archive))
+
+    @app.route("/fhe/keys", methods=["GET"])
+    async def fhe_key_sets(self, request: IRequest) -> bytes:
+        return await self._run(request, lambda principal: ops.ListKeySets())
+
+    @app.route("/fhe/keys/<string:key_set_id>", methods=["DELETE"])
+    async def delete_fhe_key_set(self, request: IRequest, key_set_id: str) -> bytes:
+        return await self._run(request, lambda principal: ops.DeleteKeySet(key_set_id))
 
     @app.route("/config", methods=["GET"])
     async def config(self, request: IRequest) -> bytes:

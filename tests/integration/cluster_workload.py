@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from etcd_helpers import EtcdCluster
-from harness import ServerProcess
+from harness import ServerProcess, http_get
 from lincheck import INFINITY, Op, check
 from twisted.internet import defer, reactor
 
@@ -159,3 +159,21 @@ async def run_workload(
     ]
     await chaos()
     await defer.gatherResults(writers, consumeErrors=True)
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> Any:
+    """Poll ``predicate`` every 0.1 s until it returns something true (returned), at most
+    ``timeout`` seconds (then AssertionError naming ``what``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what} within {timeout}s")
+
+
+def health(node: ServerProcess) -> dict[str, Any]:
+    """The node's ``/health`` document."""
+    _status, body = http_get(f"http://127.0.0.1:{node.web_port}/health")
+    return json.loads(body)  # type: ignore[no-any-return]

@@ -22,3 +22,18 @@ def servers() -> Iterator[list[Any]]:
     yield started
     for server in started:
         server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """moto's S3 server on a free loopback port for this module (``s3_helpers``); skips the test
+    when moto's server is not installed."""
+    try:
+        import boto3  # noqa: F401
+        import moto.server  # noqa: F401
+    except ImportError:  # pragma: no cover - the test extras install both
+        pytest.skip('moto[server] is not installed (pip install "moto[server]")')
+    from s3_helpers import running_s3_server
+
+    with running_s3_server(tmp_path_factory.mktemp("moto")) as server:
+        yield server

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from cluster_workload import Cluster, Workload, clients, run_workload, wait_for
+from cluster_workload import Cluster, Workload, clients, health, run_workload, wait_for, wait_until
 from etcd_helpers import ETCD, EtcdCluster
-from harness import ServerProcess, http_get
+from harness import http_get
 from twisted.internet import reactor
 
 from amaters.client import connect
@@ -222,21 +222,6 @@ def session_revision(token: str) -> int:
     shard, _, revision = token.partition(":")
     assert shard == "0", token
     return int(revision)
-
-
-def health(node: ServerProcess) -> dict[str, Any]:
-    _status, body = http_get(f"http://127.0.0.1:{node.web_port}/health")
-    return json.loads(body)  # type: ignore[no-any-return]
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} within {timeout}s")
 
 
 def test_health_shows_members_leader_and_nodes_and_leadership_moves(cluster: Cluster) -> None:

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from cluster_workload import Cluster, Workload, clients, run_workload, wait_for
+from cluster_workload import Cluster, Workload, clients, health, run_workload, wait_for, wait_until
 from etcd_helpers import ETCD, EtcdCluster, post
-from harness import ServerProcess, http_get
+from harness import ServerProcess
 from twisted.internet import reactor, threads
 
 from amaters import __version__
@@ -63,18 +63,7 @@ def earlier_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def registered_versions(node: ServerProcess) -> dict[str, str]:
-    _status, body = http_get(f"http://127.0.0.1:{node.web_port}/health")
-    return {n["name"]: n.get("version") for n in json.loads(body)["cluster"]["nodes"]}
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} within {timeout}s")
+    return {n["name"]: n.get("version") for n in health(node)["cluster"]["nodes"]}
 
 
 def format_record(endpoints: list[str], prefix: bytes = b"/amaters/") -> dict[str, Any] | None:

@@ -77,7 +77,7 @@ def test_fhe_walkthrough_from_the_shell(tmp_path: Path, evaluator: str) -> None:
         updated = amaters(
             server, tmp_path, "--fhe-keys", "my.fhe", "update", "people", "balance == 0", "balance+=5"
         )
-        assert updated.returncode == 0 and updated.stdout == "3 encrypted rows examined\n", updated.stderr
+        assert updated.returncode == 0 and updated.stdout == "3 encrypted rows rewritten\n", updated.stderr
         found = amaters(
             server, tmp_path, "--fhe-keys", "my.fhe", "filter", "people", "balance < 10 or age <= 17"
         )

@@ -9,17 +9,8 @@ switched on (moto's ``/moto-api/reset-auth``), so a wrong secret key gets S3's r
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -46,93 +37,15 @@ try:
 except ImportError:  # pragma: no cover - the test extras install both
     pytest.skip('moto[server] is not installed (pip install "moto[server]")', allow_module_level=True)
 
+from s3_helpers import REGION, S3Server  # noqa: E402
 from storage_helpers import open_backend, result_of, sync_pools  # noqa: E402
 
 from amaters.storage.s3 import S3Error, S3Settings, S3Store  # noqa: E402
 
-REGION = "us-east-1"
 #: Key prefix of the tests' archives.  No "/" in it: moto's signature check mishandles a "/" in a
 #: query parameter (getmoto/moto#5948), so a ListObjects with Prefix="a/b/" fails there with
 #: SignatureDoesNotMatch although real S3 accepts it.  Keys with "/" in the path are fine.
 PREFIX = "nightly-"
-
-
-# -- the S3 server -----------------------------------------------------------------------------
-
-
-class S3Server(SimpleNamespace):
-    endpoint: str
-    key_id: str
-    secret: str
-
-    def session(self, secret: str | None = None, key_id: str | None = None) -> Any:
-        return boto3.session.Session(
-            aws_access_key_id=key_id or self.key_id,
-            aws_secret_access_key=secret or self.secret,
-            region_name=REGION,
-        )
-
-    def client(self) -> Any:
-        return self.session().client("s3", endpoint_url=self.endpoint)
-
-    def new_bucket(self) -> str:
-        name = f"amaters-{uuid.uuid4().hex[:12]}"
-        self.client().create_bucket(Bucket=name)
-        return name
-
-
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """moto's S3 server on a free loopback port, with an IAM user whose key is required."""
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"moto server exited: {log_path.read_text()}")
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
-                break
-            except (urllib.error.URLError, OSError):
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"moto server not up after 30s: {log_path.read_text()}") from None
-                time.sleep(0.1)
-        iam = boto3.client(
-            "iam",
-            endpoint_url=endpoint,
-            region_name=REGION,
-            aws_access_key_id="setup",
-            aws_secret_access_key="setup",
-        )
-        iam.create_user(UserName="amaters-backup")
-        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
-        iam.put_user_policy(UserName="amaters-backup", PolicyName="all", PolicyDocument=json.dumps(policy))
-        key = iam.create_access_key(UserName="amaters-backup")["AccessKey"]
-        request = urllib.request.Request(
-            f"{endpoint}/moto-api/reset-auth",
-            data=b"0",
-            method="POST",
-            headers={"Content-Type": "text/plain"},
-        )
-        urllib.request.urlopen(request, timeout=5).close()  # from now on every request is checked
-        yield S3Server(endpoint=endpoint, key_id=key["AccessKeyId"], secret=key["SecretAccessKey"])
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
 
 
 # -- helpers -----------------------------------------------------------------------------------

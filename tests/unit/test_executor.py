@@ -26,6 +26,7 @@ from amaters.errors import (
     ServerError,
     SizeExceeded,
     StorageFull,
+    Unavailable,
 )
 from amaters.proto import aql_pb2, query_pb2, types_pb2
 from amaters.protocols.server import ANONYMOUS
@@ -436,3 +437,91 @@ def test_filter_rows_are_evaluated_and_returned_chunk_by_chunk_and_stop_when_clo
     cursor.close()
     assert SynchronousTestCase().successResultOf(cursor.next_chunk()) == []
     assert len(fhe.calls) == 2  # the last 4 rows were never evaluated
+
+
+def _update_setup(rows: int) -> tuple[MemoryBackend, GatedEvaluator, QueryExecutor, Any]:
+    from amaters.fhe.records import MAGIC
+
+    backend = MemoryBackend()
+    backend.open()
+    backend.create_collection("people")
+    for i in range(rows):
+        backend.put("people", b"k%d" % i, CipherBlob.wrap(MAGIC + b"v0"))
+    fhe = GatedEvaluator()
+    executor = QueryExecutor(backend, fhe=fhe, clock=Clock())
+    return backend, fhe, executor, MAGIC
+
+
+def test_update_keeps_writes_that_land_while_it_evaluates() -> None:
+    """A SET, a DELETE and a DELETE-then-SET on rows an UPDATE is evaluating are not lost: the
+    changed rows are read and evaluated again from their new values, the deleted row stays
+    deleted, and the count is the rows really written."""
+    backend, fhe, executor, magic = _update_setup(5)
+    d = executor.execute(ops.Update("people", "a" * 64, object(), ()))
+    assert [len(rows) for rows, _ in fhe.calls] == [5]
+    backend.put("people", b"k1", CipherBlob.wrap(magic + b"v1"))  # acknowledged meanwhile
+    backend.delete("people", b"k2")
+    backend.delete("people", b"k3")
+    backend.put("people", b"k3", CipherBlob.wrap(magic + b"v3"))
+    backend.put("people", b"k9", CipherBlob.wrap(magic + b"new"))  # a new row: not examined
+    fhe.finish(0)
+    assert not d.called
+    assert sorted(fhe.calls[1][0]) == [magic + b"v1", magic + b"v3"]
+    fhe.finish(1)
+    assert SynchronousTestCase().successResultOf(d) == 4
+    got = {k: v.data for k, v in run(executor.execute(ops.Range("people", b"", None, None)))}
+    assert got == {
+        b"k0": b"flag:" + magic + b"v0",
+        b"k1": b"flag:" + magic + b"v1",
+        b"k3": b"flag:" + magic + b"v3",
+        b"k4": b"flag:" + magic + b"v0",
+        b"k9": magic + b"new",
+    }
+
+
+def test_update_writes_nothing_when_rows_keep_changing() -> None:
+    """A row rewritten during every evaluation: after UPDATE_ATTEMPTS write-backs the UPDATE
+    fails with a retryable error, and (one atomic write-back) no row was changed by it."""
+    from amaters.query.executor import UPDATE_ATTEMPTS
+
+    backend, fhe, executor, magic = _update_setup(3)
+    d = executor.execute(ops.Update("people", "a" * 64, object(), ()))
+    for attempt in range(UPDATE_ATTEMPTS):
+        backend.put("people", b"k0", CipherBlob.wrap(magic + b"w%d" % attempt))
+        fhe.finish(attempt)
+    failure = SynchronousTestCase().failureResultOf(d, Unavailable)
+    assert failure.value.retryable and "nothing was written" in failure.value.message
+    assert len(fhe.calls) == UPDATE_ATTEMPTS
+    got = {k: v.data for k, v in run(executor.execute(ops.Range("people", b"", None, None)))}
+    assert got == {b"k0": magic + b"w%d" % (UPDATE_ATTEMPTS - 1), b"k1": magic + b"v0", b"k2": magic + b"v0"}
+
+
+def test_update_on_a_backend_that_applies_in_parts_counts_what_was_written() -> None:
+    """A backend that applies a conditional write in parts (the sharded one, per shard): the rows
+    of a part that was applied are counted once, the others are retried."""
+
+    class PerKey(MemoryBackend):
+        def compare_and_write(self, expected: Any, ops_: Any) -> defer.Deferred[Any]:
+            from amaters.types import ConditionalResult
+
+            changed: set[tuple[str, bytes]] = set()
+            for e, op in zip(expected, ops_, strict=True):
+                result = run(super().compare_and_write([e], [op]))
+                changed |= result.changed
+            return defer.succeed(ConditionalResult(frozenset(changed), frozenset(changed)))
+
+    from amaters.fhe.records import MAGIC
+
+    backend = PerKey()
+    backend.create_collection("people")
+    for i in range(4):
+        backend.put("people", b"k%d" % i, CipherBlob.wrap(MAGIC + b"v0"))
+    fhe = GatedEvaluator()
+    executor = QueryExecutor(backend, fhe=fhe, clock=Clock())
+    d = executor.execute(ops.Update("people", "a" * 64, object(), ()))
+    backend.put("people", b"k2", CipherBlob.wrap(MAGIC + b"v2"))
+    fhe.finish(0)
+    assert fhe.calls[1][0] == [MAGIC + b"v2"]
+    fhe.finish(1)
+    assert SynchronousTestCase().successResultOf(d) == 4
+    assert run(backend.get("people", b"k2")).data == b"flag:" + MAGIC + b"v2"

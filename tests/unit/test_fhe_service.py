@@ -150,3 +150,68 @@ def test_filter_without_an_evaluator_or_the_extra_says_what_it_needs(
     with pytest.raises(InvalidOperation, match=r"amaters\[fhe\]") as e:
         Validator(config.limits, executor.fhe_unavailable).query(query)
     assert "\n" not in str(e.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_key_set_limits_count_stored_and_unfinished_uploads(tmp_path: Path) -> None:
+    """fhe.max_key_sets counts stored key sets and uploads in progress; past it a new upload is
+    refused in one line (an upload already under way continues); deleting one makes room; an
+    upload idle past fhe.upload_idle_timeout is discarded and stops counting."""
+    import os
+
+    from amaters.errors import StorageFull
+
+    svc = make_service(tmp_path, max_key_sets=2, upload_idle_timeout=60)
+    try:
+        a, b, c = (FheKeys.generate(f"{name}:8", evaluator="cleartext-insecure") for name in "abc")
+        for part in chunks(a, 1 << 20):
+            await svc.upload_chunk(part)
+        b_parts = chunks(b, 8)
+        assert len(b_parts) > 1
+        await svc.upload_chunk(b_parts[0])  # unfinished: holds a place
+        with pytest.raises(StorageFull, match=r"holds 2 FHE key sets \(fhe.max_key_sets = 2\)"):
+            await svc.upload_chunk(chunks(c, 1 << 20)[0])
+        for part in b_parts[1:]:  # the upload under way is not refused
+            await svc.upload_chunk(part)
+        listed = await svc.key_sets()
+        assert sorted(k["key_set_id"] for k in listed["key_sets"]) == sorted(
+            [a.key_set_id.hex(), b.key_set_id.hex()]
+        )
+        assert listed["uploads"] == [] and listed["max_key_sets"] == 2
+        assert await svc.delete_key_set(a.key_set_id.hex()) == {"deleted": a.key_set_id.hex()}
+        assert not svc.has_key_set(a.key_set_id.hex())
+        with pytest.raises(NotFound):
+            await svc.delete_key_set(a.key_set_id.hex())
+        with pytest.raises(InvalidValue, match="64 lowercase hex"):
+            await svc.delete_key_set("../../etc")
+        await svc.upload_chunk(chunks(c, 8)[0])  # room again; this upload is left unfinished
+        with pytest.raises(StorageFull):
+            await svc.upload_chunk(chunks(a, 1 << 20)[0])
+        part = svc.keys_dir / (c.key_set_id.hex() + ".part")
+        stale = part.stat().st_mtime - 120
+        for path in (part, *part.iterdir()):
+            os.utime(path, (stale, stale))
+        for piece in chunks(a, 1 << 20):  # the idle upload of c is discarded: a fits again
+            await svc.upload_chunk(piece)
+        assert not part.exists() and svc.has_key_set(a.key_set_id.hex())
+    finally:
+        await svc.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_oversized_key_set_is_refused_before_anything_is_stored(tmp_path: Path) -> None:
+    """An upload announcing more than fhe.max_key_set_bytes is refused at its first chunk."""
+    from amaters.errors import SizeExceeded
+
+    svc = make_service(tmp_path, max_key_set_bytes=1 << 20)
+    try:
+        keys = FheKeys.generate("a:8", evaluator="cleartext-insecure")
+        first = chunks(keys, 1 << 20)[0]
+        huge = KeyUpload(
+            first.key_set_id, first.evaluator, first.schema, first.specs_sha256, (1 << 20) + 1, 0, b"x", False
+        )
+        with pytest.raises(SizeExceeded, match=r"1048577 bytes .* over fhe.max_key_set_bytes \(1048576\)"):
+            await svc.upload_chunk(huge)
+        assert not svc.keys_dir.exists() or list(svc.keys_dir.iterdir()) == []
+    finally:
+        await svc.stopService()

@@ -291,3 +291,34 @@ def test_cancelling_a_pending_write_between_attempts_stops_the_retries() -> None
     assert inner.puts == 1
     result = outcome(d)
     assert isinstance(result, Failure) and result.check(defer.CancelledError)
+
+
+def test_backend_retries_a_conditional_write_only_when_it_was_refused_unapplied() -> None:
+    """compare_and_write is tried again after Overloaded (a write stall refuses it before it is
+    applied) but not after an I/O error (its sync may have failed after the write was applied: a
+    retry's check would then fail on its own write)."""
+    from amaters.types import Expect, WriteOp
+
+    inner = MemoryBackend()
+    calls: list[Exception | None] = []
+    errors: list[Exception] = [Overloaded("stalled", retry_after_ms=100), StorageIOError("sync failed")]
+
+    class Stalling(MemoryBackend):
+        def compare_and_write(self, expected: Any, ops: Any) -> defer.Deferred[Any]:
+            error = errors.pop(0) if errors else None
+            calls.append(error)
+            if error is not None:
+                return defer.fail(error)
+            return inner.compare_and_write(expected, ops)
+
+    inner.create_collection("c")
+    clock = Clock()
+    retrying = RetryingBackend(Stalling(), NO_JITTER, clock, random.Random(1))
+    write = ([Expect("c", b"k", None)], [WriteOp.put("c", b"k", CipherBlob.wrap(b"v"))])
+    d = retrying.compare_and_write(*write)
+    clock.pump([0.01])
+    result = outcome(d)
+    assert isinstance(result, Failure) and result.check(StorageIOError)
+    assert len(calls) == 2 and clock.getDelayedCalls() == []
+    assert outcome(retrying.compare_and_write(*write)).applied
+    assert outcome(inner.get("c", b"k")).data == b"v"

@@ -606,3 +606,29 @@ def test_mapped_errors_do_not_keep_frames_alive() -> None:
     except Exception as e:
         error = map_error(e, "syncing")
     assert error.__cause__ is not None and error.__cause__.__traceback__ is None
+
+
+def test_conditional_write_checks_and_writes_at_once_and_waits_only_for_the_sync(tmp_path: Path) -> None:
+    """compare_and_write under sync=always: the check and the write happen in the call itself, on
+    the calling (reactor) thread, and only the group-commit fsync runs in the pool: it is
+    acknowledged once that sync ran, while other writes go on; a conditional write whose check
+    fails answers at once, without waiting for a sync."""
+    from amaters.types import Expect
+
+    backend, runner = manual_backend(tmp_path, "always")
+    old = CipherBlob.wrap(b"old")
+    first = backend.put("c", b"k", old)
+    runner.finish_all()
+    ok(first)
+    d = backend.compare_and_write([Expect("c", b"k", old)], [WriteOp.put("c", b"k", CipherBlob.wrap(b"new"))])
+    assert ok(backend.get("c", b"k")).data == b"new"  # applied in the call
+    assert not d.called and [f.__name__ for f, _, _ in runner.calls] == ["_timed_sync"]
+    other = backend.put("c", b"j", CipherBlob.wrap(b"j"))
+    stale = backend.compare_and_write(
+        [Expect("c", b"k", old)], [WriteOp.put("c", b"k", CipherBlob.wrap(b"x"))]
+    )
+    assert ok(stale).changed == {("c", b"k")}  # answered at once
+    runner.finish_all()
+    assert ok(d).applied and ok(other) is None
+    assert ok(backend.get("c", b"k")).data == b"new"
+    close_manual(backend, runner)

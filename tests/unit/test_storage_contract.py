@@ -31,7 +31,7 @@ from amaters.storage.faults import FaultInjectingBackend
 from amaters.storage.memory import MemoryBackend
 from amaters.storage.retry import RetryingBackend, RetryPolicy
 from amaters.storage.rocksdb import RocksDBBackend, RocksDBSettings
-from amaters.types import CipherBlob, Compression, WriteOp, crc32
+from amaters.types import CipherBlob, Compression, ConditionalResult, Expect, WriteOp, crc32
 
 BACKENDS = ["memory", "rocksdb", "faults-rocksdb", "retrying-memory", "etcd", "etcd-sharded"]
 _etcd: dict[str, Any] = {}
@@ -441,6 +441,127 @@ def test_empty_write_batch(backend: Any) -> None:
     assert result_of(backend.list_collections()) == []
 
 
+# -- conditional writes ------------------------------------------------------------------------
+
+
+def test_compare_and_write_applies_when_every_expectation_holds(backend: Any) -> None:
+    """Expectations on present keys (equal blobs) and absent keys hold: every write is applied."""
+    fill(backend, "a", [b"k1", b"k2", b"gone"])
+    old = result_of(backend.get("a", b"k1"))
+    result = result_of(
+        backend.compare_and_write(
+            [
+                Expect("a", b"k1", blob(b"value of k1")),
+                Expect("a", b"k2", blob(b"value of k2")),
+                Expect("a", b"new", None),
+            ],
+            [
+                WriteOp.put("a", b"k1", blob(b"v1", created_at=7, version=3)),
+                WriteOp.put("a", b"new", blob(b"n")),
+                WriteOp.delete("a", b"gone"),
+            ],
+        )
+    )
+    assert result == ConditionalResult() and result.applied
+    assert old == blob(b"value of k1")
+    assert result_of(backend.get("a", b"k1")) == blob(b"v1", created_at=7, version=3)
+    assert result_of(backend.get("a", b"new")).data == b"n"
+    assert result_of(backend.get("a", b"gone")) is None
+    assert result_of(backend.get("a", b"k2")).data == b"value of k2"
+
+
+def test_compare_and_write_applies_nothing_when_one_expectation_fails(backend: Any) -> None:
+    """One key that no longer holds the expected value (another value, other metadata, deleted,
+    or present where absence was expected): nothing is applied, and the result names it."""
+    fill(backend, "a", [b"k1", b"k2", b"k3"])
+    result_of(backend.put("a", b"k2", blob(b"value of k2", created_at=5)))  # same data, new metadata
+    result_of(backend.delete("a", b"k3"))
+    result = result_of(
+        backend.compare_and_write(
+            [
+                Expect("a", b"k1", blob(b"value of k1")),
+                Expect("a", b"k2", blob(b"value of k2")),
+                Expect("a", b"k3", blob(b"value of k3")),
+                Expect("a", b"k1x", None),
+            ],
+            [WriteOp.put("a", k, blob(b"new")) for k in (b"k1", b"k2", b"k3")],
+        )
+    )
+    assert result.changed == {("a", b"k2"), ("a", b"k3")}
+    assert result.not_applied == {("a", b"k1"), ("a", b"k2"), ("a", b"k3")} and not result.applied
+    assert result_of(backend.get("a", b"k1")).data == b"value of k1"
+    assert result_of(backend.get("a", b"k2")) == blob(b"value of k2", created_at=5)
+    assert result_of(backend.get("a", b"k3")) is None
+    # Present where absence was expected.
+    result = result_of(backend.compare_and_write([Expect("a", b"k1", None)], [WriteOp.delete("a", b"k1")]))
+    assert result.changed == {("a", b"k1")} and result_of(backend.get("a", b"k1")) is not None
+
+
+def test_compare_and_write_sees_every_earlier_write(backend: Any) -> None:
+    """A write that lands after a value was read makes the conditional write on it fail; a check
+    against the newest value then succeeds (the read-modify-write loop of UPDATE)."""
+    fill(backend, "a", [b"k"])
+    read = result_of(backend.get("a", b"k"))
+    result_of(backend.put("a", b"k", blob(b"concurrent")))
+    first = result_of(
+        backend.compare_and_write([Expect("a", b"k", read)], [WriteOp.put("a", b"k", blob(b"x"))])
+    )
+    assert first.changed == {("a", b"k")}
+    assert result_of(backend.get("a", b"k")).data == b"concurrent"
+    read = result_of(backend.get("a", b"k"))
+    second = result_of(
+        backend.compare_and_write([Expect("a", b"k", read)], [WriteOp.put("a", b"k", blob(b"y"))])
+    )
+    assert second.applied and result_of(backend.get("a", b"k")).data == b"y"
+
+
+def test_compare_and_write_on_large_values(backend: Any) -> None:
+    """Values larger than one storage request (chunked on etcd) compare and replace exactly."""
+    big = bytes(range(256)) * 8192  # 2 MiB
+    result_of(backend.create_collection("a"))
+    result_of(backend.put("a", b"big", blob(big)))
+    changed = result_of(
+        backend.compare_and_write(
+            [Expect("a", b"big", blob(big[:-1] + b"x"))], [WriteOp.put("a", b"big", blob(b"s"))]
+        )
+    )
+    assert changed.changed == {("a", b"big")}
+    result = result_of(
+        backend.compare_and_write(
+            [Expect("a", b"big", blob(big))], [WriteOp.put("a", b"big", blob(big[::-1]))]
+        )
+    )
+    assert result.applied and result_of(backend.get("a", b"big")).data == big[::-1]
+
+
+def test_compare_and_write_without_writes_or_expectations(backend: Any) -> None:
+    """Expectations alone only check; writes alone are applied like a batch; neither: nothing."""
+    fill(backend, "a", [b"k"])
+    assert result_of(backend.compare_and_write([Expect("a", b"k", blob(b"value of k"))], [])).applied
+    assert result_of(backend.compare_and_write([Expect("a", b"k", None)], [])).changed == {("a", b"k")}
+    assert result_of(backend.compare_and_write([], [WriteOp.put("a", b"j", blob(b"j"))])).applied
+    assert result_of(backend.get("a", b"j")).data == b"j"
+    assert result_of(backend.compare_and_write([], [])) == ConditionalResult()
+
+
+def test_compare_and_write_naming_a_missing_collection_applies_nothing(backend: Any) -> None:
+    """An expectation or a write on a missing collection: NotFound, nothing applied."""
+    fill(backend, "a", [b"k"])
+    failure_of(
+        backend.compare_and_write(
+            [Expect("a", b"k", blob(b"value of k"))],
+            [WriteOp.put("a", b"k", blob(b"x")), WriteOp.put("missing", b"k", blob(b"x"))],
+        ),
+        NotFound,
+    )
+    failure_of(
+        backend.compare_and_write([Expect("missing", b"k", None)], [WriteOp.put("a", b"k", blob(b"x"))]),
+        NotFound,
+    )
+    assert result_of(backend.get("a", b"k")).data == b"value of k"
+    assert not backend.has_collection("missing")
+
+
 # -- maintenance -------------------------------------------------------------------------------
 
 
@@ -476,3 +597,39 @@ def test_errors_are_amaters_errors(backend: Any) -> None:
     failure = failure_of(backend.get("nope", b"k"), NotFound)
     assert isinstance(failure.value, AmatersError)
     assert failure.value.code.name == "STORAGE_NOT_FOUND"
+
+
+@pytest.mark.parametrize("same_value", [True, False])
+def test_etcd_conditional_write_reads_again_when_its_guard_fails(tmp_path: Path, same_value: bool) -> None:
+    """etcd checks values it read, then writes guarded by their mod revisions: a write landing in
+    between makes the guard fail and the backend read again.  Rewritten with the same value, the
+    key still holds what was expected, so the conditional write is applied; with another value it
+    is reported changed and nothing is applied."""
+    made = make_backend("etcd", tmp_path)
+    result_of(made.open())
+    try:
+        fill(made, "a", [b"k"])
+        inner = made.inner
+        original = inner._read_in_collections
+        reads: list[int] = []
+
+        async def read_then_race(*args: Any) -> Any:
+            answer = await original(*args)
+            reads.append(1)
+            if len(reads) == 1:
+                await inner.put("a", b"k", blob(b"value of k" if same_value else b"raced"))
+            return answer
+
+        inner._read_in_collections = read_then_race
+        result = result_of(
+            made.compare_and_write(
+                [Expect("a", b"k", blob(b"value of k"))], [WriteOp.put("a", b"k", blob(b"x"))]
+            )
+        )
+        assert len(reads) == 2
+        if same_value:
+            assert result.applied and result_of(made.get("a", b"k")).data == b"x"
+        else:
+            assert result.changed == {("a", b"k")} and result_of(made.get("a", b"k")).data == b"raced"
+    finally:
+        result_of(made.close())
