@@ -818,6 +818,15 @@ def _gated(handler: grpc.RpcMethodHandler, gate: _ReadGate, method: str) -> grpc
         )
     if handler.unary_stream is not None:
         streaming = handler.unary_stream
+        if getattr(streaming, "experimental_non_blocking", False):
+            # Health's Watch answers through a callback and holds no worker thread while it waits
+            # for changes; it keeps doing so (the worker only reads the request).
+            def watch(requests: Iterator[bytes], context: grpc.ServicerContext, send: Any = None) -> Any:
+                return streaming(gate.single(requests, context, parse, method), context, send)
+
+            watch.experimental_non_blocking = True  # type: ignore[attr-defined]
+            watch.experimental_thread_pool = getattr(streaming, "experimental_thread_pool", None)  # type: ignore[attr-defined]
+            return grpc.stream_stream_rpc_method_handler(watch, None, out)
         return grpc.stream_stream_rpc_method_handler(
             lambda requests, context: streaming(gate.single(requests, context, parse, method), context),
             None,

@@ -214,3 +214,31 @@ def test_a_message_that_does_not_parse_is_invalid_argument(server: ServerProcess
             call(b"\xff\xff\xff", metadata=[("authorization", f"Bearer {token(['admin'])}")], timeout=10)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "amaters.aql.QueryRequest" in (refused.value.details() or "")
+
+
+def test_health_watch_streams_hold_no_worker_thread(server: ServerProcess) -> None:
+    """More open health Watch streams than gRPC worker threads (grpc.max_workers, 16) each get
+    SERVING, and calls keep being served while they stay open."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with _channel(server) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        stub.Check(health_pb2.HealthCheckRequest(), timeout=10)  # refreshes the status Watch reports
+        watches = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(20)]
+        try:
+            for watch in watches:
+                assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            info = channel.unary_unary(
+                "/amaters.aql.AqlService/GetServerInfo",
+                request_serializer=aql_pb2.ServerInfoRequest.SerializeToString,
+                response_deserializer=aql_pb2.ServerInfoResponse.FromString,
+            )
+            answer = info(
+                aql_pb2.ServerInfoRequest(),
+                metadata=[("authorization", f"Bearer {token(['admin'])}")],
+                timeout=10,
+            )
+            assert answer.capabilities
+        finally:
+            for watch in watches:
+                watch.cancel()
