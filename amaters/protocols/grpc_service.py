@@ -867,6 +867,7 @@ class ReadinessHealth(grpc_health.HealthServicer):
     the start of a drain) pushes changes to ``Watch`` streams."""
 
     SERVICES = ("", SERVICE_NAME)
+    _gracefully_shutting_down: bool  # grpcio's HealthServicer sets it
 
     def __init__(self, serving: Callable[[], bool]) -> None:
         super().__init__()
@@ -887,6 +888,46 @@ class ReadinessHealth(grpc_health.HealthServicer):
     def Check(self, request: Any, context: Any) -> Any:
         self.refresh()
         return super().Check(request, context)
+
+    # grpcio's HealthServicer sends to Watch streams while holding its lock, and a send waits for
+    # grpcio's polling thread, which takes that same lock when a Watch stream ends: a status change
+    # while a Watch ends froze the reactor (and the shutdown) for good.  These send outside the lock.
+
+    def Watch(self, request: Any, context: Any, send_response_callback: Any = None) -> Any:
+        if send_response_callback is None:
+            return super().Watch(request, context)
+        service = request.service
+        unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        with self._lock:
+            status = self._server_status.get(service, unknown)
+            self._send_response_callbacks.setdefault(service, set()).add(send_response_callback)
+            context.add_callback(self._on_close_callback(send_response_callback, service))
+        while True:  # a change that raced this first answer is sent after it
+            send_response_callback(health_pb2.HealthCheckResponse(status=status))
+            with self._lock:
+                current = self._server_status.get(service, unknown)
+            if current == status:
+                return None
+            status = current
+
+    def set(self, service: str, status: Any) -> None:
+        with self._lock:
+            if self._gracefully_shutting_down:
+                return
+            self._server_status[service] = status
+            watchers = list(self._send_response_callbacks.get(service, ()))
+        for send in watchers:
+            send(health_pb2.HealthCheckResponse(status=status))
+
+    def enter_graceful_shutdown(self) -> None:
+        with self._lock:
+            if self._gracefully_shutting_down:
+                return
+            names = list(self._server_status)
+        for name in names:
+            self.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        with self._lock:
+            self._gracefully_shutting_down = True
 
 
 # -- the service ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ measured by the server's peak resident memory (``VmHWM`` in ``/proc/<pid>/status
   time and refuse large ones: the peak stays within a few messages, not one per call.
 - A logged-in call's large message still works; a unary method given no message, or two, ends
   with INVALID_ARGUMENT.
+- Health Watch streams hold no worker thread while open, and ending them never freezes the server.
 
 The figures are printed (``pytest -s`` shows them).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import jwt
@@ -242,3 +244,23 @@ def test_health_watch_streams_hold_no_worker_thread(server: ServerProcess) -> No
         finally:
             for watch in watches:
                 watch.cancel()
+
+
+def test_sigterm_after_watch_streams_ended_stops_the_server(tmp_path: Path) -> None:
+    """Health Watch streams the client cancels (most never read) do not freeze the server: a
+    SIGTERM right after stops it (it hung for good when a status change met a Watch ending)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    process = ServerProcess(tmp_path / "watch", ["tls.enabled=false", "storage.backend=memory"])
+    process.start().wait_ready()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{process.grpc_port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            watches = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(20)]
+            next(watches[0])
+            for watch in watches:
+                watch.cancel()
+        assert process.stop(timeout=20) == 0
+        assert "Traceback" not in process.log()
+    finally:
+        process.cleanup()
