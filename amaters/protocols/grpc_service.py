@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -55,6 +56,13 @@ SERVICE_NAME = aql_pb2.DESCRIPTOR.services_by_name["AqlService"].full_name
 
 #: The metadata entry carrying an API key (``<id>.<secret>``); ``authorization`` carries a JWT.
 API_KEY_METADATA = "x-api-key"
+
+#: The HTTP/2 stream window the server announces: what a call may send before its message is read
+#: (grpcio's BDP probing, which would grow it, is off).
+STREAM_WINDOW_BYTES = 64 * 1024
+
+#: Calls one HTTP/2 connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+MAX_STREAMS_PER_CONNECTION = 100
 
 Authenticator = Callable[[Any, Any, str], "defer.Deferred[IPrincipal]"]
 
@@ -219,9 +227,12 @@ class AqlServicer:
     """The six AqlService methods.  Methods named like the RPCs run on grpcio's worker threads;
     methods starting with ``_r_`` run on the reactor thread.
 
-    A unary call costs one trip to the reactor and back: the login and the operation run in the
-    same reactor turn (:meth:`_r_authenticated`), and the principal is logged out there when the
-    answer is ready."""
+    Every method is registered as request-streaming (:func:`_handlers`), so grpcio hands it the
+    call before reading any request message: the call logs in first (one trip to the reactor), and
+    only a logged-in call reads its message (as bytes, parsed here on the worker thread, never on
+    grpcio's polling thread), then runs it (a second trip).  A refused call never reads its
+    message: it takes in no more than the HTTP/2 stream window (:data:`STREAM_WINDOW_BYTES`).
+    The principal is logged out once the call has its answer."""
 
     _log = Logger()
 
@@ -318,15 +329,16 @@ class AqlServicer:
         request: Any,
         error_response: Callable[[AmatersError], Any],
         what: str,
-        principal: Any = None,
+        principal: Any,
+        last: bool = False,
     ) -> Any:
-        """One request answered in-band: logged in for this request alone, unless ``principal``
-        (an interactive stream's) is given."""
+        """One request of a logged-in call (``principal``), answered in-band; ``last``: the call's
+        only request, the principal logged out on the reactor once its answer is ready."""
         timeout_ms = request.timeout_ms if request.HasField("timeout_ms") else None
         seconds, by_deadline = self._timeouts(context, timeout_ms)
         try:
-            if principal is None:
-                return self._wait(answers, seconds, self._r_authenticated, info, run, (request,))
+            if last:
+                return self._wait(answers, seconds, self._r_then_logout, run, info, principal, request)
             return self._wait(answers, seconds, run, info, principal, request)
         except queue.Empty:
             error = self._expired(context, by_deadline, what, seconds)
@@ -346,28 +358,58 @@ class AqlServicer:
 
     # -- RPCs (worker threads) ------------------------------------------------------------------
 
-    def ExecuteQuery(self, request: aql_pb2.QueryRequest, context: grpc.ServicerContext) -> Any:
+    def ExecuteQuery(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
         info, answers = self._begin(context)
-        return self._unary(context, answers, info, self._r_query, request, _query_error, "query")
+        principal = self._login(context, answers, info)
+        request = self._read_one(requests, context, "ExecuteQuery", aql_pb2.QueryRequest, principal)
+        return self._unary(
+            context, answers, info, self._r_query, request, _query_error, "query", principal, last=True
+        )
 
-    def ExecuteBatch(self, request: aql_pb2.BatchRequest, context: grpc.ServicerContext) -> Any:
+    def ExecuteBatch(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
         info, answers = self._begin(context)
-        return self._unary(context, answers, info, self._r_batch, request, _batch_error, "batch")
+        principal = self._login(context, answers, info)
+        request = self._read_one(requests, context, "ExecuteBatch", aql_pb2.BatchRequest, principal)
+        return self._unary(
+            context, answers, info, self._r_batch, request, _batch_error, "batch", principal, last=True
+        )
 
-    def HealthCheck(self, request: aql_pb2.HealthCheckRequest, context: grpc.ServicerContext) -> Any:
-        name = request.service if request.HasField("service") else None
-        return self._simple(context, ops.HealthCheck(name), _health_response)
+    def HealthCheck(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+        def operation(data: bytes) -> ops.Operation:
+            request = _parse(context, aql_pb2.HealthCheckRequest, data)
+            return ops.HealthCheck(request.service if request.HasField("service") else None)
 
-    def GetServerInfo(self, request: aql_pb2.ServerInfoRequest, context: grpc.ServicerContext) -> Any:
-        return self._simple(context, ops.ServerInfo(), _server_info_response)
+        return self._simple(requests, context, "HealthCheck", operation, _health_response)
 
-    def _simple(self, context: grpc.ServicerContext, op: ops.Operation, render: Callable[[Any], Any]) -> Any:
+    def GetServerInfo(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+        def operation(data: bytes) -> ops.Operation:
+            _parse(context, aql_pb2.ServerInfoRequest, data)
+            return ops.ServerInfo()
+
+        return self._simple(requests, context, "GetServerInfo", operation, _server_info_response)
+
+    def _simple(
+        self,
+        requests: Iterator[bytes],
+        context: grpc.ServicerContext,
+        method: str,
+        operation: Callable[[bytes], ops.Operation],
+        render: Callable[[Any], Any],
+    ) -> Any:
         """HealthCheck and GetServerInfo: their responses have no error field, so a refusal (RBAC,
         rate limit, drain) is a gRPC status carrying the same message."""
         info, answers = self._begin(context)
+        principal = self._login(context, answers, info)
+        try:
+            op = operation(_single_request(requests, context, method, None))
+        except BaseException:
+            self._logout(principal)
+            raise
         seconds, by_deadline = self._timeouts(context, None)
         try:
-            return render(self._wait(answers, seconds, self._r_authenticated, info, self._r_simple, (op,)))
+            return render(
+                self._wait(answers, seconds, self._r_then_logout, self._r_simple, info, principal, op)
+            )
         except queue.Empty:
             error = self._expired(context, by_deadline, op.name, seconds)
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, error.message)
@@ -377,6 +419,21 @@ class AqlServicer:
             context.abort(e.code, e.message)
         except AmatersError as e:
             context.abort(_status_for(e), e.message)
+
+    def _read_one(
+        self,
+        requests: Iterator[bytes],
+        context: grpc.ServicerContext,
+        method: str,
+        message_type: Any,
+        principal: Any,
+    ) -> Any:
+        """:func:`_single_request` for a logged-in call; logs ``principal`` out when that fails."""
+        try:
+            return _single_request(requests, context, method, message_type)
+        except BaseException:
+            self._logout(principal)
+            raise
 
     def _login(self, context: grpc.ServicerContext, answers: _Answers, info: CallInfo) -> Any:
         """Log in for a whole stream; the caller logs out (:meth:`_logout`) when it ends."""
@@ -389,17 +446,18 @@ class AqlServicer:
         except _Ended:
             context.abort(grpc.StatusCode.CANCELLED, "the call ended")
 
-    def ExecuteStream(self, request: aql_pb2.QueryRequest, context: grpc.ServicerContext) -> Iterator[Any]:
-        kind = request.query.WhichOneof("query")
-        if kind not in ("range", "get"):
-            context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"ExecuteStream serves RANGE and GET queries, not {kind or 'an empty query'};"
-                " use ExecuteQuery",
-            )
+    def ExecuteStream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
         info, answers = self._begin(context)
         principal = self._login(context, answers, info)
         try:
+            request = _single_request(requests, context, "ExecuteStream", aql_pb2.QueryRequest)
+            kind = request.query.WhichOneof("query")
+            if kind not in ("range", "get"):
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"ExecuteStream serves RANGE and GET queries, not {kind or 'an empty query'};"
+                    " use ExecuteQuery",
+                )
             yield from self._stream(context, answers, info, principal, request)
         finally:
             self._logout(principal)
@@ -465,7 +523,8 @@ class AqlServicer:
         info, answers = self._begin(context)
         principal = self._login(context, answers, info)
         try:
-            for request in request_iterator:
+            for data in request_iterator:
+                request = _parse(context, aql_pb2.QueryRequest, data)
                 yield self._unary(
                     context, answers, info, self._r_query, request, _query_error, "query", principal
                 )
@@ -499,15 +558,9 @@ class AqlServicer:
         self._log.failure("Authentication failed unexpectedly for {source}", failure, source=info.source)
         raise _CallRefused(grpc.StatusCode.UNAUTHENTICATED, "authentication failed")
 
-    def _r_authenticated(self, info: CallInfo, run: Any, args: tuple[Any, ...]) -> Any:
-        """Log in, ``run(info, principal, *args)``, log out once its answer is ready: one turn of
-        the reactor when both are immediate (the common case)."""
-        principal = self._r_login(info)
-        if isinstance(principal, defer.Deferred):
-            return principal.addCallback(lambda p: self._r_authenticated_as(p, info, run, args))
-        return self._r_authenticated_as(principal, info, run, args)
-
-    def _r_authenticated_as(self, principal: Any, info: CallInfo, run: Any, args: tuple[Any, ...]) -> Any:
+    def _r_then_logout(self, run: Any, info: CallInfo, principal: Any, *args: Any) -> Any:
+        """``run(info, principal, *args)``, then log ``principal`` out once its answer is ready (in
+        this same reactor turn when the answer is immediate, the common case)."""
         logout = getattr(principal, "logout", None)
         if not callable(logout):
             return run(info, principal, *args)
@@ -582,6 +635,34 @@ class AqlServicer:
         return self.pipeline.execute(ctx, op).addCallback(lambda value: (op.key, value))
 
 
+def _single_request(
+    requests: Iterator[bytes], context: grpc.ServicerContext, method: str, message_type: Any
+) -> Any:
+    """The one request message of a unary-request method, read now: parsed as ``message_type``
+    (the bytes when None).  A call that sends no message, or a second one, ends with
+    INVALID_ARGUMENT (a unary client sends its message and half-closes at once, so looking for a
+    second one does not wait)."""
+    data: Any = next(requests, None)
+    problem = "none was sent" if data is None else None
+    if problem is None and next(requests, None) is not None:
+        problem = "more than one was sent"
+    if problem is not None:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method} takes one request message; {problem}")
+    return data if message_type is None else _parse(context, message_type, data)
+
+
+def _parse(context: grpc.ServicerContext, message_type: Any, data: bytes) -> Any:
+    """``data`` parsed as ``message_type``; a message that does not parse ends the call with
+    INVALID_ARGUMENT."""
+    try:
+        return message_type.FromString(data)
+    except DecodeError:
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is not a valid {message_type.DESCRIPTOR.full_name} message",
+        )
+
+
 def _query_error(error: AmatersError) -> aql_pb2.QueryResponse:
     return aql_pb2.QueryResponse(error=error_to_proto(error))
 
@@ -623,32 +704,156 @@ def _status_for(error: AmatersError) -> grpc.StatusCode:
 
 
 def _handlers(servicer: AqlServicer) -> grpc.GenericRpcHandler:
-    query_in = aql_pb2.QueryRequest.FromString
+    """AqlService's methods, all registered request-streaming with raw bytes in: on the wire a
+    request stream of one message is exactly a unary request (HTTP/2 framing does not tell them
+    apart), so unary clients see no difference, and grpcio reads a message only when the method
+    asks for it, which it does after the login."""
+    out_query = aql_pb2.QueryResponse.SerializeToString
     methods = {
-        "ExecuteQuery": grpc.unary_unary_rpc_method_handler(
-            servicer.ExecuteQuery, query_in, aql_pb2.QueryResponse.SerializeToString
+        "ExecuteQuery": grpc.stream_unary_rpc_method_handler(servicer.ExecuteQuery, None, out_query),
+        "ExecuteBatch": grpc.stream_unary_rpc_method_handler(
+            servicer.ExecuteBatch, None, aql_pb2.BatchResponse.SerializeToString
         ),
-        "ExecuteBatch": grpc.unary_unary_rpc_method_handler(
-            servicer.ExecuteBatch, aql_pb2.BatchRequest.FromString, aql_pb2.BatchResponse.SerializeToString
-        ),
-        "ExecuteStream": grpc.unary_stream_rpc_method_handler(
-            servicer.ExecuteStream, query_in, aql_pb2.StreamResponse.SerializeToString
+        "ExecuteStream": grpc.stream_stream_rpc_method_handler(
+            servicer.ExecuteStream, None, aql_pb2.StreamResponse.SerializeToString
         ),
         "ExecuteInteractive": grpc.stream_stream_rpc_method_handler(
-            servicer.ExecuteInteractive, query_in, aql_pb2.QueryResponse.SerializeToString
+            servicer.ExecuteInteractive, None, out_query
         ),
-        "HealthCheck": grpc.unary_unary_rpc_method_handler(
-            servicer.HealthCheck,
-            aql_pb2.HealthCheckRequest.FromString,
-            aql_pb2.HealthCheckResponse.SerializeToString,
+        "HealthCheck": grpc.stream_unary_rpc_method_handler(
+            servicer.HealthCheck, None, aql_pb2.HealthCheckResponse.SerializeToString
         ),
-        "GetServerInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetServerInfo,
-            aql_pb2.ServerInfoRequest.FromString,
-            aql_pb2.ServerInfoResponse.SerializeToString,
+        "GetServerInfo": grpc.stream_unary_rpc_method_handler(
+            servicer.GetServerInfo, None, aql_pb2.ServerInfoResponse.SerializeToString
         ),
     }
     return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
+
+
+# -- services without a login ----------------------------------------------------------------
+
+
+#: Largest request message the services without a login (health, reflection) take: theirs are tiny.
+OPEN_MESSAGE_BYTES = 64 * 1024
+
+#: Request messages of those services read at once, server-wide: a message being read may be as
+#: large as ``limits.max_frame_bytes`` before its size shows, so this bounds what unauthenticated
+#: callers can have the server hold.
+OPEN_READ_SLOTS = 2
+
+#: Seconds a call of those services waits for a read slot before RESOURCE_EXHAUSTED.
+OPEN_READ_WAIT = 2.0
+
+
+class _ReadGate:
+    """Reads the request messages of the services that need no login: at most ``slots`` at a time
+    (waiting up to ``wait`` seconds for one), each refused past ``max_bytes`` before it is parsed."""
+
+    def __init__(self, slots: int, max_bytes: int, wait: float) -> None:
+        self._slots = threading.BoundedSemaphore(slots)
+        self.max_bytes = max_bytes
+        self.wait = wait
+
+    def read(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes | None:
+        """The next message's bytes, or None at the end of the request stream."""
+        if not self._slots.acquire(timeout=self.wait):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests are being read; retry later")
+        try:
+            data = next(requests, None)
+        finally:
+            self._slots.release()
+        if data is not None and len(data) > self.max_bytes:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the request message is larger than this service takes ({self.max_bytes} bytes)",
+            )
+        return data
+
+    def messages(self, requests: Iterator[bytes], context: grpc.ServicerContext, parse: Any) -> Iterator[Any]:
+        while (data := self.read(requests, context)) is not None:
+            yield _parse_with(context, parse, data)
+
+    def single(
+        self, requests: Iterator[bytes], context: grpc.ServicerContext, parse: Any, method: str
+    ) -> Any:
+        data = self.read(requests, context)
+        problem = "none was sent" if data is None else None
+        if problem is None and self.read(requests, context) is not None:
+            problem = "more than one was sent"
+        if problem is not None or data is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method} takes one request message; {problem}")
+            raise AssertionError("abort raises")
+        return _parse_with(context, parse, data)
+
+
+def _parse_with(context: grpc.ServicerContext, parse: Any, data: bytes) -> Any:
+    try:
+        return parse(data) if parse is not None else data
+    except DecodeError:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request message does not parse")
+
+
+class _Registrations:
+    """Stands in for a grpc.Server to collect the method handlers a generated ``add_*_to_server``
+    function (or grpcio's reflection) registers."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, methods: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.services[service] = dict(methods)
+
+
+def _gated(handler: grpc.RpcMethodHandler, gate: _ReadGate, method: str) -> grpc.RpcMethodHandler:
+    """``handler`` registered request-streaming with bytes in, its messages read through ``gate``:
+    the same calls on the wire, the same behaviour."""
+    parse, out = handler.request_deserializer, handler.response_serializer
+    if handler.unary_unary is not None:
+        unary = handler.unary_unary
+        return grpc.stream_unary_rpc_method_handler(
+            lambda requests, context: unary(gate.single(requests, context, parse, method), context), None, out
+        )
+    if handler.unary_stream is not None:
+        streaming = handler.unary_stream
+        if getattr(streaming, "experimental_non_blocking", False):
+            # Health's Watch answers through a callback and holds no worker thread while it waits
+            # for changes; it keeps doing so (the worker only reads the request).
+            def watch(requests: Iterator[bytes], context: grpc.ServicerContext, send: Any = None) -> Any:
+                return streaming(gate.single(requests, context, parse, method), context, send)
+
+            watch.experimental_non_blocking = True  # type: ignore[attr-defined]
+            watch.experimental_thread_pool = getattr(streaming, "experimental_thread_pool", None)  # type: ignore[attr-defined]
+            return grpc.stream_stream_rpc_method_handler(watch, None, out)
+        return grpc.stream_stream_rpc_method_handler(
+            lambda requests, context: streaming(gate.single(requests, context, parse, method), context),
+            None,
+            out,
+        )
+    if handler.stream_unary is not None:
+        consume = handler.stream_unary
+        return grpc.stream_unary_rpc_method_handler(
+            lambda requests, context: consume(gate.messages(requests, context, parse), context), None, out
+        )
+    both = handler.stream_stream
+    return grpc.stream_stream_rpc_method_handler(
+        lambda requests, context: both(gate.messages(requests, context, parse), context), None, out
+    )
+
+
+def _open_services(health: Any, reflected: tuple[str, ...], gate: _ReadGate) -> list[grpc.GenericRpcHandler]:
+    """``grpc.health.v1.Health`` and server reflection, their request messages read through ``gate``."""
+    registrations = _Registrations()
+    health_pb2_grpc.add_HealthServicer_to_server(health, registrations)
+    reflection.enable_server_reflection(reflected, registrations)
+    return [
+        grpc.method_handlers_generic_handler(
+            service, {name: _gated(h, gate, name) for name, h in methods.items()}
+        )
+        for service, methods in registrations.services.items()
+    ]
 
 
 # -- grpc.health.v1 ------------------------------------------------------------------------------
@@ -662,6 +867,7 @@ class ReadinessHealth(grpc_health.HealthServicer):
     the start of a drain) pushes changes to ``Watch`` streams."""
 
     SERVICES = ("", SERVICE_NAME)
+    _gracefully_shutting_down: bool  # grpcio's HealthServicer sets it
 
     def __init__(self, serving: Callable[[], bool]) -> None:
         super().__init__()
@@ -682,6 +888,46 @@ class ReadinessHealth(grpc_health.HealthServicer):
     def Check(self, request: Any, context: Any) -> Any:
         self.refresh()
         return super().Check(request, context)
+
+    # grpcio's HealthServicer sends to Watch streams while holding its lock, and a send waits for
+    # grpcio's polling thread, which takes that same lock when a Watch stream ends: a status change
+    # while a Watch ends froze the reactor (and the shutdown) for good.  These send outside the lock.
+
+    def Watch(self, request: Any, context: Any, send_response_callback: Any = None) -> Any:
+        if send_response_callback is None:
+            return super().Watch(request, context)
+        service = request.service
+        unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        with self._lock:
+            status = self._server_status.get(service, unknown)
+            self._send_response_callbacks.setdefault(service, set()).add(send_response_callback)
+            context.add_callback(self._on_close_callback(send_response_callback, service))
+        while True:  # a change that raced this first answer is sent after it
+            send_response_callback(health_pb2.HealthCheckResponse(status=status))
+            with self._lock:
+                current = self._server_status.get(service, unknown)
+            if current == status:
+                return None
+            status = current
+
+    def set(self, service: str, status: Any) -> None:
+        with self._lock:
+            if self._gracefully_shutting_down:
+                return
+            self._server_status[service] = status
+            watchers = list(self._send_response_callbacks.get(service, ()))
+        for send in watchers:
+            send(health_pb2.HealthCheckResponse(status=status))
+
+    def enter_graceful_shutdown(self) -> None:
+        with self._lock:
+            if self._gracefully_shutting_down:
+                return
+            names = list(self._server_status)
+        for name in names:
+            self.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        with self._lock:
+            self._gracefully_shutting_down = True
 
 
 # -- the service ---------------------------------------------------------------------------------
@@ -783,21 +1029,30 @@ class GrpcService(service.Service):
         limits = config.limits
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.grpc.max_workers, thread_name_prefix="grpc"),
-            handlers=[_handlers(AqlServicer(self))],
+            handlers=[
+                _handlers(AqlServicer(self)),
+                *_open_services(
+                    self.health,
+                    (SERVICE_NAME, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME),
+                    _ReadGate(OPEN_READ_SLOTS, OPEN_MESSAGE_BYTES, OPEN_READ_WAIT),
+                ),
+            ],
             interceptors=[_CallCounter(self)],
             maximum_concurrent_rpcs=config.grpc.max_concurrent_calls,
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_allowed_incoming_connections", config.grpc.max_connections),
+                # What a call may send before the server reads it: a fixed HTTP/2 stream window
+                # (BDP probing would grow it to megabytes), and a bounded number of calls open
+                # per connection.  A call whose message is being read gets a window for all of it.
+                ("grpc.http2.bdp_probe", 0),
+                ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
+                ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
                 ("grpc.max_receive_message_length", limits.max_frame_bytes),
                 # The native protocol's frame limit bounds every gRPC message too (a unary RANGE
                 # bigger than that fails with RESOURCE_EXHAUSTED: ExecuteStream is for those).
                 ("grpc.max_send_message_length", limits.max_frame_bytes),
             ],
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         try:
             if config.tls.enabled:
@@ -938,8 +1193,9 @@ class _CallCounter(grpc.ServerInterceptor):
             return handler
         name = method[len(self.prefix) :]
         owner = self.owner
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
+        unary_response = handler.unary_unary or handler.stream_unary
+        if unary_response is not None:
+            inner = unary_response
 
             def unary(request: Any, context: Any) -> Any:
                 owner._call_started()
@@ -954,7 +1210,9 @@ class _CallCounter(grpc.ServerInterceptor):
                         name, code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
                     )
 
-            return handler._replace(unary_unary=unary)
+            if handler.unary_unary is not None:
+                return handler._replace(unary_unary=unary)
+            return handler._replace(stream_unary=unary)
         streaming = handler.unary_stream or handler.stream_stream
         if streaming is None:
             return handler

@@ -1,0 +1,266 @@
+"""Memory bounds of the gRPC front end against a real ``twistd -n amaters`` (auth on, plain TCP),
+measured by the server's peak resident memory (``VmHWM`` in ``/proc/<pid>/status``).
+
+- Unauthenticated AqlService calls carrying 60 MB request messages are refused without the
+  server reading their messages: each takes in at most its HTTP/2 stream window, and the server's
+  peak memory stays well under one message's size, however many calls there are.
+- The services that need no login (health, reflection) read at most two request messages at a
+  time and refuse large ones: the peak stays within a few messages, not one per call.
+- A logged-in call's large message still works; a unary method given no message, or two, ends
+  with INVALID_ARGUMENT.
+- Health Watch streams hold no worker thread while open, and ending them never freezes the server.
+
+The figures are printed (``pytest -s`` shows them).
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import jwt
+import pytest
+from grpc_raw import flood, grpc_message
+from harness import ServerProcess
+
+from amaters.proto import aql_pb2
+from amaters.protocols.grpc_service import OPEN_READ_SLOTS, STREAM_WINDOW_BYTES
+
+pytestmark = pytest.mark.integration
+
+MB = 1024 * 1024
+SECRET = "grpc-memory-secret-0123456789abcdef0123"
+QUERY = "/amaters.aql.AqlService/ExecuteQuery"
+
+
+def memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of process ``pid``, in bytes."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return out
+
+
+def token(roles: list[str]) -> str:
+    claims = {"sub": "mem", "roles": roles, "exp": int(time.time()) + 300}
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+def set_request(size: int, key: bytes = b"k") -> aql_pb2.QueryRequest:
+    request = aql_pb2.QueryRequest(request_id="big")
+    query = request.query.set
+    query.collection, query.key.data, query.value.data = "mem", key, b"\x01" * size
+    query.value.metadata.checksum = zlib.crc32(query.value.data)
+    query.value.metadata.size = size
+    return request
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    process = ServerProcess(
+        tmp_path_factory.mktemp("grpc-memory"),
+        [
+            "tls.enabled=false",
+            "storage.backend=memory",
+            "auth.enabled=true",
+            f"auth.jwt.secret={SECRET}",
+            # every flooded call reaches the login (none is cut short by the login throttle)
+            "auth.max_failures_per_minute=0",
+        ],
+    )
+    process.start().wait_ready()
+    try:
+        yield process
+    finally:
+        process.stop()
+        process.cleanup()
+
+
+@pytest.fixture(scope="module")
+def big_message() -> bytes:
+    return grpc_message(set_request(60 * MB).SerializeToString())
+
+
+def _flood(
+    server: ServerProcess, path: str, message: bytes, connections: int, calls: int
+) -> tuple[dict, int]:
+    """Flood ``path`` with unauthenticated calls; returns the flood's figures and how far the
+    server's peak memory rose above its resident memory before."""
+    assert server.process is not None
+    pid = server.process.pid
+    before = memory(pid)
+    metadata = [("authorization", "Bearer not-a-token")]
+    result = flood(server.grpc_port, path, metadata, message, connections, calls, limit_s=30, hold_s=1)
+    after = memory(pid)
+    rise = after["VmHWM"] - max(before["VmRSS"], before["VmHWM"])
+    print(
+        f"\n{path}: {connections}x{calls} unauthenticated calls of {len(message) / MB:.0f} MB: server took"
+        f" {result['sent'] / MB:.1f} MB, {result['ended']} ended by the server; VmRSS before"
+        f" {before['VmRSS'] / MB:.0f} MB, peak (VmHWM) {after['VmHWM'] / MB:.0f} MB, after"
+        f" {after['VmRSS'] / MB:.0f} MB"
+    )
+    return result, max(rise, 0)
+
+
+def test_unauthenticated_large_messages_are_never_read(server: ServerProcess, big_message: bytes) -> None:
+    """32 calls with 60 MB messages and a bad token, over 4 connections: every call is ended by the
+    server after at most its stream window of the message, and the server's peak memory rises by
+    less than a sixth of one message (it rose by about 2 GB when the messages were read first)."""
+    result, rise = _flood(server, QUERY, big_message, connections=4, calls=8)
+    assert result["ended"] == result["calls"] == 32
+    assert result["complete"] == 0
+    assert result["sent"] <= result["calls"] * 2 * STREAM_WINDOW_BYTES
+    assert rise < len(big_message) // 6, rise
+    assert "Traceback" not in server.log()
+
+
+def test_open_services_read_a_bounded_number_of_messages(server: ServerProcess, big_message: bytes) -> None:
+    """Health checks and reflection need no login: 16 concurrent 60 MB messages to each are refused
+    (too large), and the server's peak memory stays within three times what its read slots can
+    hold, not one message per call."""
+    for path in (
+        "/grpc.health.v1.Health/Check",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ):
+        result, rise = _flood(server, path, big_message, connections=2, calls=8)
+        assert result["ended"] == result["calls"]
+        assert rise < (OPEN_READ_SLOTS + 1) * 2 * len(big_message), rise
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _channel(server: ServerProcess) -> grpc.Channel:
+    return grpc.insecure_channel(
+        f"127.0.0.1:{server.grpc_port}",
+        options=[("grpc.max_receive_message_length", 64 * MB), ("grpc.max_send_message_length", 64 * MB)],
+    )
+
+
+def test_a_logged_in_large_message_still_works(server: ServerProcess) -> None:
+    """An administrator's 20 MB SET (unary, with grpcio's own client) is read, stored and read back."""
+    metadata = [("authorization", f"Bearer {token(['admin'])}")]
+    with _channel(server) as channel:
+        call = channel.unary_unary(
+            QUERY,
+            request_serializer=aql_pb2.QueryRequest.SerializeToString,
+            response_deserializer=aql_pb2.QueryResponse.FromString,
+        )
+        written = call(set_request(20 * MB, b"large"), metadata=metadata, timeout=60)
+        assert not written.HasField("error"), written.error
+        assert written.request_id == "big"
+        get = aql_pb2.QueryRequest(request_id="g")
+        get.query.get.collection, get.query.get.key.data = "mem", b"large"
+        read = call(get, metadata=metadata, timeout=60)
+        assert read.result.single.value.data == b"\x01" * (20 * MB)
+
+
+@pytest.mark.parametrize(
+    ("method", "count", "code", "needle"),
+    [
+        ("ExecuteQuery", 0, grpc.StatusCode.INVALID_ARGUMENT, "none was sent"),
+        ("ExecuteQuery", 2, grpc.StatusCode.INVALID_ARGUMENT, "more than one was sent"),
+        ("ExecuteBatch", 2, grpc.StatusCode.INVALID_ARGUMENT, "more than one was sent"),
+        ("GetServerInfo", 0, grpc.StatusCode.INVALID_ARGUMENT, "none was sent"),
+        ("ExecuteStream", 2, grpc.StatusCode.INVALID_ARGUMENT, "more than one was sent"),
+    ],
+)
+def test_unary_methods_take_exactly_one_message(
+    server: ServerProcess, method: str, count: int, code: grpc.StatusCode, needle: str
+) -> None:
+    """A logged-in call of a unary-request method that sends no message or two ends with
+    INVALID_ARGUMENT and a one-line message; without credentials it is UNAUTHENTICATED whatever
+    it sends (its messages are never read)."""
+    request = aql_pb2.QueryRequest()
+    request.query.get.collection, request.query.get.key.data = "mem", b"k"
+    payload = (
+        request.SerializeToString()
+        if method != "ExecuteBatch"
+        else aql_pb2.BatchRequest().SerializeToString()
+    )
+    with _channel(server) as channel:
+        path = f"/amaters.aql.AqlService/{method}"
+        if method == "ExecuteStream":
+            stub = channel.stream_stream(path)
+
+            def call(metadata: list[tuple[str, str]]) -> object:
+                return list(stub(iter([payload] * count), metadata=metadata, timeout=10))
+        else:
+            unary = channel.stream_unary(path)
+
+            def call(metadata: list[tuple[str, str]]) -> object:
+                return unary(iter([payload] * count), metadata=metadata, timeout=10)
+
+        with pytest.raises(grpc.RpcError) as refused:
+            call([("authorization", f"Bearer {token(['admin'])}")])
+        assert refused.value.code() == code
+        details = refused.value.details() or ""
+        assert needle in details and method in details and "\n" not in details
+        with pytest.raises(grpc.RpcError) as anonymous:
+            call([])
+        assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_message_that_does_not_parse_is_invalid_argument(server: ServerProcess) -> None:
+    """A logged-in ExecuteQuery whose message is not a QueryRequest ends with INVALID_ARGUMENT."""
+    with _channel(server) as channel:
+        call = channel.unary_unary(QUERY)
+        with pytest.raises(grpc.RpcError) as refused:
+            call(b"\xff\xff\xff", metadata=[("authorization", f"Bearer {token(['admin'])}")], timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "amaters.aql.QueryRequest" in (refused.value.details() or "")
+
+
+def test_health_watch_streams_hold_no_worker_thread(server: ServerProcess) -> None:
+    """More open health Watch streams than gRPC worker threads (grpc.max_workers, 16) each get
+    SERVING, and calls keep being served while they stay open."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with _channel(server) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        stub.Check(health_pb2.HealthCheckRequest(), timeout=10)  # refreshes the status Watch reports
+        watches = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(20)]
+        try:
+            for watch in watches:
+                assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            info = channel.unary_unary(
+                "/amaters.aql.AqlService/GetServerInfo",
+                request_serializer=aql_pb2.ServerInfoRequest.SerializeToString,
+                response_deserializer=aql_pb2.ServerInfoResponse.FromString,
+            )
+            answer = info(
+                aql_pb2.ServerInfoRequest(),
+                metadata=[("authorization", f"Bearer {token(['admin'])}")],
+                timeout=10,
+            )
+            assert answer.capabilities
+        finally:
+            for watch in watches:
+                watch.cancel()
+
+
+def test_sigterm_after_watch_streams_ended_stops_the_server(tmp_path: Path) -> None:
+    """Health Watch streams the client cancels (most never read) do not freeze the server: a
+    SIGTERM right after stops it (it hung for good when a status change met a Watch ending)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    process = ServerProcess(tmp_path / "watch", ["tls.enabled=false", "storage.backend=memory"])
+    process.start().wait_ready()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{process.grpc_port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            watches = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(20)]
+            next(watches[0])
+            for watch in watches:
+                watch.cancel()
+        assert process.stop(timeout=20) == 0
+        assert "Traceback" not in process.log()
+    finally:
+        process.cleanup()
