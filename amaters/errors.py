@@ -133,6 +133,11 @@ class AmatersError(Exception):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, code={self.code.name})"
 
+    def partly_applied(self, what: str) -> AmatersError:
+        """This error, after ``what`` (named in the message) of the same request was already
+        applied: the request is no longer retryable as it stands."""
+        return AmatersError(f"{self.message} ({what})", code=self.code, category=ErrorCategory.NON_RETRYABLE)
+
 
 class ProtocolError(AmatersError):
     code = ErrorCode.PROTOCOL_INVALID_REQUEST

@@ -463,11 +463,7 @@ class QueryExecutor:
                 pending.update(await self._evaluate_update(op, again, deadline))
         except AmatersError as e:
             if written:
-                raise AmatersError(
-                    f"{e.message} ({written} rows were already updated)",
-                    code=e.code,
-                    category=ErrorCategory.NON_RETRYABLE,
-                ) from None
+                raise e.partly_applied(f"{written} rows were already updated") from None
             raise
         if pending:
             message = (

@@ -48,7 +48,7 @@ from zope.interface import implementer
 
 from amaters import __version__
 from amaters.cluster.etcd import EtcdError, compare_mod, compare_version, kv_of, put_op, range_op
-from amaters.errors import AmatersError, ErrorCategory, InvalidOperation, StorageIOError, Unavailable
+from amaters.errors import AmatersError, InvalidOperation, StorageIOError, Unavailable
 from amaters.interfaces import IRangeCursor, IStorageBackend
 from amaters.storage.etcd import EtcdBackend, StaleEpoch, _translate
 from amaters.types import CipherBlob, ConditionalResult, Expect, KeyValue, WriteOp
@@ -107,6 +107,26 @@ class ShardMap:
             frozenset(int(v) for v in data.get("fenced", [])),
             {int(v): dict(record) for v, record in data.get("moving", {}).items()},
         )
+
+    def split(
+        self, expected: Iterable[Expect], ops: Iterable[WriteOp]
+    ) -> tuple[dict[str, tuple[list[Expect], list[WriteOp]]], tuple[list[Expect], list[WriteOp]]]:
+        """``expected`` and ``ops`` grouped by the shard holding each key, and apart from those the
+        ones whose virtual shard is fenced (moving)."""
+        parts: dict[str, tuple[list[Expect], list[WriteOp]]] = {}
+        waiting: tuple[list[Expect], list[WriteOp]] = ([], [])
+
+        def part_of(collection: str, key: bytes) -> tuple[list[Expect], list[WriteOp]]:
+            vshard = vshard_of(collection, key)
+            if vshard in self.fenced:
+                return waiting
+            return parts.setdefault(self.assign[vshard], ([], []))
+
+        for e in expected:
+            part_of(e.collection, e.key)[0].append(e)
+        for op in ops:
+            part_of(op.collection, op.key)[1].append(op)
+        return parts, waiting
 
     def owned(self) -> dict[str, list[int]]:
         """Virtual shards per shard (every shard listed, even with none)."""
@@ -374,24 +394,7 @@ class ShardedBackend:
         give_up = time.monotonic() + MOVE_WAIT
         while expected or ops:
             shard_map = self.map
-            parts: dict[str, tuple[list[Expect], list[WriteOp]]] = {}
-            waiting: tuple[list[Expect], list[WriteOp]] = ([], [])
-            for e in expected:
-                vshard = vshard_of(e.collection, e.key)
-                part = (
-                    waiting
-                    if vshard in shard_map.fenced
-                    else parts.setdefault(shard_map.assign[vshard], ([], []))
-                )
-                part[0].append(e)
-            for op in ops:
-                vshard = vshard_of(op.collection, op.key)
-                part = (
-                    waiting
-                    if vshard in shard_map.fenced
-                    else parts.setdefault(shard_map.assign[vshard], ([], []))
-                )
-                part[1].append(op)
+            parts, waiting = shard_map.split(expected, ops)
             for shard, (some_expected, some_ops) in sorted(parts.items()):
                 try:
                     result = await self.backends[shard].compare_and_write(some_expected, some_ops)
@@ -401,11 +404,8 @@ class ShardedBackend:
                     continue
                 except AmatersError as e:
                     if written:
-                        # Not retryable as it stands: part of it was applied.
-                        raise AmatersError(
-                            f"{e.message} (the writes on shard(s) {', '.join(written)} were already applied)",
-                            code=e.code,
-                            category=ErrorCategory.NON_RETRYABLE,
+                        raise e.partly_applied(
+                            f"the writes on shard(s) {', '.join(written)} were already applied"
                         ) from None
                     raise
                 changed |= result.changed

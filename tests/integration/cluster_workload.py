@@ -130,6 +130,12 @@ class Workload:
             got = await client.get(self.collection, key, timeout=10)
             self.history.append(Op(key, "read", got, call, time.monotonic()))
 
+    def assert_writes_within(self, windows: list[tuple[float, float]], what: str) -> None:
+        """At least one write was called and acknowledged inside each ``(start, end)`` window."""
+        for started, ended in windows:
+            during = [ret for call, ret in self.acked_writes if started < call and ret < ended]
+            assert during, f"no write succeeded while {what} ({self.failures[-5:]})"
+
     def check(self) -> None:
         anomalies = check(self.history)
         if anomalies and os.environ.get("AMATERS_HISTORY_DUMP"):
