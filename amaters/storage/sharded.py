@@ -213,6 +213,9 @@ class ShardedBackend:
     """
 
     name = "etcd"
+    #: The collection list is a cache other nodes change: a keyed read or delete of a collection
+    #: missing from it asks etcd rather than answering absent (the executor reads this).
+    collections_remote = True
     _log = Logger()
 
     def __init__(

@@ -330,3 +330,32 @@ async def test_removing_a_shard_moves_everything_off_it(
     finally:
         await node.close()
         await other.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_get_on_a_collection_this_node_has_not_heard_of_asks_etcd(
+    two_clusters: tuple[EtcdCluster, EtcdCluster],
+) -> None:
+    """A node whose watched collection list lacks a collection another node just created (its
+    watch has not caught up) still answers GET and DELETE from etcd, not "absent"."""
+    from amaters.query import operations as ops
+    from amaters.query.executor import QueryExecutor
+
+    first, _second = two_clusters
+    writer = sharded_backend(first.endpoints, b"/w/")
+    reader = sharded_backend(first.endpoints, b"/w/")
+    await writer.open()
+    await reader.open()
+    try:
+        await writer.create_collection("fresh")
+        await writer.put("fresh", b"k", CipherBlob.wrap(b"v"))
+        reader.home._collections.discard("fresh")  # as before its watch delivers the creation
+        executor = QueryExecutor(reader)
+        got = await executor.get(ops.Get("fresh", b"k"))
+        assert got is not None and got.data == b"v"
+        reader.home._collections.discard("fresh")
+        assert await executor.delete(ops.Delete("fresh", b"k")) is True
+        assert await executor.get(ops.Get("nowhere", b"k")) is None  # really missing: absent
+    finally:
+        await writer.close()
+        await reader.close()
