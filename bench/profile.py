@@ -43,6 +43,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-results/profile"))
     args = parser.parse_args(argv)
 
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     settings: dict[str, object] = {
         "storage.backend": args.backend,

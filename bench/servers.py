@@ -185,15 +185,16 @@ class AmatersServer(_Process):
     def __init__(
         self, workdir: Path, settings: Mapping[str, Any] | None = None, label: str = "amaters"
     ) -> None:
-        self.workdir = workdir
+        # Absolute: the server runs in its own working directory.
+        self.workdir = workdir.resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.label = label
         self.port = free_port()
         self.web_port = free_port()
         self.grpc_port = free_port()
-        self.data_dir = workdir / "data"
-        self.log_path = workdir / "server.log"
-        self.config_path = workdir / "server.toml"
+        self.data_dir = self.workdir / "data"
+        self.log_path = self.workdir / "server.log"
+        self.config_path = self.workdir / "server.toml"
         base: dict[str, Any] = {
             "server.listen": f"tcp:{self.port}:interface=127.0.0.1",
             "server.data_dir": str(self.data_dir),
@@ -292,11 +293,11 @@ class ReferenceServer(_Process):
     name = "reference"
 
     def __init__(self, workdir: Path, tls: bool = True) -> None:
-        self.workdir = workdir
+        self.workdir = workdir.resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.tls_dir = workdir / "tls"
-        self.log_path = workdir / "reference.log"
+        self.tls_dir = self.workdir / "tls"
+        self.log_path = self.workdir / "reference.log"
         self.tls = tls
         self.start_seconds: float | None = None
 
