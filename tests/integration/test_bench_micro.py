@@ -1,0 +1,51 @@
+"""``python -m bench micro --sequential`` measures lone writes in-process, durable or not.
+
+Only that it completes with every answer successful and prints its per-thread breakdown is checked:
+timings on a shared machine are not something a test can assert.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _micro(*args: str) -> str:
+    command = [sys.executable, "-m", "bench", "micro", "--op", "set", "--backend", "rocksdb", *args]
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return completed.stdout
+
+
+def test_sequential_unsynced_writes_give_the_reactor_its_turns() -> None:
+    """Writes answered at once (sync none) still let the reactor run between them, so its lag stays
+    low and load shedding admits every request (it refused most of them when the loop held the
+    reactor for whole rounds).  The shedding limit is lowered so that a round held in one turn would
+    exceed it even on a fast machine."""
+    out = _micro(
+        "--sync",
+        "none",
+        "--sequential",
+        "-n",
+        "20000",
+        "--rounds",
+        "2",
+        "--config",
+        "limits.shed_lag_ms=200",
+    )
+    assert "sync=none" in out and "µs CPU/request (whole process)" in out
+    assert "thread MainThread:" in out
+
+
+def test_sequential_durable_writes_report_the_wal_thread() -> None:
+    """A lone durable write's CPU is split by thread: the reactor's and the WAL thread's fsyncs."""
+    out = _micro("--sync", "always", "--sequential", "-n", "300", "--rounds", "1")
+    assert "sync=always" in out
+    assert "thread MainThread:" in out and "thread amaters-wal:" in out
