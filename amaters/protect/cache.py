@@ -412,7 +412,9 @@ class CachingExecutor:
         if cache.max_bytes <= 0:
             return NOT_YET
         entries = cache._entries
-        hashed = cache_key(op.collection, op.key)
+        key = op.key
+        # ``cache_key`` inlined for a short key (the usual one).
+        hashed = (op.collection, key) if len(key) <= SHORT_KEY_BYTES else cache_key(op.collection, key)
         entry = entries.get(hashed)
         if entry is None:
             return NOT_YET

@@ -45,6 +45,15 @@ def _request_id(request_id: int) -> bytes:
     return _REQUEST_ID + _varint(request_id) if request_id else b""
 
 
+#: ``_SET_OK`` after each request id below 0x4000 (one or two varint bytes), as they are reused.
+_SET_ANSWERS: dict[int, bytes] = {}
+
+
 def set_answer(request_id: int) -> bytes:
     """The serialized Envelope answering a successful SET (one row affected)."""
-    return _request_id(request_id) + _SET_OK
+    answer = _SET_ANSWERS.get(request_id)
+    if answer is None:
+        answer = _request_id(request_id) + _SET_OK
+        if request_id < 0x4000:
+            _SET_ANSWERS[request_id] = answer
+    return answer
