@@ -41,8 +41,9 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from amaters.config import CacheConfig, Config, cache_settings
+from amaters.proto.answers import query_response
 from amaters.query import operations as ops
-from amaters.query.pipeline import NOT_YET
+from amaters.query.pipeline import NOT_YET, RequestContext
 from amaters.types import CipherBlob
 
 #: Bytes counted for an entry besides its value's data and its collection name (the entry, its
@@ -105,12 +106,15 @@ def cache_key(collection: str, key: bytes) -> CacheKey:
 
 
 class _Entry:
-    __slots__ = ("collection", "size", "value")
+    """A cached GET result; ``response`` its serialized ``QueryResponse``, made at the first hit."""
+
+    __slots__ = ("collection", "response", "size", "value")
 
     def __init__(self, collection: str, value: CipherBlob | None, size: int) -> None:
         self.collection = collection
         self.value = value
         self.size = size
+        self.response: bytes | None = None
 
 
 class _Reads:
@@ -191,6 +195,16 @@ class QueryCache:
         self._entries.move_to_end(hashed)
         self.hits += 1
         return entry.value
+
+    def encode(self, entry: _Entry) -> bytes:
+        """Give a cached entry its serialized ``QueryResponse``, counted in its size (and evict
+        older entries if that takes the cache over ``max_bytes``)."""
+        response = query_response("get", entry.value)
+        entry.response = response
+        entry.size += len(response)
+        self.bytes += len(response)
+        self._evict_to(self.max_bytes)
+        return response
 
     def begin_read(self, hashed: CacheKey, collection: str) -> ReadTicket:
         """A GET that missed is about to read storage."""
@@ -402,11 +416,13 @@ class CachingExecutor:
         # collection, or everything when the operation names none.
         return self._collection_write(getattr(op, "collection", None), op)
 
-    def cached(self, op: ops.Get) -> Any:
+    def cached(self, op: ops.Get, ctx: RequestContext | None = None) -> Any:
         """What the cache holds for a GET now (a CipherBlob or None, counted as a hit), or
         :data:`~amaters.query.pipeline.NOT_YET` (not counted: :meth:`execute` then counts the miss).
 
-        The pipeline asks this first, so that a hit needs no Deferred.
+        The pipeline asks this first, so that a hit needs no Deferred.  On a hit ``ctx.response``
+        is set to the entry's serialized ``QueryResponse`` (encoded at its first hit and counted
+        in the cache's bytes from then on), which a front end can send without encoding it again.
         """
         cache = self.cache
         if cache.max_bytes <= 0:
@@ -420,6 +436,11 @@ class CachingExecutor:
             return NOT_YET
         entries.move_to_end(hashed)
         cache.hits += 1
+        if ctx is not None:
+            response = entry.response
+            if response is None:
+                response = cache.encode(entry)
+            ctx.response = response
         return entry.value
 
     def _get(self, op: ops.Get) -> defer.Deferred[Any]:

@@ -68,7 +68,7 @@ from amaters.fdlimit import raise_open_file_limit
 from amaters.interfaces import IPrincipal, IRangeCursor
 from amaters.protect.compression import compress_frame, decompress_frame
 from amaters.proto import aql_pb2, envelope_pb2
-from amaters.proto.answers import set_answer
+from amaters.proto.answers import query_answer, set_answer
 from amaters.proto.convert import (
     error_to_proto,
     fill_blob,
@@ -1051,6 +1051,12 @@ class AmatersServerProtocol(FrameReceiver):
         done, outcome = pipeline.run(ctx, op)
         if done:
             # Answered synchronously (memory backend, cache hit): skip the callback machinery.
+            response = ctx.response
+            if response is not None and not self._revision_scopes:
+                # Already encoded (a query-cache hit): sent as it is.
+                if not self._lost:
+                    self._send_payload(query_answer(request_id, response))
+                return
             self._answer_query(request_id, op.name, outcome)
             return
         d: defer.Deferred[Any] = outcome

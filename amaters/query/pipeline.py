@@ -77,6 +77,9 @@ class RequestContext:
     """What the pipeline and its stages know about one request.  Never holds keys or values.
 
     ``annotations`` is a free-form dict stages share (e.g. a trace span, a cache key).
+    ``response`` is the serialized ``QueryResponse`` carrying the result when whoever produced the
+    result already had it encoded (a query-cache hit): a front end may send it as it is instead of
+    encoding the result again.  None: encode the result.
     """
 
     __slots__ = (
@@ -84,6 +87,7 @@ class RequestContext:
         "principal",
         "protocol",
         "request_id",
+        "response",
         "result",
         "session",
         "source",
@@ -106,6 +110,7 @@ class RequestContext:
         self.session = session
         self.protocol = protocol
         self.result: Any = _NO_RESULT
+        self.response: bytes | None = None
         self.annotations: dict[str, Any] = {}
 
     @property
@@ -272,10 +277,11 @@ class QueryPipeline:
                 executor = self.executor
                 result = NOT_YET
                 if type(op) is ops.Get:
-                    # A cached answer needs no Deferred (the cache counts the hit; a miss goes on).
+                    # A cached answer needs no Deferred (the cache counts the hit and may set
+                    # ``ctx.response``; a miss goes on).
                     cached = getattr(executor, "cached", None)
                     if cached is not None:
-                        result = cached(op)
+                        result = cached(op, ctx)
                 if result is NOT_YET:
                     d = executor.execute(op)
                     if not d.called or d.paused or isinstance(d.result, Failure):
