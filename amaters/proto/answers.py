@@ -61,10 +61,17 @@ _SET_ANSWERS: dict[int, bytes] = {}
 def set_answer(request_id: int) -> bytes:
     """The serialized Envelope answering a successful SET (one row affected)."""
     answer = _SET_ANSWERS.get(request_id)
-    if answer is None:
-        answer = _request_id(request_id) + _SET_OK
-        if request_id < 0x4000:
-            _SET_ANSWERS[request_id] = answer
+    if answer is not None:
+        return answer
+    if 0x4000 <= request_id < 0x200000:
+        # Three varint bytes (ids a long-lived connection reaches), spelled out: no call.
+        return (
+            bytes((8, (request_id & 0x7F) | 0x80, ((request_id >> 7) & 0x7F) | 0x80, request_id >> 14))
+            + _SET_OK
+        )
+    answer = _request_id(request_id) + _SET_OK
+    if request_id < 0x4000:
+        _SET_ANSWERS[request_id] = answer
     return answer
 
 
