@@ -259,7 +259,7 @@ class QueryCache:
         writing = self._writing
         for key in hashed:
             writing[key] = writing.get(key, 0) + 1
-            self._invalidate(key)
+            self.invalidate_key(key)
 
     def end_write(self, hashed: Iterable[CacheKey]) -> None:
         """Writes to these keys finished (successfully or not)."""
@@ -270,13 +270,13 @@ class QueryCache:
                 writing[key] = count
             else:
                 writing.pop(key, None)
-            self._invalidate(key)
+            self.invalidate_key(key)
 
     def begin_key_write(self, hashed: CacheKey) -> None:
         """:meth:`begin_write` for one key (a SET or a DELETE: the commonest write)."""
         writing = self._writing
         writing[hashed] = writing.get(hashed, 0) + 1
-        self._invalidate(hashed)
+        self.invalidate_key(hashed)
 
     def end_key_write(self, hashed: CacheKey) -> None:
         """:meth:`end_write` for one key."""
@@ -284,7 +284,7 @@ class QueryCache:
         count = writing.pop(hashed, 0) - 1
         if count > 0:
             writing[hashed] = count
-        self._invalidate(hashed)
+        self.invalidate_key(hashed)
 
     def begin_collection_write(self, collection: str | None) -> None:
         """A write to unnamed keys of ``collection`` (None: of any collection) is about to start."""
@@ -301,7 +301,10 @@ class QueryCache:
             self._collections_writing.pop(name, None)
         self._invalidate_collection(collection)
 
-    def _invalidate(self, hashed: CacheKey) -> None:
+    def invalidate_key(self, hashed: CacheKey) -> None:
+        """Drop the key's entry and move its generation (a read in flight will not cache what it
+        read).  On its own: a write to the key that started and ended with no reactor turn between
+        (:meth:`begin_key_write` and :meth:`end_key_write` at once)."""
         if self._reads:
             reads = self._reads.get(hashed)
             if reads is not None:
@@ -473,18 +476,24 @@ class CachingExecutor:
         return self._execute_then(op, cache.end_write, keys)
 
     def _key_write(self, hashed: CacheKey, op: ops.Operation) -> defer.Deferred[Any]:
-        """:meth:`_write` for one key, without the list and the closure."""
+        """:meth:`_write` for one key, without the list and the closure.
+
+        The write is marked in progress only once it is known not to have finished during the
+        call (a write to the memory backend finishes at once, and then only needs its entry
+        invalidated).  Nothing the cache holds can be read between the call and the marking (no
+        reactor turn), and whatever a read finishing *during* the call stored is dropped by the
+        invalidation that follows either way.
+        """
         cache = self.cache
-        cache.begin_key_write(hashed)
         try:
             d: defer.Deferred[Any] = self.inner.execute(op)
         except BaseException:
-            cache.end_key_write(hashed)
+            cache.invalidate_key(hashed)
             raise
         if d.called and not d.paused:
-            # Already finished (memory backend): what the callback would do now, without it.
-            cache.end_key_write(hashed)
+            cache.invalidate_key(hashed)  # finished: begin and end at once
         else:
+            cache.begin_key_write(hashed)
             d.addBoth(self._key_written, hashed)
         return d
 

@@ -224,6 +224,9 @@ action = st.one_of(
     st.tuples(st.just("batch"), st.integers(0, 7), st.booleans()),
     st.tuples(st.just("drop"), st.integers(0, 1), st.booleans()),
     st.tuples(st.just("release"), st.integers(0, 1000), st.booleans()),
+    # A write that finishes during the call (the memory backend), after finishing a GET that
+    # was waiting (a backend whose write fires other requests' callbacks).
+    st.tuples(st.just("syncset"), st.integers(0, 2), st.booleans()),
 )
 
 
@@ -242,7 +245,16 @@ def test_never_stale_after_a_write(actions: list[tuple[str, int, bool]], max_byt
 
     original = inner.execute
 
+    sync_writes: list[bool] = []
+
     def execute(op: Any) -> defer.Deferred[Any]:
+        if sync_writes and sync_writes.pop() and not isinstance(op, ops.Get):
+            reads = [i for i, (_, (kind, *_rest)) in enumerate(inner.pending) if kind == "get"]
+            if reads:
+                inner.release(reads[0])
+            inner.calls += 1
+            inner._apply(op)
+            return defer.succeed(None)
         return original(op, early_flags.pop() if early_flags else True)
 
     inner.execute = execute  # type: ignore[method-assign]
@@ -257,6 +269,11 @@ def test_never_stale_after_a_write(actions: list[tuple[str, int, bool]], max_byt
             collection, key = KEYS[n]
             d = executor.execute(ops.Get(collection, key))
             checks.append((d, acked.get((collection, key), 0)))
+        elif kind == "syncset":
+            collection, key = KEYS[n]
+            sync_writes[:] = [True]
+            executor.execute(ops.Set(collection, key, blob(b"new"))).addCallback(on_ack, [(collection, key)])
+            sync_writes.clear()
         elif kind in ("set", "delete"):
             collection, key = KEYS[n]
             op: Any = ops.Set(collection, key, blob(b"new")) if kind == "set" else ops.Delete(collection, key)
