@@ -50,29 +50,27 @@ _REQUEST_ID = b"\x08"
 _SET_OK = _QUERY_RESPONSE + _varint(6) + b"\x0a\x04\x1a\x02\x08\x01"
 
 
+#: Envelope.request_id encoded, for the ids below 0x4000 seen so far (at most 16,384 short bytes).
+_REQUEST_IDS: dict[int, bytes] = {0: b""}
+
+
 def _request_id(request_id: int) -> bytes:
-    return _REQUEST_ID + _varint(request_id) if request_id else b""
-
-
-#: ``_SET_OK`` after each request id below 0x4000 (one or two varint bytes), as they are reused.
-_SET_ANSWERS: dict[int, bytes] = {}
+    """Envelope.request_id as serialized (nothing for 0, the default)."""
+    encoded = _REQUEST_IDS.get(request_id)
+    if encoded is not None:
+        return encoded
+    if 0x4000 <= request_id < 0x200000:
+        # Three varint bytes (ids a long-lived connection reaches), spelled out: no call.
+        return bytes((8, (request_id & 0x7F) | 0x80, ((request_id >> 7) & 0x7F) | 0x80, request_id >> 14))
+    encoded = _REQUEST_ID + _varint(request_id)
+    if request_id < 0x4000:
+        _REQUEST_IDS[request_id] = encoded
+    return encoded
 
 
 def set_answer(request_id: int) -> bytes:
     """The serialized Envelope answering a successful SET (one row affected)."""
-    answer = _SET_ANSWERS.get(request_id)
-    if answer is not None:
-        return answer
-    if 0x4000 <= request_id < 0x200000:
-        # Three varint bytes (ids a long-lived connection reaches), spelled out: no call.
-        return (
-            bytes((8, (request_id & 0x7F) | 0x80, ((request_id >> 7) & 0x7F) | 0x80, request_id >> 14))
-            + _SET_OK
-        )
-    answer = _request_id(request_id) + _SET_OK
-    if request_id < 0x4000:
-        _SET_ANSWERS[request_id] = answer
-    return answer
+    return _request_id(request_id) + _SET_OK
 
 
 def query_response(op_name: str, result: Any) -> bytes:
@@ -84,4 +82,10 @@ def query_response(op_name: str, result: Any) -> bytes:
 
 def query_answer(request_id: int, response: bytes) -> bytes:
     """The serialized Envelope answering ``request_id`` with a serialized ``QueryResponse``."""
-    return _request_id(request_id) + _QUERY_RESPONSE + _varint(len(response)) + response
+    size = len(response)
+    return (
+        _request_id(request_id)
+        + _QUERY_RESPONSE
+        + (_SMALL[size] if size < 0x80 else _varint(size))
+        + response
+    )

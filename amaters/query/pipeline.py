@@ -144,6 +144,8 @@ class QueryPipeline:
         stages: Sequence[IPipelineStage] = (),
     ) -> None:
         self.executor = executor
+        #: The executor's ``cached(op, ctx)`` (a query cache in front of it), or None.
+        self._cached: Callable[[Any, RequestContext], Any] | None = getattr(executor, "cached", None)
         # FILTER and UPDATE ask the executor whether FHE can run here (None: no FHE at all).
         self.validator = Validator(limits, getattr(executor, "fhe_unavailable", None))
         executor.update_limits(limits)
@@ -279,7 +281,7 @@ class QueryPipeline:
                 if type(op) is ops.Get:
                     # A cached answer needs no Deferred (the cache counts the hit and may set
                     # ``ctx.response``; a miss goes on).
-                    cached = getattr(executor, "cached", None)
+                    cached = self._cached
                     if cached is not None:
                         result = cached(op, ctx)
                 if result is NOT_YET:
