@@ -67,7 +67,7 @@ from amaters.protect.compression import BlobCompressionStage, FrameCompressionPo
 from amaters.protect.connlimit import ConnectionLimiter, ConnectionLimitFactory
 from amaters.protect.metrics import ProtectionCollector
 from amaters.protect.ratelimit import RateLimiter, RateLimitStage
-from amaters.protect.shedding import LagSource, LoadShedder
+from amaters.protect.shedding import LoadShedder
 from amaters.protect.wiring import ListenerLimits, Protection, ProtectionService
 from amaters.protocols.grpc_service import GrpcService
 from amaters.protocols.server import ListenerService
@@ -381,9 +381,15 @@ def build_service(
 
     # Policy: the one pipeline every front end uses, in stage order.
     tracing = TracingService(config.tracing, pools.io) if config.tracing.enabled else None
-    shedder = LoadShedder(config.limits, LagSource(lag), reactor)
+    shedder = LoadShedder(config.limits, lag.current_lag, reactor)
     limiter = RateLimiter(config.rate_limit, reactor)
     blobs = BlobCompressionStage(config.compression, config.limits, pools.cpu)
+    access_log = AccessLogStage(
+        reactor,
+        config.logging.slow_request_ms,
+        partial(logging_service.controller.enabled_for, LogLevel.debug, ACCESS_LOG_NAMESPACE),
+    )
+    logging_service.controller.watch(access_log.logging_changed)
     pipeline = QueryPipeline(
         executor,
         config.limits,
@@ -399,12 +405,7 @@ def build_service(
             blobs,
             # ... and the observers of every outcome last.
             MetricsStage(metrics, reactor),
-            AccessLogStage(
-                reactor,
-                lambda: live.current.logging.slow_request_ms,
-                # A partial rather than a lambda: one Python frame less on every request.
-                partial(logging_service.controller.enabled_for, LogLevel.debug, ACCESS_LOG_NAMESPACE),
-            ),
+            access_log,
         ),
     )
     pipeline.add_rejection_observer(metrics.request_rejected)

@@ -61,7 +61,8 @@ class LagMonitor(service.Service):
         self._observers.append(observer)
 
     def current_lag(self) -> float:
-        """The last measured lag, or how overdue the next probe is if that is larger."""
+        """The last measured lag, or how overdue the next probe is if that is larger; 0 while the
+        monitor is not running (before start and after stop)."""
         # Read on every request by load shedding: max() spelled out (same result, no call).
         last = self.last_lag
         due = self._due
@@ -78,6 +79,7 @@ class LagMonitor(service.Service):
         super().stopService()
         call, self._call = self._call, None
         self._due = None
+        self.last_lag = 0.0
         if call is not None and call.active():
             call.cancel()
 

@@ -328,6 +328,7 @@ class LogController:
         #: What we add to the publisher: the level filter in front of our outputs.
         self.observer = FilteringLogObserver(self._outputs, [self.predicate])
         self.log_file: BaseLogFile | None = None
+        self._watchers: list[Callable[[LoggingConfig], None]] = []
         self._adopted: list[ILogObserver] = []
         self._output_count = 0
         self.installed = False
@@ -408,6 +409,12 @@ class LogController:
         self.predicate.defaultLogLevel = level
         self.predicate.setLogLevelForNamespace("", level)
         self.settings = settings
+        for watcher in self._watchers:
+            watcher(settings)
+
+    def watch(self, watcher: Callable[[LoggingConfig], None]) -> None:
+        """Call ``watcher(settings)`` after every :meth:`apply` (levels and settings in effect)."""
+        self._watchers.append(watcher)
 
 
 class LoggingService(service.Service):
@@ -449,8 +456,10 @@ class LoggingService(service.Service):
         self.controller.uninstall()
 
     def prepare_reload(self, old: Config, new: Config) -> Callable[[], None] | None:
-        """A reload changing ``logging.level`` or ``logging.format`` applies them in place."""
-        if (old.logging.level, old.logging.format) == (new.logging.level, new.logging.format):
+        """A reload changing ``logging.level``, ``logging.format`` or ``logging.slow_request_ms``
+        applies them in place."""
+        fields = ("level", "format", "slow_request_ms")
+        if all(getattr(old.logging, f) == getattr(new.logging, f) for f in fields):
             return None
         settings = new.logging
         return lambda: self.controller.apply(settings)

@@ -339,6 +339,11 @@ class Metrics:
         self._flushers.append(flush)
         return tally
 
+    def add_flusher(self, flush: Callable[[], None]) -> None:
+        """Call ``flush()`` at the start of every collection, to move numbers kept in plain
+        attributes (cheaper to update per request or per read) into their prometheus metrics."""
+        self._flushers.append(flush)
+
     def flush(self) -> None:
         """Move the request tallies into their prometheus children (done by every collection)."""
         for flush in self._flushers:

@@ -58,21 +58,39 @@ class MeteredProtocol(ProtocolWrapper):
 
 
 class ConnectionMeter:
-    """The counting hooks a protocol calls itself (``AmatersServerProtocol._meter``): one shared
-    by every connection of a :class:`MeteredFactory`, each hook a single counter update."""
+    """What a protocol counts itself (``AmatersServerProtocol._meter``): one shared by every
+    connection of a :class:`MeteredFactory`.
 
-    __slots__ = ("_active", "_connections", "closed", "received", "sent")
+    Connections opened and closed are counter updates; the bytes of every read and write are
+    added to :attr:`received` and :attr:`sent`, plain integers the protocol increments (no call on
+    the data path), which every metrics collection moves into ``amaters_bytes_*_total``.
+    """
+
+    __slots__ = ("_active", "_connections", "_metrics", "closed", "received", "sent")
 
     def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
         self._connections = metrics.connections.inc
         self._active = metrics.connections_active
         self.closed = metrics.connections_active.dec
-        self.received = metrics.bytes_received.inc
-        self.sent = metrics.bytes_sent.inc
+        #: Bytes received and sent since the last collection.
+        self.received = 0
+        self.sent = 0
+        metrics.add_flusher(self.flush)
 
     def opened(self) -> None:
         self._connections()
         self._active.inc()
+
+    def flush(self) -> None:
+        """Move the bytes counted since the last collection into their counters."""
+        received, sent = self.received, self.sent
+        if received:
+            self.received = 0
+            self._metrics.bytes_received.inc(received)
+        if sent:
+            self.sent = 0
+            self._metrics.bytes_sent.inc(sent)
 
 
 class MeteredFactory(WrappingFactory):

@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from amaters.config import LoggingConfig
 from amaters.errors import AmatersError, ErrorCode
 from amaters.ops.metrics import Metrics
 from amaters.ops.tracing import extract_context
@@ -85,9 +86,11 @@ class AccessLogStage(PipelineStage):
     """One debug event per request (op, collection, status, duration, principal, source), and a
     warning for a request slower than ``logging.slow_request_ms``.
 
-    ``slow_request_ms()`` reads the current setting (reloadable); ``debug_enabled()`` says whether a
-    debug event in :data:`ACCESS_LOG_NAMESPACE` would be written, so a server at level info does
-    not build an event per request only to drop it.
+    ``slow_request_ms`` is the setting in effect and ``debug`` whether a debug event in
+    :data:`ACCESS_LOG_NAMESPACE` would be written (so a server at level info does not build an event
+    per request only to drop it); both are plain attributes, read on every request, that
+    :meth:`logging_changed` refreshes when ``[logging]`` is reloaded.  ``debug_enabled()`` asks the
+    log filter.
     """
 
     name = "accesslog"
@@ -95,22 +98,28 @@ class AccessLogStage(PipelineStage):
     def __init__(
         self,
         clock: IReactorTime,
-        slow_request_ms: Callable[[], int],
+        slow_request_ms: int,
         debug_enabled: Callable[[], bool] = lambda: True,
     ) -> None:
         # An instance attribute: as a class attribute, Logger's descriptor would replace the
         # namespace with the class name.
         self._log = Logger(namespace=ACCESS_LOG_NAMESPACE)
         self.clock = clock
-        self.slow_request_ms = slow_request_ms
         self.debug_enabled = debug_enabled
+        self.slow_request_ms = slow_request_ms
+        self.debug = debug_enabled()
+
+    def logging_changed(self, settings: LoggingConfig) -> None:
+        """Re-read the threshold and the debug level (called after ``[logging]`` was applied)."""
+        self.slow_request_ms = settings.slow_request_ms
+        self.debug = self.debug_enabled()
 
     def after(self, ctx: RequestContext, op: ops.Operation, outcome: object) -> None:
-        threshold = self.slow_request_ms()
+        threshold = self.slow_request_ms
         started = ctx.started
         if threshold <= 0 or started <= 0:
             # It cannot be slow: unless debug is on there is nothing to log, not even a clock to read.
-            if not self.debug_enabled():
+            if not self.debug:
                 return
             slow = False
             duration_ms = round(max(0.0, self.clock.seconds() - started) * 1000.0, 3) if started > 0 else -1.0
@@ -119,7 +128,7 @@ class AccessLogStage(PipelineStage):
             # Well under the threshold: no rounding.  Near it, the rounded value (the one the event
             # shows) decides, as it always has.
             slow = raw_ms >= threshold - 0.001 and round(raw_ms, 3) >= threshold
-            if not slow and not self.debug_enabled():
+            if not slow and not self.debug:
                 return
             duration_ms = round(raw_ms, 3)
         error = outcome_error(outcome)

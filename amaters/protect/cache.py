@@ -41,8 +41,9 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from amaters.config import CacheConfig, Config, cache_settings
+from amaters.proto.answers import query_response
 from amaters.query import operations as ops
-from amaters.query.pipeline import NOT_YET
+from amaters.query.pipeline import NOT_YET, RequestContext
 from amaters.types import CipherBlob
 
 #: Bytes counted for an entry besides its value's data and its collection name (the entry, its
@@ -105,12 +106,15 @@ def cache_key(collection: str, key: bytes) -> CacheKey:
 
 
 class _Entry:
-    __slots__ = ("collection", "size", "value")
+    """A cached GET result; ``response`` its serialized ``QueryResponse``, made at the first hit."""
+
+    __slots__ = ("collection", "response", "size", "value")
 
     def __init__(self, collection: str, value: CipherBlob | None, size: int) -> None:
         self.collection = collection
         self.value = value
         self.size = size
+        self.response: bytes | None = None
 
 
 class _Reads:
@@ -192,6 +196,16 @@ class QueryCache:
         self.hits += 1
         return entry.value
 
+    def encode(self, entry: _Entry) -> bytes:
+        """Give a cached entry its serialized ``QueryResponse``, counted in its size (and evict
+        older entries if that takes the cache over ``max_bytes``)."""
+        response = query_response("get", entry.value)
+        entry.response = response
+        entry.size += len(response)
+        self.bytes += len(response)
+        self._evict_to(self.max_bytes)
+        return response
+
     def begin_read(self, hashed: CacheKey, collection: str) -> ReadTicket:
         """A GET that missed is about to read storage."""
         reads = self._reads.get(hashed)
@@ -245,7 +259,7 @@ class QueryCache:
         writing = self._writing
         for key in hashed:
             writing[key] = writing.get(key, 0) + 1
-            self._invalidate(key)
+            self.invalidate_key(key)
 
     def end_write(self, hashed: Iterable[CacheKey]) -> None:
         """Writes to these keys finished (successfully or not)."""
@@ -256,13 +270,13 @@ class QueryCache:
                 writing[key] = count
             else:
                 writing.pop(key, None)
-            self._invalidate(key)
+            self.invalidate_key(key)
 
     def begin_key_write(self, hashed: CacheKey) -> None:
         """:meth:`begin_write` for one key (a SET or a DELETE: the commonest write)."""
         writing = self._writing
         writing[hashed] = writing.get(hashed, 0) + 1
-        self._invalidate(hashed)
+        self.invalidate_key(hashed)
 
     def end_key_write(self, hashed: CacheKey) -> None:
         """:meth:`end_write` for one key."""
@@ -270,7 +284,7 @@ class QueryCache:
         count = writing.pop(hashed, 0) - 1
         if count > 0:
             writing[hashed] = count
-        self._invalidate(hashed)
+        self.invalidate_key(hashed)
 
     def begin_collection_write(self, collection: str | None) -> None:
         """A write to unnamed keys of ``collection`` (None: of any collection) is about to start."""
@@ -287,7 +301,10 @@ class QueryCache:
             self._collections_writing.pop(name, None)
         self._invalidate_collection(collection)
 
-    def _invalidate(self, hashed: CacheKey) -> None:
+    def invalidate_key(self, hashed: CacheKey) -> None:
+        """Drop the key's entry and move its generation (a read in flight will not cache what it
+        read).  On its own: a write to the key that started and ended with no reactor turn between
+        (:meth:`begin_key_write` and :meth:`end_key_write` at once)."""
         if self._reads:
             reads = self._reads.get(hashed)
             if reads is not None:
@@ -387,11 +404,16 @@ class CachingExecutor:
             return self._get(op)  # type: ignore[arg-type]
         if kind in _READ_ONLY:
             return self.inner.execute(op)
-        if not cache.enabled:
+        if cache.max_bytes <= 0:  # off (``cache.enabled`` without the call)
             return self._untracked_write(op)
         if kind is ops.Set or kind is ops.Delete:
             single: Any = op
-            return self._key_write(cache_key(single.collection, single.key), op)
+            key = single.key
+            # ``cache_key`` inlined for a short key (the usual one).
+            hashed = (
+                (single.collection, key) if len(key) <= SHORT_KEY_BYTES else cache_key(single.collection, key)
+            )
+            return self._key_write(hashed, op)
         if kind is ops.Batch:
             batch: Any = op
             keys = [cache_key(item.collection, item.key) for item in batch.ops if item.kind == "write"]
@@ -402,22 +424,31 @@ class CachingExecutor:
         # collection, or everything when the operation names none.
         return self._collection_write(getattr(op, "collection", None), op)
 
-    def cached(self, op: ops.Get) -> Any:
+    def cached(self, op: ops.Get, ctx: RequestContext | None = None) -> Any:
         """What the cache holds for a GET now (a CipherBlob or None, counted as a hit), or
         :data:`~amaters.query.pipeline.NOT_YET` (not counted: :meth:`execute` then counts the miss).
 
-        The pipeline asks this first, so that a hit needs no Deferred.
+        The pipeline asks this first, so that a hit needs no Deferred.  On a hit ``ctx.response``
+        is set to the entry's serialized ``QueryResponse`` (encoded at its first hit and counted
+        in the cache's bytes from then on), which a front end can send without encoding it again.
         """
         cache = self.cache
         if cache.max_bytes <= 0:
             return NOT_YET
         entries = cache._entries
-        hashed = cache_key(op.collection, op.key)
+        key = op.key
+        # ``cache_key`` inlined for a short key (the usual one).
+        hashed = (op.collection, key) if len(key) <= SHORT_KEY_BYTES else cache_key(op.collection, key)
         entry = entries.get(hashed)
         if entry is None:
             return NOT_YET
         entries.move_to_end(hashed)
         cache.hits += 1
+        if ctx is not None:
+            response = entry.response
+            if response is None:
+                response = cache.encode(entry)
+            ctx.response = response
         return entry.value
 
     def _get(self, op: ops.Get) -> defer.Deferred[Any]:
@@ -450,18 +481,24 @@ class CachingExecutor:
         return self._execute_then(op, cache.end_write, keys)
 
     def _key_write(self, hashed: CacheKey, op: ops.Operation) -> defer.Deferred[Any]:
-        """:meth:`_write` for one key, without the list and the closure."""
+        """:meth:`_write` for one key, without the list and the closure.
+
+        The write is marked in progress only once it is known not to have finished during the
+        call (a write to the memory backend finishes at once, and then only needs its entry
+        invalidated).  Nothing the cache holds can be read between the call and the marking (no
+        reactor turn), and whatever a read finishing *during* the call stored is dropped by the
+        invalidation that follows either way.
+        """
         cache = self.cache
-        cache.begin_key_write(hashed)
         try:
             d: defer.Deferred[Any] = self.inner.execute(op)
         except BaseException:
-            cache.end_key_write(hashed)
+            cache.invalidate_key(hashed)
             raise
         if d.called and not d.paused:
-            # Already finished (memory backend): what the callback would do now, without it.
-            cache.end_key_write(hashed)
+            cache.invalidate_key(hashed)  # finished: begin and end at once
         else:
+            cache.begin_key_write(hashed)
             d.addBoth(self._key_written, hashed)
         return d
 

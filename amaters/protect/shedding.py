@@ -23,7 +23,6 @@ from twisted.logger import Logger
 
 from amaters.config import Config, LimitsConfig
 from amaters.errors import Overloaded
-from amaters.ops.lag import LagMonitor
 from amaters.query.pipeline import PipelineStage, RequestContext
 
 #: Operations answered even while shedding: cheap, and what monitoring and load balancers use.
@@ -114,16 +113,4 @@ class LoadShedder(PipelineStage):
         return commit
 
 
-class LagSource:
-    """The reactor lag for the shedder, read from a running :class:`LagMonitor` (0 while it is not
-    running: before the tree has started and after it has stopped)."""
-
-    def __init__(self, monitor: LagMonitor) -> None:
-        self.monitor = monitor
-
-    def __call__(self) -> float:
-        monitor = self.monitor
-        return monitor.current_lag() if monitor.running else 0.0
-
-
-__all__ = ["EXEMPT", "LagSource", "LoadShedder"]
+__all__ = ["EXEMPT", "LoadShedder"]

@@ -68,7 +68,7 @@ from amaters.fdlimit import raise_open_file_limit
 from amaters.interfaces import IPrincipal, IRangeCursor
 from amaters.protect.compression import compress_frame, decompress_frame
 from amaters.proto import aql_pb2, envelope_pb2
-from amaters.proto.answers import set_answer
+from amaters.proto.answers import query_answer, set_answer
 from amaters.proto.convert import (
     error_to_proto,
     fill_blob,
@@ -282,8 +282,9 @@ class AmatersServerProtocol(FrameReceiver):
     _log = Logger()
     factory: AmatersServerFactory
     #: Connection and byte counting (amaters.ops.observability sets it on each connection): an
-    #: object with ``opened()``, ``closed()``, ``received(n)`` and ``sent(n)``, called from the
-    #: protocol itself so that no wrapper layer sits in the data path.  None: nothing counted.
+    #: object with ``opened()`` and ``closed()``, and ``received`` and ``sent`` byte counts the
+    #: protocol adds to itself, so that no wrapper layer sits in the data path.  None: nothing
+    #: counted.
     _meter: Any = None
 
     def __init__(self) -> None:
@@ -466,7 +467,7 @@ class AmatersServerProtocol(FrameReceiver):
     def dataReceived(self, data: bytes) -> None:
         meter = self._meter
         if meter is not None:
-            meter.received(len(data))
+            meter.received += len(data)
         self._last_activity = self.factory.clock.seconds()
         self._received_any = True
         super().dataReceived(data)
@@ -672,7 +673,7 @@ class AmatersServerProtocol(FrameReceiver):
     def _transport_write(self, data: bytes) -> None:
         """Write to the transport now, counting the bytes (see ``_meter``)."""
         if self._meter is not None:
-            self._meter.sent(len(data))
+            self._meter.sent += len(data)
         self._sent_since_drain += len(data)
         self.transport.write(data)  # type: ignore[union-attr]
 
@@ -688,7 +689,7 @@ class AmatersServerProtocol(FrameReceiver):
         if not self._write_blocked and not self._held:
             meter = self._meter
             if meter is not None:
-                meter.sent(len(data))
+                meter.sent += len(data)
             self._sent_since_drain += len(data)
             self.transport.write(data)  # type: ignore[union-attr]
             return
@@ -1050,6 +1051,12 @@ class AmatersServerProtocol(FrameReceiver):
         done, outcome = pipeline.run(ctx, op)
         if done:
             # Answered synchronously (memory backend, cache hit): skip the callback machinery.
+            response = ctx.response
+            if response is not None and not self._revision_scopes:
+                # Already encoded (a query-cache hit): sent as it is.
+                if not self._lost:
+                    self._send_payload(query_answer(request_id, response))
+                return
             self._answer_query(request_id, op.name, outcome)
             return
         d: defer.Deferred[Any] = outcome
@@ -1067,6 +1074,10 @@ class AmatersServerProtocol(FrameReceiver):
         envelope = Envelope(request_id=request_id)
         if op_name == "get" and result is not None:
             fill_blob(envelope.query_response.result.single.value, result)  # the hottest answer
+            if not self._revision_scopes:  # ``_send`` without the call
+                if not self._lost:
+                    self._send_payload(envelope.SerializeToString())
+                return
         else:
             fill_result(envelope.query_response.result, op_name, result)
         self._send(envelope)

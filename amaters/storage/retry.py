@@ -133,6 +133,9 @@ class RetryingBackend:
         self.policy = policy
         self._clock = clock
         self._rng = rng or random.Random()
+        # Asked for every write and most reads and never retried: the inner method itself, with
+        # no call in between.
+        self.has_collection = inner.has_collection  # type: ignore[method-assign]
 
     @property
     def name(self) -> str:
@@ -143,7 +146,14 @@ class RetryingBackend:
         # when it has already succeeded (most reads and writes of an in-process engine) or is still
         # pending (a write waiting for its group commit), nothing else is added to the common path.
         # The retry loop (a coroutine) only starts after a transient failure.
-        first: defer.Deferred[Any] = defer.maybeDeferred(f, *args)
+        # ``maybeDeferred`` spelled out for a backend method (which returns a Deferred, or raises).
+        try:
+            first: defer.Deferred[Any] = f(*args)
+        except Exception:
+            first = defer.fail()
+        else:
+            if type(first) is not defer.Deferred:
+                first = defer.maybeDeferred(lambda: first)
         if not first.called:
             return first.addErrback(self._after_failure, what, f, args)
         if not isinstance(first.result, Failure):

@@ -286,6 +286,7 @@ async def test_query_cache_serves_hits_and_never_stale_values(tmp_path: Path) ->
         assert await client.get("c", b"k") == b"two"
         assert await client.delete("c", b"k") is True
         assert await client.get("c", b"k") is None
+        assert await client.get("c", b"k") is None  # a cached absence, answered pre-encoded
         await client.set("c", b"k", b"three")
         assert await client.get("c", b"k") == b"three"
         await client.drop_collection("c")

@@ -224,6 +224,9 @@ action = st.one_of(
     st.tuples(st.just("batch"), st.integers(0, 7), st.booleans()),
     st.tuples(st.just("drop"), st.integers(0, 1), st.booleans()),
     st.tuples(st.just("release"), st.integers(0, 1000), st.booleans()),
+    # A write that finishes during the call (the memory backend), after finishing a GET that
+    # was waiting (a backend whose write fires other requests' callbacks).
+    st.tuples(st.just("syncset"), st.integers(0, 2), st.booleans()),
 )
 
 
@@ -242,7 +245,16 @@ def test_never_stale_after_a_write(actions: list[tuple[str, int, bool]], max_byt
 
     original = inner.execute
 
+    sync_writes: list[bool] = []
+
     def execute(op: Any) -> defer.Deferred[Any]:
+        if sync_writes and sync_writes.pop() and not isinstance(op, ops.Get):
+            reads = [i for i, (_, (kind, *_rest)) in enumerate(inner.pending) if kind == "get"]
+            if reads:
+                inner.release(reads[0])
+            inner.calls += 1
+            inner._apply(op)
+            return defer.succeed(None)
         return original(op, early_flags.pop() if early_flags else True)
 
     inner.execute = execute  # type: ignore[method-assign]
@@ -257,6 +269,11 @@ def test_never_stale_after_a_write(actions: list[tuple[str, int, bool]], max_byt
             collection, key = KEYS[n]
             d = executor.execute(ops.Get(collection, key))
             checks.append((d, acked.get((collection, key), 0)))
+        elif kind == "syncset":
+            collection, key = KEYS[n]
+            sync_writes[:] = [True]
+            executor.execute(ops.Set(collection, key, blob(b"new"))).addCallback(on_ack, [(collection, key)])
+            sync_writes.clear()
         elif kind in ("set", "delete"):
             collection, key = KEYS[n]
             op: Any = ops.Set(collection, key, blob(b"new")) if kind == "set" else ops.Delete(collection, key)
@@ -338,3 +355,60 @@ def test_the_pipeline_answers_a_hit_synchronously_and_counts_it_once() -> None:
     inner.release(0)
     done, d = pipeline.run(RequestContext(4, ANONYMOUS), get)
     assert not done and inner.calls == 3 and cache.stats()["misses"] == 2
+
+
+def test_a_hit_carries_its_encoded_response_counted_in_the_cache_bytes() -> None:
+    """A hit sets ``ctx.response`` to the serialized QueryResponse of the cached value (the
+    runtime's own encoding), encoded at the first hit and counted in the cache's bytes from then
+    on; a write drops it with the entry, and the next hit encodes the new value."""
+    from amaters.auth.principal import ANONYMOUS
+    from amaters.proto import aql_pb2
+    from amaters.query.pipeline import RequestContext
+
+    inner = Executor()
+    cache = QueryCache(1 << 20)
+    executor = CachingExecutor(inner, cache)
+    get = ops.Get("c", b"k")
+    inner.store[("c", b"k")] = (0, blob(b"v0"))
+    executor.execute(get)
+    inner.release(0)
+    before = cache.bytes
+
+    ctx = RequestContext(1, ANONYMOUS)
+    assert executor.cached(get, ctx) == blob(b"v0")
+    response = ctx.response
+    assert response is not None
+    decoded = aql_pb2.QueryResponse.FromString(response)
+    assert decoded.result.single.value.data == b"v0"
+    assert cache.bytes == before + len(response)
+    again = RequestContext(2, ANONYMOUS)
+    executor.cached(get, again)
+    assert again.response is response  # encoded once
+    assert cache.bytes == before + len(response)
+
+    executor.execute(ops.Set("c", b"k", blob(b"v2")))
+    inner.release(0)
+    assert cache.bytes == 0
+    executor.execute(get)
+    inner.release(0)
+    third = RequestContext(3, ANONYMOUS)
+    executor.cached(get, third)
+    assert third.response is not None
+    assert aql_pb2.QueryResponse.FromString(third.response).result.single.value.data == b"v1"
+
+
+def test_an_absent_key_hit_is_encoded_as_an_empty_single_result() -> None:
+    from amaters.auth.principal import ANONYMOUS
+    from amaters.proto import aql_pb2
+    from amaters.query.pipeline import RequestContext
+
+    inner = Executor()
+    executor = CachingExecutor(inner, QueryCache(1 << 20))
+    get = ops.Get("c", b"absent")
+    executor.execute(get)
+    inner.release(0)
+    ctx = RequestContext(1, ANONYMOUS)
+    assert executor.cached(get, ctx) is None
+    assert ctx.response is not None
+    decoded = aql_pb2.QueryResponse.FromString(ctx.response)
+    assert decoded.result.HasField("single") and not decoded.result.single.HasField("value")

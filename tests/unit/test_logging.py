@@ -261,11 +261,17 @@ def test_service_installs_on_privileged_start_and_reports_unopenable_files(tmp_p
 
 
 def test_reload_prepares_level_and_format_changes() -> None:
-    """prepare_reload returns a commit only when level or format changed; the commit applies them."""
+    """prepare_reload returns a commit only when level, format or slow_request_ms changed; the
+    commit applies them and tells the watchers (the access log)."""
     service = LoggingService(settings(), LogPublisher())
     old = load_config(None, [], {})
-    same = load_config(None, ["logging.slow_request_ms=5"], {})
-    assert service.prepare_reload(old, same) is None
+    assert service.prepare_reload(old, load_config(None, ["logging.file=x.log"], {})) is None
+    seen: list[int] = []
+    service.controller.watch(lambda s: seen.append(s.slow_request_ms))
+    slower = service.prepare_reload(old, load_config(None, ["logging.slow_request_ms=5"], {}))
+    assert slower is not None
+    slower()
+    assert seen == [5]
     new: Config = load_config(None, ["logging.level=debug", "logging.format=json"], {})
     commit = service.prepare_reload(old, new)
     assert commit is not None
@@ -281,7 +287,7 @@ def test_reload_prepares_level_and_format_changes() -> None:
 def access_stage(
     events: list[LogEvent], clock: Clock, slow_ms: int = 1000, debug: bool = True
 ) -> AccessLogStage:
-    stage = AccessLogStage(clock, lambda: slow_ms, lambda: debug)
+    stage = AccessLogStage(clock, slow_ms, lambda: debug)
     assert stage._log.namespace == ACCESS_LOG_NAMESPACE
     stage._log = Logger(namespace=ACCESS_LOG_NAMESPACE, observer=events.append)
     return stage
@@ -358,6 +364,32 @@ def test_remembered_level_decisions_follow_level_changes(tmp_path: Path) -> None
     controller.predicate.clearLogLevels()  # back to the default level (warn, from the last apply)
     assert not debug_on()
     assert controller.enabled_for(LogLevel.warn, ACCESS_LOG_NAMESPACE)
+
+
+def test_access_log_follows_a_logging_reload(tmp_path: Path) -> None:
+    """The access log stage keeps the threshold and the debug decision as attributes; a reload of
+    ``[logging]`` (the controller's apply) refreshes both, so the next request sees the new level
+    and the new slow_request_ms."""
+    from functools import partial
+
+    log_file = str(tmp_path / "server.log")
+    controller = LogController(settings(level="info", file=log_file), LogPublisher())
+    events: list[LogEvent] = []
+    clock = Clock()
+    clock.advance(10)
+    stage = AccessLogStage(clock, 1000, partial(controller.enabled_for, LogLevel.debug, ACCESS_LOG_NAMESPACE))
+    stage._log = Logger(namespace=ACCESS_LOG_NAMESPACE, observer=events.append)
+    controller.watch(stage.logging_changed)
+    op = ops.Get("users", b"k")
+    stage.after(RequestContext(1, ANONYMOUS, started=9.8), op, None)  # 200 ms, info: nothing
+    assert events == []
+    controller.apply(settings(level="debug", file=log_file))
+    stage.after(RequestContext(2, ANONYMOUS, started=9.8), op, None)
+    assert [e["log_level"] for e in events] == [LogLevel.debug]
+    controller.apply(settings(level="info", file=log_file, slow_request_ms=100))
+    stage.after(RequestContext(3, ANONYMOUS, started=9.8), op, None)
+    assert [e["log_level"] for e in events] == [LogLevel.debug, LogLevel.warn]
+    assert events[-1]["threshold"] == 100
 
 
 def test_slow_request_threshold_uses_the_rounded_duration() -> None:

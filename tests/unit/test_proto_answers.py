@@ -1,4 +1,4 @@
-"""The pre-encoded SET answer is byte for byte the protobuf runtime's serialization."""
+"""The pre-encoded answers are byte for byte the protobuf runtime's serialization."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import random
 
 import pytest
 
-from amaters.proto.answers import set_answer
+from amaters.proto.answers import query_answer, query_response, set_answer
 from amaters.proto.convert import fill_result
 from amaters.proto.envelope_pb2 import Envelope
+from amaters.types import CipherBlob, Compression
 
 
 def _runtime_set_answer(request_id: int) -> bytes:
@@ -37,3 +38,28 @@ def test_set_answer_parses_as_one_affected_row() -> None:
     assert envelope.request_id == 12345
     assert envelope.WhichOneof("body") == "query_response"
     assert envelope.query_response.result.success.affected_rows == 1
+
+
+def _runtime_get_answer(request_id: int, value: CipherBlob | None) -> bytes:
+    envelope = Envelope(request_id=request_id)
+    fill_result(envelope.query_response.result, "get", value)
+    return envelope.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        CipherBlob.wrap(b""),
+        CipherBlob.wrap(b"x" * 100, created_at=1_733_300_000_123),
+        CipherBlob.wrap(b"y" * 5000, version=0),
+        CipherBlob(data=b"z" * 200, checksum=7, size=4096, compression=Compression.ZSTD, version=2**32 - 1),
+        CipherBlob(data=b"n", checksum=0, size=0, created_at=-5),
+    ],
+)
+def test_query_answer_matches_the_runtime_for_get_results(value: CipherBlob | None) -> None:
+    """A GET answer built from a serialized QueryResponse is the runtime's Envelope, byte for
+    byte, at request ids across the varint boundaries."""
+    response = query_response("get", value)
+    for request_id in (0, 1, 0x7F, 0x80, 2**14, 2**21, 2**63, 2**64 - 1):
+        assert query_answer(request_id, response) == _runtime_get_answer(request_id, value)

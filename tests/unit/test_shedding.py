@@ -16,7 +16,7 @@ from amaters.config import LimitsConfig, default_config
 from amaters.errors import ErrorCategory, Overloaded
 from amaters.ops.lag import LagMonitor
 from amaters.protect.connlimit import ConnectionLimiter, ConnectionLimitFactory
-from amaters.protect.shedding import LagSource, LoadShedder
+from amaters.protect.shedding import LoadShedder
 from amaters.protocols.server import ANONYMOUS
 from amaters.query import operations as ops
 from amaters.query.executor import QueryExecutor
@@ -132,10 +132,11 @@ def test_shedder_reload() -> None:
 
 
 def test_lag_source_reads_the_running_monitor() -> None:
-    """The lag comes from the lag monitor while it runs, and reads 0 before and after."""
+    """The shedder's lag (the monitor's current_lag) comes from the lag monitor while it runs, and
+    reads 0 before and after."""
     clock = Clock()
     monitor = LagMonitor(clock, 0.5)
-    source = LagSource(monitor)
+    source = monitor.current_lag
     assert source() == 0.0
     monitor.startService()
     clock.advance(0.5)
