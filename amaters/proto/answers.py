@@ -3,8 +3,9 @@
 
 Building an ``Envelope`` with its nested levels and serializing it costs about twice as much as
 writing the few bytes directly; a GET answer carrying a value costs about 1.4 µs through the
-protobuf runtime, so the query cache keeps each entry's serialized ``QueryResponse``
-(:func:`query_response`) and a hit is answered by :func:`query_answer`, a few byte concatenations.
+protobuf runtime, so the query cache keeps the serialized ``QueryResponse`` of each entry whose
+value is small (:func:`query_response`) and a hit is answered by :func:`query_answer`, a few byte
+concatenations.
 The output is byte for byte what ``Envelope.SerializeToString()`` gives for the same message
 (``tests/unit/test_proto_answers.py`` checks it against the protobuf runtime), so a client cannot
 tell the difference.

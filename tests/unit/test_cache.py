@@ -412,3 +412,25 @@ def test_an_absent_key_hit_is_encoded_as_an_empty_single_result() -> None:
     assert ctx.response is not None
     decoded = aql_pb2.QueryResponse.FromString(ctx.response)
     assert decoded.result.HasField("single") and not decoded.result.single.HasField("value")
+
+
+def test_a_large_value_is_not_kept_encoded() -> None:
+    """A value over ENCODED_MAX_BYTES is cached without its encoded answer (it would double the
+    entry): hits leave ``ctx.response`` unset and the cache's bytes unchanged."""
+    from amaters.auth.principal import ANONYMOUS
+    from amaters.protect.cache import ENCODED_MAX_BYTES
+    from amaters.query.pipeline import RequestContext
+
+    inner = Executor()
+    cache = QueryCache(1 << 20)
+    executor = CachingExecutor(inner, cache)
+    get = ops.Get("c", b"big")
+    inner.store[("c", b"big")] = (0, blob(b"x" * (ENCODED_MAX_BYTES + 1)))
+    executor.execute(get)
+    inner.release(0)
+    before = cache.bytes
+    for request_id in (1, 2):
+        ctx = RequestContext(request_id, ANONYMOUS)
+        assert executor.cached(get, ctx) == blob(b"x" * (ENCODED_MAX_BYTES + 1))
+        assert ctx.response is None
+    assert cache.bytes == before
