@@ -414,16 +414,11 @@ class CachingExecutor:
             return self._get(op)  # type: ignore[arg-type]
         if kind in _READ_ONLY:
             return self.inner.execute(op)
-        if cache.max_bytes <= 0:  # off (``cache.enabled`` without the call)
+        if not cache.enabled:
             return self._untracked_write(op)
         if kind is ops.Set or kind is ops.Delete:
             single: Any = op
-            key = single.key
-            # ``cache_key`` inlined for a short key (the usual one).
-            hashed = (
-                (single.collection, key) if len(key) <= SHORT_KEY_BYTES else cache_key(single.collection, key)
-            )
-            return self._key_write(hashed, op)
+            return self._key_write(cache_key(single.collection, single.key), op)
         if kind is ops.Batch:
             batch: Any = op
             keys = [cache_key(item.collection, item.key) for item in batch.ops if item.kind == "write"]
@@ -447,9 +442,7 @@ class CachingExecutor:
         if cache.max_bytes <= 0:
             return NOT_YET
         entries = cache._entries
-        key = op.key
-        # ``cache_key`` inlined for a short key (the usual one).
-        hashed = (op.collection, key) if len(key) <= SHORT_KEY_BYTES else cache_key(op.collection, key)
+        hashed = cache_key(op.collection, op.key)
         entry = entries.get(hashed)
         if entry is None:
             return NOT_YET

@@ -60,9 +60,6 @@ def _request_id(request_id: int) -> bytes:
     encoded = _REQUEST_IDS.get(request_id)
     if encoded is not None:
         return encoded
-    if 0x4000 <= request_id < 0x200000:
-        # Three varint bytes (ids a long-lived connection reaches), spelled out: no call.
-        return bytes((8, (request_id & 0x7F) | 0x80, ((request_id >> 7) & 0x7F) | 0x80, request_id >> 14))
     encoded = _REQUEST_ID + _varint(request_id)
     if request_id < 0x4000:
         _REQUEST_IDS[request_id] = encoded
@@ -83,10 +80,4 @@ def query_response(op_name: str, result: Any) -> bytes:
 
 def query_answer(request_id: int, response: bytes) -> bytes:
     """The serialized Envelope answering ``request_id`` with a serialized ``QueryResponse``."""
-    size = len(response)
-    return (
-        _request_id(request_id)
-        + _QUERY_RESPONSE
-        + (_SMALL[size] if size < 0x80 else _varint(size))
-        + response
-    )
+    return _request_id(request_id) + _QUERY_RESPONSE + _varint(len(response)) + response

@@ -1074,10 +1074,6 @@ class AmatersServerProtocol(FrameReceiver):
         envelope = Envelope(request_id=request_id)
         if op_name == "get" and result is not None:
             fill_blob(envelope.query_response.result.single.value, result)  # the hottest answer
-            if not self._revision_scopes:  # ``_send`` without the call
-                if not self._lost:
-                    self._send_payload(envelope.SerializeToString())
-                return
         else:
             fill_result(envelope.query_response.result, op_name, result)
         self._send(envelope)

@@ -14,7 +14,6 @@ names the rule (never the key or value):
 from __future__ import annotations
 
 import re
-import zlib
 from collections.abc import Callable
 
 from amaters.config import LimitsConfig
@@ -31,7 +30,7 @@ from amaters.errors import (
 from amaters.proto import aql_pb2, query_pb2, types_pb2
 from amaters.proto.convert import blob_from_proto
 from amaters.query import operations as ops
-from amaters.types import CipherBlob
+from amaters.types import CipherBlob, crc32
 
 COLLECTION_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 _FHE_MISSING = (
@@ -90,7 +89,7 @@ class Validator:
             raise SizeExceeded(
                 f"the value is {len(blob.data)} bytes; the limit is {self.limits.max_value_bytes}"
             )
-        if zlib.crc32(blob.data) != blob.checksum:  # types.crc32 without the call (both unsigned)
+        if crc32(blob.data) != blob.checksum:
             raise InvalidValue(
                 "the value's CRC32 (metadata.checksum) does not match its data;"
                 " it was corrupted in transit or the checksum was not set"

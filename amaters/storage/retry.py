@@ -146,14 +146,7 @@ class RetryingBackend:
         # when it has already succeeded (most reads and writes of an in-process engine) or is still
         # pending (a write waiting for its group commit), nothing else is added to the common path.
         # The retry loop (a coroutine) only starts after a transient failure.
-        # ``maybeDeferred`` spelled out for a backend method (which returns a Deferred, or raises).
-        try:
-            first: defer.Deferred[Any] = f(*args)
-        except Exception:
-            first = defer.fail()
-        else:
-            if type(first) is not defer.Deferred:
-                first = defer.maybeDeferred(lambda: first)
+        first: defer.Deferred[Any] = defer.maybeDeferred(f, *args)
         if not first.called:
             return first.addErrback(self._after_failure, what, f, args)
         if not isinstance(first.result, Failure):
