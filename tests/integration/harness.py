@@ -13,7 +13,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from ports import free_port
@@ -155,6 +156,16 @@ class ServerProcess:
             return self.process.returncode if self.process else 0
         self.signal(signal.SIGTERM)
         return self.wait_exit(timeout)
+
+    @contextmanager
+    def running(self) -> Iterator[ServerProcess]:
+        """Start and wait until ready; on leaving, stop (SIGTERM) and clean up (a fixture's body)."""
+        self.start().wait_ready()
+        try:
+            yield self
+        finally:
+            self.stop()
+            self.cleanup()
 
     def kill9(self) -> None:
         assert self.process is not None

@@ -16,12 +16,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
     process = ServerProcess(tmp_path / "server", settings=["storage.backend=memory"])
-    process.start().wait_ready()
-    try:
+    with process.running():
         yield process
-    finally:
-        process.stop()
-        process.cleanup()
 
 
 def amaters(

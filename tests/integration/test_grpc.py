@@ -44,12 +44,8 @@ def stubs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     process = ServerProcess(tmp_path_factory.mktemp("grpc-server"), settings=["storage.backend=memory"])
-    process.start().wait_ready()
-    try:
+    with process.running():
         yield process
-    finally:
-        process.stop()
-        process.cleanup()
 
 
 @pytest.fixture

@@ -73,12 +73,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
             "auth.max_failures_per_minute=0",
         ],
     )
-    process.start().wait_ready()
-    try:
+    with process.running():
         yield process
-    finally:
-        process.stop()
-        process.cleanup()
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,8 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
         tmp_path / "server",
         ["tls.enabled=false", 'web.cors.allowed_origins=["*"]', "web.max_connections=64"],
     )
-    s.start().wait_ready()
-    try:
+    with s.running():
         yield s
-    finally:
-        s.stop()
-        s.cleanup()
 
 
 def call(
