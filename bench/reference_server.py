@@ -2,7 +2,7 @@
 
 It speaks amaters' wire protocol with amaters' own pieces: the same :class:`FrameReceiver` framing
 (answers of one read batched into one write, as the real server does), the same ``Envelope``
-protobuf, the same TLS setup (``server_tls_options`` in a ``TLSMemoryBIOFactory``) and the same
+protobuf, the same TLS setup (``server_tls_options`` in a ``BatchedWritesTLSFactory``) and the same
 default reactor.  It does only what a key-value server cannot skip: parse the envelope, look the key
 up in a dict, build and serialize the answer.  No validation, checksums, limits, pipeline stages,
 authentication, metrics or durability, which is exactly what the ratio against it prices.
@@ -120,15 +120,13 @@ class ReferenceFactory(Factory):
 
 def tls_factory(factory: Factory, tls_dir: Path, reactor: Any) -> Any:
     """Wrap ``factory`` in TLS exactly as amaters' listener does (generating files when missing)."""
-    from twisted.protocols.tls import TLSMemoryBIOFactory
-
     from amaters.tls.certs import generate_server_tls
-    from amaters.tls.context import ReloadableServerTLS, server_tls_options
+    from amaters.tls.context import BatchedWritesTLSFactory, ReloadableServerTLS, server_tls_options
 
     if not (tls_dir / "server.pem").exists():
         generate_server_tls(tls_dir)
     options = server_tls_options(tls_dir / "server.pem", tls_dir / "server.key")
-    return TLSMemoryBIOFactory(ReloadableServerTLS(options), False, factory, clock=reactor)
+    return BatchedWritesTLSFactory(ReloadableServerTLS(options), factory)
 
 
 def main(argv: list[str] | None = None) -> None:

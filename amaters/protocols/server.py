@@ -40,7 +40,6 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -84,7 +83,7 @@ from amaters.query import operations as ops
 from amaters.query.executor import CAPABILITIES
 from amaters.query.pipeline import QueryPipeline, RequestContext
 from amaters.tls.certs import ensure_server_tls
-from amaters.tls.context import ReloadableServerTLS, server_tls_options
+from amaters.tls.context import BatchedWritesTLSFactory, ReloadableServerTLS, server_tls_options
 
 if TYPE_CHECKING:
     from amaters.config import Config, LimitsConfig
@@ -1465,7 +1464,7 @@ class ListenerService(service.Service):
                 crl=config.tls.crl or None,
             )
             self.tls = ReloadableServerTLS(options)
-            factory = TLSMemoryBIOFactory(self.tls, False, factory, clock=self.reactor)
+            factory = BatchedWritesTLSFactory(self.tls, factory)
             factory.tls_creator = self.tls  # held on the wrapper so reload can swap certificates
         else:
             self._log.warn("TLS is disabled (tls.enabled = false): traffic is not encrypted in transit")

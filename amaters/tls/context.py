@@ -17,7 +17,12 @@ from cryptography import x509
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet._sslverify import IOpenSSLTrustRoot
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+)
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from amaters.errors import InvalidCertificate
@@ -144,6 +149,23 @@ class ReloadableServerTLS:
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         return SSL.Connection(self.options.getContext(), None)
+
+
+class BatchedWritesTLSFactory(TLSMemoryBIOFactory):
+    """TLS for a protocol that already writes its answers in one piece per read.
+
+    Twisted's default TLS transport holds every write until the next reactor iteration (a timer
+    per write) so that many small writes become one TLS record.  The native protocol joins the
+    answers of one read itself and writes once, so that wait only costs a timer, a heap push and
+    pop and one more trip round the reactor per answer: this factory's connections encrypt and
+    send each write at once.  Protocols that write in many small pieces (HTTP) keep Twisted's
+    default.
+    """
+
+    protocol = TLSMemoryBIOProtocol
+
+    def __init__(self, creator: IOpenSSLServerConnectionCreator, wrapped: IProtocolFactory) -> None:
+        super().__init__(creator, False, wrapped)
 
 
 def client_tls_options(

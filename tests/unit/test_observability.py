@@ -16,6 +16,7 @@ from amaters.config import load_config
 from amaters.ops.metrics import Metrics
 from amaters.ops.observability import MeteredFactory
 from amaters.tap import build_service
+from amaters.tls.context import BatchedWritesTLSFactory
 
 
 def tree(tmp_path: Path, *overrides: str) -> tuple[Any, MemoryReactorClock]:
@@ -69,8 +70,8 @@ def test_no_tracing_stage_when_disabled(tmp_path: Path) -> None:
 
 
 def test_listener_serves_through_the_metered_factory(tmp_path: Path) -> None:
-    """Once started, the native port's factory is TLS around the metered factory around the
-    protocol factory."""
+    """Once started, the native port's factory is TLS (sending each write at once) around the
+    metered factory around the protocol factory."""
     root, reactor = tree(tmp_path)
     d = root.startService()
     assert d.called
@@ -79,6 +80,7 @@ def test_listener_serves_through_the_metered_factory(tmp_path: Path) -> None:
     native = factories[7878]
     while not isinstance(native, TLSMemoryBIOFactory):
         native = native.wrappedFactory
+    assert isinstance(native, BatchedWritesTLSFactory)
     assert isinstance(native.wrappedFactory, MeteredFactory)
     assert native.wrappedFactory.wrappedFactory is listener.factory
     root.stopService()
