@@ -226,7 +226,12 @@ class IPipelineStage(Interface):
         """
 
     def after(ctx: Any, op: Any, outcome: object) -> None:
-        """Observe the outcome: the result, or a Failure wrapping an AmatersError.  Never raises."""
+        """Observe the outcome: the result, or a Failure wrapping an AmatersError.  Never raises.
+
+        A stage may also have ``after_many(items)``, for a list of ``(ctx, op, outcome)`` triples
+        of requests answered together: the same as ``after`` for each of them, in their order
+        (``QueryPipeline.settle`` calls it).  Optional, so not declared here.
+        """
 
 
 class IFHEEvaluator(Interface):

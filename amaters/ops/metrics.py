@@ -280,7 +280,7 @@ class Metrics:
         )
         self.build_info.labels(version=__version__).set(1)
         #: Error code -> ``amaters_errors_total{code}.inc`` (error codes are a fixed enum).
-        self._by_code: dict[int, Callable[[], None]] = {}
+        self._by_code: dict[int, Callable[[float], None]] = {}
         for op in OPERATIONS:
             # Every operation's series exist from the start, so rate() works before the first error.
             self._op_children(op)
@@ -349,8 +349,11 @@ class Metrics:
         for flush in self._flushers:
             flush()
 
-    def request_finished(self, op: str, duration: float | None, error_code: int | None) -> None:
-        """Count one answered request; ``error_code`` None means it succeeded.
+    def request_finished(
+        self, op: str, duration: float | None, error_code: int | None, count: int = 1
+    ) -> None:
+        """Count an answered request (``count`` alike: same operation, duration and outcome);
+        ``error_code`` None means it succeeded.
 
         Called on the reactor thread; the numbers reach the registry when it is next collected.
         """
@@ -358,25 +361,27 @@ class Metrics:
         if tally is None:  # "other", or an operation name outside OPERATIONS
             tally = self._op_children(operation_label(op))
         if error_code is None:
-            tally.ok += 1
+            tally.ok += count
         else:
-            tally.error += 1
+            tally.error += count
         if duration is not None and duration >= 0:
             if tally.buckets:
-                tally.sum += duration
+                tally.sum += duration * count
                 # The first bucket whose upper bound is not below the duration (the last is +Inf).
-                tally.buckets[bisect.bisect_left(tally.bounds, duration)] += 1
+                tally.buckets[bisect.bisect_left(tally.bounds, duration)] += count
             else:
-                self._observe_fallback[operation_label(op)](duration)
+                observe = self._observe_fallback[operation_label(op)]
+                for _ in range(count):
+                    observe(duration)
         if error_code is not None:
-            count = self._by_code.get(error_code)
-            if count is None:
-                count = self.errors.labels(code=error_code_label(error_code)).inc
+            inc = self._by_code.get(error_code)
+            if inc is None:
+                inc = self.errors.labels(code=error_code_label(error_code)).inc
                 if len(self._by_code) < _MAX_CACHED_CODES:  # codes are an enum; cap the unknown
-                    self._by_code[error_code] = count
-            count()
+                    self._by_code[error_code] = inc
+            inc(count)
             if error_code == ErrorCode.SERVER_OVERLOADED:
-                self.rate_limited.inc()
+                self.rate_limited.inc(count)
 
     def request_rejected(self, op: str | None, error: AmatersError) -> None:
         """A pipeline rejection observer: validation refused a request (counted, not timed)."""

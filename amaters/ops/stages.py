@@ -5,7 +5,9 @@ runs every stage's ``after`` for every request that reached the stages, successf
 outcome already turned into an :class:`~amaters.errors.AmatersError` failure when it failed.
 
 A request's duration runs from ``ctx.started`` (when its bytes arrived) to the ``after`` call (when
-its answer is ready).  For ``range`` that is until its stream opens: the chunks that follow are
+its answer is ready; for requests answered at once that arrived in one read with others, when all
+of that read's answers are, as they are sent together and the afters run for all of them with
+``after_many``).  For ``range`` that is until its stream opens: the chunks that follow are
 paced by the client.  None of these stages ever sees or records a key or a value: operations expose
 only ``name``, ``collection`` and ``kind``.
 """
@@ -81,6 +83,27 @@ class MetricsStage(PipelineStage):
         else:
             self.metrics.request_finished(op.name, duration, None)
 
+    def after_many(self, items: list[Any]) -> None:
+        """:meth:`after` for requests answered together: one clock read, and each run of
+        successes with the same operation and arrival (one read's requests) counted at once."""
+        now = self.clock.seconds()
+        finished = self.metrics.request_finished
+        name = ""
+        started = 0.0
+        count = 0
+        for ctx, op, outcome in items:
+            if isinstance(outcome, Failure):
+                self.after(ctx, op, outcome)
+                continue
+            if count and op.name == name and ctx.started == started:
+                count += 1
+                continue
+            if count:
+                finished(name, max(0.0, now - started) if started > 0 else None, None, count)
+            name, started, count = op.name, ctx.started, 1
+        if count:
+            finished(name, max(0.0, now - started) if started > 0 else None, None, count)
+
 
 class AccessLogStage(PipelineStage):
     """One debug event per request (op, collection, status, duration, principal, source), and a
@@ -113,6 +136,24 @@ class AccessLogStage(PipelineStage):
         """Re-read the threshold and the debug level (called after ``[logging]`` was applied)."""
         self.slow_request_ms = settings.slow_request_ms
         self.debug = self.debug_enabled()
+
+    def after_many(self, items: list[Any]) -> None:
+        """:meth:`after` for requests answered together; nothing at all when none of them is slow
+        and debug events are off."""
+        if not self.debug:
+            threshold = self.slow_request_ms
+            if threshold <= 0:
+                return
+            earliest = 0.0
+            for ctx, _, _ in items:
+                started = ctx.started
+                if started > 0 and (earliest <= 0 or started < earliest):
+                    earliest = started
+            if earliest <= 0 or (self.clock.seconds() - earliest) * 1000.0 < threshold - 0.001:
+                return
+        after = self.after
+        for ctx, op, outcome in items:
+            after(ctx, op, outcome)
 
     def after(self, ctx: RequestContext, op: ops.Operation, outcome: object) -> None:
         threshold = self.slow_request_ms

@@ -89,6 +89,13 @@ class LoadShedder(PipelineStage):
         if ctx.annotations.pop(COUNTED, False):
             self.in_progress -= 1
 
+    def after_many(self, items: list[Any]) -> None:
+        done = 0
+        for ctx, _, _ in items:
+            if ctx.annotations.pop(COUNTED, False):
+                done += 1
+        self.in_progress -= done
+
     def _warn(self, what: str, count: int) -> None:
         # At most one warning a minute: an overloaded server must not also flood its log.
         clock = self.clock

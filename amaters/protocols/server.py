@@ -77,7 +77,7 @@ from amaters.proto.convert import (
     version_to_proto,
 )
 from amaters.protocols.budget import ReceiveBudget
-from amaters.protocols.framing import FrameReceiver, frame_header
+from amaters.protocols.framing import HEADER_SIZE, FrameReceiver, frame_header
 from amaters.protocols.wirecheck import TooManyElements, count_elements
 from amaters.query import operations as ops
 from amaters.query.executor import CAPABILITIES
@@ -330,6 +330,11 @@ class AmatersServerProtocol(FrameReceiver):
         self._prelogin = True
         # Clustered mode: the revision scope of each request in flight, until its first answer.
         self._revision_scopes: dict[int, Any] = {}
+        # Requests of the current read answered at once, whose pipeline afters run together at the
+        # end of the read (framesDelivered; QueryPipeline.settle), unless the read held only one.
+        self._finished: list[Any] = []
+        # Whether the frame being handled is the only one its read brought.
+        self._frame_alone = False
 
     # -- connection lifecycle -----------------------------------------------------------------
 
@@ -544,6 +549,8 @@ class AmatersServerProtocol(FrameReceiver):
         if self._state is _CLOSING:
             return
         self._frames_seen += 1
+        # During a delivery ``_rx`` is the whole read (FrameReceiver._deliver).
+        self._frame_alone = len(self._rx) == len(frame) + HEADER_SIZE
         if self._out is None:
             self._out = []
         envelope = Envelope()
@@ -618,6 +625,12 @@ class AmatersServerProtocol(FrameReceiver):
             session.leave(token)
 
     def framesDelivered(self) -> None:
+        # The afters before the write: next to the requests their code and data are still in the
+        # CPU's caches, after the write's system calls they are not.
+        finished = self._finished
+        if finished:
+            self.factory.pipeline.settle(finished)
+            finished.clear()
         self._flush_out()
         self._recharge()
 
@@ -1047,7 +1060,11 @@ class AmatersServerProtocol(FrameReceiver):
             # Streamed: StreamBatch frames as chunks are read (a FILTER's as they are evaluated).
             self._start_range(request_id, ctx, op)
             return
-        done, outcome = pipeline.run(ctx, op)
+        # A request answered at once in a read of several has its afters run with the others', at
+        # the end of the read (framesDelivered); alone in its read, at once.
+        finished = self._finished
+        batched = self._delivering and (finished or not self._frame_alone)
+        done, outcome = pipeline.run(ctx, op, finished if batched else None)
         if done:
             # Answered synchronously (memory backend, cache hit): skip the callback machinery.
             response = ctx.response

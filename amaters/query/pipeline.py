@@ -15,6 +15,15 @@ may answer it instead of the executor by setting ``ctx.result`` (a cache hit).  
 every request that reached the stages, successful or not, and must not raise: the pipeline logs
 anything it raises and carries on.
 
+A front end that writes the answers of one read together (the native protocol) passes a list to
+:meth:`QueryPipeline.run`: the afters of the requests answered during the call are then not run
+at once but collected there, and :meth:`QueryPipeline.settle` runs them for the whole list once
+those answers have been written (a request is finished when its answer leaves).  A stage may give
+itself an ``after_many(items)`` that does for a list of ``(ctx, op, outcome)`` what ``after`` does
+for each (one clock read for all of them, say); ``settle`` calls it instead of ``after``.  Each
+request still sees every stage in order; only the afters of different requests of one read are no
+longer interleaved with each other.
+
 A stage that a reload can switch off (a rate limit of 0) may have an ``active`` attribute and a
 ``watch_active(callback)`` method: the pipeline calls ``watch_active`` once and re-reads ``active``
 whenever the callback is called.  While inactive, neither its ``before`` nor its ``after`` is
@@ -154,6 +163,7 @@ class QueryPipeline:
         self._afters: tuple[IPipelineStage, ...] = ()
         self._before_calls: tuple[Any, ...] = ()
         self._after_calls: tuple[Any, ...] = ()
+        self._settle_calls: tuple[Any, ...] = ()
         self._rejection_observers: list[Callable[[str | None, AmatersError], None]] = []
         for stage in stages:
             self.add_stage(stage)
@@ -219,6 +229,8 @@ class QueryPipeline:
         # lookup per stage per request; ``__self__`` is the stage).
         self._before_calls = tuple(s.before for s in self._befores)
         self._after_calls = tuple(s.after for s in self._afters)
+        # For :meth:`settle`: each stage with its ``after_many`` (None: its ``after`` for each item).
+        self._settle_calls = tuple((s, getattr(s, "after_many", None)) for s in self._afters)
 
     # -- decoding (validation) ----------------------------------------------------------------
 
@@ -265,13 +277,17 @@ class QueryPipeline:
             return defer.succeed(outcome)
         return outcome
 
-    def run(self, ctx: RequestContext, op: ops.Operation) -> tuple[bool, Any]:
+    def run(
+        self, ctx: RequestContext, op: ops.Operation, finished: list[Any] | None = None
+    ) -> tuple[bool, Any]:
         """:meth:`execute` for callers on the hot path: ``(True, result)`` when the request has
-        already succeeded (memory backend, RocksDB point read, cache hit; the afters have run),
-        else ``(False, deferred)`` as :meth:`execute` would return it.
+        already succeeded (memory backend, RocksDB point read, cache hit), else ``(False,
+        deferred)`` as :meth:`execute` would return it.
 
         Same stages, order and outcome as :meth:`execute`, without building and unpacking a
-        Deferred when the answer is already known.
+        Deferred when the answer is already known.  The afters of a request that has already
+        succeeded have run, unless ``finished`` is a list: then ``(ctx, op, result)`` is appended
+        to it, and the caller passes the list to :meth:`settle` once it has sent the answer.
         """
         try:
             for before in self._before_calls:
@@ -298,9 +314,34 @@ class QueryPipeline:
         except Exception:
             return False, self._finish(ctx, op, defer.fail())
         # Already succeeded: the afters run now rather than through more callbacks (same order
-        # and outcome as addBoth on a fired Deferred, at a fraction of the cost).
-        self._run_afters(result, ctx, op)
+        # and outcome as addBoth on a fired Deferred, at a fraction of the cost), or with the
+        # other answers the caller sends together.
+        if finished is None:
+            self._run_afters(result, ctx, op)
+        else:
+            finished.append((ctx, op, result))
         return True, result
+
+    def settle(self, finished: list[Any]) -> None:
+        """Run the afters of the requests :meth:`run` collected in ``finished``: stage by stage,
+        each for every request (``after_many`` where the stage has one)."""
+        if len(finished) == 1:  # a read of one request: its afters as run() would have run them
+            ctx, op, result = finished[0]
+            self._run_afters(result, ctx, op)
+            return
+        for stage, many in self._settle_calls:
+            if many is not None:
+                try:
+                    many(finished)
+                except Exception:
+                    self._log.failure("Pipeline stage {stage} failed in after_many()", stage=stage.name)
+                continue
+            after = stage.after
+            for ctx, op, outcome in finished:
+                try:
+                    after(ctx, op, outcome)
+                except Exception:
+                    self._log.failure("Pipeline stage {stage} failed in after()", stage=stage.name)
 
     def open_range(self, ctx: RequestContext, op: ops.Range | ops.Filter) -> defer.Deferred[IRangeCursor]:
         """Run the stages for a RANGE (or a FILTER) and open its cursor (streamed by the caller)."""

@@ -525,3 +525,78 @@ def test_update_on_a_backend_that_applies_in_parts_counts_what_was_written() -> 
     fhe.finish(1)
     assert SynchronousTestCase().successResultOf(d) == 4
     assert run(backend.get("people", b"k2")).data == b"flag:" + MAGIC + b"v2"
+
+
+def test_afters_collected_by_run_are_run_by_settle_stage_by_stage() -> None:
+    """With a list, run() leaves the afters of a request answered at once to settle(): stage by
+    stage, each for every request in order, through after_many where a stage has one; an after
+    that raises for one request does not keep it from the others.  Alone in the list, a request's
+    afters run as run() would have run them; a request still waiting is not collected."""
+    calls: list[tuple[str, Any]] = []
+
+    class Each(PipelineStage):
+        name = "each"
+
+        def after(self, ctx: RequestContext, op: ops.Operation, outcome: object) -> None:
+            calls.append(("each", ctx.request_id))
+
+    class Broken(PipelineStage):
+        name = "broken"
+
+        def after(self, ctx: RequestContext, op: ops.Operation, outcome: object) -> None:
+            if ctx.request_id == 1:
+                raise RuntimeError("after bug")
+            calls.append(("broken", ctx.request_id))
+
+    class Many(PipelineStage):
+        name = "many"
+
+        def after(self, ctx: RequestContext, op: ops.Operation, outcome: object) -> None:
+            calls.append(("many, one", ctx.request_id))
+
+        def after_many(self, items: list[Any]) -> None:
+            calls.append(("many", [(c.request_id, outcome) for c, _, outcome in items]))
+
+    gate: defer.Deferred[None] = defer.Deferred()
+
+    class Gate(PipelineStage):
+        name = "gate"
+
+        def before(self, ctx: RequestContext, op: ops.Operation) -> object:
+            return gate if ctx.request_id == 9 else None
+
+    p = pipeline(Gate(), Each(), Broken(), Many())
+    run(p.execute(ctx(), ops.Set("c", b"k", value(b"v"))))
+    calls.clear()
+    finished: list[Any] = []
+    for request_id in (1, 2):
+        done, result = p.run(RequestContext(request_id, ANONYMOUS), ops.Get("c", b"k"), finished)
+        assert done and result.data == b"v"
+    done, waiting = p.run(RequestContext(9, ANONYMOUS), ops.Get("c", b"k"), finished)
+    assert not done and len(finished) == 2 and calls == []
+    p.settle(finished)
+    assert calls == [
+        ("each", 1),
+        ("each", 2),
+        ("broken", 2),
+        ("many", [(1, value(b"v")), (2, value(b"v"))]),
+    ]
+
+    calls.clear()
+    gate.callback(None)
+    assert run(waiting).data == b"v"
+    assert calls == [("each", 9), ("broken", 9), ("many, one", 9)]
+
+    calls.clear()
+    finished = []
+    p.run(RequestContext(3, ANONYMOUS), ops.Get("c", b"k"), finished)
+    p.settle(finished)
+    p.run(RequestContext(4, ANONYMOUS), ops.Get("c", b"k"))
+    assert calls == [
+        ("each", 3),
+        ("broken", 3),
+        ("many, one", 3),
+        ("each", 4),
+        ("broken", 4),
+        ("many, one", 4),
+    ]

@@ -343,6 +343,36 @@ def test_slow_request_warnings_off_at_zero() -> None:
     assert events == []
 
 
+def test_access_log_for_requests_answered_together() -> None:
+    """after_many logs what after would for each request: nothing when none is slow and debug is
+    off, a warning for each slow one, and with debug on an event for every request, in order."""
+    events: list[LogEvent] = []
+    clock = Clock()
+    clock.advance(10)
+
+    def items(*started: float) -> list[Any]:
+        return [
+            (RequestContext(n, ANONYMOUS, started=s), ops.Get("c", b"k"), None) for n, s in enumerate(started)
+        ]
+
+    quiet = access_stage(events, clock, slow_ms=100, debug=False)
+    quiet.after_many(items(9.95, 9.99, 0.0))
+    assert events == []
+    quiet.after_many(items(9.95, 9.5, 0.0))
+    (event,) = events
+    assert (event["log_level"], event["request_id"], event["duration_ms"]) == (LogLevel.warn, 1, 500.0)
+
+    events.clear()
+    access_stage(events, clock, slow_ms=0, debug=False).after_many(items(1.0))
+    assert events == []
+    access_stage(events, clock, slow_ms=100, debug=True).after_many(items(9.95, 9.5, 9.99))
+    assert [(e["log_level"], e["request_id"]) for e in events] == [
+        (LogLevel.debug, 0),
+        (LogLevel.warn, 1),
+        (LogLevel.debug, 2),
+    ]
+
+
 def test_remembered_level_decisions_follow_level_changes(tmp_path: Path) -> None:
     """enabled_for remembers its answer, and forgets it whenever a level changes: by a reload
     (apply), per namespace on the predicate, or by clearing the namespace levels.  The access log's

@@ -394,3 +394,42 @@ def test_request_tallies_reach_every_collection_exactly_once() -> None:
     assert sample(metrics, "amaters_requests_total", op="get", status="ok") == 5
     assert families(metrics)["amaters_requests"].samples  # the text exposition flushes too
     assert bucket("0.0001") == 2
+
+
+def test_metrics_stage_counts_requests_answered_together_as_one_by_one() -> None:
+    """after_many gives the same counts, buckets and sums as after for each request: runs of the
+    same operation and arrival counted at once, other operations, arrivals and failures apart."""
+    clock = Clock()
+    clock.advance(100)
+    items: list[Any] = []
+    for request_id, op, started, outcome in [
+        (1, ops.Get("c", b"k"), 99.999, None),
+        (2, ops.Get("c", b"k"), 99.999, None),
+        (3, ops.Get("c", b"k"), 99.999, None),
+        (4, ops.Set("c", b"k", CipherBlob.wrap(b"v")), 99.999, None),
+        (5, ops.Get("c", b"k"), 99.99, None),
+        (6, ops.Get("nope", b"k"), 99.999, Failure(NotFound("gone"))),
+        (7, ops.Get("c", b"k"), 99.999, None),
+        (8, ops.Get("c", b"k"), 0.0, None),
+    ]:
+        items.append((RequestContext(request_id, ANONYMOUS, started=started), op, outcome))
+    together, one_by_one = Metrics(process=False), Metrics(process=False)
+    MetricsStage(together, clock).after_many(items)
+    stage = MetricsStage(one_by_one, clock)
+    for ctx, op, outcome in items:
+        stage.after(ctx, op, outcome)
+
+    def samples(metrics: Metrics) -> list[tuple[str, list[tuple[str, str]], float]]:
+        body, _ = metrics.exposition()
+        return sorted(
+            (s.name, sorted(s.labels.items()), s.value)
+            for family in text_string_to_metric_families(body.decode())
+            for s in family.samples
+            if s.name.startswith(("amaters_requests", "amaters_request_duration", "amaters_errors"))
+        )
+
+    assert samples(together) == samples(one_by_one)
+    assert sample(together, "amaters_requests_total", op="get", status="ok") == 6.0
+    assert sample(together, "amaters_request_duration_seconds_count", op="get") == 6.0
+    assert sample(together, "amaters_request_duration_seconds_bucket", op="get", le="0.005") == 5.0
+    assert sample(together, "amaters_requests_total", op="get", status="error") == 1.0

@@ -310,6 +310,44 @@ def test_pipelined_requests_are_answered_in_completion_order() -> None:
     assert second.query_response.result.single.value.data == b"v0"
 
 
+def test_afters_of_a_read_run_together_before_its_answers_are_written() -> None:
+    """Requests answered at once in a read of several have their pipeline afters run together
+    (after_many) once the read is handled, before its answers are written; a request alone in its
+    read (even with part of the next frame) has them run on their own, as always."""
+    from amaters.query.pipeline import PipelineStage
+
+    h = ready()
+    fill(h, "c", 3)
+    seen: list[Any] = []
+
+    class Observe(PipelineStage):
+        name = "observe"
+
+        def after(self, ctx: Any, op: Any, outcome: object) -> None:
+            seen.append(("one", ctx.request_id, h.transport.value()))
+
+        def after_many(self, items: list[Any]) -> None:
+            seen.append(("many", [ctx.request_id for ctx, _, _ in items], h.transport.value()))
+
+    h.factory.pipeline.add_stage(Observe())
+    h.send_many([q_get(10, "c", b"0000"), q_set(11, "c", b"0001", b"new"), q_get(12, "c", b"0001")])
+    assert seen == [("many", [10, 11, 12], b"")]
+    assert [a.request_id for a in h.received()] == [10, 11, 12]
+
+    seen.clear()
+    h.send(q_get(13, "c", b"0000"))
+    assert seen == [("one", 13, b"")]
+    assert [a.request_id for a in h.received()] == [13]
+
+    seen.clear()
+    second = encode_frame(q_get(15, "c", b"0002").SerializeToString())
+    h.protocol.dataReceived(encode_frame(q_get(14, "c", b"0000").SerializeToString()) + second[:5])
+    assert [a.request_id for a in h.received()] == [14]
+    h.protocol.dataReceived(second[5:])
+    assert seen == [("one", 14, b""), ("one", 15, b"")]
+    assert [a.request_id for a in h.received()] == [15]
+
+
 def test_inflight_limit_stops_reading_until_answers_drain() -> None:
     """At max_inflight_per_connection the transport is paused and later frames wait; answers resume it."""
     h = ready(limits=LimitsConfig(max_inflight_per_connection=2))

@@ -117,6 +117,20 @@ def test_refused_by_an_earlier_stage_is_not_counted() -> None:
     assert shedder.in_progress == 0
 
 
+def test_requests_answered_together_leave_the_count_together() -> None:
+    """after_many lowers the count of requests in progress by those before() counted."""
+    shedder = LoadShedder(LimitsConfig(max_queued=10, shed_lag_ms=0), lambda: 0.0)
+    counted = [ctx(n) for n in range(3)]
+    for c in counted:
+        shedder.before(c, ops.Get("c", b"k"))
+    assert shedder.in_progress == 3
+    items = [(c, ops.Get("c", b"k"), None) for c in [*counted[:2], ctx(9)]]
+    shedder.after_many(items)
+    assert shedder.in_progress == 1
+    shedder.after_many(items)  # counted once only
+    assert shedder.in_progress == 1
+
+
 def test_shedder_reload() -> None:
     """New shed_lag_ms / max_queued apply once committed; unrelated limit changes need nothing."""
     shedder = LoadShedder(LimitsConfig(max_queued=1), lambda: 0.0)
