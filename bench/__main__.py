@@ -118,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import micro
 
         return micro.main(argv[1:])
+    if argv and argv[0] == "ab":
+        from bench import ab
+
+        return ab.main(argv[1:])
     if argv and argv[0] == "compare":
         from bench import compare
 

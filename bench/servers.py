@@ -183,8 +183,14 @@ class AmatersServer(_Process):
     name = "amaters"
 
     def __init__(
-        self, workdir: Path, settings: Mapping[str, Any] | None = None, label: str = "amaters"
+        self,
+        workdir: Path,
+        settings: Mapping[str, Any] | None = None,
+        label: str = "amaters",
+        pythonpath: Path | None = None,
     ) -> None:
+        #: A tree put first on the server's import path (``bench ab``); None: the installed amaters.
+        self.pythonpath = pythonpath
         # Absolute: the server runs in its own working directory.
         self.workdir = workdir.resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -228,6 +234,10 @@ class AmatersServer(_Process):
     def start(self, timeout: float = 60.0) -> AmatersServer:
         """Start and wait until ``/readyz`` answers 200; sets ``start_seconds``."""
         environ = {k: v for k, v in os.environ.items() if not k.startswith("AMATERS_")}
+        if self.pythonpath is not None:
+            environ["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(self.pythonpath), environ.get("PYTHONPATH", "")) if p
+            )
         started = time.perf_counter()
         self._spawn(self.argv(), self.workdir, environ)
         self.wait_ready(timeout)
