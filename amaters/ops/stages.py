@@ -38,6 +38,10 @@ TRACE_CONTEXT = "trace_context"
 
 _SPAN = "otel.span"
 
+#: A duration this close under ``logging.slow_request_ms`` is rounded (to the µs the event shows)
+#: before it is compared; further under, it is not slow whatever the rounding.
+_SLOW_MARGIN_MS = 0.001
+
 #: Shared by every successful span (a Status is immutable).
 _OK = Status(StatusCode.OK)
 
@@ -84,24 +88,18 @@ class MetricsStage(PipelineStage):
             self.metrics.request_finished(op.name, duration, None)
 
     def after_many(self, items: list[Any]) -> None:
-        """:meth:`after` for requests answered together: one clock read, and each run of
-        successes with the same operation and arrival (one read's requests) counted at once."""
-        now = self.clock.seconds()
-        finished = self.metrics.request_finished
-        name = ""
-        started = 0.0
-        count = 0
+        """:meth:`after` for requests answered together: one clock read, and the successes of each
+        operation and arrival (one read's requests share theirs) counted at once."""
+        runs: dict[tuple[str, float], int] = {}
         for ctx, op, outcome in items:
             if isinstance(outcome, Failure):
                 self.after(ctx, op, outcome)
-                continue
-            if count and op.name == name and ctx.started == started:
-                count += 1
-                continue
-            if count:
-                finished(name, max(0.0, now - started) if started > 0 else None, None, count)
-            name, started, count = op.name, ctx.started, 1
-        if count:
+            else:
+                run = (op.name, ctx.started)
+                runs[run] = runs.get(run, 0) + 1
+        now = self.clock.seconds()
+        finished = self.metrics.request_finished
+        for (name, started), count in runs.items():
             finished(name, max(0.0, now - started) if started > 0 else None, None, count)
 
 
@@ -149,7 +147,7 @@ class AccessLogStage(PipelineStage):
                 started = ctx.started
                 if started > 0 and (earliest <= 0 or started < earliest):
                     earliest = started
-            if earliest <= 0 or (self.clock.seconds() - earliest) * 1000.0 < threshold - 0.001:
+            if earliest <= 0 or (self.clock.seconds() - earliest) * 1000.0 < threshold - _SLOW_MARGIN_MS:
                 return
         after = self.after
         for ctx, op, outcome in items:
@@ -168,7 +166,7 @@ class AccessLogStage(PipelineStage):
             raw_ms = max(0.0, self.clock.seconds() - started) * 1000.0
             # Well under the threshold: no rounding.  Near it, the rounded value (the one the event
             # shows) decides, as it always has.
-            slow = raw_ms >= threshold - 0.001 and round(raw_ms, 3) >= threshold
+            slow = raw_ms >= threshold - _SLOW_MARGIN_MS and round(raw_ms, 3) >= threshold
             if not slow and not self.debug:
                 return
             duration_ms = round(raw_ms, 3)

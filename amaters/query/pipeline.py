@@ -17,8 +17,8 @@ anything it raises and carries on.
 
 A front end that writes the answers of one read together (the native protocol) passes a list to
 :meth:`QueryPipeline.run`: the afters of the requests answered during the call are then not run
-at once but collected there, and :meth:`QueryPipeline.settle` runs them for the whole list once
-those answers have been written (a request is finished when its answer leaves).  A stage may give
+at once but collected there, and :meth:`QueryPipeline.settle` runs them for the whole list when
+the read has been handled, before those answers are written together.  A stage may give
 itself an ``after_many(items)`` that does for a list of ``(ctx, op, outcome)`` what ``after`` does
 for each (one clock read for all of them, say); ``settle`` calls it instead of ``after``.  Each
 request still sees every stage in order; only the afters of different requests of one read are no
@@ -287,7 +287,7 @@ class QueryPipeline:
         Same stages, order and outcome as :meth:`execute`, without building and unpacking a
         Deferred when the answer is already known.  The afters of a request that has already
         succeeded have run, unless ``finished`` is a list: then ``(ctx, op, result)`` is appended
-        to it, and the caller passes the list to :meth:`settle` once it has sent the answer.
+        to it, and the caller passes the list to :meth:`settle` once the read is handled.
         """
         try:
             for before in self._before_calls:
