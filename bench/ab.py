@@ -28,12 +28,12 @@ from pathlib import Path
 
 from bench import loadgen
 from bench.loadgen import LoadSpec, Target
-from bench.scenarios import make_api_key
+from bench.scenarios import cpu_per_op, fill_keys, make_api_key, protocol_label
 from bench.servers import BENCH_ROOT, AmatersServer
 
 #: The suite's protocol scenarios: (name, operation, value size, pipeline depth).
 SCENARIOS = tuple(
-    (f"{op}-{'100B' if size == 100 else '4KiB'}-P{depth}", op, size, depth)
+    (protocol_label(op, size, depth), op, size, depth)
     for op in ("get", "set")
     for size in (100, 4096)
     for depth in (1, 16)
@@ -101,17 +101,7 @@ def run_tree(tree: Tree, scenarios: Sequence[tuple[str, str, int, int]], args: a
         tree.version = found.group(1) if found else "?"
         target = Target(port=server.port, ca_cert=server.ca_cert, api_key=api_key)
         for size in sorted({size for _, _, size, _ in scenarios}):
-            fill = LoadSpec(
-                connections=4,
-                pipeline=2,
-                value_size=size,
-                keyspace=args.keyspace,
-                collection=f"v{size}",
-                batch_size=max(1, min(500, (256 * 1024) // size)),
-                duration=0,
-                warmup=0,
-            )
-            loadgen.run("fill", target, fill, workers=2, server_pid=server.pid, label="fill")
+            fill_keys(target, f"v{size}", args.keyspace, size, server.pid, f"fill v{size}")
         for name, op, size, depth in scenarios:
             spec = LoadSpec(
                 connections=50,
@@ -126,9 +116,9 @@ def run_tree(tree: Tree, scenarios: Sequence[tuple[str, str, int, int]], args: a
             result = loadgen.run(
                 "load", target, spec, workers=args.workers, server_pid=server.pid, label=name
             )
-            if result.errors or not result.ops_per_s or result.server_cpu_pct is None:
+            per_op = cpu_per_op(result.server_cpu_pct, result.ops_per_s)
+            if result.errors or per_op is None:
                 raise ABError(f"{tree.label} {name}: {loadgen.summary_line(result)}")
-            per_op = result.server_cpu_pct / 100.0 / result.ops_per_s * 1e6
             tree.cpu.setdefault(name, []).append(per_op)
             tree.ops.setdefault(name, []).append(result.ops_per_s)
             print(

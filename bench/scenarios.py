@@ -175,17 +175,46 @@ def _entry(
             reference_bottleneck=ref.get("bottleneck"),
         )
     # CPU per operation: steadier than ops/s on a machine shared with other work.
-    entry["server_cpu_us_per_op"] = _cpu_per_op(entry.get("server_cpu_pct"), ops)
+    entry["server_cpu_us_per_op"] = cpu_per_op(entry.get("server_cpu_pct"), ops)
     if ref:
-        entry["reference_server_cpu_us_per_op"] = _cpu_per_op(ref.get("server_cpu_pct"), ref.get("ops_per_s"))
+        entry["reference_server_cpu_us_per_op"] = cpu_per_op(ref.get("server_cpu_pct"), ref.get("ops_per_s"))
     entry.update(extra)
     return entry
 
 
-def _cpu_per_op(cpu_pct: float | None, ops_per_s: float | None) -> float | None:
+def cpu_per_op(cpu_pct: float | None, ops_per_s: float | None) -> float | None:
+    """Server CPU µs per request from CPU percent of one core and ops/s (None when either is 0)."""
     if not cpu_pct or not ops_per_s:
         return None
     return round(cpu_pct / 100.0 / ops_per_s * 1e6, 1)
+
+
+def protocol_label(op: str, value_size: int, pipeline: int) -> str:
+    """A protocol scenario's name: ``get-100B-P1``, ``set-4KiB-P16``..."""
+    return f"{op}-{'100B' if value_size == 100 else '4KiB'}-P{pipeline}"
+
+
+def fill_keys(
+    target: Target, collection: str, keys: int, value_size: int, server_pid: int, label: str
+) -> LoadResult:
+    """Write ``keys`` keys of ``value_size`` bytes into ``collection`` in batches; raises unless
+    every key was written."""
+    spec = LoadSpec(
+        connections=4,
+        pipeline=2,
+        value_size=value_size,
+        keyspace=keys,
+        collection=collection,
+        batch_size=max(1, min(500, (256 * 1024) // max(1, value_size))),
+        duration=0,
+        warmup=0,
+    )
+    result = loadgen.run("fill", target, spec, workers=2, server_pid=server_pid, label=label)
+    if result.errors or result.ops != keys:
+        raise RuntimeError(
+            f"{label}: wrote {result.ops} of {keys} keys, {result.errors} errors {result.error_samples[:2]}"
+        )
+    return result
 
 
 def _spec_fields(spec: dict[str, Any]) -> dict[str, Any]:
@@ -283,26 +312,6 @@ class Suite:
         base.update(kwargs)
         return LoadSpec(**base)
 
-    def _fill(
-        self, target: Target, collection: str, keys: int, value_size: int, server_pid: int, label: str
-    ) -> LoadResult:
-        spec = LoadSpec(
-            connections=4,
-            pipeline=2,
-            value_size=value_size,
-            keyspace=keys,
-            collection=collection,
-            batch_size=max(1, min(500, (256 * 1024) // max(1, value_size))),
-            duration=0,
-            warmup=0,
-        )
-        result = loadgen.run("fill", target, spec, workers=2, server_pid=server_pid, label=label)
-        if result.errors or result.ops != keys:
-            raise RuntimeError(
-                f"{label}: wrote {result.ops} of {keys} keys, {result.errors} errors {result.error_samples[:2]}"
-            )
-        return result
-
     # -- blocks -------------------------------------------------------------------------------
 
     def block_fsync(self) -> None:
@@ -348,14 +357,14 @@ class Suite:
             r_target = Target(port=reference.port, ca_cert=reference.ca_cert)
             for size in (100, 4096):
                 collection = f"v{size}"
-                self._fill(a_target, collection, s.keyspace, size, amaters.pid, f"fill {collection} amaters")
-                self._fill(
+                fill_keys(a_target, collection, s.keyspace, size, amaters.pid, f"fill {collection} amaters")
+                fill_keys(
                     r_target, collection, s.keyspace, size, reference.pid, f"fill {collection} reference"
                 )
             for op in ("get", "set"):
                 for size in (100, 4096):
                     for pipeline in (1, 16):
-                        label = f"{op}-{'100B' if size == 100 else '4KiB'}-P{pipeline}"
+                        label = protocol_label(op, size, pipeline)
                         if not s.selected(label):
                             continue
                         spec = self._spec(
@@ -450,7 +459,7 @@ class Suite:
         else:
             self.notes.append("durable: redis-server/redis-benchmark not installed; no redis reference")
         unsynced_cpu = (
-            _cpu_per_op(unsynced.server_cpu_pct, unsynced.ops_per_s) if unsynced is not None else None
+            cpu_per_op(unsynced.server_cpu_pct, unsynced.ops_per_s) if unsynced is not None else None
         )
         for clients, (result, details) in runs.items():
             redis = references.get(clients)
@@ -458,7 +467,7 @@ class Suite:
             if clients == 50:
                 goal, met = self._durable_c50_goal(result, details)
             if clients == 1 and unsynced is not None:
-                synced_cpu = _cpu_per_op(result.server_cpu_pct, result.ops_per_s)
+                synced_cpu = cpu_per_op(result.server_cpu_pct, result.ops_per_s)
                 extra = (
                     None
                     if synced_cpu is None or unsynced_cpu is None
@@ -606,7 +615,7 @@ class Suite:
             cold_start = server.start_seconds
             _say(f"  cold start (empty data dir, TLS files generated): {cold_start:.2f} s")
             target = Target(port=server.port, ca_cert=server.ca_cert)
-            fill = self._fill(target, "range", keys, size, server.pid, "recovery fill")
+            fill = fill_keys(target, "range", keys, size, server.pid, "recovery fill")
             fill_mb_s = written_mb / fill.elapsed_s if fill.elapsed_s else None
             _say(
                 f"  wrote {keys:,} keys x {size} B = {written_mb:,.0f} MB in {fill.elapsed_s:.1f} s (sync=always)"
@@ -735,7 +744,7 @@ class Suite:
                 target = Target(port=server.port, plaintext=True)
                 time.sleep(0.3)
                 before = server.rss_bytes()
-                self._fill(target, "rss", keys, 100, server.pid, f"rss fill {name}")
+                fill_keys(target, "rss", keys, 100, server.pid, f"rss fill {name}")
                 time.sleep(0.5)
                 after = server.rss_bytes()
                 measured[name] = (after - before) / keys * 1_000_000 / 2**20
