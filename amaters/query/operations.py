@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 
 import attrs
 
-from amaters.types import CipherBlob
+from amaters.types import CipherBlob, value_class
 
 #: What an operation needs, for RBAC: read < write < create < admin.
 Access = Literal["read", "write", "create", "admin"]
@@ -22,7 +22,7 @@ def _hidden(value: object) -> str:
     return "<hidden>"
 
 
-@attrs.frozen(slots=True)
+@value_class
 class Get:
     """Read one key; the result is the CipherBlob or None."""
 
@@ -32,7 +32,7 @@ class Get:
     key: bytes = attrs.field(repr=_hidden)
 
 
-@attrs.frozen(slots=True)
+@value_class
 class Set:
     """Store one value (replacing any previous one)."""
 
@@ -43,7 +43,7 @@ class Set:
     value: CipherBlob = attrs.field(repr=_hidden)
 
 
-@attrs.frozen(slots=True)
+@value_class
 class Delete:
     """Delete one key; the result says whether it existed."""
 
@@ -53,7 +53,7 @@ class Delete:
     key: bytes = attrs.field(repr=_hidden)
 
 
-@attrs.frozen(slots=True)
+@value_class
 class Range:
     """Keys in ``[start, end)`` ascending, at most ``limit``; the result is an IRangeCursor.
 
@@ -71,7 +71,7 @@ class Range:
 BatchItem = Get | Set | Delete
 
 
-@attrs.frozen(slots=True)
+@value_class
 class Batch:
     """Reads and writes applied atomically: every write or none; reads see earlier writes."""
 
@@ -92,35 +92,35 @@ class Batch:
         return frozenset(op.collection for op in self.ops)
 
 
-@attrs.frozen(slots=True)
+@value_class
 class CreateCollection:
     name: ClassVar[str] = "create_collection"
     kind: ClassVar[Access] = "create"
     collection: str
 
 
-@attrs.frozen(slots=True)
+@value_class
 class DropCollection:
     name: ClassVar[str] = "drop_collection"
     kind: ClassVar[Access] = "admin"
     collection: str
 
 
-@attrs.frozen(slots=True)
+@value_class
 class ListCollections:
     name: ClassVar[str] = "list_collections"
     kind: ClassVar[Access] = "read"
     collection: ClassVar[None] = None
 
 
-@attrs.frozen(slots=True)
+@value_class
 class ServerInfo:
     name: ClassVar[str] = "server_info"
     kind: ClassVar[Access] = "read"
     collection: ClassVar[None] = None
 
 
-@attrs.frozen(slots=True)
+@value_class
 class HealthCheck:
     name: ClassVar[str] = "health_check"
     kind: ClassVar[Access] = "read"
@@ -128,7 +128,7 @@ class HealthCheck:
     service: str | None = None
 
 
-@attrs.frozen(slots=True)
+@value_class
 class Filter:
     """Evaluate an encrypted predicate on every encrypted row of the collection (at most
     ``fhe.max_rows_per_query``; ``offset`` rows skipped, at most ``limit`` examined).  The result
@@ -143,7 +143,7 @@ class Filter:
     offset: int = 0
 
 
-@attrs.frozen(slots=True)
+@value_class
 class Update:
     """Replace every encrypted row by ``select(predicate, updated, old)``; the result is the number
     of rows rewritten (the server does not learn which changed)."""
@@ -156,7 +156,7 @@ class Update:
     updates: object = attrs.field(repr=_hidden)
 
 
-@attrs.frozen(slots=True)
+@value_class
 class UploadKeys:
     """One chunk of a client's public evaluation keys (see amaters.fhe.service.KeyUpload).
 
@@ -174,7 +174,7 @@ class UploadKeys:
 # Each needs admin on server; their names are what the audit log and the metrics show.
 
 
-@attrs.frozen(slots=True)
+@value_class
 class ServerStatus:
     """Version, state, uptime, backend, connections, the last reload."""
 
@@ -183,7 +183,7 @@ class ServerStatus:
     collection: ClassVar[None] = None
 
 
-@attrs.frozen(slots=True)
+@value_class
 class CollectionStats:
     """Every collection with its (estimated) key count."""
 
@@ -192,7 +192,7 @@ class CollectionStats:
     collection: ClassVar[None] = None
 
 
-@attrs.frozen(slots=True)
+@value_class
 class StorageStats:
     """The backend's statistics."""
 
@@ -201,7 +201,7 @@ class StorageStats:
     collection: ClassVar[None] = None
 
 
-@attrs.frozen(slots=True)
+@value_class
 class Compact:
     """Compact the whole store (where the backend can)."""
 
@@ -210,7 +210,7 @@ class Compact:
     collection: ClassVar[None] = None
 
 
-@attrs.frozen(slots=True)
+@value_class
 class ListKeySets:
     """The FHE evaluation key sets the server stores, and uploads in progress."""
 
@@ -219,7 +219,7 @@ class ListKeySets:
     collection: ClassVar[None] = None
 
 
-@attrs.frozen(slots=True)
+@value_class
 class DeleteKeySet:
     """Delete one stored FHE evaluation key set (or an unfinished upload of it)."""
 
@@ -229,7 +229,7 @@ class DeleteKeySet:
     key_set_id: str
 
 
-@attrs.frozen(slots=True)
+@value_class
 class ReloadConfig:
     """Reload the configuration now, as a SIGHUP would; ``requested_by`` names who asked."""
 
@@ -239,7 +239,7 @@ class ReloadConfig:
     requested_by: str = "operator"
 
 
-@attrs.frozen(slots=True)
+@value_class
 class ListSnapshots:
     """The snapshots on disk, or in the configured S3 bucket with ``remote``."""
 
@@ -249,7 +249,7 @@ class ListSnapshots:
     remote: bool = False
 
 
-@attrs.frozen(slots=True)
+@value_class
 class CreateSnapshot:
     """Take a snapshot now (and upload it with ``upload``)."""
 
@@ -259,7 +259,7 @@ class CreateSnapshot:
     upload: bool = False
 
 
-@attrs.frozen(slots=True)
+@value_class
 class VerifySnapshot:
     """Check one snapshot archive on disk (every file against its manifest checksum)."""
 
@@ -269,7 +269,7 @@ class VerifySnapshot:
     archive: str
 
 
-@attrs.frozen(slots=True)
+@value_class
 class ConfigView:
     """The configuration in effect (secrets redacted) and what a reload would change now."""
 
@@ -278,7 +278,7 @@ class ConfigView:
     collection: ClassVar[None] = None
 
 
-@attrs.frozen(slots=True)
+@value_class
 class AuditTail:
     """The last ``limit`` events of the audit log."""
 
@@ -288,7 +288,7 @@ class AuditTail:
     limit: int = 100
 
 
-@attrs.frozen(slots=True)
+@value_class
 class ServerResources:
     """Data dir usage and the TLS certificates served (subject, issuer, expiry)."""
 
@@ -297,7 +297,7 @@ class ServerResources:
     collection: ClassVar[None] = None
 
 
-@attrs.frozen(slots=True)
+@value_class
 class ClusterStatus:
     """Clustered mode: the shards with their etcd members and leader, the nodes, the leading node."""
 
@@ -306,7 +306,7 @@ class ClusterStatus:
     collection: ClassVar[None] = None
 
 
-@attrs.frozen(slots=True)
+@value_class
 class ClusterAddShard:
     """Clustered mode: add an etcd cluster as a shard and move it its share of virtual shards."""
 
@@ -317,7 +317,7 @@ class ClusterAddShard:
     endpoints: tuple[str, ...] = ()
 
 
-@attrs.frozen(slots=True)
+@value_class
 class ClusterRemoveShard:
     """Clustered mode: move every virtual shard off a shard, then drop it from the shard map."""
 
@@ -327,7 +327,7 @@ class ClusterRemoveShard:
     shard: str = ""
 
 
-@attrs.frozen(slots=True)
+@value_class
 class ClusterMove:
     """Clustered mode: move one virtual shard to another shard, online."""
 
