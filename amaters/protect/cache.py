@@ -414,11 +414,16 @@ class CachingExecutor:
             return self._get(op)  # type: ignore[arg-type]
         if kind in _READ_ONLY:
             return self.inner.execute(op)
-        if not cache.enabled:
+        if cache.max_bytes <= 0:  # off
             return self._untracked_write(op)
         if kind is ops.Set or kind is ops.Delete:
             single: Any = op
-            return self._key_write(cache_key(single.collection, single.key), op)
+            key = single.key
+            # cache_key's short case inline: this runs for every write.
+            hashed = (
+                (single.collection, key) if len(key) <= SHORT_KEY_BYTES else cache_key(single.collection, key)
+            )
+            return self._key_write(hashed, op)
         if kind is ops.Batch:
             batch: Any = op
             keys = [cache_key(item.collection, item.key) for item in batch.ops if item.kind == "write"]

@@ -112,6 +112,12 @@ async def call_with_retry(
             error = e
 
 
+def _as_deferred(result: object) -> defer.Deferred[Any]:
+    """What a backend method returned that is not a Deferred (a coroutine, a Failure or a plain
+    value), as a Deferred."""
+    return defer.maybeDeferred(lambda: result)
+
+
 @implementer(IStorageBackend)
 class RetryingBackend:
     """An ``IStorageBackend`` that applies a :class:`RetryPolicy` to the idempotent operations of
@@ -146,7 +152,15 @@ class RetryingBackend:
         # when it has already succeeded (most reads and writes of an in-process engine) or is still
         # pending (a write waiting for its group commit), nothing else is added to the common path.
         # The retry loop (a coroutine) only starts after a transient failure.
-        first: defer.Deferred[Any] = defer.maybeDeferred(f, *args)
+        # Called directly rather than through maybeDeferred (which costs a call and a few checks
+        # on every read and write): a backend's methods return Deferreds.
+        try:
+            first: defer.Deferred[Any] = f(*args)
+        except BaseException:
+            first = defer.fail()
+        else:
+            if type(first) is not defer.Deferred:
+                first = _as_deferred(first)
         if not first.called:
             return first.addErrback(self._after_failure, what, f, args)
         if not isinstance(first.result, Failure):

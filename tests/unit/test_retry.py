@@ -322,3 +322,52 @@ def test_backend_retries_a_conditional_write_only_when_it_was_refused_unapplied(
     assert len(calls) == 2 and clock.getDelayedCalls() == []
     assert outcome(retrying.compare_and_write(*write)).applied
     assert outcome(inner.get("c", b"k")).data == b"v"
+
+
+class OddPuts(MemoryBackend):
+    """A memory backend whose put raises at once (``errors``, in order), then answers in the form
+    ``answer`` gives: a Deferred, a coroutine or a plain value."""
+
+    def __init__(self, answer: str, *errors: Exception) -> None:
+        super().__init__()
+        self.answer = answer
+        self.errors = list(errors)
+        self.puts = 0
+
+    def put(self, collection: str, key: bytes, value: CipherBlob) -> Any:
+        self.puts += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        stored = super().put(collection, key, value)
+        if self.answer == "coroutine":
+
+            async def done() -> None:
+                await stored
+
+            return done()
+        if self.answer == "value":
+            return None
+        return stored
+
+
+@pytest.mark.parametrize("answer", ["deferred", "coroutine", "value"])
+def test_backend_takes_a_raise_and_any_answer_form_of_the_first_attempt(answer: str) -> None:
+    """A backend method that raises at once is retried like one whose Deferred failed, and one
+    that answers with a coroutine or a plain value is waited for as maybeDeferred would."""
+    inner = OddPuts(answer, StorageIOError("flaky"))
+    clock = Clock()
+    retrying = RetryingBackend(inner, NO_JITTER, clock, rng=random.Random(3))
+    outcome(retrying.create_collection("c"))
+    d = retrying.put("c", b"k", CipherBlob.wrap(b"v"))
+    assert not d.called
+    clock.advance(0.01)
+    assert outcome(d) is None and inner.puts == 2
+    assert outcome(retrying.get("c", b"k")).data == b"v"
+    # The first attempt answering in that form.
+    assert outcome(retrying.put("c", b"k", CipherBlob.wrap(b"v2"))) is None and inner.puts == 3
+    assert outcome(retrying.get("c", b"k")).data == b"v2"
+    # A non-transient error raised at once reaches the caller as a failed Deferred.
+    inner.errors.append(NotFound("no such collection"))
+    failed = outcome(retrying.put("c", b"k", CipherBlob.wrap(b"w")))
+    assert isinstance(failed, Failure) and failed.check(NotFound)
+    assert clock.getDelayedCalls() == []
