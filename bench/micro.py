@@ -162,6 +162,36 @@ async def _measure_sequential(
     return best
 
 
+def _count_opcodes(protocol: Any, frames: list[bytes], pipeline: int) -> tuple[int, int]:
+    """Python function calls and bytecode instructions the server runs for ``frames``, ``pipeline``
+    per read, counted with :func:`sys.settrace` (the protocol's own calls and all they make).
+
+    Unlike CPU time these counts do not move with the machine's load or the CPU's caches, so they
+    tell a change in the interpreted work from the noise at once; what a call or an instruction
+    costs still differs (a C function called from Python is not counted at all).
+    """
+    import sys
+
+    counts = [0, 0]
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        if event == "call":
+            counts[0] += 1
+            frame.f_trace_opcodes = True
+        elif event == "opcode":
+            counts[1] += 1
+        return trace
+
+    reads = [b"".join(frames[i : i + pipeline]) for i in range(0, len(frames), pipeline)]
+    sys.settrace(trace)
+    try:
+        for data in reads:
+            protocol.dataReceived(data)
+    finally:
+        sys.settrace(None)
+    return counts[0], counts[1]
+
+
 def _thread_times() -> dict[str, tuple[int, int]]:
     """CPU nanoseconds and context switches of each thread of this process so far, by thread name.
 
@@ -254,6 +284,13 @@ async def _run(reactor: Any, args: argparse.Namespace) -> dict[str, float]:
         else:
             protocol.dataReceived(b"".join(fill))
         frames = _frames(args.op, args.requests, args.value_size, args.keyspace, 10**6)
+        if args.opcodes:
+            calls, opcodes = _count_opcodes(protocol, frames[: args.opcodes], args.pipeline)
+            print(
+                f"{args.op} P={args.pipeline}: {calls / args.opcodes:.1f} Python calls and"
+                f" {opcodes / args.opcodes:.1f} bytecode instructions per request"
+                f" (over {args.opcodes} requests)"
+            )
         profiler = None
         if args.profile:
             import cProfile
@@ -280,6 +317,12 @@ async def _run(reactor: Any, args: argparse.Namespace) -> dict[str, float]:
         ref_transport = StringTransport(peerAddress=address)
         reference.makeConnection(ref_transport)
         reference.dataReceived(b"".join(_frames("set", args.keyspace, args.value_size, args.keyspace, 10)))
+        if args.opcodes:
+            calls, opcodes = _count_opcodes(reference, frames[: args.opcodes], args.pipeline)
+            print(
+                f"reference: {calls / args.opcodes:.1f} Python calls and"
+                f" {opcodes / args.opcodes:.1f} bytecode instructions per request"
+            )
         results["reference_us"] = (
             await _measure(reactor, reference, ref_transport, frames, args.pipeline, args.rounds) * 1e6
         )
@@ -300,6 +343,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-metrics", dest="metrics", action="store_false", help="web site and metrics off")
     parser.add_argument("--profile", choices=("tottime", "cumulative"), help="cProfile amaters, sorted so")
     parser.add_argument("--top", type=int, default=50)
+    parser.add_argument(
+        "--opcodes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also count the Python calls and bytecode instructions of N requests (no noise)",
+    )
     parser.add_argument(
         "--config", action="append", default=[], metavar="KEY=VALUE", help="a config override (repeatable)"
     )
