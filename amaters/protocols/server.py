@@ -64,7 +64,7 @@ from amaters.errors import (
     UnsupportedVersion,
 )
 from amaters.fdlimit import raise_open_file_limit
-from amaters.interfaces import IPrincipal, IRangeCursor
+from amaters.interfaces import IPrincipal, IRangeCursor, IReadScope
 from amaters.protect.compression import compress_frame, decompress_frame
 from amaters.proto import aql_pb2, envelope_pb2
 from amaters.proto.answers import query_answer, set_answer
@@ -274,7 +274,7 @@ class _RangeStream:
             self.cursor.close()
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IReadScope)
 class AmatersServerProtocol(FrameReceiver):
     """One client connection of the native protocol."""
 
@@ -335,6 +335,9 @@ class AmatersServerProtocol(FrameReceiver):
         self._finished: list[Any] = []
         # Whether the frame being handled is the only one its read brought.
         self._frame_alone = False
+        # Inside a read that TLS hands over record by record (IReadScope): the afters and the
+        # answers of each record wait for the read's end.
+        self._in_read = False
 
     # -- connection lifecycle -----------------------------------------------------------------
 
@@ -624,7 +627,19 @@ class AmatersServerProtocol(FrameReceiver):
         finally:
             session.leave(token)
 
+    def readStarted(self) -> None:
+        self._in_read = True
+
+    def readFinished(self) -> None:
+        self._in_read = False
+        self.framesDelivered()
+
     def framesDelivered(self) -> None:
+        if self._in_read:
+            # More records of the same read follow: their answers go out with these, in one
+            # write, at readFinished.
+            self._recharge()
+            return
         # The afters before the write: next to the requests their code and data are still in the
         # CPU's caches, after the write's system calls they are not.
         finished = self._finished

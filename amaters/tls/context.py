@@ -21,11 +21,13 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
     IProtocolFactory,
+    ITransport,
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from amaters.errors import InvalidCertificate
+from amaters.interfaces import IReadScope
 
 #: The ALPN protocol id of the native protocol.
 ALPN_PROTOCOL = b"amaters/1"
@@ -151,6 +153,39 @@ class ReloadableServerTLS:
         return SSL.Connection(self.options.getContext(), None)
 
 
+#: Plaintext of the largest TLS record: a read of more than this many bytes holds several records.
+_RECORD_BYTES = 16384
+
+
+class ReadScopedTLSProtocol(TLSMemoryBIOProtocol):
+    """Twisted's TLS transport, which tells a protocol providing :class:`IReadScope` where a read
+    from the socket that holds several TLS records begins and ends.
+
+    Each record is delivered through the protocol's ``dataReceived`` as soon as it is decrypted;
+    a protocol that writes its answers at the end of each delivery would otherwise encrypt and
+    send once per record (four times for 64 KiB of pipelined requests), and account for them as
+    often.  Reads of at most one record's size pass straight through.
+    """
+
+    _scope: IReadScope | None = None
+
+    def makeConnection(self, transport: ITransport) -> None:
+        wrapped = self.wrappedProtocol
+        self._scope = wrapped if IReadScope.providedBy(wrapped) else None
+        super().makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        scope = self._scope
+        if scope is None or len(data) <= _RECORD_BYTES:
+            super().dataReceived(data)
+            return
+        scope.readStarted()
+        try:
+            super().dataReceived(data)
+        finally:
+            scope.readFinished()
+
+
 class BatchedWritesTLSFactory(TLSMemoryBIOFactory):
     """TLS for a protocol that already writes its answers in one piece per read.
 
@@ -160,9 +195,12 @@ class BatchedWritesTLSFactory(TLSMemoryBIOFactory):
     pop and one more trip round the reactor per answer: this factory's connections encrypt and
     send each write at once.  Protocols that write in many small pieces (HTTP) keep Twisted's
     default.
+
+    Its connections also tell a protocol that provides :class:`~amaters.interfaces.IReadScope`
+    where a read holding several TLS records begins and ends (:class:`ReadScopedTLSProtocol`).
     """
 
-    protocol = TLSMemoryBIOProtocol
+    protocol = ReadScopedTLSProtocol
 
     def __init__(self, creator: IOpenSSLServerConnectionCreator, wrapped: IProtocolFactory) -> None:
         super().__init__(creator, False, wrapped)

@@ -348,6 +348,47 @@ def test_afters_of_a_read_run_together_before_its_answers_are_written() -> None:
     assert [a.request_id for a in h.received()] == [15]
 
 
+def test_a_read_in_pieces_is_answered_once_at_its_end() -> None:
+    """Told that one read arrives in pieces (IReadScope: TLS hands over a record at a time), the
+    protocol holds the answers and afters of each piece and writes and settles them once, at the
+    read's end, in the order the requests came."""
+    from amaters.interfaces import IReadScope
+    from amaters.query.pipeline import PipelineStage
+
+    h = ready()
+    fill(h, "c", 3)
+    settled: list[list[int]] = []
+
+    class Observe(PipelineStage):
+        name = "observe"
+
+        def after(self, ctx: Any, op: Any, outcome: object) -> None:
+            settled.append([ctx.request_id])
+
+        def after_many(self, items: list[Any]) -> None:
+            settled.append([ctx.request_id for ctx, _, _ in items])
+
+    h.factory.pipeline.add_stage(Observe())
+    assert IReadScope.providedBy(h.protocol)
+    read = b"".join(
+        encode_frame(q.SerializeToString())
+        for q in (q_get(10, "c", b"0000"), q_set(11, "c", b"0001", b"new"), q_get(12, "c", b"0001"))
+    )
+    written_before = len(h.transport.value())
+    h.protocol.readStarted()
+    for start in range(0, len(read), 20):  # pieces that cut frames anywhere
+        h.protocol.dataReceived(read[start : start + 20])
+    assert len(h.transport.value()) == written_before and settled == []
+    h.protocol.readFinished()
+    assert settled == [[10, 11, 12]]
+    answers = h.received()
+    assert [a.request_id for a in answers] == [10, 11, 12]
+    assert answers[2].query_response.result.single.value.data == b"new"
+    # The next read, whole, is answered at the end of its delivery as before.
+    h.send(q_get(13, "c", b"0002"))
+    assert [a.request_id for a in h.received()] == [13]
+
+
 def test_inflight_limit_stops_reading_until_answers_drain() -> None:
     """At max_inflight_per_connection the transport is paused and later frames wait; answers resume it."""
     h = ready(limits=LimitsConfig(max_inflight_per_connection=2))
