@@ -77,8 +77,42 @@ def _check_answers(data: bytes, expected: int) -> None:
         )
 
 
+def _reads(frames: list[bytes], pipeline: int, record: int) -> list[list[bytes]]:
+    """What the protocol is given: per read, ``pipeline`` frames joined, in pieces of at most
+    ``record`` bytes when it is not 0 (TLS hands over one record of at most 16 KiB at a time)."""
+    reads = [b"".join(frames[i : i + pipeline]) for i in range(0, len(frames), pipeline)]
+    if not record:
+        return [[read] for read in reads]
+    return [[read[i : i + record] for i in range(0, len(read), record)] for read in reads]
+
+
+def _deliver(protocol: Any, pieces: list[bytes]) -> None:
+    """Hand one read's pieces to ``protocol`` as the server's TLS transport does: a protocol that
+    provides ``IReadScope`` is told where a read of several pieces begins and ends."""
+    if len(pieces) == 1:
+        protocol.dataReceived(pieces[0])
+        return
+    from amaters.interfaces import IReadScope
+
+    scoped = IReadScope.providedBy(protocol)
+    if scoped:
+        protocol.readStarted()
+    try:
+        for piece in pieces:
+            protocol.dataReceived(piece)
+    finally:
+        if scoped:
+            protocol.readFinished()
+
+
 async def _measure(
-    reactor: Any, protocol: Any, transport: Any, frames: list[bytes], pipeline: int, rounds: int
+    reactor: Any,
+    protocol: Any,
+    transport: Any,
+    frames: list[bytes],
+    pipeline: int,
+    rounds: int,
+    record: int = 0,
 ) -> float:
     """Best CPU seconds per request over ``rounds`` passes of ``frames``, ``pipeline`` per read.
 
@@ -87,7 +121,7 @@ async def _measure(
     """
     from twisted.internet import task
 
-    reads = [b"".join(frames[i : i + pipeline]) for i in range(0, len(frames), pipeline)]
+    reads = _reads(frames, pipeline, record)
     best = float("inf")
     for _ in range(rounds):
         transport.clear()
@@ -97,7 +131,7 @@ async def _measure(
             started = time.process_time()
             turn_ends = time.perf_counter() + 0.005
             while position < len(reads) and time.perf_counter() < turn_ends:
-                protocol.dataReceived(reads[position])
+                _deliver(protocol, reads[position])
                 position += 1
             spent += time.process_time() - started
             await task.deferLater(reactor, 0, lambda: None)
@@ -162,7 +196,7 @@ async def _measure_sequential(
     return best
 
 
-def _count_opcodes(protocol: Any, frames: list[bytes], pipeline: int) -> tuple[int, int]:
+def _count_opcodes(protocol: Any, frames: list[bytes], pipeline: int, record: int = 0) -> tuple[int, int]:
     """Python function calls and bytecode instructions the server runs for ``frames``, ``pipeline``
     per read, counted with :func:`sys.settrace` (the protocol's own calls and all they make).
 
@@ -182,11 +216,11 @@ def _count_opcodes(protocol: Any, frames: list[bytes], pipeline: int) -> tuple[i
             counts[1] += 1
         return trace
 
-    reads = [b"".join(frames[i : i + pipeline]) for i in range(0, len(frames), pipeline)]
+    reads = _reads(frames, pipeline, record)
     sys.settrace(trace)
     try:
-        for data in reads:
-            protocol.dataReceived(data)
+        for pieces in reads:
+            _deliver(protocol, pieces)
     finally:
         sys.settrace(None)
     return counts[0], counts[1]
@@ -285,7 +319,7 @@ async def _run(reactor: Any, args: argparse.Namespace) -> dict[str, float]:
             protocol.dataReceived(b"".join(fill))
         frames = _frames(args.op, args.requests, args.value_size, args.keyspace, 10**6)
         if args.opcodes:
-            calls, opcodes = _count_opcodes(protocol, frames[: args.opcodes], args.pipeline)
+            calls, opcodes = _count_opcodes(protocol, frames[: args.opcodes], args.pipeline, args.record)
             print(
                 f"{args.op} P={args.pipeline}: {calls / args.opcodes:.1f} Python calls and"
                 f" {opcodes / args.opcodes:.1f} bytecode instructions per request"
@@ -302,7 +336,9 @@ async def _run(reactor: Any, args: argparse.Namespace) -> dict[str, float]:
             measured = await _measure_sequential(reactor, protocol, transport, frames, args.rounds)
             _print_thread_times(threads_before, _thread_times(), len(frames) * args.rounds)
         else:
-            measured = await _measure(reactor, protocol, transport, frames, args.pipeline, args.rounds)
+            measured = await _measure(
+                reactor, protocol, transport, frames, args.pipeline, args.rounds, args.record
+            )
         results["amaters_us"] = measured * 1e6
         if profiler is not None:
             import pstats
@@ -318,13 +354,14 @@ async def _run(reactor: Any, args: argparse.Namespace) -> dict[str, float]:
         reference.makeConnection(ref_transport)
         reference.dataReceived(b"".join(_frames("set", args.keyspace, args.value_size, args.keyspace, 10)))
         if args.opcodes:
-            calls, opcodes = _count_opcodes(reference, frames[: args.opcodes], args.pipeline)
+            calls, opcodes = _count_opcodes(reference, frames[: args.opcodes], args.pipeline, args.record)
             print(
                 f"reference: {calls / args.opcodes:.1f} Python calls and"
                 f" {opcodes / args.opcodes:.1f} bytecode instructions per request"
             )
         results["reference_us"] = (
-            await _measure(reactor, reference, ref_transport, frames, args.pipeline, args.rounds) * 1e6
+            await _measure(reactor, reference, ref_transport, frames, args.pipeline, args.rounds, args.record)
+            * 1e6
         )
     finally:
         await root.stopService()
@@ -336,6 +373,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--op", default="get", choices=("get", "set"))
     parser.add_argument("-p", "--pipeline", type=int, default=16, help="frames per read")
     parser.add_argument("-v", "--value-size", type=int, default=100)
+    parser.add_argument(
+        "--record",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="hand each read over in pieces of at most BYTES, as TLS does (16384)",
+    )
     parser.add_argument("-k", "--keyspace", type=int, default=1000)
     parser.add_argument("-n", "--requests", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=5)
