@@ -5,12 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
 
 from amaters.config import CacheConfig, default_config
-from amaters.protect.cache import ENTRY_OVERHEAD, MISS, CachingExecutor, QueryCache, cache_key
+from amaters.protect.cache import (
+    ENTRY_OVERHEAD,
+    MISS,
+    SHORT_KEY_BYTES,
+    CachingExecutor,
+    QueryCache,
+    cache_key,
+)
 from amaters.query import operations as ops
 from amaters.types import CipherBlob
 
@@ -170,6 +178,30 @@ def test_write_invalidates_and_drop_invalidates_the_collection() -> None:
     assert all(entry.collection == "b" for entry in cache._entries.values())
     assert read("b", b"1") == first[("b", b"1")]
     assert cache.invalidations >= 4
+
+
+@pytest.mark.parametrize("length", [1, SHORT_KEY_BYTES - 1, SHORT_KEY_BYTES, SHORT_KEY_BYTES + 1, 300])
+def test_a_write_invalidates_its_key_at_every_key_length(length: int) -> None:
+    """A SET or DELETE drops the entry its key's GET cached, on both sides of the short-key limit
+    (a write computes a short key's index itself)."""
+    inner = Executor()
+    cache = QueryCache(1 << 20)
+    executor = CachingExecutor(inner, cache)
+    key = b"k" * length
+
+    def run(op: Any) -> Any:
+        d = executor.execute(op)
+        while inner.pending:
+            inner.release(0)
+        return d.result
+
+    run(ops.Set("a", key, blob(b"x")))
+    for write in (ops.Set("a", key, blob(b"y")), ops.Delete("a", key)):
+        cached = run(ops.Get("a", key))
+        assert len(cache) == 1
+        run(write)
+        assert len(cache) == 0
+        assert version_of(run(ops.Get("a", key))) > version_of(cached)
 
 
 def test_operations_that_change_nothing_pass_through() -> None:
