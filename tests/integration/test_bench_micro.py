@@ -6,6 +6,7 @@ timings on a shared machine are not something a test can assert.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,37 @@ def test_sequential_durable_writes_report_the_wal_thread() -> None:
     out = _micro("--sync", "always", "--sequential", "-n", "300", "--rounds", "1")
     assert "sync=always" in out
     assert "thread MainThread:" in out and "thread amaters-wal:" in out
+
+
+def test_reads_in_tls_record_pieces_are_all_answered_and_counted() -> None:
+    """``--record`` hands each pipelined read over in pieces of one TLS record, inside the read
+    scope the listener's TLS layer gives; the run fails unless every request is answered
+    successfully.  ``--opcodes`` prints the calls and instructions per request of both servers."""
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "micro",
+        "--op",
+        "set",
+        "-v",
+        "4096",
+        "-p",
+        "16",
+        "--record",
+        "16384",
+        "-n",
+        "640",
+        "--rounds",
+        "1",
+        "--opcodes",
+        "320",
+    ]
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    out = completed.stdout
+    counts = re.findall(r"([\d.]+) Python calls and ([\d.]+) bytecode instructions per request", out)
+    assert len(counts) == 2, out  # amaters, then the reference
+    (calls, instructions), (ref_calls, ref_instructions) = ((float(a), float(b)) for a, b in counts)
+    assert 0 < ref_calls < calls and 0 < ref_instructions < instructions, out
+    assert "set P=16 V=4096" in out
