@@ -9,10 +9,12 @@ from typing import Any
 from treq.testing import StubTreq
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from amaters.config import load_config
+from amaters.interfaces import IReadScope
 from amaters.ops.metrics import Metrics
 from amaters.ops.observability import MeteredFactory
 from amaters.tap import build_service
@@ -83,6 +85,12 @@ def test_listener_serves_through_the_metered_factory(tmp_path: Path) -> None:
     assert isinstance(native, BatchedWritesTLSFactory)
     assert isinstance(native.wrappedFactory, MeteredFactory)
     assert native.wrappedFactory.wrappedFactory is listener.factory
+    # A connection's TLS layer wraps the native protocol itself, which takes the read scope.
+    connection = native.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    connection.makeConnection(StringTransport())
+    assert IReadScope.providedBy(connection.wrappedProtocol)
+    assert connection._scope is connection.wrappedProtocol
+    connection.connectionLost(None)
     root.stopService()
 
 
