@@ -217,9 +217,9 @@ class IReadScope(Interface):
     """A protocol told where one read from the network begins and ends, when a transport below it
     hands that read over in several pieces (TLS: one record of at most 16 KiB at a time).
 
-    Between the two calls the protocol may hold what it would do at the end of each piece (write
-    its answers, account for them) and do it once, at :meth:`readFinished`.  No reactor turn
-    happens in between, and :meth:`readFinished` is called even when a piece raised.
+    Between the two calls the protocol may hold the pieces, or what it would do at the end of each
+    (write its answers, account for them), and handle them once, at :meth:`readFinished`.  No
+    reactor turn happens in between, and :meth:`readFinished` is called even when a piece raised.
     """
 
     def readStarted() -> None:

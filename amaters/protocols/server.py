@@ -335,9 +335,9 @@ class AmatersServerProtocol(FrameReceiver):
         self._finished: list[Any] = []
         # Whether the frame being handled is the only one its read brought.
         self._frame_alone = False
-        # Inside a read that TLS hands over record by record (IReadScope): the afters and the
-        # answers of each record wait for the read's end.
-        self._in_read = False
+        # Inside a read that TLS hands over record by record (IReadScope): the records so far,
+        # handled as one read at its end.
+        self._read_pieces: list[bytes] | None = None
 
     # -- connection lifecycle -----------------------------------------------------------------
 
@@ -472,6 +472,10 @@ class AmatersServerProtocol(FrameReceiver):
     # -- frames in ----------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        pieces = self._read_pieces
+        if pieces is not None:
+            pieces.append(data)
+            return
         meter = self._meter
         if meter is not None:
             meter.received += len(data)
@@ -628,18 +632,18 @@ class AmatersServerProtocol(FrameReceiver):
             session.leave(token)
 
     def readStarted(self) -> None:
-        self._in_read = True
+        self._read_pieces = []
 
     def readFinished(self) -> None:
-        self._in_read = False
-        self.framesDelivered()
+        # The read's records are handled as the one read they came in: one pass of the framing,
+        # one settling of the afters, one write of the answers.  No reactor turn happened since
+        # readStarted, and a read is at most the transport's buffer size.  A connection lost
+        # meanwhile ignores them, as it ignores any later read.
+        pieces, self._read_pieces = self._read_pieces, None
+        if pieces:
+            self.dataReceived(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     def framesDelivered(self) -> None:
-        if self._in_read:
-            # More records of the same read follow: their answers go out with these, in one
-            # write, at readFinished.
-            self._recharge()
-            return
         # The afters before the write: next to the requests their code and data are still in the
         # CPU's caches, after the write's system calls they are not.
         finished = self._finished

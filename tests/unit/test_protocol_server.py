@@ -389,6 +389,26 @@ def test_a_read_in_pieces_is_answered_once_at_its_end() -> None:
     assert [a.request_id for a in h.received()] == [13]
 
 
+def test_a_read_in_pieces_cut_short_by_a_lost_connection_is_not_handled() -> None:
+    """None of a read's requests was answered when the connection is lost before its end, so none
+    is run (a write among them is not applied), and nothing of the read stays charged to the
+    server's receive memory."""
+    h = ready()
+    fill(h, "c", 1)
+    budget = h.factory.budget
+    held_before = budget.total
+    read = encode_frame(q_set(20, "c", b"0000", b"never").SerializeToString())
+    partial = encode_frame(q_get(21, "c", b"0000").SerializeToString())[:7]
+    h.protocol.readStarted()
+    h.protocol.dataReceived(read[:10])
+    h.protocol.dataReceived(read[10:] + partial)
+    h.protocol.connectionLost(None)
+    h.protocol.readFinished()
+    assert h.received() == []
+    assert h.backend.get("c", b"0000").result.data == b"v0"
+    assert budget.total == held_before
+
+
 def test_inflight_limit_stops_reading_until_answers_drain() -> None:
     """At max_inflight_per_connection the transport is paused and later frames wait; answers resume it."""
     h = ready(limits=LimitsConfig(max_inflight_per_connection=2))
