@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _micro(*args: str) -> str:
-    command = [sys.executable, "-m", "bench", "micro", "--op", "set", "--backend", "rocksdb", *args]
+    command = [sys.executable, "-m", "bench", "micro", "--op", "set", *args]
     completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return completed.stdout
@@ -31,6 +31,8 @@ def test_sequential_unsynced_writes_give_the_reactor_its_turns() -> None:
     reactor for whole rounds).  The shedding limit is lowered so that a round held in one turn would
     exceed it even on a fast machine."""
     out = _micro(
+        "--backend",
+        "rocksdb",
         "--sync",
         "none",
         "--sequential",
@@ -47,7 +49,7 @@ def test_sequential_unsynced_writes_give_the_reactor_its_turns() -> None:
 
 def test_sequential_durable_writes_report_the_wal_thread() -> None:
     """A lone durable write's CPU is split by thread: the reactor's and the WAL thread's fsyncs."""
-    out = _micro("--sync", "always", "--sequential", "-n", "300", "--rounds", "1")
+    out = _micro("--backend", "rocksdb", "--sync", "always", "--sequential", "-n", "300", "--rounds", "1")
     assert "sync=always" in out
     assert "thread MainThread:" in out and "thread amaters-wal:" in out
 
@@ -56,29 +58,9 @@ def test_reads_in_tls_record_pieces_are_all_answered_and_counted() -> None:
     """``--record`` hands each pipelined read over in pieces of one TLS record, inside the read
     scope the listener's TLS layer gives; the run fails unless every request is answered
     successfully.  ``--opcodes`` prints the calls and instructions per request of both servers."""
-    command = [
-        sys.executable,
-        "-m",
-        "bench",
-        "micro",
-        "--op",
-        "set",
-        "-v",
-        "4096",
-        "-p",
-        "16",
-        "--record",
-        "16384",
-        "-n",
-        "640",
-        "--rounds",
-        "1",
-        "--opcodes",
-        "320",
-    ]
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    out = completed.stdout
+    out = _micro(
+        "-v", "4096", "-p", "16", "--record", "16384", "-n", "640", "--rounds", "1", "--opcodes", "320"
+    )
     counts = re.findall(r"([\d.]+) Python calls and ([\d.]+) bytecode instructions per request", out)
     assert len(counts) == 2, out  # amaters, then the reference
     (calls, instructions), (ref_calls, ref_instructions) = ((float(a), float(b)) for a, b in counts)
