@@ -86,15 +86,19 @@ def _reads(frames: list[bytes], pipeline: int, record: int) -> list[list[bytes]]
     return [[read[i : i + record] for i in range(0, len(read), record)] for read in reads]
 
 
-def _deliver(protocol: Any, pieces: list[bytes]) -> None:
+def _takes_read_scope(protocol: Any) -> bool:
+    """Whether the server's TLS transport would tell ``protocol`` where a read begins and ends."""
+    from amaters.interfaces import IReadScope
+
+    return bool(IReadScope.providedBy(protocol))
+
+
+def _deliver(protocol: Any, pieces: list[bytes], scoped: bool) -> None:
     """Hand one read's pieces to ``protocol`` as the server's TLS transport does: a protocol that
-    provides ``IReadScope`` is told where a read of several pieces begins and ends."""
+    takes the read scope (``scoped``) is told where a read of several pieces begins and ends."""
     if len(pieces) == 1:
         protocol.dataReceived(pieces[0])
         return
-    from amaters.interfaces import IReadScope
-
-    scoped = IReadScope.providedBy(protocol)
     if scoped:
         protocol.readStarted()
     try:
@@ -122,6 +126,7 @@ async def _measure(
     from twisted.internet import task
 
     reads = _reads(frames, pipeline, record)
+    scoped = _takes_read_scope(protocol)
     best = float("inf")
     for _ in range(rounds):
         transport.clear()
@@ -131,7 +136,7 @@ async def _measure(
             started = time.process_time()
             turn_ends = time.perf_counter() + 0.005
             while position < len(reads) and time.perf_counter() < turn_ends:
-                _deliver(protocol, reads[position])
+                _deliver(protocol, reads[position], scoped)
                 position += 1
             spent += time.process_time() - started
             await task.deferLater(reactor, 0, lambda: None)
@@ -217,13 +222,23 @@ def _count_opcodes(protocol: Any, frames: list[bytes], pipeline: int, record: in
         return trace
 
     reads = _reads(frames, pipeline, record)
+    scoped = _takes_read_scope(protocol)
     sys.settrace(trace)
     try:
         for pieces in reads:
-            _deliver(protocol, pieces)
+            _deliver(protocol, pieces, scoped)
     finally:
         sys.settrace(None)
     return counts[0], counts[1]
+
+
+def _print_counts(who: str, protocol: Any, frames: list[bytes], args: argparse.Namespace) -> None:
+    """:func:`_count_opcodes` over the first ``args.opcodes`` frames, printed per request."""
+    calls, opcodes = _count_opcodes(protocol, frames[: args.opcodes], args.pipeline, args.record)
+    print(
+        f"{who}: {calls / args.opcodes:.1f} Python calls and {opcodes / args.opcodes:.1f} bytecode"
+        f" instructions per request (over {args.opcodes} requests)"
+    )
 
 
 def _thread_times() -> dict[str, tuple[int, int]]:
@@ -319,12 +334,7 @@ async def _run(reactor: Any, args: argparse.Namespace) -> dict[str, float]:
             protocol.dataReceived(b"".join(fill))
         frames = _frames(args.op, args.requests, args.value_size, args.keyspace, 10**6)
         if args.opcodes:
-            calls, opcodes = _count_opcodes(protocol, frames[: args.opcodes], args.pipeline, args.record)
-            print(
-                f"{args.op} P={args.pipeline}: {calls / args.opcodes:.1f} Python calls and"
-                f" {opcodes / args.opcodes:.1f} bytecode instructions per request"
-                f" (over {args.opcodes} requests)"
-            )
+            _print_counts(f"{args.op} P={args.pipeline}", protocol, frames, args)
         profiler = None
         if args.profile:
             import cProfile
@@ -354,11 +364,7 @@ async def _run(reactor: Any, args: argparse.Namespace) -> dict[str, float]:
         reference.makeConnection(ref_transport)
         reference.dataReceived(b"".join(_frames("set", args.keyspace, args.value_size, args.keyspace, 10)))
         if args.opcodes:
-            calls, opcodes = _count_opcodes(reference, frames[: args.opcodes], args.pipeline, args.record)
-            print(
-                f"reference: {calls / args.opcodes:.1f} Python calls and"
-                f" {opcodes / args.opcodes:.1f} bytecode instructions per request"
-            )
+            _print_counts("reference", reference, frames, args)
         results["reference_us"] = (
             await _measure(reactor, reference, ref_transport, frames, args.pipeline, args.rounds, args.record)
             * 1e6
