@@ -28,16 +28,8 @@ from pathlib import Path
 
 from bench import loadgen
 from bench.loadgen import LoadSpec, Target
-from bench.scenarios import cpu_per_op, fill_keys, make_api_key, protocol_label
+from bench.scenarios import PROTOCOL_SCENARIOS, cpu_per_op, fill_keys, make_api_key
 from bench.servers import BENCH_ROOT, AmatersServer
-
-#: The suite's protocol scenarios: (name, operation, value size, pipeline depth).
-SCENARIOS = tuple(
-    (protocol_label(op, size, depth), op, size, depth)
-    for op in ("get", "set")
-    for size in (100, 4096)
-    for depth in (1, 16)
-)
 
 
 class ABError(Exception):
@@ -170,10 +162,10 @@ def main(argv: Sequence[str]) -> int:
         parser.error("--rounds must be at least 1 and --duration positive")
     args.out = (args.out or Path(tempfile.mkdtemp(prefix="bench-ab-"))).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    scenarios = [s for s in SCENARIOS if any(fnmatch.fnmatch(s[0], p) for p in args.match)]
+    scenarios = [s for s in PROTOCOL_SCENARIOS if any(fnmatch.fnmatch(s[0], p) for p in args.match)]
     if not scenarios:
         parser.error(
-            f"no scenario matches {' '.join(args.match)}; they are {', '.join(s[0] for s in SCENARIOS)}"
+            f"no scenario matches {' '.join(args.match)}; they are {', '.join(s[0] for s in PROTOCOL_SCENARIOS)}"
         )
     try:
         old = resolve_tree(args.old, args.out / "trees")

@@ -194,6 +194,15 @@ def protocol_label(op: str, value_size: int, pipeline: int) -> str:
     return f"{op}-{'100B' if value_size == 100 else '4KiB'}-P{pipeline}"
 
 
+#: The protocol scenarios, as the suite runs them: (name, operation, value size, pipeline depth).
+PROTOCOL_SCENARIOS = tuple(
+    (protocol_label(op, size, depth), op, size, depth)
+    for op in ("get", "set")
+    for size in (100, 4096)
+    for depth in (1, 16)
+)
+
+
 def fill_keys(
     target: Target, collection: str, keys: int, value_size: int, server_pid: int, label: str
 ) -> LoadResult:
@@ -361,49 +370,44 @@ class Suite:
                 fill_keys(
                     r_target, collection, s.keyspace, size, reference.pid, f"fill {collection} reference"
                 )
-            for op in ("get", "set"):
-                for size in (100, 4096):
-                    for pipeline in (1, 16):
-                        label = protocol_label(op, size, pipeline)
-                        if not s.selected(label):
-                            continue
-                        spec = self._spec(
-                            pipeline=pipeline, value_size=size, mix=((op, 1.0),), collection=f"v{size}"
-                        )
-                        a = loadgen.run(
-                            "load",
-                            a_target,
-                            spec,
-                            workers=s.workers,
-                            server_pid=amaters.pid,
-                            label=f"{label} amaters",
-                        )
-                        _say("  " + loadgen.summary_line(a))
-                        r = loadgen.run(
-                            "load",
-                            r_target,
-                            spec,
-                            workers=s.workers,
-                            server_pid=reference.pid,
-                            label=f"{label} reference",
-                        )
-                        _say("  " + loadgen.summary_line(r))
-                        goal = 0.85 if pipeline == 1 else 0.80
-                        ratio = _ratio(a.ops_per_s, r.ops_per_s)
-                        self.results.append(
-                            _entry(
-                                label,
-                                "protocol",
-                                f"{op.upper()} {size} B values, C={s.connections}, P={pipeline}; amaters over {security}"
-                                " on the memory backend",
-                                a,
-                                REFERENCE_NAME,
-                                r,
-                                target=f">= {goal:.0%} of reference ops/s",
-                                met=None if ratio is None else ratio >= goal,
-                                security=security,
-                            )
-                        )
+            for label, op, size, pipeline in PROTOCOL_SCENARIOS:
+                if not s.selected(label):
+                    continue
+                spec = self._spec(pipeline=pipeline, value_size=size, mix=((op, 1.0),), collection=f"v{size}")
+                a = loadgen.run(
+                    "load",
+                    a_target,
+                    spec,
+                    workers=s.workers,
+                    server_pid=amaters.pid,
+                    label=f"{label} amaters",
+                )
+                _say("  " + loadgen.summary_line(a))
+                r = loadgen.run(
+                    "load",
+                    r_target,
+                    spec,
+                    workers=s.workers,
+                    server_pid=reference.pid,
+                    label=f"{label} reference",
+                )
+                _say("  " + loadgen.summary_line(r))
+                goal = 0.85 if pipeline == 1 else 0.80
+                ratio = _ratio(a.ops_per_s, r.ops_per_s)
+                self.results.append(
+                    _entry(
+                        label,
+                        "protocol",
+                        f"{op.upper()} {size} B values, C={s.connections}, P={pipeline}; amaters over {security}"
+                        " on the memory backend",
+                        a,
+                        REFERENCE_NAME,
+                        r,
+                        target=f">= {goal:.0%} of reference ops/s",
+                        met=None if ratio is None else ratio >= goal,
+                        security=security,
+                    )
+                )
             final = amaters.metrics()
             if final is not None:
                 samples = parse_prometheus(final)
