@@ -41,8 +41,11 @@ class Collecting(protocol.Protocol):
         self.received += data
 
 
-def connect(tmp_path: Path, server_factory: Any, clock: Clock) -> tuple[Collecting, IOPump]:
-    client_app = Collecting()
+def handshaken(
+    tmp_path: Path, server_factory: Any, clock: Clock, client_app: protocol.Protocol
+) -> tuple[Any, IOPump]:
+    """A client (Twisted's default TLS) connected in memory to ``server_factory``, handshake done:
+    the client's TLS protocol and the pump between them."""
     client_factory = TLSMemoryBIOFactory(
         client_tls_options("localhost", tmp_path / "ca.pem"),
         True,
@@ -53,6 +56,12 @@ def connect(tmp_path: Path, server_factory: Any, clock: Clock) -> tuple[Collecti
         lambda: server_factory.buildProtocol(None), lambda: client_factory.buildProtocol(None), clock=clock
     )
     pump.flush()  # the handshake
+    return client_tls, pump
+
+
+def connect(tmp_path: Path, server_factory: Any, clock: Clock) -> tuple[Collecting, IOPump]:
+    client_app = Collecting()
+    client_tls, pump = handshaken(tmp_path, server_factory, clock, client_app)
     client_tls.write(b"GET k")
     clock.advance(0)  # the client's own TLS transport sends on the next iteration
     pump.pump(advanceClock=False)  # the request reaches the server, which answers it
@@ -111,16 +120,7 @@ class Scoped(protocol.Protocol):
 def scoped_pair(tmp_path: Path, options: Any, app: protocol.Protocol) -> tuple[Any, IOPump, Clock]:
     clock = Clock()
     factory = BatchedWritesTLSFactory(ReloadableServerTLS(options), protocol.Factory.forProtocol(lambda: app))
-    client_factory = TLSMemoryBIOFactory(
-        client_tls_options("localhost", tmp_path / "ca.pem"),
-        True,
-        protocol.Factory.forProtocol(Collecting),
-        clock=clock,
-    )
-    client_tls, _, pump = connectedServerAndClient(
-        lambda: factory.buildProtocol(None), lambda: client_factory.buildProtocol(None), clock=clock
-    )
-    pump.flush()
+    client_tls, pump = handshaken(tmp_path, factory, clock, Collecting())
     return client_tls, pump, clock
 
 
