@@ -78,6 +78,7 @@ from amaters.proto.convert import (
 )
 from amaters.protocols.budget import ReceiveBudget
 from amaters.protocols.framing import HEADER_SIZE, FrameReceiver, frame_header
+from amaters.protocols.transport import send_eagerly
 from amaters.protocols.wirecheck import TooManyElements, count_elements
 from amaters.query import operations as ops
 from amaters.query.executor import CAPABILITIES
@@ -1507,6 +1508,8 @@ class ListenerService(service.Service):
         if self.gate_factory is not None:
             factory = self.gate_factory(factory)
         self.port = await endpoint.listen(factory)
+        # Answers go out in the write that makes them, not one reactor turn later (transport.py).
+        send_eagerly(self.port)
         host = self.port.getHost()
         self._log.info(
             "Listening for the native protocol on {host}:{port} ({security})",

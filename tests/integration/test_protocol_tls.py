@@ -19,6 +19,7 @@ from amaters.errors import (
     ShuttingDown,
     SizeExceeded,
 )
+from amaters.protocols.transport import EagerWriteServer
 from amaters.query import operations as ops
 from amaters.query.pipeline import PipelineStage, RequestContext
 from amaters.tls.certs import generate_server_tls, issue_certificate
@@ -48,6 +49,19 @@ async def test_set_get_overwrite_delete(server: Server) -> None:
     assert await c.get("c", b"k") == b"two"
     assert await c.delete("c", b"k") is True
     assert await c.get("c", b"k") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_are_sent_from_the_write_that_makes_them(server: Server) -> None:
+    """The listener's connections run on the eager-write TCP transport under TLS, and a request
+    answered on it leaves nothing queued for the reactor to send later."""
+    c = await server.client()
+    await c.set("c", b"k", b"v")
+    (connection,) = server.listener.factory.connections
+    tcp_transport = connection.transport.transport
+    assert type(tcp_transport) is EagerWriteServer
+    assert await c.get("c", b"k") == b"v"
+    assert tcp_transport._tempDataLen == 0 and not tcp_transport.dataBuffer
 
 
 @pytest_twisted.ensureDeferred
