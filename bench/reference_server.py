@@ -2,10 +2,12 @@
 
 It speaks amaters' wire protocol with amaters' own pieces: the same :class:`FrameReceiver` framing
 (answers of one read batched into one write, as the real server does), the same ``Envelope``
-protobuf, the same TLS setup (``server_tls_options`` in a ``BatchedWritesTLSFactory``) and the same
-default reactor.  It does only what a key-value server cannot skip: parse the envelope, look the key
-up in a dict, build and serialize the answer.  No validation, checksums, limits, pipeline stages,
-authentication, metrics or durability, which is exactly what the ratio against it prices.
+protobuf, the same TLS setup (``server_tls_options`` in a ``BatchedWritesTLSFactory``), the same
+TCP transport (answers sent from ``write``, :func:`~amaters.protocols.transport.send_eagerly`) and
+the same default reactor.  It does only what a key-value server cannot skip: parse the envelope,
+look the key up in a dict, build and serialize the answer.  No validation, checksums, limits,
+pipeline stages, authentication, metrics or durability, which is exactly what the ratio against it
+prices.
 
 It understands the handshake, GET, SET, DELETE, PING and a small BATCH of those; anything else gets
 an error answer.  ``python -m bench.reference_server --port 21000 [--tls-dir DIR]`` runs it (TLS
@@ -24,6 +26,7 @@ from twisted.internet.protocol import Factory
 from amaters import PROTOCOL_VERSION
 from amaters.proto import envelope_pb2, errors_pb2
 from amaters.protocols.framing import FrameReceiver, frame_header
+from amaters.protocols.transport import send_eagerly
 
 Envelope = envelope_pb2.Envelope
 _MALFORMED = 2002  # ERROR_PROTOCOL_MALFORMED_MESSAGE
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     # The same endpoint string (and so the same listen backlog) as amaters' ``server.listen``.
     endpoint = serverFromString(reactor, f"tcp:{args.port}:interface=127.0.0.1")
     d = endpoint.listen(factory)
+    d.addCallback(send_eagerly)
 
     def failed(failure: Any) -> None:
         print(f"reference server failed to listen: {failure.getErrorMessage()}", flush=True)
