@@ -78,7 +78,7 @@ from amaters.proto.convert import (
 )
 from amaters.protocols.budget import ReceiveBudget
 from amaters.protocols.framing import HEADER_SIZE, FrameReceiver, frame_header
-from amaters.protocols.transport import send_eagerly
+from amaters.protocols.transport import EagerWriteServer, send_eagerly, tcp_transport
 from amaters.protocols.wirecheck import TooManyElements, count_elements
 from amaters.query import operations as ops
 from amaters.query.executor import CAPABILITIES
@@ -315,8 +315,10 @@ class AmatersServerProtocol(FrameReceiver):
         self._close_timer: IDelayedCall | None = None
         self._held: collections.deque[bytes] = collections.deque()
         self._held_bytes = 0
-        #: Bytes handed to the transport since it last reported its buffer drained.
+        #: Bytes handed to the transport since it last reported its buffer drained, or (on an
+        #: eager-write transport) since a write left nothing queued.
         self._sent_since_drain = 0
+        self._tcp: EagerWriteServer | None = None
         #: Whether the TLS handshake under the connection has finished (IHandshakeListener).
         self._tls_done = False
         self._dropped = False
@@ -352,6 +354,7 @@ class AmatersServerProtocol(FrameReceiver):
         host = getattr(peer, "host", None)
         self._source = f"{host}:{getattr(peer, 'port', '')}" if host else str(peer)
         factory.connection_made(self)
+        self._tcp = tcp_transport(self.transport)
         clock = factory.clock
         self._last_activity = clock.seconds()
         self._handshake_timer = clock.callLater(factory.limits.handshake_timeout, self._handshake_expired)
@@ -708,6 +711,13 @@ class AmatersServerProtocol(FrameReceiver):
             self._meter.sent += len(data)
         self._sent_since_drain += len(data)
         self.transport.write(data)  # type: ignore[union-attr]
+        self._maybe_drained()
+
+    def _maybe_drained(self) -> None:
+        """After a write: on an eager-write transport that took it whole, nothing is buffered."""
+        tcp = self._tcp
+        if tcp is not None and not tcp.queued_bytes:
+            self._sent_since_drain = 0
 
     def _flush_out(self) -> None:
         out = self._out
@@ -724,6 +734,9 @@ class AmatersServerProtocol(FrameReceiver):
                 meter.sent += len(data)
             self._sent_since_drain += len(data)
             self.transport.write(data)  # type: ignore[union-attr]
+            tcp = self._tcp  # _maybe_drained, inline on the path of every answer
+            if tcp is not None and not tcp.queued_bytes:
+                self._sent_since_drain = 0
             return
         if self._dropped:
             return

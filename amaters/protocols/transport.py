@@ -11,7 +11,9 @@ kernel's socket buffer has room).  Whatever the socket does not take (a full buf
 to Twisted's queue as before, so back-pressure, producers, ``loseConnection`` and error handling are
 Twisted's own.  Order is kept: an eager send happens only with nothing queued ahead of it.
 
-:func:`send_eagerly` makes a listening port's new connections use it.
+:func:`send_eagerly` makes a listening port's new connections use it, and :func:`tcp_transport`
+finds the one under a connection (through TLS), for a protocol that accounts for what its
+transport still holds.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ from twisted.internet import tcp
 
 class EagerWriteServer(tcp.Server):
     """:class:`twisted.internet.tcp.Server` whose ``write`` sends at once when nothing is queued."""
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes waiting for the reactor to send them (none after a write the socket took whole)."""
+        return len(self.dataBuffer) - self.offset + self._tempDataLen
 
     def write(self, data: bytes) -> None:
         if (
@@ -47,6 +54,15 @@ class EagerWriteServer(tcp.Server):
         super().write(data)
 
 
+def tcp_transport(transport: Any) -> EagerWriteServer | None:
+    """The :class:`EagerWriteServer` a protocol writes to through ``transport`` (directly or
+    through TLS), or None."""
+    if isinstance(transport, EagerWriteServer):
+        return transport
+    inner = getattr(transport, "transport", None)
+    return inner if isinstance(inner, EagerWriteServer) else None
+
+
 def send_eagerly(port: Any) -> bool:
     """Make the connections ``port`` accepts from now on use :class:`EagerWriteServer`.
 
@@ -59,4 +75,4 @@ def send_eagerly(port: Any) -> bool:
     return False
 
 
-__all__ = ["EagerWriteServer", "send_eagerly"]
+__all__ = ["EagerWriteServer", "send_eagerly", "tcp_transport"]

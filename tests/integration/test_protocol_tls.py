@@ -61,7 +61,7 @@ async def test_answers_are_sent_from_the_write_that_makes_them(server: Server) -
     tcp_transport = connection.transport.transport
     assert type(tcp_transport) is EagerWriteServer
     assert await c.get("c", b"k") == b"v"
-    assert tcp_transport._tempDataLen == 0 and not tcp_transport.dataBuffer
+    assert tcp_transport.queued_bytes == 0
 
 
 @pytest_twisted.ensureDeferred

@@ -73,11 +73,6 @@ def drain(sock: socket.socket) -> bytes:
     return bytes(got)
 
 
-def queued(transport: Any) -> int:
-    """Bytes the transport holds for the reactor to send later."""
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_write_with_nothing_queued_is_sent_from_write() -> None:
     """Nothing stays queued and the reactor is not asked to watch for writability: the bytes were
@@ -86,7 +81,7 @@ async def test_a_write_with_nothing_queued_is_sent_from_write() -> None:
     try:
         transport: Any = server.transport
         transport.write(b"answer " * 100)
-        assert queued(transport) == 0
+        assert transport.queued_bytes == 0
         assert transport not in reactor.getWriters()  # type: ignore[attr-defined]
         transport.loseConnection()
         assert await client.closed == b"answer " * 100
@@ -106,14 +101,14 @@ async def test_what_the_socket_does_not_take_is_queued_in_order() -> None:
         transport.bufferSize = 64 * 1024 * 1024  # no producer pausing in the way of the test
         big = bytes(range(256)) * (32 * 1024 * 1024 // 256)
         transport.write(big)
-        left = queued(transport)
+        left = transport.queued_bytes
         assert 0 < left < len(big), "the socket took all of 32 MiB or none of it"
         # Read what reached the client behind the reactor's back: the server's socket has room
         # again while part of the write is still queued, so a send now would overtake it.
         early = drain(client.transport.socket)  # type: ignore[attr-defined]
         assert early
         transport.write(b"tail")
-        assert queued(transport) == left + 4
+        assert transport.queued_bytes == left + 4
         client.transport.resumeProducing()  # type: ignore[attr-defined]
         transport.loseConnection()
         received = early + await client.closed
