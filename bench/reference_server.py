@@ -10,13 +10,22 @@ pipeline stages, authentication, metrics or durability, which is exactly what th
 prices.
 
 It understands the handshake, GET, SET, DELETE, PING and a small BATCH of those; anything else gets
-an error answer.  ``python -m bench.reference_server --port 21000 [--tls-dir DIR]`` runs it (TLS
+an error answer.
+
+With ``--rocksdb DIR`` it keeps the keys in RocksDB instead of a dict (one database, the collection
+name prefixed to the key), and with ``--sync always`` as well it answers a read's writes only once
+a ``flush_wal(True)`` that started after them has finished, in a thread of its own, one at a time,
+every read that arrives meanwhile waiting for the next: the least a Python server must add to make
+a write durable.  The durable block prices what amaters' synced write costs against that floor.  ``python -m bench.reference_server --port 21000 [--tls-dir DIR]`` runs it (TLS
 files are generated in DIR when missing); SIGTERM or SIGINT stops it.
 """
 
 from __future__ import annotations
 
 import argparse
+import queue
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +130,106 @@ class ReferenceFactory(Factory):
         return protocol
 
 
+class WalSyncer:
+    """Group commit at its barest: one thread runs ``flush_wal(True)``; a request made while none
+    runs starts one, requests made while one runs share the next.  ``done`` callables are called on
+    the reactor thread once a sync that started after their request has finished."""
+
+    def __init__(self, db: Any, reactor: Any) -> None:
+        self._db = db
+        self._reactor = reactor
+        self._waiting: list[Callable[[], None]] = []
+        self._running = False
+        self._groups: queue.SimpleQueue[list[Callable[[], None]]] = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name="reference-wal", daemon=True).start()
+
+    def request(self, done: Callable[[], None]) -> None:
+        self._waiting.append(done)
+        if not self._running:
+            self._start()
+
+    def _start(self) -> None:
+        group, self._waiting = self._waiting, []
+        self._running = True
+        self._groups.put(group)
+
+    def _loop(self) -> None:
+        while True:
+            group = self._groups.get()
+            self._db.flush_wal(True)
+            self._reactor.callFromThread(self._synced, group)
+
+    def _synced(self, group: list[Callable[[], None]]) -> None:
+        self._running = False
+        for done in group:
+            done()
+        if self._waiting:
+            self._start()
+
+
+class RocksDBReferenceProtocol(ReferenceProtocol):
+    """:class:`ReferenceProtocol` on RocksDB; with a syncer, a read's answers wait for its writes'
+    WAL sync."""
+
+    def __init__(self, db: Any, write_options: Any, syncer: WalSyncer | None) -> None:
+        super().__init__({})
+        self._db = db
+        self._write_options = write_options
+        self._syncer = syncer
+        self._wrote = False
+
+    def _query(self, query: Any, result: Any) -> bool:
+        which = query.WhichOneof("query")
+        if which == "get":
+            get = query.get
+            stored = self._db.get(get.collection.encode() + b"\0" + get.key.data)
+            if stored is None:
+                result.single.SetInParent()
+            else:
+                result.single.value.ParseFromString(stored)
+        elif which == "set":
+            put = query.set
+            self._db.put(
+                put.collection.encode() + b"\0" + put.key.data,
+                put.value.SerializeToString(),
+                self._write_options,
+            )
+            self._wrote = True
+            result.success.affected_rows = 1
+        else:
+            return False
+        return True
+
+    def framesDelivered(self) -> None:
+        if not self._wrote or self._syncer is None:
+            super().framesDelivered()
+            return
+        self._wrote = False
+        out, self._out = self._out, []
+        self._syncer.request(lambda: self._send(out))
+
+    def _send(self, out: list[bytes]) -> None:
+        if out and self.transport is not None:
+            self.transport.write(b"".join(out))
+
+
+class RocksDBReferenceFactory(Factory):
+    noisy = False
+
+    def __init__(self, path: Path, sync: bool, reactor: Any) -> None:
+        import rocksdict
+
+        self.db = rocksdict.Rdict(str(path), options=rocksdict.Options(raw_mode=True))
+        self.write_options = rocksdict.WriteOptions()
+        self.write_options.sync = False
+        self.syncer = WalSyncer(self.db, reactor) if sync else None
+
+    def buildProtocol(self, addr: Any) -> ReferenceProtocol:
+        protocol = RocksDBReferenceProtocol(self.db, self.write_options, self.syncer)
+        protocol.factory = self
+        return protocol
+
+
 def tls_factory(factory: Factory, tls_dir: Path, reactor: Any) -> Any:
     """Wrap ``factory`` in TLS exactly as amaters' listener does (generating files when missing)."""
     from amaters.tls.certs import generate_server_tls
@@ -136,12 +245,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tls-dir", type=Path, default=None, help="TLS files (plain TCP when omitted)")
+    parser.add_argument(
+        "--rocksdb", type=Path, default=None, help="keep the keys in RocksDB in this directory"
+    )
+    parser.add_argument(
+        "--sync",
+        choices=("always", "none"),
+        default="none",
+        help="with --rocksdb: sync the WAL before answering",
+    )
     args = parser.parse_args(argv)
 
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
-    factory: Any = ReferenceFactory()
+    factory: Any = (
+        ReferenceFactory()
+        if args.rocksdb is None
+        else RocksDBReferenceFactory(args.rocksdb, args.sync == "always", reactor)
+    )
     if args.tls_dir is not None:
         factory = tls_factory(factory, args.tls_dir, reactor)
     # The same endpoint string (and so the same listen backlog) as amaters' ``server.listen``.

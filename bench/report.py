@@ -71,7 +71,11 @@ def _detail(item: dict[str, Any]) -> str:
             f"{item['server_cpu_us_per_op']:.0f} µs CPU/op" + (f" (ref {reference:.0f})" if reference else "")
         )
     if item.get("cpu_us_per_op_over_nondurable") is not None:
-        parts.append(f"{item['cpu_us_per_op_over_nondurable']:+.0f} µs CPU/op vs sync=none")
+        floor = item.get("reference_cpu_us_per_op_over_nondurable")
+        parts.append(
+            f"{item['cpu_us_per_op_over_nondurable']:+.0f} µs CPU/op vs sync=none"
+            + (f" (reference server {floor:+.0f})" if floor is not None else "")
+        )
     if item.get("generator_cpu_pct") is not None:
         parts.append(f"gen CPU {item['generator_cpu_pct']:.0f}%")
     if item.get("errors"):

@@ -440,6 +440,7 @@ class Suite:
                     unsynced = self._nondurable_run(nondurable)
             if unsynced is None and s.selected("nondurable-set-C1"):
                 unsynced = self._nondurable_run(nondurable)
+        floor = self._reference_sync_cost() if 1 in runs and unsynced is not None else None
         references: dict[int, redis_ref.RedisResult] = {}
         if redis_ref.available():
             with redis_ref.redis_server(s.work) as (port, pid):
@@ -478,6 +479,12 @@ class Suite:
                     else round(synced_cpu - unsynced_cpu, 1)
                 )
                 details["cpu_us_per_op_over_nondurable"] = extra
+                if floor is not None:
+                    details["reference_cpu_us_per_op_over_nondurable"] = floor
+                    details["reference_note"] = (
+                        "the same C=1 loads against the reference server on RocksDB, with and without"
+                        " a WAL sync before each answer (one thread, flush_wal(True))"
+                    )
                 goal = f"<= nondurable-set-C1 + {DURABLE_CPU_BUDGET_US} µs server CPU per write"
                 met = None if extra is None else extra <= DURABLE_CPU_BUDGET_US
             self.results.append(
@@ -586,6 +593,36 @@ class Suite:
             f" {details.get('writes_per_fsync_syscall')} (fsync system calls counted by perf)"
         )
         return result, details
+
+    def _reference_sync_cost(self) -> float | None:
+        """What a synced write adds to the reference server's CPU per write: durable-set-C1's load
+        against it on RocksDB with ``--sync always``, then ``--sync none``.  The floor the
+        durable-set-C1 goal is seen against."""
+        s = self.settings
+        spec = self._spec(
+            connections=1, pipeline=1, value_size=100, mix=(("set", 1.0),), collection="durable"
+        )
+        cpu: dict[str, float | None] = {}
+        for sync in ("always", "none"):
+            reference = ReferenceServer(s.work / f"durable-reference-{sync}", tls=False, sync=sync)
+            with reference:
+                reference.start()
+                result = loadgen.run(
+                    "load",
+                    Target(port=reference.port, plaintext=True),
+                    spec,
+                    workers=1,
+                    server_pid=reference.pid,
+                    label=f"reference sync={sync} C=1",
+                )
+            _say("  " + loadgen.summary_line(result))
+            cpu[sync] = cpu_per_op(result.server_cpu_pct, result.ops_per_s)
+        synced, unsynced = cpu["always"], cpu["none"]
+        if synced is None or unsynced is None:
+            return None
+        extra = round(synced - unsynced, 1)
+        _say(f"  the reference's synced write costs {extra} µs more server CPU than its unsynced one")
+        return extra
 
     def _nondurable_run(self, server: AmatersServer) -> LoadResult:
         """durable-set-C1's load against the same server with ``storage.sync = none``."""

@@ -302,13 +302,16 @@ class ReferenceServer(_Process):
 
     name = "reference"
 
-    def __init__(self, workdir: Path, tls: bool = True) -> None:
+    def __init__(self, workdir: Path, tls: bool = True, sync: str | None = None) -> None:
+        """``sync`` None keeps the keys in a dict; ``"none"`` or ``"always"`` in RocksDB, with
+        the WAL synced before a write's answer for ``"always"``."""
         self.workdir = workdir.resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.tls_dir = self.workdir / "tls"
         self.log_path = self.workdir / "reference.log"
         self.tls = tls
+        self.sync = sync
         self.start_seconds: float | None = None
 
     @property
@@ -319,6 +322,8 @@ class ReferenceServer(_Process):
         argv = bench_module_argv("bench.reference_server", "--port", str(self.port))
         if self.tls:
             argv += ["--tls-dir", str(self.tls_dir)]
+        if self.sync is not None:
+            argv += ["--rocksdb", str(self.workdir / "rocksdb"), "--sync", self.sync]
         started = time.perf_counter()
         self._spawn(argv, self.workdir)
         assert self.process is not None

@@ -84,6 +84,8 @@ def test_tiny_bench_writes_results_with_every_required_key(tmp_path: Path) -> No
     assert durable["cpu_us_per_op_over_nondurable"] == pytest.approx(
         durable["server_cpu_us_per_op"] - unsynced["server_cpu_us_per_op"], abs=0.2
     )
+    # ... and the reference server's, on RocksDB with and without a WAL sync, beside it.
+    assert isinstance(durable["reference_cpu_us_per_op_over_nondurable"], float)
 
     recovery = by_name["recovery-after-kill9"]
     assert recovery["all_acknowledged_present"] is True
