@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from amaters import __version__
 from amaters.config import LimitsConfig
 from amaters.errors import AuthError, InvalidCollection, NotFound, Overloaded
-from amaters.ops.metrics import Metrics, StorageCollector
+from amaters.ops.metrics import MAX_PENDING_SYNCS, Metrics, StorageCollector
 from amaters.ops.observability import MeteredFactory, MetricsService, counting_authenticator
 from amaters.ops.stages import MetricsStage
 from amaters.proto import envelope_pb2, query_pb2, types_pb2
@@ -151,6 +151,18 @@ def test_group_commit_observer_fills_histograms() -> None:
     assert sample(metrics, "amaters_storage_group_commit_size_sum") == 8.0
     assert sample(metrics, "amaters_storage_fsync_duration_seconds_bucket", le="0.0025") == 1.0
     assert sample(metrics, "amaters_storage_fsync_failures_total") == 1.0
+
+
+def test_syncs_wait_for_a_collection_but_never_pile_up() -> None:
+    """Syncs are observed into the histograms when the registry is collected; without a collection
+    at most MAX_PENDING_SYNCS are kept, and none is lost either way."""
+    metrics = Metrics(process=False)
+    for _ in range(MAX_PENDING_SYNCS + 3):
+        metrics.storage_synced(2, 0.001, True)
+    assert len(metrics._pending_syncs) == 3
+    assert sample(metrics, "amaters_storage_group_commit_size_count") == MAX_PENDING_SYNCS + 3
+    assert sample(metrics, "amaters_storage_group_commit_size_sum") == 2 * (MAX_PENDING_SYNCS + 3)
+    assert metrics._pending_syncs == []
 
 
 def pipeline_with(metrics: Metrics, clock: Clock, auto_create: bool = True) -> QueryPipeline:
