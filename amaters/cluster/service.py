@@ -88,6 +88,8 @@ class ClusterService(Service):
         self.members: list[dict[str, Any]] = []
         self.shard_members: dict[str, list[dict[str, Any]]] = {"0": []}
         self.nodes: list[dict[str, Any]] = []
+        #: The leader as of the reading that gave :attr:`nodes` (what ``/health`` shows with them).
+        self.nodes_leader: str | None = None
         self.duties_run = 0
         self._next_duty = 0.0
         self._compact_to = 0
@@ -248,7 +250,9 @@ class ClusterService(Service):
                 continue
             entry["leader"] = entry.get("name") == self.leader
             nodes.append(entry)
-        self.nodes = nodes
+        # Published together: a campaign that moved the leadership earlier in this tick must not
+        # show the new leader beside the node list read before (the dead leader still in it).
+        self.nodes, self.nodes_leader = nodes, self.leader
         clients = {"0": self.client}
         if self.backend is not None and hasattr(self.backend, "shard_clients"):
             clients = {**self.backend.shard_clients(), "0": self.client}
@@ -284,7 +288,10 @@ class ClusterService(Service):
         return self.reactor.seconds() - self.last_quorum <= self.config.lease_ttl
 
     def health(self) -> dict[str, Any]:
-        """The cluster as this node last saw it: shards with their members and leader, nodes."""
+        """The cluster as this node last saw it: shards with their members and leader, nodes.
+
+        ``leader_node`` and ``nodes`` come from the same tick's reading, so they always agree.
+        """
         view = self.backend.view() if self.backend is not None and hasattr(self.backend, "view") else {}
         shards = []
         for name, members in sorted(self.shard_members.items()):
@@ -301,7 +308,7 @@ class ClusterService(Service):
             )
         return {
             "node": self.node_name,
-            "leader_node": self.leader,
+            "leader_node": self.nodes_leader,
             "quorum": self.quorum_ok(),
             "vshards": view.get("vshards"),
             "fenced": view.get("fenced", []),
