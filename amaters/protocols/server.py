@@ -716,7 +716,7 @@ class AmatersServerProtocol(FrameReceiver):
     def _maybe_drained(self) -> None:
         """After a write: on an eager-write transport that took it whole, nothing is buffered."""
         tcp = self._tcp
-        if tcp is not None and not tcp.queued_bytes:
+        if tcp is not None and tcp.drained:
             self._sent_since_drain = 0
 
     def _flush_out(self) -> None:
@@ -735,7 +735,7 @@ class AmatersServerProtocol(FrameReceiver):
             self._sent_since_drain += len(data)
             self.transport.write(data)  # type: ignore[union-attr]
             tcp = self._tcp  # _maybe_drained, inline on the path of every answer
-            if tcp is not None and not tcp.queued_bytes:
+            if tcp is not None and tcp.drained:
                 self._sent_since_drain = 0
             return
         if self._dropped:

@@ -26,6 +26,10 @@ from twisted.internet import tcp
 class EagerWriteServer(tcp.Server):
     """:class:`twisted.internet.tcp.Server` whose ``write`` sends at once when nothing is queued."""
 
+    #: Whether the last write was sent whole from ``write``, leaving nothing queued (an attribute,
+    #: not a property: a protocol reads it after every write).
+    drained = True
+
     @property
     def queued_bytes(self) -> int:
         """Bytes waiting for the reactor to send them (none after a write the socket took whole)."""
@@ -49,8 +53,10 @@ class EagerWriteServer(tcp.Server):
                 # from the reactor and handles the error as Twisted always does.
                 sent = 0
             if sent == len(data):
+                self.drained = True
                 return
             data = data[sent:]
+        self.drained = False
         super().write(data)
 
 

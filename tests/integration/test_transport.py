@@ -81,7 +81,7 @@ async def test_a_write_with_nothing_queued_is_sent_from_write() -> None:
     try:
         transport: Any = server.transport
         transport.write(b"answer " * 100)
-        assert transport.queued_bytes == 0
+        assert transport.queued_bytes == 0 and transport.drained
         assert transport not in reactor.getWriters()  # type: ignore[attr-defined]
         transport.loseConnection()
         assert await client.closed == b"answer " * 100
@@ -103,12 +103,13 @@ async def test_what_the_socket_does_not_take_is_queued_in_order() -> None:
         transport.write(big)
         left = transport.queued_bytes
         assert 0 < left < len(big), "the socket took all of 32 MiB or none of it"
+        assert not transport.drained
         # Read what reached the client behind the reactor's back: the server's socket has room
         # again while part of the write is still queued, so a send now would overtake it.
         early = drain(client.transport.socket)  # type: ignore[attr-defined]
         assert early
         transport.write(b"tail")
-        assert transport.queued_bytes == left + 4
+        assert transport.queued_bytes == left + 4 and not transport.drained
         client.transport.resumeProducing()  # type: ignore[attr-defined]
         transport.loseConnection()
         received = early + await client.closed
