@@ -81,6 +81,8 @@ class GroupCommitter:
         #: A start is scheduled for the end of this reactor turn (only with a clock).
         self._scheduled = False
         self._observers: list[SyncObserver] = []
+        # Made once: a lone durable writer starts one sync per write.
+        self._bookkeeping_failed = log_failure("Group commit bookkeeping failed", self._log)
         #: Syncs finished (successful or not).
         self.syncs = 0
         #: Syncs that failed.
@@ -163,7 +165,7 @@ class GroupCommitter:
         self._running = True
         d = self._runner.run(self._timed_sync)
         d.addBoth(self._finished, group)
-        d.addErrback(log_failure("Group commit bookkeeping failed", self._log))
+        d.addErrback(self._bookkeeping_failed)
 
     def _finished(self, result: float | Failure, group: list[defer.Deferred[None]]) -> None:
         self._running = False
