@@ -374,24 +374,8 @@ class Suite:
                 if not s.selected(label):
                     continue
                 spec = self._spec(pipeline=pipeline, value_size=size, mix=((op, 1.0),), collection=f"v{size}")
-                a = loadgen.run(
-                    "load",
-                    a_target,
-                    spec,
-                    workers=s.workers,
-                    server_pid=amaters.pid,
-                    label=f"{label} amaters",
-                )
-                _say("  " + loadgen.summary_line(a))
-                r = loadgen.run(
-                    "load",
-                    r_target,
-                    spec,
-                    workers=s.workers,
-                    server_pid=reference.pid,
-                    label=f"{label} reference",
-                )
-                _say("  " + loadgen.summary_line(r))
+                a = self._load(a_target, spec, s.workers, amaters.pid, f"{label} amaters")
+                r = self._load(r_target, spec, s.workers, reference.pid, f"{label} reference")
                 goal = 0.85 if pipeline == 1 else 0.80
                 ratio = _ratio(a.ops_per_s, r.ops_per_s)
                 self.results.append(
@@ -544,9 +528,7 @@ class Suite:
     ) -> tuple[LoadResult, dict[str, Any]]:
         """One durable SET load at C clients: the result and its writes-per-fsync details."""
         s = self.settings
-        spec = self._spec(
-            connections=clients, pipeline=1, value_size=100, mix=(("set", 1.0),), collection="durable"
-        )
+        spec = self._durable_spec(clients)
         before = _group_commit(server.metrics())
         counter = SyscallCounter(server.pid, s.work / f"perf-durable-C{clients}.txt")
         if clients == 1:
@@ -599,23 +581,14 @@ class Suite:
         against it on RocksDB with ``--sync always``, then ``--sync none``.  The floor the
         durable-set-C1 goal is seen against."""
         s = self.settings
-        spec = self._spec(
-            connections=1, pipeline=1, value_size=100, mix=(("set", 1.0),), collection="durable"
-        )
+        spec = self._durable_spec(1)
         cpu: dict[str, float | None] = {}
         for sync in ("always", "none"):
             reference = ReferenceServer(s.work / f"durable-reference-{sync}", tls=False, sync=sync)
             with reference:
                 reference.start()
-                result = loadgen.run(
-                    "load",
-                    Target(port=reference.port, plaintext=True),
-                    spec,
-                    workers=1,
-                    server_pid=reference.pid,
-                    label=f"reference sync={sync} C=1",
-                )
-            _say("  " + loadgen.summary_line(result))
+                target = Target(port=reference.port, plaintext=True)
+                result = self._load(target, spec, 1, reference.pid, f"reference sync={sync} C=1")
             cpu[sync] = cpu_per_op(result.server_cpu_pct, result.ops_per_s)
         synced, unsynced = cpu["always"], cpu["none"]
         if synced is None or unsynced is None:
@@ -628,17 +601,18 @@ class Suite:
         """durable-set-C1's load against the same server with ``storage.sync = none``."""
         if server.process is None:
             server.start()
-        spec = self._spec(
-            connections=1, pipeline=1, value_size=100, mix=(("set", 1.0),), collection="durable"
+        target = Target(port=server.port, plaintext=True)
+        return self._load(target, self._durable_spec(1), 1, server.pid, "nondurable-set-C1 amaters")
+
+    def _durable_spec(self, clients: int) -> LoadSpec:
+        """The durable block's load: SET 100 B from ``clients`` connections, one request each."""
+        return self._spec(
+            connections=clients, pipeline=1, value_size=100, mix=(("set", 1.0),), collection="durable"
         )
-        result = loadgen.run(
-            "load",
-            Target(port=server.port, plaintext=True),
-            spec,
-            workers=1,
-            server_pid=server.pid,
-            label="nondurable-set-C1 amaters",
-        )
+
+    def _load(self, target: Target, spec: LoadSpec, workers: int, server_pid: int, label: str) -> LoadResult:
+        """One measured load run against ``target``, its summary line printed."""
+        result = loadgen.run("load", target, spec, workers=workers, server_pid=server_pid, label=label)
         _say("  " + loadgen.summary_line(result))
         return result
 
