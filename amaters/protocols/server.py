@@ -711,12 +711,9 @@ class AmatersServerProtocol(FrameReceiver):
             self._meter.sent += len(data)
         self._sent_since_drain += len(data)
         self.transport.write(data)  # type: ignore[union-attr]
-        self._maybe_drained()
-
-    def _maybe_drained(self) -> None:
-        """After a write: on an eager-write transport that took it whole, nothing is buffered."""
         tcp = self._tcp
         if tcp is not None and tcp.drained:
+            # An eager-write transport that took the write whole holds nothing.
             self._sent_since_drain = 0
 
     def _flush_out(self) -> None:
@@ -729,14 +726,7 @@ class AmatersServerProtocol(FrameReceiver):
     def _write(self, data: bytes) -> None:
         """Write, or hold while the transport's buffer is full (bounded; see _write_paused)."""
         if not self._write_blocked and not self._held:
-            meter = self._meter
-            if meter is not None:
-                meter.sent += len(data)
-            self._sent_since_drain += len(data)
-            self.transport.write(data)  # type: ignore[union-attr]
-            tcp = self._tcp  # _maybe_drained, inline on the path of every answer
-            if tcp is not None and tcp.drained:
-                self._sent_since_drain = 0
+            self._transport_write(data)
             return
         if self._dropped:
             return
