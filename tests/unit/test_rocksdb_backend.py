@@ -310,6 +310,54 @@ def test_server_settings_sync_at_end_of_turn() -> None:
     assert not RocksDBSettings().sync_at_end_of_turn
 
 
+def wal_files_reused(data_dir: Path) -> int:
+    """How many times RocksDB's info logs under ``data_dir`` say it took a new WAL from the files
+    it kept for reuse."""
+    logs = sorted((data_dir / "db").glob("LOG*"))
+    return sum(path.read_text(errors="replace").count("from recycle list") for path in logs)
+
+
+def write_until_reused(backend: RocksDBBackend, expected: dict[bytes, bytes], rounds: int) -> None:
+    """Synced overwrites of a few hundred keys, each round more than one memtable's worth, so that
+    each round rolls the WAL at least once (and the flushes between rounds free the old ones)."""
+    for round_number in range(rounds):
+        for i in range(300):
+            key = b"k%03d" % i
+            value = b"%d:%d:" % (round_number, i) + bytes(400)
+            ok(backend.put("c", key, CipherBlob.wrap(value)))
+            expected[key] = value
+        ok(backend.flush())
+
+
+@pytest.mark.parametrize("kept", [0, 2])
+def test_wal_files_are_written_over_rather_than_deleted(tmp_path: Path, kept: int) -> None:
+    """With storage.wal_recycle_files, a WAL no longer needed is written over by a later one
+    (whose fsyncs then skip the file-size update) instead of being deleted; 0 turns that off.
+    Reopening over WAL files that hold an older WAL's records reads back the latest values."""
+    backend = opened(tmp_path, sync="always", write_buffer_bytes=64 * 1024, wal_recycle_files=kept)
+    ok(backend.create_collection("c"))
+    expected: dict[bytes, bytes] = {}
+    write_until_reused(backend, expected, rounds=6)
+    reused = wal_files_reused(tmp_path)
+    if kept:
+        assert reused > 0
+    else:
+        assert reused == 0
+    ok(backend.close())
+
+    again = opened(tmp_path, write_buffer_bytes=64 * 1024, wal_recycle_files=kept)
+    for key, value in expected.items():
+        assert ok(again.get("c", key)).data == value
+    ok(again.close())
+
+
+def test_server_settings_keep_two_wal_files_for_reuse() -> None:
+    from amaters.config import StorageConfig
+
+    assert RocksDBSettings.from_config(StorageConfig()).wal_recycle_files == 2
+    assert RocksDBSettings.from_config(StorageConfig(wal_recycle_files=0)).wal_recycle_files == 0
+
+
 @pytest.mark.parametrize("mode", ["interval", "none"])
 def test_interval_and_none_acknowledge_without_syncing(tmp_path: Path, mode: str) -> None:
     """Under interval and none a write is acknowledged once applied; only sync() fsyncs."""
