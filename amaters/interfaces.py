@@ -239,6 +239,12 @@ class IPipelineStage(Interface):
 
         Return None to continue (or a Deferred firing None), raise or fail with an AmatersError to
         refuse, or set ``ctx.result`` to answer in place of the executor.
+
+        A stage may also have ``before_many(items)``, for a list of ``(ctx, op)`` pairs of keyed
+        requests (GET, SET, DELETE) that arrived together: the same checks as ``before`` on each,
+        in order, returning None (all go on), a list of None or an AmatersError per item, or
+        ``NotImplemented`` (call ``before`` for each); never a Deferred
+        (``QueryPipeline.admit_many`` calls it).  Optional, so not declared here.
         """
 
     def after(ctx: Any, op: Any, outcome: object) -> None:

@@ -24,6 +24,11 @@ for each (one clock read for all of them, say); ``settle`` calls it instead of `
 request still sees every stage in order; only the afters of different requests of one read are no
 longer interleaved with each other.
 
+The native protocol also runs the GET, SET and DELETE requests of one read together
+(:meth:`QueryPipeline.admit_many`, then :meth:`QueryPipeline.run_admitted` for each): each stage's
+``before`` for all of them (one ``before_many(items)`` call where the stage has one), then the
+executor for each in order.
+
 A stage that a reload can switch off (a rate limit of 0) may have an ``active`` attribute and a
 ``watch_active(callback)`` method: the pipeline calls ``watch_active`` once and re-reads ``active``
 whenever the callback is called.  While inactive, neither its ``before`` nor its ``after`` is
@@ -164,6 +169,7 @@ class QueryPipeline:
         self._before_calls: tuple[Any, ...] = ()
         self._after_calls: tuple[Any, ...] = ()
         self._settle_calls: tuple[Any, ...] = ()
+        self._many_calls: tuple[Any, ...] = ()
         self._rejection_observers: list[Callable[[str | None, AmatersError], None]] = []
         for stage in stages:
             self.add_stage(stage)
@@ -231,6 +237,8 @@ class QueryPipeline:
         self._after_calls = tuple(s.after for s in self._afters)
         # For :meth:`settle`: each stage with its ``after_many`` (None: its ``after`` for each item).
         self._settle_calls = tuple((s, getattr(s, "after_many", None)) for s in self._afters)
+        # For :meth:`admit_many`: each stage with its ``before_many`` (None: its ``before`` for each).
+        self._many_calls = tuple((s, getattr(s, "before_many", None)) for s in self._befores)
 
     # -- decoding (validation) ----------------------------------------------------------------
 
@@ -295,24 +303,17 @@ class QueryPipeline:
                 if waiting is not None:
                     return False, self._finish(ctx, op, self._continue(ctx, op, before.__self__, waiting))
                 if ctx.result is not _NO_RESULT:
-                    result = ctx.result
                     break
             else:
-                executor = self.executor
-                result = NOT_YET
-                if type(op) is ops.Get:
-                    # A cached answer needs no Deferred (the cache counts the hit and may set
-                    # ``ctx.response``; a miss goes on).
-                    cached = self._cached
-                    if cached is not None:
-                        result = cached(op, ctx)
-                if result is NOT_YET:
-                    d = executor.execute(op)
-                    if not d.called or d.paused or isinstance(d.result, Failure):
-                        return False, self._finish(ctx, op, d)
-                    result = d.result
+                return self.run_admitted(ctx, op, finished)
         except Exception:
             return False, self._finish(ctx, op, defer.fail())
+        # Answered by a stage (a cache, say).
+        return self._succeeded(ctx, op, ctx.result, finished)
+
+    def _succeeded(
+        self, ctx: RequestContext, op: Any, result: Any, finished: list[Any] | None
+    ) -> tuple[bool, Any]:
         # Already succeeded: the afters run now rather than through more callbacks (same order
         # and outcome as addBoth on a fired Deferred, at a fraction of the cost), or with the
         # other answers the caller sends together.
@@ -321,6 +322,100 @@ class QueryPipeline:
         else:
             finished.append((ctx, op, result))
         return True, result
+
+    def run_many(
+        self, items: list[tuple[RequestContext, Any]], finished: list[Any]
+    ) -> list[tuple[bool, Any]]:
+        """:meth:`run` for the keyed requests (GET, SET, DELETE) of one read, in their order: every
+        stage's befores for all of them (:meth:`admit_many`), then the executor for each one
+        admitted (:meth:`run_admitted`), its afters collected in ``finished``.  Returns one
+        ``(done, outcome)`` per item, as :meth:`run` would."""
+        going, outcomes = self.admit_many(items, finished)
+        for ctx, op in going:
+            outcomes[ctx] = self.run_admitted(ctx, op, finished)
+        return [outcomes[ctx] for ctx, _ in items]
+
+    def admit_many(
+        self, items: list[tuple[RequestContext, Any]], finished: list[Any]
+    ) -> tuple[list[tuple[RequestContext, Any]], dict[RequestContext, tuple[bool, Any]]]:
+        """The befores of the keyed requests of one read, stage by stage for all of them: the
+        requests every stage let through, in order (each to be run with :meth:`run_admitted`, or
+        given up with :meth:`abandon`), and the ``(done, outcome)`` of each other one (refused,
+        answered by a stage, or waiting on a stage).
+
+        A stage with ``before_many(items)`` is called once for the list of requests still going:
+        the same checks as its ``before`` on each, in order (a decision made for one request may
+        be reused for the next one alike), returning None when all may go on, a list with an
+        AmatersError (refused) or None per item, or ``NotImplemented`` to have ``before`` called
+        for each.  It may only be given to stages whose ``before`` never returns a Deferred for a
+        keyed request.  The stages see the requests of one read all before any of them runs, as
+        if they had arrived together on parallel connections of the same client.
+        """
+        outcomes: dict[RequestContext, tuple[bool, Any]] = {}
+        going = items
+        for stage, many in self._many_calls:
+            refusals: Any = None
+            if many is not None:
+                try:
+                    refusals = many(going)
+                except Exception:
+                    failure = Failure()
+                    for ctx, op in going:
+                        outcomes[ctx] = (False, self._finish(ctx, op, defer.fail(failure)))
+                    return [], outcomes
+                if refusals is None:
+                    continue  # all go on (a stage's before_many does not answer requests)
+            still = []
+            if refusals is not NotImplemented and refusals is not None:
+                for item, error in zip(going, refusals, strict=True):
+                    if error is None:
+                        still.append(item)
+                    else:
+                        ctx, op = item
+                        outcomes[ctx] = (False, self._finish(ctx, op, defer.fail(error)))
+                going = still
+                continue
+            before = stage.before
+            for item in going:
+                ctx, op = item
+                try:
+                    waiting = before(ctx, op)
+                except Exception:
+                    outcomes[ctx] = (False, self._finish(ctx, op, defer.fail()))
+                    continue
+                if waiting is not None:
+                    outcomes[ctx] = (False, self._finish(ctx, op, self._continue(ctx, op, stage, waiting)))
+                elif ctx.result is not _NO_RESULT:  # answered by the stage
+                    outcomes[ctx] = self._succeeded(ctx, op, ctx.result, finished)
+                else:
+                    still.append(item)
+            going = still
+        return going, outcomes
+
+    def run_admitted(self, ctx: RequestContext, op: Any, finished: list[Any] | None) -> tuple[bool, Any]:
+        """The executor's part of :meth:`run`, for a request every stage let through (there, or
+        in :meth:`admit_many`)."""
+        try:
+            result = NOT_YET
+            if type(op) is ops.Get:
+                # A cached answer needs no Deferred (the cache counts the hit and may set
+                # ``ctx.response``; a miss goes on).
+                cached = self._cached
+                if cached is not None:
+                    result = cached(op, ctx)
+            if result is NOT_YET:
+                d = self.executor.execute(op)
+                if not d.called or d.paused or isinstance(d.result, Failure):
+                    return False, self._finish(ctx, op, d)
+                result = d.result
+        except Exception:
+            return False, self._finish(ctx, op, defer.fail())
+        return self._succeeded(ctx, op, result, finished)
+
+    def abandon(self, ctx: RequestContext, op: Any, error: AmatersError) -> None:
+        """Give up a request :meth:`admit_many` let through, without running it (its connection
+        went away): its afters see ``error``."""
+        self._finish(ctx, op, defer.fail(error)).addErrback(lambda _: None)
 
     def settle(self, finished: list[Any]) -> None:
         """Run the afters of the requests :meth:`run` collected in ``finished``: stage by stage,

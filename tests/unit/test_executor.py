@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from amaters.config import LimitsConfig
 from amaters.errors import (
     AmatersError,
+    ErrorCode,
     InvalidCollection,
     InvalidKey,
     InvalidOperation,
@@ -600,3 +601,114 @@ def test_afters_collected_by_run_are_run_by_settle_stage_by_stage() -> None:
         ("broken", 4),
         ("many, one", 4),
     ]
+
+
+def test_run_many_runs_each_stage_for_every_request_then_the_executor_in_order() -> None:
+    """run_many: each stage sees every request still going (before_many once where a stage has
+    one, else before for each), then the executor runs them in order (a GET sees the SET before
+    it), each outcome as run() would give it; a refusal, an answer in place of the executor or a
+    Deferred takes that request out of the later stages without holding up the others."""
+    calls: list[Any] = []
+    gate: defer.Deferred[None] = defer.Deferred()
+
+    class Each(PipelineStage):
+        name = "each"
+
+        def before(self, ctx: RequestContext, op: ops.Operation) -> object:
+            calls.append(("each", ctx.request_id))
+            if ctx.request_id == 2:
+                raise PermissionDenied("no")
+            if ctx.request_id == 3:
+                ctx.result = "from the stage"
+            if ctx.request_id == 4:
+                return gate
+            return None
+
+    class Many(PipelineStage):
+        name = "many"
+
+        def before(self, ctx: RequestContext, op: ops.Operation) -> object:
+            calls.append(("many, one", ctx.request_id))
+            return None
+
+        def before_many(self, items: list[Any]) -> object:
+            ids = [c.request_id for c, _ in items]
+            calls.append(("many", ids))
+            return [InvalidKey("refused together") if i == 6 else None for i in ids]
+
+    class Declines(PipelineStage):
+        name = "declines"
+
+        def before(self, ctx: RequestContext, op: ops.Operation) -> object:
+            calls.append(("declines, one", ctx.request_id))
+            return None
+
+        def before_many(self, items: list[Any]) -> object:
+            calls.append(("declines", len(items)))
+            return NotImplemented
+
+    p = pipeline(Each(), Many(), Declines())
+    requests = [
+        (1, ops.Set("c", b"k", value(b"new"))),
+        (2, ops.Get("c", b"k")),
+        (3, ops.Get("c", b"k")),
+        (4, ops.Get("c", b"k")),
+        (5, ops.Get("c", b"k")),
+        (6, ops.Delete("c", b"k")),
+    ]
+    items = [(RequestContext(i, ANONYMOUS), op) for i, op in requests]
+    finished: list[Any] = []
+    outcomes = p.run_many(items, finished)
+    assert calls == [
+        ("each", 1),
+        ("each", 2),
+        ("each", 3),
+        ("each", 4),
+        ("each", 5),
+        ("each", 6),
+        ("many", [1, 5, 6]),
+        ("declines", 2),
+        ("declines, one", 1),
+        ("declines, one", 5),
+    ]
+    assert outcomes[0] == (True, None)
+    done, failed = outcomes[1]
+    assert not done and failed.called and isinstance(failed.result, Failure)
+    assert failed.result.check(PermissionDenied)
+    failed.addErrback(lambda _: None)
+    assert outcomes[2] == (True, "from the stage")
+    done, waiting = outcomes[3]
+    assert not done and not waiting.called
+    assert outcomes[4][0] and outcomes[4][1].data == b"new"  # after the SET of the same read
+    done, refused = outcomes[5]
+    assert not done and refused.result.check(InvalidKey)
+    refused.addErrback(lambda _: None)
+    assert [(c.request_id, outcome) for c, _, outcome in finished] == [
+        (3, "from the stage"),
+        (1, None),
+        (5, outcomes[4][1]),
+    ]
+    gate.callback(None)
+    assert waiting.result.data == b"new"
+    assert ("many, one", 4) in calls and ("declines, one", 4) in calls
+
+
+def test_run_many_fails_every_request_when_a_before_many_raises() -> None:
+    """A stage's before_many that raises is a server bug: every request it was given fails with
+    SERVER_INTERNAL (the traceback goes to the log only), as one raising before would."""
+
+    class Broken(PipelineStage):
+        name = "broken"
+
+        def before(self, ctx: RequestContext, op: ops.Operation) -> object:
+            return None
+
+        def before_many(self, items: list[Any]) -> object:
+            raise RuntimeError("stage bug")
+
+    p = pipeline(Broken())
+    items = [(RequestContext(i, ANONYMOUS), ops.Get("c", b"k")) for i in (1, 2)]
+    for done, failed in p.run_many(items, []):
+        assert not done
+        assert failed.result.value.code == ErrorCode.SERVER_INTERNAL
+        failed.addErrback(lambda _: None)
