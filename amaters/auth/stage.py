@@ -71,6 +71,31 @@ class AuthorizationStage(PipelineStage):
         self._deny(ctx, missing)
         return None  # not reached: _deny raises
 
+    def before_many(self, items: list[tuple[RequestContext, Any]]) -> object:
+        """:meth:`before` for the keyed requests of one read, the decision for one request reused
+        for the next ones of the same principal, kind and collection (nothing any of them does
+        can change it: none has run yet)."""
+        refusals: list[AmatersError | None] | None = None
+        last: tuple[Any, Any, str] | None = None
+        for index, (ctx, op) in enumerate(items):
+            if (
+                last is not None
+                and ctx.principal is last[0]
+                and type(op) is last[1]
+                and op.collection == last[2]
+            ):
+                continue
+            try:
+                self.before(ctx, op)
+            except AmatersError as e:
+                if refusals is None:
+                    refusals = [None] * len(items)
+                refusals[index] = e
+                last = None
+                continue
+            last = (ctx.principal, type(op), op.collection)
+        return refusals
+
     def _creation_denied(self, roles: Any, op: Any, collections: Any) -> Access | None:
         """What a write that would create collections lacks (None: nothing, or nothing to create)."""
         if type(op) is ops.Set:

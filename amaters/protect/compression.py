@@ -212,6 +212,14 @@ class BlobCompressionStage(PipelineStage):
         self.limits = limits
         self.pool = pool
 
+    def before_many(self, items: list[tuple[RequestContext, Any]]) -> object:
+        """Nothing to check unless a SET of the read carries a compressed value; then
+        :meth:`before` for each (a large one is checked in the pool)."""
+        for _, op in items:
+            if type(op) is ops.Set and op.value.compression:
+                return NotImplemented
+        return None
+
     def before(self, ctx: RequestContext, op: Any) -> object:
         kind = type(op)
         if kind is ops.Set:

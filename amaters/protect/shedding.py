@@ -85,6 +85,20 @@ class LoadShedder(PipelineStage):
         ctx.annotations[COUNTED] = True
         return None
 
+    def before_many(self, items: list[tuple[RequestContext, Any]]) -> object:
+        """:meth:`before` for the keyed requests of one read: one reading of the lag for all of
+        them, and while the server is far from both limits, one count."""
+        limits = self.limits
+        max_queued = limits.max_queued
+        if max_queued and self.in_progress + len(items) >= max_queued:
+            return NotImplemented  # near the queue limit: request by request
+        if limits.shed_lag_ms and self.lag() * 1000.0 > limits.shed_lag_ms:
+            return NotImplemented
+        for ctx, _ in items:
+            ctx.annotations[COUNTED] = True
+        self.in_progress += len(items)
+        return None
+
     def after(self, ctx: RequestContext, op: Any, outcome: object) -> None:
         if ctx.annotations.pop(COUNTED, False):
             self.in_progress -= 1

@@ -138,3 +138,41 @@ def test_the_collection_count_is_limited(how: str) -> None:
     pipe.update_limits(LimitsConfig(max_collections=3))
     assert not isinstance(run(pipe, ADMIN, op), defer.Deferred)
     assert backend.has_collection("three")
+
+
+def outcome_of(done: bool, result: Any) -> Any:
+    if done:
+        return ("ok", result)
+    failures: list[Any] = []
+    result.addErrback(failures.append)
+    return ("refused", failures[0].value.message) if failures else ("ok", result.result)
+
+
+@pytest.mark.parametrize("principal", [USER, TENANT, ADMIN], ids=lambda p: p.name)
+def test_the_requests_of_one_read_are_authorized_as_one_by_one(principal: Principal) -> None:
+    """The keyed requests of one read (run_many) get the decisions they would get one by one:
+    a write that would create a collection is refused for each such request (and each refusal is
+    audited), other requests go through; one decision serves the requests alike that follow."""
+    requests = [
+        ops.Set("new", b"k1", BLOB),
+        ops.Set("new", b"k2", BLOB),
+        ops.Set("c", b"k", BLOB),
+        ops.Get("c", b"k"),
+        ops.Set("a_new", b"k", BLOB),
+        ops.Delete("c", b"k"),
+        ops.Set("new", b"k3", BLOB),
+    ]
+    one_by_one, _, sink = setup()
+    assert run(one_by_one, ADMIN, ops.CreateCollection("c")) is True
+    expected = [run(one_by_one, principal, op) for op in requests]
+    expected = [("refused", r.value.message) if hasattr(r, "value") else ("ok", r) for r in expected]
+    expected_denials = [e for e in sink.events if e["result"] == "denied"]
+
+    together, _, sink = setup()
+    assert run(together, ADMIN, ops.CreateCollection("c")) is True
+    items = [(RequestContext(i, principal, "127.0.0.1:1"), op) for i, op in enumerate(requests)]
+    got = [outcome_of(done, result) for done, result in together.run_many(items, [])]
+    assert got == expected
+    assert len([e for e in sink.events if e["result"] == "denied"]) == len(expected_denials)
+    if principal is USER:
+        assert [kind for kind, _ in got] == ["refused", "refused", "ok", "ok", "refused", "ok", "refused"]

@@ -11,6 +11,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from amaters.config import LimitsConfig, default_config
 from amaters.errors import ErrorCategory, Overloaded
@@ -223,3 +224,46 @@ def test_connection_limits_zero_means_unlimited_and_reload() -> None:
     assert connect(factory, "10.0.0.1", 99) is None
     assert limiter.total == 50  # nothing open was closed
     assert limiter.prepare_reload(new, new) is None
+
+
+@pytest.mark.parametrize("lag", [0.0, 0.75])
+def test_requests_of_one_read_are_admitted_and_counted_as_one_by_one(lag: float) -> None:
+    """Through run_many (the keyed requests of one read), the shedder admits and refuses exactly
+    the requests it would admit and refuse one by one, counts each admitted one as in progress
+    until its afters, and refuses them all while lagging."""
+    shedder = LoadShedder(LimitsConfig(max_queued=5, shed_lag_ms=200), lambda: lag)
+    pipeline, hold = pipeline_with(shedder)
+    running = [pipeline.execute(ctx(i), ops.Get("c", b"k")) for i in range(2)]
+    if lag:
+        for d in running:
+            d.addErrback(lambda _: None)
+    finished: list[Any] = []
+    outcomes = pipeline.run_many([(ctx(10 + i), ops.Get("c", b"k")) for i in range(4)], finished)
+    refused = [not done and d.called and isinstance(d.result, Failure) for done, d in outcomes]
+    if lag:
+        assert refused == [True, True, True, True] and shedder.shed_lag == 6
+        assert shedder.in_progress == 0
+    else:
+        assert refused == [False, False, False, True] and shedder.shed_queue == 1
+        assert shedder.in_progress == 5
+    for _, d in outcomes:
+        d.addErrback(lambda _: None)
+    hold.release()
+    assert shedder.in_progress == 0
+
+
+def test_a_read_far_from_the_limits_is_counted_at_once() -> None:
+    """Far from max_queued and without lag, the keyed requests of one read are admitted with one
+    reading of the lag, and all counted."""
+    readings: list[float] = []
+
+    def lag() -> float:
+        readings.append(0.0)
+        return 0.0
+
+    shedder = LoadShedder(LimitsConfig(max_queued=100, shed_lag_ms=200), lag)
+    items = [(ctx(i), ops.Get("c", b"k")) for i in range(10)]
+    assert shedder.before_many(items) is None
+    assert len(readings) == 1 and shedder.in_progress == 10
+    shedder.after_many([(c, op, None) for c, op in items])
+    assert shedder.in_progress == 0
