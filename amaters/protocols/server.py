@@ -61,6 +61,7 @@ from amaters.errors import (
     ServerError,
     ShuttingDown,
     SizeExceeded,
+    Unavailable,
     UnsupportedVersion,
 )
 from amaters.fdlimit import raise_open_file_limit
@@ -338,6 +339,20 @@ class AmatersServerProtocol(FrameReceiver):
         self._finished: list[Any] = []
         # Whether the frame being handled is the only one its read brought.
         self._frame_alone = False
+        # GET, SET and DELETE requests of the current read not run yet: they go through the
+        # pipeline together (QueryPipeline.run_many) before any other frame is handled, or at the
+        # end of the read.  At most ``_batch_room`` of them (the in-flight limit's room).
+        self._batch: list[tuple[RequestContext, Any]] = []
+        self._batch_room = 0
+        # Requests of a batch not answered yet because the transport pushed back mid-batch, in
+        # order: ``(ctx, op, None)`` admitted by the stages and still to run, or ``(ctx, op,
+        # (done, outcome))`` already decided.  Nothing else is read or handled until they are
+        # done (when the transport drains), and then ``_pushed_back``: the frame that was
+        # being handled when they were set aside.
+        self._admitted: collections.deque[tuple[RequestContext, Any, Any]] = collections.deque()
+        self._pushed_back: bytes | None = None
+        # The frame being handled (stringReceived), in case it must wait (``_pushed_back``).
+        self._frame = b""
         # Inside a read that TLS hands over record by record (IReadScope): the records so far,
         # handled as one read at its end.
         self._read_pieces: list[bytes] | None = None
@@ -380,6 +395,13 @@ class AmatersServerProtocol(FrameReceiver):
         self._held.clear()
         self._held_bytes = 0
         self.discardInput()
+        self._pushed_back = None
+        if self._admitted:
+            admitted, self._admitted = self._admitted, collections.deque()
+            gone = Unavailable("the connection was closed before the request ran")
+            for ctx, op, decided in admitted:
+                if decided is None:
+                    self.factory.pipeline.abandon(ctx, op, gone)
         self._recharge()
         self._deadlines.clear()
         self._deadline_timer = None
@@ -560,6 +582,7 @@ class AmatersServerProtocol(FrameReceiver):
         if self._state is _CLOSING:
             return
         self._frames_seen += 1
+        self._frame = frame
         # During a delivery ``_rx`` is the whole read (FrameReceiver._deliver).
         self._frame_alone = len(self._rx) == len(frame) + HEADER_SIZE
         if self._out is None:
@@ -570,15 +593,22 @@ class AmatersServerProtocol(FrameReceiver):
         try:
             envelope.ParseFromString(frame)
         except DecodeError:
+            if self._batch:
+                self._run_batch()
             self._send_error(0, MalformedMessage("the frame is not a valid Envelope message"))
             return
         kind = envelope.WhichOneof("body")
-        if kind == "compressed":
-            inner = self._uncompress(envelope)
-            if inner is None:
+        if kind != "query":
+            # Anything else sees the effects of the queries before it, and is answered after them.
+            if self._batch and not self._run_batch():
+                self._pushed_back = frame
                 return
-            envelope = inner
-            kind = envelope.WhichOneof("body")
+            if kind == "compressed":
+                inner = self._uncompress(envelope)
+                if inner is None:
+                    return
+                envelope = inner
+                kind = envelope.WhichOneof("body")
         request_id = envelope.request_id
         if self._state is not _READY:
             self._before_ready(request_id, kind, envelope)
@@ -603,6 +633,8 @@ class AmatersServerProtocol(FrameReceiver):
 
     def _parse_cost_ok(self, payload: bytes) -> bool:
         """Whether ``payload`` holds few enough fields to parse (else MALFORMED_MESSAGE is answered)."""
+        if self._batch:
+            self._run_batch()
         limit = self.factory.limits.max_frame_elements
         try:
             count_elements(payload, Envelope.DESCRIPTOR, limit)
@@ -648,6 +680,8 @@ class AmatersServerProtocol(FrameReceiver):
             self.dataReceived(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     def framesDelivered(self) -> None:
+        if self._batch:
+            self._run_batch()
         # The afters before the write: next to the requests their code and data are still in the
         # CPU's caches, after the write's system calls they are not.
         finished = self._finished
@@ -658,6 +692,8 @@ class AmatersServerProtocol(FrameReceiver):
         self._recharge()
 
     def frameTooLarge(self, length: int) -> None:
+        if self._batch:
+            self._run_batch()
         limit = self.MAX_LENGTH
         setting = "limits.max_handshake_frame_bytes" if self._prelogin else "limits.max_frame_bytes"
         log = self._log.info if self._prelogin else self._log.warn
@@ -970,6 +1006,8 @@ class AmatersServerProtocol(FrameReceiver):
             self._write_blocked
             or self._inflight >= self.factory.limits.max_inflight_per_connection
             or self._state is _AUTHENTICATING
+            or bool(self._admitted)
+            or self._pushed_back is not None
         )
         if pause and not self._reading_paused:
             self._reading_paused = True
@@ -989,6 +1027,8 @@ class AmatersServerProtocol(FrameReceiver):
             data = held.popleft()
             self._held_bytes -= len(data)
             self._transport_write(data)
+        if (self._admitted or self._pushed_back is not None) and not self._write_blocked and not self._lost:
+            self._resume_admitted()
         self._update_reading()
         if not paused:
             for stream in list(self._streams.values()):
@@ -1076,9 +1116,29 @@ class AmatersServerProtocol(FrameReceiver):
         try:
             op = pipeline.decode_query(request.query)
         except AmatersError as e:
+            if self._batch:
+                self._run_batch()
             self._send_query_error(request_id, e)
             return
         ctx = self._context(request_id)
+        kind = type(op)
+        if (kind is ops.Get or kind is ops.Set or kind is ops.Delete) and self._delivering:
+            batch = self._batch
+            if batch:
+                batch.append((ctx, op))
+                if len(batch) >= self._batch_room:
+                    self._run_batch()
+                return
+            if not self._frame_alone and not self._revision_scopes:
+                # The first of a read of several: the others may join it.
+                room = self.factory.limits.max_inflight_per_connection - self._inflight
+                if room > 1:
+                    self._batch_room = min(room, _BATCH_MOST)
+                    batch.append((ctx, op))
+                    return
+        elif self._batch and not self._run_batch():
+            self._pushed_back = self._frame
+            return
         if type(op) is ops.Range or type(op) is ops.Filter:
             # Streamed: StreamBatch frames as chunks are read (a FILTER's as they are evaluated).
             self._start_range(request_id, ctx, op)
@@ -1088,6 +1148,62 @@ class AmatersServerProtocol(FrameReceiver):
         finished = self._finished
         batched = self._delivering and (finished or not self._frame_alone)
         done, outcome = pipeline.run(ctx, op, finished if batched else None)
+        self._ran(request_id, ctx, op, done, outcome)
+
+    def _run_batch(self) -> bool:
+        """Run the GET, SET and DELETE requests collected from the current read, together:
+        whether all of them were answered (False: the transport pushed back, and the rest wait in
+        ``_admitted`` until it drains; reading stops meanwhile)."""
+        batch, self._batch = self._batch, []
+        try:
+            _, decided = self.factory.pipeline.admit_many(batch, self._finished)
+        except Exception:
+            error = self._as_amaters_error(Failure(), "requests")
+            for ctx, _ in batch:
+                self._send_error(ctx.request_id, error)
+            return True
+        admitted = self._admitted
+        for ctx, op in batch:
+            admitted.append((ctx, op, decided.get(ctx)))
+        return self._run_admitted()
+
+    def _run_admitted(self) -> bool:
+        """Answer the requests in ``_admitted`` in order, running those the stages let through,
+        until the transport pushes back: whether all were answered."""
+        admitted = self._admitted
+        pipeline = self.factory.pipeline
+        finished = self._finished
+        ran = self._ran
+        while admitted:
+            if self._write_blocked or self._lost:
+                self._update_reading()
+                return False
+            ctx, op, decided = admitted.popleft()
+            try:
+                done, outcome = pipeline.run_admitted(ctx, op, finished) if decided is None else decided
+                ran(ctx.request_id, ctx, op, done, outcome)
+            except Exception:
+                self._send_error(ctx.request_id, self._as_amaters_error(Failure(), op.name))
+        return True
+
+    def _resume_admitted(self) -> None:
+        """The transport drained: answer the requests set aside, then handle the frame that was
+        waiting for them, as one delivery (its answers written together, its afters settled)."""
+        self._delivering = True
+        try:
+            if self._run_admitted() and self._pushed_back is not None:
+                frame, self._pushed_back = self._pushed_back, None
+                self._frame_alone = False
+                self.stringReceived(frame)
+        finally:
+            self._delivering = False
+            self.framesDelivered()
+        if not self._frames_paused and self._rx and self._rx_chunks is None and not self._too_large:
+            # Reading resumed meanwhile (resumeFrames does not deliver inside a delivery).
+            self._deliver()
+
+    def _ran(self, request_id: int, ctx: RequestContext, op: Any, done: bool, outcome: Any) -> None:
+        """Answer a request the pipeline ran: now if it is done, else when its Deferred fires."""
         if done:
             # Answered synchronously (memory backend, cache hit): skip the callback machinery.
             response = ctx.response
@@ -1316,6 +1432,9 @@ def _health_envelope(health: ops.HealthResult) -> envelope_pb2.Envelope:
     status = aql_pb2.HEALTH_SERVING if health.serving else aql_pb2.HEALTH_NOT_SERVING
     return Envelope(health_check_response=aql_pb2.HealthCheckResponse(status=status, message=health.message))
 
+
+#: Most GET/SET/DELETE requests of one read run together (QueryPipeline.run_many).
+_BATCH_MOST = 256
 
 _HANDLERS: dict[str, Callable[[AmatersServerProtocol, int, Any], None]] = {
     "query": AmatersServerProtocol._on_query,

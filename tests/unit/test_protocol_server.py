@@ -348,6 +348,58 @@ def test_afters_of_a_read_run_together_before_its_answers_are_written() -> None:
     assert [a.request_id for a in h.received()] == [15]
 
 
+def test_keyed_requests_of_a_read_pass_the_stages_together_and_later_frames_see_them() -> None:
+    """The GET, SET and DELETE requests of one read go through the stages together (before_many
+    once for the run of them), up to the next frame of another kind, which sees their writes and
+    is answered after them; every answer goes out in the order the requests came.  A request
+    alone in its read goes through before as always."""
+    from amaters.query.pipeline import PipelineStage
+
+    h = ready()
+    seen: list[Any] = []
+
+    class Observe(PipelineStage):
+        name = "observe"
+
+        def before(self, ctx: Any, op: Any) -> object:
+            seen.append(("one", ctx.request_id))
+            return None
+
+        def before_many(self, items: list[Any]) -> object:
+            seen.append(("many", [ctx.request_id for ctx, _ in items]))
+            return None
+
+    h.factory.pipeline.add_stage(Observe())
+    batch = aql_pb2.BatchRequest(
+        queries=[query_pb2.Query(get=query_pb2.GetQuery(collection="c", key=key(b"k")))]
+    )
+    h.send_many(
+        [
+            q_set(10, "c", b"k", b"first"),
+            q_get(11, "c", b"k"),
+            Envelope(request_id=12, batch=batch),
+            q_set(13, "c", b"k", b"second"),
+            q_range(14, "c", b"", b""),
+            q_get(15, "c", b"k"),
+            q_set(16, "c", b"k", b"third"),
+        ]
+    )
+    assert seen == [("many", [10, 11]), ("one", 12), ("many", [13]), ("one", 14), ("many", [15, 16])]
+    answers = h.received()
+    assert [a.request_id for a in answers[:4]] == [10, 11, 12, 13]
+    assert answers[1].query_response.result.single.value.data == b"first"
+    assert answers[2].batch_response.results.results[0].single.value.data == b"first"
+    streamed = [a.stream.batch for a in answers if a.request_id == 14 and a.stream.HasField("batch")]
+    assert [kv.value.data for b in streamed for kv in b.values] == [b"second"]
+    assert [a.request_id for a in answers if a.request_id in (15, 16)] == [15, 16]
+    assert next(a for a in answers if a.request_id == 15).query_response.result.single.value.data == b"second"
+
+    seen.clear()
+    h.send(q_get(17, "c", b"k"))
+    assert seen == [("one", 17)]
+    assert h.received()[0].query_response.result.single.value.data == b"third"
+
+
 def test_a_read_in_pieces_is_answered_once_at_its_end() -> None:
     """Told that one read arrives in pieces (IReadScope: TLS hands over a record at a time), the
     protocol holds the answers and afters of each piece and writes and settles them once, at the
@@ -676,3 +728,106 @@ def test_a_short_deadline_is_kept_behind_a_long_one() -> None:
     h.clock.advance(0.2)
     assert [(a.request_id, a.error.code) for a in h.received()] == [(90, ErrorCode.NETWORK_TIMEOUT)]
     h.backend.release(0)
+
+
+def big_values(h: Any, count: int, size: int) -> None:
+    h.send_many([q_set(1000 + i, "c", b"%04d" % i, bytes([65 + i]) * size) for i in range(count)])
+    assert len(h.received()) == count
+
+
+def pause_on_first_write(h: Any) -> None:
+    """Make the transport push back (pause its producer) on its next write, as a full socket
+    buffer does."""
+    write = h.transport.write
+
+    def full(data: bytes) -> None:
+        write(data)
+        h.transport.write = write
+        h.transport.producer.pauseProducing()
+
+    h.transport.write = full
+
+
+def test_a_read_whose_answers_fill_the_transport_waits_for_it_in_order() -> None:
+    """When the transport pushes back in the middle of a read's GET/SET/DELETE requests run
+    together, the rest of them wait, unrun, until it drains, and so does the next frame of
+    another kind, which then sees their writes; nothing more is read meanwhile, and every
+    request is answered once, in order."""
+    h = ready()
+    big_values(h, 4, 200 * 1024)  # two answers fill the 256 KiB the protocol writes at once
+    batch = aql_pb2.BatchRequest(
+        queries=[query_pb2.Query(get=query_pb2.GetQuery(collection="c", key=key(b"new")))]
+    )
+    pause_on_first_write(h)
+    h.send_many(
+        [
+            q_get(10, "c", b"0000"),
+            q_get(11, "c", b"0001"),
+            q_get(12, "c", b"0002"),
+            q_set(13, "c", b"new", b"written"),
+            Envelope(request_id=14, batch=batch),
+            q_get(15, "c", b"0003"),
+        ]
+    )
+    assert [a.request_id for a in h.received()] == [10, 11]
+    assert h.transport.producerState == "paused"
+    assert h.backend.get("c", b"new").result is None  # the SET has not run yet
+    h.transport.producer.resumeProducing()
+    answers = h.received()
+    assert [a.request_id for a in answers] == [12, 13, 14, 15]
+    assert answers[2].batch_response.results.results[0].single.value.data == b"written"
+    assert answers[3].query_response.result.single.value.data == b"D" * 200 * 1024
+
+
+def test_requests_set_aside_are_given_up_when_the_connection_closes() -> None:
+    """Requests still waiting for the transport to drain when the connection is lost never run;
+    their stages' afters see them end (load shedding's count goes back down)."""
+    from amaters.protect.shedding import LoadShedder
+
+    h = ready()
+    shedder = LoadShedder(LimitsConfig(), lambda: 0.0)
+    h.factory.pipeline.add_stage(shedder)
+    big_values(h, 3, 200 * 1024)
+    pause_on_first_write(h)
+    h.send_many(
+        [
+            q_get(10, "c", b"0000"),
+            q_get(11, "c", b"0001"),
+            q_get(12, "c", b"0002"),
+            q_set(13, "c", b"x", b"y"),
+        ]
+    )
+    assert [a.request_id for a in h.received()] == [10, 11]
+    assert shedder.in_progress == 2
+    h.protocol.connectionLost(None)
+    assert shedder.in_progress == 0
+    assert h.backend.get("c", b"x").result is None
+
+
+def test_a_failure_while_running_a_read_together_answers_each_request() -> None:
+    """Should running the keyed requests of a read together fail unexpectedly (a bug), each of
+    them is still answered, with SERVER_INTERNAL, and the connection stays usable."""
+    h = ready()
+    pipeline = h.factory.pipeline
+    real = pipeline.admit_many
+
+    def broken(items: Any, finished: Any) -> Any:
+        raise RuntimeError("bug")
+
+    pipeline.admit_many = broken  # type: ignore[method-assign]
+    errors: list[LogEvent] = []
+    globalLogPublisher.addObserver(errors.append)
+    try:
+        h.send_many([q_get(10, "c", b"k"), q_get(11, "c", b"k")])
+    finally:
+        globalLogPublisher.removeObserver(errors.append)
+        pipeline.admit_many = real  # type: ignore[method-assign]
+    answers = h.received()
+    assert [(a.request_id, a.error.code) for a in answers] == [
+        (10, ErrorCode.SERVER_INTERNAL),
+        (11, ErrorCode.SERVER_INTERNAL),
+    ]
+    assert "bug" not in answers[0].error.message
+    assert [e for e in errors if e.get("log_failure") is not None]
+    h.send_many([q_set(12, "c", b"k", b"v"), q_get(13, "c", b"k")])
+    assert h.received()[1].query_response.result.single.value.data == b"v"
