@@ -410,7 +410,12 @@ class QueryPipeline:
                 result = d.result
         except Exception:
             return False, self._finish(ctx, op, defer.fail())
-        return self._succeeded(ctx, op, result, finished)
+        # _succeeded's body, inline: this is every request's path.
+        if finished is None:
+            self._run_afters(result, ctx, op)
+        else:
+            finished.append((ctx, op, result))
+        return True, result
 
     def abandon(self, ctx: RequestContext, op: Any, error: AmatersError) -> None:
         """Give up a request :meth:`admit_many` let through, without running it (its connection
