@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -347,12 +348,10 @@ class AmatersServerProtocol(FrameReceiver):
         # Requests of a batch not answered yet because the transport pushed back mid-batch, in
         # order: ``(ctx, op, None)`` admitted by the stages and still to run, or ``(ctx, op,
         # (done, outcome))`` already decided.  Nothing else is read or handled until they are
-        # done (when the transport drains), and then ``_pushed_back``: the frame that was
-        # being handled when they were set aside.
+        # done (when the transport drains), and then ``_pushed_back``: the handling of the frame
+        # that was being handled when they were set aside.
         self._admitted: collections.deque[tuple[RequestContext, Any, Any]] = collections.deque()
-        self._pushed_back: bytes | None = None
-        # The frame being handled (stringReceived), in case it must wait (``_pushed_back``).
-        self._frame = b""
+        self._pushed_back: Callable[[], None] | None = None
         # Inside a read that TLS hands over record by record (IReadScope): the records so far,
         # handled as one read at its end.
         self._read_pieces: list[bytes] | None = None
@@ -582,7 +581,6 @@ class AmatersServerProtocol(FrameReceiver):
         if self._state is _CLOSING:
             return
         self._frames_seen += 1
-        self._frame = frame
         # During a delivery ``_rx`` is the whole read (FrameReceiver._deliver).
         self._frame_alone = len(self._rx) == len(frame) + HEADER_SIZE
         if self._out is None:
@@ -601,7 +599,7 @@ class AmatersServerProtocol(FrameReceiver):
         if kind != "query":
             # Anything else sees the effects of the queries before it, and is answered after them.
             if self._batch and not self._run_batch():
-                self._pushed_back = frame
+                self._pushed_back = partial(self.stringReceived, frame)
                 return
             if kind == "compressed":
                 inner = self._uncompress(envelope)
@@ -1137,7 +1135,7 @@ class AmatersServerProtocol(FrameReceiver):
                     batch.append((ctx, op))
                     return
         elif self._batch and not self._run_batch():
-            self._pushed_back = self._frame
+            self._pushed_back = partial(self._on_query, request_id, request)
             return
         if type(op) is ops.Range or type(op) is ops.Filter:
             # Streamed: StreamBatch frames as chunks are read (a FILTER's as they are evaluated).
@@ -1192,9 +1190,9 @@ class AmatersServerProtocol(FrameReceiver):
         self._delivering = True
         try:
             if self._run_admitted() and self._pushed_back is not None:
-                frame, self._pushed_back = self._pushed_back, None
+                handle, self._pushed_back = self._pushed_back, None
                 self._frame_alone = False
-                self.stringReceived(frame)
+                handle()
         finally:
             self._delivering = False
             self.framesDelivered()

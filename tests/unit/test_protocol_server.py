@@ -748,16 +748,21 @@ def pause_on_first_write(h: Any) -> None:
     h.transport.write = full
 
 
-def test_a_read_whose_answers_fill_the_transport_waits_for_it_in_order() -> None:
+@pytest.mark.parametrize("behind", ["batch", "range"])
+def test_a_read_whose_answers_fill_the_transport_waits_for_it_in_order(behind: str) -> None:
     """When the transport pushes back in the middle of a read's GET/SET/DELETE requests run
-    together, the rest of them wait, unrun, until it drains, and so does the next frame of
-    another kind, which then sees their writes; nothing more is read meanwhile, and every
-    request is answered once, in order."""
+    together, the rest of them wait, unrun, until it drains, and so does the frame behind them
+    (a batch, or a query of another kind), which then sees their writes; nothing more is read
+    meanwhile, and every request is answered once, in order."""
     h = ready()
     big_values(h, 4, 200 * 1024)  # two answers fill the 256 KiB the protocol writes at once
-    batch = aql_pb2.BatchRequest(
-        queries=[query_pb2.Query(get=query_pb2.GetQuery(collection="c", key=key(b"new")))]
-    )
+    if behind == "batch":
+        batch = aql_pb2.BatchRequest(
+            queries=[query_pb2.Query(get=query_pb2.GetQuery(collection="c", key=key(b"new")))]
+        )
+        frame = Envelope(request_id=14, batch=batch)
+    else:
+        frame = q_range(14, "c", b"new", b"")
     pause_on_first_write(h)
     h.send_many(
         [
@@ -765,7 +770,7 @@ def test_a_read_whose_answers_fill_the_transport_waits_for_it_in_order() -> None
             q_get(11, "c", b"0001"),
             q_get(12, "c", b"0002"),
             q_set(13, "c", b"new", b"written"),
-            Envelope(request_id=14, batch=batch),
+            frame,
             q_get(15, "c", b"0003"),
         ]
     )
@@ -774,9 +779,19 @@ def test_a_read_whose_answers_fill_the_transport_waits_for_it_in_order() -> None
     assert h.backend.get("c", b"new").result is None  # the SET has not run yet
     h.transport.producer.resumeProducing()
     answers = h.received()
-    assert [a.request_id for a in answers] == [12, 13, 14, 15]
-    assert answers[2].batch_response.results.results[0].single.value.data == b"written"
-    assert answers[3].query_response.result.single.value.data == b"D" * 200 * 1024
+    assert [a.request_id for a in answers][:3] == [12, 13, 14]
+    if behind == "batch":
+        assert answers[2].batch_response.results.results[0].single.value.data == b"written"
+    else:
+        rows = [
+            kv.value.data
+            for a in answers
+            if a.request_id == 14 and a.stream.HasField("batch")
+            for kv in a.stream.batch.values
+        ]
+        assert rows == [b"written"]
+    last = next(a for a in answers if a.request_id == 15)
+    assert last.query_response.result.single.value.data == b"D" * 200 * 1024
 
 
 def test_requests_set_aside_are_given_up_when_the_connection_closes() -> None:
