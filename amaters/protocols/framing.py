@@ -168,6 +168,11 @@ class FrameReceiver(Int32StringReceiver):
         if not self._frames_paused:
             return
         self._frames_paused = False
+        self.deliverBuffered()
+
+    def deliverBuffered(self) -> None:
+        """Deliver the frames already buffered, now: unless inside a delivery (which goes on by
+        itself), while a large frame is still arriving, or once input is discarded."""
         if not self._delivering and self._rx_chunks is None and not self._too_large:
             self._deliver()
 

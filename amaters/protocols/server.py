@@ -341,8 +341,8 @@ class AmatersServerProtocol(FrameReceiver):
         # Whether the frame being handled is the only one its read brought.
         self._frame_alone = False
         # GET, SET and DELETE requests of the current read not run yet: they go through the
-        # pipeline together (QueryPipeline.run_many) before any other frame is handled, or at the
-        # end of the read.  At most ``_batch_room`` of them (the in-flight limit's room).
+        # pipeline together (QueryPipeline.admit_many, then run_admitted) before any other frame
+        # is handled, or at the end of the read.  At most ``_batch_room`` of them (the in-flight limit's room).
         self._batch: list[tuple[RequestContext, Any]] = []
         self._batch_room = 0
         # Requests of a batch not answered yet because the transport pushed back mid-batch, in
@@ -1196,9 +1196,9 @@ class AmatersServerProtocol(FrameReceiver):
         finally:
             self._delivering = False
             self.framesDelivered()
-        if not self._frames_paused and self._rx and self._rx_chunks is None and not self._too_large:
+        if not self._frames_paused and self._rx:
             # Reading resumed meanwhile (resumeFrames does not deliver inside a delivery).
-            self._deliver()
+            self.deliverBuffered()
 
     def _ran(self, request_id: int, ctx: RequestContext, op: Any, done: bool, outcome: Any) -> None:
         """Answer a request the pipeline ran: now if it is done, else when its Deferred fires."""
@@ -1431,7 +1431,7 @@ def _health_envelope(health: ops.HealthResult) -> envelope_pb2.Envelope:
     return Envelope(health_check_response=aql_pb2.HealthCheckResponse(status=status, message=health.message))
 
 
-#: Most GET/SET/DELETE requests of one read run together (QueryPipeline.run_many).
+#: Most GET/SET/DELETE requests of one read run together (QueryPipeline.admit_many).
 _BATCH_MOST = 256
 
 _HANDLERS: dict[str, Callable[[AmatersServerProtocol, int, Any], None]] = {

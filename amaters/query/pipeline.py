@@ -354,7 +354,7 @@ class QueryPipeline:
         outcomes: dict[RequestContext, tuple[bool, Any]] = {}
         going = items
         for stage, many in self._many_calls:
-            refusals: Any = None
+            still = []
             if many is not None:
                 try:
                     refusals = many(going)
@@ -365,16 +365,15 @@ class QueryPipeline:
                     return [], outcomes
                 if refusals is None:
                     continue  # all go on (a stage's before_many does not answer requests)
-            still = []
-            if refusals is not NotImplemented and refusals is not None:
-                for item, error in zip(going, refusals, strict=True):
-                    if error is None:
-                        still.append(item)
-                    else:
-                        ctx, op = item
-                        outcomes[ctx] = (False, self._finish(ctx, op, defer.fail(error)))
-                going = still
-                continue
+                if refusals is not NotImplemented:
+                    for item, error in zip(going, refusals, strict=True):
+                        if error is None:
+                            still.append(item)
+                        else:
+                            ctx, op = item
+                            outcomes[ctx] = (False, self._finish(ctx, op, defer.fail(error)))
+                    going = still
+                    continue
             before = stage.before
             for item in going:
                 ctx, op = item
