@@ -35,6 +35,20 @@ def log_failure(message: str, logger: Logger = log) -> Callable[[Failure], None]
     return errback
 
 
+def fire_all(outcome: Any, waiting: list[defer.Deferred[Any]]) -> None:
+    """Fire each of ``waiting`` in turn with ``outcome`` (a result, or a Failure each one handles).
+
+    A callback for one Deferred (``d.addBoth(fire_all, waiting)``) that wakes many: one after the
+    other from this loop, not each from the last one's callbacks, so the stack does not grow
+    with their number.
+    """
+    for d in waiting:
+        if isinstance(outcome, Failure):
+            d.errback(outcome)
+        else:
+            d.callback(outcome)
+
+
 class Lifecycle:
     """Where the server is in its life: what probes, health answers and uptime are made from.
 

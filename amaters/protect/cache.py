@@ -415,7 +415,7 @@ class CachingExecutor:
         if kind in _READ_ONLY:
             return self.inner.execute(op)
         if cache.max_bytes <= 0:  # off
-            return self._untracked_write(op)
+            return self._untracked(self.inner.execute, op)
         if kind is ops.Set or kind is ops.Delete:
             single: Any = op
             key = single.key
@@ -512,6 +512,33 @@ class CachingExecutor:
             d.addBoth(self._key_written, hashed)
         return d
 
+    def set_many(self, writes: list[ops.Set]) -> defer.Deferred[Any] | None:
+        """The executor's ``set_many`` (SETs that arrived together, written as one), with the keys'
+        entries invalidated as :meth:`_key_write` does for one; None where it is not done."""
+        cache = self.cache
+        if cache.max_bytes <= 0:  # off
+            return self._untracked(self.inner.set_many, writes)
+        try:
+            d: defer.Deferred[Any] | None = self.inner.set_many(writes)
+        except BaseException:
+            for op in writes:
+                cache.invalidate_key(cache_key(op.collection, op.key))
+            raise
+        if d is None:
+            return None
+        keys = [cache_key(op.collection, op.key) for op in writes]
+        if d.called and not d.paused:
+            for hashed in keys:
+                cache.invalidate_key(hashed)  # finished: begin and end at once
+        else:
+            cache.begin_write(keys)
+            d.addBoth(self._keys_written, keys)
+        return d
+
+    def _keys_written(self, result: Any, keys: list[CacheKey]) -> Any:
+        self.cache.end_write(keys)
+        return result
+
     def _key_written(self, result: Any, hashed: CacheKey) -> Any:
         self.cache.end_key_write(hashed)
         return result
@@ -541,17 +568,18 @@ class CachingExecutor:
         d.addBoth(finished)
         return d
 
-    def _untracked_write(self, op: ops.Operation) -> defer.Deferred[Any]:
-        # The cache is off, but a reload may turn it on while this write is in flight.
+    def _untracked(self, write: Callable[[Any], Any], arg: Any) -> Any:
+        """``write(arg)`` (a Deferred, or None: nothing was written) while the cache is off, counted
+        as in flight: a reload may turn the cache on while it is."""
         cache = self.cache
         cache.untracked_writes += 1
         try:
-            d: defer.Deferred[Any] = self.inner.execute(op)
+            d: defer.Deferred[Any] | None = write(arg)
         except BaseException:
             cache.untracked_writes -= 1
             raise
 
-        if d.called and not d.paused:
+        if d is None or (d.called and not d.paused):
             cache.untracked_writes -= 1
             return d
 

@@ -60,6 +60,9 @@ def _request_id(request_id: int) -> bytes:
     encoded = _REQUEST_IDS.get(request_id)
     if encoded is not None:
         return encoded
+    if 0x4000 <= request_id < 0x200000:
+        # A long-lived connection's ids soon pass the remembered ones: _varint's three-byte case.
+        return bytes((0x08, (request_id & 0x7F) | 0x80, ((request_id >> 7) & 0x7F) | 0x80, request_id >> 14))
     encoded = _REQUEST_ID + _varint(request_id)
     if request_id < 0x4000:
         _REQUEST_IDS[request_id] = encoded

@@ -725,19 +725,24 @@ class AmatersServerProtocol(FrameReceiver):
         if self._frame_codec and size >= self._frame_threshold:
             payload = compress_frame(payload, self._frame_codec) or payload
             size = len(payload)
+        self._queue(frame_header(size), payload)
+
+    def _queue(self, header: bytes, data: bytes) -> None:
+        """Send ``header`` then ``data`` (frames): with the other answers of the read being handled
+        when there is one, else now."""
         out = self._out
         if out is not None:
             # Inside a run of frame deliveries: answers go out together when it ends, or once
             # they are large (so that a full transport stops the run before it grows).
-            out.append(frame_header(size))
-            out.append(payload)
-            self._out_size += size
+            out.append(header)
+            out.append(data)
+            self._out_size += len(data)
             if self._out_size >= _OUT_BATCH_BYTES:
                 self._out = []
                 self._out_size = 0
                 self._write(b"".join(out))
         else:
-            self._write(frame_header(size) + payload)
+            self._write(header + data)
 
     def _transport_write(self, data: bytes) -> None:
         """Write to the transport now, counting the bytes (see ``_meter``)."""
@@ -1177,12 +1182,44 @@ class AmatersServerProtocol(FrameReceiver):
                 self._update_reading()
                 return False
             ctx, op, decided = admitted.popleft()
+            if decided is None and type(op) is ops.Set and admitted:
+                following = admitted[0]
+                if following[2] is None and type(following[1]) is ops.Set:
+                    self._run_sets(ctx, op)
+                    continue
             try:
                 done, outcome = pipeline.run_admitted(ctx, op, finished) if decided is None else decided
                 ran(ctx.request_id, ctx, op, done, outcome)
             except Exception:
                 self._send_error(ctx.request_id, self._as_amaters_error(Failure(), op.name))
         return True
+
+    def _run_sets(self, ctx: RequestContext, op: ops.Set) -> None:
+        """Run ``op`` and the SETs that follow it in ``_admitted``, written together (their answers
+        are a few bytes each), and answer them."""
+        admitted = self._admitted
+        sets = [(ctx, op)]
+        while admitted:
+            following = admitted[0]
+            if following[2] is not None or type(following[1]) is not ops.Set:
+                break
+            admitted.popleft()
+            sets.append((following[0], following[1]))
+        try:
+            together, outcomes = self.factory.pipeline.run_admitted_sets(sets, self._finished)
+        except Exception:
+            error = self._as_amaters_error(Failure(), "set")
+            for each, _ in sets:
+                self._send_error(each.request_id, error)
+            return
+        if together and outcomes[0][0]:
+            # All written at once: the same answer for each (``_ran`` would send it too).
+            if not self._lost:
+                self._queue(b"", set_answer_frames([each.request_id for each, _ in sets]))
+            return
+        ran = self._ran
+        for (each, set_op), (done, outcome) in zip(sets, outcomes, strict=True):
+            ran(each.request_id, each, set_op, done, outcome)
 
     def _resume_admitted(self) -> None:
         """The transport drained: answer the requests set aside, then handle the frame that was
@@ -1433,6 +1470,17 @@ def _health_envelope(health: ops.HealthResult) -> envelope_pb2.Envelope:
 
 #: Most GET/SET/DELETE requests of one read run together (QueryPipeline.admit_many).
 _BATCH_MOST = 256
+
+
+def set_answer_frames(request_ids: list[int]) -> bytes:
+    """The framed answers of successful SETs, one after another."""
+    parts = []
+    for request_id in request_ids:
+        payload = set_answer(request_id)
+        parts.append(frame_header(len(payload)))
+        parts.append(payload)
+    return b"".join(parts)
+
 
 _HANDLERS: dict[str, Callable[[AmatersServerProtocol, int, Any], None]] = {
     "query": AmatersServerProtocol._on_query,

@@ -38,6 +38,7 @@ from amaters.errors import (
 )
 from amaters.interfaces import IRangeCursor, IServerAdmin, IStorageBackend
 from amaters.query import operations as ops
+from amaters.service import fire_all
 from amaters.types import CipherBlob, Expect, WriteOp
 
 #: What this server offers, announced in the handshake and in ServerInfo.
@@ -160,6 +161,11 @@ class QueryExecutor:
         from amaters.storage import innermost
 
         self._remote_collections = bool(getattr(innermost(backend), "collections_remote", False))
+        #: The backend applies a ``write_batch`` in-process for about the cost of one put (memory,
+        #: rocksdb), so independent SETs arriving together may share one (:meth:`set_many`).
+        self._local_batches = bool(getattr(innermost(backend), "local_batches", False))
+        #: Collections being created for a first SET, with the Deferreds of the SETs waiting.
+        self._creating: dict[str, list[defer.Deferred[Any]]] = {}
         self._dispatch: dict[type, Callable[[Any], defer.Deferred[Any]]] = {
             ops.Get: self.get,
             ops.Set: self.set,
@@ -253,8 +259,46 @@ class QueryExecutor:
         full = self._room_for(1)
         if full is not None:
             return defer.fail(full)
-        d: defer.Deferred[Any] = defer.maybeDeferred(backend.create_collection, op.collection)
+        d = self._create(op.collection)
         d.addCallback(lambda _: backend.put(op.collection, op.key, op.value))
+        return d
+
+    def _create(self, name: str) -> defer.Deferred[Any]:
+        """Create collection ``name`` for a first SET: once, however many SETs arrive before it
+        exists (a client pipelining writes to a new collection), each waiting for that one."""
+        waiting = self._creating.get(name)
+        mine: defer.Deferred[Any] = defer.Deferred()
+        if waiting is not None:
+            waiting.append(mine)
+            return mine
+        # Listed before the call: a backend may create it at once (memory).
+        self._creating[name] = [mine]
+        created = defer.maybeDeferred(self.backend.create_collection, name)
+        created.addBoth(self._created, name)
+        return mine
+
+    def _created(self, outcome: Any, name: str) -> None:
+        fire_all(outcome, self._creating.pop(name))
+
+    def set_many(self, writes: list[ops.Set]) -> defer.Deferred[None] | None:
+        """Independent SETs that arrived together, in order, as one atomic ``write_batch``: fires
+        None once all are written (as durable as one SET), or fails for all of them with nothing
+        applied.  None: not done here (a clustered backend, whose batch is a transaction of its
+        own and bounded in size, or a collection that does not exist yet); run them one by one.
+        """
+        if not self._local_batches:
+            return None
+        backend = self.backend
+        has = backend.has_collection
+        checked = ""
+        for op in writes:
+            name = op.collection
+            if name != checked:
+                if not has(name):
+                    return None
+                checked = name
+        put = WriteOp.put
+        d: defer.Deferred[None] = backend.write_batch([put(op.collection, op.key, op.value) for op in writes])
         return d
 
     def delete(self, op: ops.Delete) -> defer.Deferred[bool]:

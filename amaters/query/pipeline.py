@@ -54,6 +54,7 @@ from amaters.interfaces import IPipelineStage, IPrincipal, IRangeCursor
 from amaters.proto import aql_pb2, query_pb2
 from amaters.query import operations as ops
 from amaters.query.validation import Validator
+from amaters.service import fire_all
 
 _NO_RESULT: Any = object()
 
@@ -160,6 +161,10 @@ class QueryPipeline:
         self.executor = executor
         #: The executor's ``cached(op, ctx)`` (a query cache in front of it), or None.
         self._cached: Callable[[Any, RequestContext], Any] | None = getattr(executor, "cached", None)
+        #: The executor's ``set_many(writes)`` (SETs that arrived together, as one write), or None.
+        self._set_many: Callable[[list[Any]], defer.Deferred[Any] | None] | None = getattr(
+            executor, "set_many", None
+        )
         # FILTER and UPDATE ask the executor whether FHE can run here (None: no FHE at all).
         self.validator = Validator(limits, getattr(executor, "fhe_unavailable", None))
         executor.update_limits(limits)
@@ -331,8 +336,20 @@ class QueryPipeline:
         admitted (:meth:`run_admitted`), its afters collected in ``finished``.  Returns one
         ``(done, outcome)`` per item, as :meth:`run` would."""
         going, outcomes = self.admit_many(items, finished)
-        for ctx, op in going:
-            outcomes[ctx] = self.run_admitted(ctx, op, finished)
+        index, count = 0, len(going)
+        while index < count:
+            ctx, op = going[index]
+            stop = index + 1
+            if type(op) is ops.Set:
+                while stop < count and type(going[stop][1]) is ops.Set:
+                    stop += 1
+            if stop - index > 1:
+                sets = going[index:stop]
+                for (each, _), outcome in zip(sets, self.run_admitted_sets(sets, finished)[1], strict=True):
+                    outcomes[each] = outcome
+            else:
+                outcomes[ctx] = self.run_admitted(ctx, op, finished)
+            index = stop
         return [outcomes[ctx] for ctx, _ in items]
 
     def admit_many(
@@ -415,6 +432,35 @@ class QueryPipeline:
         else:
             finished.append((ctx, op, result))
         return True, result
+
+    def run_admitted_sets(
+        self, items: list[tuple[RequestContext, Any]], finished: list[Any] | None
+    ) -> tuple[bool, list[tuple[bool, Any]]]:
+        """:meth:`run_admitted` for SETs let through one after another (a read's consecutive SETs):
+        written together where the executor can (its ``set_many``: one atomic write, each request
+        then done or failed with the others), else one by one.  Whether they were written
+        together, and one ``(done, outcome)`` per item.
+        """
+        set_many = self._set_many
+        try:
+            d = None if set_many is None else set_many([op for _, op in items])
+        except Exception:
+            d = defer.fail()
+        if d is None:
+            return False, [self.run_admitted(ctx, op, finished) for ctx, op in items]
+        if d.called and not d.paused and not isinstance(d.result, Failure):
+            result = d.result
+            for ctx, op in items:
+                if finished is None:
+                    self._run_afters(result, ctx, op)
+                else:
+                    finished.append((ctx, op, result))
+            return True, [(True, result)] * len(items)
+        # Still being written (waiting for its sync), or failed: each request gets a Deferred of
+        # its own, fired with the write's outcome.
+        each = [defer.Deferred[Any]() for _ in items]
+        d.addBoth(fire_all, each)
+        return True, [(False, self._finish(ctx, op, one)) for (ctx, op), one in zip(items, each, strict=True)]
 
     def abandon(self, ctx: RequestContext, op: Any, error: AmatersError) -> None:
         """Give up a request :meth:`admit_many` let through, without running it (its connection

@@ -76,6 +76,10 @@ class Executor:
             self.pending.append((d, ("write", op, early, None)))
         return d
 
+    def set_many(self, writes: list[Any]) -> defer.Deferred[Any]:
+        """SETs written together: one write, like a batch of them."""
+        return self.execute(ops.Batch(tuple(writes)))
+
     def release(self, index: int) -> None:
         d, (kind, op, early, seen) = self.pending.pop(index)
         if kind == "get":
@@ -254,6 +258,8 @@ action = st.one_of(
     st.tuples(st.just("set"), st.integers(0, 2), st.booleans()),
     st.tuples(st.just("delete"), st.integers(0, 2), st.booleans()),
     st.tuples(st.just("batch"), st.integers(0, 7), st.booleans()),
+    # SETs of one read written together (CachingExecutor.set_many).
+    st.tuples(st.just("sets"), st.integers(0, 7), st.booleans()),
     st.tuples(st.just("drop"), st.integers(0, 1), st.booleans()),
     st.tuples(st.just("release"), st.integers(0, 1000), st.booleans()),
     # A write that finishes during the call (the memory backend), after finishing a GET that
@@ -314,6 +320,11 @@ def test_never_stale_after_a_write(actions: list[tuple[str, int, bool]], max_byt
             chosen = [KEYS[i] for i in range(3) if n & (1 << i)] or [KEYS[0]]
             items = tuple(ops.Set(c, k, blob(b"new")) for c, k in chosen)
             executor.execute(ops.Batch((ops.Get(*chosen[0]), *items))).addCallback(on_ack, chosen)
+        elif kind == "sets":
+            chosen = [KEYS[i] for i in range(3) if n & (1 << i)] or [KEYS[0]]
+            together = executor.set_many([ops.Set(c, k, blob(b"new")) for c, k in chosen])
+            assert together is not None
+            together.addCallback(on_ack, chosen)
         elif kind == "drop":
             collection = "ab"[n]
             executor.execute(ops.DropCollection(collection)).addCallback(

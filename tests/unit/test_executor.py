@@ -712,3 +712,122 @@ def test_run_many_fails_every_request_when_a_before_many_raises() -> None:
         assert not done
         assert failed.result.value.code == ErrorCode.SERVER_INTERNAL
         failed.addErrback(lambda _: None)
+
+
+# -- SETs that arrive together -----------------------------------------------------------------
+
+
+class RecordingBatches(MemoryBackend):
+    """A memory backend that records its write_batch calls and can hold them until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[WriteOp]] = []
+        self.creations: list[str] = []
+        self.hold: list[defer.Deferred[None]] | None = None
+
+    def write_batch(self, ops: Any) -> defer.Deferred[None]:
+        ops = list(ops)
+        self.batches.append(ops)
+        if self.hold is None:
+            return super().write_batch(ops)
+        waiting: defer.Deferred[None] = defer.Deferred()
+        self.hold.append(waiting)
+        return waiting.addCallback(lambda _: super(RecordingBatches, self).write_batch(ops))
+
+    def create_collection(self, name: str) -> defer.Deferred[bool]:
+        self.creations.append(name)
+        if self.hold is None:
+            return super().create_collection(name)
+        waiting: defer.Deferred[None] = defer.Deferred()
+        self.hold.append(waiting)
+        return waiting.addCallback(lambda _: super(RecordingBatches, self).create_collection(name))
+
+
+def sets(count: int, collection: str = "c") -> list[tuple[RequestContext, Any]]:
+    return [
+        (RequestContext(i, ANONYMOUS), ops.Set(collection, b"k%d" % (i % 3), value(b"v%d" % i)))
+        for i in range(count)
+    ]
+
+
+def test_consecutive_sets_are_written_as_one_batch_in_order() -> None:
+    """run_many writes a read's consecutive SETs with one write_batch, in the order sent (the
+    last SET of a key wins, as one by one); the afters of each request are collected."""
+    backend = RecordingBatches()
+    ex = executor(backend)
+    run(ex.execute(ops.Set("c", b"x", value(b"first"))))
+    p = QueryPipeline(ex, LimitsConfig())
+    items = sets(7)
+    finished: list[Any] = []
+    outcomes = p.run_many(items, finished)
+    assert outcomes == [(True, None)] * 7
+    assert len(backend.batches) == 1 and [w.key for w in backend.batches[0]] == [op.key for _, op in items]
+    assert [c for c, _, _ in finished] == [c for c, _ in items]
+    for key, last in ((b"k0", b"v6"), (b"k1", b"v4"), (b"k2", b"v5")):
+        assert run(ex.execute(ops.Get("c", key))).data == last
+
+
+def test_sets_to_a_collection_not_created_yet_run_one_by_one() -> None:
+    backend = RecordingBatches()
+    p = QueryPipeline(executor(backend), LimitsConfig())
+    outcomes = p.run_many(sets(4, "new"), [])
+    assert [done for done, _ in outcomes] == [True] * 4
+    assert backend.batches == [] and backend.creations == ["new"]
+
+
+def test_sets_written_together_all_fail_when_their_write_fails() -> None:
+    """One failed write: every SET of it gets the error, and nothing is applied."""
+    backend = FailingWrites()
+    ex = executor(backend)
+    run(ex.execute(ops.CreateCollection("c")))
+    p = QueryPipeline(ex, LimitsConfig())
+    seen: list[Any] = []
+
+    class Afters(PipelineStage):
+        name = "afters"
+
+        def after(self, ctx: RequestContext, op: ops.Operation, outcome: object) -> None:
+            seen.append(outcome)
+
+    p.add_stage(Afters())
+    outcomes = p.run_many(sets(3), [])
+    for done, d in outcomes:
+        assert not done
+        failure = d.result
+        d.addErrback(lambda _: None)
+        assert failure.value.code == ErrorCode.STORAGE_FULL
+    assert len(seen) == 3 and all(isinstance(o, Failure) for o in seen)
+    assert run(ex.execute(ops.Get("c", b"k0"))) is None
+
+
+def test_sets_written_together_are_answered_each_when_the_write_ends() -> None:
+    backend = RecordingBatches()
+    ex = executor(backend)
+    run(ex.execute(ops.CreateCollection("c")))
+    backend.hold = []
+    p = QueryPipeline(ex, LimitsConfig())
+    together, outcomes = p.run_admitted_sets(sets(3), None)
+    assert together
+    answers: list[Any] = []
+    for done, d in outcomes:
+        assert not done
+        d.addBoth(answers.append)
+    assert answers == []
+    backend.hold.pop().callback(None)
+    assert answers == [None, None, None]
+
+
+def test_first_sets_of_a_new_collection_create_it_once_and_all_wait_for_it() -> None:
+    """Thousands of SETs pipelined to a collection that does not exist yet wait for one creation
+    (not one each, queued behind each other), and all are answered when it is made, with no
+    stack growing with their number."""
+    backend = RecordingBatches()
+    backend.hold = []
+    ex = executor(backend)
+    pending = [ex.execute(ops.Set("new", b"k%d" % i, value(b"v"))) for i in range(3000)]
+    assert backend.creations == ["new"]
+    assert not any(d.called for d in pending)
+    backend.hold.pop().callback(None)
+    assert all(run(d) is None for d in pending)
+    assert len(run(ex.execute(ops.Range("new", b"", None, None)))) == 3000
