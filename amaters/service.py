@@ -8,6 +8,7 @@ reverse, awaiting each and reporting every failure.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
@@ -47,6 +48,59 @@ def fire_all(outcome: Any, waiting: list[defer.Deferred[Any]]) -> None:
             d.errback(outcome)
         else:
             d.callback(outcome)
+
+
+class SerialLock:
+    """A ``DeferredLock`` (``acquire``, ``release``, ``run``) that hands itself on from a loop.
+
+    Twisted's lock wakes the next waiter from inside ``release``; a waiter whose work finishes at
+    once releases again from there, so a queue of such waiters grows the stack by a few frames
+    each, and a few hundred of them exhaust it (the lock then stays held for good).  Here a release
+    made while the lock is being handed on only notes it, and the loop that is handing it on
+    wakes the next waiter.
+    """
+
+    def __init__(self) -> None:
+        self.locked = False
+        self._waiting: deque[defer.Deferred[None]] = deque()
+        self._handing_on = False
+        self._released_again = False
+
+    def acquire(self) -> defer.Deferred[None]:
+        """Fires (with None) once the lock is held by the caller; cancelling it leaves the queue."""
+        if not self.locked:
+            self.locked = True
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred(self._waiting.remove)
+        self._waiting.append(d)
+        return d
+
+    def release(self) -> None:
+        if self._handing_on:
+            self._released_again = True
+            return
+        self._handing_on = True
+        try:
+            while self._waiting:
+                self._released_again = False
+                self._waiting.popleft().callback(None)
+                if not self._released_again:
+                    return  # the woken waiter holds it
+            self.locked = False
+        finally:
+            self._handing_on = False
+
+    def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        """``f(*args)`` with the lock held; fires with its result once it is released."""
+
+        def locked(_: None) -> defer.Deferred[Any]:
+            return defer.maybeDeferred(f, *args).addBoth(unlock)
+
+        def unlock(outcome: Any) -> Any:
+            self.release()
+            return outcome
+
+        return self.acquire().addCallback(locked)
 
 
 class Lifecycle:

@@ -70,6 +70,7 @@ from amaters.errors import (
     Unavailable,
 )
 from amaters.interfaces import IRangeCursor, IStorageBackend
+from amaters.service import SerialLock
 from amaters.storage import codec
 from amaters.storage.formatfile import check_data_dir, stamp_data_dir
 from amaters.storage.groupcommit import BlockingRunner, GroupCommitter
@@ -323,7 +324,7 @@ class RocksDBBackend:
         self._cache: Any = None
         self._collections: dict[str, _Collection] = {}
         self._cursors: set[RocksDBCursor] = set()
-        self._ddl = defer.DeferredLock()
+        self._ddl = SerialLock()
         self._state = "new"  # new | opening | open | closing | closed
         self._close_d: defer.Deferred[None] | None = None
         self._write_opts = rocksdict.WriteOptions()
