@@ -1161,14 +1161,18 @@ class AmatersServerProtocol(FrameReceiver):
         try:
             _, decided = self.factory.pipeline.admit_many(batch, self._finished)
         except Exception:
-            error = self._as_amaters_error(Failure(), "requests")
-            for ctx, _ in batch:
-                self._send_error(ctx.request_id, error)
+            self._fail_each(batch, "requests")
             return True
         admitted = self._admitted
         for ctx, op in batch:
             admitted.append((ctx, op, decided.get(ctx)))
         return self._run_admitted()
+
+    def _fail_each(self, items: list[tuple[RequestContext, Any]], what: str) -> None:
+        """Answer each of ``items`` with the error being handled (call it from an ``except``)."""
+        error = self._as_amaters_error(Failure(), what)
+        for ctx, _ in items:
+            self._send_error(ctx.request_id, error)
 
     def _run_admitted(self) -> bool:
         """Answer the requests in ``_admitted`` in order, running those the stages let through,
@@ -1208,9 +1212,7 @@ class AmatersServerProtocol(FrameReceiver):
         try:
             together, outcomes = self.factory.pipeline.run_admitted_sets(sets, self._finished)
         except Exception:
-            error = self._as_amaters_error(Failure(), "set")
-            for each, _ in sets:
-                self._send_error(each.request_id, error)
+            self._fail_each(sets, "set")
             return
         if together and outcomes[0][0]:
             # All written at once: the same answer for each (``_ran`` would send it too).

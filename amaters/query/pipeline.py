@@ -449,13 +449,7 @@ class QueryPipeline:
         if d is None:
             return False, [self.run_admitted(ctx, op, finished) for ctx, op in items]
         if d.called and not d.paused and not isinstance(d.result, Failure):
-            result = d.result
-            for ctx, op in items:
-                if finished is None:
-                    self._run_afters(result, ctx, op)
-                else:
-                    finished.append((ctx, op, result))
-            return True, [(True, result)] * len(items)
+            return True, [self._succeeded(ctx, op, d.result, finished) for ctx, op in items]
         # Still being written (waiting for its sync), or failed: each request gets a Deferred of
         # its own, fired with the write's outcome.
         each = [defer.Deferred[Any]() for _ in items]
