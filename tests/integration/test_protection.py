@@ -289,6 +289,14 @@ async def test_query_cache_serves_hits_and_never_stale_values(tmp_path: Path) ->
         assert await client.get("c", b"k") is None  # a cached absence, answered pre-encoded
         await client.set("c", b"k", b"three")
         assert await client.get("c", b"k") == b"three"
+        # A large value (over ENCODED_MAX_BYTES): its hits are answered from the bytes kept
+        # around it, and the client's checksum check passes on each one.
+        large = bytes(range(256)) * 20
+        await client.set("c", b"large", large)
+        hits = cache.hits
+        for _ in range(4):
+            assert await client.get("c", b"large") == large
+        assert cache.hits == hits + 3
         await client.drop_collection("c")
         assert await client.get("c", b"k") is None
     finally:

@@ -457,23 +457,34 @@ def test_an_absent_key_hit_is_encoded_as_an_empty_single_result() -> None:
     assert decoded.result.HasField("single") and not decoded.result.single.HasField("value")
 
 
-def test_a_large_value_is_not_kept_encoded() -> None:
-    """A value over ENCODED_MAX_BYTES is cached without its encoded answer (it would double the
-    entry): hits leave ``ctx.response`` unset and the cache's bytes unchanged."""
+def test_a_large_value_keeps_only_the_bytes_around_it_in_its_answer() -> None:
+    """A value over ENCODED_MAX_BYTES is not kept encoded beside itself (that would double the
+    entry): the cache keeps the answer's bytes around the value's data, a few dozen, and every hit
+    carries the runtime's own encoding, byte for byte, whatever the metadata."""
     from amaters.auth.principal import ANONYMOUS
     from amaters.protect.cache import ENCODED_MAX_BYTES
+    from amaters.proto.answers import query_response
     from amaters.query.pipeline import RequestContext
+    from amaters.types import CipherBlob, Compression
 
+    values = [
+        blob(b"x" * (ENCODED_MAX_BYTES + 1)),
+        CipherBlob(b"z" * 5000, checksum=0, size=0),  # metadata all defaults
+        CipherBlob(b"y" * 70000, 7, 2**40, Compression.ZSTD, created_at=-5, version=0),
+    ]
     inner = Executor()
     cache = QueryCache(1 << 20)
     executor = CachingExecutor(inner, cache)
-    get = ops.Get("c", b"big")
-    inner.store[("c", b"big")] = (0, blob(b"x" * (ENCODED_MAX_BYTES + 1)))
-    executor.execute(get)
-    inner.release(0)
-    before = cache.bytes
-    for request_id in (1, 2):
-        ctx = RequestContext(request_id, ANONYMOUS)
-        assert executor.cached(get, ctx) == blob(b"x" * (ENCODED_MAX_BYTES + 1))
-        assert ctx.response is None
-    assert cache.bytes == before
+    for index, value in enumerate(values):
+        key = b"big%d" % index
+        get = ops.Get("c", key)
+        inner.store[("c", key)] = (0, value)
+        executor.execute(get)
+        inner.release(0)
+        before = cache.bytes
+        expected = query_response("get", value)
+        for request_id in (1, 2, 3):
+            ctx = RequestContext(request_id, ANONYMOUS)
+            assert executor.cached(get, ctx) == value
+            assert ctx.response == expected
+        assert 0 < cache.bytes - before < 64
