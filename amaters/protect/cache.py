@@ -24,7 +24,8 @@ begins after a write was acknowledged sees that write or a later one.  Writes th
 pipeline (an offline restore) must call :meth:`QueryCache.clear`.
 
 The cache is per process: with several nodes writing to shared storage it must stay off
-(``cache.max_bytes = 0``, the default).  Hit, miss, eviction and invalidation counts are in
+(``cache.max_bytes = 0``; clustered mode turns it off by itself).  Hit, miss, eviction and
+invalidation counts are in
 :meth:`QueryCache.stats` and exported by :mod:`amaters.protect.metrics`.
 """
 
