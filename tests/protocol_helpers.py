@@ -130,6 +130,17 @@ def ready(**kwargs: Any) -> Harness:
     return h
 
 
+def another(h: Harness) -> Harness:
+    """A second connection to ``h``'s factory (same pipeline, backend and clock), past its handshake."""
+    protocol = h.factory.buildProtocol(None)
+    assert isinstance(protocol, AmatersServerProtocol)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    other = Harness(protocol, transport, h.factory, h.backend, h.clock, FrameDecoder(2**31 - 1))
+    assert other.handshake().WhichOneof("body") == "handshake_response"
+    return other
+
+
 def key(data: bytes) -> types_pb2.Key:
     return types_pb2.Key(data=data)
 

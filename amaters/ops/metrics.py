@@ -389,6 +389,24 @@ class Metrics:
             if error_code == ErrorCode.SERVER_OVERLOADED:
                 self.rate_limited.inc(count)
 
+    def requests_succeeded(self, op: str, durations: list[float], untimed: int = 0) -> None:
+        """Count successful ``op`` requests: one per duration in ``durations`` (seconds, each
+        observed), and ``untimed`` more without one.  ``request_finished`` for each, in one call."""
+        tally = self._tallies.get(op)
+        if tally is None:
+            tally = self._op_children(operation_label(op))
+        tally.ok += len(durations) + untimed
+        buckets = tally.buckets
+        if buckets:
+            bounds = tally.bounds
+            for duration in durations:
+                buckets[bisect.bisect_left(bounds, duration)] += 1
+            tally.sum += sum(durations)
+        else:
+            observe = self._observe_fallback[operation_label(op)]
+            for duration in durations:
+                observe(duration)
+
     def request_rejected(self, op: str | None, error: AmatersError) -> None:
         """A pipeline rejection observer: validation refused a request (counted, not timed)."""
         self.request_finished(op or "other", None, int(error.code))

@@ -88,19 +88,28 @@ class MetricsStage(PipelineStage):
             self.metrics.request_finished(op.name, duration, None)
 
     def after_many(self, items: list[Any]) -> None:
-        """:meth:`after` for requests answered together: one clock read, and the successes of each
-        operation and arrival (one read's requests share theirs) counted at once."""
-        runs: dict[tuple[str, float], int] = {}
+        """:meth:`after` for requests answered together (in one reactor turn): one clock read, and
+        the successes of each operation counted in one call."""
+        now = self.clock.seconds()
+        timed: dict[str, list[float]] = {}
+        untimed: dict[str, int] = {}
         for ctx, op, outcome in items:
             if isinstance(outcome, Failure):
                 self.after(ctx, op, outcome)
+                continue
+            started = ctx.started
+            if started > 0:
+                durations = timed.get(op.name)
+                if durations is None:
+                    durations = timed[op.name] = []
+                durations.append(now - started if now > started else 0.0)
             else:
-                run = (op.name, ctx.started)
-                runs[run] = runs.get(run, 0) + 1
-        now = self.clock.seconds()
-        finished = self.metrics.request_finished
-        for (name, started), count in runs.items():
-            finished(name, max(0.0, now - started) if started > 0 else None, None, count)
+                untimed[op.name] = untimed.get(op.name, 0) + 1
+        succeeded = self.metrics.requests_succeeded
+        for name, durations in timed.items():
+            succeeded(name, durations, untimed.pop(name, 0))
+        for name, count in untimed.items():
+            succeeded(name, [], count)
 
 
 class AccessLogStage(PipelineStage):

@@ -336,7 +336,9 @@ class AmatersServerProtocol(FrameReceiver):
         # Clustered mode: the revision scope of each request in flight, until its first answer.
         self._revision_scopes: dict[int, Any] = {}
         # Requests of the current read answered at once, whose pipeline afters run together at the
-        # end of the read (framesDelivered; QueryPipeline.settle), unless the read held only one.
+        # end of the read (framesDelivered; QueryPipeline.settle).  A read's only request is
+        # settled at the end of the reactor turn instead, with the other connections' (the
+        # factory's ``answered``).
         self._finished: list[Any] = []
         # Whether the frame being handled is the only one its read brought.
         self._frame_alone = False
@@ -680,11 +682,18 @@ class AmatersServerProtocol(FrameReceiver):
     def framesDelivered(self) -> None:
         if self._batch:
             self._run_batch()
-        # The afters before the write: next to the requests their code and data are still in the
-        # CPU's caches, after the write's system calls they are not.
         finished = self._finished
         if finished:
-            self.factory.pipeline.settle(finished)
+            if len(finished) == 1:
+                # One request in the read: its afters are run with those of the other connections'
+                # reads handled in this reactor turn, each stage once for all of them.
+                factory = self.factory
+                factory.answered.append(finished[0])
+                factory.settle_later()
+            else:
+                # Before the write: next to the requests their code and data are still in the
+                # CPU's caches, after the write's system calls they are not.
+                self.factory.pipeline.settle(finished)
             finished.clear()
         self._flush_out()
         self._recharge()
@@ -1146,11 +1155,9 @@ class AmatersServerProtocol(FrameReceiver):
             # Streamed: StreamBatch frames as chunks are read (a FILTER's as they are evaluated).
             self._start_range(request_id, ctx, op)
             return
-        # A request answered at once in a read of several has its afters run with the others', at
-        # the end of the read (framesDelivered); alone in its read, at once.
-        finished = self._finished
-        batched = self._delivering and (finished or not self._frame_alone)
-        done, outcome = pipeline.run(ctx, op, finished if batched else None)
+        # A request answered at once during a read has its afters run at the end of the read, with
+        # the others' (framesDelivered).
+        done, outcome = pipeline.run(ctx, op, self._finished if self._delivering else None)
         self._ran(request_id, ctx, op, done, outcome)
 
     def _run_batch(self) -> bool:
@@ -1538,6 +1545,23 @@ class AmatersServerFactory(Factory):
         self.drain_grace_over = False
         self._grace_timer: Any = None
         self._drained: list[defer.Deferred[None]] = []
+        #: Requests every connection answered at once during this reactor turn, whose pipeline
+        #: afters (metrics, the access log, load shedding's count...) run together at its end.
+        self.answered: list[Any] = []
+        self._settle_call: Any = None
+
+    def settle_later(self) -> None:
+        """Run the afters of the requests in :attr:`answered` at the end of this reactor turn."""
+        if self._settle_call is None:
+            self._settle_call = self.clock.callLater(0, self._settle_answered)
+
+    def _settle_answered(self) -> None:
+        self._settle_call = None
+        answered = self.answered
+        if answered:
+            items = answered[:]
+            answered.clear()
+            self.pipeline.settle(items)
 
     def update_limits(self, limits: LimitsConfig) -> None:
         """Reloaded limits: new frames and new connections use them."""

@@ -409,8 +409,8 @@ def test_request_tallies_reach_every_collection_exactly_once() -> None:
 
 
 def test_metrics_stage_counts_requests_answered_together_as_one_by_one() -> None:
-    """after_many gives the same counts, buckets and sums as after for each request: runs of the
-    same operation and arrival counted at once, other operations, arrivals and failures apart."""
+    """after_many gives the same counts, buckets and sums as after for each request: each
+    operation's successes counted in one call (whatever their arrivals), failures apart."""
     clock = Clock()
     clock.advance(100)
     items: list[Any] = []

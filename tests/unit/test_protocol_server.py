@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from protocol_helpers import (
+    another,
     blob,
     fill,
     key,
@@ -310,10 +311,11 @@ def test_pipelined_requests_are_answered_in_completion_order() -> None:
     assert second.query_response.result.single.value.data == b"v0"
 
 
-def test_afters_of_a_read_run_together_before_its_answers_are_written() -> None:
+def test_afters_run_per_read_before_its_answers_and_for_lone_requests_per_reactor_turn() -> None:
     """Requests answered at once in a read of several have their pipeline afters run together
-    (after_many) once the read is handled, before its answers are written; a request alone in its
-    read (even with part of the next frame) has them run on their own, as always."""
+    (after_many) once the read is handled, before its answers are written.  A request alone in
+    its read (even with part of the next frame) is answered first; its afters run at the end of
+    the reactor turn, with those of the other connections' lone requests of that turn."""
     from amaters.query.pipeline import PipelineStage
 
     h = ready()
@@ -336,16 +338,30 @@ def test_afters_of_a_read_run_together_before_its_answers_are_written() -> None:
 
     seen.clear()
     h.send(q_get(13, "c", b"0000"))
-    assert seen == [("one", 13, b"")]
-    assert [a.request_id for a in h.received()] == [13]
+    assert seen == []
+    assert [a.request_id for a in h.received()] == [13]  # answered before its afters ran
+    h.clock.advance(0)
+    assert seen == [("one", 13, b"")]  # alone in its turn: after, as run() would
+
+    # Two connections' lone requests in one turn: their afters run together.
+    other = another(h)
+    seen.clear()
+    h.send(q_get(16, "c", b"0000"))
+    other.send(q_get(17, "c", b"0002"))
+    assert seen == []
+    assert [a.request_id for a in h.received()] == [16]
+    assert [a.request_id for a in other.received()] == [17]
+    h.clock.advance(0)
+    assert seen == [("many", [16, 17], b"")]
 
     seen.clear()
     second = encode_frame(q_get(15, "c", b"0002").SerializeToString())
     h.protocol.dataReceived(encode_frame(q_get(14, "c", b"0000").SerializeToString()) + second[:5])
     assert [a.request_id for a in h.received()] == [14]
     h.protocol.dataReceived(second[5:])
-    assert seen == [("one", 14, b""), ("one", 15, b"")]
     assert [a.request_id for a in h.received()] == [15]
+    h.clock.advance(0)
+    assert seen == [("many", [14, 15], b"")]
 
 
 def test_keyed_requests_of_a_read_pass_the_stages_together_and_later_frames_see_them() -> None:
