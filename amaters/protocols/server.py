@@ -336,9 +336,9 @@ class AmatersServerProtocol(FrameReceiver):
         # Clustered mode: the revision scope of each request in flight, until its first answer.
         self._revision_scopes: dict[int, Any] = {}
         # Requests of the current read answered at once, whose pipeline afters run together at the
-        # end of the read (framesDelivered; QueryPipeline.settle).  A read's only request is
-        # settled at the end of the reactor turn instead, with the other connections' (the
-        # factory's ``answered``).
+        # end of the read (framesDelivered; QueryPipeline.settle).  While other connections are
+        # open, a read's only request is settled at the end of the reactor turn instead, with
+        # theirs (the factory's ``answered``).
         self._finished: list[Any] = []
         # Whether the frame being handled is the only one its read brought.
         self._frame_alone = False
@@ -684,16 +684,18 @@ class AmatersServerProtocol(FrameReceiver):
             self._run_batch()
         finished = self._finished
         if finished:
-            if len(finished) == 1:
+            factory = self.factory
+            if len(finished) == 1 and len(factory.connections) > 1:
                 # One request in the read: its afters are run with those of the other connections'
-                # reads handled in this reactor turn, each stage once for all of them.
-                factory = self.factory
+                # reads handled in this reactor turn, each stage once for all of them.  (With a
+                # single connection there are none, and the end of the turn would only cost a
+                # timer and one more poll per request.)
                 factory.answered.append(finished[0])
                 factory.settle_later()
             else:
                 # Before the write: next to the requests their code and data are still in the
                 # CPU's caches, after the write's system calls they are not.
-                self.factory.pipeline.settle(finished)
+                factory.pipeline.settle(finished)
             finished.clear()
         self._flush_out()
         self._recharge()

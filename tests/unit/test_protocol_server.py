@@ -314,8 +314,9 @@ def test_pipelined_requests_are_answered_in_completion_order() -> None:
 def test_afters_run_per_read_before_its_answers_and_for_lone_requests_per_reactor_turn() -> None:
     """Requests answered at once in a read of several have their pipeline afters run together
     (after_many) once the read is handled, before its answers are written.  A request alone in
-    its read (even with part of the next frame) is answered first; its afters run at the end of
-    the reactor turn, with those of the other connections' lone requests of that turn."""
+    its read (even with part of the next frame) is answered first while other connections are
+    open; its afters run at the end of the reactor turn, with those of the other connections'
+    lone requests of that turn.  On the only connection they run at once, as always."""
     from amaters.query.pipeline import PipelineStage
 
     h = ready()
@@ -336,15 +337,23 @@ def test_afters_run_per_read_before_its_answers_and_for_lone_requests_per_reacto
     assert seen == [("many", [10, 11, 12], b"")]
     assert [a.request_id for a in h.received()] == [10, 11, 12]
 
+    # The only connection: a lone request's afters run at once, before its answer is written.
     seen.clear()
     h.send(q_get(13, "c", b"0000"))
+    assert seen == [("one", 13, b"")]
+    assert [a.request_id for a in h.received()] == [13]
+
+    # With another connection open, lone requests are answered first and settled at the end of
+    # the turn: alone in it, through after, as run() would.
+    other = another(h)
+    seen.clear()
+    h.send(q_get(18, "c", b"0000"))
     assert seen == []
-    assert [a.request_id for a in h.received()] == [13]  # answered before its afters ran
+    assert [a.request_id for a in h.received()] == [18]
     h.clock.advance(0)
-    assert seen == [("one", 13, b"")]  # alone in its turn: after, as run() would
+    assert seen == [("one", 18, b"")]
 
     # Two connections' lone requests in one turn: their afters run together.
-    other = another(h)
     seen.clear()
     h.send(q_get(16, "c", b"0000"))
     other.send(q_get(17, "c", b"0002"))
