@@ -201,8 +201,9 @@ def flood(
 ) -> dict[str, int]:
     """Open ``connections`` x ``calls_per_connection`` calls of ``path``, each sending the whole gRPC
     message ``message`` (prefix included) as flow control allows, until every call has ended or sent
-    everything, or ``limit_s`` passes; then keep the connections open ``hold_s`` more seconds (calls
-    the server left open hold what it took in).  ``sample()`` is called about every 0.1 s.
+    everything, or ``limit_s`` passes; then keep the connections open up to ``hold_s`` more seconds,
+    or until the server has ended every call (calls the server left open hold what it took in, and a
+    call sent whole may be ended a moment later).  ``sample()`` is called about every 0.1 s.
 
     Returns ``sent`` (body bytes the server accepted), ``ended`` (calls the server ended),
     ``complete`` (calls whose whole message was sent) and ``calls``."""
@@ -241,7 +242,7 @@ def flood(
         hold_until = time.monotonic() + hold_s
         while time.monotonic() < hold_until:
             readers = [c.sock for c in conns if not c.closed]
-            if not readers:
+            if not readers or all(s in c.ended for c, s in owners):
                 break
             readable, _, _ = select.select(readers, [], [], 0.1)
             for conn in conns:

@@ -91,7 +91,7 @@ def _flood(
     pid = server.process.pid
     before = memory(pid)
     metadata = [("authorization", "Bearer not-a-token")]
-    result = flood(server.grpc_port, path, metadata, message, connections, calls, limit_s=30, hold_s=1)
+    result = flood(server.grpc_port, path, metadata, message, connections, calls, limit_s=30, hold_s=10)
     after = memory(pid)
     rise = after["VmHWM"] - max(before["VmRSS"], before["VmHWM"])
     print(
