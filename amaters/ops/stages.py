@@ -217,6 +217,7 @@ class TracingStage(PipelineStage):
     """
 
     name = "tracing"
+    reads_trace_context = True
 
     def __init__(self, tracer: Tracer, clock: IReactorTime) -> None:
         self.tracer = tracer

@@ -620,8 +620,12 @@ class AmatersServerProtocol(FrameReceiver):
         if self.factory.draining:
             self._send_error(request_id, ShuttingDown("the server is shutting down; retry on another server"))
             return
-        trace_context = envelope.trace_context
-        self._trace_context = dict(trace_context) if trace_context else None
+        if self.factory.pipeline.reads_trace_context:
+            # Decoding the map costs about 0.15 µs even when it is empty: only when a stage uses it.
+            trace_context = envelope.trace_context
+            self._trace_context = dict(trace_context) if trace_context else None
+        else:
+            self._trace_context = None
         if self.factory.session_revisions:
             self._handle_with_revisions(handler, request_id, kind, envelope)
             return

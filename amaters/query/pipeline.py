@@ -34,6 +34,10 @@ A stage that a reload can switch off (a rate limit of 0) may have an ``active`` 
 whenever the callback is called.  While inactive, neither its ``before`` nor its ``after`` is
 called at all.
 
+A stage that reads the client's trace context (``ctx.annotations["trace_context"]``) says so
+with a true ``reads_trace_context`` attribute: while no stage does
+(:attr:`QueryPipeline.reads_trace_context`), a front end need not decode it for each request.
+
 Unexpected exceptions from a stage or the executor are logged with their traceback here and turned
 into ``SERVER_INTERNAL`` with a generic message: tracebacks never reach a client.
 """
@@ -175,6 +179,8 @@ class QueryPipeline:
         self._after_calls: tuple[Any, ...] = ()
         self._settle_calls: tuple[Any, ...] = ()
         self._many_calls: tuple[Any, ...] = ()
+        #: Whether a stage reads the client's trace context (else front ends may skip decoding it).
+        self.reads_trace_context = False
         self._rejection_observers: list[Callable[[str | None, AmatersError], None]] = []
         for stage in stages:
             self.add_stage(stage)
@@ -244,6 +250,7 @@ class QueryPipeline:
         self._settle_calls = tuple((s, getattr(s, "after_many", None)) for s in self._afters)
         # For :meth:`admit_many`: each stage with its ``before_many`` (None: its ``before`` for each).
         self._many_calls = tuple((s, getattr(s, "before_many", None)) for s in self._befores)
+        self.reads_trace_context = any(getattr(s, "reads_trace_context", False) for s in self._stages)
 
     # -- decoding (validation) ----------------------------------------------------------------
 

@@ -235,6 +235,37 @@ def test_protocol_request_trace_context_parents_the_span() -> None:
     service.stopService()
 
 
+def test_the_protocol_decodes_a_request_trace_context_only_while_a_stage_reads_it() -> None:
+    """The tracing stage declares ``reads_trace_context``: while it is installed a request's trace
+    context reaches ``ctx.annotations``; once it is removed the protocol no longer decodes it."""
+    seen: list[object] = []
+
+    class Recorder(PipelineStage):
+        name = "recorder"
+
+        def before(self, ctx: RequestContext, op: ops.Operation) -> object:
+            seen.append(ctx.annotations.get(TRACE_CONTEXT))
+            return None
+
+    clock = Clock()
+    pipeline, _, service = traced(clock, stages=(Recorder(),))
+    assert pipeline.reads_trace_context
+    protocol = AmatersServerFactory(pipeline, LimitsConfig(), clock).buildProtocol(None)
+    protocol.makeConnection(StringTransport())
+    handshake = envelope_pb2.Handshake(version=types_pb2.Version(major=1), client_name="test")
+    protocol.dataReceived(frame(envelope_pb2.Envelope(request_id=1, handshake=handshake)))
+    traceparent = f"00-{TRACE_ID}-{PARENT_ID}-01"
+    for request_id in (2, 3):
+        request = list_request(request_id)
+        request.trace_context["traceparent"] = traceparent
+        protocol.dataReceived(frame(request))
+        pipeline.remove_stage("tracing")
+    assert not pipeline.reads_trace_context
+    assert seen == [{"traceparent": traceparent}, None]
+    protocol.connectionLost(Failure(ConnectionError("done")))
+    service.stopService()
+
+
 def test_protocol_handshake_trace_context_is_the_default_parent() -> None:
     """A trace context sent in the Handshake parents the spans of that connection's requests."""
     clock = Clock()
