@@ -112,3 +112,21 @@ def test_a_silent_client_without_tls_still_gets_the_handshake_error() -> None:
     h.clock.advance(2.1)
     (answer,) = h.received()
     assert answer.error.code == ErrorCode.NETWORK_TIMEOUT and h.closing
+
+
+def test_a_reloaded_max_frame_elements_applies_to_the_next_frame() -> None:
+    """A frame with more fields than a reloaded, lower limits.max_frame_elements is refused with
+    MALFORMED_MESSAGE (request id 0) without being parsed, and the connection is served after it."""
+    h = ready()
+    field = Envelope.DESCRIPTOR.fields_by_name["batch"].number
+    body = b"\x0a\x00" * 3_000  # BatchRequest.queries, empty, three thousand times
+    frame = encode_frame(bytes([field << 3 | 2, 0xF0, 0x2E]) + body)  # the varint of 6,000
+    h.protocol.dataReceived(frame)
+    (answer,) = h.received()  # parsed: within the default limit, refused by the batch's own rules
+    assert answer.request_id == 0 and answer.batch_response.error.code == ErrorCode.PROTOCOL_MISSING_FIELD
+    h.factory.update_limits(LimitsConfig(max_frame_elements=1_000))
+    h.protocol.dataReceived(frame + encode_frame(ping(7).SerializeToString()))
+    refused, pong = h.received()
+    assert refused.request_id == 0 and refused.error.code == ErrorCode.PROTOCOL_MALFORMED_MESSAGE
+    assert "limits.max_frame_elements" in refused.error.message
+    assert pong.request_id == 7 and not h.closing
