@@ -355,11 +355,9 @@ class Metrics:
         for flush in self._flushers:
             flush()
 
-    def request_finished(
-        self, op: str, duration: float | None, error_code: int | None, count: int = 1
-    ) -> None:
-        """Count an answered request (``count`` alike: same operation, duration and outcome);
-        ``error_code`` None means it succeeded.
+    def request_finished(self, op: str, duration: float | None, error_code: int | None) -> None:
+        """Count an answered request; ``error_code`` None means it succeeded (see also
+        :meth:`requests_succeeded`, for many at once).
 
         Called on the reactor thread; the numbers reach the registry when it is next collected.
         """
@@ -367,27 +365,25 @@ class Metrics:
         if tally is None:  # "other", or an operation name outside OPERATIONS
             tally = self._op_children(operation_label(op))
         if error_code is None:
-            tally.ok += count
+            tally.ok += 1
         else:
-            tally.error += count
+            tally.error += 1
         if duration is not None and duration >= 0:
             if tally.buckets:
-                tally.sum += duration * count
+                tally.sum += duration
                 # The first bucket whose upper bound is not below the duration (the last is +Inf).
-                tally.buckets[bisect.bisect_left(tally.bounds, duration)] += count
+                tally.buckets[bisect.bisect_left(tally.bounds, duration)] += 1
             else:
-                observe = self._observe_fallback[operation_label(op)]
-                for _ in range(count):
-                    observe(duration)
+                self._observe_fallback[operation_label(op)](duration)
         if error_code is not None:
             inc = self._by_code.get(error_code)
             if inc is None:
                 inc = self.errors.labels(code=error_code_label(error_code)).inc
                 if len(self._by_code) < _MAX_CACHED_CODES:  # codes are an enum; cap the unknown
                     self._by_code[error_code] = inc
-            inc(count)
+            inc(1)
             if error_code == ErrorCode.SERVER_OVERLOADED:
-                self.rate_limited.inc(count)
+                self.rate_limited.inc(1)
 
     def requests_succeeded(self, op: str, durations: list[float], untimed: int = 0) -> None:
         """Count successful ``op`` requests: one per duration in ``durations`` (seconds, each
