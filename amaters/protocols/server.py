@@ -589,7 +589,7 @@ class AmatersServerProtocol(FrameReceiver):
             self._out = []
         factory = self.factory
         envelope = Envelope()
-        if len(frame) > factory.parse_check_bytes and not self._parse_cost_ok(frame):
+        if len(frame) > 2 * factory.limits.max_frame_elements and not self._parse_cost_ok(frame):
             return
         try:
             envelope.ParseFromString(frame)
@@ -1538,9 +1538,6 @@ class AmatersServerFactory(Factory):
     ) -> None:
         self.pipeline = pipeline
         self.limits = limits
-        #: Frames longer than this have their fields counted before they are parsed (each field
-        #: takes at least two bytes, so a shorter frame cannot hold limits.max_frame_elements).
-        self.parse_check_bytes = 2 * limits.max_frame_elements
         self.clock = clock
         self.authenticate: Authenticator = authenticate or default_authenticator(False)
         #: Per-frame compression a handshake may negotiate (None: never).
@@ -1579,7 +1576,6 @@ class AmatersServerFactory(Factory):
     def update_limits(self, limits: LimitsConfig) -> None:
         """Reloaded limits: new frames and new connections use them."""
         self.limits = limits
-        self.parse_check_bytes = 2 * limits.max_frame_elements
         self.budget.limits = limits
         self.pipeline.update_limits(limits)
 
