@@ -455,6 +455,14 @@ class CachingExecutor:
         if cache.max_bytes <= 0:  # off
             return self._untracked(self.inner.execute, op)
         if kind is ops.Set or kind is ops.Delete:
+            if not cache._entries and not cache._reads:
+                # Nothing cached and no read in flight (a write-heavy load): a write that finishes
+                # now has nothing to invalidate.  One that does not is tracked like any other
+                # (no reactor turn has passed, as in _key_write).
+                d: defer.Deferred[Any] = self.inner.execute(op)
+                if d.called and not d.paused:
+                    return d
+                return self._tracked_key_write(op, d)
             single: Any = op
             key = single.key
             # cache_key's short case inline: this runs for every write.
@@ -552,6 +560,13 @@ class CachingExecutor:
             d.addBoth(self._key_written, hashed)
         return d
 
+    def _tracked_key_write(self, op: Any, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
+        """Mark ``op``'s write, still in progress as ``d``, until it ends (:meth:`_key_write`)."""
+        hashed = cache_key(op.collection, op.key)
+        self.cache.begin_key_write(hashed)
+        d.addBoth(self._key_written, hashed)
+        return d
+
     def set_many(self, writes: list[ops.Set]) -> defer.Deferred[Any] | None:
         """The executor's ``set_many`` (SETs that arrived together, written as one), with the keys'
         entries invalidated as :meth:`_key_write` does for one; None where it is not done."""
@@ -566,11 +581,13 @@ class CachingExecutor:
             raise
         if d is None:
             return None
-        keys = [cache_key(op.collection, op.key) for op in writes]
         if d.called and not d.paused:
-            for hashed in keys:
-                cache.invalidate_key(hashed)  # finished: begin and end at once
+            # Finished: begin and end at once; nothing to do while nothing is cached or being read.
+            if cache._entries or cache._reads:
+                for op in writes:
+                    cache.invalidate_key(cache_key(op.collection, op.key))
         else:
+            keys = [cache_key(op.collection, op.key) for op in writes]
             cache.begin_write(keys)
             d.addBoth(self._keys_written, keys)
         return d

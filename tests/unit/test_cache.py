@@ -249,6 +249,29 @@ def test_turned_on_by_reload_safely() -> None:
     assert len(cache) == 0 and not cache.enabled
 
 
+@pytest.mark.parametrize("together", [False, True])
+def test_a_write_finishing_at_once_keeps_a_read_in_flight_from_caching_what_it_read(together: bool) -> None:
+    """With nothing cached, a write that finishes during its call (the memory backend) still
+    stops a read that started before it, and saw the old value, from caching that value."""
+    inner = Executor()
+    cache = QueryCache(1 << 20)
+    executor = CachingExecutor(inner, cache)
+    read = executor.execute(ops.Get("a", b"1"))  # sees storage now: nothing there yet
+    assert len(cache) == 0 and cache._reads
+
+    def at_once(op: Any, early: bool | None = None) -> defer.Deferred[Any]:
+        inner._apply(op)
+        return defer.succeed(None)
+
+    inner.execute = at_once  # type: ignore[method-assign]
+    write = ops.Set("a", b"1", blob(b"new"))
+    written = executor.set_many([write]) if together else executor.execute(write)
+    assert written is not None and written.called
+    inner.release(0)
+    assert read.result is None  # what the read saw: from before the write
+    assert len(cache) == 0, "a value older than an acknowledged write was cached"
+
+
 # -- the property: never stale ------------------------------------------------------------------
 
 KEYS = [("a", b"1"), ("a", b"2"), ("b", b"1")]
@@ -265,6 +288,8 @@ action = st.one_of(
     # A write that finishes during the call (the memory backend), after finishing a GET that
     # was waiting (a backend whose write fires other requests' callbacks).
     st.tuples(st.just("syncset"), st.integers(0, 2), st.booleans()),
+    # The same for SETs of one read written together.
+    st.tuples(st.just("syncsets"), st.integers(0, 7), st.booleans()),
 )
 
 
@@ -320,9 +345,11 @@ def test_never_stale_after_a_write(actions: list[tuple[str, int, bool]], max_byt
             chosen = [KEYS[i] for i in range(3) if n & (1 << i)] or [KEYS[0]]
             items = tuple(ops.Set(c, k, blob(b"new")) for c, k in chosen)
             executor.execute(ops.Batch((ops.Get(*chosen[0]), *items))).addCallback(on_ack, chosen)
-        elif kind == "sets":
+        elif kind in ("sets", "syncsets"):
             chosen = [KEYS[i] for i in range(3) if n & (1 << i)] or [KEYS[0]]
+            sync_writes[:] = [kind == "syncsets"]
             together = executor.set_many([ops.Set(c, k, blob(b"new")) for c, k in chosen])
+            sync_writes.clear()
             assert together is not None
             together.addCallback(on_ack, chosen)
         elif kind == "drop":
