@@ -39,7 +39,7 @@ from amaters.errors import (
 from amaters.interfaces import IRangeCursor, IServerAdmin, IStorageBackend
 from amaters.query import operations as ops
 from amaters.service import fire_all
-from amaters.types import CipherBlob, Expect, WriteOp
+from amaters.types import CipherBlob, Expect, WriteKind, WriteOp
 
 #: What this server offers, announced in the handshake and in ServerInfo.
 CAPABILITIES = (
@@ -297,8 +297,10 @@ class QueryExecutor:
                 if not has(name):
                     return None
                 checked = name
-        put = WriteOp.put
-        d: defer.Deferred[None] = backend.write_batch([put(op.collection, op.key, op.value) for op in writes])
+        put = WriteKind.PUT  # WriteOp.put's work, without a call per write
+        d: defer.Deferred[None] = backend.write_batch(
+            [WriteOp(put, op.collection, op.key, op.value) for op in writes]
+        )
         return d
 
     def delete(self, op: ops.Delete) -> defer.Deferred[bool]:

@@ -456,7 +456,12 @@ class QueryPipeline:
         if d is None:
             return False, [self.run_admitted(ctx, op, finished) for ctx, op in items]
         if d.called and not d.paused and not isinstance(d.result, Failure):
-            return True, [self._succeeded(ctx, op, d.result, finished) for ctx, op in items]
+            result = d.result
+            if finished is None:
+                return True, [self._succeeded(ctx, op, result, None) for ctx, op in items]
+            # _succeeded's collecting case, for all of them at once.
+            finished.extend([(ctx, op, result) for ctx, op in items])
+            return True, [(True, result)] * len(items)
         # Still being written (waiting for its sync), or failed: each request gets a Deferred of
         # its own, fired with the write's outcome.
         each = [defer.Deferred[Any]() for _ in items]

@@ -159,10 +159,12 @@ class MemoryBackend:
 
     def write_batch(self, ops: Iterable[WriteOp]) -> defer.Deferred[None]:
         ops = list(ops)
+        collections = self._collections
         try:
-            targets = [self._collection(op.collection) for op in ops]
-        except StorageError:
-            return defer.fail()
+            # _collection's lookup without a call per write.
+            targets = [collections[op.collection] for op in ops]
+        except KeyError as e:
+            return defer.fail(NotFound(f"collection {e.args[0]!r} does not exist"))
         self._apply(ops, targets)
         return defer.succeed(None)
 
