@@ -89,27 +89,34 @@ class MetricsStage(PipelineStage):
 
     def after_many(self, items: list[Any]) -> None:
         """:meth:`after` for requests answered together (in one reactor turn): one clock read, and
-        the successes of each operation counted in one call."""
+        each run of successes of one operation that arrived together (the requests of one read
+        share their arrival time) counted in one call."""
         now = self.clock.seconds()
-        timed: dict[str, list[float]] = {}
-        untimed: dict[str, int] = {}
+        succeeded = self.metrics.requests_succeeded
+        run_name = ""
+        run_started = 0.0
+        run = 0
         for ctx, op, outcome in items:
             if isinstance(outcome, Failure):
                 self.after(ctx, op, outcome)
                 continue
+            name = op.name
             started = ctx.started
-            if started > 0:
-                durations = timed.get(op.name)
-                if durations is None:
-                    durations = timed[op.name] = []
-                durations.append(now - started if now > started else 0.0)
-            else:
-                untimed[op.name] = untimed.get(op.name, 0) + 1
-        succeeded = self.metrics.requests_succeeded
-        for name, durations in timed.items():
-            succeeded(name, durations, untimed.pop(name, 0))
-        for name, count in untimed.items():
-            succeeded(name, [], count)
+            if started == run_started and name == run_name:
+                run += 1
+                continue
+            if run:
+                succeeded(run_name, _since(now, run_started), run)
+            run_name, run_started, run = name, started, 1
+        if run:
+            succeeded(run_name, _since(now, run_started), run)
+
+
+def _since(now: float, started: float) -> float | None:
+    """Seconds from ``started`` to ``now`` (never negative); None when the arrival is unknown (0)."""
+    if started <= 0:
+        return None
+    return now - started if now > started else 0.0
 
 
 class AccessLogStage(PipelineStage):
@@ -151,11 +158,10 @@ class AccessLogStage(PipelineStage):
             threshold = self.slow_request_ms
             if threshold <= 0:
                 return
-            earliest = 0.0
-            for ctx, _, _ in items:
-                started = ctx.started
-                if started > 0 and (earliest <= 0 or started < earliest):
-                    earliest = started
+            starts = [item[0].started for item in items]
+            earliest = min(starts)
+            if earliest <= 0:  # some arrivals unknown (0): the earliest known one
+                earliest = min((started for started in starts if started > 0), default=0.0)
             if earliest <= 0 or (self.clock.seconds() - earliest) * 1000.0 < threshold - _SLOW_MARGIN_MS:
                 return
         after = self.after
