@@ -76,14 +76,12 @@ class AuthorizationStage(PipelineStage):
         for the next ones of the same principal, kind and collection (nothing any of them does
         can change it: none has run yet)."""
         refusals: list[AmatersError | None] | None = None
-        last: tuple[Any, Any, str] | None = None
+        # The last request let through: its principal, kind and collection (None: none yet).
+        principal: Any = None
+        kind: Any = None
+        collection = ""
         for index, (ctx, op) in enumerate(items):
-            if (
-                last is not None
-                and ctx.principal is last[0]
-                and type(op) is last[1]
-                and op.collection == last[2]
-            ):
+            if ctx.principal is principal and type(op) is kind and op.collection == collection:
                 continue
             try:
                 self.before(ctx, op)
@@ -91,9 +89,9 @@ class AuthorizationStage(PipelineStage):
                 if refusals is None:
                     refusals = [None] * len(items)
                 refusals[index] = e
-                last = None
+                principal = kind = None
                 continue
-            last = (ctx.principal, type(op), op.collection)
+            principal, kind, collection = ctx.principal, type(op), op.collection
         return refusals
 
     def _creation_denied(self, roles: Any, op: Any, collections: Any) -> Access | None:
