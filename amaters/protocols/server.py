@@ -703,6 +703,10 @@ class AmatersServerProtocol(FrameReceiver):
                 factory.pipeline.settle(finished)
             finished.clear()
         self._flush_out()
+
+    def deliverBuffered(self) -> None:
+        super().deliverBuffered()
+        # The bytes delivered leave the budget (dataReceived does the same after its delivery).
         self._recharge()
 
     def frameTooLarge(self, length: int) -> None:

@@ -487,12 +487,16 @@ def test_a_read_in_pieces_cut_short_by_a_lost_connection_is_not_handled() -> Non
 
 
 def test_inflight_limit_stops_reading_until_answers_drain() -> None:
-    """At max_inflight_per_connection the transport is paused and later frames wait; answers resume it."""
+    """At max_inflight_per_connection the transport is paused and later frames wait; answers resume it.
+    The frame that waited counts against the server's receive memory until it is handled."""
     h = ready(limits=LimitsConfig(max_inflight_per_connection=2))
     fill(h, "c", 3)
+    budget = h.factory.budget
+    held_before = budget.total
     h.backend.gated = True
     h.send_many([q_get(10, "c", b"0000"), q_get(11, "c", b"0001"), q_get(12, "c", b"0002")])
     assert h.transport.producerState == "paused"
+    assert budget.total > held_before
     assert len(h.backend.waiting) == 2
     h.backend.release(0)
     # One answer out: the third frame is read and started, which reaches the limit again.
@@ -500,6 +504,7 @@ def test_inflight_limit_stops_reading_until_answers_drain() -> None:
     assert h.transport.producerState == "paused"
     h.backend.release(0)
     assert h.transport.producerState == "producing"
+    assert budget.total == held_before, "the waiting frame was delivered: nothing stays charged"
     h.backend.release(0)
     assert [a.request_id for a in h.received()] == [10, 11, 12]
 
