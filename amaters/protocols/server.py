@@ -23,6 +23,7 @@ A connection's life (``docs/protocol.md`` has the wire details):
 from __future__ import annotations
 
 import collections
+import struct
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
@@ -1181,6 +1182,14 @@ class AmatersServerProtocol(FrameReceiver):
             self._fail_each(batch, "requests")
             return True
         admitted = self._admitted
+        if not decided and not admitted and not self._write_blocked and not self._lost:
+            for _, op in batch:
+                if type(op) is not ops.Set:
+                    break
+            else:
+                # All SETs, all let through, none waiting before them: written together at once.
+                self._answer_sets(batch)
+                return True
         for ctx, op in batch:
             admitted.append((ctx, op, decided.get(ctx)))
         return self._run_admitted()
@@ -1226,6 +1235,10 @@ class AmatersServerProtocol(FrameReceiver):
                 break
             admitted.popleft()
             sets.append((following[0], following[1]))
+        self._answer_sets(sets)
+
+    def _answer_sets(self, sets: list[tuple[RequestContext, Any]]) -> None:
+        """Write the SETs ``sets`` (each let through by every stage) together, and answer them."""
         try:
             together, outcomes = self.factory.pipeline.run_admitted_sets(sets, self._finished)
         except Exception:
@@ -1491,13 +1504,35 @@ def _health_envelope(health: ops.HealthResult) -> envelope_pb2.Envelope:
 _BATCH_MOST = 256
 
 
+#: A framed SET answer to a request id of three varint bytes (0x4000 to 0x1FFFFF: a long-lived
+#: connection's usual case) is its frame header, the id's tag and bytes (packed here), then the
+#: same tail for every id.
+_SET3 = struct.Struct(">IBBBB")
+_SET3_LENGTH = len(set_answer(0x4000))
+_SET3_TAIL = set_answer(0x4000)[4:]
+
+
 def set_answer_frames(request_ids: list[int]) -> bytes:
     """The framed answers of successful SETs, one after another."""
     parts = []
+    append = parts.append
+    pack = _SET3.pack
     for request_id in request_ids:
-        payload = set_answer(request_id)
-        parts.append(frame_header(len(payload)))
-        parts.append(payload)
+        if 0x4000 <= request_id < 0x200000:
+            append(
+                pack(
+                    _SET3_LENGTH,
+                    0x08,
+                    0x80 | (request_id & 0x7F),
+                    0x80 | ((request_id >> 7) & 0x7F),
+                    request_id >> 14,
+                )
+            )
+            append(_SET3_TAIL)
+        else:
+            payload = set_answer(request_id)
+            append(frame_header(len(payload)))
+            append(payload)
     return b"".join(parts)
 
 

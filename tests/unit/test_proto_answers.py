@@ -9,6 +9,8 @@ import pytest
 from amaters.proto.answers import query_answer, query_response, set_answer
 from amaters.proto.convert import fill_result
 from amaters.proto.envelope_pb2 import Envelope
+from amaters.protocols.framing import frame_header
+from amaters.protocols.server import set_answer_frames
 from amaters.types import CipherBlob, Compression
 
 
@@ -63,3 +65,12 @@ def test_query_answer_matches_the_runtime_for_get_results(value: CipherBlob | No
     response = query_response("get", value)
     for request_id in (0, 1, 0x7F, 0x80, 2**14, 2**21, 2**63, 2**64 - 1):
         assert query_answer(request_id, response) == _runtime_get_answer(request_id, value)
+
+
+def test_framed_set_answers_are_each_answer_framed() -> None:
+    """set_answer_frames equals each id's set_answer behind its frame header, at every id length
+    (the three-byte ids are packed apart)."""
+    ids = [0, 1, 127, 128, 0x3FFF, 0x4000, 0x4001, 12345, 99_999, 0x1FFFFF, 0x200000, 2**32 - 1, 2**40]
+    expected = b"".join(frame_header(len(set_answer(i))) + set_answer(i) for i in ids)
+    assert set_answer_frames(ids) == expected
+    assert set_answer_frames([]) == b""
