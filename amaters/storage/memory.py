@@ -170,11 +170,15 @@ class MemoryBackend:
 
     @staticmethod
     def _apply(ops: list[WriteOp], targets: list[SortedDict]) -> None:
+        put = WriteKind.PUT
         for op, target in zip(ops, targets, strict=True):
-            if op.kind is WriteKind.PUT:
-                _store(target, op.key, op.value)
+            key = op.key
+            if op.kind is not put:
+                target.pop(key, None)
+            elif key in target:  # _store, inline: this runs for every write of a batch
+                _dict_set(target, key, op.value)
             else:
-                target.pop(op.key, None)
+                target[key] = op.value
 
     def compare_and_write(
         self, expected: Iterable[Expect], ops: Iterable[WriteOp]
