@@ -385,22 +385,22 @@ class Metrics:
             if error_code == ErrorCode.SERVER_OVERLOADED:
                 self.rate_limited.inc(1)
 
-    def requests_succeeded(self, op: str, duration: float | None, count: int) -> None:
-        """Count ``count`` successful ``op`` requests that each took ``duration`` seconds (None: not
-        timed): ``request_finished`` for each of them, in one call."""
+    def requests_succeeded(self, op: str, durations: list[float], untimed: int = 0) -> None:
+        """Count successful ``op`` requests: one per duration in ``durations`` (seconds, each
+        observed), and ``untimed`` more without one.  ``request_finished`` for each, in one call."""
         tally = self._tallies.get(op)
         if tally is None:
             tally = self._op_children(operation_label(op))
-        tally.ok += count
-        if duration is None or duration < 0:
-            return
+        tally.ok += len(durations) + untimed
         buckets = tally.buckets
         if buckets:
-            buckets[bisect.bisect_left(tally.bounds, duration)] += count
-            tally.sum += duration * count
+            bounds = tally.bounds
+            for duration in durations:
+                buckets[bisect.bisect_left(bounds, duration)] += 1
+            tally.sum += sum(durations)
         else:
             observe = self._observe_fallback[operation_label(op)]
-            for _ in range(count):
+            for duration in durations:
                 observe(duration)
 
     def request_rejected(self, op: str | None, error: AmatersError) -> None:

@@ -89,34 +89,39 @@ class MetricsStage(PipelineStage):
 
     def after_many(self, items: list[Any]) -> None:
         """:meth:`after` for requests answered together (in one reactor turn): one clock read, and
-        each run of successes of one operation that arrived together (the requests of one read
-        share their arrival time) counted in one call."""
+        the successes of each operation counted in one call.  A request that arrived with the one
+        before it (the requests of one read share their arrival) reuses its duration."""
         now = self.clock.seconds()
-        succeeded = self.metrics.requests_succeeded
-        run_name = ""
-        run_started = 0.0
-        run = 0
+        timed: dict[str, list[float]] = {}
+        untimed: dict[str, int] = {}
+        last_started = -1.0
+        last_name = ""
+        durations: list[float] | None = None
+        duration = 0.0
         for ctx, op, outcome in items:
             if isinstance(outcome, Failure):
                 self.after(ctx, op, outcome)
                 continue
-            name = op.name
             started = ctx.started
-            if started == run_started and name == run_name:
-                run += 1
-                continue
-            if run:
-                succeeded(run_name, _since(now, run_started), run)
-            run_name, run_started, run = name, started, 1
-        if run:
-            succeeded(run_name, _since(now, run_started), run)
-
-
-def _since(now: float, started: float) -> float | None:
-    """Seconds from ``started`` to ``now`` (never negative); None when the arrival is unknown (0)."""
-    if started <= 0:
-        return None
-    return now - started if now > started else 0.0
+            name = op.name
+            if started != last_started or name != last_name:
+                last_started, last_name = started, name
+                if started > 0:
+                    durations = timed.get(name)
+                    if durations is None:
+                        durations = timed[name] = []
+                    duration = now - started if now > started else 0.0
+                else:
+                    durations = None
+            if durations is not None:
+                durations.append(duration)
+            else:
+                untimed[name] = untimed.get(name, 0) + 1
+        succeeded = self.metrics.requests_succeeded
+        for name, found in timed.items():
+            succeeded(name, found, untimed.pop(name, 0))
+        for name, count in untimed.items():
+            succeeded(name, [], count)
 
 
 class AccessLogStage(PipelineStage):
