@@ -1514,7 +1514,7 @@ _SET3_TAIL = set_answer(0x4000)[4:]
 
 def set_answer_frames(request_ids: list[int]) -> bytes:
     """The framed answers of successful SETs, one after another."""
-    parts = []
+    parts: list[bytes] = []
     append = parts.append
     pack = _SET3.pack
     for request_id in request_ids:
