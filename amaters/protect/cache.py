@@ -455,6 +455,7 @@ class CachingExecutor:
         if cache.max_bytes <= 0:  # off
             return self._untracked(self.inner.execute, op)
         if kind is ops.Set or kind is ops.Delete:
+            single: Any = op
             if not cache._entries and not cache._reads:
                 # Nothing cached and no read in flight (a write-heavy load): a write that finishes
                 # now has nothing to invalidate.  One that does not is tracked like any other
@@ -462,8 +463,7 @@ class CachingExecutor:
                 d: defer.Deferred[Any] = self.inner.execute(op)
                 if d.called and not d.paused:
                     return d
-                return self._tracked_key_write(op, d)
-            single: Any = op
+                return self._track_key_write(cache_key(single.collection, single.key), d)
             key = single.key
             # cache_key's short case inline: this runs for every write.
             hashed = (
@@ -555,14 +555,11 @@ class CachingExecutor:
             raise
         if d.called and not d.paused:
             cache.invalidate_key(hashed)  # finished: begin and end at once
-        else:
-            cache.begin_key_write(hashed)
-            d.addBoth(self._key_written, hashed)
-        return d
+            return d
+        return self._track_key_write(hashed, d)
 
-    def _tracked_key_write(self, op: Any, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
-        """Mark ``op``'s write, still in progress as ``d``, until it ends (:meth:`_key_write`)."""
-        hashed = cache_key(op.collection, op.key)
+    def _track_key_write(self, hashed: CacheKey, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
+        """Mark the write to ``hashed``, still in progress as ``d``, until it ends."""
         self.cache.begin_key_write(hashed)
         d.addBoth(self._key_written, hashed)
         return d
