@@ -26,6 +26,10 @@ def _check(collection: str, key: bytes, blob: CipherBlob) -> CipherBlob:
 _dict_set = dict.__setitem__
 
 
+def _missing(name: str) -> NotFound:
+    return NotFound(f"collection {name!r} does not exist")
+
+
 def _store(data: SortedDict, key: bytes, value: CipherBlob | None) -> None:
     """``data[key] = value``; a key already there keeps its place in the sorted keys, so only its
     value is replaced (three times cheaper than SortedDict's own assignment)."""
@@ -116,7 +120,7 @@ class MemoryBackend:
         try:
             return self._collections[name]
         except KeyError:
-            raise NotFound(f"collection {name!r} does not exist") from None
+            raise _missing(name) from None
 
     def create_collection(self, name: str) -> defer.Deferred[bool]:
         if name in self._collections:
@@ -164,7 +168,7 @@ class MemoryBackend:
             # _collection's lookup without a call per write.
             targets = [collections[op.collection] for op in ops]
         except KeyError as e:
-            return defer.fail(NotFound(f"collection {e.args[0]!r} does not exist"))
+            return defer.fail(_missing(e.args[0]))
         self._apply(ops, targets)
         return defer.succeed(None)
 
