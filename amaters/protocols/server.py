@@ -589,6 +589,18 @@ class AmatersServerProtocol(FrameReceiver):
         if self._out is None:
             self._out = []
         factory = self.factory
+        if self._state is _READY and not factory.draining and not factory.session_revisions:
+            # A GET, SET or DELETE read from the frame's bytes (the commonest requests; anything
+            # else, or anything the rules refuse, is parsed below as before).
+            read = factory.pipeline.validator.keyed_frame(frame)
+            if read is not None:
+                self._trace_context = None
+                request_id, op = read
+                try:
+                    self._on_operation(request_id, op)
+                except Exception:
+                    self._send_error(request_id, self._as_amaters_error(Failure(), "query"))
+                return
         envelope = Envelope()
         if len(frame) > 2 * factory.limits.max_frame_elements and not self._parse_cost_ok(frame):
             return
@@ -1136,14 +1148,19 @@ class AmatersServerProtocol(FrameReceiver):
         )
 
     def _on_query(self, request_id: int, request: aql_pb2.QueryRequest) -> None:
-        pipeline = self.factory.pipeline
         try:
-            op = pipeline.decode_query(request.query)
+            op = self.factory.pipeline.decode_query(request.query)
         except AmatersError as e:
             if self._batch:
                 self._run_batch()
             self._send_query_error(request_id, e)
             return
+        self._on_operation(request_id, op)
+
+    def _on_operation(self, request_id: int, op: ops.Operation) -> None:
+        """Run a query's validated operation and answer it (now, with the others of the read, or
+        when it finishes)."""
+        pipeline = self.factory.pipeline
         ctx = self._context(request_id)
         if type(op) in _KEYED and self._delivering:
             batch = self._batch
@@ -1160,7 +1177,7 @@ class AmatersServerProtocol(FrameReceiver):
                     batch.append((ctx, op))
                     return
         elif self._batch and not self._run_batch():
-            self._pushed_back = partial(self._on_query, request_id, request)
+            self._pushed_back = partial(self._on_operation, request_id, op)
             return
         if type(op) in _STREAMED:
             # Streamed: StreamBatch frames as chunks are read (a FILTER's as they are evaluated).

@@ -29,6 +29,7 @@ from amaters.errors import (
 )
 from amaters.proto import aql_pb2, query_pb2, types_pb2
 from amaters.proto.convert import blob_from_proto
+from amaters.proto.requests import GET, keyed_request
 from amaters.query import operations as ops
 from amaters.types import CipherBlob, crc32
 
@@ -52,6 +53,8 @@ class Validator:
         #: Why FILTER/UPDATE cannot run (None: they can); absent: no FHE evaluator at all.
         self.fhe_unavailable = fhe_unavailable
         self._valid_names: set[str] = set()
+        #: The same names as bytes (as :func:`keyed_request` reads them), each to its str.
+        self._valid_name_bytes: dict[bytes, str] = {}
 
     def collection(self, name: str) -> str:
         if name in self._valid_names:
@@ -64,7 +67,32 @@ class Validator:
             )
         if len(self._valid_names) < self._MAX_REMEMBERED:
             self._valid_names.add(name)
+            self._valid_name_bytes[name.encode()] = name
         return name
+
+    def keyed_frame(self, frame: bytes) -> tuple[int, ops.Get | ops.Set | ops.Delete] | None:
+        """The request id and the GET, SET or DELETE an Envelope frame asks for, when the frame
+        can be read without the protobuf runtime (:func:`~amaters.proto.requests.keyed_request`)
+        and the request keeps every rule, its collection's name already seen valid.  None
+        otherwise: the frame is then parsed, and :meth:`query` gives the operation or the error,
+        so a request refused is refused with the same error either way."""
+        fields = keyed_request(frame)
+        if fields is None:
+            return None
+        request_id, kind, collection, key, blob = fields
+        name = self._valid_name_bytes.get(collection)
+        limits = self.limits
+        if name is None or not key or len(key) > limits.max_key_bytes:
+            return None
+        if kind == GET:
+            return request_id, ops.Get(name, key)
+        if blob is None:
+            return request_id, ops.Delete(name, key)
+        value = blob_from_proto(blob)
+        data = value.data
+        if len(data) > limits.max_value_bytes or crc32(data) != value.checksum:
+            return None
+        return request_id, ops.Set(name, key, value)
 
     def key(self, message: types_pb2.Key, what: str = "key") -> bytes:
         data = message.data

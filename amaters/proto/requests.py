@@ -1,0 +1,170 @@
+"""The commonest requests read straight from their bytes: a GET, SET or DELETE of one key.
+
+Parsing an ``Envelope`` through the protobuf runtime and walking its nested levels
+(``envelope.query.query.get.key.data``) builds a Python object per level and per field; for a
+request of a few dozen bytes that is most of its decoding cost.  :func:`keyed_request` reads the
+same fields from the frame itself, for frames laid out the way every protobuf serializer writes
+this message (fields in number order, each once, nothing else set): the request id, then the
+query, which ends the frame.  A SET's value, the ``CipherBlob`` that ends the frame, is still
+parsed by the runtime.  Anything else (another request, a trace context, a field out of order or
+repeated, an unknown field, a varint too long) gives None, and the caller parses the frame with
+the runtime as before.  What it does return is what the runtime reads from the same bytes
+(``tests/unit/test_proto_requests.py`` checks it against the runtime on generated messages and on
+arbitrary bytes), with one check left to the caller: the collection name is given as bytes, not
+checked to be UTF-8 (the runtime refuses a frame whose name is not), so a caller takes only names
+it has seen valid.  Nothing here validates the request.
+
+This is the mirror of :mod:`amaters.proto.answers`, which writes the commonest answers directly.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.message import DecodeError
+
+from amaters.proto import types_pb2
+
+__all__ = ["DELETE", "GET", "SET", "KeyedRequest", "keyed_request"]
+
+#: Query's oneof fields (``get = 1``, ``set = 2``, ``delete = 3``) as their tag bytes: the kind
+#: :func:`keyed_request` returns.
+GET = 0x0A
+SET = 0x12
+DELETE = 0x1A
+
+#: ``(request_id, kind, collection as UTF-8 bytes, key, a SET's value or None)``.
+KeyedRequest = tuple[int, int, bytes, bytes, "types_pb2.CipherBlob | None"]
+
+_CipherBlob = types_pb2.CipherBlob
+_U64 = 1 << 64
+_COPY_BELOW = 64 * 1024
+
+
+def _varint(frame: bytes, i: int) -> tuple[int, int]:
+    """The varint at ``i`` and the offset after it; IndexError when the frame ends first,
+    ValueError past ten bytes."""
+    first = frame[i]
+    second = frame[i + 1]
+    if first >= 0x80 and second < 0x80:  # two bytes: a length of 128 B to 16 KiB
+        return (first & 0x7F) | (second << 7), i + 2
+    value = 0
+    shift = 0
+    while True:
+        b = frame[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+        if shift >= 70:
+            raise ValueError("varint too long")
+
+
+def keyed_request(frame: bytes) -> KeyedRequest | None:
+    """A GET, SET or DELETE frame's fields, or None: parse the frame with the protobuf runtime.
+
+    The kind is :data:`GET`, :data:`SET` or :data:`DELETE`; a SET's value is its ``CipherBlob``
+    message.
+    """
+    try:
+        end = len(frame)
+        b = frame[0]
+        i = 1
+        request_id = 0
+        if b == 0x08:  # Envelope.request_id (1), varint
+            b = frame[1]
+            if b < 0x80:
+                request_id = b
+                i = 2
+            else:
+                c = frame[2]
+                if c < 0x80:
+                    request_id = (b & 0x7F) | (c << 7)
+                    i = 3
+                else:
+                    request_id, i = _varint(frame, 1)
+                    if request_id >= _U64:
+                        return None
+            b = frame[i]
+            i += 1
+        if b != 0x1A:  # Envelope.query (3), to the end of the frame
+            return None
+        # The lengths of the levels that end with the frame take two bytes from 128 bytes on (a
+        # SET of a value of 100 B): read here, not by a call.
+        length = frame[i]
+        i += 1
+        if length >= 0x80:
+            c = frame[i]
+            if c < 0x80:
+                length = (length & 0x7F) | (c << 7)
+                i += 1
+            else:
+                length, i = _varint(frame, i - 1)
+        if i + length != end or frame[i] != 0x0A:  # QueryRequest.query (1), all of it
+            return None
+        length = frame[i + 1]
+        i += 2
+        if length >= 0x80:
+            c = frame[i]
+            if c < 0x80:
+                length = (length & 0x7F) | (c << 7)
+                i += 1
+            else:
+                length, i = _varint(frame, i - 1)
+        kind = frame[i]
+        if i + length != end or (kind != GET and kind != SET and kind != DELETE):
+            return None
+        length = frame[i + 1]
+        i += 2
+        if length >= 0x80:
+            c = frame[i]
+            if c < 0x80:
+                length = (length & 0x7F) | (c << 7)
+                i += 1
+            else:
+                length, i = _varint(frame, i - 1)
+        if i + length != end or frame[i] != 0x0A:  # the query: collection (1) first
+            return None
+        length = frame[i + 1]
+        i += 2
+        if length >= 0x80:
+            length, i = _varint(frame, i - 1)
+        collection = frame[i : i + length]
+        i += length
+        if frame[i] != 0x12:  # key (2): Key { data (1) }
+            return None
+        length = frame[i + 1]
+        i += 2
+        if length >= 0x80:
+            length, i = _varint(frame, i - 1)
+        key_end = i + length
+        if not length or key_end > end or frame[i] != 0x0A:
+            return None
+        length = frame[i + 1]
+        i += 2
+        if length >= 0x80:
+            length, i = _varint(frame, i - 1)
+        if i + length != key_end:
+            return None
+        key = frame[i:key_end]
+        if kind != SET:
+            return (request_id, kind, collection, key, None) if key_end == end else None
+        if frame[key_end] != 0x1A:  # SetQuery.value (3): CipherBlob, to the end
+            return None
+        length = frame[key_end + 1]
+        i = key_end + 2
+        if length >= 0x80:
+            c = frame[i]
+            if c < 0x80:
+                length = (length & 0x7F) | (c << 7)
+                i += 1
+            else:
+                length, i = _varint(frame, i - 1)
+        if i + length != end:
+            return None
+        # The CipherBlob itself is parsed by the runtime: its metadata's varints cost more to
+        # read in Python than its parse does.  A large one is parsed in place, not copied first.
+        value = _CipherBlob()
+        value.ParseFromString(frame[i:] if length < _COPY_BELOW else memoryview(frame)[i:])
+        return request_id, SET, collection, key, value
+    except (IndexError, ValueError, DecodeError):
+        return None

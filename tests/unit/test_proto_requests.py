@@ -1,0 +1,285 @@
+"""GET, SET and DELETE frames read from their bytes agree with the protobuf runtime, and the
+validator hands on only what its rules accept.
+
+``keyed_request`` returns None (the frame is then parsed by the runtime) or exactly the fields the
+runtime reads; ``Validator.keyed_frame`` returns None or exactly the operation ``Validator.query``
+makes of the parsed frame, so a request the rules refuse always takes the runtime's path and gets
+its usual error.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from amaters.config import LimitsConfig
+from amaters.errors import AmatersError
+from amaters.proto import envelope_pb2, types_pb2
+from amaters.proto.requests import DELETE, GET, SET, keyed_request
+from amaters.query import operations as ops
+from amaters.query.validation import Validator
+from amaters.types import crc32
+
+Envelope = envelope_pb2.Envelope
+_KINDS = {"get": GET, "set": SET, "delete": DELETE}
+
+
+def _runtime_fields(frame: bytes) -> tuple[int, int, bytes, bytes, bytes | None] | None:
+    """What the runtime reads from ``frame`` in the shape keyed_request gives (the value
+    re-serialized, for comparison), or None when it is not a GET, SET or DELETE query."""
+    envelope = Envelope()
+    envelope.ParseFromString(frame)
+    if envelope.WhichOneof("body") != "query":
+        return None
+    query = envelope.query.query
+    which = query.WhichOneof("query")
+    if which not in _KINDS:
+        return None
+    message = getattr(query, which)
+    value = message.value.SerializeToString() if which == "set" else None
+    return envelope.request_id, _KINDS[which], message.collection.encode(), message.key.data, value
+
+
+def _fields(frame: bytes) -> tuple[int, int, bytes, bytes, bytes | None] | None:
+    read = keyed_request(frame)
+    if read is None:
+        return None
+    request_id, kind, collection, key, value = read
+    return request_id, kind, collection, key, None if value is None else value.SerializeToString()
+
+
+def _envelope(
+    kind: str,
+    request_id: int,
+    collection: str,
+    key: bytes,
+    data: bytes = b"",
+    *,
+    size: int = 0,
+    compression: int = 0,
+    checksum: int | None = None,
+    created_at: int = 0,
+    version: int | None = None,
+) -> Envelope:
+    envelope = Envelope(request_id=request_id)
+    message = getattr(envelope.query.query, kind)
+    message.collection = collection
+    message.key.data = key
+    if kind == "set":
+        value = message.value
+        value.SetInParent()
+        value.data = data
+        metadata = value.metadata
+        metadata.size = size
+        metadata.compression = compression  # type: ignore[assignment]
+        metadata.checksum = crc32(data) if checksum is None else checksum
+        metadata.created_at = created_at
+        if version is not None:
+            metadata.version = version
+    return envelope
+
+
+_IDS = [0, 1, 0x7F, 0x80, 0x3FFF, 0x4000, 2**21 - 1, 2**21, 2**32, 2**63, 2**64 - 1]
+
+
+@pytest.mark.parametrize("kind", ["get", "set", "delete"])
+@pytest.mark.parametrize("request_id", _IDS)
+def test_serialized_requests_are_read_as_the_runtime_reads_them(kind: str, request_id: int) -> None:
+    frame = _envelope(kind, request_id, "people", b"alice", b"v" * 100, size=100).SerializeToString()
+    assert _fields(frame) == _runtime_fields(frame)
+    assert _fields(frame) is not None
+
+
+@pytest.mark.parametrize("length", [1, 100, 127, 128, 200, 4096, 16383, 16384, 70_000])
+def test_values_and_keys_of_every_length_class(length: int) -> None:
+    """Lengths of one, two and three varint bytes, at every level."""
+    frame = _envelope(
+        "set", 99_999, "c", b"k" * min(length, 3000), b"x" * length, size=length
+    ).SerializeToString()
+    assert _fields(frame) == _runtime_fields(frame) != None  # noqa: E711
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"version": 0},
+        {"version": 2**32 - 1},
+        {"created_at": -1},
+        {"created_at": -(2**63)},
+        {"created_at": 2**63 - 1},
+        {"size": 2**64 - 1},
+        {"compression": 1, "checksum": 0},
+        {"compression": 2, "checksum": 2**32 - 1},
+    ],
+)
+def test_set_metadata_edges(metadata: dict[str, int]) -> None:
+    frame = _envelope("set", 5, "c", b"k", b"data", **metadata).SerializeToString()
+    assert _fields(frame) == _runtime_fields(frame) != None  # noqa: E711
+
+
+def test_what_the_shape_leaves_out_is_left_to_the_runtime() -> None:
+    """A trace context, revisions, another request, or a QueryRequest field besides the query:
+    None, never a reading that drops them."""
+    with_trace = _envelope("get", 1, "c", b"k")
+    with_trace.trace_context["traceparent"] = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
+    with_revisions = _envelope("get", 1, "c", b"k")
+    with_revisions.revisions["0"] = 7
+    with_timeout = _envelope("set", 1, "c", b"k", b"v")
+    with_timeout.query.timeout_ms = 5
+    ping = Envelope(request_id=1)
+    ping.ping.payload = b"x"
+    range_query = Envelope(request_id=1)
+    range_query.query.query.range.collection = "c"
+    for envelope in (with_trace, with_revisions, with_timeout, ping, range_query):
+        assert keyed_request(envelope.SerializeToString()) is None
+    # A field repeated (the runtime keeps the last one) or written out of order.
+    frame = _envelope("get", 1, "c", b"k").SerializeToString()
+    assert keyed_request(frame + b"\x08\x02") is None
+    assert keyed_request(b"\x08\x02" + frame) is None
+    assert keyed_request(b"") is None
+
+
+def test_arbitrary_mutations_never_raise_and_never_disagree() -> None:
+    """Truncated, extended and corrupted frames: None, or what the runtime reads."""
+    rng = random.Random(11)
+    frames = [
+        _envelope("set", rng.randrange(2**20), "coll", b"key", b"v" * rng.randrange(300)).SerializeToString()
+        for _ in range(20)
+    ] + [_envelope("get", 300, "coll", b"key").SerializeToString()]
+    for _ in range(20_000):
+        frame = bytearray(rng.choice(frames))
+        what = rng.randrange(3)
+        if what == 0:
+            del frame[rng.randrange(len(frame)) :]
+        elif what == 1:
+            frame[rng.randrange(len(frame))] = rng.randrange(256)
+        else:
+            frame[rng.randrange(len(frame)) : rng.randrange(len(frame) + 1)] = rng.randbytes(rng.randrange(4))
+        _agrees(bytes(frame))
+
+
+def _agrees(frame: bytes) -> None:
+    read = _fields(frame)
+    if read is None:
+        return
+    try:
+        runtime = _runtime_fields(frame)
+    except DecodeError:
+        # The one check left to the caller: a collection name that is not UTF-8 (the runtime
+        # refuses the frame; the validator only takes names it has seen valid).
+        with pytest.raises(UnicodeDecodeError):
+            read[2].decode()
+        return
+    assert read == runtime
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_arbitrary_bytes_never_raise(frame: bytes) -> None:
+    _agrees(frame)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from(["get", "set", "delete"]),
+    request_id=st.integers(0, 2**64 - 1),
+    collection=st.text(max_size=140),
+    key=st.binary(max_size=300),
+    data=st.binary(max_size=600),
+    size=st.integers(0, 2**64 - 1),
+    compression=st.integers(0, 3),
+    checksum=st.integers(0, 2**32 - 1),
+    created_at=st.integers(-(2**63), 2**63 - 1),
+    version=st.none() | st.integers(0, 2**32 - 1),
+)
+def test_generated_requests(
+    kind: str,
+    request_id: int,
+    collection: str,
+    key: bytes,
+    data: bytes,
+    size: int,
+    compression: int,
+    checksum: int,
+    created_at: int,
+    version: int | None,
+) -> None:
+    frame = _envelope(
+        kind,
+        request_id,
+        collection,
+        key,
+        data,
+        size=size,
+        compression=compression,
+        checksum=checksum,
+        created_at=created_at,
+        version=version,
+    ).SerializeToString()
+    read = _fields(frame)
+    assert read is None or read == _runtime_fields(frame)
+    if collection and key and compression <= 2:
+        assert read is not None  # every well-formed GET, SET and DELETE is read
+
+
+# -- the validator --------------------------------------------------------------------------
+
+
+def _validator(**limits: int) -> Validator:
+    validator = Validator(LimitsConfig(**limits))
+    validator.collection("people")  # seen valid once, as the first request naming it is
+    return validator
+
+
+def _runtime_operation(validator: Validator, frame: bytes) -> tuple[int, ops.Operation]:
+    envelope = Envelope()
+    envelope.ParseFromString(frame)
+    return envelope.request_id, validator.query(envelope.query.query)
+
+
+@pytest.mark.parametrize("kind", ["get", "set", "delete"])
+def test_a_valid_request_gives_the_operation_query_gives(kind: str) -> None:
+    validator = _validator()
+    frame = _envelope(kind, 70_000, "people", b"alice", b"v" * 50, size=50, version=3).SerializeToString()
+    assert validator.keyed_frame(frame) == _runtime_operation(validator, frame)
+
+
+@pytest.mark.parametrize(
+    ("envelope", "limits"),
+    [
+        (_envelope("get", 1, "strangers", b"k"), {}),  # a name not yet seen valid
+        (_envelope("get", 1, "bad name!", b"k"), {}),
+        (_envelope("get", 1, "people", b""), {}),
+        (_envelope("delete", 1, "people", b"k" * 11), {"max_key_bytes": 10}),
+        (_envelope("set", 1, "people", b"k", b"v" * 11), {"max_value_bytes": 10}),
+        (_envelope("set", 1, "people", b"k", b"v", checksum=123), {}),
+    ],
+)
+def test_whatever_the_rules_might_refuse_takes_the_runtimes_path(
+    envelope: Envelope, limits: dict[str, int]
+) -> None:
+    validator = _validator(**limits)
+    frame = envelope.SerializeToString()
+    assert validator.keyed_frame(frame) is None
+    if envelope.query.query.get.collection != "strangers":
+        with pytest.raises(AmatersError):
+            _runtime_operation(validator, frame)
+
+
+def test_a_set_missing_its_value_is_refused_by_the_runtime_path() -> None:
+    envelope = Envelope(request_id=1)
+    envelope.query.query.set.collection = "people"
+    envelope.query.query.set.key.data = b"k"
+    assert keyed_request(envelope.SerializeToString()) is None
+
+
+def test_a_value_types_message_round_trips() -> None:
+    """The SET value handed on is the runtime's own CipherBlob message."""
+    frame = _envelope("set", 1, "people", b"k", b"abc", size=3, version=0).SerializeToString()
+    read = keyed_request(frame)
+    assert read is not None and isinstance(read[4], types_pb2.CipherBlob)
+    assert read[4].metadata.HasField("version")
