@@ -44,8 +44,12 @@ def _varint(frame: bytes, i: int) -> tuple[int, int]:
     ValueError past ten bytes."""
     first = frame[i]
     second = frame[i + 1]
-    if first >= 0x80 and second < 0x80:  # two bytes: a length of 128 B to 16 KiB
-        return (first & 0x7F) | (second << 7), i + 2
+    if first >= 0x80:
+        if second < 0x80:  # two bytes: a length of 128 B to 16 KiB
+            return (first & 0x7F) | (second << 7), i + 2
+        third = frame[i + 2]
+        if third < 0x80:  # three: a long-lived connection's request ids, up to two million
+            return (first & 0x7F) | ((second & 0x7F) << 7) | (third << 14), i + 3
     value = 0
     shift = 0
     while True:
