@@ -34,6 +34,8 @@ DELETE = 0x1A
 #: ``(request_id, kind, collection as UTF-8 bytes, key, a SET's value or None)``.
 KeyedRequest = tuple[int, int, bytes, bytes, "types_pb2.CipherBlob | None"]
 
+#: The tags of the levels that end with the frame, after Envelope.query's (checked first).
+_LEVELS = (None, frozenset((0x0A,)), frozenset((GET, SET, DELETE)))
 _CipherBlob = types_pb2.CipherBlob
 _U64 = 1 << 64
 _COPY_BELOW = 64 * 1024
@@ -90,43 +92,30 @@ def keyed_request(frame: bytes) -> KeyedRequest | None:
                         return None
             b = frame[i]
             i += 1
-        if b != 0x1A:  # Envelope.query (3), to the end of the frame
+        if b != 0x1A:  # Envelope.query (3)
             return None
-        # The lengths of the levels that end with the frame take two bytes from 128 bytes on (a
-        # SET of a value of 100 B): read here, not by a call.
-        length = frame[i]
-        i += 1
-        if length >= 0x80:
-            c = frame[i]
-            if c < 0x80:
-                length = (length & 0x7F) | (c << 7)
+        # Envelope.query, its QueryRequest.query (1) and the Query's get, set or delete each run
+        # to the end of the frame: a tag, then a length that takes two bytes from 128 on (a SET
+        # of a 100-byte value), read here rather than by a call.
+        kind = b
+        for tags in _LEVELS:
+            if tags is not None:
+                kind = frame[i]
                 i += 1
-            else:
-                length, i = _varint(frame, i - 1)
-        if i + length != end or frame[i] != 0x0A:  # QueryRequest.query (1), all of it
-            return None
-        length = frame[i + 1]
-        i += 2
-        if length >= 0x80:
-            c = frame[i]
-            if c < 0x80:
-                length = (length & 0x7F) | (c << 7)
-                i += 1
-            else:
-                length, i = _varint(frame, i - 1)
-        kind = frame[i]
-        if i + length != end or (kind != GET and kind != SET and kind != DELETE):
-            return None
-        length = frame[i + 1]
-        i += 2
-        if length >= 0x80:
-            c = frame[i]
-            if c < 0x80:
-                length = (length & 0x7F) | (c << 7)
-                i += 1
-            else:
-                length, i = _varint(frame, i - 1)
-        if i + length != end or frame[i] != 0x0A:  # the query: collection (1) first
+                if kind not in tags:
+                    return None
+            length = frame[i]
+            i += 1
+            if length >= 0x80:
+                c = frame[i]
+                if c < 0x80:
+                    length = (length & 0x7F) | (c << 7)
+                    i += 1
+                else:
+                    length, i = _varint(frame, i - 1)
+            if i + length != end:
+                return None
+        if frame[i] != 0x0A:  # the query: collection (1) first
             return None
         length = frame[i + 1]
         i += 2
@@ -157,12 +146,7 @@ def keyed_request(frame: bytes) -> KeyedRequest | None:
         length = frame[key_end + 1]
         i = key_end + 2
         if length >= 0x80:
-            c = frame[i]
-            if c < 0x80:
-                length = (length & 0x7F) | (c << 7)
-                i += 1
-            else:
-                length, i = _varint(frame, i - 1)
+            length, i = _varint(frame, i - 1)
         if i + length != end:
             return None
         # The CipherBlob itself is parsed by the runtime: its metadata's varints cost more to
