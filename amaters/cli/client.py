@@ -30,6 +30,10 @@ EXIT_MISSING = EXIT_FAIL
 DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_CA = Path("amaters-data") / "tls" / "ca.pem"
 DEFAULT_KEY_FILE = "amaters.key"
+#: The deadline of a command without ``--timeout``, and of one that waits for homomorphic work or
+#: for a key set to be stored (the library's own deadline for such a request).
+COMMAND_TIMEOUT = 10.0
+FHE_COMMAND_TIMEOUT = AmatersClient.FHE_TIMEOUT
 
 
 # -- options ---------------------------------------------------------------------------------
@@ -83,9 +87,12 @@ def client_options(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     group.add_argument(
         "--timeout",
         type=float,
-        default=10.0,
+        default=None,
         metavar="SECONDS",
-        help="connection and request timeout (default: 10)",
+        help=(
+            f"one deadline for the whole command (default: {COMMAND_TIMEOUT:g}; {FHE_COMMAND_TIMEOUT:g} for"
+            " fhe upload, filter and update, which wait for homomorphic work or a key set's storage)"
+        ),
     )
     group.add_argument("--hex", action="store_true", help="keys on the command line are hexadecimal")
     group.add_argument(
@@ -209,7 +216,7 @@ def _show(data: bytes) -> str:
     return text.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
-async def _connect(reactor: Any, args: argparse.Namespace) -> AmatersClient:
+async def _connect(reactor: Any, args: argparse.Namespace, timeout: float) -> AmatersClient:
     from amaters.client import connect
     from amaters.crypto import AESGCMCipher, KeyFileError
 
@@ -233,16 +240,21 @@ async def _connect(reactor: Any, args: argparse.Namespace) -> AmatersClient:
         token=args.token,
         api_key=args.api_key,
         plaintext=args.plaintext,
-        timeout=args.timeout,
+        timeout=timeout,
         cipher=cipher,
     )
 
 
-def _run(args: argparse.Namespace, body: Callable[[AmatersClient], Coroutine[Any, Any, int]]) -> int:
+def _run(
+    args: argparse.Namespace,
+    body: Callable[[AmatersClient], Coroutine[Any, Any, int]],
+    default_timeout: float = COMMAND_TIMEOUT,
+) -> int:
     """Connect, run ``body``, close; turn every failure into one line and an exit status.
 
-    ``--timeout`` is one deadline for the whole command: connecting (TCP, TLS handshake, protocol
-    handshake), the requests and closing.  When it passes, the connection is dropped.
+    ``--timeout`` (else ``default_timeout``) is one deadline for the whole command: connecting
+    (TCP, TLS handshake, protocol handshake), the requests and closing.  When it passes, the
+    connection is dropped.
     """
     from twisted.internet import defer, task
 
@@ -252,14 +264,15 @@ def _run(args: argparse.Namespace, body: Callable[[AmatersClient], Coroutine[Any
 
     async def main(reactor: Any) -> None:
         client: AmatersClient | None = None
-        deadline = reactor.seconds() + args.timeout
+        timeout = args.timeout if args.timeout is not None else default_timeout
+        deadline = reactor.seconds() + timeout
         watchdog = None
         try:
-            client = await _connect(reactor, args)
+            client = await _connect(reactor, args, timeout)
             connected = client
 
             def expire() -> None:
-                connected.abort(RequestTimeout(f"no answer from {args.server} within {args.timeout:g} s"))
+                connected.abort(RequestTimeout(f"no answer from {args.server} within {timeout:g} s"))
 
             watchdog = reactor.callLater(max(0.0, deadline - reactor.seconds()), expire)
             status[0] = await body(client)

@@ -22,7 +22,7 @@ import sys
 from typing import Any
 
 from amaters.cli import client
-from amaters.cli.client import _key_arg, _run, _show
+from amaters.cli.client import FHE_COMMAND_TIMEOUT, _key_arg, _run, _show
 from amaters.cli.common import EXIT_FAIL as EXIT_MISSING
 from amaters.cli.common import EXIT_OK, EXIT_USAGE, CommandError
 from amaters.cli.common import err as _err
@@ -245,7 +245,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
         )
         return EXIT_OK
 
-    return _run(args, body)
+    return _run(args, body, FHE_COMMAND_TIMEOUT)
 
 
 def _loaded(args: argparse.Namespace, path: str | None = None) -> Any:
@@ -315,7 +315,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
             print(f"{_show(key)}\t{show_record(record)}")
         return EXIT_OK
 
-    return _run(args, body)
+    return _run(args, body, FHE_COMMAND_TIMEOUT)
 
 
 def cmd_update(args: argparse.Namespace) -> int:
@@ -337,4 +337,4 @@ def cmd_update(args: argparse.Namespace) -> int:
         print(f"{rewritten} encrypted rows rewritten")
         return EXIT_OK
 
-    return _run(args, body)
+    return _run(args, body, FHE_COMMAND_TIMEOUT)

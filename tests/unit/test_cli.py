@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -133,3 +134,37 @@ def test_keygen_output_is_ignored_by_git(tmp_path: Path) -> None:
             timeout=30,
         )
         assert result.returncode == 0, f"{name} is not ignored"
+
+
+def test_fhe_commands_get_the_fhe_deadline_unless_timeout_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fhe upload, filter and update wait for homomorphic work or a key set's storage (8 s for
+    64 MB here, more on a slower disk): without --timeout their deadline is the client library's
+    FHE deadline, not the 10 s of a key-value command; --timeout still sets it."""
+    from amaters.cli import client as client_cli
+    from amaters.cli import fhe as fhe_cli
+
+    keys = str(tmp_path / "my.fhe")
+    assert (
+        main(["fhe", "keygen", "--schema", "age:8", "--out", keys, "--evaluator", "cleartext-insecure"]) == 0
+    )
+    deadlines: list[float] = []
+
+    def run(args: Any, body: Any, default_timeout: float = client_cli.COMMAND_TIMEOUT) -> int:
+        deadlines.append(args.timeout if args.timeout is not None else default_timeout)
+        return 0
+
+    monkeypatch.setattr(fhe_cli, "_run", run)
+    monkeypatch.setattr(client_cli, "_run", run)
+    fhe = ["--fhe-keys", keys]
+    assert main([*fhe, "fhe", "upload"]) == 0
+    assert main([*fhe, "filter", "people", "age > 3"]) == 0
+    assert main([*fhe, "update", "people", "age > 3", "age+=1"]) == 0
+    assert deadlines == [client_cli.FHE_COMMAND_TIMEOUT] * 3
+    assert client_cli.FHE_COMMAND_TIMEOUT >= 600  # at least the server's fhe.query_timeout default
+    deadlines.clear()
+    assert main([*fhe, "set", "people", "alice", "age=42"]) == 0
+    assert main(["get", "people", "alice"]) == 0
+    assert main(["--timeout", "3", *fhe, "fhe", "upload"]) == 0
+    assert deadlines == [client_cli.COMMAND_TIMEOUT, client_cli.COMMAND_TIMEOUT, 3.0]
