@@ -88,9 +88,9 @@ class Validator:
             return request_id, ops.Get(name, key)
         if blob is None:
             return request_id, ops.Delete(name, key)
-        value = blob_from_proto(blob)
-        data = value.data
-        if len(data) > limits.max_value_bytes or crc32(data) != value.checksum:
+        try:
+            value = self.value(blob)  # the same rules as query's, refused the same way below
+        except AmatersError:
             return None
         return request_id, ops.Set(name, key, value)
 
