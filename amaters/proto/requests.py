@@ -82,14 +82,9 @@ def keyed_request(frame: bytes) -> KeyedRequest | None:
                 request_id = b
                 i = 2
             else:
-                c = frame[2]
-                if c < 0x80:
-                    request_id = (b & 0x7F) | (c << 7)
-                    i = 3
-                else:
-                    request_id, i = _varint(frame, 1)
-                    if request_id >= _U64:
-                        return None
+                request_id, i = _varint(frame, 1)
+                if request_id >= _U64:
+                    return None
             b = frame[i]
             i += 1
         if b != 0x1A:  # Envelope.query (3)
