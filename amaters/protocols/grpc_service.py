@@ -859,19 +859,44 @@ def _open_services(health: Any, reflected: tuple[str, ...], gate: _ReadGate) -> 
 # -- grpc.health.v1 ------------------------------------------------------------------------------
 
 
+class _Watch:
+    """One health Watch stream: the status it still has to be sent, and whether a thread is sending
+    to it (one at a time, so the client sees the changes in order)."""
+
+    __slots__ = ("closed", "pending", "send", "sending")
+
+    def __init__(self, send: Callable[[Any], Any]) -> None:
+        self.send = send
+        self.pending: Any = None
+        self.sending = False
+        self.closed = False
+
+
 class ReadinessHealth(grpc_health.HealthServicer):
     """``grpc.health.v1.Health`` for the whole server (``""``) and ``amaters.aql.AqlService``:
     SERVING while the server is ready, NOT_SERVING while it starts or drains.
 
-    ``Check`` asks ``serving()`` each time; ``refresh()`` (called periodically on the reactor and at
-    the start of a drain) pushes changes to ``Watch`` streams."""
+    ``Check`` and ``Watch`` ask ``serving()`` each time; ``refresh()`` (called periodically on the
+    reactor and at the start of a drain) pushes changes to ``Watch`` streams.
+
+    A send to a Watch stream waits until the client's HTTP/2 flow control lets the message out,
+    which a client that never reads (or announces a zero window) makes forever.  So nothing here
+    sends on the caller's thread: a status change is handed to a daemon thread per stream that has
+    one to send, which sends the latest status and ends (a stream stuck holds its thread until the
+    call ends, at the latest when the server stops; the streams are bounded by
+    ``grpc.max_concurrent_calls``).  Neither the reactor nor a gRPC worker ever waits for a client.
+    """
 
     SERVICES = ("", SERVICE_NAME)
     _gracefully_shutting_down: bool  # grpcio's HealthServicer sets it
+    _UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
     def __init__(self, serving: Callable[[], bool]) -> None:
         super().__init__()
         self.serving = serving
+        self._watches: dict[str, set[_Watch]] = {}
+        self._sending = 0  # streams with a thread sending to them
+        self._all_sent = threading.Condition(self._lock)
         self.refresh()
 
     def refresh(self) -> None:
@@ -881,53 +906,74 @@ class ReadinessHealth(grpc_health.HealthServicer):
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         with self._lock:
-            changed = [name for name in self.SERVICES if self._server_status.get(name) != status]
-        for name in changed:
-            self.set(name, status)
+            for name in self.SERVICES:
+                if self._server_status.get(name) != status:
+                    self.set(name, status)
 
     def Check(self, request: Any, context: Any) -> Any:
         self.refresh()
         return super().Check(request, context)
 
-    # grpcio's HealthServicer sends to Watch streams while holding its lock, and a send waits for
-    # grpcio's polling thread, which takes that same lock when a Watch stream ends: a status change
-    # while a Watch ends froze the reactor (and the shutdown) for good.  These send outside the lock.
-
     def Watch(self, request: Any, context: Any, send_response_callback: Any = None) -> Any:
-        if send_response_callback is None:
+        if send_response_callback is None:  # a server without non-blocking handlers (not ours)
             return super().Watch(request, context)
+        self.refresh()  # the status now, as Check answers it
         service = request.service
-        unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        watch = _Watch(send_response_callback)
         with self._lock:
-            status = self._server_status.get(service, unknown)
-            self._send_response_callbacks.setdefault(service, set()).add(send_response_callback)
-            context.add_callback(self._on_close_callback(send_response_callback, service))
-        while True:  # a change that raced this first answer is sent after it
-            send_response_callback(health_pb2.HealthCheckResponse(status=status))
-            with self._lock:
-                current = self._server_status.get(service, unknown)
-            if current == status:
-                return None
-            status = current
+            self._watches.setdefault(service, set()).add(watch)
+            self._post(watch, self._server_status.get(service, self._UNKNOWN))
+        if not context.add_callback(lambda: self._closed(service, watch)):
+            self._closed(service, watch)  # the call had already ended
+        return None
 
     def set(self, service: str, status: Any) -> None:
         with self._lock:
             if self._gracefully_shutting_down:
                 return
             self._server_status[service] = status
-            watchers = list(self._send_response_callbacks.get(service, ()))
-        for send in watchers:
-            send(health_pb2.HealthCheckResponse(status=status))
+            for watch in self._watches.get(service, ()):
+                self._post(watch, status)
 
-    def enter_graceful_shutdown(self) -> None:
+    def wait_sent(self, timeout: float) -> bool:
+        """Block (not on the reactor) until every Watch stream was sent its latest status, or
+        ``timeout`` seconds passed: whether they all were."""
+        with self._all_sent:
+            return self._all_sent.wait_for(lambda: not self._sending, timeout)
+
+    def _post(self, watch: _Watch, status: Any) -> None:
+        # With the lock held.
+        watch.pending = status
+        if watch.sending or watch.closed:
+            return
+        watch.sending = True
+        self._sending += 1
+        threading.Thread(target=self._deliver, args=(watch,), name="grpc-health-watch", daemon=True).start()
+
+    def _deliver(self, watch: _Watch) -> None:
+        while True:
+            with self._lock:
+                status, watch.pending = watch.pending, None
+                if status is None or watch.closed:
+                    watch.sending = False
+                    self._sending -= 1
+                    self._all_sent.notify_all()
+                    return
+            try:
+                watch.send(health_pb2.HealthCheckResponse(status=status))
+            except Exception:  # the call broke: it ends, and its close callback forgets it
+                with self._lock:
+                    watch.closed = True
+
+    def _closed(self, service: str, watch: _Watch) -> None:
         with self._lock:
-            if self._gracefully_shutting_down:
-                return
-            names = list(self._server_status)
-        for name in names:
-            self.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        with self._lock:
-            self._gracefully_shutting_down = True
+            watch.closed = True
+            watches = self._watches.get(service)
+            if watches is not None:
+                watches.discard(watch)
+                if not watches:
+                    del self._watches[service]
+        watch.send(None)  # ends the call (nothing is sent when the client went away)
 
 
 # -- the service ---------------------------------------------------------------------------------
@@ -1115,10 +1161,15 @@ class GrpcService(service.Service):
             self._log.warn(
                 "Shutdown timeout: cancelling {count} gRPC call(s) still running", count=self._inflight
             )
-        grace = max(0.0, min(1.0, budget - (self.reactor.seconds() - started)))
         self.health.enter_graceful_shutdown()
+        pool = self.reactor.getThreadPool()
+        grace = max(0.0, min(1.0, budget - (self.reactor.seconds() - started)))
+        if grace > 0:
+            # Watch streams are told NOT_SERVING before the GOAWAY (those whose clients read).
+            await threads.deferToThreadPool(self.reactor, pool, self.health.wait_sent, grace)
+            grace = max(0.0, min(1.0, budget - (self.reactor.seconds() - started)))
         stopped = server.stop(grace)  # GOAWAY; calls still open after the grace are cancelled
-        await threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), stopped.wait, grace + 5)
+        await threads.deferToThreadPool(self.reactor, pool, stopped.wait, grace + 5)
         self.server = None
 
     # -- TLS rotation ------------------------------------------------------------------------------

@@ -259,3 +259,24 @@ def flood(
     finally:
         for conn in conns:
             conn.close()
+
+
+def stalled_calls(port: int, path: str, message: bytes, calls: int) -> socket.socket:
+    """A connection that announces a stream window of zero bytes and opens ``calls`` calls of
+    ``path``, each sending the whole gRPC message ``message``: the server cannot send any of them a
+    message until the client grants window, which it never does.  The caller closes the socket."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    out = PREFACE + _frame(SETTINGS, 0, 0, struct.pack(">HI", SETTINGS_INITIAL_WINDOW_SIZE, 0))
+    headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", f"127.0.0.1:{port}"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+    for stream in range(1, 2 * calls, 2):
+        out += _frame(HEADERS, END_HEADERS, stream, _header_block(headers))
+        out += _frame(DATA, END_STREAM, stream, message)
+    sock.sendall(out)
+    return sock

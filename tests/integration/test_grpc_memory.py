@@ -8,13 +8,15 @@ measured by the server's peak resident memory (``VmHWM`` in ``/proc/<pid>/status
   time and refuse large ones: the peak stays within a few messages, not one per call.
 - A logged-in call's large message still works; a unary method given no message, or two, ends
   with INVALID_ARGUMENT.
-- Health Watch streams hold no worker thread while open, and ending them never freezes the server.
+- Health Watch streams hold no worker thread while open, and ending them never freezes the server;
+  neither do Watch streams whose client never lets a message out (a zero HTTP/2 window).
 
 The figures are printed (``pytest -s`` shows them).
 """
 
 from __future__ import annotations
 
+import signal
 import time
 import zlib
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ from pathlib import Path
 import grpc
 import jwt
 import pytest
-from grpc_raw import flood, grpc_message
+from grpc_raw import flood, grpc_message, stalled_calls
 from harness import ServerProcess
 
 from amaters.proto import aql_pb2
@@ -259,4 +261,41 @@ def test_sigterm_after_watch_streams_ended_stops_the_server(tmp_path: Path) -> N
         assert process.stop(timeout=20) == 0
         assert "Traceback" not in process.log()
     finally:
+        process.cleanup()
+
+
+def test_watch_streams_a_client_never_reads_do_not_freeze_the_server(tmp_path: Path) -> None:
+    """Health Watch streams whose client announces a zero HTTP/2 stream window (no message can be
+    sent to them, ever) hold neither the reactor nor a gRPC worker: the ops site and other calls
+    keep answering, a reading Watch is told NOT_SERVING on SIGTERM, and the server stops.  (A send
+    on the reactor froze the whole server at the first status change.)"""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    process = ServerProcess(
+        tmp_path / "stalled", ["tls.enabled=false", "storage.backend=memory", "grpc.max_workers=2"]
+    )
+    process.start().wait_ready()
+    request = grpc_message(health_pb2.HealthCheckRequest().SerializeToString())
+    stalled = [stalled_calls(process.grpc_port, "/grpc.health.v1.Health/Watch", request, 8) for _ in range(2)]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{process.grpc_port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            for _ in range(3):  # more calls than worker threads, each answered
+                answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            assert process.readyz() == 200  # the ops site, on the reactor
+            process.signal(signal.SIGTERM)
+            statuses = []
+            with pytest.raises(grpc.RpcError) as ended:  # the server cancels the call when it stops
+                for item in watch:
+                    statuses.append(item.status)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses
+        assert process.wait_exit(20) == 0
+        assert "Traceback" not in process.log()
+    finally:
+        for sock in stalled:
+            sock.close()
         process.cleanup()

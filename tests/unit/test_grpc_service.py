@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import grpc
@@ -112,3 +113,104 @@ def test_health_follows_readiness() -> None:
     assert check("nope") == grpc.StatusCode.NOT_FOUND
     ready[0] = False
     assert check("amaters.aql.AqlService") == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class _WatchContext:
+    """A Watch call's context: its close callbacks, run by ``end()``."""
+
+    def __init__(self, ended: bool = False) -> None:
+        self.callbacks: list[Any] = []
+        self.ended = ended
+
+    def add_callback(self, callback: Any) -> bool:
+        if self.ended:
+            return False
+        self.callbacks.append(callback)
+        return True
+
+    def end(self) -> None:
+        self.ended = True
+        for callback in self.callbacks:
+            callback()
+
+
+class _Stream:
+    """A Watch stream's send callback whose sends block while ``gate`` is closed (a client that
+    does not let messages out), recording what it was sent (None: the call's end)."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.sent: list[Any] = []
+        self.sending = threading.Event()
+
+    def __call__(self, response: Any) -> None:
+        if response is None:
+            self.sent.append(None)
+            return
+        self.sending.set()
+        assert self.gate.wait(10)
+        self.sent.append(response.status)
+
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _watch(health: ReadinessHealth, stream: _Stream, context: _WatchContext, service: str = "") -> None:
+    assert health.Watch(health_pb2.HealthCheckRequest(service=service), context, stream) is None
+
+
+def test_a_watch_stream_that_never_takes_a_message_blocks_no_caller() -> None:
+    """Status changes return at once while a Watch stream's send is stuck; once it takes messages
+    again it is sent the latest status, after the one it was stuck on, and the others are served
+    meanwhile."""
+    ready = [True]
+    health = ReadinessHealth(lambda: ready[0])
+    stuck, reading = _Stream(), _Stream()
+    stuck.gate.clear()
+    _watch(health, stuck, _WatchContext())  # returns although its first send waits
+    assert stuck.sending.wait(10)
+    _watch(health, reading, _WatchContext())
+    ready[0] = False
+    health.refresh()
+    ready[0] = True
+    health.refresh()
+    ready[0] = False
+    health.refresh()
+    assert not health.wait_sent(0.2)  # the stuck one is still sending
+    assert stuck.sent == []
+    stuck.gate.set()
+    assert health.wait_sent(10)
+    assert stuck.sent == [SERVING, NOT_SERVING]  # the changes in between were superseded
+    assert reading.sent[-1] == NOT_SERVING  # the latest, without waiting for the stuck one
+
+
+def test_a_watch_stream_that_ended_is_forgotten() -> None:
+    """A stream whose call ended is sent nothing more (its end is passed on once), and a call that
+    had ended before its Watch registered is not kept."""
+    ready = [True]
+    health = ReadinessHealth(lambda: ready[0])
+    stream, context = _Stream(), _WatchContext()
+    _watch(health, stream, context, "amaters.aql.AqlService")
+    assert health.wait_sent(10)
+    context.end()
+    ready[0] = False
+    health.refresh()
+    assert health.wait_sent(10)
+    assert stream.sent == [SERVING, None]
+    late = _Stream()
+    _watch(health, late, _WatchContext(ended=True))
+    assert health.wait_sent(10)
+    assert None in late.sent
+    assert health._watches == {}
+
+
+def test_graceful_shutdown_tells_watch_streams_not_serving_and_stays() -> None:
+    ready = [True]
+    health = ReadinessHealth(lambda: ready[0])
+    stream = _Stream()
+    _watch(health, stream, _WatchContext())
+    health.enter_graceful_shutdown()
+    health.set("", SERVING)  # ignored from now on
+    assert health.wait_sent(10)
+    assert stream.sent[-1] == NOT_SERVING
