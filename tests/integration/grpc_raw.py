@@ -51,6 +51,20 @@ def _header_block(headers: Sequence[tuple[str, str]]) -> bytes:
     return bytes(block)
 
 
+def _call_headers(stream: int, path: str, metadata: Sequence[tuple[str, str]], port: int) -> bytes:
+    """The HEADERS frame that opens a call of ``path`` on ``stream``."""
+    headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", f"127.0.0.1:{port}"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        *metadata,
+    ]
+    return _frame(HEADERS, END_HEADERS, stream, _header_block(headers))
+
+
 class _Connection:
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -69,16 +83,7 @@ class _Connection:
     def open_call(self, path: str, metadata: Sequence[tuple[str, str]], length: int, port: int) -> int:
         stream = self.next_id
         self.next_id += 2
-        headers = [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", path),
-            (":authority", f"127.0.0.1:{port}"),
-            ("content-type", "application/grpc"),
-            ("te", "trailers"),
-            *metadata,
-        ]
-        self._queue(_frame(HEADERS, END_HEADERS, stream, _header_block(headers)))
+        self._queue(_call_headers(stream, path, metadata, port))
         self.streams[stream] = [self.initial, length, 0]
         return stream
 
@@ -267,16 +272,7 @@ def stalled_calls(port: int, path: str, message: bytes, calls: int) -> socket.so
     message until the client grants window, which it never does.  The caller closes the socket."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     out = PREFACE + _frame(SETTINGS, 0, 0, struct.pack(">HI", SETTINGS_INITIAL_WINDOW_SIZE, 0))
-    headers = [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":path", path),
-        (":authority", f"127.0.0.1:{port}"),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-    ]
     for stream in range(1, 2 * calls, 2):
-        out += _frame(HEADERS, END_HEADERS, stream, _header_block(headers))
-        out += _frame(DATA, END_STREAM, stream, message)
+        out += _call_headers(stream, path, (), port) + _frame(DATA, END_STREAM, stream, message)
     sock.sendall(out)
     return sock
