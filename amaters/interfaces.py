@@ -48,6 +48,10 @@ class IStorageBackend(Interface):
     Collections are real namespaces: the same key in two collections is two entries.  All methods
     except ``has_collection`` and ``scan`` return Deferreds.  Unknown collections fail with ``NotFound`` (code
     ``STORAGE_NOT_FOUND``) except where noted.  Keys are non-empty bytes compared bytewise.
+
+    A backend whose writes never wait (the memory backend) may also offer ``put_now(collection,
+    key, value) -> bool``: ``put`` done during the call, False (nothing done) when the collection
+    does not exist.  The executor then answers a lone SET without a Deferred.
     """
 
     name = Attribute("Short backend name, e.g. 'memory' or 'rocksdb'.")

@@ -60,6 +60,8 @@ class AuthorizationStage(PipelineStage):
             if collections is None:
                 return None
             kind = type(op)
+            if kind is ops.Set and collections.has_collection(op.collection):
+                return None  # the collection exists: nothing to create (most writes)
             if kind is ops.Set or kind is ops.Batch:
                 missing = self._creation_denied(roles, op, collections)
                 if missing is None:

@@ -424,6 +424,10 @@ class QueryCache:
         return lambda: self.resize(settings.max_bytes, settings.max_entry_bytes)
 
 
+def _never(op: Any) -> bool:
+    return False
+
+
 class CachingExecutor:
     """Wraps a QueryExecutor: answers GETs from the cache and invalidates on every write.
 
@@ -433,6 +437,7 @@ class CachingExecutor:
     def __init__(self, inner: Any, cache: QueryCache) -> None:
         self.inner = inner
         self.cache = cache
+        self._inner_set_now: Callable[[ops.Set], bool] = getattr(inner, "set_now", _never)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -479,6 +484,17 @@ class CachingExecutor:
         # Drops, and any later operation that writes keys it does not name (UPDATE): the whole
         # collection, or everything when the operation names none.
         return self._collection_write(getattr(op, "collection", None), op)
+
+    def set_now(self, op: ops.Set) -> bool:
+        """Write ``op`` at once when the executor can (:meth:`QueryExecutor.set_now
+        <amaters.query.executor.QueryExecutor.set_now>`) and the cache holds nothing it could
+        invalidate and has no read in flight: whether it was written (False: nothing was done,
+        :meth:`execute` runs it).  A write finished at once is never in flight, so a reload that
+        turns the cache on meanwhile has nothing to wait for."""
+        cache = self.cache
+        if cache._entries or cache._reads:
+            return False
+        return self._inner_set_now(op)
 
     def cached(self, op: ops.Get, ctx: RequestContext | None = None) -> Any:
         """What the cache holds for a GET now (a CipherBlob or None, counted as a hit), or

@@ -164,6 +164,8 @@ class QueryExecutor:
         #: The backend applies a ``write_batch`` in-process for about the cost of one put (memory,
         #: rocksdb), so independent SETs arriving together may share one (:meth:`set_many`).
         self._local_batches = bool(getattr(innermost(backend), "local_batches", False))
+        #: The backend's ``put_now(collection, key, value)``: a write done at once, or None.
+        self._put_now: Callable[[str, bytes, CipherBlob], bool] | None = getattr(backend, "put_now", None)
         #: Collections being created for a first SET, with the Deferreds of the SETs waiting.
         self._creating: dict[str, list[defer.Deferred[Any]]] = {}
         self._dispatch: dict[type, Callable[[Any], defer.Deferred[Any]]] = {
@@ -249,6 +251,14 @@ class QueryExecutor:
                 return defer.succeed(None)
             return defer.fail(self._missing(op.collection))
         return backend.get(op.collection, op.key)
+
+    def set_now(self, op: ops.Set) -> bool:
+        """Write ``op`` at once when its backend can (its ``put_now``: the memory backend) and its
+        collection exists: whether it was written (False: nothing was done, :meth:`execute` runs
+        it, creating the collection if need be).  The same outcome as :meth:`set`, without a
+        Deferred."""
+        put_now = self._put_now
+        return put_now is not None and put_now(op.collection, op.key, op.value)
 
     def set(self, op: ops.Set) -> defer.Deferred[None]:
         backend = self.backend

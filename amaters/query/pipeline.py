@@ -165,6 +165,8 @@ class QueryPipeline:
         self.executor = executor
         #: The executor's ``cached(op, ctx)`` (a query cache in front of it), or None.
         self._cached: Callable[[Any, RequestContext], Any] | None = getattr(executor, "cached", None)
+        #: The executor's ``set_now(op)`` (a SET written at once when nothing waits), or None.
+        self._set_now: Callable[[Any], bool] | None = getattr(executor, "set_now", None)
         #: The executor's ``set_many(writes)`` (SETs that arrived together, as one write), or None.
         self._set_many: Callable[[list[Any]], defer.Deferred[Any] | None] | None = getattr(
             executor, "set_many", None
@@ -420,12 +422,18 @@ class QueryPipeline:
         in :meth:`admit_many`)."""
         try:
             result = NOT_YET
-            if type(op) is ops.Get:
+            kind = type(op)
+            if kind is ops.Get:
                 # A cached answer needs no Deferred (the cache counts the hit and may set
                 # ``ctx.response``; a miss goes on).
                 cached = self._cached
                 if cached is not None:
                     result = cached(op, ctx)
+            elif kind is ops.Set:
+                # Nor does a SET written at once (the memory backend, nothing cached to invalidate).
+                set_now = self._set_now
+                if set_now is not None and set_now(op):
+                    result = None
             if result is NOT_YET:
                 d = self.executor.execute(op)
                 if not d.called or d.paused or isinstance(d.result, Failure):

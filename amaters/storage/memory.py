@@ -154,6 +154,15 @@ class MemoryBackend:
             return defer.fail()
         return defer.succeed(None)
 
+    def put_now(self, collection: str, key: bytes, value: CipherBlob) -> bool:
+        """:meth:`put` done at once: whether the value was written (False: the collection does
+        not exist, and nothing was done)."""
+        data = self._collections.get(collection)
+        if data is None:
+            return False
+        _store(data, key, value)
+        return True
+
     def delete(self, collection: str, key: bytes) -> defer.Deferred[bool]:
         try:
             existed = self._collection(collection).pop(key, None) is not None

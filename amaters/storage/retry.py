@@ -142,6 +142,10 @@ class RetryingBackend:
         # Asked for every write and most reads and never retried: the inner method itself, with
         # no call in between.
         self.has_collection = inner.has_collection  # type: ignore[method-assign]
+        # A write done at once in-process (the memory backend's): nothing to retry.
+        put_now = getattr(inner, "put_now", None)
+        if put_now is not None:
+            self.put_now = put_now
 
     @property
     def name(self) -> str:

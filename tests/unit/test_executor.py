@@ -86,6 +86,36 @@ def test_set_creates_the_collection_and_overwrites() -> None:
     assert run(ex.execute(ops.Get("c", b"k"))).data == b"2"
 
 
+def test_a_set_is_written_at_once_only_where_nothing_waits() -> None:
+    """set_now writes a SET into an existing collection of the memory backend (behind the retry
+    layer too) at once; into a missing collection it does nothing, and execute creates it; over a
+    backend that has no put_now it never writes."""
+    import random
+
+    from amaters.storage.retry import RetryingBackend, RetryPolicy
+
+    memory = MemoryBackend()
+    memory.open()
+    ex = QueryExecutor(RetryingBackend(memory, RetryPolicy(), Clock(), random.Random(1)))
+    first = ops.Set("c", b"k", value(b"1"))
+    assert not ex.set_now(first)
+    assert run(ex.execute(ops.ListCollections())) == []
+    run(ex.execute(first))
+    assert ex.set_now(ops.Set("c", b"k", value(b"2")))
+    assert ex.set_now(ops.Set("c", b"new", value(b"3")))
+    assert run(ex.execute(ops.Get("c", b"k"))).data == b"2"
+    assert run(ex.execute(ops.Range("c", b"", None))) == [(b"k", value(b"2")), (b"new", value(b"3"))]
+
+    class Deferring(MemoryBackend):
+        put_now = None  # a backend whose writes may wait (RocksDB, etcd)
+
+    later = QueryExecutor(RetryingBackend(Deferring(), RetryPolicy(), Clock(), random.Random(1)))
+    later.backend.open()
+    run(later.execute(first))
+    assert not later.set_now(ops.Set("c", b"k", value(b"2")))
+    assert run(later.execute(ops.Get("c", b"k"))).data == b"1"
+
+
 def test_without_auto_create_missing_collections_are_not_found() -> None:
     """With auto-create off, every operation on a missing collection fails with STORAGE_NOT_FOUND."""
     ex = executor(auto_create=False)
