@@ -486,15 +486,24 @@ class CachingExecutor:
         return self._collection_write(getattr(op, "collection", None), op)
 
     def set_now(self, op: ops.Set) -> bool:
-        """Write ``op`` at once when the executor can (:meth:`QueryExecutor.set_now
-        <amaters.query.executor.QueryExecutor.set_now>`) and the cache holds nothing it could
-        invalidate and has no read in flight: whether it was written (False: nothing was done,
-        :meth:`execute` runs it).  A write finished at once is never in flight, so a reload that
-        turns the cache on meanwhile has nothing to wait for."""
+        """Write ``op`` at once where the executor can (:meth:`QueryExecutor.set_now
+        <amaters.query.executor.QueryExecutor.set_now>`), its key's entry then invalidated as
+        :meth:`_key_write` does for a write that finished during its call: whether it was written
+        (False: nothing was done, :meth:`execute` runs it)."""
         cache = self.cache
+        try:
+            if not self._inner_set_now(op):
+                return False
+        except BaseException:
+            cache.invalidate_key(cache_key(op.collection, op.key))
+            raise
         if cache._entries or cache._reads:
-            return False
-        return self._inner_set_now(op)
+            key = op.key
+            # cache_key's short case inline, as in execute.
+            cache.invalidate_key(
+                (op.collection, key) if len(key) <= SHORT_KEY_BYTES else cache_key(op.collection, key)
+            )
+        return True
 
     def cached(self, op: ops.Get, ctx: RequestContext | None = None) -> Any:
         """What the cache holds for a GET now (a CipherBlob or None, counted as a hit), or

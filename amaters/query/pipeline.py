@@ -430,7 +430,7 @@ class QueryPipeline:
                 if cached is not None:
                     result = cached(op, ctx)
             elif kind is ops.Set:
-                # Nor does a SET written at once (the memory backend, nothing cached to invalidate).
+                # Nor does a SET written at once (the memory backend; the cache invalidates its key).
                 set_now = self._set_now
                 if set_now is not None and set_now(op):
                     result = None
