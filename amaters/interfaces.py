@@ -51,7 +51,8 @@ class IStorageBackend(Interface):
 
     A backend whose writes never wait (the memory backend) may also offer ``put_now(collection,
     key, value) -> bool``: ``put`` done during the call, False (nothing done) when the collection
-    does not exist.  The executor then answers a lone SET without a Deferred.
+    does not exist.  The executor then answers a lone SET without a Deferred.  (A subclass of
+    the memory backend that changes ``put`` has none, so its SETs go through its ``put``.)
     """
 
     name = Attribute("Short backend name, e.g. 'memory' or 'rocksdb'.")
