@@ -946,9 +946,15 @@ class ReadinessHealth(grpc_health.HealthServicer):
         watch.pending = status
         if watch.sending or watch.closed:
             return
+        thread = threading.Thread(target=self._deliver, args=(watch,), name="grpc-health-watch", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:
+            # No thread to be had (the process is at its limit): the status stays pending, and the
+            # next change tries again.  Nothing waits for it meanwhile.
+            return
         watch.sending = True
         self._sending += 1
-        threading.Thread(target=self._deliver, args=(watch,), name="grpc-health-watch", daemon=True).start()
 
     def _deliver(self, watch: _Watch) -> None:
         while True:

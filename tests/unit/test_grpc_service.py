@@ -214,3 +214,27 @@ def test_graceful_shutdown_tells_watch_streams_not_serving_and_stays() -> None:
     health.set("", SERVING)  # ignored from now on
     assert health.wait_sent(10)
     assert stream.sent[-1] == NOT_SERVING
+
+
+def test_no_thread_to_send_with_leaves_the_status_pending(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When no thread can be started (a process at its limit), a change is not lost and nothing
+    raises or waits: the stream gets the latest status at the next change."""
+    ready = [True]
+    health = ReadinessHealth(lambda: ready[0])
+    stream = _Stream()
+    start = threading.Thread.start
+
+    def refused(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    _watch(health, stream, _WatchContext())
+    ready[0] = False
+    health.refresh()
+    assert health.wait_sent(0)  # nothing is sending
+    assert stream.sent == []
+    monkeypatch.setattr(threading.Thread, "start", start)
+    ready[0] = True
+    health.refresh()
+    assert health.wait_sent(10)
+    assert stream.sent == [SERVING]
