@@ -1308,7 +1308,7 @@ class AmatersServerProtocol(FrameReceiver):
         if op_name == "set" and not self._revision_scopes:
             # The commonest write answer, already serialized (the same bytes as the Envelope's).
             if not self._lost:
-                self._send_payload(set_answer(request_id))
+                self._queue(b"", set_answer_frame(request_id))
             return
         envelope = Envelope(request_id=request_id)
         if op_name == "get" and result is not None:
@@ -1529,11 +1529,28 @@ _SET3_LENGTH = len(set_answer(0x4000))
 _SET3_TAIL = set_answer(0x4000)[4:]
 
 
+#: Framed SET answers to the request ids below 0x4000 seen so far (a connection's first 16,384
+#: requests; at most 16,384 short byte strings, shared by all connections).
+_SET_FRAMES: dict[int, bytes] = {}
+
+
+def set_answer_frame(request_id: int) -> bytes:
+    """The framed answer of a successful SET (too short to be compressed)."""
+    framed = _SET_FRAMES.get(request_id)
+    if framed is None:
+        payload = set_answer(request_id)
+        framed = frame_header(len(payload)) + payload
+        if request_id < 0x4000:
+            _SET_FRAMES[request_id] = framed
+    return framed
+
+
 def set_answer_frames(request_ids: list[int]) -> bytes:
     """The framed answers of successful SETs, one after another."""
     parts: list[bytes] = []
     append = parts.append
     pack = _SET3.pack
+    frames = _SET_FRAMES
     for request_id in request_ids:
         if 0x4000 <= request_id < 0x200000:
             append(
@@ -1547,9 +1564,7 @@ def set_answer_frames(request_ids: list[int]) -> bytes:
             )
             append(_SET3_TAIL)
         else:
-            payload = set_answer(request_id)
-            append(frame_header(len(payload)))
-            append(payload)
+            append(frames.get(request_id) or set_answer_frame(request_id))
     return b"".join(parts)
 
 
