@@ -166,6 +166,8 @@ class QueryExecutor:
         self._local_batches = bool(getattr(innermost(backend), "local_batches", False))
         #: The backend's ``put_now(collection, key, value)``: a write done at once, or None.
         self._put_now: Callable[[str, bytes, CipherBlob], bool] | None = getattr(backend, "put_now", None)
+        #: Whether :meth:`set_now` can ever write (else the pipeline does not ask it).
+        self.writes_now = self._put_now is not None
         #: Collections being created for a first SET, with the Deferreds of the SETs waiting.
         self._creating: dict[str, list[defer.Deferred[Any]]] = {}
         self._dispatch: dict[type, Callable[[Any], defer.Deferred[Any]]] = {

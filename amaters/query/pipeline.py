@@ -165,8 +165,11 @@ class QueryPipeline:
         self.executor = executor
         #: The executor's ``cached(op, ctx)`` (a query cache in front of it), or None.
         self._cached: Callable[[Any, RequestContext], Any] | None = getattr(executor, "cached", None)
-        #: The executor's ``set_now(op)`` (a SET written at once when nothing waits), or None.
-        self._set_now: Callable[[Any], bool] | None = getattr(executor, "set_now", None)
+        #: The executor's ``set_now(op)`` (a SET written at once when nothing waits), or None when
+        #: it never writes (a backend whose writes may wait: RocksDB, etcd).
+        self._set_now: Callable[[Any], bool] | None = (
+            getattr(executor, "set_now", None) if getattr(executor, "writes_now", False) else None
+        )
         #: The executor's ``set_many(writes)`` (SETs that arrived together, as one write), or None.
         self._set_many: Callable[[list[Any]], defer.Deferred[Any] | None] | None = getattr(
             executor, "set_many", None

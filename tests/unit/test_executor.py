@@ -98,6 +98,7 @@ def test_a_set_is_written_at_once_only_where_nothing_waits() -> None:
     memory.open()
     ex = QueryExecutor(RetryingBackend(memory, RetryPolicy(), Clock(), random.Random(1)))
     first = ops.Set("c", b"k", value(b"1"))
+    assert ex.writes_now
     assert not ex.set_now(first)
     assert run(ex.execute(ops.ListCollections())) == []
     run(ex.execute(first))
@@ -115,6 +116,7 @@ def test_a_set_is_written_at_once_only_where_nothing_waits() -> None:
     later = QueryExecutor(RetryingBackend(Deferring(), RetryPolicy(), Clock(), random.Random(1)))
     later.backend.open()
     run(later.execute(first))
+    assert not later.writes_now  # the pipeline does not ask it
     assert not later.set_now(ops.Set("c", b"k", value(b"2")))
     assert run(later.execute(ops.Get("c", b"k"))).data == b"1"
 
