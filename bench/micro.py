@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -218,6 +219,33 @@ async def _measure_sequential(
     return best
 
 
+async def _reference_sequential(
+    reactor: Any, work: Path, frames: list[bytes], args: argparse.Namespace
+) -> float:
+    """The reference server on RocksDB (``--sync always``: its bare group commit, a thread of
+    its own running ``flush_wal(True)``) under the same sequential writes, per-thread CPU printed."""
+    from twisted.internet.address import IPv4Address
+
+    from bench.reference_server import RocksDBReferenceFactory
+
+    address = IPv4Address("TCP", "127.0.0.1", 40001)
+    factory = RocksDBReferenceFactory(work / "reference-db", args.sync == "always", reactor)
+    try:
+        reference = factory.buildProtocol(address)
+        transport = _SignallingTransport.build(address)
+        reference.makeConnection(transport)
+        fill = _frames("set", args.keyspace, args.value_size, args.keyspace, 10)
+        await _measure_sequential(reactor, reference, transport, fill, 1)
+        threads_before = _thread_times()
+        measured = await _measure_sequential(reactor, reference, transport, frames, args.rounds)
+        print("reference server on RocksDB, the same requests:")
+        _print_thread_times(threads_before, _thread_times(), len(frames) * args.rounds)
+        reference.connectionLost(None)
+    finally:
+        factory.db.close()
+    return measured * 1e6
+
+
 def _count_opcodes(protocol: Any, frames: list[bytes], pipeline: int, record: int = 0) -> tuple[int, int]:
     """Python function calls and bytecode instructions the server runs for ``frames``, ``pipeline``
     per read, counted with :func:`sys.settrace` (the protocol's own calls and all they make).
@@ -375,7 +403,9 @@ async def _run(reactor: Any, args: argparse.Namespace) -> dict[str, float]:
             pstats.Stats(profiler).strip_dirs().sort_stats(args.profile).print_stats(args.top)
         protocol.connectionLost(None)
         if args.sequential:
-            return results  # the reference has no storage to compare a sequential write with
+            if args.backend == "rocksdb" and args.sync in ("always", "none"):
+                results["reference_us"] = await _reference_sequential(reactor, work, frames, args)
+            return results
 
         reference = ReferenceFactory().buildProtocol(address)
         ref_transport = StringTransport(peerAddress=address)
@@ -389,6 +419,7 @@ async def _run(reactor: Any, args: argparse.Namespace) -> dict[str, float]:
         )
     finally:
         await root.stopService()
+        shutil.rmtree(work, ignore_errors=True)
     return results
 
 
@@ -433,7 +464,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--sequential",
         action="store_true",
-        help="one request at a time, each after the previous answer (whole-process CPU: pool threads count)",
+        help="one request at a time, each after the previous answer (whole-process CPU: pool threads"
+        " count; each thread's CPU is printed); with --backend rocksdb, the reference server on RocksDB"
+        " too",
     )
     args = parser.parse_args(argv)
     from twisted.internet import defer, task
@@ -449,11 +482,13 @@ def main(argv: list[str]) -> int:
         if e.code:
             raise
     amaters_us = found["amaters_us"]
-    if "reference_us" not in found:
+    if args.sequential:
+        reference = found.get("reference_us")
         print(
             f"{args.op} sequential V={args.value_size} backend={args.backend} sync={args.sync}"
             f" auth={'on' if args.auth else 'off'} metrics={'on' if args.metrics else 'off'}:"
             f" amaters {amaters_us:.1f} µs CPU/request (whole process)"
+            + ("" if reference is None else f", reference {reference:.1f}")
         )
         return 0
     reference_us = found["reference_us"]
