@@ -162,6 +162,73 @@ def test_arbitrary_mutations_never_raise_and_never_disagree() -> None:
         _agrees(bytes(frame))
 
 
+@pytest.fixture
+def full_readings(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The frames' lengths each time a frame is read in full (and leaves its layout)."""
+    from amaters.proto import requests
+
+    monkeypatch.setattr(requests, "_layouts", {})
+    seen: list[int] = []
+    remember = requests._remember
+
+    def counting(frame: bytes, *args: object) -> None:
+        seen.append(len(frame))
+        remember(frame, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(requests, "_remember", counting)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["get", "set", "delete"])
+def test_frames_of_one_layout_are_read_from_it(kind: str, full_readings: list[int]) -> None:
+    """After the first frame of a run, frames differing only in request id, key and value bytes
+    are read from the remembered layout, and read exactly as the runtime reads them."""
+    rng = random.Random(5)
+    frames = [
+        _envelope(
+            kind, rng.choice(_IDS), "people", rng.randbytes(8), rng.randbytes(100), size=100
+        ).SerializeToString()
+        for _ in range(50)
+    ]
+    for frame in frames:
+        assert _fields(frame) == _runtime_fields(frame) != None  # noqa: E711
+    # One full reading per length of the query (the values' checksums take 1 to 5 bytes).
+    queries = {len(Envelope.FromString(frame).query.SerializeToString()) for frame in frames}
+    assert len(full_readings) == len(queries) < len(frames)
+
+
+def test_a_frame_of_a_remembered_length_but_another_shape_is_read_in_full(
+    full_readings: list[int],
+) -> None:
+    """Same length from the query on, different collection, kind or key length: each is read
+    in full and read right, never taken for the remembered one."""
+    crc = 0x1234  # the same length of checksum everywhere
+    first = _envelope("set", 7, "people", b"alice", b"v" * 100, size=100, checksum=crc)
+    others = [
+        _envelope("set", 7, "pupils", b"alice", b"v" * 100, size=100, checksum=crc),  # another name
+        _envelope("set", 7, "people", b"alic", b"v" * 101, size=100, checksum=crc),  # key shorter
+        _envelope("get", 7, "people", b"a" * 116),
+        _envelope("delete", 7, "people", b"a" * 116),
+    ]
+    frames = [first.SerializeToString()] + [e.SerializeToString() for e in others]
+    for frame in frames:
+        assert len(frame) == len(frames[0])
+        assert _fields(frame) == _runtime_fields(frame) != None  # noqa: E711
+    assert len(full_readings) == len(frames)
+    # One layout per length: the last one read is remembered, and the next frame like it uses it.
+    assert _fields(frames[-1]) == _runtime_fields(frames[-1])
+    assert len(full_readings) == len(frames)
+
+
+def test_layouts_are_bounded(full_readings: list[int]) -> None:
+    from amaters.proto import requests
+
+    for length in range(1, 300):
+        frame = _envelope("get", 1, "people", b"k" * length).SerializeToString()
+        assert _fields(frame) == _runtime_fields(frame)
+        assert len(requests._layouts) <= requests._MAX_LAYOUTS
+
+
 def _agrees(frame: bytes) -> None:
     read = _fields(frame)
     if read is None:
