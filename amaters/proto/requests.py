@@ -56,6 +56,10 @@ Layout = tuple[bytes, bytes, int, int, int, bytes]
 _layouts: dict[int, Layout] = {}
 #: A run of requests has one or two shapes; past this many, forget them and start again.
 _MAX_LAYOUTS = 64
+#: Collection names longer than this are not remembered (valid names have at most 128
+#: characters): a layout holds its name, and this runs before any rule is checked, so a name of a
+#: megabyte would otherwise be kept.
+_MAX_REMEMBERED_NAME = 128
 
 
 def _varint(frame: bytes, i: int) -> tuple[int, int]:
@@ -195,6 +199,8 @@ def _remember(
     frame: bytes, start: int, end: int, collection: bytes, kind: int, key_at: int, key_end: int, value_at: int
 ) -> None:
     """Remember the layout of a frame just read in full (see the module's docstring)."""
+    if len(collection) > _MAX_REMEMBERED_NAME:
+        return
     if len(_layouts) >= _MAX_LAYOUTS:
         _layouts.clear()
     _layouts[end - start] = (

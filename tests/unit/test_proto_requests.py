@@ -229,6 +229,18 @@ def test_layouts_are_bounded(full_readings: list[int]) -> None:
         assert len(requests._layouts) <= requests._MAX_LAYOUTS
 
 
+def test_a_long_collection_name_is_not_kept(full_readings: list[int]) -> None:
+    """The layout is remembered before any rule is checked: a name longer than a valid one (a
+    megabyte, say) is read but not kept, and 64 of them cannot pin 64 frames' worth of memory."""
+    from amaters.proto import requests
+
+    for length in (128, 129, 1 << 20):
+        frame = _envelope("set", 1, "n" * length, b"k", b"v" * 10, size=10).SerializeToString()
+        assert _fields(frame) == _runtime_fields(frame) != None  # noqa: E711
+    held = sum(len(layout[0]) + len(layout[1]) for layout in requests._layouts.values())
+    assert len(requests._layouts) == 1 and held < 300
+
+
 def _agrees(frame: bytes) -> None:
     read = _fields(frame)
     if read is None:
