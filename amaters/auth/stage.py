@@ -17,7 +17,7 @@ Audit events name the operation and the resource, never a key or a value.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet import defer
@@ -60,15 +60,23 @@ class AuthorizationStage(PipelineStage):
             if collections is None:
                 return None
             kind = type(op)
-            if kind is ops.Set and collections.has_collection(op.collection):
-                return None  # the collection exists: nothing to create (most writes)
-            if kind is ops.Set or kind is ops.Batch:
-                missing = self._creation_denied(roles, op, collections)
-                if missing is None:
-                    return None
+            if kind is ops.Set:
+                if collections.has_collection(op.collection):
+                    return None  # the collection exists: nothing to create (most writes)
+                missing = self._creation_denied(roles, (op.collection,))
+            elif kind is ops.Batch:
+                missing = self._creation_denied(
+                    roles,
+                    sorted(
+                        {item.collection for item in op.ops if type(item) is ops.Set}
+                        - {name for name in op.collections if collections.has_collection(name)}
+                    ),
+                )
             elif kind is ops.ListCollections:
                 return defer.Deferred.fromCoroutine(self._list_readable(ctx, roles, collections))
             else:
+                return None
+            if missing is None:
                 return None
         self._deny(ctx, missing)
         return None  # not reached: _deny raises
@@ -96,15 +104,8 @@ class AuthorizationStage(PipelineStage):
             principal, kind, collection = ctx.principal, type(op), op.collection
         return refusals
 
-    def _creation_denied(self, roles: Any, op: Any, collections: Any) -> Access | None:
-        """What a write that would create collections lacks (None: nothing, or nothing to create)."""
-        if type(op) is ops.Set:
-            names: Any = () if collections.has_collection(op.collection) else (op.collection,)
-        else:
-            names = sorted(
-                {item.collection for item in op.ops if type(item) is ops.Set}
-                - {name for name in op.collections if collections.has_collection(name)}
-            )
+    def _creation_denied(self, roles: Any, names: Iterable[str]) -> Access | None:
+        """What a write that would create the collections ``names`` lacks (None: nothing)."""
         for name in names:
             resource = collection_resource(name)
             if not self.policy.allowed(roles, resource, Permission.CREATE):
