@@ -220,7 +220,7 @@ async def _measure_sequential(
 
 
 async def _reference_sequential(
-    reactor: Any, work: Path, frames: list[bytes], args: argparse.Namespace
+    reactor: Any, work: Path, fill: list[bytes], frames: list[bytes], args: argparse.Namespace
 ) -> float:
     """The reference server on RocksDB (``--sync always``: its bare group commit, a thread of
     its own running ``flush_wal(True)``) under the same sequential writes, per-thread CPU printed."""
@@ -234,7 +234,6 @@ async def _reference_sequential(
         reference = factory.buildProtocol(address)
         transport = _SignallingTransport.build(address)
         reference.makeConnection(transport)
-        fill = _frames("set", args.keyspace, args.value_size, args.keyspace, 10)
         await _measure_sequential(reactor, reference, transport, fill, 1)
         threads_before = _thread_times()
         measured = await _measure_sequential(reactor, reference, transport, frames, args.rounds)
@@ -404,7 +403,7 @@ async def _run(reactor: Any, args: argparse.Namespace) -> dict[str, float]:
         protocol.connectionLost(None)
         if args.sequential:
             if args.backend == "rocksdb" and args.sync in ("always", "none"):
-                results["reference_us"] = await _reference_sequential(reactor, work, frames, args)
+                results["reference_us"] = await _reference_sequential(reactor, work, fill, frames, args)
             return results
 
         reference = ReferenceFactory().buildProtocol(address)
