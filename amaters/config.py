@@ -315,6 +315,14 @@ class GrpcConfig:
         "Connections the gRPC port accepts at once (each is a file handle); more are refused.",
         minimum=1,
     )
+    max_health_watches: int = setting(
+        1000,
+        "grpc.health.v1 Watch streams open at once, over all connections (at most 4 per TCP"
+        " connection); more get RESOURCE_EXHAUSTED. A Watch needs no login and holds 20-30 KiB until"
+        " it ends.",
+        minimum=1,
+        reloadable=True,
+    )
 
 
 @attrs.frozen

@@ -64,6 +64,10 @@ STREAM_WINDOW_BYTES = 64 * 1024
 #: Calls one HTTP/2 connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
 MAX_STREAMS_PER_CONNECTION = 100
 
+#: Health Watch streams one connection may have open at once (a client watches one or two service
+#: names per connection; ``grpc.max_health_watches`` bounds them over all connections).
+WATCHES_PER_CONNECTION = 4
+
 Authenticator = Callable[[Any, Any, str], "defer.Deferred[IPrincipal]"]
 
 
@@ -863,10 +867,11 @@ class _Watch:
     """One health Watch stream: the status it still has to be sent, and whether a thread is sending
     to it (one at a time, so the client sees the changes in order)."""
 
-    __slots__ = ("closed", "pending", "send", "sending")
+    __slots__ = ("closed", "peer", "pending", "send", "sending")
 
-    def __init__(self, send: Callable[[Any], Any]) -> None:
+    def __init__(self, send: Callable[[Any], Any], peer: str) -> None:
         self.send = send
+        self.peer = peer
         self.pending: Any = None
         self.sending = False
         self.closed = False
@@ -883,18 +888,28 @@ class ReadinessHealth(grpc_health.HealthServicer):
     which a client that never reads (or announces a zero window) makes forever.  So nothing here
     sends on the caller's thread: a status change is handed to a daemon thread per stream that has
     one to send, which sends the latest status and ends (a stream stuck holds its thread until the
-    call ends, at the latest when the server stops; the streams are bounded by
-    ``grpc.max_concurrent_calls``).  Neither the reactor nor a gRPC worker ever waits for a client.
+    call ends, at the latest when the server stops).  Neither the reactor nor a gRPC worker ever
+    waits for a client.
+
+    Watch needs no login, and an open stream costs the server memory (20-30 KiB) and, at each
+    change, a thread; grpcio counts it against ``maximum_concurrent_rpcs`` only while its handler
+    runs, not while it stays open.  So at most ``max_watches`` are open at once, and at most
+    :data:`WATCHES_PER_CONNECTION` per TCP connection; a Watch over either gets RESOURCE_EXHAUSTED.
+    (grpcio names every Unix-socket peer ``unix:``, so there only the total applies.)
     """
 
     SERVICES = ("", SERVICE_NAME)
     _gracefully_shutting_down: bool  # grpcio's HealthServicer sets it
     _UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
-    def __init__(self, serving: Callable[[], bool]) -> None:
+    def __init__(self, serving: Callable[[], bool], max_watches: int = 1000) -> None:
         super().__init__()
         self.serving = serving
+        self.max_watches = max_watches
+        self.refused = 0  # Watch streams refused for a cap, since the start
         self._watches: dict[str, set[_Watch]] = {}
+        self._open = 0  # Watch streams open, over every service name
+        self._per_peer: dict[str, int] = {}
         self._sending = 0  # streams with a thread sending to them
         self._all_sent = threading.Condition(self._lock)
         self.refresh()
@@ -919,13 +934,43 @@ class ReadinessHealth(grpc_health.HealthServicer):
             return super().Watch(request, context)
         self.refresh()  # the status now, as Check answers it
         service = request.service
-        watch = _Watch(send_response_callback)
+        peer = context.peer()  # ipv4:ADDRESS:PORT, one per TCP connection
+        if peer.startswith("unix:"):
+            peer = ""  # the same for every connection: not counted per connection
+        watch = _Watch(send_response_callback, peer)
         with self._lock:
-            self._watches.setdefault(service, set()).add(watch)
-            self._post(watch, self._server_status.get(service, self._UNKNOWN))
+            refusal = self._refusal(peer)
+            if refusal is None:
+                self._open += 1
+                self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+                self._watches.setdefault(service, set()).add(watch)
+                self._post(watch, self._server_status.get(service, self._UNKNOWN))
+            else:
+                self.refused += 1
+        if refusal is not None:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
         if not context.add_callback(lambda: self._closed(service, watch)):
             self._closed(service, watch)  # the call had already ended
         return None
+
+    def _refusal(self, peer: str) -> str | None:
+        # With the lock held: why one more Watch from ``peer`` may not open, or None.
+        if self._open >= self.max_watches:
+            return (
+                f"{self._open} health Watch streams are open, the most grpc.max_health_watches"
+                " allows; use Check, or retry later"
+            )
+        if peer and self._per_peer.get(peer, 0) >= WATCHES_PER_CONNECTION:
+            return (
+                f"this connection has {WATCHES_PER_CONNECTION} health Watch streams open, the most"
+                " one connection may have"
+            )
+        return None
+
+    @property
+    def open_watches(self) -> int:
+        """Health Watch streams open now."""
+        return self._open
 
     def set(self, service: str, status: Any) -> None:
         with self._lock:
@@ -975,10 +1020,16 @@ class ReadinessHealth(grpc_health.HealthServicer):
         with self._lock:
             watch.closed = True
             watches = self._watches.get(service)
-            if watches is not None:
-                watches.discard(watch)
+            if watches is not None and watch in watches:
+                watches.remove(watch)
                 if not watches:
                     del self._watches[service]
+                self._open -= 1
+                left = self._per_peer[watch.peer] - 1
+                if left:
+                    self._per_peer[watch.peer] = left
+                else:
+                    del self._per_peer[watch.peer]
         watch.send(None)  # ends the call (nothing is sent when the client went away)
 
 
@@ -1017,7 +1068,7 @@ class GrpcService(service.Service):
         self._seen_ready = False
         self.server: grpc.Server | None = None
         self.port: int | None = None
-        self.health = ReadinessHealth(self._serving)
+        self.health = ReadinessHealth(self._serving, config.grpc.max_health_watches)
         self._tls: GrpcTLSMaterial | None = None
         self._tls_lock = threading.Lock()
         self._tls_pending: Any = None
@@ -1055,8 +1106,9 @@ class GrpcService(service.Service):
     # -- metrics ---------------------------------------------------------------------------------
 
     def observe(self, registry: Any) -> None:
-        """Register ``amaters_grpc_calls_total{method,code}`` and ``amaters_grpc_calls_in_flight``
-        on a prometheus registry (requests are also counted by the pipeline's metrics stage)."""
+        """Register ``amaters_grpc_calls_total{method,code}``, ``amaters_grpc_calls_in_flight``,
+        ``amaters_grpc_health_watches`` and ``amaters_grpc_health_watches_refused_total`` on a
+        prometheus registry (requests are also counted by the pipeline's metrics stage)."""
         from prometheus_client import Counter, Gauge
 
         self._calls = Counter(
@@ -1068,6 +1120,7 @@ class GrpcService(service.Service):
         self._inflight_gauge = Gauge(
             "amaters_grpc_calls_in_flight", "gRPC AqlService calls running now.", registry=registry
         )
+        registry.register(_HealthWatchCollector(self.health))
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -1188,14 +1241,23 @@ class GrpcService(service.Service):
 
     def prepare_reload(self, old: Config, new: Config) -> Callable[[], None] | None:
         """Reload hook: load and check the new TLS material now, swap it in on commit (new
-        connections use it; open ones keep theirs)."""
+        connections use it; open ones keep theirs); a new ``grpc.max_health_watches`` applies to
+        the Watch streams opened from then on."""
+        watches = new.grpc.max_health_watches
         if self.server is None or not new.tls.enabled or not old.tls.enabled:
-            return None
+            if watches == old.grpc.max_health_watches:
+                return None
+
+            def set_watches() -> None:
+                self.health.max_watches = watches
+
+            return set_watches
         material = self.tls_provider(new)
         if material.require_client_auth != (self._tls is not None and self._tls.require_client_auth):
             self._log.warn("tls.client_auth changes apply to gRPC after a restart")
 
         def commit() -> None:
+            self.health.max_watches = watches
             with self._tls_lock:
                 self._tls = material
                 self._tls_pending = _certificate_configuration(material)
@@ -1218,6 +1280,28 @@ class GrpcService(service.Service):
             self._inflight_gauge.dec()
         if self._calls is not None:
             self._calls.labels(method=method, code=code.name).inc()
+
+
+class _HealthWatchCollector:
+    """The health Watch streams open now, and those refused for ``grpc.max_health_watches`` or the
+    per-connection cap since the start."""
+
+    def __init__(self, health: ReadinessHealth) -> None:
+        self.health = health
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        yield GaugeMetricFamily(
+            "amaters_grpc_health_watches",
+            "grpc.health.v1 Watch streams open now.",
+            value=self.health.open_watches,
+        )
+        yield CounterMetricFamily(
+            "amaters_grpc_health_watches_refused",
+            "grpc.health.v1 Watch streams refused (grpc.max_health_watches, or 4 per connection).",
+            value=self.health.refused,
+        )
 
 
 def _bind_problem(address: str) -> str:

@@ -21,12 +21,13 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import jwt
 import pytest
 from grpc_raw import flood, grpc_message, stalled_calls
-from harness import ServerProcess
+from harness import ServerProcess, http_get
 
 from amaters.proto import aql_pb2
 from amaters.protocols.grpc_service import OPEN_READ_SLOTS, STREAM_WINDOW_BYTES
@@ -217,14 +218,18 @@ def test_a_message_that_does_not_parse_is_invalid_argument(server: ServerProcess
 
 
 def test_health_watch_streams_hold_no_worker_thread(server: ServerProcess) -> None:
-    """More open health Watch streams than gRPC worker threads (grpc.max_workers, 16) each get
-    SERVING, and calls keep being served while they stay open."""
+    """More open health Watch streams than gRPC worker threads (grpc.max_workers, 16; 4 on each of
+    5 connections) each get SERVING, and calls keep being served while they stay open."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    others = [_connection(server) for _ in range(4)]
     with _channel(server) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         stub.Check(health_pb2.HealthCheckRequest(), timeout=10)  # refreshes the status Watch reports
-        watches = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(20)]
+        stubs = [stub, *(health_pb2_grpc.HealthStub(other) for other in others)]
+        watches = [
+            each.Watch(health_pb2.HealthCheckRequest(), timeout=30) for each in stubs for _ in range(4)
+        ]
         try:
             for watch in watches:
                 assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
@@ -242,6 +247,16 @@ def test_health_watch_streams_hold_no_worker_thread(server: ServerProcess) -> No
         finally:
             for watch in watches:
                 watch.cancel()
+            for other in others:
+                other.close()
+
+
+def _connection(process: ServerProcess) -> grpc.Channel:
+    """A channel with a connection of its own (grpcio shares one between channels to one address
+    by default)."""
+    return grpc.insecure_channel(
+        f"127.0.0.1:{process.grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)]
+    )
 
 
 def test_sigterm_after_watch_streams_ended_stops_the_server(tmp_path: Path) -> None:
@@ -252,12 +267,19 @@ def test_sigterm_after_watch_streams_ended_stops_the_server(tmp_path: Path) -> N
     process = ServerProcess(tmp_path / "watch", ["tls.enabled=false", "storage.backend=memory"])
     process.start().wait_ready()
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{process.grpc_port}") as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            watches = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(20)]
+        channels = [_connection(process) for _ in range(5)]
+        try:
+            watches = [
+                health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+                for channel in channels
+                for _ in range(4)
+            ]
             next(watches[0])
             for watch in watches:
                 watch.cancel()
+        finally:
+            for channel in channels:
+                channel.close()
         assert process.stop(timeout=20) == 0
         assert "Traceback" not in process.log()
     finally:
@@ -276,7 +298,7 @@ def test_watch_streams_a_client_never_reads_do_not_freeze_the_server(tmp_path: P
     )
     process.start().wait_ready()
     request = grpc_message(health_pb2.HealthCheckRequest().SerializeToString())
-    stalled = [stalled_calls(process.grpc_port, "/grpc.health.v1.Health/Watch", request, 8) for _ in range(2)]
+    stalled = [stalled_calls(process.grpc_port, "/grpc.health.v1.Health/Watch", request, 4) for _ in range(4)]
     try:
         with grpc.insecure_channel(f"127.0.0.1:{process.grpc_port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -298,4 +320,84 @@ def test_watch_streams_a_client_never_reads_do_not_freeze_the_server(tmp_path: P
     finally:
         for sock in stalled:
             sock.close()
+        process.cleanup()
+
+
+def _watch_opens(stub: Any, timeout: float = 30) -> Any:
+    """A Watch stream, once it was sent its first status (SERVING)."""
+    from grpc_health.v1 import health_pb2
+
+    watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=timeout)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    return watch
+
+
+def _metric(process: ServerProcess, name: str) -> float:
+    body = http_get(f"http://127.0.0.1:{process.web_port}/metrics")[1].decode()
+    (line,) = [line for line in body.splitlines() if line.startswith(name + " ")]
+    return float(line.split()[1])
+
+
+def test_health_watch_streams_are_capped(tmp_path: Path) -> None:
+    """Watch needs no login, so the streams one may keep open are capped: 4 per connection and
+    grpc.max_health_watches in all (RESOURCE_EXHAUSTED past either; grpcio's own call limit counts
+    a Watch only while it starts, so 3,000 stayed open against a limit of 1,024).  A stream that
+    ends makes room, Check keeps answering, the metrics show both, and SIGHUP applies a new cap."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    process = ServerProcess(
+        tmp_path / "watches",
+        ["tls.enabled=false", "storage.backend=memory"],
+        config_text="max_health_watches = 6\n",  # in the harness's [grpc] table
+    )
+    process.start().wait_ready()
+    channels = [_connection(process) for _ in range(3)]
+    stubs = [health_pb2_grpc.HealthStub(channel) for channel in channels]
+    try:
+        first = [_watch_opens(stubs[0]) for _ in range(4)]
+        with pytest.raises(grpc.RpcError) as refused:
+            _watch_opens(stubs[0])
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "4 health Watch streams" in (refused.value.details() or "")
+        second = [_watch_opens(stubs[1]) for _ in range(2)]
+        with pytest.raises(grpc.RpcError) as refused:
+            _watch_opens(stubs[1])
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "grpc.max_health_watches" in (refused.value.details() or "")
+        answer = stubs[1].Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        assert _metric(process, "amaters_grpc_health_watches") == 6
+        assert _metric(process, "amaters_grpc_health_watches_refused_total") == 2
+
+        first.pop().cancel()
+        deadline = time.monotonic() + 10
+        while _metric(process, "amaters_grpc_health_watches") != 5:
+            assert time.monotonic() < deadline, "an ended Watch stream was still counted"
+            time.sleep(0.05)
+        second.append(_watch_opens(stubs[1]))
+
+        process.config_path.write_text(
+            process.config_path.read_text().replace("max_health_watches = 6", "max_health_watches = 8")
+        )
+        process.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        third: list[Any] = []
+        while len(third) < 2:
+            try:
+                third.append(_watch_opens(stubs[2]))
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert time.monotonic() < deadline, "the new grpc.max_health_watches was not applied"
+                time.sleep(0.1)
+        with pytest.raises(grpc.RpcError) as refused:
+            _watch_opens(stubs[2])
+        assert "grpc.max_health_watches" in (refused.value.details() or "")
+        assert _metric(process, "amaters_grpc_health_watches") == 8
+        for watch in first + second + third:
+            watch.cancel()
+        assert process.stop(timeout=20) == 0
+        assert "Traceback" not in process.log()
+    finally:
+        for channel in channels:
+            channel.close()
         process.cleanup()

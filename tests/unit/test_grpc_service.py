@@ -115,12 +115,25 @@ def test_health_follows_readiness() -> None:
     assert check("amaters.aql.AqlService") == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-class _WatchContext:
-    """A Watch call's context: its close callbacks, run by ``end()``."""
+class _Aborted(Exception):
+    pass
 
-    def __init__(self, ended: bool = False) -> None:
+
+class _WatchContext:
+    """A Watch call's context: its close callbacks, run by ``end()``; its connection is ``peer``."""
+
+    def __init__(self, ended: bool = False, peer: str = "ipv4:127.0.0.1:40000") -> None:
         self.callbacks: list[Any] = []
         self.ended = ended
+        self.address = peer
+        self.status: tuple[grpc.StatusCode, str] | None = None
+
+    def peer(self) -> str:
+        return self.address
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.status = (code, details)
+        raise _Aborted(details)
 
     def add_callback(self, callback: Any) -> bool:
         if self.ended:
@@ -238,3 +251,58 @@ def test_no_thread_to_send_with_leaves_the_status_pending(monkeypatch: pytest.Mo
     health.refresh()
     assert health.wait_sent(10)
     assert stream.sent == [SERVING]
+
+
+def test_watch_streams_are_capped_in_total_and_per_connection() -> None:
+    """Past ``max_watches`` open streams, or 4 on one connection, a Watch is refused with
+    RESOURCE_EXHAUSTED and is not kept; a stream that ends makes room for another, and a lower cap
+    set later applies to the streams opened from then on."""
+    health = ReadinessHealth(lambda: True, max_watches=6)
+    one = [_WatchContext(peer="ipv4:127.0.0.1:1") for _ in range(5)]
+    for context in one[:4]:
+        _watch(health, _Stream(), context)
+    with pytest.raises(_Aborted):
+        _watch(health, _Stream(), one[4])
+    assert one[4].status is not None
+    assert one[4].status[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "4 health Watch streams" in one[4].status[1]
+    other = [_WatchContext(peer=f"ipv4:127.0.0.1:{port}") for port in (2, 3, 4)]
+    _watch(health, _Stream(), other[0])
+    _watch(health, _Stream(), other[1], "amaters.aql.AqlService")
+    with pytest.raises(_Aborted):
+        _watch(health, _Stream(), other[2])
+    assert other[2].status is not None
+    assert "grpc.max_health_watches" in other[2].status[1]
+    assert (health.open_watches, health.refused) == (6, 2)
+
+    one[0].end()  # a stream of the first connection ends: room on it, and in total
+    assert health.open_watches == 5
+    again = _WatchContext(peer="ipv4:127.0.0.1:1")
+    _watch(health, _Stream(), again)
+    assert health.open_watches == 6
+
+    health.max_watches = 2
+    for context in [*one[1:4], other[0], other[1], again]:
+        context.end()
+    assert health.open_watches == 0
+    assert health._watches == {} and health._per_peer == {}
+    late = _WatchContext(peer="ipv4:127.0.0.1:5")
+    _watch(health, _Stream(), late)
+    _watch(health, _Stream(), _WatchContext(peer="ipv4:127.0.0.1:6"))
+    with pytest.raises(_Aborted):
+        _watch(health, _Stream(), _WatchContext(peer="ipv4:127.0.0.1:7"))
+    assert health.wait_sent(10)
+
+
+def test_unix_socket_watch_streams_count_only_in_the_total() -> None:
+    """grpcio names every Unix-socket peer ``unix:``: its streams are not capped per connection
+    (that would cap all the socket's clients together at 4), only in total."""
+    health = ReadinessHealth(lambda: True, max_watches=6)
+    for _ in range(6):
+        _watch(health, _Stream(), _WatchContext(peer="unix:"))
+    refused = _WatchContext(peer="unix:")
+    with pytest.raises(_Aborted):
+        _watch(health, _Stream(), refused)
+    assert refused.status is not None
+    assert "grpc.max_health_watches" in refused.status[1]
+    assert health.wait_sent(10)
