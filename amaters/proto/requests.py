@@ -105,6 +105,9 @@ def keyed_request(frame: bytes) -> KeyedRequest | None:
             elif frame[2] < 0x80:  # two bytes: ids 128 to 16,383, a connection's first ones
                 request_id = (b & 0x7F) | (frame[2] << 7)
                 i = 3
+            elif frame[3] < 0x80:  # three: ids up to 2,097,151, a long-lived connection's
+                request_id = (b & 0x7F) | ((frame[2] & 0x7F) << 7) | (frame[3] << 14)
+                i = 4
             else:
                 request_id, i = _varint(frame, 1)
                 if request_id >= _U64:
