@@ -597,7 +597,15 @@ class AmatersServerProtocol(FrameReceiver):
                 self._trace_context = None
                 request_id, op = read
                 try:
-                    self._on_operation(request_id, op)
+                    batch = self._batch
+                    if batch:
+                        # A later request of a read whose first one started a batch: it joins
+                        # (``_on_operation``'s first case, without the call).
+                        batch.append((self._context(request_id), op))
+                        if len(batch) >= self._batch_room:
+                            self._run_batch()
+                    else:
+                        self._on_operation(request_id, op)
                 except Exception:
                     self._send_error(request_id, self._as_amaters_error(Failure(), "query"))
                 return
