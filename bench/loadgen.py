@@ -26,7 +26,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import psutil
@@ -115,9 +115,62 @@ class LoadResult:
     generator_cpu_pct: float | None = None
     machine_cpu_pct: float | None = None
     bottleneck: str = ""
+    #: Every latency of the window, in seconds (kept for :func:`combine`; not in ``to_dict``).
+    latencies: array.array[float] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        found = asdict(replace(self, latencies=None))
+        del found["latencies"]
+        return found
+
+
+def combine(results: Sequence[LoadResult], label: str) -> LoadResult:
+    """One result for several windows of the same load on the same server, as if they were one
+    window as long as all of them: operations over the summed windows, percentiles over every
+    latency, CPU percentages weighted by each window's length (so CPU per operation is the summed
+    CPU over the summed operations), RSS from the first window's start to the last one's end."""
+    if not results:
+        raise ValueError("no results to combine")
+    first = results[0]
+    combined = LoadResult(label=label, spec=dict(first.spec), generator_processes=first.generator_processes)
+    latencies: array.array[float] = array.array("d")
+    for result in results:
+        combined.ops += result.ops
+        combined.completed_total += result.completed_total
+        combined.errors += result.errors
+        for sample in result.error_samples:
+            if len(combined.error_samples) < 5 and sample not in combined.error_samples:
+                combined.error_samples.append(sample)
+        for kind, count in result.ops_by_kind.items():
+            combined.ops_by_kind[kind] = combined.ops_by_kind.get(kind, 0) + count
+        combined.items += result.items
+        combined.value_bytes += result.value_bytes
+        if result.latencies is not None:
+            latencies.extend(result.latencies)
+    elapsed = sum(result.elapsed_s for result in results)
+    combined.elapsed_s = round(elapsed, 4)
+    if elapsed > 0 and combined.ops:
+        combined.ops_per_s = round(combined.ops / elapsed, 1)
+    _set_percentiles(combined, latencies)
+
+    def weighted(values: list[float | None]) -> float | None:
+        if elapsed <= 0 or any(value is None for value in values):
+            return None
+        return round(
+            sum(v * r.elapsed_s for v, r in zip(values, results, strict=True) if v is not None) / elapsed, 1
+        )
+
+    combined.server_cpu_pct = weighted([r.server_cpu_pct for r in results])
+    combined.generator_cpu_pct = weighted([r.generator_cpu_pct for r in results])
+    combined.machine_cpu_pct = weighted([r.machine_cpu_pct for r in results])
+    combined.server_rss_mb_start = first.server_rss_mb_start
+    combined.server_rss_mb_end = results[-1].server_rss_mb_end
+    peaks = [r.server_rss_mb_max for r in results if r.server_rss_mb_max is not None]
+    combined.server_rss_mb_max = max(peaks) if peaks else None
+    combined.bottleneck = judge_bottleneck(
+        combined.server_cpu_pct, combined.generator_cpu_pct, combined.machine_cpu_pct
+    )
+    return combined
 
 
 # -- percentiles ------------------------------------------------------------------------------
@@ -780,6 +833,12 @@ def _aggregate(result: LoadResult, outcomes: list[dict[str, Any]], mode: str) ->
     result.elapsed_s = round(max((o["elapsed"] for o in outcomes), default=0.0), 4)
     if result.elapsed_s > 0 and result.ops:
         result.ops_per_s = round(result.ops / result.elapsed_s, 1)
+    _set_percentiles(result, latencies)
+
+
+def _set_percentiles(result: LoadResult, latencies: array.array[float]) -> None:
+    """Keep ``latencies`` in ``result`` and set its percentiles, maximum and mean from them."""
+    result.latencies = latencies
     if latencies:
         ordered = sorted(latencies)
         result.p50_ms = round(percentile(ordered, 0.50) * 1000, 3)

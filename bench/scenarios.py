@@ -79,6 +79,9 @@ class Settings:
     only: tuple[str, ...] = BLOCKS
     duration: float = 10.0
     warmup: float = 2.0
+    #: Protocol scenarios: windows per server, alternated (amaters first, then the reference
+    #: first...), ``duration`` split between them.
+    rounds: int = 2
     keyspace: int = 10_000
     connections: int = 50
     range_keys: int = 1_000_000
@@ -98,6 +101,7 @@ class Settings:
         if quick:
             settings.duration = 2.0
             settings.warmup = 0.5
+            settings.rounds = 1
             settings.range_keys = 100_000
             settings.rss_keys = 100_000
             settings.fsync_seconds = 1.0
@@ -370,14 +374,21 @@ class Suite:
                 fill_keys(
                     r_target, collection, s.keyspace, size, reference.pid, f"fill {collection} reference"
                 )
+            servers = {"amaters": (a_target, amaters.pid), "reference": (r_target, reference.pid)}
             for label, op, size, pipeline in PROTOCOL_SCENARIOS:
                 if not s.selected(label):
                     continue
-                spec = self._spec(pipeline=pipeline, value_size=size, mix=((op, 1.0),), collection=f"v{size}")
-                a = self._load(a_target, spec, s.workers, amaters.pid, f"{label} amaters")
-                r = self._load(r_target, spec, s.workers, reference.pid, f"{label} reference")
+                spec = self._spec(
+                    pipeline=pipeline,
+                    value_size=size,
+                    mix=((op, 1.0),),
+                    collection=f"v{size}",
+                    duration=s.duration / s.rounds,
+                )
+                a, r, by_round = self._alternated(label, spec, servers)
                 goal = 0.85 if pipeline == 1 else 0.80
                 ratio = _ratio(a.ops_per_s, r.ops_per_s)
+                rounds_detail = {} if s.rounds == 1 else {"ratio_by_round": by_round}
                 self.results.append(
                     _entry(
                         label,
@@ -390,6 +401,7 @@ class Suite:
                         target=f">= {goal:.0%} of reference ops/s",
                         met=None if ratio is None else ratio >= goal,
                         security=security,
+                        **rounds_detail,
                     )
                 )
             final = amaters.metrics()
@@ -609,6 +621,37 @@ class Suite:
         return self._spec(
             connections=clients, pipeline=1, value_size=100, mix=(("set", 1.0),), collection="durable"
         )
+
+    def _alternated(
+        self, label: str, spec: LoadSpec, servers: dict[str, tuple[Target, int]]
+    ) -> tuple[LoadResult, LoadResult, list[float | None]]:
+        """``settings.rounds`` windows of ``spec`` on each of the two ``servers`` (amaters, then
+        the reference), taking turns to go first: amaters' windows combined, the reference's
+        combined, and each round's ratio.  A load that drifts during the scenario (the machine's
+        other work, its clock speed) then weighs on both sides alike instead of on the one that
+        ran second."""
+        rounds = self.settings.rounds
+        windows: dict[str, list[LoadResult]] = {name: [] for name in servers}
+        for round_ in range(rounds):
+            order = list(servers) if round_ % 2 == 0 else list(reversed(servers))
+            for name in order:
+                target, pid = servers[name]
+                suffix = f" {round_ + 1}/{rounds}" if rounds > 1 else ""
+                windows[name].append(
+                    self._load(target, spec, self.settings.workers, pid, f"{label} {name}{suffix}")
+                )
+        mine, theirs = (windows[name] for name in servers)
+        by_round = [_ratio(a.ops_per_s, r.ops_per_s) for a, r in zip(mine, theirs, strict=True)]
+        if rounds == 1:
+            return mine[0], theirs[0], by_round
+        a = loadgen.combine(mine, f"{label} amaters")
+        r = loadgen.combine(theirs, f"{label} reference")
+        _say(
+            f"  {label}: ratio by round "
+            + ", ".join("-" if ratio is None else f"{ratio:.3f}" for ratio in by_round)
+            + f"; over the {rounds} rounds {_ratio(a.ops_per_s, r.ops_per_s)}"
+        )
+        return a, r, by_round
 
     def _load(self, target: Target, spec: LoadSpec, workers: int, server_pid: int, label: str) -> LoadResult:
         """One measured load run against ``target``, its summary line printed."""
@@ -838,6 +881,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--duration", type=float, default=None, help="measured seconds per load run")
     parser.add_argument("--warmup", type=float, default=None, help="unmeasured seconds before each window")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="protocol scenarios: windows per server, taking turns (default 2, --quick 1)",
+    )
+    parser.add_argument(
         "--match", nargs="+", default=[], help="only protocol/durable scenarios matching these patterns"
     )
     parser.add_argument("--keys", type=int, default=None, help="keys for the RANGE/recovery and RSS blocks")
@@ -853,6 +902,10 @@ def main(argv: list[str]) -> int:
         settings.duration = args.duration
     if args.warmup is not None:
         settings.warmup = args.warmup
+    if args.rounds is not None:
+        if args.rounds < 1:
+            parser.error("--rounds must be at least 1")
+        settings.rounds = args.rounds
     if args.keys is not None:
         settings.range_keys = settings.rss_keys = args.keys
         settings.notes.append(f"--keys {args.keys}: RANGE, recovery and RSS over {args.keys:,} keys")
@@ -889,6 +942,7 @@ def main(argv: list[str]) -> int:
         "generator_processes": settings.workers,
         "window_s": settings.duration,
         "warmup_s": settings.warmup,
+        "protocol_rounds": settings.rounds,
         "notes": suite.notes,
     }
     report.write(out, suite.results, meta)

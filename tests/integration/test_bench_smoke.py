@@ -46,6 +46,8 @@ def test_tiny_bench_writes_results_with_every_required_key(tmp_path: Path) -> No
         "2000",
         "--workers",
         "1",
+        "--rounds",
+        "2",
     ]
     completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
@@ -74,6 +76,10 @@ def test_tiny_bench_writes_results_with_every_required_key(tmp_path: Path) -> No
     assert get["errors"] == 0
     assert get["p50_ms"] <= get["p99_ms"]
     assert get["generator_processes"] == 1
+    # Two windows per server, taking turns; the ratio is over both rounds together.
+    assert len(get["ratio_by_round"]) == 2 and all(ratio > 0 for ratio in get["ratio_by_round"])
+    assert min(get["ratio_by_round"]) <= get["ratio"] <= max(get["ratio_by_round"])
+    assert "get-100B-P1 reference 2/2" in completed.stderr
 
     durable = by_name["durable-set-C1"]
     assert durable["ops_per_s"] > 0
@@ -94,6 +100,7 @@ def test_tiny_bench_writes_results_with_every_required_key(tmp_path: Path) -> No
 
     meta = json.loads((out / "run.json").read_text())
     assert meta["mode"] == "quick" and meta["machine"]["cores"] >= 1
+    assert meta["protocol_rounds"] == 2
     assert (out / "results.md").read_text().startswith("Measured ")
     assert (out / "results.png").stat().st_size > 0
     assert "get-100B-P1" in completed.stdout
