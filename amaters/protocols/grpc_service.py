@@ -748,24 +748,87 @@ OPEN_READ_SLOTS = 2
 #: Seconds a call of those services waits for a read slot before RESOURCE_EXHAUSTED.
 OPEN_READ_WAIT = 2.0
 
+#: Seconds a message of those services may take to arrive once its read has a slot; past that the
+#: call is cancelled (a real client sends its request with the call's headers).
+OPEN_READ_TIMEOUT = 2.0
+
+#: Calls of those services one client address may have reading (or waiting to read) at once; more
+#: are refused at once.  A call reads on one of the ``grpc.max_workers`` threads, so without this
+#: one client sending nothing held every worker and starved the logged-in calls.
+OPEN_READS_PER_CLIENT = 4
+
+
+def client_address(peer: str) -> str:
+    """The client's address in a gRPC peer string (``ipv4:10.0.0.7:51234`` → ``10.0.0.7``,
+    ``ipv6:[::1]:51234`` → ``::1``); ``unix`` for every Unix-socket peer."""
+    scheme, _, rest = peer.partition(":")
+    if scheme == "unix":
+        return "unix"
+    host = rest.rpartition(":")[0] or rest
+    return host.replace("%5B", "[").replace("%5D", "]").strip("[]")
+
 
 class _ReadGate:
     """Reads the request messages of the services that need no login: at most ``slots`` at a time
-    (waiting up to ``wait`` seconds for one), each refused past ``max_bytes`` before it is parsed."""
+    (waiting up to ``wait`` seconds for one), at most ``per_client`` of one client address reading
+    or waiting at once, each cancelled when it has not arrived ``timeout`` seconds after its slot
+    was taken, and each refused past ``max_bytes`` before it is parsed."""
 
-    def __init__(self, slots: int, max_bytes: int, wait: float) -> None:
+    def __init__(
+        self,
+        slots: int,
+        max_bytes: int,
+        wait: float,
+        timeout: float = OPEN_READ_TIMEOUT,
+        per_client: int = OPEN_READS_PER_CLIENT,
+    ) -> None:
         self._slots = threading.BoundedSemaphore(slots)
         self.max_bytes = max_bytes
         self.wait = wait
+        self.timeout = timeout
+        self.per_client = per_client
+        self._lock = threading.Lock()
+        self._reading: dict[str, int] = {}
 
     def read(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes | None:
         """The next message's bytes, or None at the end of the request stream."""
-        if not self._slots.acquire(timeout=self.wait):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests are being read; retry later")
+        client = client_address(context.peer())
+        with self._lock:
+            reading = self._reading.get(client, 0)
+            if reading < self.per_client:
+                self._reading[client] = reading + 1
+        if reading >= self.per_client:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{reading} requests from this address to the services that need no login are being"
+                " read; retry later",
+            )
+        expired = threading.Event()
         try:
-            data = next(requests, None)
+            if not self._slots.acquire(timeout=self.wait):
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests are being read; retry later"
+                )
+            timer = threading.Timer(self.timeout, _cancel, (expired, context))
+            timer.daemon = True
+            try:
+                timer.start()
+                data = next(requests, None)
+            finally:
+                timer.cancel()
+                self._slots.release()
         finally:
-            self._slots.release()
+            with self._lock:
+                left = self._reading[client] - 1
+                if left:
+                    self._reading[client] = left
+                else:
+                    del self._reading[client]
+        if expired.is_set():
+            context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the request message did not arrive within {self.timeout:g} s",
+            )
         if data is not None and len(data) > self.max_bytes:
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -788,6 +851,12 @@ class _ReadGate:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method} takes one request message; {problem}")
             raise AssertionError("abort raises")
         return _parse_with(context, parse, data)
+
+
+def _cancel(expired: threading.Event, context: grpc.ServicerContext) -> None:
+    # A read's timer: the call is cancelled, which ends the wait for its message.
+    expired.set()
+    context.cancel()
 
 
 def _parse_with(context: grpc.ServicerContext, parse: Any, data: bytes) -> Any:

@@ -219,7 +219,8 @@ def test_a_message_that_does_not_parse_is_invalid_argument(server: ServerProcess
 
 def test_health_watch_streams_hold_no_worker_thread(server: ServerProcess) -> None:
     """More open health Watch streams than gRPC worker threads (grpc.max_workers, 16; 4 on each of
-    5 connections) each get SERVING, and calls keep being served while they stay open."""
+    5 connections, opened one after another: one address may have 4 reads at once) each get
+    SERVING, and calls keep being served while they stay open."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     others = [_connection(server) for _ in range(4)]
@@ -227,12 +228,11 @@ def test_health_watch_streams_hold_no_worker_thread(server: ServerProcess) -> No
         stub = health_pb2_grpc.HealthStub(channel)
         stub.Check(health_pb2.HealthCheckRequest(), timeout=10)  # refreshes the status Watch reports
         stubs = [stub, *(health_pb2_grpc.HealthStub(other) for other in others)]
-        watches = [
-            each.Watch(health_pb2.HealthCheckRequest(), timeout=30) for each in stubs for _ in range(4)
-        ]
+        watches: list[Any] = []
         try:
-            for watch in watches:
-                assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            for each in stubs:
+                for _ in range(4):
+                    watches.append(_watch_opens(each))
             info = channel.unary_unary(
                 "/amaters.aql.AqlService/GetServerInfo",
                 request_serializer=aql_pb2.ServerInfoRequest.SerializeToString,
@@ -260,21 +260,19 @@ def _connection(process: ServerProcess) -> grpc.Channel:
 
 
 def test_sigterm_after_watch_streams_ended_stops_the_server(tmp_path: Path) -> None:
-    """Health Watch streams the client cancels (most never read) do not freeze the server: a
+    """Health Watch streams the client cancels do not freeze the server: a
     SIGTERM right after stops it (it hung for good when a status change met a Watch ending)."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_health.v1 import health_pb2_grpc
 
     process = ServerProcess(tmp_path / "watch", ["tls.enabled=false", "storage.backend=memory"])
     process.start().wait_ready()
     try:
         channels = [_connection(process) for _ in range(5)]
         try:
+            # One after another (one address may have 4 reads at once); each is read once.
             watches = [
-                health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
-                for channel in channels
-                for _ in range(4)
+                _watch_opens(health_pb2_grpc.HealthStub(channel)) for channel in channels for _ in range(4)
             ]
-            next(watches[0])
             for watch in watches:
                 watch.cancel()
         finally:
@@ -398,6 +396,72 @@ def test_health_watch_streams_are_capped(tmp_path: Path) -> None:
         assert process.stop(timeout=20) == 0
         assert "Traceback" not in process.log()
     finally:
+        for channel in channels:
+            channel.close()
+        process.cleanup()
+
+
+def test_silent_calls_without_login_hold_no_worker_for_long(tmp_path: Path) -> None:
+    """Health calls that never send their request message (20 a second, no credentials) are
+    refused past 4 per client address or cancelled 2 s after their read began, so logged-in calls
+    keep being served: before, each held a gRPC worker thread until its client gave up, and a
+    GetServerInfo waited 5 s, then passed its deadline.  Every silent call is ended by the server."""
+    import threading
+
+    process = ServerProcess(
+        tmp_path / "silent",
+        ["tls.enabled=false", "storage.backend=memory", "auth.enabled=true", f"auth.jwt.secret={SECRET}"],
+    )
+    process.start().wait_ready()
+    stop = threading.Event()
+
+    def nothing() -> Iterator[bytes]:
+        stop.wait()
+        yield from ()
+
+    channels = [_connection(process) for _ in range(4)]
+    silent: list[Any] = []
+
+    def attack() -> None:
+        for index in range(80):  # 20 a second for 4 s
+            if stop.is_set():
+                return
+            check = channels[index % 4].stream_unary("/grpc.health.v1.Health/Check")
+            silent.append(check.future(nothing(), timeout=60))
+            time.sleep(0.05)
+
+    attacker = threading.Thread(target=attack)
+    attacker.start()
+    try:
+        time.sleep(2)
+        with _connection(process) as channel:
+            info = channel.unary_unary(
+                "/amaters.aql.AqlService/GetServerInfo",
+                request_serializer=aql_pb2.ServerInfoRequest.SerializeToString,
+                response_deserializer=aql_pb2.ServerInfoResponse.FromString,
+            )
+            for _ in range(3):
+                answer = info(
+                    aql_pb2.ServerInfoRequest(),
+                    metadata=[("authorization", f"Bearer {token(['admin'])}")],
+                    timeout=3,
+                )
+                assert answer.capabilities
+        attacker.join(10)
+        codes = []
+        for call in silent:
+            with pytest.raises(grpc.RpcError) as ended:
+                call.result(timeout=10)  # ended by the server, long before the client's 60 s
+            codes.append(ended.value.code())
+        assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes  # over 4 from this address
+        assert grpc.StatusCode.CANCELLED in codes  # its message did not arrive within 2 s
+        stop.set()
+        assert process.stop(timeout=20) == 0
+        assert "Traceback" not in process.log()
+    finally:
+        stop.set()
+        attacker.join(10)
         for channel in channels:
             channel.close()
         process.cleanup()

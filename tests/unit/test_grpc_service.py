@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import grpc
@@ -11,7 +12,7 @@ from grpc_health.v1 import health_pb2
 
 from amaters.auth.principal import Credentials
 from amaters.config import ConfigError, grpc_bind_address, load_config
-from amaters.protocols.grpc_service import ReadinessHealth, _CallRefused, call_info
+from amaters.protocols.grpc_service import ReadinessHealth, _CallRefused, _ReadGate, call_info, client_address
 
 
 @pytest.mark.parametrize(
@@ -306,3 +307,75 @@ def test_unix_socket_watch_streams_count_only_in_the_total() -> None:
     assert refused.status is not None
     assert "grpc.max_health_watches" in refused.status[1]
     assert health.wait_sent(10)
+
+
+@pytest.mark.parametrize(
+    ("peer", "address"),
+    [
+        ("ipv4:10.0.0.7:51234", "10.0.0.7"),
+        ("ipv6:[::1]:51234", "::1"),
+        ("ipv6:%5B2001:db8::1%5D:443", "2001:db8::1"),
+        ("unix:/run/amaters/grpc.sock", "unix"),
+        ("unix:", "unix"),
+    ],
+)
+def test_client_address(peer: str, address: str) -> None:
+    assert client_address(peer) == address
+
+
+class _ReadContext(_WatchContext):
+    """A call of a service without a login: ``cancel()`` ends the wait for its message."""
+
+    def __init__(self, peer: str) -> None:
+        super().__init__(peer=peer)
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def _message_when(context: _ReadContext, arrived: threading.Event) -> Any:
+    """A request stream whose one message comes when ``arrived`` is set, and none if the call is
+    cancelled first."""
+    while not (arrived.is_set() or context.cancelled.is_set()):
+        time.sleep(0.01)
+    if arrived.is_set() and not context.cancelled.is_set():
+        yield b"request"
+
+
+def test_reads_without_a_login_are_capped_per_address_and_cancelled_when_silent() -> None:
+    """One address gets ``per_client`` reads at a time (more are refused at once, others' are not);
+    a message that does not come within ``timeout`` cancels its call (DEADLINE_EXCEEDED) and frees
+    its slot and its place; one that comes is read."""
+    gate = _ReadGate(slots=8, max_bytes=1024, wait=5.0, timeout=0.3, per_client=2)
+    never = threading.Event()
+    silent = [_ReadContext("ipv4:10.0.0.7:1"), _ReadContext("ipv4:10.0.0.7:2")]
+    outcomes: list[Any] = []
+
+    def read(context: _ReadContext, arrived: threading.Event) -> None:
+        try:
+            outcomes.append(gate.read(_message_when(context, arrived), context))  # type: ignore[arg-type]
+        except _Aborted:
+            outcomes.append(context.status)
+
+    readers = [threading.Thread(target=read, args=(context, never)) for context in silent]
+    for reader in readers:
+        reader.start()
+    while gate._reading.get("10.0.0.7", 0) < 2:
+        time.sleep(0.01)
+    third = _ReadContext("ipv4:10.0.0.7:3")
+    with pytest.raises(_Aborted):
+        gate.read(_message_when(third, never), third)  # type: ignore[arg-type]
+    assert third.status is not None
+    assert third.status[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    other, sent = _ReadContext("ipv4:10.0.0.8:1"), threading.Event()
+    sent.set()
+    assert gate.read(_message_when(other, sent), other) == b"request"  # type: ignore[arg-type]
+    for reader in readers:
+        reader.join(10)
+    assert all(context.cancelled.is_set() for context in silent)
+    assert [outcome[0] for outcome in outcomes] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
+    assert gate._reading == {}
+    again = _ReadContext("ipv4:10.0.0.7:4")
+    assert gate.read(_message_when(again, sent), again) == b"request"  # type: ignore[arg-type]
+    assert not again.cancelled.is_set()
