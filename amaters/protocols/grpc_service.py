@@ -25,6 +25,7 @@ import itertools
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -405,7 +406,7 @@ class AqlServicer:
         info, answers = self._begin(context)
         principal = self._login(context, answers, info)
         try:
-            op = operation(_single_request(requests, context, method, None))
+            op = operation(self._single_request(requests, context, method, None))
         except BaseException:
             self._logout(principal)
             raise
@@ -424,6 +425,13 @@ class AqlServicer:
         except AmatersError as e:
             context.abort(_status_for(e), e.message)
 
+    def _single_request(
+        self, requests: Iterator[bytes], context: grpc.ServicerContext, method: str, message_type: Any
+    ) -> Any:
+        """:func:`_single_request`, cancelled past ``limits.frame_timeout`` (the setting now)."""
+        timeout = self.pipeline.limits.frame_timeout
+        return _single_request(requests, context, method, message_type, self.owner.read_watchdog, timeout)
+
     def _read_one(
         self,
         requests: Iterator[bytes],
@@ -434,7 +442,7 @@ class AqlServicer:
     ) -> Any:
         """:func:`_single_request` for a logged-in call; logs ``principal`` out when that fails."""
         try:
-            return _single_request(requests, context, method, message_type)
+            return self._single_request(requests, context, method, message_type)
         except BaseException:
             self._logout(principal)
             raise
@@ -454,7 +462,7 @@ class AqlServicer:
         info, answers = self._begin(context)
         principal = self._login(context, answers, info)
         try:
-            request = _single_request(requests, context, "ExecuteStream", aql_pb2.QueryRequest)
+            request = self._single_request(requests, context, "ExecuteStream", aql_pb2.QueryRequest)
             kind = request.query.WhichOneof("query")
             if kind not in ("range", "get"):
                 context.abort(
@@ -640,16 +648,33 @@ class AqlServicer:
 
 
 def _single_request(
-    requests: Iterator[bytes], context: grpc.ServicerContext, method: str, message_type: Any
+    requests: Iterator[bytes],
+    context: grpc.ServicerContext,
+    method: str,
+    message_type: Any,
+    watchdog: ReadWatchdog | None = None,
+    timeout: float = 0.0,
 ) -> Any:
     """The one request message of a unary-request method, read now: parsed as ``message_type``
     (the bytes when None).  A call that sends no message, or a second one, ends with
     INVALID_ARGUMENT (a unary client sends its message and half-closes at once, so looking for a
-    second one does not wait)."""
-    data: Any = next(requests, None)
-    problem = "none was sent" if data is None else None
-    if problem is None and next(requests, None) is not None:
-        problem = "more than one was sent"
+    second one does not wait).  With a ``watchdog`` and a ``timeout`` (``limits.frame_timeout``),
+    a call whose message and end have not both arrived within ``timeout`` seconds is cancelled."""
+    watched = watchdog.watch(context, timeout) if watchdog is not None and timeout > 0 else None
+    try:
+        data: Any = next(requests, None)
+        problem = "none was sent" if data is None else None
+        if problem is None and next(requests, None) is not None:
+            problem = "more than one was sent"
+    finally:
+        if watched is not None:
+            assert watchdog is not None
+            watchdog.done(watched)
+    if watched is not None and watched.expired:
+        context.abort(
+            grpc.StatusCode.CANCELLED,
+            f"the request message did not arrive within {timeout:g} s (limits.frame_timeout)",
+        )
     if problem is not None:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method} takes one request message; {problem}")
     return data if message_type is None else _parse(context, message_type, data)
@@ -734,6 +759,90 @@ def _handlers(servicer: AqlServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
 
 
+# -- reads that must not wait forever ----------------------------------------------------------
+
+
+class _Watched:
+    """One read under a :class:`ReadWatchdog`: ``expired`` once its call was cancelled."""
+
+    __slots__ = ("context", "expired")
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self.context = context
+        self.expired = False
+
+
+class ReadWatchdog:
+    """Cancels the calls whose request message has not arrived in time, from one daemon thread.
+
+    A call reads its message on a gRPC worker thread, and grpcio's read waits as long as the client
+    likes; ``context.cancel()`` (thread-safe) is what ends it.  ``watch(context, seconds)`` before
+    the read, ``done(watched)`` after it, whatever happened.  Reads are kept per timeout in arrival
+    order, so each queue's oldest read is the first to expire and a finished read is forgotten at
+    once: the thread sleeps until the earliest deadline, woken early only by a read that expires
+    before it (a finished read does not wake it).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._changed = threading.Condition()
+        #: timeout -> {watched: deadline}, oldest first.
+        self._queues: dict[float, dict[_Watched, float]] = {}
+        self._thread: threading.Thread | None = None
+        #: When the thread wakes next (infinity: only when notified).
+        self._wakes_at = float("inf")
+
+    def watch(self, context: grpc.ServicerContext, seconds: float) -> _Watched:
+        watched = _Watched(context)
+        with self._changed:
+            deadline = self._clock() + seconds
+            self._queues.setdefault(seconds, {})[watched] = deadline
+            if deadline < self._wakes_at:
+                self._wakes_at = deadline
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="grpc-read-watchdog", daemon=True)
+                    self._thread.start()
+                self._changed.notify()
+        return watched
+
+    def done(self, watched: _Watched) -> None:
+        with self._changed:
+            for pending in self._queues.values():
+                if pending.pop(watched, None) is not None:
+                    return
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                due = self._due()
+                while not due:
+                    wait = self._wait()
+                    self._wakes_at = float("inf") if wait is None else self._clock() + wait
+                    self._changed.wait(wait)
+                    due = self._due()
+            for watched in due:  # outside the lock: cancelling runs grpcio's callbacks
+                watched.context.cancel()
+
+    def _due(self) -> list[_Watched]:
+        # With the lock held: the reads past their deadline, taken out and marked.
+        now = self._clock()
+        due = []
+        for pending in self._queues.values():
+            while pending:
+                watched, deadline = next(iter(pending.items()))
+                if deadline > now:
+                    break
+                del pending[watched]
+                watched.expired = True
+                due.append(watched)
+        return due
+
+    def _wait(self) -> float | None:
+        # With the lock held: seconds until the earliest deadline, None when nothing is watched.
+        firsts = [next(iter(pending.values())) for pending in self._queues.values() if pending]
+        return max(0.0, min(firsts) - self._clock()) if firsts else None
+
+
 # -- services without a login ----------------------------------------------------------------
 
 
@@ -779,12 +888,14 @@ class _ReadGate:
         slots: int,
         max_bytes: int,
         wait: float,
+        watchdog: ReadWatchdog,
         timeout: float = OPEN_READ_TIMEOUT,
         per_client: int = OPEN_READS_PER_CLIENT,
     ) -> None:
         self._slots = threading.BoundedSemaphore(slots)
         self.max_bytes = max_bytes
         self.wait = wait
+        self.watchdog = watchdog
         self.timeout = timeout
         self.per_client = per_client
         self._lock = threading.Lock()
@@ -803,19 +914,16 @@ class _ReadGate:
                 f"{reading} requests from this address to the services that need no login are being"
                 " read; retry later",
             )
-        expired = threading.Event()
         try:
             if not self._slots.acquire(timeout=self.wait):
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests are being read; retry later"
                 )
-            timer = threading.Timer(self.timeout, _cancel, (expired, context))
-            timer.daemon = True
+            watched = self.watchdog.watch(context, self.timeout)
             try:
-                timer.start()
                 data = next(requests, None)
             finally:
-                timer.cancel()
+                self.watchdog.done(watched)
                 self._slots.release()
         finally:
             with self._lock:
@@ -824,7 +932,7 @@ class _ReadGate:
                     self._reading[client] = left
                 else:
                     del self._reading[client]
-        if expired.is_set():
+        if watched.expired:
             context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"the request message did not arrive within {self.timeout:g} s",
@@ -851,12 +959,6 @@ class _ReadGate:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method} takes one request message; {problem}")
             raise AssertionError("abort raises")
         return _parse_with(context, parse, data)
-
-
-def _cancel(expired: threading.Event, context: grpc.ServicerContext) -> None:
-    # A read's timer: the call is cancelled, which ends the wait for its message.
-    expired.set()
-    context.cancel()
 
 
 def _parse_with(context: grpc.ServicerContext, parse: Any, data: bytes) -> Any:
@@ -1138,6 +1240,9 @@ class GrpcService(service.Service):
         self.server: grpc.Server | None = None
         self.port: int | None = None
         self.health = ReadinessHealth(self._serving, config.grpc.max_health_watches)
+        #: Cancels calls whose request message does not arrive in time (its thread starts with
+        #: the first read it watches).
+        self.read_watchdog = ReadWatchdog()
         self._tls: GrpcTLSMaterial | None = None
         self._tls_lock = threading.Lock()
         self._tls_pending: Any = None
@@ -1208,7 +1313,7 @@ class GrpcService(service.Service):
                 *_open_services(
                     self.health,
                     (SERVICE_NAME, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME),
-                    _ReadGate(OPEN_READ_SLOTS, OPEN_MESSAGE_BYTES, OPEN_READ_WAIT),
+                    _ReadGate(OPEN_READ_SLOTS, OPEN_MESSAGE_BYTES, OPEN_READ_WAIT, self.read_watchdog),
                 ),
             ],
             interceptors=[_CallCounter(self)],

@@ -465,3 +465,53 @@ def test_silent_calls_without_login_hold_no_worker_for_long(tmp_path: Path) -> N
         for channel in channels:
             channel.close()
         process.cleanup()
+
+
+def test_a_logged_in_call_whose_message_never_comes_is_cancelled(tmp_path: Path) -> None:
+    """A logged-in ExecuteQuery that sends no message, or its message but never its end, is
+    cancelled once limits.frame_timeout (1 s here) has passed, as a native frame that stalls is: it
+    held a gRPC worker thread until the client's own deadline before.  Calls that send theirs are
+    served meanwhile."""
+    import threading
+
+    process = ServerProcess(
+        tmp_path / "stalled-login",
+        [
+            "tls.enabled=false",
+            "storage.backend=memory",
+            "auth.enabled=true",
+            f"auth.jwt.secret={SECRET}",
+            "limits.frame_timeout=1",
+        ],
+    )
+    process.start().wait_ready()
+    stop = threading.Event()
+    metadata = [("authorization", f"Bearer {token(['admin'])}")]
+
+    def nothing() -> Iterator[bytes]:
+        stop.wait()
+        yield from ()
+
+    def message_then_nothing() -> Iterator[bytes]:
+        yield set_request(10).SerializeToString()
+        stop.wait()
+
+    try:
+        with _connection(process) as channel:
+            query = channel.stream_unary(QUERY, response_deserializer=aql_pb2.QueryResponse.FromString)
+            silent = [
+                query.future(requests(), metadata=metadata, timeout=60)
+                for requests in (nothing, message_then_nothing)
+            ]
+            served = query(iter([set_request(10).SerializeToString()]), metadata=metadata, timeout=10)
+            assert not served.HasField("error")
+            for call in silent:
+                with pytest.raises(grpc.RpcError) as ended:
+                    call.result(timeout=20)  # ended by the server, long before the client's 60 s
+                assert ended.value.code() == grpc.StatusCode.CANCELLED
+        stop.set()
+        assert process.stop(timeout=20) == 0
+        assert "Traceback" not in process.log()
+    finally:
+        stop.set()
+        process.cleanup()

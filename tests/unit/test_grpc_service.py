@@ -12,7 +12,14 @@ from grpc_health.v1 import health_pb2
 
 from amaters.auth.principal import Credentials
 from amaters.config import ConfigError, grpc_bind_address, load_config
-from amaters.protocols.grpc_service import ReadinessHealth, _CallRefused, _ReadGate, call_info, client_address
+from amaters.protocols.grpc_service import (
+    ReadinessHealth,
+    ReadWatchdog,
+    _CallRefused,
+    _ReadGate,
+    call_info,
+    client_address,
+)
 
 
 @pytest.mark.parametrize(
@@ -347,7 +354,7 @@ def test_reads_without_a_login_are_capped_per_address_and_cancelled_when_silent(
     """One address gets ``per_client`` reads at a time (more are refused at once, others' are not);
     a message that does not come within ``timeout`` cancels its call (DEADLINE_EXCEEDED) and frees
     its slot and its place; one that comes is read."""
-    gate = _ReadGate(slots=8, max_bytes=1024, wait=5.0, timeout=0.3, per_client=2)
+    gate = _ReadGate(slots=8, max_bytes=1024, wait=5.0, watchdog=ReadWatchdog(), timeout=0.3, per_client=2)
     never = threading.Event()
     silent = [_ReadContext("ipv4:10.0.0.7:1"), _ReadContext("ipv4:10.0.0.7:2")]
     outcomes: list[Any] = []
@@ -379,3 +386,24 @@ def test_reads_without_a_login_are_capped_per_address_and_cancelled_when_silent(
     again = _ReadContext("ipv4:10.0.0.7:4")
     assert gate.read(_message_when(again, sent), again) == b"request"  # type: ignore[arg-type]
     assert not again.cancelled.is_set()
+
+
+def test_the_watchdog_cancels_only_reads_past_their_deadline() -> None:
+    """Reads finished in time are forgotten and never cancelled; reads past their deadline are
+    cancelled and marked expired, those of a shorter timeout first even when watched later."""
+    watchdog = ReadWatchdog()
+    finished = _ReadContext("ipv4:10.0.0.1:1")
+    watched = watchdog.watch(finished, 0.2)
+    watchdog.done(watched)
+    slow, quick = _ReadContext("ipv4:10.0.0.1:2"), _ReadContext("ipv4:10.0.0.1:3")
+    slow_read = watchdog.watch(slow, 1.0)
+    quick_read = watchdog.watch(quick, 0.1)
+    assert quick.cancelled.wait(10)
+    assert quick_read.expired and not slow.cancelled.is_set()
+    assert slow.cancelled.wait(10)
+    assert slow_read.expired
+    assert not finished.cancelled.is_set() and not watched.expired
+    assert all(not pending for pending in watchdog._queues.values())
+    later = _ReadContext("ipv4:10.0.0.1:4")  # the thread keeps serving after idling
+    watchdog.watch(later, 0.05)
+    assert later.cancelled.wait(10)
