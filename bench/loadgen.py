@@ -138,9 +138,7 @@ def combine(results: Sequence[LoadResult], label: str) -> LoadResult:
         combined.ops += result.ops
         combined.completed_total += result.completed_total
         combined.errors += result.errors
-        for sample in result.error_samples:
-            if len(combined.error_samples) < 5 and sample not in combined.error_samples:
-                combined.error_samples.append(sample)
+        _add_error_samples(combined, result.error_samples)
         for kind, count in result.ops_by_kind.items():
             combined.ops_by_kind[kind] = combined.ops_by_kind.get(kind, 0) + count
         combined.items += result.items
@@ -818,9 +816,7 @@ def _aggregate(result: LoadResult, outcomes: list[dict[str, Any]], mode: str) ->
         result.ops += outcome["ops"]
         result.completed_total += outcome.get("completed", outcome["ops"])
         result.errors += outcome["errors"]
-        for sample in outcome["error_samples"]:
-            if len(result.error_samples) < 5 and sample not in result.error_samples:
-                result.error_samples.append(sample)
+        _add_error_samples(result, outcome["error_samples"])
         for kind, count in outcome["kinds"].items():
             if count:
                 kinds[kind] = kinds.get(kind, 0) + count
@@ -834,6 +830,13 @@ def _aggregate(result: LoadResult, outcomes: list[dict[str, Any]], mode: str) ->
     if result.elapsed_s > 0 and result.ops:
         result.ops_per_s = round(result.ops / result.elapsed_s, 1)
     _set_percentiles(result, latencies)
+
+
+def _add_error_samples(result: LoadResult, samples: Sequence[str]) -> None:
+    """Keep the first five distinct error messages of a run."""
+    for sample in samples:
+        if len(result.error_samples) < 5 and sample not in result.error_samples:
+            result.error_samples.append(sample)
 
 
 def _set_percentiles(result: LoadResult, latencies: array.array[float]) -> None:

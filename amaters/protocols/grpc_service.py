@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -652,25 +653,20 @@ def _single_request(
     context: grpc.ServicerContext,
     method: str,
     message_type: Any,
-    watchdog: ReadWatchdog | None = None,
-    timeout: float = 0.0,
+    watchdog: ReadWatchdog,
+    timeout: float,
 ) -> Any:
     """The one request message of a unary-request method, read now: parsed as ``message_type``
     (the bytes when None).  A call that sends no message, or a second one, ends with
     INVALID_ARGUMENT (a unary client sends its message and half-closes at once, so looking for a
-    second one does not wait).  With a ``watchdog`` and a ``timeout`` (``limits.frame_timeout``),
-    a call whose message and end have not both arrived within ``timeout`` seconds is cancelled."""
-    watched = watchdog.watch(context, timeout) if watchdog is not None and timeout > 0 else None
-    try:
+    second one does not wait).  A call whose message and end have not both arrived within
+    ``timeout`` seconds (``limits.frame_timeout``; 0: no limit) is cancelled by ``watchdog``."""
+    with watchdog.reading(context, timeout) as watched:
         data: Any = next(requests, None)
         problem = "none was sent" if data is None else None
         if problem is None and next(requests, None) is not None:
             problem = "more than one was sent"
-    finally:
-        if watched is not None:
-            assert watchdog is not None
-            watchdog.done(watched)
-    if watched is not None and watched.expired:
+    if watched.expired:
         context.abort(
             grpc.StatusCode.CANCELLED,
             f"the request message did not arrive within {timeout:g} s (limits.frame_timeout)",
@@ -776,8 +772,8 @@ class ReadWatchdog:
     """Cancels the calls whose request message has not arrived in time, from one daemon thread.
 
     A call reads its message on a gRPC worker thread, and grpcio's read waits as long as the client
-    likes; ``context.cancel()`` (thread-safe) is what ends it.  ``watch(context, seconds)`` before
-    the read, ``done(watched)`` after it, whatever happened.  Reads are kept per timeout in arrival
+    likes; ``context.cancel()`` (thread-safe) is what ends it.  A read runs inside
+    ``with watchdog.reading(context, seconds) as watched``.  Reads are kept per timeout in arrival
     order, so each queue's oldest read is the first to expire and a finished read is forgotten at
     once: the thread sleeps until the earliest deadline, woken early only by a read that expires
     before it (a finished read does not wake it).
@@ -792,7 +788,21 @@ class ReadWatchdog:
         #: When the thread wakes next (infinity: only when notified).
         self._wakes_at = float("inf")
 
+    @contextmanager
+    def reading(self, context: grpc.ServicerContext, seconds: float) -> Iterator[_Watched]:
+        """Watch the read done inside the block (not at all when ``seconds`` is 0):
+        ``watched.expired`` afterwards says whether its call was cancelled."""
+        if seconds <= 0:
+            yield _Watched(context)
+            return
+        watched = self.watch(context, seconds)
+        try:
+            yield watched
+        finally:
+            self.done(watched)
+
     def watch(self, context: grpc.ServicerContext, seconds: float) -> _Watched:
+        """Start watching a read of ``context``'s call; :meth:`done` when it has finished."""
         watched = _Watched(context)
         with self._changed:
             deadline = self._clock() + seconds
@@ -867,6 +877,15 @@ OPEN_READ_TIMEOUT = 2.0
 OPEN_READS_PER_CLIENT = 4
 
 
+def _count_down(counts: dict[str, int], key: str) -> None:
+    """One fewer for ``key`` in ``counts``, which keeps no key at zero."""
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
+
+
 def client_address(peer: str) -> str:
     """The client's address in a gRPC peer string (``ipv4:10.0.0.7:51234`` → ``10.0.0.7``,
     ``ipv6:[::1]:51234`` → ``::1``); ``unix`` for every Unix-socket peer."""
@@ -919,19 +938,14 @@ class _ReadGate:
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests are being read; retry later"
                 )
-            watched = self.watchdog.watch(context, self.timeout)
             try:
-                data = next(requests, None)
+                with self.watchdog.reading(context, self.timeout) as watched:
+                    data = next(requests, None)
             finally:
-                self.watchdog.done(watched)
                 self._slots.release()
         finally:
             with self._lock:
-                left = self._reading[client] - 1
-                if left:
-                    self._reading[client] = left
-                else:
-                    del self._reading[client]
+                _count_down(self._reading, client)
         if watched.expired:
             context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -1079,7 +1093,6 @@ class ReadinessHealth(grpc_health.HealthServicer):
         self.max_watches = max_watches
         self.refused = 0  # Watch streams refused for a cap, since the start
         self._watches: dict[str, set[_Watch]] = {}
-        self._open = 0  # Watch streams open, over every service name
         self._per_peer: dict[str, int] = {}
         self._sending = 0  # streams with a thread sending to them
         self._all_sent = threading.Condition(self._lock)
@@ -1112,7 +1125,6 @@ class ReadinessHealth(grpc_health.HealthServicer):
         with self._lock:
             refusal = self._refusal(peer)
             if refusal is None:
-                self._open += 1
                 self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
                 self._watches.setdefault(service, set()).add(watch)
                 self._post(watch, self._server_status.get(service, self._UNKNOWN))
@@ -1126,9 +1138,10 @@ class ReadinessHealth(grpc_health.HealthServicer):
 
     def _refusal(self, peer: str) -> str | None:
         # With the lock held: why one more Watch from ``peer`` may not open, or None.
-        if self._open >= self.max_watches:
+        open_now = self.open_watches
+        if open_now >= self.max_watches:
             return (
-                f"{self._open} health Watch streams are open, the most grpc.max_health_watches"
+                f"{open_now} health Watch streams are open, the most grpc.max_health_watches"
                 " allows; use Check, or retry later"
             )
         if peer and self._per_peer.get(peer, 0) >= WATCHES_PER_CONNECTION:
@@ -1140,8 +1153,8 @@ class ReadinessHealth(grpc_health.HealthServicer):
 
     @property
     def open_watches(self) -> int:
-        """Health Watch streams open now."""
-        return self._open
+        """Health Watch streams open now (over the one or two service names watched)."""
+        return sum(len(watches) for watches in self._watches.values())
 
     def set(self, service: str, status: Any) -> None:
         with self._lock:
@@ -1195,12 +1208,7 @@ class ReadinessHealth(grpc_health.HealthServicer):
                 watches.remove(watch)
                 if not watches:
                     del self._watches[service]
-                self._open -= 1
-                left = self._per_peer[watch.peer] - 1
-                if left:
-                    self._per_peer[watch.peer] = left
-                else:
-                    del self._per_peer[watch.peer]
+                _count_down(self._per_peer, watch.peer)
         watch.send(None)  # ends the call (nothing is sent when the client went away)
 
 
