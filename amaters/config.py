@@ -323,6 +323,15 @@ class GrpcConfig:
         minimum=1,
         reloadable=True,
     )
+    max_streams_per_principal: int = setting(
+        8,
+        "ExecuteStream and ExecuteInteractive calls one principal (one user or key; with auth off,"
+        " one client address) may have open at once; more get RESOURCE_EXHAUSTED. A stream holds a"
+        " worker thread while open, waiting on its client as long as it likes, so below"
+        " grpc.max_workers one principal cannot hold them all (0: no limit).",
+        minimum=0,
+        reloadable=True,
+    )
 
 
 @attrs.frozen
@@ -449,7 +458,8 @@ class LimitsConfig:
     )
     idle_timeout: float = setting(
         300.0,
-        "Seconds without any frame before a connection is closed (0: never).",
+        "Seconds without any frame before a connection is closed, and without a request before a gRPC"
+        " interactive stream is cancelled (0: never).",
         minimum=0.0,
         reloadable=True,
     )

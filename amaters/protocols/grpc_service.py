@@ -247,9 +247,10 @@ class AqlServicer:
         self.reactor = owner.reactor
         self.pipeline: QueryPipeline = owner.pipeline
         self._ids = itertools.count(1)
-        from amaters.auth.principal import Credentials
+        from amaters.auth.principal import AUTH_ANONYMOUS, Credentials
 
         self._credentials_type = Credentials
+        self._anonymous = AUTH_ANONYMOUS
 
     # -- worker-thread helpers ------------------------------------------------------------------
 
@@ -448,20 +449,41 @@ class AqlServicer:
             self._logout(principal)
             raise
 
-    def _login(self, context: grpc.ServicerContext, answers: _Answers, info: CallInfo) -> Any:
-        """Log in for a whole stream; the caller logs out (:meth:`_logout`) when it ends."""
+    def _login(
+        self, context: grpc.ServicerContext, answers: _Answers, info: CallInfo, stream: bool = False
+    ) -> Any:
+        """Log in for a whole stream; the caller logs out (:meth:`_logout`) when it ends.  A
+        ``stream`` (ExecuteStream, ExecuteInteractive) then counts among its principal's open
+        streams until it returns (:meth:`PrincipalStreams.leave`, from :func:`_handlers`); past
+        ``grpc.max_streams_per_principal`` it is refused with RESOURCE_EXHAUSTED instead."""
         try:
-            return self._wait(answers, self.pipeline.limits.request_timeout, self._r_login, info)
+            principal = self._wait(answers, self.pipeline.limits.request_timeout, self._r_login, info)
         except _CallRefused as e:
             context.abort(e.code, e.message)
         except queue.Empty:
             context.abort(grpc.StatusCode.UNAVAILABLE, "authentication did not finish in time")
         except _Ended:
             context.abort(grpc.StatusCode.CANCELLED, "the call ended")
+        if not stream:
+            return principal
+        if getattr(principal, "auth_method", None) == self._anonymous:
+            # With auth off every caller is the same anonymous principal: count by address.
+            holder = f"address {client_address(context.peer())}"
+        else:
+            holder = f"principal {getattr(principal, 'id', '')}"
+        open_streams = self.owner.principal_streams.enter(context, holder)
+        if open_streams is not None:
+            self._logout(principal)
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{open_streams} streams of this principal are open (grpc.max_streams_per_principal);"
+                " retry when one has ended",
+            )
+        return principal
 
     def ExecuteStream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
         info, answers = self._begin(context)
-        principal = self._login(context, answers, info)
+        principal = self._login(context, answers, info, stream=True)
         try:
             request = self._single_request(requests, context, "ExecuteStream", aql_pb2.QueryRequest)
             kind = request.query.WhichOneof("query")
@@ -534,15 +556,34 @@ class AqlServicer:
 
     def ExecuteInteractive(self, request_iterator: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         info, answers = self._begin(context)
-        principal = self._login(context, answers, info)
+        principal = self._login(context, answers, info, stream=True)
         try:
-            for data in request_iterator:
+            for data in self._interactive_requests(request_iterator, context):
                 request = _parse(context, aql_pb2.QueryRequest, data)
                 yield self._unary(
                     context, answers, info, self._r_query, request, _query_error, "query", principal
                 )
         finally:
             self._logout(principal)
+
+    def _interactive_requests(
+        self, requests: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        """An interactive stream's request messages; the stream is cancelled when the next one has
+        not arrived ``limits.idle_timeout`` seconds (the setting now) after the last answer, as an
+        idle native connection is closed: a stream waiting for its client holds a worker thread."""
+        while True:
+            timeout = self.pipeline.limits.idle_timeout
+            with self.owner.read_watchdog.reading(context, timeout) as watched:
+                data = next(requests, None)
+            if watched.expired:
+                context.abort(
+                    grpc.StatusCode.CANCELLED,
+                    f"no request arrived on this interactive stream for {timeout:g} s (limits.idle_timeout)",
+                )
+            if data is None:
+                return
+            yield data
 
     # -- reactor thread -------------------------------------------------------------------------
 
@@ -733,6 +774,19 @@ def _handlers(servicer: AqlServicer) -> grpc.GenericRpcHandler:
     request stream of one message is exactly a unary request (HTTP/2 framing does not tell them
     apart), so unary clients see no difference, and grpcio reads a message only when the method
     asks for it, which it does after the login."""
+    streams = servicer.owner.principal_streams
+
+    def counted(method: Callable[[Iterator[bytes], grpc.ServicerContext], Iterator[Any]]) -> Any:
+        """``method``'s stream, given back to its principal's count when it returns."""
+
+        def run(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from method(requests, context)
+            finally:
+                streams.leave(context)
+
+        return run
+
     out_query = aql_pb2.QueryResponse.SerializeToString
     methods = {
         "ExecuteQuery": grpc.stream_unary_rpc_method_handler(servicer.ExecuteQuery, None, out_query),
@@ -740,10 +794,10 @@ def _handlers(servicer: AqlServicer) -> grpc.GenericRpcHandler:
             servicer.ExecuteBatch, None, aql_pb2.BatchResponse.SerializeToString
         ),
         "ExecuteStream": grpc.stream_stream_rpc_method_handler(
-            servicer.ExecuteStream, None, aql_pb2.StreamResponse.SerializeToString
+            counted(servicer.ExecuteStream), None, aql_pb2.StreamResponse.SerializeToString
         ),
         "ExecuteInteractive": grpc.stream_stream_rpc_method_handler(
-            servicer.ExecuteInteractive, None, out_query
+            counted(servicer.ExecuteInteractive), None, out_query
         ),
         "HealthCheck": grpc.stream_unary_rpc_method_handler(
             servicer.HealthCheck, None, aql_pb2.HealthCheckResponse.SerializeToString
@@ -894,6 +948,52 @@ def client_address(peer: str) -> str:
         return "unix"
     host = rest.rpartition(":")[0] or rest
     return host.replace("%5B", "[").replace("%5D", "]").strip("[]")
+
+
+class PrincipalStreams:
+    """The streams (ExecuteStream, ExecuteInteractive) each principal has open, between its login
+    and its return, capped at ``limit`` (0: no cap).  grpcio runs a call on one of
+    ``grpc.max_workers`` threads for as long as it lasts, and a stream lasts as long as its client
+    likes (an interactive stream between requests, a stream its client reads slowly): without a
+    cap, one principal's streams could hold every thread.  Unary calls are not counted: their
+    message must come within ``limits.frame_timeout`` and their answer within
+    ``limits.request_timeout``.  Thread-safe."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        #: Streams refused for the cap since the start.
+        self.refused = 0
+        self._lock = threading.Lock()
+        self._running: dict[str, int] = {}
+        self._holders: dict[grpc.ServicerContext, str] = {}
+
+    def enter(self, context: grpc.ServicerContext, holder: str) -> int | None:
+        """Count ``context``'s stream among ``holder``'s: None when it may run, else the streams
+        ``holder`` already has open (this one is not counted)."""
+        with self._lock:
+            running = self._running.get(holder, 0)
+            if 0 < self.limit <= running:
+                self.refused += 1
+                return running
+            self._running[holder] = running + 1
+            self._holders[context] = holder
+        return None
+
+    def leave(self, context: grpc.ServicerContext) -> None:
+        """``context``'s stream has returned (nothing when it was never counted)."""
+        with self._lock:
+            holder = self._holders.pop(context, None)
+            if holder is not None:
+                _count_down(self._running, holder)
+
+    def running(self, holder: str) -> int:
+        with self._lock:
+            return self._running.get(holder, 0)
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            return len(self._holders)
 
 
 class _ReadGate:
@@ -1248,6 +1348,8 @@ class GrpcService(service.Service):
         self.server: grpc.Server | None = None
         self.port: int | None = None
         self.health = ReadinessHealth(self._serving, config.grpc.max_health_watches)
+        #: Open streams by principal (``grpc.max_streams_per_principal``).
+        self.principal_streams = PrincipalStreams(config.grpc.max_streams_per_principal)
         #: Cancels calls whose request message does not arrive in time (its thread starts with
         #: the first read it watches).
         self.read_watchdog = ReadWatchdog()
@@ -1302,7 +1404,7 @@ class GrpcService(service.Service):
         self._inflight_gauge = Gauge(
             "amaters_grpc_calls_in_flight", "gRPC AqlService calls running now.", registry=registry
         )
-        registry.register(_HealthWatchCollector(self.health))
+        registry.register(_RefusalCollector(self.health, self.principal_streams))
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -1424,22 +1526,25 @@ class GrpcService(service.Service):
     def prepare_reload(self, old: Config, new: Config) -> Callable[[], None] | None:
         """Reload hook: load and check the new TLS material now, swap it in on commit (new
         connections use it; open ones keep theirs); a new ``grpc.max_health_watches`` applies to
-        the Watch streams opened from then on."""
+        the Watch streams opened from then on, a new ``grpc.max_streams_per_principal`` to the streams
+        logging in from then on."""
         watches = new.grpc.max_health_watches
+        per_principal = new.grpc.max_streams_per_principal
+
+        def set_caps() -> None:
+            self.health.max_watches = watches
+            self.principal_streams.limit = per_principal
+
         if self.server is None or not new.tls.enabled or not old.tls.enabled:
-            if watches == old.grpc.max_health_watches:
+            if (watches, per_principal) == (old.grpc.max_health_watches, old.grpc.max_streams_per_principal):
                 return None
-
-            def set_watches() -> None:
-                self.health.max_watches = watches
-
-            return set_watches
+            return set_caps
         material = self.tls_provider(new)
         if material.require_client_auth != (self._tls is not None and self._tls.require_client_auth):
             self._log.warn("tls.client_auth changes apply to gRPC after a restart")
 
         def commit() -> None:
-            self.health.max_watches = watches
+            set_caps()
             with self._tls_lock:
                 self._tls = material
                 self._tls_pending = _certificate_configuration(material)
@@ -1464,12 +1569,13 @@ class GrpcService(service.Service):
             self._calls.labels(method=method, code=code.name).inc()
 
 
-class _HealthWatchCollector:
+class _RefusalCollector:
     """The health Watch streams open now, and those refused for ``grpc.max_health_watches`` or the
-    per-connection cap since the start."""
+    per-connection cap since the start; the streams refused for ``grpc.max_streams_per_principal``."""
 
-    def __init__(self, health: ReadinessHealth) -> None:
+    def __init__(self, health: ReadinessHealth, principal_streams: PrincipalStreams) -> None:
         self.health = health
+        self.principal_streams = principal_streams
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -1483,6 +1589,12 @@ class _HealthWatchCollector:
             "amaters_grpc_health_watches_refused",
             "grpc.health.v1 Watch streams refused (grpc.max_health_watches, or 4 per connection).",
             value=self.health.refused,
+        )
+        yield CounterMetricFamily(
+            "amaters_grpc_principal_streams_refused",
+            "ExecuteStream and ExecuteInteractive calls refused because their principal had"
+            " grpc.max_streams_per_principal open.",
+            value=self.principal_streams.refused,
         )
 
 

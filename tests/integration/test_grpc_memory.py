@@ -233,11 +233,7 @@ def test_health_watch_streams_hold_no_worker_thread(server: ServerProcess) -> No
             for each in stubs:
                 for _ in range(4):
                     watches.append(_watch_opens(each))
-            info = channel.unary_unary(
-                "/amaters.aql.AqlService/GetServerInfo",
-                request_serializer=aql_pb2.ServerInfoRequest.SerializeToString,
-                response_deserializer=aql_pb2.ServerInfoResponse.FromString,
-            )
+            info = _server_info(channel)
             answer = info(
                 aql_pb2.ServerInfoRequest(),
                 metadata=[("authorization", f"Bearer {token(['admin'])}")],
@@ -435,11 +431,7 @@ def test_silent_calls_without_login_hold_no_worker_for_long(tmp_path: Path) -> N
     try:
         time.sleep(2)
         with _connection(process) as channel:
-            info = channel.unary_unary(
-                "/amaters.aql.AqlService/GetServerInfo",
-                request_serializer=aql_pb2.ServerInfoRequest.SerializeToString,
-                response_deserializer=aql_pb2.ServerInfoResponse.FromString,
-            )
+            info = _server_info(channel)
             for _ in range(3):
                 answer = info(
                     aql_pb2.ServerInfoRequest(),
@@ -515,3 +507,101 @@ def test_a_logged_in_call_whose_message_never_comes_is_cancelled(tmp_path: Path)
     finally:
         stop.set()
         process.cleanup()
+
+
+def test_one_principal_cannot_hold_every_worker_with_streams(tmp_path: Path) -> None:
+    """A logged-in principal, even one with no rights, has at most grpc.max_streams_per_principal
+    streams open at once (RESOURCE_EXHAUSTED past it), so its idle interactive streams leave the
+    other worker threads to other principals; an interactive stream with no request for
+    limits.idle_timeout is cancelled, which gives its place back; SIGHUP applies a new cap.  Before,
+    16 idle streams of a principal without any role held every worker, and every other gRPC call
+    waited past its deadline."""
+    import threading
+
+    process = ServerProcess(
+        tmp_path / "principal-streams",
+        [
+            "tls.enabled=false",
+            "storage.backend=memory",
+            "auth.enabled=true",
+            f"auth.jwt.secret={SECRET}",
+            "limits.idle_timeout=2",
+        ],
+        config_text="max_workers = 4\nmax_streams_per_principal = 3\n",  # in the harness's [grpc] table
+    )
+    process.start().wait_ready()
+    stop = threading.Event()
+    nobody = [("authorization", f"Bearer {jwt.encode(_claims('nobody', []), SECRET, algorithm='HS256')}")]
+    other = [
+        ("authorization", f"Bearer {jwt.encode(_claims('other', ['admin']), SECRET, algorithm='HS256')}")
+    ]
+
+    def nothing() -> Iterator[bytes]:
+        stop.wait()
+        yield from ()
+
+    def codes(calls: list[Any]) -> list[grpc.StatusCode]:
+        return sorted((call.code() for call in calls), key=lambda code: code.name)
+
+    try:
+        with _connection(process) as channel:
+            interactive = channel.stream_stream(
+                "/amaters.aql.AqlService/ExecuteInteractive",
+                response_deserializer=aql_pb2.QueryResponse.FromString,
+            )
+            idle = [interactive(nothing(), metadata=nobody, timeout=30) for _ in range(4)]
+            deadline = time.monotonic() + 10
+            while _metric(process, "amaters_grpc_principal_streams_refused_total") < 1:
+                assert time.monotonic() < deadline, "the fourth stream of one principal was not refused"
+                time.sleep(0.05)
+            with _connection(process) as second:
+                info = _server_info(second)
+                assert info(aql_pb2.ServerInfoRequest(), metadata=other, timeout=5).capabilities
+                # Unary calls are not counted: this principal's are served too (refused by RBAC).
+                query = second.unary_unary(
+                    QUERY,
+                    request_serializer=aql_pb2.QueryRequest.SerializeToString,
+                    response_deserializer=aql_pb2.QueryResponse.FromString,
+                )
+                assert query(set_request(10), metadata=nobody, timeout=5).HasField("error")
+            # The three that ran are cancelled for their idleness, well before the client's 30 s.
+            assert codes(idle) == [grpc.StatusCode.CANCELLED] * 3 + [grpc.StatusCode.RESOURCE_EXHAUSTED]
+            refused = [call for call in idle if call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
+            assert "grpc.max_streams_per_principal" in (refused[0].details() or "")
+
+            # Their places were given back: the principal is served (refused by RBAC, in-band).
+            get = aql_pb2.QueryRequest()
+            get.query.get.collection, get.query.get.key.data = "c", b"k"
+            answers = list(interactive(iter([get.SerializeToString()]), metadata=nobody, timeout=10))
+            assert len(answers) == 1 and answers[0].HasField("error")
+
+            process.config_path.write_text(
+                process.config_path.read_text().replace(
+                    "max_streams_per_principal = 3", "max_streams_per_principal = 2"
+                )
+            )
+            process.signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while True:
+                idle = [interactive(nothing(), metadata=nobody, timeout=30) for _ in range(3)]
+                if codes(idle).count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 1:
+                    break
+                assert time.monotonic() < deadline, "the new grpc.max_streams_per_principal was not applied"
+        stop.set()
+        assert process.stop(timeout=20) == 0
+        assert "Traceback" not in process.log()
+    finally:
+        stop.set()
+        process.cleanup()
+
+
+def _server_info(channel: grpc.Channel) -> Any:
+    return channel.unary_unary(
+        "/amaters.aql.AqlService/GetServerInfo",
+        request_serializer=aql_pb2.ServerInfoRequest.SerializeToString,
+        response_deserializer=aql_pb2.ServerInfoResponse.FromString,
+    )
+
+
+def _claims(subject: str, roles: list[str]) -> dict[str, Any]:
+    return {"sub": subject, "roles": roles, "exp": int(time.time()) + 300}

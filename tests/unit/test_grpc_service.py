@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2
 from amaters.auth.principal import Credentials
 from amaters.config import ConfigError, grpc_bind_address, load_config
 from amaters.protocols.grpc_service import (
+    PrincipalStreams,
     ReadinessHealth,
     ReadWatchdog,
     _CallRefused,
@@ -407,3 +408,36 @@ def test_the_watchdog_cancels_only_reads_past_their_deadline() -> None:
     later = _ReadContext("ipv4:10.0.0.1:4")  # the thread keeps serving after idling
     watchdog.watch(later, 0.05)
     assert later.cancelled.wait(10)
+
+
+def test_a_principal_has_at_most_its_cap_of_streams_open() -> None:
+    """Past ``limit`` open streams of one holder, ``enter`` refuses (saying how many are open) and
+    does not count the stream; other holders are not affected; a stream that returned makes room;
+    leaving twice, or for a stream never counted, changes nothing; a cap changed later applies to the streams
+    entering from then on, and 0 means no cap."""
+    streams = PrincipalStreams(limit=2)
+    a = [_WatchContext(peer=f"ipv4:10.0.0.1:{port}") for port in range(4)]
+    assert streams.enter(a[0], "principal a") is None
+    assert streams.enter(a[1], "principal a") is None
+    assert streams.enter(a[2], "principal a") == 2
+    b = _WatchContext(peer="ipv4:10.0.0.2:1")
+    assert streams.enter(b, "principal b") is None
+    assert (streams.running("principal a"), streams.running("principal b"), streams.total) == (2, 1, 3)
+    assert streams.refused == 1
+
+    streams.leave(a[2])  # refused: never counted
+    streams.leave(a[0])
+    streams.leave(a[0])
+    assert streams.running("principal a") == 1
+    assert streams.enter(a[3], "principal a") is None
+    assert streams.enter(a[0], "principal a") == 2
+
+    streams.limit = 0
+    many = [_WatchContext(peer=f"ipv4:10.0.0.1:{port}") for port in range(10, 20)]
+    assert all(streams.enter(context, "principal a") is None for context in many)
+    streams.limit = 1
+    assert streams.enter(a[2], "principal a") == 12
+    for context in [a[1], a[3], b, *many]:
+        streams.leave(context)
+    assert streams.total == 0 and streams._running == {} and streams._holders == {}
+    assert streams.refused == 3
