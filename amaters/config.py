@@ -323,11 +323,12 @@ class GrpcConfig:
         minimum=1,
         reloadable=True,
     )
-    max_streams_per_principal: int = setting(
+    max_waiting_calls_per_principal: int = setting(
         8,
-        "ExecuteStream and ExecuteInteractive calls one principal (one user or key; with auth off,"
-        " one client address) may have open at once; more get RESOURCE_EXHAUSTED. A stream holds a"
-        " worker thread while open, waiting on its client as long as it likes, so below"
+        "AqlService calls one principal (one user or key; with auth off, one client address) may"
+        " have waiting on its client at once: its ExecuteStream and ExecuteInteractive streams, and"
+        " its calls whose request message has not come 1 s after the login. More streams get"
+        " RESOURCE_EXHAUSTED, more late calls are cancelled. Each holds a worker thread, so below"
         " grpc.max_workers one principal cannot hold them all (0: no limit).",
         minimum=0,
         reloadable=True,

@@ -408,7 +408,7 @@ class AqlServicer:
         info, answers = self._begin(context)
         principal = self._login(context, answers, info)
         try:
-            op = operation(self._single_request(requests, context, method, None))
+            op = operation(self._single_request(requests, context, method, None, principal))
         except BaseException:
             self._logout(principal)
             raise
@@ -428,11 +428,28 @@ class AqlServicer:
             context.abort(_status_for(e), e.message)
 
     def _single_request(
-        self, requests: Iterator[bytes], context: grpc.ServicerContext, method: str, message_type: Any
+        self,
+        requests: Iterator[bytes],
+        context: grpc.ServicerContext,
+        method: str,
+        message_type: Any,
+        principal: Any = None,
     ) -> Any:
-        """:func:`_single_request`, cancelled past ``limits.frame_timeout`` (the setting now)."""
+        """:func:`_single_request`, cancelled past ``limits.frame_timeout`` (the setting now).  With
+        ``principal``, a message not arrived :data:`LATE_MESSAGE_SECONDS` after the read began
+        makes the call count among the principal's waiting calls until it has (cancelled at once
+        when the principal already has ``grpc.max_waiting_calls_per_principal``)."""
         timeout = self.pipeline.limits.frame_timeout
-        return _single_request(requests, context, method, message_type, self.owner.read_watchdog, timeout)
+        watchdog = self.owner.read_watchdog
+        if principal is None:
+            return _single_request(requests, context, method, message_type, watchdog, timeout)
+        late = _LateRead(self.owner.principal_waits, context, self._holder(context, principal))
+        try:
+            return _single_request(
+                requests, context, method, message_type, watchdog, timeout, (LATE_MESSAGE_SECONDS, late)
+            )
+        finally:
+            late.finished()
 
     def _read_one(
         self,
@@ -444,7 +461,7 @@ class AqlServicer:
     ) -> Any:
         """:func:`_single_request` for a logged-in call; logs ``principal`` out when that fails."""
         try:
-            return self._single_request(requests, context, method, message_type)
+            return self._single_request(requests, context, method, message_type, principal)
         except BaseException:
             self._logout(principal)
             raise
@@ -453,9 +470,9 @@ class AqlServicer:
         self, context: grpc.ServicerContext, answers: _Answers, info: CallInfo, stream: bool = False
     ) -> Any:
         """Log in for a whole stream; the caller logs out (:meth:`_logout`) when it ends.  A
-        ``stream`` (ExecuteStream, ExecuteInteractive) then counts among its principal's open
-        streams until it returns (:meth:`PrincipalStreams.leave`, from :func:`_handlers`); past
-        ``grpc.max_streams_per_principal`` it is refused with RESOURCE_EXHAUSTED instead."""
+        ``stream`` (ExecuteStream, ExecuteInteractive) then counts among its principal's waiting
+        calls until it returns (:meth:`PrincipalWaits.leave`, from :func:`_handlers`); past
+        ``grpc.max_waiting_calls_per_principal`` it is refused with RESOURCE_EXHAUSTED instead."""
         try:
             principal = self._wait(answers, self.pipeline.limits.request_timeout, self._r_login, info)
         except _CallRefused as e:
@@ -466,20 +483,22 @@ class AqlServicer:
             context.abort(grpc.StatusCode.CANCELLED, "the call ended")
         if not stream:
             return principal
-        if getattr(principal, "auth_method", None) == self._anonymous:
-            # With auth off every caller is the same anonymous principal: count by address.
-            holder = f"address {client_address(context.peer())}"
-        else:
-            holder = f"principal {getattr(principal, 'id', '')}"
-        open_streams = self.owner.principal_streams.enter(context, holder)
-        if open_streams is not None:
+        waiting = self.owner.principal_waits.enter(context, self._holder(context, principal))
+        if waiting is not None:
             self._logout(principal)
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{open_streams} streams of this principal are open (grpc.max_streams_per_principal);"
-                " retry when one has ended",
+                f"{waiting} calls of this principal are waiting on their client"
+                " (grpc.max_waiting_calls_per_principal); retry when one has ended",
             )
         return principal
+
+    def _holder(self, context: grpc.ServicerContext, principal: Any) -> str:
+        """Whose waiting calls a call counts among: its principal's, or with auth off (every
+        caller the same anonymous principal) its client address's."""
+        if getattr(principal, "auth_method", None) == self._anonymous:
+            return f"address {client_address(context.peer())}"
+        return f"principal {getattr(principal, 'id', '')}"
 
     def ExecuteStream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
         info, answers = self._begin(context)
@@ -696,13 +715,16 @@ def _single_request(
     message_type: Any,
     watchdog: ReadWatchdog,
     timeout: float,
+    late: tuple[float, Callable[[_Watched], None]] | None = None,
 ) -> Any:
     """The one request message of a unary-request method, read now: parsed as ``message_type``
     (the bytes when None).  A call that sends no message, or a second one, ends with
     INVALID_ARGUMENT (a unary client sends its message and half-closes at once, so looking for a
     second one does not wait).  A call whose message and end have not both arrived within
-    ``timeout`` seconds (``limits.frame_timeout``; 0: no limit) is cancelled by ``watchdog``."""
-    with watchdog.reading(context, timeout) as watched:
+    ``timeout`` seconds (``limits.frame_timeout``; 0: no limit) is cancelled by ``watchdog``;
+    ``late`` is ``(seconds, called)``: ``called(watched)`` on the watchdog's thread if the read
+    is still going after those seconds."""
+    with watchdog.reading(context, timeout, late) as watched:
         data: Any = next(requests, None)
         problem = "none was sent" if data is None else None
         if problem is None and next(requests, None) is not None:
@@ -774,7 +796,7 @@ def _handlers(servicer: AqlServicer) -> grpc.GenericRpcHandler:
     request stream of one message is exactly a unary request (HTTP/2 framing does not tell them
     apart), so unary clients see no difference, and grpcio reads a message only when the method
     asks for it, which it does after the login."""
-    streams = servicer.owner.principal_streams
+    streams = servicer.owner.principal_waits
 
     def counted(method: Callable[[Iterator[bytes], grpc.ServicerContext], Iterator[Any]]) -> Any:
         """``method``'s stream, given back to its principal's count when it returns."""
@@ -813,12 +835,14 @@ def _handlers(servicer: AqlServicer) -> grpc.GenericRpcHandler:
 
 
 class _Watched:
-    """One read under a :class:`ReadWatchdog`: ``expired`` once its call was cancelled."""
+    """One read under a :class:`ReadWatchdog`: ``expired`` once its deadline passed (and its call
+    was cancelled, or ``action`` called instead)."""
 
-    __slots__ = ("context", "expired")
+    __slots__ = ("action", "context", "expired")
 
-    def __init__(self, context: grpc.ServicerContext) -> None:
+    def __init__(self, context: grpc.ServicerContext, action: Callable[[], None] | None = None) -> None:
         self.context = context
+        self.action = action
         self.expired = False
 
 
@@ -833,6 +857,8 @@ class ReadWatchdog:
     before it (a finished read does not wake it).
     """
 
+    _log = Logger()
+
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._changed = threading.Condition()
@@ -843,21 +869,35 @@ class ReadWatchdog:
         self._wakes_at = float("inf")
 
     @contextmanager
-    def reading(self, context: grpc.ServicerContext, seconds: float) -> Iterator[_Watched]:
+    def reading(
+        self,
+        context: grpc.ServicerContext,
+        seconds: float,
+        late: tuple[float, Callable[[_Watched], None]] | None = None,
+    ) -> Iterator[_Watched]:
         """Watch the read done inside the block (not at all when ``seconds`` is 0):
-        ``watched.expired`` afterwards says whether its call was cancelled."""
-        if seconds <= 0:
-            yield _Watched(context)
-            return
-        watched = self.watch(context, seconds)
+        ``watched.expired`` afterwards says whether its call was cancelled.  ``late``, ``(after,
+        called)``: ``called(watched)`` runs on the watchdog's thread if the read is still going
+        ``after`` seconds on (sooner than ``seconds``)."""
+        watched = self.watch(context, seconds) if seconds > 0 else _Watched(context)
+        flag = None
+        if late is not None and (seconds <= 0 or late[0] < seconds):
+            after, called = late
+            flag = self.watch(context, after, lambda: called(watched))
         try:
             yield watched
         finally:
-            self.done(watched)
+            if seconds > 0:
+                self.done(watched)
+            if flag is not None:
+                self.done(flag)
 
-    def watch(self, context: grpc.ServicerContext, seconds: float) -> _Watched:
-        """Start watching a read of ``context``'s call; :meth:`done` when it has finished."""
-        watched = _Watched(context)
+    def watch(
+        self, context: grpc.ServicerContext, seconds: float, action: Callable[[], None] | None = None
+    ) -> _Watched:
+        """Start watching a read of ``context``'s call; :meth:`done` when it has finished.  Past
+        ``seconds`` the call is cancelled, or ``action()`` called instead when given."""
+        watched = _Watched(context, action)
         with self._changed:
             deadline = self._clock() + seconds
             self._queues.setdefault(seconds, {})[watched] = deadline
@@ -885,7 +925,13 @@ class ReadWatchdog:
                     self._changed.wait(wait)
                     due = self._due()
             for watched in due:  # outside the lock: cancelling runs grpcio's callbacks
-                watched.context.cancel()
+                if watched.action is None:
+                    watched.context.cancel()
+                else:
+                    try:
+                        watched.action()
+                    except Exception:
+                        self._log.failure("A late gRPC read could not be handled")
 
     def _due(self) -> list[_Watched]:
         # With the lock held: the reads past their deadline, taken out and marked.
@@ -950,26 +996,32 @@ def client_address(peer: str) -> str:
     return host.replace("%5B", "[").replace("%5D", "]").strip("[]")
 
 
-class PrincipalStreams:
-    """The streams (ExecuteStream, ExecuteInteractive) each principal has open, between its login
-    and its return, capped at ``limit`` (0: no cap).  grpcio runs a call on one of
-    ``grpc.max_workers`` threads for as long as it lasts, and a stream lasts as long as its client
-    likes (an interactive stream between requests, a stream its client reads slowly): without a
-    cap, one principal's streams could hold every thread.  Unary calls are not counted: their
-    message must come within ``limits.frame_timeout`` and their answer within
-    ``limits.request_timeout``.  Thread-safe."""
+#: Seconds after which a logged-in call's request message is late: a client sends it with the
+#: call's headers, so a call still waiting for it then counts among its principal's waiting calls.
+LATE_MESSAGE_SECONDS = 1.0
+
+
+class PrincipalWaits:
+    """The calls each principal has waiting on its client, capped at ``limit`` (0: no cap): its
+    streams (ExecuteStream, ExecuteInteractive) from login to return, and its unary calls whose
+    request message is late (:data:`LATE_MESSAGE_SECONDS`) until it has come.  grpcio runs a call
+    on one of ``grpc.max_workers`` threads for as long as it lasts, and such a call lasts as long
+    as its client likes (an interactive stream between requests, a stream read slowly, a message
+    that never comes, up to ``limits.frame_timeout``): without a cap, one principal's calls could
+    hold every thread.  A unary call whose message comes in time is never counted, however many
+    run at once.  Thread-safe."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        #: Streams refused for the cap since the start.
+        #: Calls refused (or cancelled) for the cap since the start.
         self.refused = 0
         self._lock = threading.Lock()
         self._running: dict[str, int] = {}
         self._holders: dict[grpc.ServicerContext, str] = {}
 
     def enter(self, context: grpc.ServicerContext, holder: str) -> int | None:
-        """Count ``context``'s stream among ``holder``'s: None when it may run, else the streams
-        ``holder`` already has open (this one is not counted)."""
+        """Count ``context``'s call among ``holder``'s: None when it may wait, else the calls
+        ``holder`` already has waiting (this one is not counted)."""
         with self._lock:
             running = self._running.get(holder, 0)
             if 0 < self.limit <= running:
@@ -980,7 +1032,7 @@ class PrincipalStreams:
         return None
 
     def leave(self, context: grpc.ServicerContext) -> None:
-        """``context``'s stream has returned (nothing when it was never counted)."""
+        """``context``'s call no longer waits (nothing when it was never counted)."""
         with self._lock:
             holder = self._holders.pop(context, None)
             if holder is not None:
@@ -994,6 +1046,31 @@ class PrincipalStreams:
     def total(self) -> int:
         with self._lock:
             return len(self._holders)
+
+
+class _LateRead:
+    """A logged-in call's read of its request message, counted among its principal's waiting calls
+    once it is late (``late``, called on the watchdog's thread) until :meth:`finished`.  The lock
+    keeps a read that finishes as it turns late from being counted after it has finished."""
+
+    def __init__(self, waits: PrincipalWaits, context: grpc.ServicerContext, holder: str) -> None:
+        self.waits = waits
+        self.context = context
+        self.holder = holder
+        self._lock = threading.Lock()
+        self._over = False
+
+    def __call__(self, watched: _Watched) -> None:
+        with self._lock:
+            if self._over or self.waits.enter(self.context, self.holder) is None:
+                return
+            watched.expired = True
+        self.context.cancel()  # past the cap: this call waits no longer
+
+    def finished(self) -> None:
+        with self._lock:
+            self._over = True
+            self.waits.leave(self.context)
 
 
 class _ReadGate:
@@ -1348,8 +1425,8 @@ class GrpcService(service.Service):
         self.server: grpc.Server | None = None
         self.port: int | None = None
         self.health = ReadinessHealth(self._serving, config.grpc.max_health_watches)
-        #: Open streams by principal (``grpc.max_streams_per_principal``).
-        self.principal_streams = PrincipalStreams(config.grpc.max_streams_per_principal)
+        #: Calls waiting on their client, by principal (``grpc.max_waiting_calls_per_principal``).
+        self.principal_waits = PrincipalWaits(config.grpc.max_waiting_calls_per_principal)
         #: Cancels calls whose request message does not arrive in time (its thread starts with
         #: the first read it watches).
         self.read_watchdog = ReadWatchdog()
@@ -1404,7 +1481,7 @@ class GrpcService(service.Service):
         self._inflight_gauge = Gauge(
             "amaters_grpc_calls_in_flight", "gRPC AqlService calls running now.", registry=registry
         )
-        registry.register(_RefusalCollector(self.health, self.principal_streams))
+        registry.register(_RefusalCollector(self.health, self.principal_waits))
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -1526,17 +1603,20 @@ class GrpcService(service.Service):
     def prepare_reload(self, old: Config, new: Config) -> Callable[[], None] | None:
         """Reload hook: load and check the new TLS material now, swap it in on commit (new
         connections use it; open ones keep theirs); a new ``grpc.max_health_watches`` applies to
-        the Watch streams opened from then on, a new ``grpc.max_streams_per_principal`` to the streams
-        logging in from then on."""
+        the Watch streams opened from then on, a new ``grpc.max_waiting_calls_per_principal`` to the
+        calls that start waiting from then on."""
         watches = new.grpc.max_health_watches
-        per_principal = new.grpc.max_streams_per_principal
+        per_principal = new.grpc.max_waiting_calls_per_principal
 
         def set_caps() -> None:
             self.health.max_watches = watches
-            self.principal_streams.limit = per_principal
+            self.principal_waits.limit = per_principal
 
         if self.server is None or not new.tls.enabled or not old.tls.enabled:
-            if (watches, per_principal) == (old.grpc.max_health_watches, old.grpc.max_streams_per_principal):
+            if (watches, per_principal) == (
+                old.grpc.max_health_watches,
+                old.grpc.max_waiting_calls_per_principal,
+            ):
                 return None
             return set_caps
         material = self.tls_provider(new)
@@ -1571,11 +1651,11 @@ class GrpcService(service.Service):
 
 class _RefusalCollector:
     """The health Watch streams open now, and those refused for ``grpc.max_health_watches`` or the
-    per-connection cap since the start; the streams refused for ``grpc.max_streams_per_principal``."""
+    per-connection cap since the start; the calls refused for ``grpc.max_waiting_calls_per_principal``."""
 
-    def __init__(self, health: ReadinessHealth, principal_streams: PrincipalStreams) -> None:
+    def __init__(self, health: ReadinessHealth, principal_waits: PrincipalWaits) -> None:
         self.health = health
-        self.principal_streams = principal_streams
+        self.principal_waits = principal_waits
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -1591,10 +1671,10 @@ class _RefusalCollector:
             value=self.health.refused,
         )
         yield CounterMetricFamily(
-            "amaters_grpc_principal_streams_refused",
-            "ExecuteStream and ExecuteInteractive calls refused because their principal had"
-            " grpc.max_streams_per_principal open.",
-            value=self.principal_streams.refused,
+            "amaters_grpc_waiting_calls_refused",
+            "Streams refused, and calls whose request message was late cancelled, because their"
+            " principal had grpc.max_waiting_calls_per_principal calls waiting on its client.",
+            value=self.principal_waits.refused,
         )
 
 

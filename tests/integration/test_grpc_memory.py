@@ -509,25 +509,28 @@ def test_a_logged_in_call_whose_message_never_comes_is_cancelled(tmp_path: Path)
         process.cleanup()
 
 
-def test_one_principal_cannot_hold_every_worker_with_streams(tmp_path: Path) -> None:
-    """A logged-in principal, even one with no rights, has at most grpc.max_streams_per_principal
-    streams open at once (RESOURCE_EXHAUSTED past it), so its idle interactive streams leave the
-    other worker threads to other principals; an interactive stream with no request for
-    limits.idle_timeout is cancelled, which gives its place back; SIGHUP applies a new cap.  Before,
-    16 idle streams of a principal without any role held every worker, and every other gRPC call
-    waited past its deadline."""
+def test_one_principal_cannot_hold_every_worker(tmp_path: Path) -> None:
+    """A logged-in principal, even one with no rights, has at most
+    grpc.max_waiting_calls_per_principal calls waiting on its client: its streams (more are refused
+    with RESOURCE_EXHAUSTED) and its calls whose request message is 1 s late (more are cancelled
+    then, not after limits.frame_timeout).  So its idle interactive streams and its silent calls
+    leave the other worker threads to other principals, and its calls that send their message are
+    served; an interactive stream with no request for limits.idle_timeout is cancelled, which gives
+    its place back; SIGHUP applies a new cap.  Before, 16 idle streams of a principal without any
+    role held every worker, and every other gRPC call waited past its deadline."""
     import threading
 
     process = ServerProcess(
-        tmp_path / "principal-streams",
+        tmp_path / "principal-waits",
         [
             "tls.enabled=false",
             "storage.backend=memory",
             "auth.enabled=true",
             f"auth.jwt.secret={SECRET}",
             "limits.idle_timeout=2",
+            "limits.frame_timeout=6",
         ],
-        config_text="max_workers = 4\nmax_streams_per_principal = 3\n",  # in the harness's [grpc] table
+        config_text="max_workers = 4\nmax_waiting_calls_per_principal = 3\n",  # the harness's [grpc]
     )
     process.start().wait_ready()
     stop = threading.Event()
@@ -535,6 +538,7 @@ def test_one_principal_cannot_hold_every_worker_with_streams(tmp_path: Path) -> 
     other = [
         ("authorization", f"Bearer {jwt.encode(_claims('other', ['admin']), SECRET, algorithm='HS256')}")
     ]
+    refusals = "amaters_grpc_waiting_calls_refused_total"
 
     def nothing() -> Iterator[bytes]:
         stop.wait()
@@ -543,41 +547,51 @@ def test_one_principal_cannot_hold_every_worker_with_streams(tmp_path: Path) -> 
     def codes(calls: list[Any]) -> list[grpc.StatusCode]:
         return sorted((call.code() for call in calls), key=lambda code: code.name)
 
+    def refused(count: int, what: str) -> None:
+        deadline = time.monotonic() + 10
+        while _metric(process, refusals) < count:
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
     try:
-        with _connection(process) as channel:
+        with _connection(process) as channel, _connection(process) as second:
             interactive = channel.stream_stream(
                 "/amaters.aql.AqlService/ExecuteInteractive",
                 response_deserializer=aql_pb2.QueryResponse.FromString,
             )
+            query = channel.stream_unary(QUERY, response_deserializer=aql_pb2.QueryResponse.FromString)
+            info = _server_info(second)
+
             idle = [interactive(nothing(), metadata=nobody, timeout=30) for _ in range(4)]
-            deadline = time.monotonic() + 10
-            while _metric(process, "amaters_grpc_principal_streams_refused_total") < 1:
-                assert time.monotonic() < deadline, "the fourth stream of one principal was not refused"
-                time.sleep(0.05)
-            with _connection(process) as second:
-                info = _server_info(second)
-                assert info(aql_pb2.ServerInfoRequest(), metadata=other, timeout=5).capabilities
-                # Unary calls are not counted: this principal's are served too (refused by RBAC).
-                query = second.unary_unary(
-                    QUERY,
-                    request_serializer=aql_pb2.QueryRequest.SerializeToString,
-                    response_deserializer=aql_pb2.QueryResponse.FromString,
-                )
-                assert query(set_request(10), metadata=nobody, timeout=5).HasField("error")
+            refused(1, "the fourth stream of one principal was not refused")
+            assert info(aql_pb2.ServerInfoRequest(), metadata=other, timeout=5).capabilities
+            # A unary call that sends its message is not counted: served (refused by RBAC, in-band).
+            sent = query(iter([set_request(10).SerializeToString()]), metadata=nobody, timeout=5)
+            assert sent.HasField("error")
             # The three that ran are cancelled for their idleness, well before the client's 30 s.
             assert codes(idle) == [grpc.StatusCode.CANCELLED] * 3 + [grpc.StatusCode.RESOURCE_EXHAUSTED]
-            refused = [call for call in idle if call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
-            assert "grpc.max_streams_per_principal" in (refused[0].details() or "")
+            stream_refusal = [call for call in idle if call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
+            assert "grpc.max_waiting_calls_per_principal" in (stream_refusal[0].details() or "")
 
-            # Their places were given back: the principal is served (refused by RBAC, in-band).
+            # Their places were given back: the principal's stream is served (refused by RBAC).
             get = aql_pb2.QueryRequest()
             get.query.get.collection, get.query.get.key.data = "c", b"k"
             answers = list(interactive(iter([get.SerializeToString()]), metadata=nobody, timeout=10))
             assert len(answers) == 1 and answers[0].HasField("error")
 
+            # Silent unary calls: three wait until limits.frame_timeout, the fourth is cancelled
+            # once late, and the other principal keeps a thread meanwhile.
+            silent = [query.future(nothing(), metadata=nobody, timeout=30) for _ in range(4)]
+            refused(2, "the fourth late call of one principal was not cancelled")
+            assert info(aql_pb2.ServerInfoRequest(), metadata=other, timeout=5).capabilities
+            for call in silent:
+                with pytest.raises(grpc.RpcError) as ended:
+                    call.result(timeout=20)
+                assert ended.value.code() == grpc.StatusCode.CANCELLED
+
             process.config_path.write_text(
                 process.config_path.read_text().replace(
-                    "max_streams_per_principal = 3", "max_streams_per_principal = 2"
+                    "max_waiting_calls_per_principal = 3", "max_waiting_calls_per_principal = 2"
                 )
             )
             process.signal(signal.SIGHUP)
@@ -586,7 +600,9 @@ def test_one_principal_cannot_hold_every_worker_with_streams(tmp_path: Path) -> 
                 idle = [interactive(nothing(), metadata=nobody, timeout=30) for _ in range(3)]
                 if codes(idle).count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 1:
                     break
-                assert time.monotonic() < deadline, "the new grpc.max_streams_per_principal was not applied"
+                assert time.monotonic() < deadline, (
+                    "the new grpc.max_waiting_calls_per_principal was not applied"
+                )
         stop.set()
         assert process.stop(timeout=20) == 0
         assert "Traceback" not in process.log()

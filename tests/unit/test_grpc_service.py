@@ -13,10 +13,11 @@ from grpc_health.v1 import health_pb2
 from amaters.auth.principal import Credentials
 from amaters.config import ConfigError, grpc_bind_address, load_config
 from amaters.protocols.grpc_service import (
-    PrincipalStreams,
+    PrincipalWaits,
     ReadinessHealth,
     ReadWatchdog,
     _CallRefused,
+    _LateRead,
     _ReadGate,
     call_info,
     client_address,
@@ -415,7 +416,7 @@ def test_a_principal_has_at_most_its_cap_of_streams_open() -> None:
     does not count the stream; other holders are not affected; a stream that returned makes room;
     leaving twice, or for a stream never counted, changes nothing; a cap changed later applies to the streams
     entering from then on, and 0 means no cap."""
-    streams = PrincipalStreams(limit=2)
+    streams = PrincipalWaits(limit=2)
     a = [_WatchContext(peer=f"ipv4:10.0.0.1:{port}") for port in range(4)]
     assert streams.enter(a[0], "principal a") is None
     assert streams.enter(a[1], "principal a") is None
@@ -441,3 +442,34 @@ def test_a_principal_has_at_most_its_cap_of_streams_open() -> None:
         streams.leave(context)
     assert streams.total == 0 and streams._running == {} and streams._holders == {}
     assert streams.refused == 3
+
+
+def test_a_late_read_counts_among_its_principals_waiting_calls_until_it_finishes() -> None:
+    """A read still going ``after`` seconds on counts among its holder's waiting calls until it
+    finishes; past the cap it is cancelled instead (and marked expired); a read finished in time
+    is never counted, even when its turn to be late comes after it finished."""
+    watchdog = ReadWatchdog()
+    waits = PrincipalWaits(limit=1)
+    first, second = _ReadContext("ipv4:10.0.0.1:1"), _ReadContext("ipv4:10.0.0.1:2")
+    first_late, second_late = _LateRead(waits, first, "principal a"), _LateRead(waits, second, "principal a")
+    with watchdog.reading(first, 30.0, (0.05, first_late)) as first_read:
+        deadline = time.monotonic() + 10
+        while waits.running("principal a") < 1:
+            assert time.monotonic() < deadline, "the late read was not counted"
+            time.sleep(0.01)
+        with watchdog.reading(second, 30.0, (0.05, second_late)) as second_read:
+            assert second.cancelled.wait(10)  # the holder's one place is taken
+        assert second_read.expired and waits.refused == 1
+        second_late.finished()
+        assert not first.cancelled.is_set() and not first_read.expired
+    first_late.finished()
+    assert waits.total == 0
+
+    in_time = _ReadContext("ipv4:10.0.0.1:3")
+    late = _LateRead(waits, in_time, "principal a")
+    with watchdog.reading(in_time, 30.0, (0.05, late)) as read:
+        pass
+    late.finished()
+    late(read)  # its turn comes after it finished (the watchdog took it just before)
+    time.sleep(0.2)
+    assert waits.total == 0 and not in_time.cancelled.is_set() and not read.expired
