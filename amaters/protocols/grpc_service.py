@@ -796,7 +796,7 @@ def _handlers(servicer: AqlServicer) -> grpc.GenericRpcHandler:
     request stream of one message is exactly a unary request (HTTP/2 framing does not tell them
     apart), so unary clients see no difference, and grpcio reads a message only when the method
     asks for it, which it does after the login."""
-    streams = servicer.owner.principal_waits
+    waits = servicer.owner.principal_waits
 
     def counted(method: Callable[[Iterator[bytes], grpc.ServicerContext], Iterator[Any]]) -> Any:
         """``method``'s stream, given back to its principal's count when it returns."""
@@ -805,7 +805,7 @@ def _handlers(servicer: AqlServicer) -> grpc.GenericRpcHandler:
             try:
                 yield from method(requests, context)
             finally:
-                streams.leave(context)
+                waits.leave(context)
 
         return run
 
@@ -1016,18 +1016,18 @@ class PrincipalWaits:
         #: Calls refused (or cancelled) for the cap since the start.
         self.refused = 0
         self._lock = threading.Lock()
-        self._running: dict[str, int] = {}
+        self._waiting: dict[str, int] = {}
         self._holders: dict[grpc.ServicerContext, str] = {}
 
     def enter(self, context: grpc.ServicerContext, holder: str) -> int | None:
         """Count ``context``'s call among ``holder``'s: None when it may wait, else the calls
         ``holder`` already has waiting (this one is not counted)."""
         with self._lock:
-            running = self._running.get(holder, 0)
-            if 0 < self.limit <= running:
+            waiting = self._waiting.get(holder, 0)
+            if 0 < self.limit <= waiting:
                 self.refused += 1
-                return running
-            self._running[holder] = running + 1
+                return waiting
+            self._waiting[holder] = waiting + 1
             self._holders[context] = holder
         return None
 
@@ -1036,11 +1036,11 @@ class PrincipalWaits:
         with self._lock:
             holder = self._holders.pop(context, None)
             if holder is not None:
-                _count_down(self._running, holder)
+                _count_down(self._waiting, holder)
 
-    def running(self, holder: str) -> int:
+    def waiting(self, holder: str) -> int:
         with self._lock:
-            return self._running.get(holder, 0)
+            return self._waiting.get(holder, 0)
 
     @property
     def total(self) -> int:

@@ -423,13 +423,13 @@ def test_a_principal_has_at_most_its_cap_of_streams_open() -> None:
     assert streams.enter(a[2], "principal a") == 2
     b = _WatchContext(peer="ipv4:10.0.0.2:1")
     assert streams.enter(b, "principal b") is None
-    assert (streams.running("principal a"), streams.running("principal b"), streams.total) == (2, 1, 3)
+    assert (streams.waiting("principal a"), streams.waiting("principal b"), streams.total) == (2, 1, 3)
     assert streams.refused == 1
 
     streams.leave(a[2])  # refused: never counted
     streams.leave(a[0])
     streams.leave(a[0])
-    assert streams.running("principal a") == 1
+    assert streams.waiting("principal a") == 1
     assert streams.enter(a[3], "principal a") is None
     assert streams.enter(a[0], "principal a") == 2
 
@@ -440,7 +440,7 @@ def test_a_principal_has_at_most_its_cap_of_streams_open() -> None:
     assert streams.enter(a[2], "principal a") == 12
     for context in [a[1], a[3], b, *many]:
         streams.leave(context)
-    assert streams.total == 0 and streams._running == {} and streams._holders == {}
+    assert streams.total == 0 and streams._waiting == {} and streams._holders == {}
     assert streams.refused == 3
 
 
@@ -454,7 +454,7 @@ def test_a_late_read_counts_among_its_principals_waiting_calls_until_it_finishes
     first_late, second_late = _LateRead(waits, first, "principal a"), _LateRead(waits, second, "principal a")
     with watchdog.reading(first, 30.0, (0.05, first_late)) as first_read:
         deadline = time.monotonic() + 10
-        while waits.running("principal a") < 1:
+        while waits.waiting("principal a") < 1:
             assert time.monotonic() < deadline, "the late read was not counted"
             time.sleep(0.01)
         with watchdog.reading(second, 30.0, (0.05, second_late)) as second_read:
