@@ -21,7 +21,6 @@ wrong bytes.  Both checks are a few microseconds for small values and about 1 ms
 from __future__ import annotations
 
 import struct
-import zlib
 
 from amaters.errors import Corrupted, InvalidValue
 from amaters.types import CipherBlob, Compression, crc32
@@ -61,7 +60,7 @@ def encode(blob: CipherBlob) -> bytes:
         # struct refuses a negative or too wide field; find which one for the message.
         _check_fields(blob)
         raise
-    return b"".join((header, _HEADER_CRC.pack(zlib.crc32(header)), blob.data))
+    return b"".join((header, _HEADER_CRC.pack(crc32(header)), blob.data))
 
 
 def _check_fields(blob: CipherBlob) -> None:

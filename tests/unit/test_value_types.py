@@ -4,13 +4,16 @@ checker, compared and hashed by value, and their keys and values kept out of ``r
 from __future__ import annotations
 
 import textwrap
+import zlib
 from pathlib import Path
 
 import attrs
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from amaters.query import operations as ops
-from amaters.types import CipherBlob, Compression
+from amaters.types import CipherBlob, Compression, crc32
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,3 +71,18 @@ def test_the_type_checker_refuses_an_assignment_to_a_field(
     assert status == 1, out
     refused = sorted(line.split(":")[1] for line in out.splitlines() if "is read-only" in line)
     assert refused == ["5", "7", "8"], out
+
+
+@given(data=st.binary(max_size=5000), start=st.integers(min_value=0, max_value=2**32 - 1))
+def test_crc32_is_zlibs(data: bytes, start: int) -> None:
+    """The checksum every value carries is zlib's CRC32 (IEEE, as AmateRS and every client compute
+    it), whichever code computes it: of bytes, of a memoryview, and continued from a start value."""
+    assert crc32(data) == zlib.crc32(data)
+    assert crc32(memoryview(data)) == zlib.crc32(data)
+    assert crc32(data, start) == zlib.crc32(data, start)
+
+
+def test_crc32_of_a_large_value_is_zlibs() -> None:
+    data = bytes(range(256)) * 8192 + b"tail"  # 2 MiB and 4 bytes: the SIMD loop and its remainder
+    assert crc32(data) == zlib.crc32(data)
+    assert CipherBlob.wrap(data).checksum_ok()
