@@ -977,6 +977,16 @@ OPEN_READ_TIMEOUT = 2.0
 OPEN_READS_PER_CLIENT = 4
 
 
+def _count_up(counts: dict[str, int], key: str, limit: int) -> int | None:
+    """One more for ``key`` in ``counts`` unless it already has ``limit`` (0: no limit): None when
+    counted, else how many it has."""
+    held = counts.get(key, 0)
+    if 0 < limit <= held:
+        return held
+    counts[key] = held + 1
+    return None
+
+
 def _count_down(counts: dict[str, int], key: str) -> None:
     """One fewer for ``key`` in ``counts``, which keeps no key at zero."""
     left = counts[key] - 1
@@ -1023,11 +1033,10 @@ class PrincipalWaits:
         """Count ``context``'s call among ``holder``'s: None when it may wait, else the calls
         ``holder`` already has waiting (this one is not counted)."""
         with self._lock:
-            waiting = self._waiting.get(holder, 0)
-            if 0 < self.limit <= waiting:
+            waiting = _count_up(self._waiting, holder, self.limit)
+            if waiting is not None:
                 self.refused += 1
                 return waiting
-            self._waiting[holder] = waiting + 1
             self._holders[context] = holder
         return None
 
@@ -1101,10 +1110,8 @@ class _ReadGate:
         """The next message's bytes, or None at the end of the request stream."""
         client = client_address(context.peer())
         with self._lock:
-            reading = self._reading.get(client, 0)
-            if reading < self.per_client:
-                self._reading[client] = reading + 1
-        if reading >= self.per_client:
+            reading = _count_up(self._reading, client, self.per_client)
+        if reading is not None:
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{reading} requests from this address to the services that need no login are being"
@@ -1468,8 +1475,8 @@ class GrpcService(service.Service):
 
     def observe(self, registry: Any) -> None:
         """Register ``amaters_grpc_calls_total{method,code}``, ``amaters_grpc_calls_in_flight``,
-        ``amaters_grpc_health_watches`` and ``amaters_grpc_health_watches_refused_total`` on a
-        prometheus registry (requests are also counted by the pipeline's metrics stage)."""
+        ``amaters_grpc_health_watches``, ``amaters_grpc_health_watches_refused_total`` and
+        ``amaters_grpc_waiting_calls_refused_total`` on a prometheus registry (requests are also counted by the pipeline's metrics stage)."""
         from prometheus_client import Counter, Gauge
 
         self._calls = Counter(

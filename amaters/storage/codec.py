@@ -15,7 +15,8 @@ A record is a fixed 35-byte header followed by the blob's data, all integers big
 
 Decoding checks the header CRC and then the blob's own CRC32 over ``data``, so a flipped bit anywhere
 in a record (metadata or data) is reported as :class:`~amaters.errors.Corrupted`, never returned as
-wrong bytes.  Both checks are a few microseconds for small values and about 1 ms per MiB of data.
+wrong bytes.  Both checks take well under a microsecond for small values and about 15 µs per MiB
+of data (zlib-ng's CRC32).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ The figures are printed (``pytest -s`` shows them).
 from __future__ import annotations
 
 import signal
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -49,9 +50,26 @@ def memory(pid: int) -> dict[str, int]:
     return out
 
 
-def token(roles: list[str]) -> str:
-    claims = {"sub": "mem", "roles": roles, "exp": int(time.time()) + 300}
+def token(roles: list[str], subject: str = "mem") -> str:
+    claims = {"sub": subject, "roles": roles, "exp": int(time.time()) + 300}
     return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+def _silent(stop: threading.Event) -> Iterator[bytes]:
+    """A request stream that sends nothing until ``stop`` is set, then ends."""
+    stop.wait()
+    yield from ()
+
+
+def _ended_codes(calls: list[Any], timeout: float) -> list[grpc.StatusCode]:
+    """The status each of ``calls`` ended with; each must have ended (the server ending it) within
+    ``timeout`` seconds."""
+    codes = []
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as ended:
+            call.result(timeout=timeout)
+        codes.append(ended.value.code())
+    return codes
 
 
 def set_request(size: int, key: bytes = b"k") -> aql_pb2.QueryRequest:
@@ -402,18 +420,12 @@ def test_silent_calls_without_login_hold_no_worker_for_long(tmp_path: Path) -> N
     refused past 4 per client address or cancelled 2 s after their read began, so logged-in calls
     keep being served: before, each held a gRPC worker thread until its client gave up, and a
     GetServerInfo waited 5 s, then passed its deadline.  Every silent call is ended by the server."""
-    import threading
-
     process = ServerProcess(
         tmp_path / "silent",
         ["tls.enabled=false", "storage.backend=memory", "auth.enabled=true", f"auth.jwt.secret={SECRET}"],
     )
     process.start().wait_ready()
     stop = threading.Event()
-
-    def nothing() -> Iterator[bytes]:
-        stop.wait()
-        yield from ()
 
     channels = [_connection(process) for _ in range(4)]
     silent: list[Any] = []
@@ -423,7 +435,7 @@ def test_silent_calls_without_login_hold_no_worker_for_long(tmp_path: Path) -> N
             if stop.is_set():
                 return
             check = channels[index % 4].stream_unary("/grpc.health.v1.Health/Check")
-            silent.append(check.future(nothing(), timeout=60))
+            silent.append(check.future(_silent(stop), timeout=60))
             time.sleep(0.05)
 
     attacker = threading.Thread(target=attack)
@@ -440,11 +452,7 @@ def test_silent_calls_without_login_hold_no_worker_for_long(tmp_path: Path) -> N
                 )
                 assert answer.capabilities
         attacker.join(10)
-        codes = []
-        for call in silent:
-            with pytest.raises(grpc.RpcError) as ended:
-                call.result(timeout=10)  # ended by the server, long before the client's 60 s
-            codes.append(ended.value.code())
+        codes = _ended_codes(silent, timeout=10)  # ended by the server, long before the client's 60 s
         assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes  # over 4 from this address
         assert grpc.StatusCode.CANCELLED in codes  # its message did not arrive within 2 s
@@ -464,8 +472,6 @@ def test_a_logged_in_call_whose_message_never_comes_is_cancelled(tmp_path: Path)
     cancelled once limits.frame_timeout (1 s here) has passed, as a native frame that stalls is: it
     held a gRPC worker thread until the client's own deadline before.  Calls that send theirs are
     served meanwhile."""
-    import threading
-
     process = ServerProcess(
         tmp_path / "stalled-login",
         [
@@ -480,10 +486,6 @@ def test_a_logged_in_call_whose_message_never_comes_is_cancelled(tmp_path: Path)
     stop = threading.Event()
     metadata = [("authorization", f"Bearer {token(['admin'])}")]
 
-    def nothing() -> Iterator[bytes]:
-        stop.wait()
-        yield from ()
-
     def message_then_nothing() -> Iterator[bytes]:
         yield set_request(10).SerializeToString()
         stop.wait()
@@ -492,15 +494,13 @@ def test_a_logged_in_call_whose_message_never_comes_is_cancelled(tmp_path: Path)
         with _connection(process) as channel:
             query = channel.stream_unary(QUERY, response_deserializer=aql_pb2.QueryResponse.FromString)
             silent = [
-                query.future(requests(), metadata=metadata, timeout=60)
-                for requests in (nothing, message_then_nothing)
+                query.future(requests, metadata=metadata, timeout=60)
+                for requests in (_silent(stop), message_then_nothing())
             ]
             served = query(iter([set_request(10).SerializeToString()]), metadata=metadata, timeout=10)
             assert not served.HasField("error")
-            for call in silent:
-                with pytest.raises(grpc.RpcError) as ended:
-                    call.result(timeout=20)  # ended by the server, long before the client's 60 s
-                assert ended.value.code() == grpc.StatusCode.CANCELLED
+            # Ended by the server, long before the client's 60 s.
+            assert _ended_codes(silent, timeout=20) == [grpc.StatusCode.CANCELLED] * len(silent)
         stop.set()
         assert process.stop(timeout=20) == 0
         assert "Traceback" not in process.log()
@@ -518,8 +518,6 @@ def test_one_principal_cannot_hold_every_worker(tmp_path: Path) -> None:
     served; an interactive stream with no request for limits.idle_timeout is cancelled, which gives
     its place back; SIGHUP applies a new cap.  Before, 16 idle streams of a principal without any
     role held every worker, and every other gRPC call waited past its deadline."""
-    import threading
-
     process = ServerProcess(
         tmp_path / "principal-waits",
         [
@@ -534,15 +532,9 @@ def test_one_principal_cannot_hold_every_worker(tmp_path: Path) -> None:
     )
     process.start().wait_ready()
     stop = threading.Event()
-    nobody = [("authorization", f"Bearer {jwt.encode(_claims('nobody', []), SECRET, algorithm='HS256')}")]
-    other = [
-        ("authorization", f"Bearer {jwt.encode(_claims('other', ['admin']), SECRET, algorithm='HS256')}")
-    ]
+    nobody = [("authorization", f"Bearer {token([], 'nobody')}")]
+    other = [("authorization", f"Bearer {token(['admin'], 'other')}")]
     refusals = "amaters_grpc_waiting_calls_refused_total"
-
-    def nothing() -> Iterator[bytes]:
-        stop.wait()
-        yield from ()
 
     def codes(calls: list[Any]) -> list[grpc.StatusCode]:
         return sorted((call.code() for call in calls), key=lambda code: code.name)
@@ -562,7 +554,7 @@ def test_one_principal_cannot_hold_every_worker(tmp_path: Path) -> None:
             query = channel.stream_unary(QUERY, response_deserializer=aql_pb2.QueryResponse.FromString)
             info = _server_info(second)
 
-            idle = [interactive(nothing(), metadata=nobody, timeout=30) for _ in range(4)]
+            idle = [interactive(_silent(stop), metadata=nobody, timeout=30) for _ in range(4)]
             refused(1, "the fourth stream of one principal was not refused")
             assert info(aql_pb2.ServerInfoRequest(), metadata=other, timeout=5).capabilities
             # A unary call that sends its message is not counted: served (refused by RBAC, in-band).
@@ -581,13 +573,10 @@ def test_one_principal_cannot_hold_every_worker(tmp_path: Path) -> None:
 
             # Silent unary calls: three wait until limits.frame_timeout, the fourth is cancelled
             # once late, and the other principal keeps a thread meanwhile.
-            silent = [query.future(nothing(), metadata=nobody, timeout=30) for _ in range(4)]
+            silent = [query.future(_silent(stop), metadata=nobody, timeout=30) for _ in range(4)]
             refused(2, "the fourth late call of one principal was not cancelled")
             assert info(aql_pb2.ServerInfoRequest(), metadata=other, timeout=5).capabilities
-            for call in silent:
-                with pytest.raises(grpc.RpcError) as ended:
-                    call.result(timeout=20)
-                assert ended.value.code() == grpc.StatusCode.CANCELLED
+            assert _ended_codes(silent, timeout=20) == [grpc.StatusCode.CANCELLED] * len(silent)
 
             process.config_path.write_text(
                 process.config_path.read_text().replace(
@@ -597,7 +586,7 @@ def test_one_principal_cannot_hold_every_worker(tmp_path: Path) -> None:
             process.signal(signal.SIGHUP)
             deadline = time.monotonic() + 10
             while True:
-                idle = [interactive(nothing(), metadata=nobody, timeout=30) for _ in range(3)]
+                idle = [interactive(_silent(stop), metadata=nobody, timeout=30) for _ in range(3)]
                 if codes(idle).count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 1:
                     break
                 assert time.monotonic() < deadline, (
@@ -617,7 +606,3 @@ def _server_info(channel: grpc.Channel) -> Any:
         request_serializer=aql_pb2.ServerInfoRequest.SerializeToString,
         response_deserializer=aql_pb2.ServerInfoResponse.FromString,
     )
-
-
-def _claims(subject: str, roles: list[str]) -> dict[str, Any]:
-    return {"sub": subject, "roles": roles, "exp": int(time.time()) + 300}
