@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -197,6 +198,7 @@ async def main(reactor: Any, args: Any) -> None:
             node.stop(timeout=10)
             node.cleanup()
         etcd.stop()
+        shutil.rmtree(directory, ignore_errors=True)
     if args.json:
         print(json.dumps(report, indent=2))
         return

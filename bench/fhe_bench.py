@@ -34,17 +34,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def raw_seconds_per_row(keys: Any, tree: Any, rows: list[bytes]) -> float:
-    from amaters.fhe import engine, records
-
-    module_dir = tempfile.mkdtemp(prefix="fhe-bench-circuits-")
-    keys_path = Path(module_dir) / "evaluation.keys"
-    keys_path.write_bytes(keys.evaluation_keys())
-    server, _ = engine.load_circuit(module_dir, keys.schema.widths)
-    from amaters.fhe import circuits
+    from amaters.fhe import circuits, engine, records
 
     fhe = circuits.concrete()
-
-    backend = engine.ConcreteBackend(server, fhe.EvaluationKeys.deserialize(keys_path.read_bytes()))
+    # The circuit's module and the evaluation keys (about 62 MB) are not needed once loaded.
+    with tempfile.TemporaryDirectory(prefix="fhe-bench-circuits-") as module_dir:
+        keys_path = Path(module_dir) / "evaluation.keys"
+        keys_path.write_bytes(keys.evaluation_keys())
+        server, _ = engine.load_circuit(module_dir, keys.schema.widths)
+        backend = engine.ConcreteBackend(server, fhe.EvaluationKeys.deserialize(keys_path.read_bytes()))
     decoded = [records.decode(r) for r in rows]
     engine.evaluate_tree(backend, tree, decoded[0], {}, {})  # the fresh key set's first use
     started = time.perf_counter()

@@ -177,7 +177,27 @@ def run(
 ) -> dict[str, Any]:
     """Both servers run side by side; each measurement is repeated ``repeat`` times, interleaved
     (native without gRPC, native with gRPC, gRPC), and the best of each is kept."""
-    work = Path(tempfile.mkdtemp(prefix="amaters-grpc-bench-"))
+    with tempfile.TemporaryDirectory(prefix="amaters-grpc-bench-") as directory:
+        rows = _measure(Path(directory), seconds, keyspace, concurrencies, ops, repeat, auth)
+    return {
+        "seconds": seconds,
+        "keyspace": keyspace,
+        "repeat": repeat,
+        "auth": auth,
+        "rows": rows,
+        "ratios": ratios(rows),
+    }
+
+
+def _measure(
+    work: Path,
+    seconds: float,
+    keyspace: int,
+    concurrencies: list[int],
+    ops: list[str],
+    repeat: int,
+    auth: bool,
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     settings: dict[str, Any] = {"storage.backend": "memory", "web.enabled": True}
     api_key = ""
@@ -205,14 +225,7 @@ def run(
                 rows.append({"server": "grpc off", "protocol": "native", **common} | _best(runs["off"]))
                 rows.append({"server": "grpc on", "protocol": "native", **common} | _best(runs["on"]))
                 rows.append({"server": "grpc on", "protocol": "grpc", **common} | _best(runs["grpc"]))
-    return {
-        "seconds": seconds,
-        "keyspace": keyspace,
-        "repeat": repeat,
-        "auth": auth,
-        "rows": rows,
-        "ratios": ratios(rows),
-    }
+    return rows
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
