@@ -333,6 +333,15 @@ class GrpcConfig:
         minimum=0,
         reloadable=True,
     )
+    reserved_workers: int = setting(
+        4,
+        "Worker threads that calls waiting on their client (those counted by"
+        " grpc.max_waiting_calls_per_principal, over all principals) never take: kept for calls"
+        " that run, so that several principals together cannot hold every thread either. Must be"
+        " below grpc.max_workers (0: none kept).",
+        minimum=0,
+        reloadable=True,
+    )
 
 
 @attrs.frozen
@@ -1153,6 +1162,11 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
     if config.server.listen == config.web.listen and config.web.enabled and ":0:" not in config.web.listen:
         problems.append("web.listen: must differ from server.listen")
     listeners = [("server.listen", config.server.listen)]
+    if config.grpc.enabled and config.grpc.reserved_workers >= config.grpc.max_workers:
+        problems.append(
+            f"grpc.reserved_workers: must be below grpc.max_workers ({config.grpc.max_workers}),"
+            " or no stream could ever be served"
+        )
     if config.grpc.enabled:
         listeners.append(("grpc.listen", config.grpc.listen))
         if ":0:" not in config.grpc.listen and config.grpc.listen in (

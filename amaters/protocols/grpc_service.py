@@ -483,14 +483,10 @@ class AqlServicer:
             context.abort(grpc.StatusCode.CANCELLED, "the call ended")
         if not stream:
             return principal
-        waiting = self.owner.principal_waits.enter(context, self._holder(context, principal))
-        if waiting is not None:
+        refusal = self.owner.principal_waits.enter(context, self._holder(context, principal))
+        if refusal is not None:
             self._logout(principal)
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{waiting} calls of this principal are waiting on their client"
-                " (grpc.max_waiting_calls_per_principal); retry when one has ended",
-            )
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{refusal}; retry when one has ended")
         return principal
 
     def _holder(self, context: grpc.ServicerContext, principal: Any) -> str:
@@ -1018,25 +1014,35 @@ class PrincipalWaits:
     on one of ``grpc.max_workers`` threads for as long as it lasts, and such a call lasts as long
     as its client likes (an interactive stream between requests, a stream read slowly, a message
     that never comes, up to ``limits.frame_timeout``): without a cap, one principal's calls could
-    hold every thread.  A unary call whose message comes in time is never counted, however many
-    run at once.  Thread-safe."""
+    hold every thread.  ``total_limit`` (0: none) caps the same calls over all principals, so that
+    several principals within their caps cannot hold every thread either.  A unary call whose
+    message comes in time is never counted, however many run at once.  Thread-safe."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, total_limit: int = 0) -> None:
         self.limit = limit
-        #: Calls refused (or cancelled) for the cap since the start.
+        self.total_limit = total_limit
+        #: Calls refused (or cancelled) for either cap since the start.
         self.refused = 0
         self._lock = threading.Lock()
         self._waiting: dict[str, int] = {}
         self._holders: dict[grpc.ServicerContext, str] = {}
 
-    def enter(self, context: grpc.ServicerContext, holder: str) -> int | None:
-        """Count ``context``'s call among ``holder``'s: None when it may wait, else the calls
-        ``holder`` already has waiting (this one is not counted)."""
+    def enter(self, context: grpc.ServicerContext, holder: str) -> str | None:
+        """Count ``context``'s call among ``holder``'s: None when it may wait, else why not."""
         with self._lock:
+            if 0 < self.total_limit <= len(self._holders):
+                self.refused += 1
+                return (
+                    f"{len(self._holders)} calls are waiting on their clients, every worker thread"
+                    " but grpc.reserved_workers"
+                )
             waiting = _count_up(self._waiting, holder, self.limit)
             if waiting is not None:
                 self.refused += 1
-                return waiting
+                return (
+                    f"{waiting} calls of this principal are waiting on their client"
+                    " (grpc.max_waiting_calls_per_principal)"
+                )
             self._holders[context] = holder
         return None
 
@@ -1055,6 +1061,13 @@ class PrincipalWaits:
     def total(self) -> int:
         with self._lock:
             return len(self._holders)
+
+
+def waiting_calls_limit(workers: int, reserved: int) -> int:
+    """The cap on calls waiting on their clients over all principals: every worker thread but the
+    ``reserved`` ones, at least one (0, no cap, when none are reserved).  The configuration keeps
+    ``reserved`` below ``workers``."""
+    return max(workers - reserved, 1) if reserved else 0
 
 
 class _LateRead:
@@ -1432,8 +1445,14 @@ class GrpcService(service.Service):
         self.server: grpc.Server | None = None
         self.port: int | None = None
         self.health = ReadinessHealth(self._serving, config.grpc.max_health_watches)
-        #: Calls waiting on their client, by principal (``grpc.max_waiting_calls_per_principal``).
-        self.principal_waits = PrincipalWaits(config.grpc.max_waiting_calls_per_principal)
+        #: Calls waiting on their client, by principal (``grpc.max_waiting_calls_per_principal``)
+        #: and in all (``grpc.reserved_workers``).
+        self.principal_waits = PrincipalWaits(
+            config.grpc.max_waiting_calls_per_principal,
+            waiting_calls_limit(config.grpc.max_workers, config.grpc.reserved_workers),
+        )
+        #: Worker threads of the pool (``grpc.max_workers`` when the service started).
+        self.workers = config.grpc.max_workers
         #: Cancels calls whose request message does not arrive in time (its thread starts with
         #: the first read it watches).
         self.read_watchdog = ReadWatchdog()
@@ -1610,19 +1629,22 @@ class GrpcService(service.Service):
     def prepare_reload(self, old: Config, new: Config) -> Callable[[], None] | None:
         """Reload hook: load and check the new TLS material now, swap it in on commit (new
         connections use it; open ones keep theirs); a new ``grpc.max_health_watches`` applies to
-        the Watch streams opened from then on, a new ``grpc.max_waiting_calls_per_principal`` to the
-        calls that start waiting from then on."""
+        the Watch streams opened from then on, a new ``grpc.max_waiting_calls_per_principal`` or
+        ``grpc.reserved_workers`` to the calls that start waiting from then on."""
         watches = new.grpc.max_health_watches
         per_principal = new.grpc.max_waiting_calls_per_principal
+        total = waiting_calls_limit(self.workers, new.grpc.reserved_workers)  # the pool running now
 
         def set_caps() -> None:
             self.health.max_watches = watches
             self.principal_waits.limit = per_principal
+            self.principal_waits.total_limit = total
 
         if self.server is None or not new.tls.enabled or not old.tls.enabled:
-            if (watches, per_principal) == (
-                old.grpc.max_health_watches,
-                old.grpc.max_waiting_calls_per_principal,
+            if (watches, per_principal, total) == (
+                self.health.max_watches,
+                self.principal_waits.limit,
+                self.principal_waits.total_limit,
             ):
                 return None
             return set_caps
@@ -1680,7 +1702,8 @@ class _RefusalCollector:
         yield CounterMetricFamily(
             "amaters_grpc_waiting_calls_refused",
             "Streams refused, and calls whose request message was late cancelled, because their"
-            " principal had grpc.max_waiting_calls_per_principal calls waiting on its client.",
+            " principal had grpc.max_waiting_calls_per_principal calls waiting on its client, or"
+            " all principals together every worker thread but grpc.reserved_workers.",
             value=self.principal_waits.refused,
         )
 

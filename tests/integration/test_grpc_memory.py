@@ -306,7 +306,8 @@ def test_watch_streams_a_client_never_reads_do_not_freeze_the_server(tmp_path: P
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     process = ServerProcess(
-        tmp_path / "stalled", ["tls.enabled=false", "storage.backend=memory", "grpc.max_workers=2"]
+        tmp_path / "stalled",
+        ["tls.enabled=false", "storage.backend=memory", "grpc.max_workers=2", "grpc.reserved_workers=1"],
     )
     process.start().wait_ready()
     request = grpc_message(health_pb2.HealthCheckRequest().SerializeToString())
@@ -528,7 +529,8 @@ def test_one_principal_cannot_hold_every_worker(tmp_path: Path) -> None:
             "limits.idle_timeout=2",
             "limits.frame_timeout=6",
         ],
-        config_text="max_workers = 4\nmax_waiting_calls_per_principal = 3\n",  # the harness's [grpc]
+        # the harness's [grpc]; no reserve, which the next test checks
+        config_text="max_workers = 4\nmax_waiting_calls_per_principal = 3\nreserved_workers = 0\n",
     )
     process.start().wait_ready()
     stop = threading.Event()
@@ -592,6 +594,67 @@ def test_one_principal_cannot_hold_every_worker(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, (
                     "the new grpc.max_waiting_calls_per_principal was not applied"
                 )
+        stop.set()
+        assert process.stop(timeout=20) == 0
+        assert "Traceback" not in process.log()
+    finally:
+        stop.set()
+        process.cleanup()
+
+
+def test_principals_together_cannot_hold_every_worker(tmp_path: Path) -> None:
+    """Calls waiting on their clients, over all principals, leave grpc.reserved_workers threads to
+    the calls that run: two principals each within their cap (2 of 4 workers each) get three
+    streams open between them, the fourth is refused with RESOURCE_EXHAUSTED naming the setting,
+    and a third principal is answered meanwhile; SIGHUP applies a new reserve.  Before, the two
+    held all four workers and every other gRPC call waited past its deadline."""
+    process = ServerProcess(
+        tmp_path / "reserved",
+        [
+            "tls.enabled=false",
+            "storage.backend=memory",
+            "auth.enabled=true",
+            f"auth.jwt.secret={SECRET}",
+            "limits.idle_timeout=2",
+        ],
+        config_text="max_workers = 4\nmax_waiting_calls_per_principal = 2\nreserved_workers = 1\n",
+    )
+    process.start().wait_ready()
+    stop = threading.Event()
+    principals = {name: [("authorization", f"Bearer {token([], name)}")] for name in ("a", "b", "c")}
+    other = [("authorization", f"Bearer {token(['admin'], 'other')}")]
+    try:
+        with _connection(process) as channel, _connection(process) as second:
+            interactive = channel.stream_stream(
+                "/amaters.aql.AqlService/ExecuteInteractive",
+                response_deserializer=aql_pb2.QueryResponse.FromString,
+            )
+            info = _server_info(second)
+
+            def streams(*names: str) -> list[Any]:
+                return [interactive(_silent(stop), metadata=principals[name], timeout=30) for name in names]
+
+            idle = streams("a", "a", "b", "b")
+            deadline = time.monotonic() + 10
+            while _metric(process, "amaters_grpc_waiting_calls_refused_total") < 1:
+                assert time.monotonic() < deadline, "the fourth waiting stream was not refused"
+                time.sleep(0.05)
+            assert info(aql_pb2.ServerInfoRequest(), metadata=other, timeout=5).capabilities
+            ended = [(call.code(), call.details() or "") for call in idle]  # the rest after idle_timeout
+            refused = [details for code, details in ended if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+            assert len(refused) == 1 and "grpc.reserved_workers" in refused[0], ended
+            assert [code for code, _ in ended].count(grpc.StatusCode.CANCELLED) == 3
+
+            process.config_path.write_text(
+                process.config_path.read_text().replace("reserved_workers = 1", "reserved_workers = 2")
+            )
+            process.signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while True:  # three principals, one stream each: the third waits on a new reserve
+                codes = [call.code() for call in streams("a", "b", "c")]
+                if codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 1:
+                    break
+                assert time.monotonic() < deadline, "the new grpc.reserved_workers was not applied"
         stop.set()
         assert process.stop(timeout=20) == 0
         assert "Traceback" not in process.log()

@@ -21,6 +21,7 @@ from amaters.protocols.grpc_service import (
     _ReadGate,
     call_info,
     client_address,
+    waiting_calls_limit,
 )
 
 
@@ -54,6 +55,19 @@ def test_listen_checks() -> None:
     with pytest.raises(ConfigError, match=r"grpc\.listen: must differ"):
         load_config(None, ["grpc.listen=tcp:7878:interface=127.0.0.1"], {})
     assert load_config(None, ["grpc.enabled=false", "grpc.listen=tcp:7880"], {}).grpc.enabled is False
+
+
+def test_reserved_workers_must_leave_a_worker() -> None:
+    """grpc.reserved_workers at or above grpc.max_workers is refused in one line (no stream could
+    ever be served); below it, or with gRPC off, it is accepted."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["grpc.max_workers=4"], {})
+    assert caught.value.problems == [
+        "grpc.reserved_workers: must be below grpc.max_workers (4), or no stream could ever be served"
+    ]
+    assert load_config(None, ["grpc.max_workers=4", "grpc.reserved_workers=3"], {}).grpc.reserved_workers == 3
+    assert load_config(None, ["grpc.max_workers=2", "grpc.reserved_workers=0"], {}).grpc.max_workers == 2
+    assert load_config(None, ["grpc.enabled=false", "grpc.max_workers=2"], {}).grpc.enabled is False
 
 
 class FakeContext:
@@ -420,7 +434,9 @@ def test_a_principal_has_at_most_its_cap_of_streams_open() -> None:
     a = [_WatchContext(peer=f"ipv4:10.0.0.1:{port}") for port in range(4)]
     assert streams.enter(a[0], "principal a") is None
     assert streams.enter(a[1], "principal a") is None
-    assert streams.enter(a[2], "principal a") == 2
+    assert streams.enter(a[2], "principal a") == (
+        "2 calls of this principal are waiting on their client (grpc.max_waiting_calls_per_principal)"
+    )
     b = _WatchContext(peer="ipv4:10.0.0.2:1")
     assert streams.enter(b, "principal b") is None
     assert (streams.waiting("principal a"), streams.waiting("principal b"), streams.total) == (2, 1, 3)
@@ -431,17 +447,48 @@ def test_a_principal_has_at_most_its_cap_of_streams_open() -> None:
     streams.leave(a[0])
     assert streams.waiting("principal a") == 1
     assert streams.enter(a[3], "principal a") is None
-    assert streams.enter(a[0], "principal a") == 2
+    assert (streams.enter(a[0], "principal a") or "").startswith("2 calls of this principal")
 
     streams.limit = 0
     many = [_WatchContext(peer=f"ipv4:10.0.0.1:{port}") for port in range(10, 20)]
     assert all(streams.enter(context, "principal a") is None for context in many)
     streams.limit = 1
-    assert streams.enter(a[2], "principal a") == 12
+    assert (streams.enter(a[2], "principal a") or "").startswith("12 calls of this principal")
     for context in [a[1], a[3], b, *many]:
         streams.leave(context)
     assert streams.total == 0 and streams._waiting == {} and streams._holders == {}
     assert streams.refused == 3
+
+
+def test_principals_together_leave_the_reserved_workers() -> None:
+    """With ``total_limit``, calls waiting over all holders stop there, each holder within its own
+    cap: one more is refused (saying why) and not counted, whoever it is; a call that left makes
+    room for any holder; 0 lifts it.  The total is every worker but the reserved ones."""
+    assert waiting_calls_limit(16, 4) == 12
+    assert waiting_calls_limit(16, 0) == 0  # nothing reserved: no total cap
+    assert waiting_calls_limit(2, 4) == 1  # refused by the configuration; never no cap
+    waits = PrincipalWaits(limit=2, total_limit=3)
+    calls = {
+        who: [_WatchContext(peer=f"ipv4:10.0.0.{n}:{port}") for port in range(2)]
+        for n, who in enumerate("abc")
+    }
+    assert waits.enter(calls["a"][0], "principal a") is None
+    assert waits.enter(calls["a"][1], "principal a") is None
+    assert waits.enter(calls["b"][0], "principal b") is None
+    refusal = waits.enter(calls["b"][1], "principal b")
+    assert refusal == "3 calls are waiting on their clients, every worker thread but grpc.reserved_workers"
+    assert waits.enter(calls["c"][0], "principal c") is not None
+    assert (waits.total, waits.waiting("principal b"), waits.waiting("principal c"), waits.refused) == (
+        3,
+        1,
+        0,
+        2,
+    )
+    waits.leave(calls["a"][0])
+    assert waits.enter(calls["c"][0], "principal c") is None
+    waits.total_limit = 0
+    assert waits.enter(calls["b"][1], "principal b") is None
+    assert waits.total == 4
 
 
 def test_a_late_read_counts_among_its_principals_waiting_calls_until_it_finishes() -> None:
