@@ -494,8 +494,8 @@ class LimitsConfig:
     frame_timeout: float = setting(
         60.0,
         "Seconds a frame may take to arrive once its first bytes have; a client that sends part of a"
-        " frame and stalls is disconnected. A logged-in gRPC call whose request message (and its end)"
-        " has not arrived this long after its login is cancelled (0: never).",
+        " frame and stalls is disconnected. A logged-in gRPC call whose request message has not"
+        " arrived this long after its login is cancelled (0: never).",
         minimum=0.0,
         reloadable=True,
     )

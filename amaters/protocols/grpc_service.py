@@ -21,6 +21,7 @@ Metadata a call may carry: ``authorization: Bearer <jwt>`` or ``x-api-key: <id>.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import queue
 import socket
@@ -238,7 +239,9 @@ class AqlServicer:
     only a logged-in call reads its message (as bytes, parsed here on the worker thread, never on
     grpcio's polling thread), then runs it (a second trip).  A refused call never reads its
     message: it takes in no more than the HTTP/2 stream window (:data:`STREAM_WINDOW_BYTES`).
-    The principal is logged out once the call has its answer."""
+    A unary call whose credentials logged in a moment ago (:class:`RecentLogins`) reads its message
+    first and logs in on its request's trip instead.  The principal is logged out once the call
+    has its answer."""
 
     _log = Logger()
 
@@ -327,6 +330,16 @@ class AqlServicer:
         if callable(logout):
             self.reactor.callFromThread(logout)
 
+    def _run_last(
+        self, answers: _Answers, seconds: float | None, run: Any, info: CallInfo, principal: Any, *args: Any
+    ) -> Any:
+        """``run(info, principal, *args)`` on the reactor, the call's last request: the principal
+        logged out once its answer is ready, or, for a :class:`_LoginLater`, logged in first on the
+        same trip."""
+        if isinstance(principal, _LoginLater):
+            return self._wait(answers, seconds, self._r_login_then, run, info, principal.key, *args)
+        return self._wait(answers, seconds, self._r_then_logout, run, info, principal, *args)
+
     def _unary(
         self,
         context: grpc.ServicerContext,
@@ -340,12 +353,13 @@ class AqlServicer:
         last: bool = False,
     ) -> Any:
         """One request of a logged-in call (``principal``), answered in-band; ``last``: the call's
-        only request, the principal logged out on the reactor once its answer is ready."""
+        only request, the principal logged out on the reactor once its answer is ready (and
+        ``principal`` may then be a :class:`_LoginLater`: logged in on the same trip)."""
         timeout_ms = request.timeout_ms if request.HasField("timeout_ms") else None
         seconds, by_deadline = self._timeouts(context, timeout_ms)
         try:
             if last:
-                return self._wait(answers, seconds, self._r_then_logout, run, info, principal, request)
+                return self._run_last(answers, seconds, run, info, principal, request)
             return self._wait(answers, seconds, run, info, principal, request)
         except queue.Empty:
             error = self._expired(context, by_deadline, what, seconds)
@@ -367,7 +381,7 @@ class AqlServicer:
 
     def ExecuteQuery(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
         info, answers = self._begin(context)
-        principal = self._login(context, answers, info)
+        principal = self._login_unary(context, answers, info)
         request = self._read_one(requests, context, "ExecuteQuery", aql_pb2.QueryRequest, principal)
         return self._unary(
             context, answers, info, self._r_query, request, _query_error, "query", principal, last=True
@@ -375,7 +389,7 @@ class AqlServicer:
 
     def ExecuteBatch(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
         info, answers = self._begin(context)
-        principal = self._login(context, answers, info)
+        principal = self._login_unary(context, answers, info)
         request = self._read_one(requests, context, "ExecuteBatch", aql_pb2.BatchRequest, principal)
         return self._unary(
             context, answers, info, self._r_batch, request, _batch_error, "batch", principal, last=True
@@ -406,7 +420,7 @@ class AqlServicer:
         """HealthCheck and GetServerInfo: their responses have no error field, so a refusal (RBAC,
         rate limit, drain) is a gRPC status carrying the same message."""
         info, answers = self._begin(context)
-        principal = self._login(context, answers, info)
+        principal = self._login_unary(context, answers, info)
         try:
             op = operation(self._single_request(requests, context, method, None, principal))
         except BaseException:
@@ -414,9 +428,7 @@ class AqlServicer:
             raise
         seconds, by_deadline = self._timeouts(context, None)
         try:
-            return render(
-                self._wait(answers, seconds, self._r_then_logout, self._r_simple, info, principal, op)
-            )
+            return render(self._run_last(answers, seconds, self._r_simple, info, principal, op))
         except queue.Empty:
             error = self._expired(context, by_deadline, op.name, seconds)
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, error.message)
@@ -489,12 +501,32 @@ class AqlServicer:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{refusal}; retry when one has ended")
         return principal
 
+    def _login_unary(self, context: grpc.ServicerContext, answers: _Answers, info: CallInfo) -> Any:
+        """The principal of a unary call, logged in now; or, when its credentials logged in
+        within :data:`RECENT_LOGIN_SECONDS` (:class:`RecentLogins`), a :class:`_LoginLater`: the
+        call reads its message at once and logs in on the same trip to the reactor as its
+        request, one trip instead of two."""
+        recent = self.owner.recent_logins
+        key = recent.key(info)
+        who = recent.get(key)
+        if who is not None:
+            return _LoginLater(key, who)
+        principal = self._login(context, answers, info)
+        recent.remember(key, self._who(principal))
+        return principal
+
+    def _who(self, principal: Any) -> str:
+        """Whose waiting calls ``principal``'s calls count among: ``principal ID``, or "" for the
+        anonymous principal of auth off (every caller the same), whose calls count by address."""
+        if getattr(principal, "auth_method", None) == self._anonymous:
+            return ""
+        return f"principal {getattr(principal, 'id', '')}"
+
     def _holder(self, context: grpc.ServicerContext, principal: Any) -> str:
         """Whose waiting calls a call counts among: its principal's, or with auth off (every
         caller the same anonymous principal) its client address's."""
-        if getattr(principal, "auth_method", None) == self._anonymous:
-            return f"address {client_address(context.peer())}"
-        return f"principal {getattr(principal, 'id', '')}"
+        who = principal.who if isinstance(principal, _LoginLater) else self._who(principal)
+        return who or f"address {client_address(context.peer())}"
 
     def ExecuteStream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
         info, answers = self._begin(context)
@@ -627,6 +659,23 @@ class AqlServicer:
         self._log.failure("Authentication failed unexpectedly for {source}", failure, source=info.source)
         raise _CallRefused(grpc.StatusCode.UNAUTHENTICATED, "authentication failed")
 
+    def _r_login_then(self, run: Any, info: CallInfo, key: bytes, *args: Any) -> Any:
+        """The call's login, then ``run(info, principal, *args)`` as :meth:`_r_then_logout` runs
+        it: both on one trip.  A refused login forgets ``key`` (its next call logs in first)."""
+        try:
+            login = self._r_login(info)
+        except _CallRefused:
+            self.owner.recent_logins.forget(key)
+            raise
+        if not isinstance(login, defer.Deferred):
+            return self._r_then_logout(run, info, login, *args)
+
+        def refused(failure: Failure) -> Failure:
+            self.owner.recent_logins.forget(key)
+            return failure
+
+        return login.addCallbacks(lambda principal: self._r_then_logout(run, info, principal, *args), refused)
+
     def _r_then_logout(self, run: Any, info: CallInfo, principal: Any, *args: Any) -> Any:
         """``run(info, principal, *args)``, then log ``principal`` out once its answer is ready (in
         this same reactor turn when the answer is immediate, the common case)."""
@@ -714,24 +763,21 @@ def _single_request(
     late: tuple[float, Callable[[_Watched], None]] | None = None,
 ) -> Any:
     """The one request message of a unary-request method, read now: parsed as ``message_type``
-    (the bytes when None).  A call that sends no message, or a second one, ends with
-    INVALID_ARGUMENT (a unary client sends its message and half-closes at once, so looking for a
-    second one does not wait).  A call whose message and end have not both arrived within
-    ``timeout`` seconds (``limits.frame_timeout``; 0: no limit) is cancelled by ``watchdog``;
-    ``late`` is ``(seconds, called)``: ``called(watched)`` on the watchdog's thread if the read
-    is still going after those seconds."""
+    (the bytes when None).  A call that sends no message ends with INVALID_ARGUMENT.  Anything
+    sent after the first message is not read, as by grpcio's and tonic's own unary methods: looking
+    for it cost a second wake-up of the worker thread per call, about a tenth of a call's CPU.  A
+    call whose message has not arrived within ``timeout`` seconds (``limits.frame_timeout``; 0: no
+    limit) is cancelled by ``watchdog``; ``late`` is ``(seconds, called)``: ``called(watched)`` on
+    the watchdog's thread if the read is still going after those seconds."""
     with watchdog.reading(context, timeout, late) as watched:
         data: Any = next(requests, None)
-        problem = "none was sent" if data is None else None
-        if problem is None and next(requests, None) is not None:
-            problem = "more than one was sent"
     if watched.expired:
         context.abort(
             grpc.StatusCode.CANCELLED,
             f"the request message did not arrive within {timeout:g} s (limits.frame_timeout)",
         )
-    if problem is not None:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method} takes one request message; {problem}")
+    if data is None:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method} takes one request message; none was sent")
     return data if message_type is None else _parse(context, message_type, data)
 
 
@@ -1005,6 +1051,95 @@ def client_address(peer: str) -> str:
 #: Seconds after which a logged-in call's request message is late: a client sends it with the
 #: call's headers, so a call still waiting for it then counts among its principal's waiting calls.
 LATE_MESSAGE_SECONDS = 1.0
+
+
+#: Seconds for which a credential's successful login lets its next unary calls read their request
+#: message before logging in, on the same trip to the reactor as the request.
+RECENT_LOGIN_SECONDS = 30.0
+
+#: Credentials :class:`RecentLogins` remembers at most; when full it forgets the expired ones, or,
+#: when none has expired, all of them (their next calls log in first again).
+RECENT_LOGINS = 4096
+
+
+@attrs.frozen
+class _LoginLater:
+    """A unary call whose credentials logged in recently: it logs in with its request.  ``key``
+    is their :meth:`RecentLogins.key`, ``who`` their principal's :meth:`AqlServicer._who`."""
+
+    key: bytes
+    who: str
+
+
+class RecentLogins:
+    """Credentials that logged in within the last ``seconds``, by a SHA-256 digest (the secret is
+    not kept), with whose waiting calls theirs count among.
+
+    A unary call logs in before its request message is read, so that a caller without valid
+    credentials never has a message read (a refused call takes in no more than the HTTP/2 stream
+    window).  That costs a second trip to the reactor per call, a fifth of a call's CPU.  A call
+    presenting credentials that logged in successfully a moment ago reads its message at once and
+    logs in on the same trip as its request instead; the login still decides (a key revoked, a
+    token expired since: the call is refused, its message dropped, and the credentials forgotten).
+    A reload forgets them all.  Thread-safe."""
+
+    def __init__(
+        self,
+        seconds: float = RECENT_LOGIN_SECONDS,
+        size: int = RECENT_LOGINS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.seconds = seconds
+        self.size = size
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._logins: dict[bytes, tuple[float, str]] = {}
+
+    @staticmethod
+    def key(info: CallInfo) -> bytes:
+        """A digest of the credentials and client certificate ``info`` presents."""
+        digest = hashlib.sha256()
+        credentials = info.credentials
+        if credentials is not None:
+            digest.update(f"{credentials.kind}\0{credentials.secret}".encode())
+        if info.peer_certificate:
+            from cryptography.hazmat.primitives import hashes
+
+            digest.update(b"\0certificate\0")
+            digest.update(info.peer_certificate[0].fingerprint(hashes.SHA256()))
+        return digest.digest()
+
+    def get(self, key: bytes) -> str | None:
+        """``who`` of credentials that logged in within ``seconds``, else None."""
+        with self._lock:
+            found = self._logins.get(key)
+        if found is None or found[0] < self._clock():
+            return None
+        return found[1]
+
+    def remember(self, key: bytes, who: str) -> None:
+        now = self._clock()
+        with self._lock:
+            logins = self._logins
+            if len(logins) >= self.size and key not in logins:
+                # Full: the expired go first; if none has, all of them (each logs in first again).
+                for stale in [k for k, (until, _) in logins.items() if until < now]:
+                    del logins[stale]
+                if len(logins) >= self.size:
+                    logins.clear()
+            logins[key] = (now + self.seconds, who)
+
+    def forget(self, key: bytes) -> None:
+        with self._lock:
+            self._logins.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._logins.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._logins)
 
 
 class PrincipalWaits:
@@ -1453,6 +1588,8 @@ class GrpcService(service.Service):
         )
         #: Worker threads of the pool (``grpc.max_workers`` when the service started).
         self.workers = config.grpc.max_workers
+        #: Credentials whose unary calls log in on the same trip as their request.
+        self.recent_logins = RecentLogins()
         #: Cancels calls whose request message does not arrive in time (its thread starts with
         #: the first read it watches).
         self.read_watchdog = ReadWatchdog()
@@ -1630,23 +1767,19 @@ class GrpcService(service.Service):
         """Reload hook: load and check the new TLS material now, swap it in on commit (new
         connections use it; open ones keep theirs); a new ``grpc.max_health_watches`` applies to
         the Watch streams opened from then on, a new ``grpc.max_waiting_calls_per_principal`` or
-        ``grpc.reserved_workers`` to the calls that start waiting from then on."""
+        ``grpc.reserved_workers`` to the calls that start waiting from then on.  Every reload
+        forgets the recent logins (:class:`RecentLogins`): keys or roles may have changed."""
         watches = new.grpc.max_health_watches
         per_principal = new.grpc.max_waiting_calls_per_principal
         total = waiting_calls_limit(self.workers, new.grpc.reserved_workers)  # the pool running now
 
         def set_caps() -> None:
+            self.recent_logins.clear()
             self.health.max_watches = watches
             self.principal_waits.limit = per_principal
             self.principal_waits.total_limit = total
 
         if self.server is None or not new.tls.enabled or not old.tls.enabled:
-            if (watches, per_principal, total) == (
-                self.health.max_watches,
-                self.principal_waits.limit,
-                self.principal_waits.total_limit,
-            ):
-                return None
             return set_caps
         material = self.tls_provider(new)
         if material.require_client_auth != (self._tls is not None and self._tls.require_client_auth):

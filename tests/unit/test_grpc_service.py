@@ -13,9 +13,11 @@ from grpc_health.v1 import health_pb2
 from amaters.auth.principal import Credentials
 from amaters.config import ConfigError, grpc_bind_address, load_config
 from amaters.protocols.grpc_service import (
+    CallInfo,
     PrincipalWaits,
     ReadinessHealth,
     ReadWatchdog,
+    RecentLogins,
     _CallRefused,
     _LateRead,
     _ReadGate,
@@ -489,6 +491,45 @@ def test_principals_together_leave_the_reserved_workers() -> None:
     waits.total_limit = 0
     assert waits.enter(calls["b"][1], "principal b") is None
     assert waits.total == 4
+
+
+def test_recent_logins_are_kept_by_digest_for_a_while() -> None:
+    """A credential remembered is found until ``seconds`` have passed, then not; forgetting or a
+    reload's clear drops it; when ``size`` are kept, a new one makes room by forgetting the expired
+    ones, or all of them when none has expired.
+    Keys are digests: other secrets, kinds or client certificates give other keys, and the secret
+    is not kept."""
+    now = [100.0]
+    recent = RecentLogins(seconds=30.0, size=3, clock=lambda: now[0])
+
+    def key(kind: str, secret: str) -> bytes:
+        return RecentLogins.key(CallInfo(Credentials(kind, secret), None, "127.0.0.1:5000", None))
+
+    alice = key("bearer_token", "token-a")
+    assert len(alice) == 32 and b"token-a" not in alice
+    assert len({alice, key("bearer_token", "token-b"), key("api_key", "token-a"), key("api_key", "")}) == 4
+    anonymous = RecentLogins.key(CallInfo(None, None, "127.0.0.1:5000", None))
+    assert anonymous != key("api_key", "")
+    assert recent.get(alice) is None
+    recent.remember(alice, "principal alice")
+    recent.remember(anonymous, "")
+    now[0] += 29.9
+    assert (recent.get(alice), recent.get(anonymous)) == ("principal alice", "")
+    now[0] += 0.2
+    assert recent.get(alice) is None
+    recent.remember(alice, "principal alice")
+    recent.forget(alice)
+    assert recent.get(alice) is None and recent.get(anonymous) is None  # expired too
+    for n in range(2):
+        recent.remember(key("api_key", f"k{n}"), f"principal k{n}")
+    assert len(recent) == 3  # the anonymous one has expired but is still kept
+    recent.remember(key("api_key", "k2"), "principal k2")  # full: the expired one goes
+    recent.remember(key("api_key", "k0"), "principal k0")  # already kept: nothing forgotten
+    assert len(recent) == 3 and recent.get(key("api_key", "k1")) == "principal k1"
+    recent.remember(alice, "principal alice")
+    assert len(recent) == 1 and recent.get(alice) == "principal alice"
+    recent.clear()
+    assert len(recent) == 0
 
 
 def test_a_late_read_counts_among_its_principals_waiting_calls_until_it_finishes() -> None:
