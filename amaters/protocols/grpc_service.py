@@ -28,8 +28,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent import futures
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +48,7 @@ from amaters.errors import AmatersError, AuthError, RequestTimeout, ServerError,
 from amaters.interfaces import IPrincipal, IRangeCursor
 from amaters.proto import aql_pb2
 from amaters.proto.convert import error_to_proto, fill_blob, fill_key_values, fill_result, version_to_proto
+from amaters.protocols.elastic import ElasticPool
 from amaters.query import operations as ops
 from amaters.query.pipeline import NOT_YET, QueryPipeline, RequestContext, immediate_result
 
@@ -272,7 +272,8 @@ class AqlServicer:
         raises what it raises, _Ended when the call ends first, queue.Empty after ``timeout``."""
         waiting = answers.fresh()
         self.reactor.callFromThread(self._r_call, waiting, fn, args)
-        ok, value = waiting.get(timeout=timeout)
+        with self.owner.pool.holding():
+            ok, value = waiting.get(timeout=timeout)
         if ok:
             return value
         raise value
@@ -839,13 +840,16 @@ def _handlers(servicer: AqlServicer) -> grpc.GenericRpcHandler:
     apart), so unary clients see no difference, and grpcio reads a message only when the method
     asks for it, which it does after the login."""
     waits = servicer.owner.principal_waits
+    holding = servicer.owner.pool.holding
 
     def counted(method: Callable[[Iterator[bytes], grpc.ServicerContext], Iterator[Any]]) -> Any:
         """``method``'s stream, given back to its principal's count when it returns."""
 
         def run(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
             try:
-                yield from method(requests, context)
+                # A stream waits on its client (its next request, room to send) for its whole life.
+                with holding():
+                    yield from method(requests, context)
             finally:
                 waits.leave(context)
 
@@ -903,6 +907,9 @@ class ReadWatchdog:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
+        #: Around every read: the worker pool's :meth:`~amaters.protocols.elastic.ElasticPool.holding`
+        #: once the server runs (a thread waiting on its client is held).
+        self.holding: Callable[[], AbstractContextManager[None]] = nullcontext
         self._changed = threading.Condition()
         #: timeout -> {watched: deadline}, oldest first.
         self._queues: dict[float, dict[_Watched, float]] = {}
@@ -927,7 +934,8 @@ class ReadWatchdog:
             after, called = late
             flag = self.watch(context, after, lambda: called(watched))
         try:
-            yield watched
+            with self.holding():
+                yield watched
         finally:
             if seconds > 0:
                 self.done(watched)
@@ -1266,7 +1274,9 @@ class _ReadGate:
                 " read; retry later",
             )
         try:
-            if not self._slots.acquire(timeout=self.wait):
+            with self.watchdog.holding():
+                slot = self._slots.acquire(timeout=self.wait)
+            if not slot:
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests are being read; retry later"
                 )
@@ -1593,6 +1603,9 @@ class GrpcService(service.Service):
         #: Cancels calls whose request message does not arrive in time (its thread starts with
         #: the first read it watches).
         self.read_watchdog = ReadWatchdog()
+        #: grpcio's worker threads: grpc.core_workers while they keep up, up to grpc.max_workers
+        #: (a new pool each time the service starts; no thread before the first call).
+        self.pool = self._new_pool()
         self._tls: GrpcTLSMaterial | None = None
         self._tls_lock = threading.Lock()
         self._tls_pending: Any = None
@@ -1601,6 +1614,14 @@ class GrpcService(service.Service):
         self._health_loop: task.LoopingCall | None = None
         self._calls: Any = None  # Counter children by (method, code) once observe() is called
         self._inflight_gauge: Any = None
+
+    def _new_pool(self) -> ElasticPool:
+        grpc_config = self.config.grpc
+        pool = ElasticPool(
+            min(grpc_config.core_workers, grpc_config.max_workers), grpc_config.max_workers, "grpc"
+        )
+        self.read_watchdog.holding = pool.holding
+        return pool
 
     def _serving(self) -> bool:
         return (
@@ -1644,7 +1665,7 @@ class GrpcService(service.Service):
         self._inflight_gauge = Gauge(
             "amaters_grpc_calls_in_flight", "gRPC AqlService calls running now.", registry=registry
         )
-        registry.register(_RefusalCollector(self.health, self.principal_waits))
+        registry.register(_RefusalCollector(self.health, self.principal_waits, lambda: self.pool))
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -1656,8 +1677,10 @@ class GrpcService(service.Service):
         config = self.config
         address = grpc_bind_address(config.grpc.listen)
         limits = config.limits
+        if self.pool.closed:
+            self.pool = self._new_pool()
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.grpc.max_workers, thread_name_prefix="grpc"),
+            self.pool,
             handlers=[
                 _handlers(AqlServicer(self)),
                 *_open_services(
@@ -1753,6 +1776,7 @@ class GrpcService(service.Service):
             grace = max(0.0, min(1.0, budget - (self.reactor.seconds() - started)))
         stopped = server.stop(grace)  # GOAWAY; calls still open after the grace are cancelled
         await threads.deferToThreadPool(self.reactor, pool, stopped.wait, grace + 5)
+        self.pool.shutdown(wait=False, cancel_futures=True)
         self.server = None
 
     # -- TLS rotation ------------------------------------------------------------------------------
@@ -1813,11 +1837,15 @@ class GrpcService(service.Service):
 
 class _RefusalCollector:
     """The health Watch streams open now, and those refused for ``grpc.max_health_watches`` or the
-    per-connection cap since the start; the calls refused for ``grpc.max_waiting_calls_per_principal``."""
+    per-connection cap since the start; the calls refused for ``grpc.max_waiting_calls_per_principal``;
+    the worker pool's threads."""
 
-    def __init__(self, health: ReadinessHealth, principal_waits: PrincipalWaits) -> None:
+    def __init__(
+        self, health: ReadinessHealth, principal_waits: PrincipalWaits, pool: Callable[[], ElasticPool]
+    ) -> None:
         self.health = health
         self.principal_waits = principal_waits
+        self.pool = pool
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -1838,6 +1866,18 @@ class _RefusalCollector:
             " principal had grpc.max_waiting_calls_per_principal calls waiting on its client, or"
             " all principals together every worker thread but grpc.reserved_workers.",
             value=self.principal_waits.refused,
+        )
+        pool = self.pool()
+        yield GaugeMetricFamily(
+            "amaters_grpc_worker_threads",
+            "gRPC worker threads running now (grpc.core_workers, more while calls wait behind held ones).",
+            value=pool.threads,
+        )
+        yield CounterMetricFamily(
+            "amaters_grpc_worker_threads_grown",
+            "gRPC worker threads started beyond grpc.core_workers, for calls waiting behind threads"
+            " held by their clients or by slow operations.",
+            value=pool.grown,
         )
 
 

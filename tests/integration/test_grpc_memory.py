@@ -55,6 +55,24 @@ def token(roles: list[str], subject: str = "mem") -> str:
     return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
+def _auth_server(directory: Path, *settings: str, config_text: str | None = None) -> ServerProcess:
+    """A started server over plain TCP on memory storage, with JWT auth (``SECRET``) and
+    ``settings`` beside."""
+    process = ServerProcess(
+        directory,
+        [
+            "tls.enabled=false",
+            "storage.backend=memory",
+            "auth.enabled=true",
+            f"auth.jwt.secret={SECRET}",
+            *settings,
+        ],
+        config_text=config_text,
+    )
+    process.start().wait_ready()
+    return process
+
+
 def _silent(stop: threading.Event) -> Iterator[bytes]:
     """A request stream that sends nothing until ``stop`` is set, then ends."""
     stop.wait()
@@ -488,11 +506,7 @@ def test_silent_calls_without_login_hold_no_worker_for_long(tmp_path: Path) -> N
     refused past 4 per client address or cancelled 2 s after their read began, so logged-in calls
     keep being served: before, each held a gRPC worker thread until its client gave up, and a
     GetServerInfo waited 5 s, then passed its deadline.  Every silent call is ended by the server."""
-    process = ServerProcess(
-        tmp_path / "silent",
-        ["tls.enabled=false", "storage.backend=memory", "auth.enabled=true", f"auth.jwt.secret={SECRET}"],
-    )
-    process.start().wait_ready()
+    process = _auth_server(tmp_path / "silent")
     stop = threading.Event()
 
     channels = [_connection(process) for _ in range(4)]
@@ -540,17 +554,7 @@ def test_a_logged_in_call_whose_message_never_comes_is_cancelled(tmp_path: Path)
     here) has passed, as a native frame that stalls is: it held a gRPC worker thread until the
     client's own deadline before.  One that sends its message but never its end is answered at once
     (nothing after the message is read), and calls that send theirs are served meanwhile."""
-    process = ServerProcess(
-        tmp_path / "stalled-login",
-        [
-            "tls.enabled=false",
-            "storage.backend=memory",
-            "auth.enabled=true",
-            f"auth.jwt.secret={SECRET}",
-            "limits.frame_timeout=1",
-        ],
-    )
-    process.start().wait_ready()
+    process = _auth_server(tmp_path / "stalled-login", "limits.frame_timeout=1")
     stop = threading.Event()
     metadata = [("authorization", f"Bearer {token(['admin'])}")]
 
@@ -585,20 +589,13 @@ def test_one_principal_cannot_hold_every_worker(tmp_path: Path) -> None:
     served; an interactive stream with no request for limits.idle_timeout is cancelled, which gives
     its place back; SIGHUP applies a new cap.  Before, 16 idle streams of a principal without any
     role held every worker, and every other gRPC call waited past its deadline."""
-    process = ServerProcess(
+    process = _auth_server(
         tmp_path / "principal-waits",
-        [
-            "tls.enabled=false",
-            "storage.backend=memory",
-            "auth.enabled=true",
-            f"auth.jwt.secret={SECRET}",
-            "limits.idle_timeout=2",
-            "limits.frame_timeout=6",
-        ],
+        "limits.idle_timeout=2",
+        "limits.frame_timeout=6",
         # the harness's [grpc]; no reserve, which the next test checks
         config_text="max_workers = 4\nmax_waiting_calls_per_principal = 3\nreserved_workers = 0\n",
     )
-    process.start().wait_ready()
     stop = threading.Event()
     nobody = [("authorization", f"Bearer {token([], 'nobody')}")]
     other = [("authorization", f"Bearer {token(['admin'], 'other')}")]
@@ -674,18 +671,11 @@ def test_principals_together_cannot_hold_every_worker(tmp_path: Path) -> None:
     streams open between them, the fourth is refused with RESOURCE_EXHAUSTED naming the setting,
     and a third principal is answered meanwhile; SIGHUP applies a new reserve.  Before, the two
     held all four workers and every other gRPC call waited past its deadline."""
-    process = ServerProcess(
+    process = _auth_server(
         tmp_path / "reserved",
-        [
-            "tls.enabled=false",
-            "storage.backend=memory",
-            "auth.enabled=true",
-            f"auth.jwt.secret={SECRET}",
-            "limits.idle_timeout=2",
-        ],
+        "limits.idle_timeout=2",
         config_text="max_workers = 4\nmax_waiting_calls_per_principal = 2\nreserved_workers = 1\n",
     )
-    process.start().wait_ready()
     stop = threading.Event()
     principals = {name: [("authorization", f"Bearer {token([], name)}")] for name in ("a", "b", "c")}
     other = [("authorization", f"Bearer {token(['admin'], 'other')}")]
@@ -722,6 +712,50 @@ def test_principals_together_cannot_hold_every_worker(tmp_path: Path) -> None:
                     break
                 assert time.monotonic() < deadline, "the new grpc.reserved_workers was not applied"
         stop.set()
+        assert process.stop(timeout=20) == 0
+        assert "Traceback" not in process.log()
+    finally:
+        stop.set()
+        process.cleanup()
+
+
+def test_worker_threads_grow_only_while_calls_wait_behind_held_ones(tmp_path: Path) -> None:
+    """grpc.core_workers threads serve calls that keep up, however many are made: 200 unary calls
+    one after another start no thread beyond them.  Streams waiting on their clients hold threads,
+    and the pool grows past the core for the calls behind them (up to grpc.max_workers): with both
+    core threads held by idle interactive streams, another principal is still answered at once;
+    when the streams end, the extra threads end too."""
+    process = _auth_server(tmp_path / "elastic", "grpc.core_workers=2")
+    stop = threading.Event()
+    admin = [("authorization", f"Bearer {token(['admin'], 'admin')}")]
+    try:
+        with _connection(process) as channel:
+            info = _server_info(channel)
+            for _ in range(200):
+                assert info(aql_pb2.ServerInfoRequest(), metadata=admin, timeout=10).capabilities
+            assert _metric(process, "amaters_grpc_worker_threads_grown_total") == 0
+            assert _metric(process, "amaters_grpc_worker_threads") <= 2
+
+            interactive = channel.stream_stream("/amaters.aql.AqlService/ExecuteInteractive")
+            idle = [
+                interactive(
+                    _silent(stop), metadata=[("authorization", f"Bearer {token([], name)}")], timeout=30
+                )
+                for name in ("a", "b", "c")
+            ]
+            deadline = time.monotonic() + 10
+            while _metric(process, "amaters_grpc_worker_threads") < 3:
+                assert time.monotonic() < deadline, "no thread was started for the streams behind the core"
+                time.sleep(0.05)
+            assert info(aql_pb2.ServerInfoRequest(), metadata=admin, timeout=5).capabilities
+            assert _metric(process, "amaters_grpc_worker_threads_grown_total") >= 2
+            stop.set()
+            for call in idle:
+                call.code()
+            deadline = time.monotonic() + 10
+            while _metric(process, "amaters_grpc_worker_threads") > 2:
+                assert time.monotonic() < deadline, "the extra threads did not end with the streams"
+                assert info(aql_pb2.ServerInfoRequest(), metadata=admin, timeout=5).capabilities
         assert process.stop(timeout=20) == 0
         assert "Traceback" not in process.log()
     finally:
