@@ -1467,7 +1467,6 @@ class ReadinessHealth(grpc_health.HealthServicer):
         with self._lock:
             refusal = self._refusal(peer)
             if refusal is None:
-                self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
                 self._watches.setdefault(service, set()).add(watch)
                 self._post(watch, self._server_status.get(service, self._UNKNOWN))
             else:
@@ -1479,14 +1478,16 @@ class ReadinessHealth(grpc_health.HealthServicer):
         return None
 
     def _refusal(self, peer: str) -> str | None:
-        # With the lock held: why one more Watch from ``peer`` may not open, or None.
+        # With the lock held: why one more Watch from ``peer`` may not open, or None (and then it
+        # is counted for ``peer``).
         open_now = self.open_watches
         if open_now >= self.max_watches:
             return (
                 f"{open_now} health Watch streams are open, the most grpc.max_health_watches"
                 " allows; use Check, or retry later"
             )
-        if peer and self._per_peer.get(peer, 0) >= WATCHES_PER_CONNECTION:
+        # Counted here when it may open (a Unix socket's connections, all ``""``, only in the total).
+        if _count_up(self._per_peer, peer, WATCHES_PER_CONNECTION if peer else 0) is not None:
             return (
                 f"this connection has {WATCHES_PER_CONNECTION} health Watch streams open, the most"
                 " one connection may have"
