@@ -7,8 +7,11 @@ concurrency it reports operations per second and the server's CPU time per opera
 the measured window), and the ratios gRPC / native measured in the same run.
 
 The native load comes from :mod:`bench.loadgen` (``C`` connections, one request in flight each);
-the gRPC load from one generator process running ``C`` concurrent calls on one HTTP/2 channel with
-grpcio's asyncio client (the way a gRPC application would).  Both use 100-byte values over a key
+the gRPC load from generator processes running ``C`` concurrent calls between them, each on one
+HTTP/2 channel with grpcio's asyncio client (the way a gRPC application would).  Both spread the
+load over ``--generators`` processes (2; at most one per call in flight): one grpcio client
+process saturates a core before the server does, and the server's figures would then be the
+generator's.  Both use 100-byte values over a key
 space filled first.
 """
 
@@ -31,15 +34,19 @@ from bench.servers import AmatersServer
 
 COLLECTION = "bench"
 
+#: Load generator processes per measurement, gRPC and native alike (at most one per call in flight).
+GENERATORS = 2
+
 # The generator: a separate process so its CPU never counts as the server's.
 _GENERATOR = r"""
 import asyncio, json, sys, time, zlib
 import grpc
 from amaters.proto import aql_pb2, query_pb2, types_pb2
 
-port, ca, op, concurrency, seconds, keyspace, size, api_key = sys.argv[1:9]
+port, ca, op, concurrency, seconds, keyspace, size, api_key, first, lanes, start_at = sys.argv[1:12]
 metadata = [("x-api-key", api_key)] if api_key else []
 concurrency, seconds, keyspace, size = int(concurrency), float(seconds), int(keyspace), int(size)
+first, lanes, start_at = int(first), int(lanes), float(start_at)
 value = b"x" * size
 blob = types_pb2.CipherBlob(data=value, metadata=types_pb2.CipherMetadata(size=size, checksum=zlib.crc32(value)))
 
@@ -62,27 +69,26 @@ async def main():
         state = {"measure": False, "stop": False}
 
         async def lane(n):
-            i = n
+            i = first + n  # this process's lanes among all generators' (keys spread over all)
             while not state["stop"]:
                 r = await call(request(i), metadata=metadata)
                 if r.WhichOneof("response") != "result":
                     errors[0] += 1
                 if state["measure"]:
                     counts[n] += 1
-                i += concurrency
+                i += lanes
 
         tasks = [asyncio.ensure_future(lane(n)) for n in range(concurrency)]
-        await asyncio.sleep(1.0)  # warm-up
-        sys.stdout.write("start\n"); sys.stdout.flush()
+        late = time.time() > start_at - 0.2  # too little warm-up: the window would be skewed
+        await asyncio.sleep(max(0.0, start_at - time.time()))  # warm-up until the shared start
         state["measure"] = True
         started = time.perf_counter()
         await asyncio.sleep(seconds)
         state["measure"] = False
         elapsed = time.perf_counter() - started
-        sys.stdout.write("stop\n"); sys.stdout.flush()
         state["stop"] = True
         await asyncio.gather(*tasks)
-        print(json.dumps({"ops": sum(counts), "elapsed": elapsed, "errors": errors[0]}))
+        print(json.dumps({"ops": sum(counts), "elapsed": elapsed, "errors": errors[0], "late": late}))
 
 asyncio.run(main())
 """
@@ -93,41 +99,70 @@ def _cpu_seconds(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
+#: Seconds the generators have to start and warm up before the shared measured window.
+WARM_UP = 2.5
+
+
 def grpc_load(
-    server: AmatersServer, op: str, concurrency: int, seconds: float, keyspace: int, api_key: str = ""
+    server: AmatersServer,
+    op: str,
+    concurrency: int,
+    seconds: float,
+    keyspace: int,
+    api_key: str = "",
+    generators: int = GENERATORS,
 ) -> dict[str, Any]:
-    """Run the gRPC generator against ``server``; ops/s and server CPU per op over the window."""
+    """Run ``concurrency`` calls at a time against ``server`` from up to ``generators`` processes
+    (one grpcio client process saturates a core before the server does); ops/s and server CPU per
+    op over one window that every generator measures, from a shared start time."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    argv = [sys.executable, "-c", _GENERATOR, str(server.grpc_port), str(server.ca_cert), op]
-    argv += [str(concurrency), str(seconds), str(keyspace), "100", api_key]
-    generator = subprocess.Popen(argv, stdout=subprocess.PIPE, env=env, text=True)
-    assert generator.stdout is not None
+    processes = max(1, min(generators, concurrency))
+    shares = [concurrency // processes + (1 if n < concurrency % processes else 0) for n in range(processes)]
+    start_at = time.time() + WARM_UP
+    running = []
+    first = 0
+    for share in shares:
+        argv = [sys.executable, "-c", _GENERATOR, str(server.grpc_port), str(server.ca_cert), op]
+        argv += [str(share), str(seconds), str(keyspace), "100", api_key, str(first), str(concurrency)]
+        argv.append(repr(start_at))
+        running.append(subprocess.Popen(argv, stdout=subprocess.PIPE, env=env, text=True))
+        first += share
     process = server.psutil()
-    cpu_start = cpu_end = 0.0
-    result: dict[str, Any] = {}
-    for line in generator.stdout:
-        if line == "start\n":
-            cpu_start = _cpu_seconds(process)
-        elif line == "stop\n":
-            cpu_end = _cpu_seconds(process)
-        elif line.startswith("{"):
-            result = json.loads(line)
-    if generator.wait(120) != 0 or not result:
-        raise RuntimeError("the gRPC load generator failed")
-    ops = int(result["ops"])
+    time.sleep(max(0.0, start_at - time.time()))
+    cpu_start = _cpu_seconds(process)
+    time.sleep(max(0.0, start_at + seconds - time.time()))
+    cpu_end = _cpu_seconds(process)
+    results = []
+    for generator in running:
+        out, _ = generator.communicate(timeout=120)
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        if generator.returncode != 0 or not lines:
+            raise RuntimeError("a gRPC load generator failed")
+        results.append(json.loads(lines[-1]))
+    if any(result["late"] for result in results):
+        raise RuntimeError(f"a gRPC load generator was not ready {WARM_UP} s after it started")
+    ops = sum(int(result["ops"]) for result in results)
     return {
         "ops": ops,
-        "ops_per_s": ops / result["elapsed"],
+        "ops_per_s": ops / max(result["elapsed"] for result in results),
         "cpu_us_per_op": (cpu_end - cpu_start) / ops * 1e6 if ops else None,
-        "errors": int(result["errors"]),
+        "errors": sum(int(result["errors"]) for result in results),
+        "generators": processes,
     }
 
 
 def native_load(
-    server: AmatersServer, op: str, concurrency: int, seconds: float, keyspace: int, api_key: str = ""
+    server: AmatersServer,
+    op: str,
+    concurrency: int,
+    seconds: float,
+    keyspace: int,
+    api_key: str = "",
+    generators: int = GENERATORS,
 ) -> dict[str, Any]:
-    """The native protocol under :mod:`bench.loadgen` with the same shape of load."""
+    """The native protocol under :mod:`bench.loadgen` with the same shape of load, from as many
+    generator processes."""
     target = loadgen.Target("127.0.0.1", server.port, server.ca_cert, api_key=api_key or None)
     spec = loadgen.LoadSpec(
         connections=concurrency,
@@ -141,7 +176,8 @@ def native_load(
     )
     process = server.psutil()
     cpu_before = _cpu_seconds(process)
-    result = loadgen.run("load", target, spec, workers=1, server_pid=server.pid, quiet=True)
+    workers = max(1, min(generators, concurrency))
+    result = loadgen.run("load", target, spec, workers=workers, server_pid=server.pid, quiet=True)
     cpu_total = _cpu_seconds(process) - cpu_before
     ops_per_s = result.ops_per_s or 0.0
     # loadgen measures the server's CPU over its window (percent of one core).
@@ -173,17 +209,24 @@ def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(
-    seconds: float, keyspace: int, concurrencies: list[int], ops: list[str], repeat: int, auth: bool = False
+    seconds: float,
+    keyspace: int,
+    concurrencies: list[int],
+    ops: list[str],
+    repeat: int,
+    auth: bool = False,
+    generators: int = GENERATORS,
 ) -> dict[str, Any]:
     """Both servers run side by side; each measurement is repeated ``repeat`` times, interleaved
     (native without gRPC, native with gRPC, gRPC), and the best of each is kept."""
     with tempfile.TemporaryDirectory(prefix="amaters-grpc-bench-") as directory:
-        rows = _measure(Path(directory), seconds, keyspace, concurrencies, ops, repeat, auth)
+        rows = _measure(Path(directory), seconds, keyspace, concurrencies, ops, repeat, auth, generators)
     return {
         "seconds": seconds,
         "keyspace": keyspace,
         "repeat": repeat,
         "auth": auth,
+        "generators": generators,
         "rows": rows,
         "ratios": ratios(rows),
     }
@@ -197,6 +240,7 @@ def _measure(
     ops: list[str],
     repeat: int,
     auth: bool,
+    generators: int,
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     settings: dict[str, Any] = {"storage.backend": "memory", "web.enabled": True}
@@ -218,9 +262,11 @@ def _measure(
             for c in concurrencies:
                 runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": [], "grpc": []}
                 for _ in range(repeat):
-                    runs["off"].append(native_load(native_only, op, c, seconds, keyspace, api_key))
-                    runs["on"].append(native_load(both, op, c, seconds, keyspace, api_key))
-                    runs["grpc"].append(grpc_load(both, op, c, seconds, keyspace, api_key))
+                    runs["off"].append(
+                        native_load(native_only, op, c, seconds, keyspace, api_key, generators)
+                    )
+                    runs["on"].append(native_load(both, op, c, seconds, keyspace, api_key, generators))
+                    runs["grpc"].append(grpc_load(both, op, c, seconds, keyspace, api_key, generators))
                 common = {"op": op, "concurrency": c}
                 rows.append({"server": "grpc off", "protocol": "native", **common} | _best(runs["off"]))
                 rows.append({"server": "grpc on", "protocol": "native", **common} | _best(runs["on"]))
@@ -287,10 +333,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ops", nargs="+", default=["get", "set"], choices=["get", "set"])
     parser.add_argument("-r", "--repeat", type=int, default=3, help="runs per measurement (best kept)")
     parser.add_argument("--auth", action="store_true", help="auth on: every request presents an API key")
+    parser.add_argument(
+        "-g",
+        "--generators",
+        type=int,
+        default=GENERATORS,
+        help=f"load generator processes per measurement, at most one per call in flight (default {GENERATORS})",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args(argv)
+    if args.generators < 1:
+        parser.error("--generators must be at least 1")
     started = time.perf_counter()
-    result = run(args.duration, args.keyspace, args.concurrency, args.ops, args.repeat, args.auth)
+    result = run(
+        args.duration, args.keyspace, args.concurrency, args.ops, args.repeat, args.auth, args.generators
+    )
     print(report(result))
     print(f"({time.perf_counter() - started:.0f} s)")
     if args.json:
