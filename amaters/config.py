@@ -1171,12 +1171,12 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
     if config.server.listen == config.web.listen and config.web.enabled and ":0:" not in config.web.listen:
         problems.append("web.listen: must differ from server.listen")
     listeners = [("server.listen", config.server.listen)]
-    if config.grpc.enabled and config.grpc.reserved_workers >= config.grpc.max_workers:
-        problems.append(
-            f"grpc.reserved_workers: must be below grpc.max_workers ({config.grpc.max_workers}),"
-            " or no stream could ever be served"
-        )
     if config.grpc.enabled:
+        if config.grpc.reserved_workers >= config.grpc.max_workers:
+            problems.append(
+                f"grpc.reserved_workers: must be below grpc.max_workers ({config.grpc.max_workers}),"
+                " or no stream could ever be served"
+            )
         listeners.append(("grpc.listen", config.grpc.listen))
         if ":0:" not in config.grpc.listen and config.grpc.listen in (
             config.server.listen,

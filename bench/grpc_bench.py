@@ -99,6 +99,11 @@ def _cpu_seconds(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
+def _processes(generators: int, concurrency: int) -> int:
+    """Generator processes for ``concurrency`` calls in flight: ``generators``, at most one per call."""
+    return max(1, min(generators, concurrency))
+
+
 #: Seconds the generators have to start and warm up before the shared measured window.
 WARM_UP = 2.5
 
@@ -117,7 +122,7 @@ def grpc_load(
     op over one window that every generator measures, from a shared start time."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    processes = max(1, min(generators, concurrency))
+    processes = _processes(generators, concurrency)
     shares = [concurrency // processes + (1 if n < concurrency % processes else 0) for n in range(processes)]
     start_at = time.time() + WARM_UP
     running = []
@@ -176,7 +181,7 @@ def native_load(
     )
     process = server.psutil()
     cpu_before = _cpu_seconds(process)
-    workers = max(1, min(generators, concurrency))
+    workers = _processes(generators, concurrency)
     result = loadgen.run("load", target, spec, workers=workers, server_pid=server.pid, quiet=True)
     cpu_total = _cpu_seconds(process) - cpu_before
     ops_per_s = result.ops_per_s or 0.0

@@ -21,6 +21,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,23 @@ def _auth_server(directory: Path, *settings: str, config_text: str | None = None
     )
     process.start().wait_ready()
     return process
+
+
+@contextmanager
+def _stops_cleanly(process: ServerProcess, stop: threading.Event | None = None) -> Iterator[None]:
+    """Run the block against ``process``; then (the silent request streams ended through ``stop``)
+    the server must stop with status 0 and no traceback in its log.  It is killed, and the streams
+    ended, when the block failed."""
+    try:
+        yield
+        if stop is not None:
+            stop.set()
+        assert process.stop(timeout=20) == 0
+        assert "Traceback" not in process.log()
+    finally:
+        if stop is not None:
+            stop.set()
+        process.cleanup()
 
 
 def _silent(stop: threading.Event) -> Iterator[bytes]:
@@ -277,7 +295,7 @@ def test_a_recent_login_lets_the_next_call_log_in_with_its_request(tmp_path: Pat
         claims = {"sub": subject, "roles": ["admin"], "exp": int(time.time()) + seconds}
         return jwt.encode(claims, SECRET, algorithm="HS256")
 
-    try:
+    with _stops_cleanly(process):
         never = raw(token(["admin"], "never"))  # a valid token, but not logged in recently
         assert never["ended"] == 1 and never["complete"] == 1  # logged in first, then read: served
 
@@ -304,10 +322,6 @@ def test_a_recent_login_lets_the_next_call_log_in_with_its_request(tmp_path: Pat
             time.sleep(0.05)
         replaced = raw(kept)
         assert replaced["ended"] == 1 and replaced["complete"] == 0, replaced
-        assert process.stop(timeout=20) == 0
-        assert "Traceback" not in process.log()
-    finally:
-        process.cleanup()
 
 
 def test_a_message_that_does_not_parse_is_invalid_argument(server: ServerProcess) -> None:
@@ -365,7 +379,7 @@ def test_sigterm_after_watch_streams_ended_stops_the_server(tmp_path: Path) -> N
 
     process = ServerProcess(tmp_path / "watch", ["tls.enabled=false", "storage.backend=memory"])
     process.start().wait_ready()
-    try:
+    with _stops_cleanly(process):
         channels = [_connection(process) for _ in range(5)]
         try:
             # One after another (one address may have 4 reads at once); each is read once.
@@ -377,10 +391,6 @@ def test_sigterm_after_watch_streams_ended_stops_the_server(tmp_path: Path) -> N
         finally:
             for channel in channels:
                 channel.close()
-        assert process.stop(timeout=20) == 0
-        assert "Traceback" not in process.log()
-    finally:
-        process.cleanup()
 
 
 def test_watch_streams_a_client_never_reads_do_not_freeze_the_server(tmp_path: Path) -> None:
@@ -562,22 +572,15 @@ def test_a_logged_in_call_whose_message_never_comes_is_cancelled(tmp_path: Path)
         yield set_request(10).SerializeToString()
         stop.wait()
 
-    try:
-        with _connection(process) as channel:
-            query = channel.stream_unary(QUERY, response_deserializer=aql_pb2.QueryResponse.FromString)
-            silent = query.future(_silent(stop), metadata=metadata, timeout=60)
-            unended = query.future(message_then_nothing(), metadata=metadata, timeout=60)
-            served = query(iter([set_request(10).SerializeToString()]), metadata=metadata, timeout=10)
-            assert not served.HasField("error")
-            assert not unended.result(timeout=10).HasField("error")
-            # Ended by the server, long before the client's 60 s.
-            assert _ended_codes([silent], timeout=20) == [grpc.StatusCode.CANCELLED]
-        stop.set()
-        assert process.stop(timeout=20) == 0
-        assert "Traceback" not in process.log()
-    finally:
-        stop.set()
-        process.cleanup()
+    with _stops_cleanly(process, stop), _connection(process) as channel:
+        query = channel.stream_unary(QUERY, response_deserializer=aql_pb2.QueryResponse.FromString)
+        silent = query.future(_silent(stop), metadata=metadata, timeout=60)
+        unended = query.future(message_then_nothing(), metadata=metadata, timeout=60)
+        served = query(iter([set_request(10).SerializeToString()]), metadata=metadata, timeout=10)
+        assert not served.HasField("error")
+        assert not unended.result(timeout=10).HasField("error")
+        # Ended by the server, long before the client's 60 s.
+        assert _ended_codes([silent], timeout=20) == [grpc.StatusCode.CANCELLED]
 
 
 def test_one_principal_cannot_hold_every_worker(tmp_path: Path) -> None:
@@ -610,59 +613,50 @@ def test_one_principal_cannot_hold_every_worker(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, what
             time.sleep(0.05)
 
-    try:
-        with _connection(process) as channel, _connection(process) as second:
-            interactive = channel.stream_stream(
-                "/amaters.aql.AqlService/ExecuteInteractive",
-                response_deserializer=aql_pb2.QueryResponse.FromString,
+    with _stops_cleanly(process, stop), _connection(process) as channel, _connection(process) as second:
+        interactive = channel.stream_stream(
+            "/amaters.aql.AqlService/ExecuteInteractive",
+            response_deserializer=aql_pb2.QueryResponse.FromString,
+        )
+        query = channel.stream_unary(QUERY, response_deserializer=aql_pb2.QueryResponse.FromString)
+        info = _server_info(second)
+
+        idle = [interactive(_silent(stop), metadata=nobody, timeout=30) for _ in range(4)]
+        refused(1, "the fourth stream of one principal was not refused")
+        assert info(aql_pb2.ServerInfoRequest(), metadata=other, timeout=5).capabilities
+        # A unary call that sends its message is not counted: served (refused by RBAC, in-band).
+        sent = query(iter([set_request(10).SerializeToString()]), metadata=nobody, timeout=5)
+        assert sent.HasField("error")
+        # The three that ran are cancelled for their idleness, well before the client's 30 s.
+        assert codes(idle) == [grpc.StatusCode.CANCELLED] * 3 + [grpc.StatusCode.RESOURCE_EXHAUSTED]
+        stream_refusal = [call for call in idle if call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert "grpc.max_waiting_calls_per_principal" in (stream_refusal[0].details() or "")
+
+        # Their places were given back: the principal's stream is served (refused by RBAC).
+        get = aql_pb2.QueryRequest()
+        get.query.get.collection, get.query.get.key.data = "c", b"k"
+        answers = list(interactive(iter([get.SerializeToString()]), metadata=nobody, timeout=10))
+        assert len(answers) == 1 and answers[0].HasField("error")
+
+        # Silent unary calls: three wait until limits.frame_timeout, the fourth is cancelled
+        # once late, and the other principal keeps a thread meanwhile.
+        silent = [query.future(_silent(stop), metadata=nobody, timeout=30) for _ in range(4)]
+        refused(2, "the fourth late call of one principal was not cancelled")
+        assert info(aql_pb2.ServerInfoRequest(), metadata=other, timeout=5).capabilities
+        assert _ended_codes(silent, timeout=20) == [grpc.StatusCode.CANCELLED] * len(silent)
+
+        process.config_path.write_text(
+            process.config_path.read_text().replace(
+                "max_waiting_calls_per_principal = 3", "max_waiting_calls_per_principal = 2"
             )
-            query = channel.stream_unary(QUERY, response_deserializer=aql_pb2.QueryResponse.FromString)
-            info = _server_info(second)
-
-            idle = [interactive(_silent(stop), metadata=nobody, timeout=30) for _ in range(4)]
-            refused(1, "the fourth stream of one principal was not refused")
-            assert info(aql_pb2.ServerInfoRequest(), metadata=other, timeout=5).capabilities
-            # A unary call that sends its message is not counted: served (refused by RBAC, in-band).
-            sent = query(iter([set_request(10).SerializeToString()]), metadata=nobody, timeout=5)
-            assert sent.HasField("error")
-            # The three that ran are cancelled for their idleness, well before the client's 30 s.
-            assert codes(idle) == [grpc.StatusCode.CANCELLED] * 3 + [grpc.StatusCode.RESOURCE_EXHAUSTED]
-            stream_refusal = [call for call in idle if call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
-            assert "grpc.max_waiting_calls_per_principal" in (stream_refusal[0].details() or "")
-
-            # Their places were given back: the principal's stream is served (refused by RBAC).
-            get = aql_pb2.QueryRequest()
-            get.query.get.collection, get.query.get.key.data = "c", b"k"
-            answers = list(interactive(iter([get.SerializeToString()]), metadata=nobody, timeout=10))
-            assert len(answers) == 1 and answers[0].HasField("error")
-
-            # Silent unary calls: three wait until limits.frame_timeout, the fourth is cancelled
-            # once late, and the other principal keeps a thread meanwhile.
-            silent = [query.future(_silent(stop), metadata=nobody, timeout=30) for _ in range(4)]
-            refused(2, "the fourth late call of one principal was not cancelled")
-            assert info(aql_pb2.ServerInfoRequest(), metadata=other, timeout=5).capabilities
-            assert _ended_codes(silent, timeout=20) == [grpc.StatusCode.CANCELLED] * len(silent)
-
-            process.config_path.write_text(
-                process.config_path.read_text().replace(
-                    "max_waiting_calls_per_principal = 3", "max_waiting_calls_per_principal = 2"
-                )
-            )
-            process.signal(signal.SIGHUP)
-            deadline = time.monotonic() + 10
-            while True:
-                idle = [interactive(_silent(stop), metadata=nobody, timeout=30) for _ in range(3)]
-                if codes(idle).count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 1:
-                    break
-                assert time.monotonic() < deadline, (
-                    "the new grpc.max_waiting_calls_per_principal was not applied"
-                )
-        stop.set()
-        assert process.stop(timeout=20) == 0
-        assert "Traceback" not in process.log()
-    finally:
-        stop.set()
-        process.cleanup()
+        )
+        process.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while True:
+            idle = [interactive(_silent(stop), metadata=nobody, timeout=30) for _ in range(3)]
+            if codes(idle).count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 1:
+                break
+            assert time.monotonic() < deadline, "the new grpc.max_waiting_calls_per_principal was not applied"
 
 
 def test_principals_together_cannot_hold_every_worker(tmp_path: Path) -> None:
@@ -679,44 +673,37 @@ def test_principals_together_cannot_hold_every_worker(tmp_path: Path) -> None:
     stop = threading.Event()
     principals = {name: [("authorization", f"Bearer {token([], name)}")] for name in ("a", "b", "c")}
     other = [("authorization", f"Bearer {token(['admin'], 'other')}")]
-    try:
-        with _connection(process) as channel, _connection(process) as second:
-            interactive = channel.stream_stream(
-                "/amaters.aql.AqlService/ExecuteInteractive",
-                response_deserializer=aql_pb2.QueryResponse.FromString,
-            )
-            info = _server_info(second)
+    with _stops_cleanly(process, stop), _connection(process) as channel, _connection(process) as second:
+        interactive = channel.stream_stream(
+            "/amaters.aql.AqlService/ExecuteInteractive",
+            response_deserializer=aql_pb2.QueryResponse.FromString,
+        )
+        info = _server_info(second)
 
-            def streams(*names: str) -> list[Any]:
-                return [interactive(_silent(stop), metadata=principals[name], timeout=30) for name in names]
+        def streams(*names: str) -> list[Any]:
+            return [interactive(_silent(stop), metadata=principals[name], timeout=30) for name in names]
 
-            idle = streams("a", "a", "b", "b")
-            deadline = time.monotonic() + 10
-            while _metric(process, "amaters_grpc_waiting_calls_refused_total") < 1:
-                assert time.monotonic() < deadline, "the fourth waiting stream was not refused"
-                time.sleep(0.05)
-            assert info(aql_pb2.ServerInfoRequest(), metadata=other, timeout=5).capabilities
-            ended = [(call.code(), call.details() or "") for call in idle]  # the rest after idle_timeout
-            refused = [details for code, details in ended if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
-            assert len(refused) == 1 and "grpc.reserved_workers" in refused[0], ended
-            assert [code for code, _ in ended].count(grpc.StatusCode.CANCELLED) == 3
+        idle = streams("a", "a", "b", "b")
+        deadline = time.monotonic() + 10
+        while _metric(process, "amaters_grpc_waiting_calls_refused_total") < 1:
+            assert time.monotonic() < deadline, "the fourth waiting stream was not refused"
+            time.sleep(0.05)
+        assert info(aql_pb2.ServerInfoRequest(), metadata=other, timeout=5).capabilities
+        ended = [(call.code(), call.details() or "") for call in idle]  # the rest after idle_timeout
+        refused = [details for code, details in ended if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert len(refused) == 1 and "grpc.reserved_workers" in refused[0], ended
+        assert [code for code, _ in ended].count(grpc.StatusCode.CANCELLED) == 3
 
-            process.config_path.write_text(
-                process.config_path.read_text().replace("reserved_workers = 1", "reserved_workers = 2")
-            )
-            process.signal(signal.SIGHUP)
-            deadline = time.monotonic() + 10
-            while True:  # three principals, one stream each: the third waits on a new reserve
-                codes = [call.code() for call in streams("a", "b", "c")]
-                if codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 1:
-                    break
-                assert time.monotonic() < deadline, "the new grpc.reserved_workers was not applied"
-        stop.set()
-        assert process.stop(timeout=20) == 0
-        assert "Traceback" not in process.log()
-    finally:
-        stop.set()
-        process.cleanup()
+        process.config_path.write_text(
+            process.config_path.read_text().replace("reserved_workers = 1", "reserved_workers = 2")
+        )
+        process.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while True:  # three principals, one stream each: the third waits on a new reserve
+            codes = [call.code() for call in streams("a", "b", "c")]
+            if codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 1:
+                break
+            assert time.monotonic() < deadline, "the new grpc.reserved_workers was not applied"
 
 
 def test_worker_threads_grow_only_while_calls_wait_behind_held_ones(tmp_path: Path) -> None:
@@ -728,39 +715,31 @@ def test_worker_threads_grow_only_while_calls_wait_behind_held_ones(tmp_path: Pa
     process = _auth_server(tmp_path / "elastic", "grpc.core_workers=2")
     stop = threading.Event()
     admin = [("authorization", f"Bearer {token(['admin'], 'admin')}")]
-    try:
-        with _connection(process) as channel:
-            info = _server_info(channel)
-            for _ in range(200):
-                assert info(aql_pb2.ServerInfoRequest(), metadata=admin, timeout=10).capabilities
-            assert _metric(process, "amaters_grpc_worker_threads_grown_total") == 0
-            assert _metric(process, "amaters_grpc_worker_threads") <= 2
+    with _stops_cleanly(process, stop), _connection(process) as channel:
+        info = _server_info(channel)
+        for _ in range(200):
+            assert info(aql_pb2.ServerInfoRequest(), metadata=admin, timeout=10).capabilities
+        assert _metric(process, "amaters_grpc_worker_threads_grown_total") == 0
+        assert _metric(process, "amaters_grpc_worker_threads") <= 2
 
-            interactive = channel.stream_stream("/amaters.aql.AqlService/ExecuteInteractive")
-            idle = [
-                interactive(
-                    _silent(stop), metadata=[("authorization", f"Bearer {token([], name)}")], timeout=30
-                )
-                for name in ("a", "b", "c")
-            ]
-            deadline = time.monotonic() + 10
-            while _metric(process, "amaters_grpc_worker_threads") < 3:
-                assert time.monotonic() < deadline, "no thread was started for the streams behind the core"
-                time.sleep(0.05)
-            assert info(aql_pb2.ServerInfoRequest(), metadata=admin, timeout=5).capabilities
-            assert _metric(process, "amaters_grpc_worker_threads_grown_total") >= 2
-            stop.set()
-            for call in idle:
-                call.code()
-            deadline = time.monotonic() + 10
-            while _metric(process, "amaters_grpc_worker_threads") > 2:
-                assert time.monotonic() < deadline, "the extra threads did not end with the streams"
-                assert info(aql_pb2.ServerInfoRequest(), metadata=admin, timeout=5).capabilities
-        assert process.stop(timeout=20) == 0
-        assert "Traceback" not in process.log()
-    finally:
+        interactive = channel.stream_stream("/amaters.aql.AqlService/ExecuteInteractive")
+        idle = [
+            interactive(_silent(stop), metadata=[("authorization", f"Bearer {token([], name)}")], timeout=30)
+            for name in ("a", "b", "c")
+        ]
+        deadline = time.monotonic() + 10
+        while _metric(process, "amaters_grpc_worker_threads") < 3:
+            assert time.monotonic() < deadline, "no thread was started for the streams behind the core"
+            time.sleep(0.05)
+        assert info(aql_pb2.ServerInfoRequest(), metadata=admin, timeout=5).capabilities
+        assert _metric(process, "amaters_grpc_worker_threads_grown_total") >= 2
         stop.set()
-        process.cleanup()
+        for call in idle:
+            call.code()
+        deadline = time.monotonic() + 10
+        while _metric(process, "amaters_grpc_worker_threads") > 2:
+            assert time.monotonic() < deadline, "the extra threads did not end with the streams"
+            assert info(aql_pb2.ServerInfoRequest(), metadata=admin, timeout=5).capabilities
 
 
 def _server_info(channel: grpc.Channel) -> Any:
