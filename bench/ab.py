@@ -45,6 +45,8 @@ class Tree:
     path: Path | None
     #: The version its server reported (``amaters_build_info``): shows which tree really ran.
     version: str = "?"
+    #: Whether its request path ran compiled (``amaters_build_info``'s ``build`` label).
+    build: str = "?"
     cpu: dict[str, list[float]] = field(default_factory=dict)
     ops: dict[str, list[float]] = field(default_factory=dict)
 
@@ -89,8 +91,9 @@ def run_tree(tree: Tree, scenarios: Sequence[tuple[str, str, int, int]], args: a
     )
     with server:
         server.start()
-        found = re.search(r'amaters_build_info\{version="([^"]*)"', server.metrics() or "")
-        tree.version = found.group(1) if found else "?"
+        found = re.search(r"^amaters_build_info\{([^}]*)\}", server.metrics() or "", re.MULTILINE)
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1))) if found else {}
+        tree.version, tree.build = labels.get("version", "?"), labels.get("build", "?")
         target = Target(port=server.port, ca_cert=server.ca_cert, api_key=api_key)
         for size in sorted({size for _, _, size, _ in scenarios}):
             fill_keys(target, f"v{size}", args.keyspace, size, server.pid, f"fill v{size}")
@@ -178,11 +181,26 @@ def main(argv: Sequence[str]) -> int:
         print(f"bench ab: {e}", file=sys.stderr)
         return 2
     names = [s[0] for s in scenarios]
-    print(f"old: {old.label}, server version {old.version}; new: {new.label}, server version {new.version}")
+    print(
+        f"old: {old.label}, server version {old.version} ({old.build});"
+        f" new: {new.label}, server version {new.version} ({new.build})"
+    )
     print("\n".join(summary(old, new, names)))
     report = {
-        "old": {"tree": old.label, "version": old.version, "cpu_us_per_op": old.cpu, "ops_per_s": old.ops},
-        "new": {"tree": new.label, "version": new.version, "cpu_us_per_op": new.cpu, "ops_per_s": new.ops},
+        "old": {
+            "tree": old.label,
+            "version": old.version,
+            "build": old.build,
+            "cpu_us_per_op": old.cpu,
+            "ops_per_s": old.ops,
+        },
+        "new": {
+            "tree": new.label,
+            "version": new.version,
+            "build": new.build,
+            "cpu_us_per_op": new.cpu,
+            "ops_per_s": new.ops,
+        },
         "rounds": args.rounds,
         "duration": args.duration,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,28 @@ import pytest
 # Shared test helpers (tests/storage_helpers.py) are imported by name.
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+#: Set when the tests run against a compiled build (tests/integration/test_compiled_build.py).
+COMPILED_RUN = os.environ.get("AMATERS_TEST_COMPILED") == "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not COMPILED_RUN:
+        return
+    from amaters.compiled import MODULES, compiled_modules
+
+    interpreted = sorted(set(MODULES) - set(compiled_modules()))
+    if interpreted:
+        raise pytest.UsageError(f"AMATERS_TEST_COMPILED=1 but these modules are not compiled: {interpreted}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not COMPILED_RUN:
+        return
+    skip = pytest.mark.skip(reason="traces or patches the interpreted build's internals")
+    for item in items:
+        if item.get_closest_marker("interpreted_only"):
+            item.add_marker(skip)
 
 
 def _reactor_leftovers() -> list[str]:

@@ -307,7 +307,11 @@ def cmd_version(args: argparse.Namespace) -> int:
     print(f"amaters {__version__}")
     if args.verbose:
         import twisted
+        from amaters.compiled import MODULES, build_name, compiled_modules
 
+        print(
+            f"build {build_name()} ({len(compiled_modules())} of {len(MODULES)} request-path modules compiled)"
+        )
         print(f"protocol {'.'.join(map(str, PROTOCOL_VERSION))}")
         print(f"python {sys.version.split()[0]}")
         print(f"twisted {twisted.__version__}")

@@ -20,6 +20,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from amaters import __version__
+from amaters.compiled import build_name
 from amaters.config import Config, LiveConfig, to_dict
 from amaters.errors import InvalidOperation, NotFound, ValidationError
 from amaters.interfaces import IServerAdmin, IStorageBackend
@@ -119,6 +120,7 @@ class ServerAdmin:
         last = self.reloader.last
         found = {
             "version": __version__,
+            "build": build_name(),
             "state": self.lifecycle.state,
             "ready": self.lifecycle.ready,
             "uptime_seconds": round(self.lifecycle.uptime(), 3),

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import bisect
 import typing
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -26,12 +25,12 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.registry import Collector
 
 from amaters import __version__
+from amaters.compiled import build_name
 from amaters.errors import AmatersError, ErrorCode
+from amaters.ops.collectors import Flush, StorageCollector, WithoutCreated
 from amaters.query import operations as ops
 
 #: Every operation name a pipeline request can carry (``Operation.name``); anything else is "other".
@@ -85,20 +84,6 @@ class _Tally:
         self.buckets = [0] * len(bounds)
 
 
-class _Flush(Collector):
-    """Registered first: a collection starts by flushing the request tallies (and yields nothing)."""
-
-    def __init__(self, flush: Callable[[], None]) -> None:
-        self._flush = flush
-
-    def describe(self) -> Iterable[Metric]:
-        return []
-
-    def collect(self) -> Iterable[Metric]:
-        self._flush()
-        return []
-
-
 #: Writes acknowledged by one fsync.
 GROUP_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -126,55 +111,6 @@ def auth_method_label(method: str | None) -> str:
     return method if method in AUTH_METHODS else "other"
 
 
-class StorageCollector(Collector):
-    """``amaters_storage_keys{collection}`` and ``amaters_storage_bytes`` from the latest storage stats.
-
-    The storage flusher hands every ``backend.stats()`` reading to :meth:`update`; a scrape reports
-    the most recent one (nothing before the first).  Only the ``max_collections`` largest collections
-    get their own label; the others are summed under ``collection="other"``, so a deployment with
-    thousands of collections does not produce thousands of series.
-    """
-
-    def __init__(self, max_collections: int = 20) -> None:
-        self.max_collections = max_collections
-        self._stats: Mapping[str, Any] | None = None
-
-    def update(self, stats: Mapping[str, Any]) -> None:
-        """Remember a ``backend.stats()`` result (called on the reactor thread)."""
-        self._stats = stats
-
-    def describe(self) -> Iterable[Metric]:
-        return [
-            GaugeMetricFamily("amaters_storage_keys", _KEYS_HELP, labels=["collection"]),
-            GaugeMetricFamily("amaters_storage_bytes", _BYTES_HELP),
-        ]
-
-    def collect(self) -> Iterable[Metric]:
-        stats = self._stats
-        if stats is None:
-            return []
-        keys = GaugeMetricFamily("amaters_storage_keys", _KEYS_HELP, labels=["collection"])
-        counts = stats.get("keys") or {}
-        ranked = sorted(counts.items(), key=lambda item: (-int(item[1]), item[0]))
-        named, rest = ranked[: self.max_collections], ranked[self.max_collections :]
-        for name, count in named:
-            # A real collection named "other" would collide with the overflow bucket; summing them
-            # keeps the series well-formed (one sample per label value).
-            if name == "other" and rest:
-                rest.append((name, count))
-                continue
-            keys.add_metric([name], float(count))
-        if rest:
-            keys.add_metric(["other"], float(sum(int(count) for _, count in rest)))
-        size = GaugeMetricFamily("amaters_storage_bytes", _BYTES_HELP)
-        size.add_metric([], float(stats.get("bytes") or 0))
-        return [keys, size]
-
-
-_KEYS_HELP = "Keys stored per collection (an estimate for rocksdb), as of the last storage reading."
-_BYTES_HELP = "Bytes the storage uses (SST files and memtables for rocksdb), as of the last reading."
-
-
 class Metrics:
     """Every amaters metric, registered on this object's own ``registry``."""
 
@@ -185,7 +121,7 @@ class Metrics:
         self._tallies: dict[str, _Tally] = {}
         self._flushers: list[Callable[[], None]] = []
         self._observe_fallback: dict[str, Callable[[float], None]] = {}
-        registry.register(_Flush(self.flush))
+        registry.register(Flush(self.flush))
         #: (group size, duration) of the WAL syncs since the last collection (storage_synced).
         self._pending_syncs: list[tuple[int, float]] = []
         self._flushers.append(self._flush_syncs)
@@ -280,11 +216,11 @@ class Metrics:
         )
         self.build_info = Gauge(
             "amaters_build_info",
-            "Always 1; the version label says which build runs.",
-            ["version"],
+            "Always 1; its labels say which version runs, and whether its request path is compiled.",
+            ["version", "build"],
             registry=registry,
         )
-        self.build_info.labels(version=__version__).set(1)
+        self.build_info.labels(version=__version__, build=build_name()).set(1)
         #: Error code -> ``amaters_errors_total{code}.inc`` (error codes are a fixed enum).
         self._by_code: dict[int, Callable[[float], None]] = {}
         for op in OPERATIONS:
@@ -442,21 +378,4 @@ class Metrics:
         encoder, content_type = choose_encoder(accept or "")
         if content_type.startswith("application/openmetrics-text"):
             return encoder(self.registry), content_type
-        return encoder(_WithoutCreated(self.registry)), content_type
-
-
-class _WithoutCreated(Collector):
-    """A view of a registry without the ``_created`` samples of counters and histograms."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
-
-    def collect(self) -> Iterable[Metric]:
-        for metric in self.registry.collect():
-            if metric.type in ("counter", "histogram", "summary", "gaugehistogram"):
-                kept = [s for s in metric.samples if not s.name.endswith("_created")]
-                if len(kept) != len(metric.samples):
-                    copy = Metric(metric.name, metric.documentation, metric.type, metric.unit)
-                    copy.samples = kept
-                    metric = copy
-            yield metric
+        return encoder(WithoutCreated(self.registry)), content_type

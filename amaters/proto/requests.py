@@ -28,6 +28,8 @@ This is the mirror of :mod:`amaters.proto.answers`, which writes the commonest a
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf.message import DecodeError
 
 from amaters.proto import types_pb2
@@ -127,7 +129,8 @@ def keyed_request(frame: bytes) -> KeyedRequest | None:
             if frame.startswith(tail, key_end):
                 i = key_end + len(tail)
                 value = _CipherBlob()
-                value.ParseFromString(frame[i:] if end - i < _COPY_BELOW else memoryview(frame)[i:])
+                data: Any = frame[i:] if end - i < _COPY_BELOW else memoryview(frame)[i:]
+                value.ParseFromString(data)
                 return request_id, SET, collection, frame[key_at:key_end], value
         # Envelope.query, its QueryRequest.query (1) and the Query's get, set or delete each run
         # to the end of the frame: a tag, then a length that takes two bytes from 128 on (a SET
@@ -192,7 +195,8 @@ def keyed_request(frame: bytes) -> KeyedRequest | None:
         # The CipherBlob itself is parsed by the runtime: its metadata's varints cost more to
         # read in Python than its parse does.  A large one is parsed in place, not copied first.
         value = _CipherBlob()
-        value.ParseFromString(frame[i:] if length < _COPY_BELOW else memoryview(frame)[i:])
+        data = frame[i:] if length < _COPY_BELOW else memoryview(frame)[i:]
+        value.ParseFromString(data)
         return request_id, SET, collection, key, value
     except (IndexError, ValueError, DecodeError):
         return None

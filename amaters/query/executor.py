@@ -466,7 +466,9 @@ class QueryExecutor:
     def _deadline(self) -> float:
         clock = self._clock
         if clock is None:
-            from twisted.internet import reactor as clock
+            from twisted.internet import reactor
+
+            clock = reactor
         return float(clock.seconds()) + self.fhe_query_timeout
 
     async def _filter(self, op: ops.Filter) -> list[tuple[bytes, CipherBlob, bytes]]:

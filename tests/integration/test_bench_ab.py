@@ -49,7 +49,7 @@ def test_each_tree_runs_its_own_amaters_in_alternating_rounds(tmp_path: Path) ->
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     report = json.loads((out / "ab.json").read_text())
-    assert report["old"]["version"] == "0.0.0+abtest"
+    assert report["old"]["version"] == "0.0.0+abtest" and report["old"]["build"] == "interpreted"
     assert report["new"]["tree"] == "installed" and report["new"]["version"] != "0.0.0+abtest"
     assert len(report["old"]["cpu_us_per_op"]["get-100B-P1"]) == 2
     assert len(report["new"]["ops_per_s"]["get-100B-P1"]) == 2

@@ -26,7 +26,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-COPIED = ("amaters", "twisted", "bench", "pyproject.toml", "README.md")
+COPIED = ("amaters", "twisted", "bench", "pyproject.toml", "setup.py", "README.md")
 
 
 def _python_in(venv: Path) -> Path:

@@ -160,6 +160,7 @@ class BrokenCursor:
         pass
 
 
+@pytest.mark.interpreted_only
 @pytest_twisted.ensureDeferred
 async def test_unexpected_storage_failure_mid_stream_is_a_generic_in_band_error(
     server: InProcess, monkeypatch: pytest.MonkeyPatch

@@ -4,8 +4,10 @@ working ``twistd amaters`` and ``amaters`` commands."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -59,7 +61,7 @@ def test_wheel_contents_and_fresh_virtualenv(tmp_path: Path) -> None:
     )
     assert "amaters" in twistd_help.stdout
     version = subprocess.run(
-        [str(venv / "bin" / "amaters"), "version"],
+        [str(venv / "bin" / "amaters"), "version", "--verbose"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -67,6 +69,12 @@ def test_wheel_contents_and_fresh_virtualenv(tmp_path: Path) -> None:
         env=env,
     )
     assert version.returncode == 0 and version.stdout.startswith("amaters ")
+    # The build environment (setuptools and mypy, nothing else) compiled the request path.
+    if shutil.which(sysconfig.get_config_var("CC").split()[0]):
+        from amaters.compiled import MODULES
+
+        assert f"build compiled ({len(MODULES)} of {len(MODULES)} " in version.stdout, version.stdout
+        assert wheel.name.endswith(f"-{sysconfig.get_platform().replace('-', '_').replace('.', '_')}.whl")
 
 
 def test_build_requirement_accepts_the_license_field() -> None:

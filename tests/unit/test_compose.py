@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface.verify import verifyObject
 
@@ -99,6 +100,7 @@ def test_no_component_holds_the_root(tmp_path: Path) -> None:
         walk(child, 0)
 
 
+@pytest.mark.interpreted_only
 def test_a_get_goes_down_the_layers_once(tmp_path: Path) -> None:
     """A GET through the composed tree (auth, RBAC, audit, metrics, cache all on), from the frame to
     the backend: every call between the project's modules goes down the request path, protocol →

@@ -19,7 +19,8 @@ from twisted.python.failure import Failure
 from amaters import __version__
 from amaters.config import LimitsConfig
 from amaters.errors import AuthError, InvalidCollection, NotFound, Overloaded
-from amaters.ops.metrics import MAX_PENDING_SYNCS, Metrics, StorageCollector
+from amaters.ops.collectors import StorageCollector
+from amaters.ops.metrics import MAX_PENDING_SYNCS, Metrics
 from amaters.ops.observability import MeteredFactory, MetricsService, counting_authenticator
 from amaters.ops.stages import MetricsStage
 from amaters.proto import envelope_pb2, query_pb2, types_pb2
@@ -73,7 +74,9 @@ def test_exposition_parses_and_names_every_metric() -> None:
         assert found[name].type == kind, name
     assert "process_cpu_seconds" in found or "process_resident_memory_bytes" in found
     assert "python_info" in found
-    assert sample(metrics, "amaters_build_info", version=__version__) == 1.0
+    from amaters.compiled import build_name
+
+    assert sample(metrics, "amaters_build_info", version=__version__, build=build_name()) == 1.0
     assert sample(metrics, "amaters_storage_keys", collection="users") == 3.0
     assert sample(metrics, "amaters_storage_bytes") == 1234.0
     body, _ = metrics.exposition()

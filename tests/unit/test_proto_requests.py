@@ -179,6 +179,7 @@ def full_readings(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return seen
 
 
+@pytest.mark.interpreted_only
 @pytest.mark.parametrize("kind", ["get", "set", "delete"])
 def test_frames_of_one_layout_are_read_from_it(kind: str, full_readings: list[int]) -> None:
     """After the first frame of a run, frames differing only in request id, key and value bytes
@@ -197,6 +198,7 @@ def test_frames_of_one_layout_are_read_from_it(kind: str, full_readings: list[in
     assert len(full_readings) == len(queries) < len(frames)
 
 
+@pytest.mark.interpreted_only
 def test_a_frame_of_a_remembered_length_but_another_shape_is_read_in_full(
     full_readings: list[int],
 ) -> None:

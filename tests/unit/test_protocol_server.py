@@ -849,6 +849,7 @@ def test_requests_set_aside_are_given_up_when_the_connection_closes() -> None:
     assert h.backend.get("c", b"x").result is None
 
 
+@pytest.mark.interpreted_only
 def test_a_failure_while_running_a_read_together_answers_each_request() -> None:
     """Should running the keyed requests of a read together fail unexpectedly (a bug), each of
     them is still answered, with SERVER_INTERNAL, and the connection stays usable."""
