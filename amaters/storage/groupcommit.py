@@ -3,10 +3,18 @@
 A write under ``storage.sync = "always"`` is applied to RocksDB on the reactor thread without a sync
 (memtable plus a ``write()`` of its WAL record, a few microseconds), and then asks the
 :class:`GroupCommitter` for durability.  The committer runs one blocking sync at a time in a pool
-thread.  Every request made while no sync is running starts one; every request made while a sync
-runs waits for the *next* sync, which starts as soon as the running one ends and covers all of them
-together.  A sync that started after a write was applied covers that write, so nothing is
-acknowledged before its WAL record is on disk.
+thread.  Every request made while no sync is running starts one; the requests made after that
+share it, up to the moment the pool thread begins the sync: it counts the requests made so far
+before it calls fsync, and that fsync acknowledges exactly those.  A request is made after its
+write was applied, so every counted write is in the file before the fsync starts, and nothing is
+acknowledged before its WAL record is on disk.  Requests made while the fsync runs wait for the
+*next* sync, which starts as soon as the running one ends and covers all of them together.
+
+Counting in the pool thread rather than closing the group when the sync is handed to it matters
+under load: the pool thread needs the GIL to begin, and the reactor thread, still holding it,
+applies more writes in the meantime.  Closing the group on the reactor thread made those wait a
+whole further sync (at 50 concurrent writers, 21 writes per fsync against 26-28 counted in the
+thread, and 9 % fewer writes a second; docs/benchmarks.md).
 
 Under N concurrent writers the group size settles near N: one fsync (0.2-3 ms here) acknowledges
 every write that arrived while the previous one ran.  Each sync's group size and duration go to the
@@ -76,6 +84,10 @@ class GroupCommitter:
         self._clock = clock
         self._on_error = on_error
         self._waiting: list[defer.Deferred[None]] = []
+        #: Requests made so far, and how many of them have been answered (acknowledged or failed):
+        #: ``_waiting`` holds the others, in the order they were made.
+        self._requested = 0
+        self._answered = 0
         self._idle_waiters: list[defer.Deferred[None]] = []
         self._running = False
         #: A start is scheduled for the end of this reactor turn (only with a clock).
@@ -103,7 +115,7 @@ class GroupCommitter:
 
     @property
     def queued(self) -> int:
-        """Requests waiting for the next sync."""
+        """Requests not yet answered (covered by the running sync or waiting for the next)."""
         return len(self._waiting)
 
     def add_observer(self, observer: SyncObserver) -> None:
@@ -114,12 +126,13 @@ class GroupCommitter:
         self._observers.remove(observer)
 
     def request(self) -> defer.Deferred[None]:
-        """A Deferred firing once a sync that started after this call has finished.
+        """A Deferred firing once a sync that began its fsync after this call has finished.
 
         Call it after the write it covers has been applied.
         """
         d: defer.Deferred[None] = defer.Deferred()
         self._waiting.append(d)
+        self._requested += 1
         if not self._running and not self._scheduled:
             if self._clock is None:
                 self._start()
@@ -154,23 +167,29 @@ class GroupCommitter:
             "queued": len(self._waiting),
         }
 
-    def _timed_sync(self) -> float:
-        # Runs in the pool thread.
+    def _timed_sync(self) -> tuple[int, float]:
+        # Runs in the pool thread: the requests counted here were made (and their writes applied)
+        # before the fsync starts, so it covers them.
+        covered = self._requested
         started = self._timer()
         self._sync()
-        return self._timer() - started
+        return covered, self._timer() - started
 
     def _start(self) -> None:
-        group, self._waiting = self._waiting, []
         self._running = True
         d = self._runner.run(self._timed_sync)
-        d.addBoth(self._finished, group)
+        d.addBoth(self._finished, self._requested)
         d.addErrback(self._bookkeeping_failed)
 
-    def _finished(self, result: float | Failure, group: list[defer.Deferred[None]]) -> None:
+    def _finished(self, result: tuple[int, float] | Failure, at_start: int) -> None:
         self._running = False
         ok = not isinstance(result, Failure)
-        duration = result if isinstance(result, float) else 0.0
+        # A failed sync fails the requests made before it was started (at the least, those it
+        # was meant to cover); the later ones wait for the next.
+        covered, duration = result if not isinstance(result, Failure) else (at_start, 0.0)
+        count = covered - self._answered
+        group, self._waiting = self._waiting[:count], self._waiting[count:]
+        self._answered = covered
         self.syncs += 1
         self.last_group_size = len(group)
         self.max_group_size = max(self.max_group_size, len(group))

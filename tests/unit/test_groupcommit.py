@@ -17,7 +17,8 @@ from amaters.storage.groupcommit import GroupCommitter
 
 
 class ManualRunner:
-    """A BlockingRunner whose calls run only when the test says so (one "pool thread" each)."""
+    """A BlockingRunner whose calls run only when the test says so (one "pool thread" each): a
+    sync handed to it begins when the test calls :meth:`finish_one`."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[Callable[..., Any], tuple[Any, ...], defer.Deferred[Any]]] = []
@@ -40,14 +41,19 @@ class ManualRunner:
 
 
 class FakeSync:
-    """A sync that counts its calls and can be told to fail."""
+    """A sync that counts its calls and can be told to fail.  ``during`` runs inside it, as the
+    fsync itself runs: what the reactor thread does meanwhile (requests made then)."""
 
     def __init__(self) -> None:
         self.calls = 0
         self.fail_with: Exception | None = None
+        self.during: Callable[[], object] | None = None
 
     def __call__(self) -> None:
         self.calls += 1
+        if self.during is not None:
+            during, self.during = self.during, None
+            during()
         if self.fail_with is not None:
             raise self.fail_with
 
@@ -70,14 +76,14 @@ def test_a_request_is_acknowledged_only_after_a_sync() -> None:
 
 
 def test_requests_during_a_sync_share_the_next_one() -> None:
-    """Writes arriving while a sync runs are all acknowledged by the one sync after it."""
+    """Writes arriving while a sync's fsync runs are all acknowledged by the one sync after it."""
     committer, runner, sync = make()
     first = committer.request()
-    waiting = [committer.request() for _ in range(5)]
-    assert len(runner.calls) == 1, "no second sync while one runs"
+    waiting: list[defer.Deferred[None]] = []
+    sync.during = lambda: waiting.extend(committer.request() for _ in range(5))
     runner.finish_one()
-    assert first.called
-    assert not any(d.called for d in waiting), "a sync that started before them does not count"
+    assert first.called and len(waiting) == 5
+    assert not any(d.called for d in waiting), "an fsync that began before them does not count"
     assert len(runner.calls) == 1
     runner.finish_one()
     assert all(d.called for d in waiting)
@@ -86,12 +92,29 @@ def test_requests_during_a_sync_share_the_next_one() -> None:
     assert committer.synced_writes == 6
 
 
+def test_requests_made_before_the_pool_thread_begins_the_sync_share_it() -> None:
+    """A sync covers the requests made until its thread counts them, not only those made before it
+    was handed to the thread: the reactor thread goes on applying writes until then."""
+    committer, runner, sync = make()
+    first = committer.request()
+    assert len(runner.calls) == 1
+    meanwhile = [committer.request() for _ in range(4)]
+    assert len(runner.calls) == 1, "no second sync while one is in flight"
+    runner.finish_one()
+    assert first.called and all(d.called for d in meanwhile)
+    assert sync.calls == 1 and runner.calls == []
+    assert committer.last_group_size == 5 and committer.synced_writes == 5
+    assert committer.queued == 0 and committer.idle().called
+
+
 def test_failed_sync_fails_its_whole_group_and_the_next_group_proceeds() -> None:
     """If the sync fails, every request of that group fails with its error; later ones still work."""
     committer, runner, sync = make()
     sync.fail_with = StorageIOError("syncing the write-ahead log: I/O error")
-    group = [committer.request() for _ in range(3)]
+    group = [committer.request()]
+    sync.during = lambda: group.extend([committer.request(), committer.request()])
     runner.finish_one()  # the first request's sync fails
+    sync.fail_with = StorageIOError("syncing the write-ahead log: I/O error")
     runner.finish_one()  # the other two share the next, which fails too
     errors: list[Any] = []
     for d in group:
@@ -106,12 +129,11 @@ def test_failed_sync_fails_its_whole_group_and_the_next_group_proceeds() -> None
 
 def test_observers_see_group_size_and_duration() -> None:
     """Each sync reports (group size, duration, ok) to observers; durations come from the timer."""
-    committer, runner, _ = make()
+    committer, runner, sync = make()
     seen: list[tuple[int, float, bool]] = []
     committer.add_observer(lambda size, duration, ok: seen.append((size, duration, ok)))
     committer.request()
-    committer.request()
-    committer.request()
+    sync.during = lambda: (committer.request(), committer.request())
     runner.finish_one()
     runner.finish_one()
     assert seen == [(1, 2.0, True), (2, 2.0, True)]
@@ -138,10 +160,10 @@ def test_a_failing_observer_is_logged_and_does_not_lose_acknowledgements() -> No
 
 def test_idle_waits_for_queued_syncs() -> None:
     """idle() fires only when no sync is running or queued."""
-    committer, runner, _ = make()
+    committer, runner, sync = make()
     assert committer.idle().called
     committer.request()
-    committer.request()
+    sync.during = committer.request
     idle = committer.idle()
     runner.finish_one()
     assert not idle.called
@@ -160,34 +182,43 @@ def test_a_request_from_an_acknowledgement_callback_gets_its_own_sync() -> None:
     assert later[0].called and sync.calls == 2
 
 
-@given(st.lists(st.sampled_from(["request", "finish"]), max_size=60))
+@given(st.lists(st.sampled_from(["request", "finish", "busy"]), max_size=60))
 def test_every_request_is_covered_by_a_sync_that_started_after_it(actions: list[str]) -> None:
-    """For any interleaving of writes and sync completions, a write is acknowledged by a sync that
-    started after it, every write is acknowledged, and at most one sync is ever in flight."""
+    """For any interleaving of writes, sync completions and writes made during an fsync, a write is
+    acknowledged by an fsync that began after it, every write is acknowledged, and at most one
+    sync is ever in flight."""
     runner, sync = ManualRunner(), FakeSync()
     committer = GroupCommitter(sync, runner, lambda: 0.0)
-    started_before: dict[int, int] = {}  # request -> syncs started (finished + running) before it
-    acked_by: dict[int, int] = {}  # request -> number of the sync that acknowledged it
+    began_before: dict[int, int] = {}  # request -> fsyncs begun before it (counting a running one)
+    acked_by: dict[int, int] = {}  # request -> number of the fsync that acknowledged it
+
+    def request(i: int) -> None:
+        began_before[i] = sync.calls
+        committer.request().addCallback(lambda _: acked_by.__setitem__(i, sync.calls))
+
     for i, action in enumerate(actions):
         if action == "request":
-            started_before[i] = committer.syncs + len(runner.calls)
-            committer.request().addCallback(lambda _, i=i: acked_by.__setitem__(i, committer.syncs))
+            request(i)
+        elif action == "busy" and runner.calls:
+            sync.during = lambda i=i: request(-1 - i)  # made while the fsync runs
+            runner.finish_one()
         elif runner.calls:
             runner.finish_one()
         assert len(runner.calls) <= 1
     while runner.calls:
         runner.finish_one()
-    assert set(acked_by) == set(started_before)
-    for i, before in started_before.items():
+    assert set(acked_by) == set(began_before)
+    for i, before in began_before.items():
         assert acked_by[i] > before
 
 
 @pytest.mark.parametrize("group", [1, 10, 100])
 def test_group_size_follows_concurrency(group: int) -> None:
-    """N writes that arrive during one sync are acknowledged by exactly one more sync."""
+    """N writes that arrive during one fsync are acknowledged by exactly one more sync."""
     committer, runner, sync = make()
     committer.request()
-    ds = [committer.request() for _ in range(group)]
+    ds: list[defer.Deferred[None]] = []
+    sync.during = lambda: ds.extend(committer.request() for _ in range(group))
     runner.finish_one()
     runner.finish_one()
     assert all(d.called for d in ds)
@@ -211,13 +242,14 @@ def test_with_a_clock_requests_of_one_turn_share_the_first_sync() -> None:
     assert not committer.idle().called
     clock.advance(0)
     assert len(runner.calls) == 1
-    late = committer.request()  # applied after the sync started: not covered by it
+    late: list[defer.Deferred[None]] = []
+    sync.during = lambda: late.append(committer.request())  # applied during the fsync: not covered
     runner.finish_one()
-    assert all(d.called for d in burst) and not late.called
+    assert all(d.called for d in burst) and not late[0].called
     assert committer.last_group_size == 5
     assert len(runner.calls) == 1, "waiting requests start the next sync at once"
     runner.finish_one()
-    assert late.called and sync.calls == 2
+    assert late[0].called and sync.calls == 2
     assert committer.idle().called
     clock.advance(0)
     assert runner.calls == []
@@ -244,12 +276,12 @@ def test_with_a_clock_every_request_is_covered_by_a_later_sync(actions: list[str
     """The end-of-turn start keeps the guarantee: acknowledged only by a sync started after it."""
     runner, sync, clock = ManualRunner(), FakeSync(), Clock()
     committer = GroupCommitter(sync, runner, lambda: 0.0, clock=clock)
-    started_before: dict[int, int] = {}
+    began_before: dict[int, int] = {}
     acked_by: dict[int, int] = {}
     for i, action in enumerate(actions):
         if action == "request":
-            started_before[i] = committer.syncs + len(runner.calls)
-            committer.request().addCallback(lambda _, i=i: acked_by.__setitem__(i, committer.syncs))
+            began_before[i] = sync.calls
+            committer.request().addCallback(lambda _, i=i: acked_by.__setitem__(i, sync.calls))
         elif action == "turn":
             clock.advance(0)
         elif runner.calls:
@@ -259,6 +291,6 @@ def test_with_a_clock_every_request_is_covered_by_a_later_sync(actions: list[str
         clock.advance(0)
         if runner.calls:
             runner.finish_one()
-    assert set(acked_by) == set(started_before)
-    for i, before in started_before.items():
+    assert set(acked_by) == set(began_before)
+    for i, before in began_before.items():
         assert acked_by[i] > before

@@ -257,20 +257,31 @@ def test_always_acknowledges_only_after_the_wal_sync(tmp_path: Path) -> None:
 
 
 def test_always_shares_one_sync_among_waiting_writes(tmp_path: Path) -> None:
-    """Writes (puts, deletes, batches) arriving during an fsync are acknowledged by the next one."""
+    """Writes (puts, deletes, batches) arriving during an fsync are acknowledged by the next one;
+    those made before the sync thread begins share its fsync."""
     backend, runner = manual_backend(tmp_path, "always")
     first = backend.put("c", b"k0", CipherBlob.wrap(b"v"))
-    waiting = [backend.put("c", b"k%d" % i, CipherBlob.wrap(b"v")) for i in range(1, 6)]
-    waiting.append(backend.delete("c", b"k0"))
-    waiting.append(backend.write_batch([WriteOp.put("c", b"b", CipherBlob.wrap(b"b"))]))
+    before_it_began = backend.put("c", b"early", CipherBlob.wrap(b"v"))
+    waiting: list[defer.Deferred[Any]] = []
+    fsync = backend.group_commit._sync
+
+    def writes_during_the_fsync() -> None:
+        waiting.extend(backend.put("c", b"k%d" % i, CipherBlob.wrap(b"v")) for i in range(1, 6))
+        waiting.append(backend.delete("c", b"k0"))
+        waiting.append(backend.write_batch([WriteOp.put("c", b"b", CipherBlob.wrap(b"b"))]))
+        backend.group_commit._sync = fsync
+        fsync()
+
+    backend.group_commit._sync = writes_during_the_fsync
     assert len(runner.calls) == 1
     runner.finish_one()
-    assert first.called and not any(d.called for d in waiting)
+    assert first.called and before_it_began.called
+    assert len(waiting) == 7 and not any(d.called for d in waiting)
     runner.finish_one()
     assert all(d.called for d in waiting)
     assert ok(waiting[5]) is True  # the delete saw k0
     stats = ok(backend.stats())["group_commit"]
-    assert stats["syncs"] == 2 and stats["synced_writes"] == 8 and stats["max_group_size"] == 7
+    assert stats["syncs"] == 2 and stats["synced_writes"] == 9 and stats["max_group_size"] == 7
     close_manual(backend, runner)
 
 
