@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import re
 import shutil
 import statistics
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 from bench import loadgen
 from bench.loadgen import LoadSpec, Target
 from bench.scenarios import PROTOCOL_SCENARIOS, cpu_per_op, fill_keys, make_api_key
-from bench.servers import BENCH_ROOT, AmatersServer
+from bench.servers import BENCH_ROOT, AmatersServer, build_info
 
 
 class ABError(Exception):
@@ -91,8 +90,7 @@ def run_tree(tree: Tree, scenarios: Sequence[tuple[str, str, int, int]], args: a
     )
     with server:
         server.start()
-        found = re.search(r"^amaters_build_info\{([^}]*)\}", server.metrics() or "", re.MULTILINE)
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1))) if found else {}
+        labels = build_info(server.metrics() or "")
         tree.version, tree.build = labels.get("version", "?"), labels.get("build", "?")
         target = Target(port=server.port, ca_cert=server.ca_cert, api_key=api_key)
         for size in sorted({size for _, _, size, _ in scenarios}):

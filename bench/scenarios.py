@@ -34,7 +34,6 @@ import datetime
 import fnmatch
 import os
 import platform
-import re
 import secrets
 import shutil
 import socket
@@ -55,6 +54,7 @@ from bench.servers import (
     AmatersServer,
     ReferenceServer,
     SyscallCounter,
+    build_info,
     metric_sum,
     parse_prometheus,
 )
@@ -367,9 +367,8 @@ class Suite:
                 "on (/metrics served)" if metrics is not None else "NOT served (/metrics missing)"
             )
             _say(f"  amaters: memory backend, {security}; reference: TLS, no auth")
-            build = re.search(r'amaters_build_info\{[^}]*build="([^"]*)"', metrics or "")
             self.notes.append(
-                f"protocol: amaters ran its {build.group(1) if build else 'unknown'} build"
+                f"protocol: amaters ran its {build_info(metrics or '').get('build', 'unknown')} build"
                 " (amaters_build_info; `pip install .` compiles the request path, an editable install does not)"
             )
             a_target = Target(port=amaters.port, ca_cert=amaters.ca_cert, api_key=api_key)

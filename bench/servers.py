@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -439,6 +440,13 @@ def parse_prometheus(text: str) -> dict[str, float]:
         except ValueError:
             continue
     return samples
+
+
+def build_info(text: str) -> dict[str, str]:
+    """The labels of ``amaters_build_info`` in a metrics exposition (``version``, ``build``), in
+    whatever order they are written; empty when it is not there."""
+    found = re.search(r"^amaters_build_info\{([^}]*)\}", text, re.MULTILINE)
+    return dict(re.findall(r'(\w+)="([^"]*)"', found.group(1))) if found else {}
 
 
 def metric_sum(samples: Mapping[str, float], name: str) -> float | None:

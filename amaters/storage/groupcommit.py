@@ -13,8 +13,8 @@ acknowledged before its WAL record is on disk.  Requests made while the fsync ru
 Counting in the pool thread rather than closing the group when the sync is handed to it matters
 under load: the pool thread needs the GIL to begin, and the reactor thread, still holding it,
 applies more writes in the meantime.  Closing the group on the reactor thread made those wait a
-whole further sync (at 50 concurrent writers, 21 writes per fsync against 26-28 counted in the
-thread, and 9 % fewer writes a second; docs/benchmarks.md).
+whole further sync (at 50 concurrent writers, 21-22 writes per fsync against 23-25 counted in the
+thread, and about 15 % fewer writes a second; docs/benchmarks.md).
 
 Under N concurrent writers the group size settles near N: one fsync (0.2-3 ms here) acknowledges
 every write that arrived while the previous one ran.  Each sync's group size and duration go to the
