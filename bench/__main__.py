@@ -5,6 +5,7 @@
     python -m bench [--quick] [--out DIR] [--only NAME ...]    every scenario (the suite)
     python -m bench loadgen --port P [--ca CA | --plaintext] [-c 50 -p 1 -v 100 --mix get:1 ...]
     python -m bench fsync [--dir DIR] [--seconds 2]
+    python -m bench syncfloor [--dir DIR] [--writes 3000]            a synced write in the barest server
     python -m bench profile [--op get -p 16 --auth ...]             the server under cProfile or py-spy
     python -m bench micro [--op get -p 16 --auth]                   server CPU per request, in-process
     python -m bench grpc [-d 5 -c 1 16 --ops get set]                 gRPC next to the native protocol
@@ -106,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         return loadgen_main(argv[1:])
     if argv and argv[0] == "fsync":
         return fsync_main(argv[1:])
+    if argv and argv[0] == "syncfloor":
+        from bench.syncfloor import main as syncfloor_main
+
+        return syncfloor_main(argv[1:])
     if argv and argv[0] == "profile":
         from bench import profile
 

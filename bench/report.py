@@ -76,6 +76,11 @@ def _detail(item: dict[str, Any]) -> str:
             f"{item['cpu_us_per_op_over_nondurable']:+.0f} µs CPU/op vs sync=none"
             + (f" (reference server {floor:+.0f})" if floor is not None else "")
         )
+        bare = item.get("bare_sync_floor_us")
+        if bare:
+            parts.append(
+                f"barest Python server {bare.get('append', 0):+.0f} (log written over {bare.get('overwrite', 0):+.0f})"
+            )
     if item.get("generator_cpu_pct") is not None:
         parts.append(f"gen CPU {item['generator_cpu_pct']:.0f}%")
     if item.get("errors"):

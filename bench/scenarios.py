@@ -48,7 +48,7 @@ from typing import Any
 
 import psutil
 
-from bench import fsync_rate, loadgen, redis_ref, report
+from bench import fsync_rate, loadgen, redis_ref, report, syncfloor
 from bench.loadgen import LoadResult, LoadSpec, Target
 from bench.servers import (
     AmatersServer,
@@ -442,6 +442,7 @@ class Suite:
             if unsynced is None and s.selected("nondurable-set-C1"):
                 unsynced = self._nondurable_run(nondurable)
         floor = self._reference_sync_cost() if 1 in runs and unsynced is not None else None
+        bare = self._bare_sync_floor() if floor is not None else None
         references: dict[int, redis_ref.RedisResult] = {}
         if redis_ref.available():
             with redis_ref.redis_server(s.work) as (port, pid):
@@ -486,6 +487,8 @@ class Suite:
                         "the same C=1 loads against the reference server on RocksDB, with and without"
                         " a WAL sync before each answer (one thread, flush_wal(True))"
                     )
+                if bare is not None:
+                    details["bare_sync_floor_us"] = bare
                 goal = f"<= nondurable-set-C1 + {DURABLE_CPU_BUDGET_US} µs server CPU per write"
                 met = None if extra is None else extra <= DURABLE_CPU_BUDGET_US
             self.results.append(
@@ -613,6 +616,20 @@ class Suite:
         extra = round(synced - unsynced, 1)
         _say(f"  the reference's synced write costs {extra} µs more server CPU than its unsynced one")
         return extra
+
+    def _bare_sync_floor(self) -> dict[str, float]:
+        """What a synced write handed to a thread adds to the barest Python server's CPU per write
+        (``bench/syncfloor.py``), in a log that grows (as the fresh database's WAL of this block
+        does) and in one written over (a recycled WAL): the floor under the reference server's."""
+        writes = 500 if self.settings.quick else 3000
+        found = syncfloor.floors(self.settings.work / "syncfloor", writes=writes)
+        bare = {layout: float(entry["thread_extra_us"]) for layout, entry in found.items()}
+        _say(
+            "  the barest Python server's synced write (a second thread syncs) costs"
+            f" +{bare['append']} µs of CPU over its unsynced one in a growing log,"
+            f" +{bare['overwrite']} µs in one written over"
+        )
+        return bare
 
     def _nondurable_run(self, server: AmatersServer) -> LoadResult:
         """durable-set-C1's load against the same server with ``storage.sync = none``."""

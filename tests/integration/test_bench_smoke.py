@@ -92,6 +92,8 @@ def test_tiny_bench_writes_results_with_every_required_key(tmp_path: Path) -> No
     )
     # ... and the reference server's, on RocksDB with and without a WAL sync, beside it.
     assert isinstance(durable["reference_cpu_us_per_op_over_nondurable"], float)
+    # ... and the barest Python server's (bench/syncfloor.py), in a growing log and one written over.
+    assert sorted(durable["bare_sync_floor_us"]) == ["append", "overwrite"]
 
     recovery = by_name["recovery-after-kill9"]
     assert recovery["all_acknowledged_present"] is True
