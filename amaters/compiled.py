@@ -9,8 +9,9 @@ gives the pure-Python build, which behaves the same.
 Left out: modules with classes that interpreted code subclasses (a compiled class cannot be
 subclassed) or that derive from a dependency's classes (the build does not see the dependencies'
 types, and mypyc then builds a class that fails at run time; ``tests/unit/test_compiled.py``
-checks), and :mod:`amaters.protocols.server`, which mypyc 2.4 does not build into a working module
-(see docs/benchmarks.md, "The compiled build").
+checks), and :mod:`amaters.protocols.server`: its classes derive from Twisted's, so compiled they
+are not native classes, and a request through them costs more than interpreted (measured in
+docs/benchmarks.md, "The compiled build").
 """
 
 from __future__ import annotations
