@@ -28,6 +28,7 @@ import os
 import queue
 import select
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -186,7 +187,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.writes < 1:
         parser.error("--writes must be at least 1")
-    found = floors(args.dir, tuple(args.layout or LAYOUTS), args.writes, args.seconds)
+    try:
+        found = floors(args.dir, tuple(args.layout or LAYOUTS), args.writes, args.seconds)
+    except (OSError, RuntimeError) as e:
+        print(f"python -m bench syncfloor: {e}", file=sys.stderr)
+        return 2
     for layout, entry in found.items():
         for mode in MODES:
             floor = entry[mode]

@@ -58,6 +58,11 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit) as raised:
         syncfloor.main(["--writes", "0"])
     assert raised.value.code == 2
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    assert syncfloor.main(["--dir", str(not_a_directory), "--writes", "5"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("python -m bench syncfloor: [Errno 17] File exists")
     with pytest.raises(ValueError, match="mode must be one of"):
         syncfloor.measure(tmp_path, "sometimes", "append")
 
