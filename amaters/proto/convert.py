@@ -65,6 +65,11 @@ def blob_to_proto(blob: CipherBlob) -> types_pb2.CipherBlob:
 _COMPRESSION_BY_CODE: dict[int, Compression] = {int(member): member for member in Compression}
 
 
+def compression_for_code(code: int) -> Compression:
+    """The Compression a wire code names; an unknown code reads as NONE."""
+    return _COMPRESSION_BY_CODE.get(code, Compression.NONE)
+
+
 def blob_from_proto(message: types_pb2.CipherBlob) -> CipherBlob:
     """The CipherBlob a message carries, exactly as sent (the checksum is not checked here)."""
     metadata = message.metadata

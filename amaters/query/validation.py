@@ -89,7 +89,7 @@ class Validator:
         if blob is None:
             return request_id, ops.Delete(name, key)
         try:
-            value = self.value(blob)  # the same rules as query's, refused the same way below
+            value = self.checked(blob)  # the same rules as query's, refused the same way below
         except AmatersError:
             return None
         return request_id, ops.Set(name, key, value)
@@ -112,7 +112,10 @@ class Validator:
         return data
 
     def value(self, message: types_pb2.CipherBlob) -> CipherBlob:
-        blob = blob_from_proto(message)
+        return self.checked(blob_from_proto(message))
+
+    def checked(self, blob: CipherBlob) -> CipherBlob:
+        """``blob`` when it keeps the rules for a value (its size, its checksum)."""
         if len(blob.data) > self.limits.max_value_bytes:
             raise SizeExceeded(
                 f"the value is {len(blob.data)} bytes; the limit is {self.limits.max_value_bytes}"

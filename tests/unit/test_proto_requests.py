@@ -18,19 +18,20 @@ from hypothesis import strategies as st
 
 from amaters.config import LimitsConfig
 from amaters.errors import AmatersError
-from amaters.proto import envelope_pb2, types_pb2
-from amaters.proto.requests import DELETE, GET, SET, keyed_request
+from amaters.proto import envelope_pb2, requests, types_pb2
+from amaters.proto.convert import blob_from_proto
+from amaters.proto.requests import DELETE, GET, SET, blob_fields, keyed_request
 from amaters.query import operations as ops
 from amaters.query.validation import Validator
-from amaters.types import crc32
+from amaters.types import CipherBlob, crc32
 
 Envelope = envelope_pb2.Envelope
 _KINDS = {"get": GET, "set": SET, "delete": DELETE}
 
 
-def _runtime_fields(frame: bytes) -> tuple[int, int, bytes, bytes, bytes | None] | None:
-    """What the runtime reads from ``frame`` in the shape keyed_request gives (the value
-    re-serialized, for comparison), or None when it is not a GET, SET or DELETE query."""
+def _runtime_fields(frame: bytes) -> tuple[int, int, bytes, bytes, CipherBlob | None] | None:
+    """What the runtime reads from ``frame`` in the shape keyed_request gives, or None when it is
+    not a GET, SET or DELETE query."""
     envelope = Envelope()
     envelope.ParseFromString(frame)
     if envelope.WhichOneof("body") != "query":
@@ -40,16 +41,23 @@ def _runtime_fields(frame: bytes) -> tuple[int, int, bytes, bytes, bytes | None]
     if which not in _KINDS:
         return None
     message = getattr(query, which)
-    value = message.value.SerializeToString() if which == "set" else None
+    value = blob_from_proto(message.value) if which == "set" else None
     return envelope.request_id, _KINDS[which], message.collection.encode(), message.key.data, value
 
 
-def _fields(frame: bytes) -> tuple[int, int, bytes, bytes, bytes | None] | None:
-    read = keyed_request(frame)
-    if read is None:
-        return None
-    request_id, kind, collection, key, value = read
-    return request_id, kind, collection, key, None if value is None else value.SerializeToString()
+def _fields(frame: bytes) -> tuple[int, int, bytes, bytes, CipherBlob | None] | None:
+    """keyed_request's reading of ``frame``, the same whether a SET's value is parsed by the runtime
+    (as the interpreted build does) or read from its bytes (as the compiled build does)."""
+    readings = []
+    compiled = requests._COMPILED
+    try:
+        for by_hand in (False, True):
+            requests._COMPILED = by_hand
+            readings.append(keyed_request(frame))
+    finally:
+        requests._COMPILED = compiled
+    assert readings[0] == readings[1]
+    return readings[0]
 
 
 def _envelope(
@@ -358,9 +366,157 @@ def test_a_set_missing_its_value_is_refused_by_the_runtime_path() -> None:
     assert keyed_request(envelope.SerializeToString()) is None
 
 
-def test_a_value_types_message_round_trips() -> None:
-    """The SET value handed on is the runtime's own CipherBlob message."""
+def test_the_value_is_the_cipherblob_it_carries() -> None:
+    """The SET value handed on is the value type, a version of 0 told from none."""
     frame = _envelope("set", 1, "people", b"k", b"abc", size=3, version=0).SerializeToString()
     read = keyed_request(frame)
-    assert read is not None and isinstance(read[4], types_pb2.CipherBlob)
-    assert read[4].metadata.HasField("version")
+    assert read is not None and isinstance(read[4], CipherBlob)
+    assert read[4].data == b"abc" and read[4].version == 0
+    frame = _envelope("set", 1, "people", b"k", b"abc", size=3).SerializeToString()
+    read = keyed_request(frame)
+    assert read is not None and read[4] is not None and read[4].version is None
+
+
+# -- a value read from its bytes ------------------------------------------------------------
+
+
+def _runtime_blob(buf: bytes) -> tuple[bytes, int, int, int, int, int | None]:
+    message = types_pb2.CipherBlob.FromString(buf)
+    metadata = message.metadata
+    version = metadata.version if metadata.HasField("version") else None
+    return (
+        message.data,
+        metadata.checksum,
+        metadata.size,
+        int(metadata.compression),
+        metadata.created_at,
+        version,
+    )
+
+
+def _blob_agrees(buf: bytes) -> None:
+    """blob_fields gives None, or what the runtime reads from the same bytes."""
+    read = blob_fields(buf, 0, len(buf))
+    if read is None:
+        return
+    assert read == _runtime_blob(buf)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.binary(max_size=600),
+    size=st.integers(0, 2**64 - 1),
+    compression=st.integers(0, 2**31 - 1),
+    checksum=st.integers(0, 2**32 - 1),
+    created_at=st.integers(-(2**63), 2**63 - 1),
+    version=st.none() | st.integers(0, 2**32 - 1),
+)
+def test_serialized_values_are_read_as_the_runtime_reads_them(
+    data: bytes, size: int, compression: int, checksum: int, created_at: int, version: int | None
+) -> None:
+    message = types_pb2.CipherBlob(data=data)
+    metadata = message.metadata
+    metadata.size = size
+    metadata.compression = compression  # type: ignore[assignment]
+    metadata.checksum = checksum
+    metadata.created_at = created_at
+    if version is not None:
+        metadata.version = version
+    buf = message.SerializeToString()
+    assert blob_fields(buf, 0, len(buf)) == _runtime_blob(buf)  # every serialized value is read
+    # ... and from inside a larger buffer, up to the given end.
+    framed = b"xyz" + buf
+    assert blob_fields(framed, 3, len(framed)) == _runtime_blob(buf)
+
+
+def test_what_a_value_reading_leaves_to_the_runtime() -> None:
+    """Fields out of order, repeated or unknown, or a value the runtime would truncate: None from
+    blob_fields, and a SET carrying such a value still gives the runtime's reading."""
+    good = types_pb2.CipherBlob(data=b"abc")
+    good.metadata.size = 3
+    good.metadata.checksum = crc32(b"abc")
+    buf = good.SerializeToString()
+    metadata = good.metadata.SerializeToString()
+    cases = [
+        b"\x12" + bytes([len(metadata)]) + metadata + b"\x0a\x03abc",  # metadata before data
+        buf + b"\x0a\x01z",  # data again (the runtime keeps the last)
+        b"\x0a\x03abc\x12\x04\x18\x01\x08\x03",  # checksum before size
+        b"\x0a\x03abc\x12\x04\x08\x03\x08\x04",  # size twice
+        b"\x0a\x03abc\x12\x02\x30\x01",  # an unknown metadata field (6)
+        buf + b"\x18\x01",  # an unknown field (3)
+        b"\x0a\x03abc\x12\x06\x18\xff\xff\xff\xff\x1f",  # a checksum over 32 bits
+    ]
+    for case in cases:
+        assert blob_fields(case, 0, len(case)) is None, case
+        frame = _set_frame(7, b"people", b"k", case)
+        read = _fields(frame)
+        assert read is not None and read == _runtime_fields(frame)
+        assert read[4] == blob_from_proto(types_pb2.CipherBlob.FromString(case))
+
+
+def _set_frame(request_id: int, collection: bytes, key: bytes, value: bytes) -> bytes:
+    """A SET frame carrying ``value`` exactly as given (the runtime would re-serialize it)."""
+    key_message = b"\x0a" + _len(key) + key
+    inner = (
+        b"\x0a" + _len(collection) + collection
+        + b"\x12" + _len(key_message) + key_message
+        + b"\x1a" + _len(value) + value
+    )  # fmt: skip
+    query = b"\x12" + _len(inner) + inner
+    request = b"\x0a" + _len(query) + query
+    return b"\x08" + _varint(request_id) + b"\x1a" + _len(request) + request
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if not value:
+            out.append(byte)
+            return bytes(out)
+        out.append(byte | 0x80)
+
+
+def _len(data: bytes) -> bytes:
+    return _varint(len(data))
+
+
+def test_arbitrary_value_mutations_never_raise_and_never_disagree() -> None:
+    rng = random.Random(13)
+    values = []
+    for _ in range(20):
+        data = rng.randbytes(rng.randrange(200))
+        message = types_pb2.CipherBlob(data=data)
+        message.metadata.size = rng.randrange(2**40)
+        message.metadata.checksum = crc32(data)
+        message.metadata.created_at = rng.randrange(-(2**40), 2**40)
+        if rng.random() < 0.5:
+            message.metadata.version = rng.randrange(2**32)
+        values.append(message.SerializeToString())
+    for _ in range(20_000):
+        buf = bytearray(rng.choice(values))
+        what = rng.randrange(3)
+        if what == 0:
+            del buf[rng.randrange(len(buf)) :]
+        elif what == 1:
+            buf[rng.randrange(len(buf))] = rng.randrange(256)
+        else:
+            buf[rng.randrange(len(buf)) : rng.randrange(len(buf) + 1)] = rng.randbytes(rng.randrange(4))
+        try:
+            _runtime_blob(bytes(buf))
+        except DecodeError:
+            assert blob_fields(bytes(buf), 0, len(buf)) is None
+            continue
+        _blob_agrees(bytes(buf))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_arbitrary_value_bytes_never_raise(buf: bytes) -> None:
+    try:
+        _runtime_blob(buf)
+    except DecodeError:
+        assert blob_fields(buf, 0, len(buf)) is None
+        return
+    _blob_agrees(buf)
