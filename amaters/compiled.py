@@ -20,7 +20,7 @@ import importlib
 import importlib.machinery
 import sys
 
-__all__ = ["MODULES", "build_name", "compiled_modules"]
+__all__ = ["MODULES", "build_name", "compiled_modules", "loaded_compiled"]
 
 #: Read by ``setup.py`` without importing the package: a literal tuple of module names.
 MODULES = (
@@ -40,13 +40,17 @@ MODULES = (
 )
 
 
+def loaded_compiled(file: str | None) -> bool:
+    """Whether a module whose ``__file__`` is ``file`` was loaded from a C extension module."""
+    return (file or "").endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+
+
 def compiled_modules() -> list[str]:
     """Those of :data:`MODULES` this process loaded from a C extension module (importing them)."""
-    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
     found = []
     for name in MODULES:
         module = sys.modules.get(name) or importlib.import_module(name)
-        if (getattr(module, "__file__", None) or "").endswith(suffixes):
+        if loaded_compiled(getattr(module, "__file__", None)):
             found.append(name)
     return found
 

@@ -66,16 +66,15 @@ _COMPRESSION_BY_CODE: dict[int, Compression] = {int(member): member for member i
 
 
 def compression_for_code(code: int) -> Compression:
-    """The Compression a wire code names; an unknown code reads as NONE."""
+    """The Compression a wire code names; an unknown code reads as NONE.  A dict lookup, not
+    ``Compression(code)``: the enum's constructor is slow, and this runs for every value received."""
     return _COMPRESSION_BY_CODE.get(code, Compression.NONE)
 
 
 def blob_from_proto(message: types_pb2.CipherBlob) -> CipherBlob:
     """The CipherBlob a message carries, exactly as sent (the checksum is not checked here)."""
     metadata = message.metadata
-    # A dict lookup, not Compression(...): the enum's constructor is slow, and this runs for every
-    # value received.  Unknown codes read as NONE, as before.
-    compression = _COMPRESSION_BY_CODE.get(metadata.compression, Compression.NONE)
+    compression = compression_for_code(metadata.compression)
     # Positional (data, checksum, size, compression, created_at, version): a third cheaper than
     # keywords for the frozen class, and this runs for every value received.
     return CipherBlob(

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from google.protobuf.message import DecodeError
 
+from amaters.compiled import loaded_compiled
 from amaters.proto import types_pb2
 from amaters.proto.convert import blob_from_proto, compression_for_code
 from amaters.types import CipherBlob
@@ -60,8 +61,8 @@ _U32 = 1 << 32
 _I64_SIGN = 1 << 63
 _I32_LIMIT = 1 << 31
 _COPY_BELOW = 64 * 1024
-#: Whether this module runs compiled (a C extension module, see amaters/compiled.py).
-_COMPILED = not __file__.endswith(".py")
+#: Whether this module runs compiled (see amaters/compiled.py).
+_COMPILED = loaded_compiled(__file__)
 
 #: ``(head, collection, kind, key offset in the query, key length, tail)`` of frames read in
 #: full, by their length from the query's tag to the end: ``head`` runs from that tag to the
