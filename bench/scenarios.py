@@ -40,6 +40,7 @@ import socket
 import sys
 import tempfile
 import time
+import tomllib
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -91,10 +92,16 @@ class Settings:
     fsync_seconds: float = 3.0
     #: Only the protocol and durable scenarios whose names match one of these (fnmatch); empty: all.
     match: tuple[str, ...] = ()
+    #: Settings every amaters server of the run takes over its block's own (``--config``).
+    server_config: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def selected(self, name: str) -> bool:
         return not self.match or any(fnmatch.fnmatchcase(name, pattern) for pattern in self.match)
+
+    def amaters(self, own: dict[str, Any]) -> dict[str, Any]:
+        """An amaters server's settings: the block's ``own``, then ``--config``'s over them."""
+        return {**own, **self.server_config}
 
     @classmethod
     def build(cls, quick: bool, out: Path, work: Path, workers: int, only: tuple[str, ...]) -> Settings:
@@ -355,7 +362,7 @@ class Suite:
         auth_settings, api_key = make_api_key(s.work / "protocol-auth")
         amaters = AmatersServer(
             s.work / "protocol-amaters",
-            {"storage.backend": "memory", "tls.enabled": True, **auth_settings},
+            s.amaters({"storage.backend": "memory", "tls.enabled": True, **auth_settings}),
             label="amaters (protocol)",
         )
         reference = ReferenceServer(s.work / "protocol-reference", tls=True)
@@ -420,12 +427,12 @@ class Suite:
         s = self.settings
         server = AmatersServer(
             s.work / "durable-amaters",
-            {"storage.backend": "rocksdb", "storage.sync": "always", "tls.enabled": False},
+            s.amaters({"storage.backend": "rocksdb", "storage.sync": "always", "tls.enabled": False}),
             label="amaters (durable)",
         )
         nondurable = AmatersServer(
             s.work / "nondurable-amaters",
-            {"storage.backend": "rocksdb", "storage.sync": "none", "tls.enabled": False},
+            s.amaters({"storage.backend": "rocksdb", "storage.sync": "none", "tls.enabled": False}),
             label="amaters (sync none)",
         )
         runs: dict[int, tuple[LoadResult, dict[str, Any]]] = {}
@@ -687,7 +694,7 @@ class Suite:
         written_mb = keys * size / 1e6
         server = AmatersServer(
             s.work / "recovery-amaters",
-            {"storage.backend": "rocksdb", "storage.sync": "always", "tls.enabled": True},
+            s.amaters({"storage.backend": "rocksdb", "storage.sync": "always", "tls.enabled": True}),
             label="amaters (recovery)",
         )
         with server:
@@ -815,7 +822,9 @@ class Suite:
         keys = s.rss_keys
         measured: dict[str, float] = {}
         amaters = AmatersServer(
-            s.work / "rss-amaters", {"storage.backend": "memory", "tls.enabled": False}, label="amaters (rss)"
+            s.work / "rss-amaters",
+            s.amaters({"storage.backend": "memory", "tls.enabled": False}),
+            label="amaters (rss)",
         )
         reference = ReferenceServer(s.work / "rss-reference", tls=False)
         for name, server in (("amaters", amaters), ("reference", reference)):
@@ -888,6 +897,18 @@ def machine_description() -> dict[str, Any]:
     }
 
 
+def _config_item(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as TOML (``250``, ``true``, ``"text"``; a bare word is text)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="Run the amaters benchmark suite.")
     parser.add_argument("--quick", action="store_true", help="short version of every scenario (< 3 minutes)")
@@ -913,6 +934,14 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--keys", type=int, default=None, help="keys for the RANGE/recovery and RSS blocks")
     parser.add_argument("--keyspace", type=int, default=None, help="keys the GET/SET scenarios use")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        type=_config_item,
+        metavar="KEY=VALUE",
+        help='a setting every amaters server of the run takes (repeatable; VALUE in TOML: 250, true, "x")',
+    )
     args = parser.parse_args(argv)
 
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -934,6 +963,12 @@ def main(argv: list[str]) -> int:
     if args.keyspace is not None:
         settings.keyspace = args.keyspace
     settings.match = tuple(args.match)
+    if args.config:
+        settings.server_config = dict(args.config)
+        settings.notes.append(
+            "every amaters server ran with "
+            + ", ".join(f"{key} = {value!r}" for key, value in settings.server_config.items())
+        )
     if settings.match:
         settings.notes.append("--match: only scenarios matching " + ", ".join(settings.match))
     started = time.monotonic()
