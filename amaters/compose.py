@@ -454,6 +454,7 @@ def build_service(
     # What a reload reaches, all or nothing.
     for component in (
         logging_service,
+        storage,
         metrics_service,
         auth,
         ListenerLimits(listener.factory),

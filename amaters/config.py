@@ -150,6 +150,23 @@ class StorageConfig:
         " loss may lose that much); none = leave it to the OS. All three survive a process crash.",
     )
     sync_interval_ms: int = setting(100, "WAL fsync period for sync = interval.", minimum=1)
+    group_commit_delay_us: int = setting(
+        0,
+        "sync = always: while several clients write at once, hold each WAL fsync back this long so"
+        " that more writes share it: fewer, fuller fsyncs (for disks with few or billed IOPS), each"
+        " write answered up to this much later. A lone writer never waits. 0: off.",
+        minimum=0,
+        maximum=100_000,
+        reloadable=True,
+    )
+    group_commit_delay_min_writers: int = setting(
+        2,
+        "Hold fsyncs back (group_commit_delay_us) only while at least this many clients write at once:"
+        " the writes just acknowledged together plus those waiting for the next fsync.",
+        minimum=2,
+        maximum=100_000,
+        reloadable=True,
+    )
     auto_create_collections: bool = setting(True, "Create a collection on its first SET.")
     flush_interval_s: float = setting(
         10.0, "Period of the storage flusher's gauges (storage statistics for metrics).", minimum=0.05

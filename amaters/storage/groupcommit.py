@@ -27,6 +27,17 @@ sleeps.  Without it a burst of N writes arriving together is split into a group 
 which starts a sync by itself) and a group of N - 1, and under steady load the group sizes alternate
 between tiny and full.  The delay never acknowledges anything earlier: the sync still starts after
 every write it covers was applied.
+
+Given a ``delay`` (``storage.group_commit_delay_us``, off by default), a sync that starts while
+at least ``min_writers`` writers are at work first sleeps that long in the pool thread, before it
+counts the requests it covers, so that the writes made meanwhile join it: fewer, fuller fsyncs,
+for disks whose fsyncs per second are few or paid for, at the price of up to that much latency per
+write.  The pool thread sleeps, not a reactor timer: the reactor's timers have the poll's
+millisecond granularity, and the reactor thread stays free.  The writers at work are those of the
+group just answered (about to write again) and those waiting; from idle, the larger of the last
+group and the waiting requests.  So a lone writer never waits, except once, on its first write
+after a burst.  This is MySQL's ``binlog_group_commit_sync_delay`` (which also sleeps in the
+syncing thread), and PostgreSQL's ``commit_delay`` with ``commit_siblings``.
 """
 
 from __future__ import annotations
@@ -64,8 +75,9 @@ class GroupCommitter:
     then fails with it (their writes were applied but are not known to be durable, so none of them is
     acknowledged).  ``timer`` measures each sync's duration in the pool thread.  ``clock`` (optional)
     delays a sync started from idle to the end of the current reactor turn (see the module's
-    docstring); without it such a sync starts at once.  ``on_error(failure)`` is called once per
-    failed sync, before its requests fail.
+    docstring); without it such a sync starts at once.  ``delay`` (seconds) holds back a sync while
+    ``min_writers`` or more writers are at work; ``sleep`` is how the pool thread waits it out.
+    ``on_error(failure)`` is called once per failed sync, before its requests fail.
     """
 
     _log = Logger()
@@ -77,11 +89,19 @@ class GroupCommitter:
         timer: Callable[[], float] = time.perf_counter,
         clock: IReactorTime | None = None,
         on_error: Callable[[Failure], object] | None = None,
+        delay: float = 0.0,
+        min_writers: int = 2,
+        sleep: Callable[[float], object] = time.sleep,
     ) -> None:
         self._sync = sync
         self._runner = runner
         self._timer = timer
         self._clock = clock
+        self._sleep = sleep
+        self._delay = 0.0
+        self.delay = delay
+        self._min_writers = 2
+        self.min_writers = min_writers
         self._on_error = on_error
         self._waiting: list[defer.Deferred[None]] = []
         #: Requests made so far, and how many of them have been answered (acknowledged or failed):
@@ -107,6 +127,28 @@ class GroupCommitter:
         #: Duration of the most recent sync, and the sum over all syncs, in seconds.
         self.last_sync_seconds = 0.0
         self.total_sync_seconds = 0.0
+
+    @property
+    def delay(self) -> float:
+        """Seconds a sync is held back while several writers are at work (0: never)."""
+        return self._delay
+
+    @delay.setter
+    def delay(self, seconds: float) -> None:
+        if not seconds >= 0:
+            raise ValueError(f"a group commit delay must be >= 0 seconds, not {seconds!r}")
+        self._delay = seconds
+
+    @property
+    def min_writers(self) -> int:
+        """Writers at work from which a sync holds back for :attr:`delay`."""
+        return self._min_writers
+
+    @min_writers.setter
+    def min_writers(self, writers: int) -> None:
+        if writers < 2:
+            raise ValueError(f"a group commit holds back for 2 writers or more, not {writers!r}")
+        self._min_writers = writers
 
     @property
     def running(self) -> bool:
@@ -135,7 +177,7 @@ class GroupCommitter:
         self._requested += 1
         if not self._running and not self._scheduled:
             if self._clock is None:
-                self._start()
+                self._start(1)
             else:
                 self._scheduled = True
                 self._clock.callLater(0, self._scheduled_start)
@@ -144,7 +186,8 @@ class GroupCommitter:
     def _scheduled_start(self) -> None:
         self._scheduled = False
         if self._waiting and not self._running:
-            self._start()
+            # From idle: the last group's writers may be about to write again.
+            self._start(max(self.last_group_size, len(self._waiting)))
 
     def idle(self) -> defer.Deferred[None]:
         """A Deferred firing when no sync is running or queued (used before closing)."""
@@ -165,19 +208,25 @@ class GroupCommitter:
             "last_sync_seconds": self.last_sync_seconds,
             "total_sync_seconds": self.total_sync_seconds,
             "queued": len(self._waiting),
+            "delay_seconds": self._delay,
+            "delay_min_writers": self._min_writers,
         }
 
-    def _timed_sync(self) -> tuple[int, float]:
+    def _timed_sync(self, hold: float) -> tuple[int, float]:
         # Runs in the pool thread: the requests counted here were made (and their writes applied)
-        # before the fsync starts, so it covers them.
+        # before the fsync starts, so it covers them; those made while it holds back join it.
+        if hold:
+            self._sleep(hold)
         covered = self._requested
         started = self._timer()
         self._sync()
         return covered, self._timer() - started
 
-    def _start(self) -> None:
+    def _start(self, writers: int) -> None:
+        """Start a sync, held back for the delay when ``writers`` are at least ``min_writers``."""
         self._running = True
-        d = self._runner.run(self._timed_sync)
+        hold = self._delay if writers >= self._min_writers else 0.0
+        d = self._runner.run(self._timed_sync, hold)
         d.addBoth(self._finished, self._requested)
         d.addErrback(self._bookkeeping_failed)
 
@@ -219,9 +268,9 @@ class GroupCommitter:
                 waiter.errback(result)
         if self._waiting and not self._running:
             # Requests that arrived while the sync ran: start the next one now (their clients
-            # have waited a whole sync already).
+            # have waited a whole sync already).  The group just answered is about to write again.
             self._scheduled = False
-            self._start()
+            self._start(len(group) + len(self._waiting))
         elif not self._running and not self._scheduled:
             idle, self._idle_waiters = self._idle_waiters, []
             for waiter in idle:

@@ -158,6 +158,11 @@ class RocksDBSettings:
     #: :mod:`amaters.storage.groupcommit`).  On in a server (``from_config``); off by default so that
     #: tests driving a ``task.Clock`` by hand see a sync start with the first write.
     sync_at_end_of_turn: bool = False
+    #: Hold a WAL sync back this long while several writers are at work (seconds; see
+    #: :mod:`amaters.storage.groupcommit`).
+    group_commit_delay: float = 0.0
+    #: Writers at work from which a sync holds back for that delay.
+    group_commit_min_writers: int = 2
 
     @classmethod
     def from_config(cls, storage: Any) -> RocksDBSettings:
@@ -170,6 +175,8 @@ class RocksDBSettings:
             max_open_files=storage.max_open_files,
             wal_recycle_files=storage.wal_recycle_files,
             sync_at_end_of_turn=True,
+            group_commit_delay=storage.group_commit_delay_us / 1e6,
+            group_commit_min_writers=storage.group_commit_delay_min_writers,
         )
 
 
@@ -339,6 +346,8 @@ class RocksDBBackend:
             sync_runner if sync_runner is not None else io,
             clock=clock if self.settings.sync_at_end_of_turn else None,
             on_error=self._sync_failed,
+            delay=self.settings.group_commit_delay if self.settings.sync == "always" else 0.0,
+            min_writers=self.settings.group_commit_min_writers,
         )
         self._last_error_log = float("-inf")
         #: Writes applied so far, and how many of them the last completed fsync covered.

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from amaters.config import Config
 from amaters.interfaces import IStorageBackend
 from amaters.storage import innermost
 
@@ -27,6 +29,28 @@ class StorageService(service.Service):
         """Why writes fail right now (a full disk), or None: readiness and health report it."""
         problem = getattr(innermost(self.backend), "write_problem", None)
         return problem if isinstance(problem, str) else None
+
+    def prepare_reload(self, old: Config, new: Config) -> Callable[[], None] | None:
+        """``storage.group_commit_delay_us`` and ``_min_writers`` take effect from the next sync
+        (``sync = always``)."""
+        committer = getattr(innermost(self.backend), "group_commit", None)
+        if committer is None or new.storage.sync != "always":
+            return None
+        delay = new.storage.group_commit_delay_us / 1e6
+        writers = new.storage.group_commit_delay_min_writers
+        if delay == committer.delay and writers == committer.min_writers:
+            return None
+
+        def commit() -> None:
+            committer.delay = delay
+            committer.min_writers = writers
+            self._log.info(
+                "Group commit delay now {delay_us} µs from {writers} writers",
+                delay_us=new.storage.group_commit_delay_us,
+                writers=writers,
+            )
+
+        return commit
 
     def startService(self) -> defer.Deferred[None]:
         super().startService()

@@ -120,6 +120,15 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait_for_log(self, text: str, timeout: float = 20.0) -> None:
+        """Until ``text`` is in the log (a blocking wait: the server is another process)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"{text!r} not in the log:\n{self.log()[-3000:]}")
+
     def readyz(self) -> int | None:
         try:
             return http_get(f"http://127.0.0.1:{self.web_port}/readyz", timeout=1.0)[0]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,15 +63,6 @@ def served_fingerprint(port: int, ca: Path, alpn: str | None = None) -> str:
     return x509.load_pem_x509_certificate(pem).fingerprint(hashes.SHA256()).hex()
 
 
-def wait_for_log(server: ServerProcess, text: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in server.log():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{text!r} not in the log:\n{server.log()[-3000:]}")
-
-
 @pytest.fixture
 def tls_server(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path, object, x509.Certificate]]:
     tls_dir = tmp_path / "tls"
@@ -113,7 +103,7 @@ async def test_certificate_rotation_on_sighup(
         await old.set("rotation", b"k", b"before")
         second_expected = write_server_cert(tls_dir, ca_key, ca_cert, "second")
         server.signal(signal.SIGHUP)
-        wait_for_log(server, "TLS certificate reloaded")
+        server.wait_for_log("TLS certificate reloaded")
         assert served_fingerprint(server.port, ca) == second_expected != first
         assert served_fingerprint(server.grpc_port, ca, "h2") == second_expected
         # The connection made before the rotation keeps working.
@@ -143,7 +133,7 @@ def test_broken_certificate_keeps_the_old_one(
     )
     (tls_dir / "server.pem").write_bytes((tls_dir / "server.pem").read_bytes() + b"\n")
     server.signal(signal.SIGHUP)
-    wait_for_log(server, "Reload refused")
+    server.wait_for_log("Reload refused")
     assert "kept the old one" in server.log()
     assert served_fingerprint(server.port, ca) == before
     assert served_fingerprint(server.grpc_port, ca, "h2") == before
@@ -157,7 +147,7 @@ def test_invalid_config_file_is_refused(
     text = server.config_path.read_text()
     server.config_path.write_text(text + '[logging]\nlevel = "loud"\n')
     server.signal(signal.SIGHUP)
-    wait_for_log(server, "Reload refused, configuration invalid")
+    server.wait_for_log("Reload refused, configuration invalid")
     assert "logging.level: 'loud' is not allowed" in server.log()
     assert server.readyz() == 200
 
@@ -188,7 +178,7 @@ async def test_reload_applies_log_level_and_rate_limit(tmp_path: Path) -> None:
             )
             server.config_path.write_text(text)
             server.signal(signal.SIGHUP)
-            wait_for_log(server, "Reloaded configuration; changed:")
+            server.wait_for_log("Reloaded configuration; changed:")
             changed = [line for line in server.log().splitlines() if "Reloaded configuration" in line][-1]
             assert "logging.level" in changed and "rate_limit.per_client_rps" in changed
 
@@ -200,12 +190,12 @@ async def test_reload_applies_log_level_and_rate_limit(tmp_path: Path) -> None:
                     refused.append(e)
             assert refused, "the new rate limit was not applied"
             assert all(e.retryable and e.retry_after_ms for e in refused)
-            wait_for_log(server, "by anonymous")  # a debug access event: the new level is live
+            server.wait_for_log("by anonymous")  # a debug access event: the new level is live
 
             # An invalid file is refused and the running settings stay as they were.
             server.config_path.write_text(text.replace("per_client_rps = 5", "per_client_rps = -1"))
             server.signal(signal.SIGHUP)
-            wait_for_log(server, "Reload refused, configuration invalid")
+            server.wait_for_log("Reload refused, configuration invalid")
             with pytest.raises(Overloaded):
                 for i in range(20):
                     await client.set("c", b"again%d" % i, b"v")

@@ -58,6 +58,20 @@ class FakeSync:
             raise self.fail_with
 
 
+class Ledger:
+    """For each request made through it: the fsyncs begun when it was made (counting a running
+    one), in ``began_before``, and the number of the fsync that acknowledged it, in ``acked_by``."""
+
+    def __init__(self, committer: GroupCommitter, sync: FakeSync) -> None:
+        self.committer, self.sync = committer, sync
+        self.began_before: dict[int, int] = {}
+        self.acked_by: dict[int, int] = {}
+
+    def request(self, i: int) -> None:
+        self.began_before[i] = self.sync.calls
+        self.committer.request().addCallback(lambda _: self.acked_by.__setitem__(i, self.sync.calls))
+
+
 def make(timer: Callable[[], float] | None = None) -> tuple[GroupCommitter, ManualRunner, FakeSync]:
     runner, sync = ManualRunner(), FakeSync()
     ticks = iter(range(0, 10_000, 2))  # each sync "takes" 2 s of the fake timer
@@ -189,13 +203,8 @@ def test_every_request_is_covered_by_a_sync_that_started_after_it(actions: list[
     sync is ever in flight."""
     runner, sync = ManualRunner(), FakeSync()
     committer = GroupCommitter(sync, runner, lambda: 0.0)
-    began_before: dict[int, int] = {}  # request -> fsyncs begun before it (counting a running one)
-    acked_by: dict[int, int] = {}  # request -> number of the fsync that acknowledged it
-
-    def request(i: int) -> None:
-        began_before[i] = sync.calls
-        committer.request().addCallback(lambda _: acked_by.__setitem__(i, sync.calls))
-
+    ledger = Ledger(committer, sync)
+    request, began_before, acked_by = ledger.request, ledger.began_before, ledger.acked_by
     for i, action in enumerate(actions):
         if action == "request":
             request(i)
@@ -271,6 +280,20 @@ def test_with_a_clock_a_failed_sync_reports_once_and_fails_its_group() -> None:
     assert all(isinstance(e, StorageIOError) for e in errors)
 
 
+def drain_and_check(
+    runner: ManualRunner, clock: Clock, began_before: dict[int, int], acked_by: dict[int, int]
+) -> None:
+    """Run every sync still due; then each request was acknowledged, by a sync begun after it
+    (``began_before[i]``: syncs begun when request i was made; ``acked_by[i]``: when answered)."""
+    while runner.calls or clock.getDelayedCalls():
+        clock.advance(0)
+        if runner.calls:
+            runner.finish_one()
+    assert set(acked_by) == set(began_before)
+    for i, before in began_before.items():
+        assert acked_by[i] > before
+
+
 @given(st.lists(st.sampled_from(["request", "finish", "turn"]), max_size=60))
 def test_with_a_clock_every_request_is_covered_by_a_later_sync(actions: list[str]) -> None:
     """The end-of-turn start keeps the guarantee: acknowledged only by a sync started after it."""
@@ -287,10 +310,153 @@ def test_with_a_clock_every_request_is_covered_by_a_later_sync(actions: list[str
         elif runner.calls:
             runner.finish_one()
         assert len(runner.calls) <= 1
-    while runner.calls or clock.getDelayedCalls():
-        clock.advance(0)
-        if runner.calls:
+    drain_and_check(runner, clock, began_before, acked_by)
+
+
+# -- with a delay: a sync held back while several writers are at work --------------------------
+
+DELAY = 0.25
+
+
+class FakeSleep:
+    """The pool thread's sleep: records each hold and runs ``during`` inside it, as the reactor
+    thread would meanwhile (requests made while the sync holds back)."""
+
+    def __init__(self) -> None:
+        self.holds: list[float] = []
+        self.during: Callable[[], object] | None = None
+        #: A clock that only the sleep moves (the committer's timer).
+        self.now = 0.0
+
+    def __call__(self, seconds: float) -> None:
+        self.holds.append(seconds)
+        self.now += seconds
+        if self.during is not None:
+            during, self.during = self.during, None
+            during()
+
+
+def make_delayed() -> tuple[GroupCommitter, ManualRunner, FakeSync, Clock, FakeSleep]:
+    runner, sync, clock, sleep = ManualRunner(), FakeSync(), Clock(), FakeSleep()
+    committer = GroupCommitter(sync, runner, lambda: sleep.now, clock=clock, delay=DELAY, sleep=sleep)
+    return committer, runner, sync, clock, sleep
+
+
+def synced_turn(
+    committer: GroupCommitter, runner: ManualRunner, clock: Clock, writes: int
+) -> list[defer.Deferred[None]]:
+    """``writes`` requests in one reactor turn, the turn's end, and the sync it started."""
+    made = [committer.request() for _ in range(writes)]
+    clock.advance(0)
+    runner.finish_one()
+    return made
+
+
+def test_a_delay_below_zero_is_refused() -> None:
+    with pytest.raises(ValueError):
+        GroupCommitter(FakeSync(), ManualRunner(), delay=-0.001)
+    committer = GroupCommitter(FakeSync(), ManualRunner())
+    with pytest.raises(ValueError):
+        committer.delay = float("nan")
+    assert committer.delay == 0.0 and committer.stats()["delay_seconds"] == 0.0
+
+
+def test_a_lone_writer_never_holds_back() -> None:
+    """One write at a time: each sync starts at the end of its turn and fsyncs at once."""
+    committer, runner, sync, clock, sleep = make_delayed()
+    for n in range(1, 6):
+        [d] = synced_turn(committer, runner, clock, 1)
+        assert d.called and sync.calls == n and committer.last_group_size == 1
+    assert sleep.holds == []
+
+
+def test_with_several_writers_the_next_sync_holds_back_and_gathers_their_writes() -> None:
+    """The group just answered writes again while the next sync holds back: its write joins."""
+    committer, runner, sync, clock, sleep = make_delayed()
+    first = committer.request()
+    clock.advance(0)
+    during: list[defer.Deferred[None]] = []
+    sync.during = lambda: during.append(committer.request())  # a second writer, mid-fsync
+    runner.finish_one()
+    assert first.called and not during[0].called and sleep.holds == []
+    assert len(runner.calls) == 1, "the next sync starts at once, and holds back in its thread"
+    again: list[defer.Deferred[None]] = []
+    sleep.during = lambda: again.append(committer.request())  # the first writer's next write
+    runner.finish_one()
+    assert sleep.holds == [DELAY]
+    assert during[0].called and again[0].called
+    assert committer.last_group_size == 2 and sync.calls == 2
+    assert sleep.now == DELAY and committer.last_sync_seconds == 0.0, "the hold is not the fsync's time"
+
+
+def test_a_write_made_during_a_hold_is_covered_only_if_made_before_the_count() -> None:
+    """What the hold gathers is counted after it: a write made during the fsync waits."""
+    committer, runner, sync, clock, sleep = make_delayed()
+    burst = [committer.request() for _ in range(2)]
+    clock.advance(0)
+    late: list[defer.Deferred[None]] = []
+    sync.during = lambda: late.append(committer.request())
+    runner.finish_one()
+    assert sleep.holds == [DELAY], "two waiting from idle: held back"
+    assert all(d.called for d in burst) and not late[0].called
+    runner.finish_one()
+    assert late[0].called
+
+
+def test_the_first_write_after_a_burst_holds_back_once() -> None:
+    """From idle, a sync holds back when the last group had several writes; the next lone one
+    does not."""
+    committer, runner, _, clock, sleep = make_delayed()
+    burst = synced_turn(committer, runner, clock, 3)
+    assert all(d.called for d in burst) and committer.last_group_size == 3
+    [lone] = synced_turn(committer, runner, clock, 1)
+    assert lone.called and committer.last_group_size == 1
+    assert sleep.holds == [DELAY, DELAY]
+    synced_turn(committer, runner, clock, 1)
+    assert sleep.holds == [DELAY, DELAY], "after a group of one, no hold"
+
+
+def test_a_sync_holds_back_only_from_min_writers_on() -> None:
+    """With min_writers 4, three writers at work fsync at once; four hold back."""
+    committer, runner, _, clock, sleep = make_delayed()
+    committer.min_writers = 4
+    synced_turn(committer, runner, clock, 3)
+    assert sleep.holds == [] and committer.last_group_size == 3
+    # The three write again and a fourth joins them.
+    synced_turn(committer, runner, clock, 4)
+    assert sleep.holds == [DELAY] and committer.last_group_size == 4
+    with pytest.raises(ValueError):
+        committer.min_writers = 1
+    assert committer.stats()["delay_min_writers"] == 4
+
+
+def test_the_delay_can_change_while_running() -> None:
+    """A reload sets it: the next sync uses the new value, 0 turns it off."""
+    committer, runner, _, clock, sleep = make_delayed()
+    committer.delay = 0.0
+    synced_turn(committer, runner, clock, 2)
+    assert sleep.holds == []
+    committer.delay = 0.5
+    synced_turn(committer, runner, clock, 2)
+    assert sleep.holds == [0.5]
+
+
+@given(st.lists(st.sampled_from(["request", "finish", "turn", "hold-request"]), max_size=60))
+def test_with_a_delay_every_request_is_covered_by_a_later_sync(actions: list[str]) -> None:
+    """Holding a sync back keeps the guarantee, and every request is answered in the end."""
+    committer, runner, sync, clock, sleep = make_delayed()
+    ledger = Ledger(committer, sync)
+    request, began_before, acked_by = ledger.request, ledger.began_before, ledger.acked_by
+    for i, action in enumerate(actions):
+        if action == "request":
+            request(i)
+        elif action == "hold-request":
+            sleep.during = lambda i=i: request(i)  # made while the next sync holds back, if it does
+        elif action == "turn":
+            clock.advance(0)
+        elif runner.calls:
             runner.finish_one()
-    assert set(acked_by) == set(began_before)
-    for i, before in began_before.items():
-        assert acked_by[i] > before
+        assert len(runner.calls) <= 1
+    sleep.during = None
+    drain_and_check(runner, clock, began_before, acked_by)
+    assert committer.idle().called
