@@ -152,9 +152,10 @@ class StorageConfig:
     sync_interval_ms: int = setting(100, "WAL fsync period for sync = interval.", minimum=1)
     group_commit_delay_us: int = setting(
         0,
-        "sync = always: while several clients write at once, hold each WAL fsync back this long so"
-        " that more writes share it: fewer, fuller fsyncs (for disks with few or billed IOPS), each"
-        " write answered up to this much later. A lone writer never waits. 0: off.",
+        "sync = always: while several clients write at once, hold each WAL fsync back until the"
+        " clients just acknowledged have written again, at most this long, so that their writes"
+        " share it: fewer, fuller fsyncs (for disks with few or billed IOPS), a write answered up to"
+        " this much later. A lone writer never waits. 0: off.",
         minimum=0,
         maximum=100_000,
         reloadable=True,

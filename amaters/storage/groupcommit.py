@@ -29,19 +29,24 @@ between tiny and full.  The delay never acknowledges anything earlier: the sync 
 every write it covers was applied.
 
 Given a ``delay`` (``storage.group_commit_delay_us``, off by default), a sync that starts while
-at least ``min_writers`` writers are at work first sleeps that long in the pool thread, before it
-counts the requests it covers, so that the writes made meanwhile join it: fewer, fuller fsyncs,
-for disks whose fsyncs per second are few or paid for, at the price of up to that much latency per
-write.  The pool thread sleeps, not a reactor timer: the reactor's timers have the poll's
-millisecond granularity, and the reactor thread stays free.  The writers at work are those of the
-group just answered (about to write again) and those waiting; from idle, the larger of the last
-group and the waiting requests.  So a lone writer never waits, except once, on its first write
-after a burst.  This is MySQL's ``binlog_group_commit_sync_delay`` (which also sleeps in the
-syncing thread), and PostgreSQL's ``commit_delay`` with ``commit_siblings``.
+at least ``min_writers`` writers are at work first waits in the pool thread, before it counts the
+requests it covers, for the writers of the group just answered to write again (their clients got
+their answers and are about to), at most ``delay``: their writes share this fsync instead of
+queueing for the next.  Fewer, fuller fsyncs, for disks whose fsyncs per second are few or paid
+for.  The writers at work are those of the group just answered plus those waiting; from idle, the
+larger of the last group and the waiting requests.  The request that brings the count to what the
+hold waits for sets an event the pool thread waits on, so the hold ends with it: at two writers
+it lasts a client's round trip, not the delay.  A lone writer never waits, except on its first
+write after a burst, and then for at most the delay.  The pool thread waits, not a reactor
+timer: the reactor's timers have the poll's millisecond granularity, and the reactor thread stays
+free.  This is MySQL's ``binlog_group_commit_sync_delay`` with
+``binlog_group_commit_sync_no_delay_count``, and PostgreSQL's ``commit_delay`` with
+``commit_siblings``.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
@@ -75,8 +80,9 @@ class GroupCommitter:
     then fails with it (their writes were applied but are not known to be durable, so none of them is
     acknowledged).  ``timer`` measures each sync's duration in the pool thread.  ``clock`` (optional)
     delays a sync started from idle to the end of the current reactor turn (see the module's
-    docstring); without it such a sync starts at once.  ``delay`` (seconds) holds back a sync while
-    ``min_writers`` or more writers are at work; ``sleep`` is how the pool thread waits it out.
+    docstring); without it such a sync starts at once.  ``delay`` (seconds) is the longest a sync
+    holds back while ``min_writers`` or more writers are at work; ``hold(event, timeout)`` is how
+    the pool thread waits (``threading.Event.wait``).
     ``on_error(failure)`` is called once per failed sync, before its requests fail.
     """
 
@@ -91,13 +97,17 @@ class GroupCommitter:
         on_error: Callable[[Failure], object] | None = None,
         delay: float = 0.0,
         min_writers: int = 2,
-        sleep: Callable[[float], object] = time.sleep,
+        hold: Callable[[threading.Event, float], object] = threading.Event.wait,
     ) -> None:
         self._sync = sync
         self._runner = runner
         self._timer = timer
         self._clock = clock
-        self._sleep = sleep
+        self._hold = hold
+        #: While a sync holds back: the count of requests that ends the hold, and the event the
+        #: pool thread waits on, set by the request that reaches it.
+        self._gather_until = -1
+        self._gathered = threading.Event()
         self._delay = 0.0
         self.delay = delay
         self._min_writers = 2
@@ -175,6 +185,8 @@ class GroupCommitter:
         d: defer.Deferred[None] = defer.Deferred()
         self._waiting.append(d)
         self._requested += 1
+        if self._requested == self._gather_until:
+            self._gathered.set()
         if not self._running and not self._scheduled:
             if self._clock is None:
                 self._start(1)
@@ -187,7 +199,8 @@ class GroupCommitter:
         self._scheduled = False
         if self._waiting and not self._running:
             # From idle: the last group's writers may be about to write again.
-            self._start(max(self.last_group_size, len(self._waiting)))
+            waiting = len(self._waiting)
+            self._start(max(self.last_group_size, waiting), self.last_group_size - waiting)
 
     def idle(self) -> defer.Deferred[None]:
         """A Deferred firing when no sync is running or queued (used before closing)."""
@@ -216,16 +229,22 @@ class GroupCommitter:
         # Runs in the pool thread: the requests counted here were made (and their writes applied)
         # before the fsync starts, so it covers them; those made while it holds back join it.
         if hold:
-            self._sleep(hold)
+            self._hold(self._gathered, hold)
         covered = self._requested
         started = self._timer()
         self._sync()
         return covered, self._timer() - started
 
-    def _start(self, writers: int) -> None:
-        """Start a sync, held back for the delay when ``writers`` are at least ``min_writers``."""
+    def _start(self, writers: int, expected: int = 0) -> None:
+        """Start a sync.  When ``writers`` are at least ``min_writers`` and ``expected`` requests
+        are due (the writers of the group just answered, about to write again), it holds back
+        until they are made or the delay is over, whichever comes first."""
         self._running = True
-        hold = self._delay if writers >= self._min_writers else 0.0
+        hold = 0.0
+        if self._delay and expected > 0 and writers >= self._min_writers:
+            hold = self._delay
+            self._gathered.clear()
+            self._gather_until = self._requested + expected
         d = self._runner.run(self._timed_sync, hold)
         d.addBoth(self._finished, self._requested)
         d.addErrback(self._bookkeeping_failed)
@@ -270,7 +289,7 @@ class GroupCommitter:
             # Requests that arrived while the sync ran: start the next one now (their clients
             # have waited a whole sync already).  The group just answered is about to write again.
             self._scheduled = False
-            self._start(len(group) + len(self._waiting))
+            self._start(len(group) + len(self._waiting), len(group))
         elif not self._running and not self._scheduled:
             idle, self._idle_waiters = self._idle_waiters, []
             for waiter in idle:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -318,28 +319,33 @@ def test_with_a_clock_every_request_is_covered_by_a_later_sync(actions: list[str
 DELAY = 0.25
 
 
-class FakeSleep:
-    """The pool thread's sleep: records each hold and runs ``during`` inside it, as the reactor
-    thread would meanwhile (requests made while the sync holds back)."""
+class FakeHold:
+    """The pool thread's wait for the writers due (``hold(event, timeout)``): records each
+    timeout, runs ``during`` inside it, as the reactor thread would meanwhile (requests made while
+    the sync holds back), and records whether those requests ended the hold early (set the event).
+    The wait "takes" the whole timeout unless they did."""
 
     def __init__(self) -> None:
         self.holds: list[float] = []
+        self.ended_early: list[bool] = []
         self.during: Callable[[], object] | None = None
-        #: A clock that only the sleep moves (the committer's timer).
+        #: A clock that only the hold moves (the committer's timer).
         self.now = 0.0
 
-    def __call__(self, seconds: float) -> None:
-        self.holds.append(seconds)
-        self.now += seconds
+    def __call__(self, gathered: threading.Event, timeout: float) -> None:
+        self.holds.append(timeout)
         if self.during is not None:
             during, self.during = self.during, None
             during()
+        self.ended_early.append(gathered.is_set())
+        if not gathered.is_set():
+            self.now += timeout
 
 
-def make_delayed() -> tuple[GroupCommitter, ManualRunner, FakeSync, Clock, FakeSleep]:
-    runner, sync, clock, sleep = ManualRunner(), FakeSync(), Clock(), FakeSleep()
-    committer = GroupCommitter(sync, runner, lambda: sleep.now, clock=clock, delay=DELAY, sleep=sleep)
-    return committer, runner, sync, clock, sleep
+def make_delayed() -> tuple[GroupCommitter, ManualRunner, FakeSync, Clock, FakeHold]:
+    runner, sync, clock, hold = ManualRunner(), FakeSync(), Clock(), FakeHold()
+    committer = GroupCommitter(sync, runner, lambda: hold.now, clock=clock, delay=DELAY, hold=hold)
+    return committer, runner, sync, clock, hold
 
 
 def synced_turn(
@@ -350,6 +356,19 @@ def synced_turn(
     clock.advance(0)
     runner.finish_one()
     return made
+
+
+def two_writers_then_sync(
+    committer: GroupCommitter, runner: ManualRunner, clock: Clock, sync: FakeSync
+) -> tuple[defer.Deferred[None], defer.Deferred[None]]:
+    """A write, and a second writer's made during its fsync: the second sync is then due, with the
+    first writer about to write again."""
+    first = committer.request()
+    clock.advance(0)
+    during: list[defer.Deferred[None]] = []
+    sync.during = lambda: during.append(committer.request())
+    runner.finish_one()
+    return first, during[0]
 
 
 def test_a_delay_below_zero_is_refused() -> None:
@@ -363,100 +382,115 @@ def test_a_delay_below_zero_is_refused() -> None:
 
 def test_a_lone_writer_never_holds_back() -> None:
     """One write at a time: each sync starts at the end of its turn and fsyncs at once."""
-    committer, runner, sync, clock, sleep = make_delayed()
+    committer, runner, sync, clock, hold = make_delayed()
     for n in range(1, 6):
         [d] = synced_turn(committer, runner, clock, 1)
         assert d.called and sync.calls == n and committer.last_group_size == 1
-    assert sleep.holds == []
+    assert hold.holds == []
 
 
-def test_with_several_writers_the_next_sync_holds_back_and_gathers_their_writes() -> None:
-    """The group just answered writes again while the next sync holds back: its write joins."""
-    committer, runner, sync, clock, sleep = make_delayed()
-    first = committer.request()
-    clock.advance(0)
-    during: list[defer.Deferred[None]] = []
-    sync.during = lambda: during.append(committer.request())  # a second writer, mid-fsync
-    runner.finish_one()
-    assert first.called and not during[0].called and sleep.holds == []
+def test_the_hold_ends_as_soon_as_the_writers_due_have_written() -> None:
+    """The group just answered writes again while the next sync holds back: its write joins, and
+    the hold ends with it rather than at the delay."""
+    committer, runner, sync, clock, hold = make_delayed()
+    first, second = two_writers_then_sync(committer, runner, clock, sync)
+    assert first.called and not second.called and hold.holds == []
     assert len(runner.calls) == 1, "the next sync starts at once, and holds back in its thread"
     again: list[defer.Deferred[None]] = []
-    sleep.during = lambda: again.append(committer.request())  # the first writer's next write
+    hold.during = lambda: again.append(committer.request())  # the first writer's next write
     runner.finish_one()
-    assert sleep.holds == [DELAY]
-    assert during[0].called and again[0].called
+    assert hold.holds == [DELAY] and hold.ended_early == [True]
+    assert second.called and again[0].called
     assert committer.last_group_size == 2 and sync.calls == 2
-    assert sleep.now == DELAY and committer.last_sync_seconds == 0.0, "the hold is not the fsync's time"
+    assert hold.now == 0.0 and committer.last_sync_seconds == 0.0
 
 
-def test_a_write_made_during_a_hold_is_covered_only_if_made_before_the_count() -> None:
-    """What the hold gathers is counted after it: a write made during the fsync waits."""
-    committer, runner, sync, clock, sleep = make_delayed()
-    burst = [committer.request() for _ in range(2)]
-    clock.advance(0)
+def test_a_hold_whose_writers_do_not_come_lasts_the_delay() -> None:
+    """A writer of the last group that does not write again: the sync waits the whole delay, then
+    covers what it has; the hold is not counted as the fsync's time."""
+    committer, runner, sync, clock, hold = make_delayed()
+    _, second = two_writers_then_sync(committer, runner, clock, sync)
+    runner.finish_one()
+    assert hold.holds == [DELAY] and hold.ended_early == [False]
+    assert second.called and committer.last_group_size == 1
+    assert hold.now == DELAY and committer.last_sync_seconds == 0.0
+
+
+def test_a_write_made_during_the_fsync_waits_for_the_next_sync() -> None:
+    """What the hold gathers is counted after it; a write made during the fsync is not covered."""
+    committer, runner, sync, clock, hold = make_delayed()
+    _, second = two_writers_then_sync(committer, runner, clock, sync)
     late: list[defer.Deferred[None]] = []
     sync.during = lambda: late.append(committer.request())
     runner.finish_one()
-    assert sleep.holds == [DELAY], "two waiting from idle: held back"
-    assert all(d.called for d in burst) and not late[0].called
+    assert hold.holds == [DELAY] and second.called and not late[0].called
     runner.finish_one()
     assert late[0].called
 
 
 def test_the_first_write_after_a_burst_holds_back_once() -> None:
-    """From idle, a sync holds back when the last group had several writes; the next lone one
-    does not."""
-    committer, runner, _, clock, sleep = make_delayed()
+    """From idle, a sync holds back while writers of the last group have not written again; after
+    a group of one, it does not."""
+    committer, runner, _, clock, hold = make_delayed()
     burst = synced_turn(committer, runner, clock, 3)
     assert all(d.called for d in burst) and committer.last_group_size == 3
+    assert hold.holds == [], "from idle with no group before: nobody else is due"
     [lone] = synced_turn(committer, runner, clock, 1)
     assert lone.called and committer.last_group_size == 1
-    assert sleep.holds == [DELAY, DELAY]
+    assert hold.holds == [DELAY] and hold.ended_early == [False]
     synced_turn(committer, runner, clock, 1)
-    assert sleep.holds == [DELAY, DELAY], "after a group of one, no hold"
+    assert hold.holds == [DELAY], "after a group of one, no hold"
 
 
 def test_a_sync_holds_back_only_from_min_writers_on() -> None:
-    """With min_writers 4, three writers at work fsync at once; four hold back."""
-    committer, runner, _, clock, sleep = make_delayed()
-    committer.min_writers = 4
-    synced_turn(committer, runner, clock, 3)
-    assert sleep.holds == [] and committer.last_group_size == 3
-    # The three write again and a fourth joins them.
-    synced_turn(committer, runner, clock, 4)
-    assert sleep.holds == [DELAY] and committer.last_group_size == 4
+    """With min_writers 3, two writers at work fsync at once; three hold back."""
+    committer, runner, sync, clock, hold = make_delayed()
+    committer.min_writers = 3
+    two_writers_then_sync(committer, runner, clock, sync)
+    runner.finish_one()
+    assert hold.holds == []
+    # A group of one answered, two waiting: three writers.
+    committer.request()
+    clock.advance(0)
+    sync.during = lambda: [committer.request() for _ in range(2)]
+    runner.finish_one()
+    assert len(runner.calls) == 1
+    runner.finish_one()
+    assert hold.holds == [DELAY] and committer.last_group_size == 2
     with pytest.raises(ValueError):
         committer.min_writers = 1
-    assert committer.stats()["delay_min_writers"] == 4
+    assert committer.stats()["delay_min_writers"] == 3
 
 
 def test_the_delay_can_change_while_running() -> None:
     """A reload sets it: the next sync uses the new value, 0 turns it off."""
-    committer, runner, _, clock, sleep = make_delayed()
+    committer, runner, sync, clock, hold = make_delayed()
     committer.delay = 0.0
-    synced_turn(committer, runner, clock, 2)
-    assert sleep.holds == []
+    two_writers_then_sync(committer, runner, clock, sync)
+    runner.finish_one()
+    assert hold.holds == []
     committer.delay = 0.5
-    synced_turn(committer, runner, clock, 2)
-    assert sleep.holds == [0.5]
+    two_writers_then_sync(committer, runner, clock, sync)
+    runner.finish_one()
+    assert hold.holds == [0.5]
 
 
 @given(st.lists(st.sampled_from(["request", "finish", "turn", "hold-request"]), max_size=60))
 def test_with_a_delay_every_request_is_covered_by_a_later_sync(actions: list[str]) -> None:
     """Holding a sync back keeps the guarantee, and every request is answered in the end."""
-    committer, runner, sync, clock, sleep = make_delayed()
+    committer, runner, sync, clock, hold = make_delayed()
     ledger = Ledger(committer, sync)
     request, began_before, acked_by = ledger.request, ledger.began_before, ledger.acked_by
     for i, action in enumerate(actions):
         if action == "request":
             request(i)
         elif action == "hold-request":
-            sleep.during = lambda i=i: request(i)  # made while the next sync holds back, if it does
+            hold.during = lambda i=i: request(i)  # made while the next sync holds back, if it does
         elif action == "turn":
             clock.advance(0)
         elif runner.calls:
             runner.finish_one()
         assert len(runner.calls) <= 1
-    sleep.during = None
+    hold.during = None
     drain_and_check(runner, clock, began_before, acked_by)
     assert committer.idle().called
