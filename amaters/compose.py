@@ -311,7 +311,7 @@ def build_service(
     storage = StorageService(backend)
     flusher = FlusherService.from_config(backend, config.storage, reactor)
     flusher.add_stats_observer(metrics.storage.update)
-    committer = getattr(innermost(backend), "group_commit", None)
+    committer = storage.group_commit
     if committer is not None:
         committer.add_observer(metrics.storage_synced)
     cluster = None

@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from amaters.config import Config
 from amaters.interfaces import IStorageBackend
 from amaters.storage import innermost
+from amaters.storage.groupcommit import GroupCommitter
 
 
 class StorageService(service.Service):
@@ -30,10 +31,16 @@ class StorageService(service.Service):
         problem = getattr(innermost(self.backend), "write_problem", None)
         return problem if isinstance(problem, str) else None
 
+    @property
+    def group_commit(self) -> GroupCommitter | None:
+        """The backend's group committer (its WAL syncs), or None for a backend without one."""
+        committer = getattr(innermost(self.backend), "group_commit", None)
+        return committer if isinstance(committer, GroupCommitter) else None
+
     def prepare_reload(self, old: Config, new: Config) -> Callable[[], None] | None:
         """``storage.group_commit_delay_us`` and ``_min_writers`` take effect from the next sync
         (``sync = always``)."""
-        committer = getattr(innermost(self.backend), "group_commit", None)
+        committer = self.group_commit
         if committer is None or new.storage.sync != "always":
             return None
         delay = new.storage.group_commit_delay_us / 1e6
