@@ -78,15 +78,20 @@ def _check_answers(data: bytes, expected: int) -> None:
         )
 
 
+def _answer_count(transport: Any) -> int:
+    """How many answers ``transport`` holds."""
+    from amaters.protocols.framing import FrameDecoder
+
+    return len(FrameDecoder(2**31 - 1).feed(transport.value()))
+
+
 async def _answered(reactor: Any, transport: Any, expected: int, timeout: float = 60.0) -> None:
     """Wait until ``transport`` holds ``expected`` answers (a write to a collection that does not
     exist yet, or one that waits for its sync, is answered a few reactor turns later)."""
     from twisted.internet import task
 
-    from amaters.protocols.framing import FrameDecoder
-
     deadline = time.monotonic() + timeout
-    while len(FrameDecoder(2**31 - 1).feed(transport.value())) < expected and time.monotonic() < deadline:
+    while _answer_count(transport) < expected and time.monotonic() < deadline:
         await task.deferLater(reactor, 0.01, lambda: None)
 
 
@@ -379,7 +384,10 @@ async def _run(reactor: Any, args: argparse.Namespace) -> dict[str, float]:
             await _answered(reactor, transport, len(fill))
         frames = _frames(args.op, args.requests, args.value_size, args.keyspace, 10**6)
         if args.opcodes:
+            before = _answer_count(transport)
             _print_counts(f"{args.op} P={args.pipeline}", protocol, frames, args)
+            # A synced write is answered once its sync ends, turns later: not during the measurement.
+            await _answered(reactor, transport, before + args.opcodes)
         profiler = None
         if args.profile:
             import cProfile

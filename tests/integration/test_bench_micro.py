@@ -76,3 +76,26 @@ def test_reads_in_tls_record_pieces_are_all_answered_and_counted() -> None:
     (calls, instructions), (ref_calls, ref_instructions) = ((float(a), float(b)) for a, b in counts)
     assert 0 < ref_calls < calls and 0 < ref_instructions < instructions, out
     assert "set P=16 V=4096" in out
+
+
+def test_counted_synced_writes_are_answered_before_the_measurement(tmp_path: Path) -> None:
+    """``--opcodes`` on synced writes: the counted requests are answered once their sync ends, turns
+    later; the measurement that follows sees only its own answers (it failed with more answers
+    than requests when they arrived during it)."""
+    out = _micro(
+        "--backend",
+        "rocksdb",
+        "--sync",
+        "always",
+        "-p",
+        "1",
+        "-n",
+        "400",
+        "--rounds",
+        "1",
+        "--opcodes",
+        "200",
+        tmp=tmp_path,
+    )
+    assert len(re.findall(r"Python calls and [\d.]+ bytecode instructions per request", out)) == 2, out
+    assert re.search(r"set P=1 V=100 auth=\w+ metrics=on: amaters [\d.]+ µs/request", out), out
