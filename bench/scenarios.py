@@ -58,6 +58,7 @@ from bench.servers import (
     build_info,
     metric_sum,
     parse_prometheus,
+    render_toml,
 )
 
 BLOCKS = ("fsync", "protocol", "durable", "recovery", "rss")
@@ -900,13 +901,29 @@ def machine_description() -> dict[str, Any]:
 def _config_item(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` with VALUE read as TOML (``250``, ``true``, ``"text"``; a bare word is text)."""
     key, sep, value = text.partition("=")
-    if not sep or not key.strip():
+    key = key.strip()
+    if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    if "." not in key or not all(part.strip() for part in key.split(".")):
+        raise argparse.ArgumentTypeError(f"{text!r}: the key must be section.key (e.g. storage.sync)")
     try:
         parsed = tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
         parsed = value
-    return key.strip(), parsed
+    return key, parsed
+
+
+def _config_problems(items: dict[str, Any]) -> list[str]:
+    """What the server's own reading of its config file finds wrong with ``--config``'s items (an
+    unknown key, a value of the wrong type or out of range), found before any server starts rather
+    than as a server that exits before listening, minutes into the run."""
+    from amaters.config import read_config
+
+    with tempfile.TemporaryDirectory(prefix="amaters-bench-config-") as directory:
+        path = Path(directory) / "config.toml"
+        path.write_text(render_toml(items))
+        _, problems = read_config(path, (), environ={})
+    return problems
 
 
 def main(argv: list[str]) -> int:
@@ -943,6 +960,10 @@ def main(argv: list[str]) -> int:
         help='a setting every amaters server of the run takes (repeatable; VALUE in TOML: 250, true, "x")',
     )
     args = parser.parse_args(argv)
+    if args.config:
+        problems = _config_problems(dict(args.config))
+        if problems:
+            parser.error("--config: " + "; ".join(problems))
 
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or Path("bench-results") / stamp
