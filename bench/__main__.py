@@ -11,6 +11,7 @@
     python -m bench grpc [-d 5 -c 1 16 --ops get set]                 gRPC next to the native protocol
     python -m bench reference-server --port P [--tls-dir DIR]
     python -m bench compare [OLD] NEW                               ratios that fell by > 10 % (exit 1)
+    python -m bench summary RUN [RUN ...]                           each goal over several runs
 
 ``docs/benchmarks.md`` describes the scenarios and how to read the results.
 """
@@ -131,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import compare
 
         return compare.main(argv[1:])
+    if argv and argv[0] == "summary":
+        from bench import summary
+
+        return summary.main(argv[1:])
     if argv and argv[0] == "reference-server":
         from bench import reference_server
 

@@ -27,20 +27,37 @@ class CompareError(Exception):
     """A file that is not a results or baseline file; the message says which and why."""
 
 
-def load_ratios(path: Path) -> dict[str, float | None]:
-    """``{scenario: ratio}`` from a results.json, a directory with one, or a baseline file."""
+def _read(path: Path) -> tuple[Path, Any]:
+    """The file's path (``results.json`` inside a directory) and its JSON document."""
     if path.is_dir():
         path = path / "results.json"
     try:
-        data: Any = json.loads(path.read_text())
+        return path, json.loads(path.read_text())
     except OSError as e:
         raise CompareError(f"{path}: cannot read: {e.strerror or e}") from None
     except ValueError as e:
         raise CompareError(f"{path}: not JSON: {e}") from None
+
+
+def _is_results(data: Any) -> bool:
+    return isinstance(data, list) and all(isinstance(item, dict) and "name" in item for item in data)
+
+
+def load_results(path: Path) -> list[dict[str, Any]]:
+    """The scenarios of a results.json (or of the directory holding one), as the suite wrote them."""
+    path, data = _read(path)
+    if not _is_results(data):
+        raise CompareError(f"{path}: not a results.json (a list of scenarios)")
+    return list(data)
+
+
+def load_ratios(path: Path) -> dict[str, float | None]:
+    """``{scenario: ratio}`` from a results.json, a directory with one, or a baseline file."""
+    path, data = _read(path)
     if isinstance(data, dict) and isinstance(data.get("ratios"), dict):
         items = data["ratios"].items()
         ratios = {str(name): value for name, value in items}
-    elif isinstance(data, list) and all(isinstance(item, dict) and "name" in item for item in data):
+    elif _is_results(data):
         ratios = {str(item["name"]): item.get("ratio") for item in data}
     else:
         raise CompareError(

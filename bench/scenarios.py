@@ -71,6 +71,11 @@ DURABLE_C50_SHARE_OF_REFERENCE = 0.6
 DURABLE_C50_WRITES_PER_FSYNC = 20
 
 
+def protocol_goal(pipeline: int) -> float:
+    """The least ratio (amaters ÷ the reference server) a protocol scenario of this depth must reach."""
+    return 0.85 if pipeline == 1 else 0.80
+
+
 @dataclass
 class Settings:
     """How big and how long: the full run, or ``--quick``."""
@@ -399,7 +404,7 @@ class Suite:
                     duration=s.duration / s.rounds,
                 )
                 a, r, by_round = self._alternated(label, spec, servers)
-                goal = 0.85 if pipeline == 1 else 0.80
+                goal = protocol_goal(pipeline)
                 ratio = _ratio(a.ops_per_s, r.ops_per_s)
                 rounds_detail = {} if s.rounds == 1 else {"ratio_by_round": by_round}
                 self.results.append(
