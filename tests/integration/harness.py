@@ -16,8 +16,10 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from ports import free_port
+from prometheus_client.parser import text_string_to_metric_families
 
 TWISTD = "from twisted.scripts.twistd import run; run()"
 
@@ -28,6 +30,22 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
             return response.status, response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+
+
+def scrape(server: ServerProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample on the server's /metrics, keyed by (name, sorted labels)."""
+    code, body = http_get(f"http://127.0.0.1:{server.web_port}/metrics")
+    assert code == 200
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    """One sample of :func:`scrape`'s (0 when absent)."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 class ServerProcess:

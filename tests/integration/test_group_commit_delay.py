@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from harness import ServerProcess, http_get
-from prometheus_client.parser import text_string_to_metric_families
+from harness import ServerProcess, scrape, value
 from twisted.internet import defer, reactor
 
 from amaters.client import AmatersClient, connect
@@ -22,15 +21,11 @@ WRITES_EACH = 20
 
 def group_commits(server: ServerProcess) -> tuple[float, float]:
     """(syncs, writes they acknowledged) so far, from the server's group-size histogram."""
-    code, body = http_get(f"http://127.0.0.1:{server.web_port}/metrics")
-    assert code == 200
-    found = {
-        s.name: s.value
-        for family in text_string_to_metric_families(body.decode())
-        for s in family.samples
-        if s.name in ("amaters_storage_group_commit_size_count", "amaters_storage_group_commit_size_sum")
-    }
-    return found["amaters_storage_group_commit_size_count"], found["amaters_storage_group_commit_size_sum"]
+    samples = scrape(server)
+    return (
+        value(samples, "amaters_storage_group_commit_size_count"),
+        value(samples, "amaters_storage_group_commit_size_sum"),
+    )
 
 
 async def write_together(clients: list[AmatersClient], prefix: str) -> None:
@@ -62,11 +57,8 @@ async def test_concurrent_writers_share_held_back_fsyncs_and_sighup_changes_the_
         syncs, writes = syncs - syncs_before, writes - writes_before
         assert writes == WRITERS * WRITES_EACH
         assert writes / syncs >= 7.5, f"{writes:.0f} writes in {syncs:.0f} fsyncs"
-        for client in clients:
-            assert (
-                await client.get("gc", f"held-{clients.index(client)}-{WRITES_EACH - 1}".encode())
-                == b"v" * 100
-            )
+        for n, client in enumerate(clients):
+            assert await client.get("gc", f"held-{n}-{WRITES_EACH - 1}".encode()) == b"v" * 100
 
         server.config_path.write_text(
             server.config_path.read_text().replace(

@@ -13,13 +13,11 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
 import treq
-from harness import ServerProcess, http_get
-from prometheus_client.parser import text_string_to_metric_families
+from harness import ServerProcess, http_get, scrape, value
 from twisted.internet import reactor, task
 
 from amaters import __version__
@@ -36,21 +34,6 @@ def launch(directory: Path, servers: list[ServerProcess], *settings: str) -> Ser
     )
     servers.append(server)
     return server
-
-
-def scrape(server: ServerProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample on /metrics, keyed by (name, sorted labels)."""
-    code, body = http_get(f"http://127.0.0.1:{server.web_port}/metrics")
-    assert code == 200
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(body.decode())
-        for s in family.samples
-    }
-
-
-def value(samples: dict[Any, float], name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 async def client_for(server: ServerProcess) -> AmatersClient:
