@@ -1,7 +1,8 @@
 """The modules a wheel compiles with mypyc, and which of them this process runs compiled.
 
 ``pip install .`` builds the modules below into C extension modules (``setup.py``): the request
-path's parsing, validation, pipeline and stages, where a request's interpreted work is spent.
+path's parsing (a pipelining read's runs of keyed frames among it), validation, pipeline and
+stages, where a request's interpreted work is spent.
 They are the same source either way; compiled, a request costs less CPU.  An editable install
 (``pip install -e``), ``AMATERS_COMPILE=0``, or a machine without a C compiler or Python's headers
 gives the pure-Python build, which behaves the same.
@@ -31,6 +32,7 @@ MODULES = (
     "amaters.protect.cache",
     "amaters.protect.compression",
     "amaters.protect.shedding",
+    "amaters.protocols.keyed",
     "amaters.proto.answers",
     "amaters.proto.convert",
     "amaters.proto.requests",

@@ -95,6 +95,10 @@ class FrameReceiver(Int32StringReceiver):
     _frames_paused: bool = False
     _delivering: bool = False
     _too_large: bool = False
+    # Set by a subclass while the frames that follow can be taken in one call (the server's batch
+    # of keyed requests): ``take(buffer, offset)`` handles the complete frames it can at
+    # ``offset`` and returns the offset after them, calling ``stringReceived`` for none.
+    _take_frames: Callable[[bytes, int], int] | None = None
 
     def dataReceived(self, data: bytes) -> None:
         if self._too_large:
@@ -142,6 +146,9 @@ class FrameReceiver(Int32StringReceiver):
                     # buffer with them appended, so offsets into it are still right.
                     buffer = self._rx
                     end = len(buffer)
+                take = self._take_frames
+                if take is not None and not self._frames_paused:
+                    offset = take(buffer, offset)
             rest = buffer[offset:] if offset else buffer
             self._rx = rest
             if not self._frames_paused and len(rest) >= HEADER_SIZE:

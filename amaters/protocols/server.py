@@ -81,6 +81,7 @@ from amaters.proto.convert import (
 )
 from amaters.protocols.budget import ReceiveBudget
 from amaters.protocols.framing import HEADER_SIZE, FrameReceiver, frame_header
+from amaters.protocols.keyed import take_keyed_frames
 from amaters.protocols.transport import EagerWriteServer, send_eagerly, tcp_transport
 from amaters.protocols.wirecheck import TooManyElements, count_elements
 from amaters.query import operations as ops
@@ -1183,6 +1184,7 @@ class AmatersServerProtocol(FrameReceiver):
                 if room > 1:
                     self._batch_room = min(room, _BATCH_MOST)
                     batch.append((ctx, op))
+                    self._take_frames = self._take_keyed
                     return
         elif self._batch and not self._run_batch():
             self._pushed_back = partial(self._on_operation, request_id, op)
@@ -1196,11 +1198,39 @@ class AmatersServerProtocol(FrameReceiver):
         done, outcome = pipeline.run(ctx, op, self._finished if self._delivering else None)
         self._ran(request_id, ctx, op, done, outcome)
 
+    def _take_keyed(self, buffer: bytes, offset: int) -> int:
+        """The frame loop's ``take`` while a read's batch is open: the keyed frames that follow at
+        ``offset`` join the batch in one call (:func:`~amaters.protocols.keyed.take_keyed_frames`),
+        up to one short of its room, so that the frame that fills it, and any other frame, comes
+        through ``stringReceived``, which runs the batch."""
+        batch = self._batch
+        factory = self.factory
+        session = self.session
+        if not batch or self._state is not _READY or factory.draining or factory.session_revisions:
+            return offset
+        assert session is not None
+        before = len(batch)
+        offset = take_keyed_frames(
+            factory.pipeline.validator,
+            buffer,
+            offset,
+            self.MAX_LENGTH,
+            batch,
+            self._batch_room - 1,
+            session.principal,
+            self._source,
+            self._last_activity,
+            session,
+        )
+        self._frames_seen += len(batch) - before
+        return offset
+
     def _run_batch(self) -> bool:
         """Run the GET, SET and DELETE requests collected from the current read, together:
         whether all of them were answered (False: the transport pushed back, and the rest wait in
         ``_admitted`` until it drains; reading stops meanwhile)."""
         batch, self._batch = self._batch, []
+        self._take_frames = None
         try:
             _, decided = self.factory.pipeline.admit_many(batch, self._finished)
         except Exception:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 from typing import Any
 
@@ -910,3 +911,117 @@ def test_a_reads_sets_are_written_together_and_answered_as_one_by_one() -> None:
     assert data.startswith(b"".join(encode_frame(a.SerializeToString()) for a in answers[:3]))
     for answer in (answers[0], answers[1], answers[2], answers[4]):
         assert answer.query_response.result.success.affected_rows == 1
+
+
+def test_a_run_of_keyed_frames_joins_its_batch_in_one_call() -> None:
+    """The GET, SET and DELETE frames that follow the first of a read join its batch without a
+    frame handler call each; the frame that fills the batch (the in-flight limit's room), and any
+    other frame, still comes through it.  Every request is answered, in order."""
+    h = ready(limits=LimitsConfig(max_inflight_per_connection=5))
+    fill(h, "c", 1)
+    handled: list[bytes] = []
+    string_received = h.protocol.stringReceived
+
+    def counting(frame: bytes) -> None:
+        handled.append(frame)
+        string_received(frame)
+
+    h.protocol.stringReceived = counting  # type: ignore[method-assign]
+    h.send_many([q_set(100 + i, "c", b"k%d" % i, b"v%d" % i) for i in range(12)] + [q_get(112, "c", b"k11")])
+    answers = h.received()
+    assert [a.request_id for a in answers] == list(range(100, 113))
+    assert answers[-1].query_response.result.single.value.data == b"v11"
+    # Room 5: the 1st opens a batch, the 2nd-4th join it in one call, the 5th fills it; the 6th
+    # opens the next; the 11th the last, which the 12th and 13th join.
+    assert len(handled) == 5
+
+
+def _delete(rid: int, collection: str, k: bytes) -> Envelope:
+    q = query_pb2.Query(delete=query_pb2.DeleteQuery(collection=collection, key=key(k)))
+    return Envelope(request_id=rid, query=aql_pb2.QueryRequest(query=q))
+
+
+def _frame_of(kind: str, rid: int, collection: str, k: bytes) -> bytes:
+    if kind == "set":
+        envelope = q_set(rid, collection, k, b"value %d" % rid)
+    elif kind == "get":
+        envelope = q_get(rid, collection, k)
+    elif kind == "delete":
+        envelope = _delete(rid, collection, k)
+    elif kind == "bad-checksum":
+        envelope = q_set(rid, collection, k, b"corrupted", checksum=1)
+    elif kind == "empty-key":
+        envelope = q_get(rid, collection, b"")
+    elif kind == "batch":
+        get = query_pb2.Query(get=query_pb2.GetQuery(collection=collection, key=key(k)))
+        envelope = Envelope(request_id=rid, batch=aql_pb2.BatchRequest(queries=[get]))
+    else:
+        return encode_frame(b"\xff\xff\xff")  # not an Envelope
+    return encode_frame(envelope.SerializeToString())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    requests=st.lists(
+        st.tuples(
+            st.sampled_from(
+                ["set", "set", "get", "get", "delete", "bad-checksum", "empty-key", "batch", "junk"]
+            ),
+            st.sampled_from(["c", "d", "e"]),
+            st.sampled_from([b"a", b"b", b"c"]),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    cuts=st.lists(st.integers(min_value=0), max_size=6),
+    inflight=st.integers(min_value=1, max_value=20),
+)
+def test_frames_read_together_are_answered_as_the_same_frames_read_one_by_one(
+    requests: list[tuple[str, str, bytes]], cuts: list[int], inflight: int
+) -> None:
+    """Whatever the mix of frames (keyed requests, requests a rule refuses, other kinds, frames that
+    are not Envelopes), the collections' names seen before or not, the in-flight limit, and
+    wherever the reads cut the bytes: the answers are byte for byte those of the same frames each
+    read alone, and so is what is stored."""
+    frames = [_frame_of(kind, 10 + i, collection, k) for i, (kind, collection, k) in enumerate(requests)]
+    limits = LimitsConfig(max_inflight_per_connection=inflight)
+    alone, together = ready(limits=limits), ready(limits=limits)
+    for h in (alone, together):
+        h.backend.create_collection("c")
+        h.backend.create_collection("d")  # and no "e": its requests fail
+    for frame in frames:
+        alone.protocol.dataReceived(frame)
+    data = b"".join(frames)
+    points = sorted({cut % (len(data) + 1) for cut in cuts} | {0, len(data)})
+    for start, stop in itertools.pairwise(points):
+        together.protocol.dataReceived(data[start:stop])
+    assert together.transport.value() == alone.transport.value()
+    assert _stored(together) == _stored(alone)
+
+
+def _stored(h: Any) -> dict[str, dict[bytes, bytes]]:
+    return {
+        name: {k: blob.data for k, blob in pairs.items()} for name, pairs in h.backend._collections.items()
+    }
+
+
+def test_a_keyed_frame_cut_anywhere_by_a_read_waits_for_the_rest_of_it() -> None:
+    """A read that ends inside a frame, after requests that opened a batch, leaves the frame whole
+    for the next read, wherever the cut: cut where its value begins, a SET's first bytes would
+    read as a DELETE of the same key."""
+    first = encode_frame(q_set(10, "c", b"a", b"one").SerializeToString())
+    second = encode_frame(q_set(11, "c", b"b", b"two").SerializeToString())
+    cut_set = encode_frame(q_set(12, "c", b"x", b"new value").SerializeToString())
+    last = encode_frame(q_get(13, "c", b"x").SerializeToString())
+    alone = ready()
+    alone.backend.create_collection("c")
+    for frame in (first, second, cut_set, last):
+        alone.protocol.dataReceived(frame)
+    expected = alone.transport.value()
+    for cut in range(len(cut_set)):
+        h = ready()
+        h.backend.create_collection("c")
+        h.protocol.dataReceived(first + second + cut_set[:cut])
+        h.protocol.dataReceived(cut_set[cut:] + last)
+        assert h.transport.value() == expected, cut
+        assert _stored(h) == _stored(alone)
