@@ -11,6 +11,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from amaters.config import LimitsConfig
+from amaters.protect.cache import CachingExecutor, QueryCache
 from amaters.proto import aql_pb2, envelope_pb2, query_pb2, types_pb2
 from amaters.protocols.framing import FrameDecoder, encode_frame
 from amaters.protocols.server import AmatersServerFactory, AmatersServerProtocol
@@ -110,12 +111,18 @@ class Harness:
         return bool(self.transport.disconnecting)
 
 
-def make(limits: LimitsConfig | None = None, authenticate: Any = None, chunk_size: int = 3) -> Harness:
+def make(
+    limits: LimitsConfig | None = None, authenticate: Any = None, chunk_size: int = 3, cache_bytes: int = 0
+) -> Harness:
+    """A connection past TCP, before its handshake; with a query cache of ``cache_bytes`` if not 0."""
     limits = limits or LimitsConfig()
     clock = Clock()
     backend = GatedBackend()
     backend.open()
-    pipeline = QueryPipeline(QueryExecutor(backend, range_chunk_size=chunk_size), limits)
+    executor: Any = QueryExecutor(backend, range_chunk_size=chunk_size)
+    if cache_bytes:
+        executor = CachingExecutor(executor, QueryCache(cache_bytes))
+    pipeline = QueryPipeline(executor, limits)
     factory = AmatersServerFactory(pipeline, limits, clock, authenticate)
     protocol = factory.buildProtocol(None)
     assert isinstance(protocol, AmatersServerProtocol)

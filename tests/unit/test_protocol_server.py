@@ -960,7 +960,7 @@ def _frame_of(kind: str, rid: int, collection: str, k: bytes) -> bytes:
     return encode_frame(envelope.SerializeToString())
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     requests=st.lists(
         st.tuples(
@@ -975,17 +975,21 @@ def _frame_of(kind: str, rid: int, collection: str, k: bytes) -> bytes:
     ),
     cuts=st.lists(st.integers(min_value=0), max_size=6),
     inflight=st.integers(min_value=1, max_value=20),
+    cache_bytes=st.sampled_from([0, 300, 1 << 20]),
 )
 def test_frames_read_together_are_answered_as_the_same_frames_read_one_by_one(
-    requests: list[tuple[str, str, bytes]], cuts: list[int], inflight: int
+    requests: list[tuple[str, str, bytes]], cuts: list[int], inflight: int, cache_bytes: int
 ) -> None:
     """Whatever the mix of frames (keyed requests, requests a rule refuses, other kinds, frames that
-    are not Envelopes), the collections' names seen before or not, the in-flight limit, and
-    wherever the reads cut the bytes: the answers are byte for byte those of the same frames each
-    read alone, and so is what is stored."""
+    are not Envelopes), the collections' names seen before or not, the in-flight limit, a query
+    cache or none (or one that holds a few answers), and wherever the reads cut the bytes: the
+    answers are byte for byte those of the same frames each read alone, and so is what is stored."""
     frames = [_frame_of(kind, 10 + i, collection, k) for i, (kind, collection, k) in enumerate(requests)]
     limits = LimitsConfig(max_inflight_per_connection=inflight)
-    alone, together = ready(limits=limits), ready(limits=limits)
+    alone, together = (
+        ready(limits=limits, cache_bytes=cache_bytes),
+        ready(limits=limits, cache_bytes=cache_bytes),
+    )
     for h in (alone, together):
         h.backend.create_collection("c")
         h.backend.create_collection("d")  # and no "e": its requests fail
@@ -1025,3 +1029,58 @@ def test_a_keyed_frame_cut_anywhere_by_a_read_waits_for_the_rest_of_it() -> None
         h.protocol.dataReceived(cut_set[cut:] + last)
         assert h.transport.value() == expected, cut
         assert _stored(h) == _stored(alone)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_reads_cached_gets_are_answered_together_and_as_one_by_one(compressed: bool) -> None:
+    """The GETs of a read that the query cache answers are answered in one call, in order, with the
+    bytes each gets alone; a miss, or (frames compressed) an answer over the threshold, and the
+    requests after it are answered as before, the large answer compressed as it would be alone."""
+    from amaters.config import CompressionConfig
+    from amaters.protect.compression import FrameCompressionPolicy
+
+    h = make(cache_bytes=1 << 20)
+    if compressed:
+        policy = CompressionConfig(frames=["zstd"], frame_threshold_bytes=1000)
+        h.factory.frame_compression = FrameCompressionPolicy(policy)
+    hs = envelope_pb2.Handshake(
+        version=types_pb2.Version(major=1), client_name="t", frame_compression=["zstd"]
+    )
+    h.send(Envelope(request_id=1, handshake=hs))
+    assert h.received()[0].handshake_response.frame_compression == ("zstd" if compressed else "")
+    h.backend.create_collection("c")
+    values = {b"small": b"s" * 10, b"large": b"large " * 400, b"medium": b"m" * 800}
+    h.send_many([q_set(10 + i, "c", k, v) for i, (k, v) in enumerate(values.items())])
+    h.send_many([q_get(20 + i, "c", k) for i, k in enumerate(values)])  # misses: now cached
+    h.received()
+    answered_otherwise: list[int] = []
+    ran = h.protocol._ran
+
+    def counting(request_id: int, *args: Any) -> None:
+        answered_otherwise.append(request_id)
+        ran(request_id, *args)
+
+    h.protocol._ran = counting  # type: ignore[method-assign]
+    gets = [
+        q_get(30, "c", b"small"),
+        q_get(31, "c", b"large"),
+        q_get(32, "c", b"medium"),
+        q_get(33, "c", b"new"),
+    ]
+    h.send_many(gets)
+    together = h.transport.value()
+    h.transport.clear()
+    # The miss (33) always, and with compression the large answer (31) and what follows it.
+    assert answered_otherwise == ([31, 32, 33] if compressed else [33])
+    for get in gets:
+        h.send(get)
+    assert h.transport.value() == together
+    answers = h.received()
+    assert [a.WhichOneof("body") for a in answers] == [
+        "query_response",
+        "compressed" if compressed else "query_response",
+        "query_response",
+        "query_response",
+    ]
+    if not compressed:
+        assert [a.query_response.result.single.value.data for a in answers] == [*values.values(), b""]
