@@ -19,14 +19,67 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from amaters.proto.answers import query_answer
+from amaters.proto.answers import query_answer, set_answer
 from amaters.query import operations as ops
 from amaters.query.pipeline import QueryPipeline, RequestContext
 from amaters.query.validation import Validator
 
-__all__ = ["answer_cached_gets", "take_keyed_frames"]
+__all__ = [
+    "answer_cached_gets",
+    "run_lone",
+    "set_answer_frame",
+    "set_answer_frames",
+    "take_keyed_frames",
+]
 
 _frame_header = struct.Struct(">I").pack
+
+
+#: A framed SET answer to a request id of three varint bytes (0x4000 to 0x1FFFFF: a long-lived
+#: connection's usual case) is its frame header, the id's tag and bytes (packed here), then the
+#: same tail for every id.
+_SET3 = struct.Struct(">IBBBB")
+_SET3_LENGTH = len(set_answer(0x4000))
+_SET3_TAIL = set_answer(0x4000)[4:]
+
+
+#: Framed SET answers to the request ids below 0x4000 seen so far (a connection's first 16,384
+#: requests; at most 16,384 short byte strings, shared by all connections).
+_SET_FRAMES: dict[int, bytes] = {}
+
+
+def set_answer_frame(request_id: int) -> bytes:
+    """The framed answer of a successful SET (too short to be compressed)."""
+    framed = _SET_FRAMES.get(request_id)
+    if framed is None:
+        payload = set_answer(request_id)
+        framed = _frame_header(len(payload)) + payload
+        if request_id < 0x4000:
+            _SET_FRAMES[request_id] = framed
+    return framed
+
+
+def set_answer_frames(request_ids: list[int]) -> bytes:
+    """The framed answers of successful SETs, one after another."""
+    parts: list[bytes] = []
+    append = parts.append
+    pack = _SET3.pack
+    frames = _SET_FRAMES
+    for request_id in request_ids:
+        if 0x4000 <= request_id < 0x200000:
+            append(
+                pack(
+                    _SET3_LENGTH,
+                    0x08,
+                    0x80 | (request_id & 0x7F),
+                    0x80 | ((request_id >> 7) & 0x7F),
+                    request_id >> 14,
+                )
+            )
+            append(_SET3_TAIL)
+        else:
+            append(frames.get(request_id) or set_answer_frame(request_id))
+    return b"".join(parts)
 
 
 def take_keyed_frames(
@@ -105,3 +158,35 @@ def answer_cached_gets(
         size += length
         answered += 1
     return answered, size, None
+
+
+def run_lone(
+    pipeline: QueryPipeline,
+    ctx: RequestContext,
+    op: Any,
+    finished: list[Any],
+    out: list[bytes],
+    compress_from: int,
+) -> tuple[bool, Any, int]:
+    """Run a GET, SET or DELETE that came alone in its read (:meth:`QueryPipeline.run
+    <amaters.query.pipeline.QueryPipeline.run>`, its afters left in ``finished``): its ``(done,
+    outcome)``, and the bytes of its answer appended to ``out`` (as the protocol queues answers)
+    when it is done and answered with bytes known here, a SET's, or an answer already encoded (a
+    cached GET's) under ``compress_from`` bytes unless that is negative; -1 when the caller
+    answers it.
+    """
+    done, outcome = pipeline.run(ctx, op, finished)
+    if done:
+        if type(op) is ops.Set:
+            framed = set_answer_frame(ctx.request_id)
+            out.append(framed)
+            return done, outcome, len(framed)
+        response = ctx.response
+        if response is not None:
+            answer = query_answer(ctx.request_id, response)
+            length = len(answer)
+            if not 0 <= compress_from <= length:
+                out.append(_frame_header(length))
+                out.append(answer)
+                return done, outcome, length
+    return done, outcome, -1

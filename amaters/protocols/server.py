@@ -23,7 +23,6 @@ A connection's life (``docs/protocol.md`` has the wire details):
 from __future__ import annotations
 
 import collections
-import struct
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
@@ -70,7 +69,7 @@ from amaters.fdlimit import raise_open_file_limit
 from amaters.interfaces import IPrincipal, IRangeCursor, IReadScope
 from amaters.protect.compression import compress_frame, decompress_frame
 from amaters.proto import aql_pb2, envelope_pb2
-from amaters.proto.answers import query_answer, set_answer
+from amaters.proto.answers import query_answer
 from amaters.proto.convert import (
     error_to_proto,
     fill_blob,
@@ -81,7 +80,13 @@ from amaters.proto.convert import (
 )
 from amaters.protocols.budget import ReceiveBudget
 from amaters.protocols.framing import HEADER_SIZE, FrameReceiver, frame_header
-from amaters.protocols.keyed import answer_cached_gets, take_keyed_frames
+from amaters.protocols.keyed import (
+    answer_cached_gets,
+    run_lone,
+    set_answer_frame,
+    set_answer_frames,
+    take_keyed_frames,
+)
 from amaters.protocols.transport import EagerWriteServer, send_eagerly, tcp_transport
 from amaters.protocols.wirecheck import TooManyElements, count_elements
 from amaters.query import operations as ops
@@ -605,6 +610,23 @@ class AmatersServerProtocol(FrameReceiver):
                         batch.append((self._context(request_id), op))
                         if len(batch) >= self._batch_room:
                             self._run_batch()
+                    elif self._frame_alone and self._delivering and not self._revision_scopes:
+                        # Alone in its read: run, and answered, in one call (``_on_operation``'s
+                        # last case, without the calls).
+                        ctx = self._context(request_id)
+                        done, outcome, size = run_lone(
+                            factory.pipeline,
+                            ctx,
+                            op,
+                            self._finished,
+                            self._out,
+                            self._frame_threshold if self._frame_codec else -1,
+                        )
+                        if size < 0:
+                            self._ran(request_id, ctx, op, done, outcome)
+                        else:
+                            # Queued (``_queue``'s part, but for the write of a large run).
+                            self._out_size += size
                     else:
                         self._on_operation(request_id, op)
                 except Exception:
@@ -1575,53 +1597,6 @@ def _health_envelope(health: ops.HealthResult) -> envelope_pb2.Envelope:
 
 #: Most GET/SET/DELETE requests of one read run together (QueryPipeline.admit_many).
 _BATCH_MOST = 256
-
-
-#: A framed SET answer to a request id of three varint bytes (0x4000 to 0x1FFFFF: a long-lived
-#: connection's usual case) is its frame header, the id's tag and bytes (packed here), then the
-#: same tail for every id.
-_SET3 = struct.Struct(">IBBBB")
-_SET3_LENGTH = len(set_answer(0x4000))
-_SET3_TAIL = set_answer(0x4000)[4:]
-
-
-#: Framed SET answers to the request ids below 0x4000 seen so far (a connection's first 16,384
-#: requests; at most 16,384 short byte strings, shared by all connections).
-_SET_FRAMES: dict[int, bytes] = {}
-
-
-def set_answer_frame(request_id: int) -> bytes:
-    """The framed answer of a successful SET (too short to be compressed)."""
-    framed = _SET_FRAMES.get(request_id)
-    if framed is None:
-        payload = set_answer(request_id)
-        framed = frame_header(len(payload)) + payload
-        if request_id < 0x4000:
-            _SET_FRAMES[request_id] = framed
-    return framed
-
-
-def set_answer_frames(request_ids: list[int]) -> bytes:
-    """The framed answers of successful SETs, one after another."""
-    parts: list[bytes] = []
-    append = parts.append
-    pack = _SET3.pack
-    frames = _SET_FRAMES
-    for request_id in request_ids:
-        if 0x4000 <= request_id < 0x200000:
-            append(
-                pack(
-                    _SET3_LENGTH,
-                    0x08,
-                    0x80 | (request_id & 0x7F),
-                    0x80 | ((request_id >> 7) & 0x7F),
-                    request_id >> 14,
-                )
-            )
-            append(_SET3_TAIL)
-        else:
-            append(frames.get(request_id) or set_answer_frame(request_id))
-    return b"".join(parts)
 
 
 #: The operations a read's requests run together (``_on_query``), and those answered as a stream.

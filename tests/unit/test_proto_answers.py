@@ -9,9 +9,9 @@ import pytest
 from amaters.proto.answers import query_answer, query_response, set_answer
 from amaters.proto.convert import fill_result
 from amaters.proto.envelope_pb2 import Envelope
-from amaters.protocols import server
+from amaters.protocols import keyed
 from amaters.protocols.framing import frame_header
-from amaters.protocols.server import set_answer_frame, set_answer_frames
+from amaters.protocols.keyed import set_answer_frame, set_answer_frames
 from amaters.types import CipherBlob, Compression
 
 
@@ -78,4 +78,4 @@ def test_framed_set_answers_are_each_answer_framed() -> None:
     assert set_answer_frames([]) == b""
     for i in ids:
         assert set_answer_frame(i) == frame_header(len(set_answer(i))) + set_answer(i)
-    assert all(i < 0x4000 for i in server._SET_FRAMES)  # only a connection's first ids are kept
+    assert all(i < 0x4000 for i in keyed._SET_FRAMES)  # only a connection's first ids are kept

@@ -1035,7 +1035,8 @@ def test_a_keyed_frame_cut_anywhere_by_a_read_waits_for_the_rest_of_it() -> None
 def test_a_reads_cached_gets_are_answered_together_and_as_one_by_one(compressed: bool) -> None:
     """The GETs of a read that the query cache answers are answered in one call, in order, with the
     bytes each gets alone; a miss, or (frames compressed) an answer over the threshold, and the
-    requests after it are answered as before, the large answer compressed as it would be alone."""
+    requests after it are answered as before, the large answer compressed as it would be alone.
+    A cached GET alone in its read is answered by the call that runs it, unless to be compressed."""
     from amaters.config import CompressionConfig
     from amaters.protect.compression import FrameCompressionPolicy
 
@@ -1072,9 +1073,13 @@ def test_a_reads_cached_gets_are_answered_together_and_as_one_by_one(compressed:
     h.transport.clear()
     # The miss (33) always, and with compression the large answer (31) and what follows it.
     assert answered_otherwise == ([31, 32, 33] if compressed else [33])
+    answered_otherwise.clear()
     for get in gets:
         h.send(get)
     assert h.transport.value() == together
+    # Alone in their reads (the missing key now cached too): each answer is queued by the call
+    # that ran its request, but for the one to compress.
+    assert answered_otherwise == ([31] if compressed else [])
     answers = h.received()
     assert [a.WhichOneof("body") for a in answers] == [
         "query_response",
