@@ -20,6 +20,7 @@ import struct
 from typing import Any
 
 from amaters.proto.answers import query_answer, set_answer
+from amaters.protocols.framing import HEADER_SIZE, frame_header
 from amaters.query import operations as ops
 from amaters.query.pipeline import QueryPipeline, RequestContext
 from amaters.query.validation import Validator
@@ -31,9 +32,6 @@ __all__ = [
     "set_answer_frames",
     "take_keyed_frames",
 ]
-
-_frame_header = struct.Struct(">I").pack
-
 
 #: A framed SET answer to a request id of three varint bytes (0x4000 to 0x1FFFFF: a long-lived
 #: connection's usual case) is its frame header, the id's tag and bytes (packed here), then the
@@ -53,7 +51,7 @@ def set_answer_frame(request_id: int) -> bytes:
     framed = _SET_FRAMES.get(request_id)
     if framed is None:
         payload = set_answer(request_id)
-        framed = _frame_header(len(payload)) + payload
+        framed = frame_header(len(payload)) + payload
         if request_id < 0x4000:
             _SET_FRAMES[request_id] = framed
     return framed
@@ -104,14 +102,15 @@ def take_keyed_frames(
     its bytes arrived at ``started``, no trace context.
     """
     end = len(buffer)
-    while len(batch) < room and end - offset >= 4:
+    header: int = HEADER_SIZE  # the framing's 4-byte big-endian length, read inline below
+    while len(batch) < room and end - offset >= header:
         length = (
             (buffer[offset] << 24)
             | (buffer[offset + 1] << 16)
             | (buffer[offset + 2] << 8)
             | buffer[offset + 3]
         )
-        start = offset + 4
+        start = offset + header
         stop = start + length
         if length > max_length or stop > end:
             break
@@ -147,14 +146,13 @@ def answer_cached_gets(
             return answered, size, None
         done, outcome = pipeline.run_admitted(ctx, op, finished)
         response = ctx.response
-        if not done or response is None:
+        length = (
+            -1
+            if not done or response is None
+            else _queue_encoded(ctx, response, out, room - size, compress_from)
+        )
+        if length < 0:
             return answered, size, (done, outcome)
-        answer = query_answer(ctx.request_id, response)
-        length = len(answer)
-        if 0 <= compress_from <= length or size + length > room:
-            return answered, size, (done, outcome)
-        out.append(_frame_header(length))
-        out.append(answer)
         size += length
         answered += 1
     return answered, size, None
@@ -166,14 +164,14 @@ def run_lone(
     op: Any,
     finished: list[Any],
     out: list[bytes],
+    room: int,
     compress_from: int,
 ) -> tuple[bool, Any, int]:
     """Run a GET, SET or DELETE that came alone in its read (:meth:`QueryPipeline.run
     <amaters.query.pipeline.QueryPipeline.run>`, its afters left in ``finished``): its ``(done,
     outcome)``, and the bytes of its answer appended to ``out`` (as the protocol queues answers)
     when it is done and answered with bytes known here, a SET's, or an answer already encoded (a
-    cached GET's) under ``compress_from`` bytes unless that is negative; -1 when the caller
-    answers it.
+    cached GET's) that :func:`_queue_encoded` takes; -1 when the caller answers it.
     """
     done, outcome = pipeline.run(ctx, op, finished)
     if done:
@@ -183,10 +181,21 @@ def run_lone(
             return done, outcome, len(framed)
         response = ctx.response
         if response is not None:
-            answer = query_answer(ctx.request_id, response)
-            length = len(answer)
-            if not 0 <= compress_from <= length:
-                out.append(_frame_header(length))
-                out.append(answer)
-                return done, outcome, length
+            return done, outcome, _queue_encoded(ctx, response, out, room, compress_from)
     return done, outcome, -1
+
+
+def _queue_encoded(
+    ctx: RequestContext, response: bytes, out: list[bytes], room: int, compress_from: int
+) -> int:
+    """Append the framed answer carrying the encoded ``response`` to ``ctx``'s request to ``out``
+    (its header, then the Envelope) and return its length; -1, appending nothing, when it is of
+    ``compress_from`` bytes or more (unless that is negative: frames are not compressed) or longer
+    than ``room``."""
+    answer = query_answer(ctx.request_id, response)
+    length = len(answer)
+    if 0 <= compress_from <= length or length > room:
+        return -1
+    out.append(frame_header(length))
+    out.append(answer)
+    return length

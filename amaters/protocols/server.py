@@ -620,13 +620,13 @@ class AmatersServerProtocol(FrameReceiver):
                             op,
                             self._finished,
                             self._out,
+                            _OUT_BATCH_BYTES - self._out_size,
                             self._frame_threshold if self._frame_codec else -1,
                         )
                         if size < 0:
                             self._ran(request_id, ctx, op, done, outcome)
                         else:
-                            # Queued (``_queue``'s part, but for the write of a large run).
-                            self._out_size += size
+                            self._out_size += size  # queued, as ``_queue`` does
                     else:
                         self._on_operation(request_id, op)
                 except Exception:
